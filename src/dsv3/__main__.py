@@ -1,0 +1,5 @@
+import sys
+
+from dsv3.cli import main
+
+sys.exit(main())

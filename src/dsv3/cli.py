@@ -1,0 +1,79 @@
+"""The single `dsv3 <verb>` command line.
+
+Each verb lives in its own module exposing `add_arguments(parser)` and `run(args) -> int | None`.
+Only the chosen verb's module is imported (the vLLM pattern), so `dsv3 --help` stays fast and
+never imports CUDA extensions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from dsv3.errors import UserError
+
+# verb -> (module, one-line help). A verb is listed only when its module exists.
+VERBS: dict[str, tuple[str, str]] = {
+    "info": ("dsv3.tools.info", "parameter and FLOP accounting of a model config (no allocation)"),
+    "preprocess": ("dsv3.data.preprocess", "tokenise text into Megatron .bin/.idx files"),
+    "train": ("dsv3.train.cli", "pretrain from a YAML config (ours or MindSpore-style)"),
+    "plot": ("dsv3.train.plot", "plot loss curves and expert load of a training run"),
+    "convert": ("dsv3.checkpoint.convert", "convert checkpoints (HF <-> dsv3, FP8 -> BF16, train -> HF)"),
+    "generate": ("dsv3.infer.cli", "generate text from a model (CLI, interactive chat)"),
+    "serve": ("dsv3.serve.cli", "OpenAI-compatible REST server"),
+    "bench": ("dsv3.bench.cli", "benchmarks: serve | throughput | latency"),
+    "dryrun": ("dsv3.tools.dryrun", "memory dry-run of a parallel layout (no GPU needed)"),
+    "launch": ("dsv3.parallel.launch", "multi-process / multi-node launcher (msrun-style arguments)"),
+    "quickstart": ("dsv3.quickstart", "tiny pretraining on WikiText-2, then generation (the README's main job)"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    out = {}
+    for verb, (mod, help_) in VERBS.items():
+        try:
+            if importlib.util.find_spec(mod) is not None:
+                out[verb] = (mod, help_)
+        except ModuleNotFoundError:
+            pass
+    return out
+
+
+def build_parser(verbs: dict[str, tuple[str, str]], only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>")
+    for verb, (mod, help_) in verbs.items():
+        p = sub.add_parser(verb, help=help_, description=help_)
+        if verb == only:
+            importlib.import_module(mod).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbs = _available()
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    if verb is not None and verb not in verbs:
+        print(f"dsv3: error: unknown verb {verb!r}; choose from {', '.join(verbs)}", file=sys.stderr)
+        return 2
+    parser = build_parser(verbs, only=verb)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(verbs[args.verb][0])
+    try:
+        rc = module.run(args)
+    except UserError as e:
+        print(f"dsv3 {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Typed configs (no torch import here)."""
+
+from dsv3.config.schema import ModelConfig, RopeScaling
+
+__all__ = ["ModelConfig", "RopeScaling"]

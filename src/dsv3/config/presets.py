@@ -1,0 +1,40 @@
+"""Model presets: YAML files under `configs/` (a `model:` section) or HF `config.json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsv3.config.load import apply_overrides, from_dict, read_yaml
+from dsv3.config.schema import ModelConfig
+from dsv3.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    """A path, or the name of a file in the repository's `configs/` (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / str(name_or_path)):
+        if cand.is_file():
+            return cand
+    raise UserError(f"config {str(name_or_path)!r} not found (a path, or one of: "
+                    f"{', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
+
+
+def load_model_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
+    """ModelConfig from a YAML preset (`model:` section), an HF config.json, or a checkpoint directory."""
+    p = resolve_preset(name_or_path)
+    if p.is_dir() or p.suffix == ".json":
+        from dsv3.config.hf import load_hf_config
+
+        cfg = load_hf_config(p)
+        if overrides:
+            raise UserError("--set overrides apply to YAML configs, not to config.json")
+        return cfg
+    data = read_yaml(p)
+    data = apply_overrides(data, overrides)
+    if "model" not in data:
+        raise UserError(f"{p}: no 'model:' section")
+    return from_dict(ModelConfig, data["model"], "model")

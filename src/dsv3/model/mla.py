@@ -1,0 +1,143 @@
+"""Multi-head Latent Attention (MLA) with two paths kept side by side.
+
+Shape legend: B batch, T query tokens this call, S key tokens (cache + new), H heads,
+P qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank, D hidden, Q q_lora_rank.
+
+* naive ("compute-friendly", prefill/training): expand the latent into per-head K/V with kv_b_proj
+  and run ordinary attention over K = [k_nope | k_pe], V = v.
+* absorb ("data-movement-friendly", decode): fold kv_b_proj's key half into the query and its value
+  half into the output, and attend directly over the cached latent [c_kv | k_pe] (C + R values per
+  token, shared by all heads).
+
+Both use the same softmax scale: (P+R)^-0.5 times mscale² under YaRN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config.schema import ModelConfig
+from dsv3.model.layers import RMSNorm
+from dsv3.model.rope import apply_rope
+
+
+def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Tensor:
+    """Bool [T, S], True where query t (at absolute position s - t + t) may see key s'."""
+    q_pos = torch.arange(s - t, s, device=device)[:, None]
+    k_pos = torch.arange(s, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """Plain masked softmax attention in fp32. q [B,H,T,E], k [B,H,S,E], v [B,H,S,V], mask bool [.., T, S]."""
+    scores = torch.einsum("bhte,bhse->bhts", q.float(), k.float()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = scores.softmax(-1)
+    return torch.einsum("bhts,bhsv->bhtv", p, v.float()).to(q.dtype)
+
+
+class MLA(nn.Module):
+    """MLA block (HF module names, so checkpoints map one to one)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        self.impl = cfg.attn_impl
+        D, H = cfg.hidden_size, self.n_heads
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+
+    # ---- projections shared by both paths
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,T,D] -> q_nope [B,T,H,P], q_pe [B,T,H,R] (rotated). cos/sin [B or 1, T, R/2]."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(*x.shape[:-1], self.n_heads, self.qk_dim)  # [B,T,H,P+R]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        return q_nope, q_pe
+
+    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,T,D] -> normalised latent c_kv [B,T,C] and rotated shared rope key k_pe [B,T,R] (what is cached)."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+
+    # ---- the two attention paths over (new queries, all keys)
+    def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None, is_causal: bool = False, reference: bool = False) -> torch.Tensor:
+        """Expanded K/V. q_* [B,T,H,*], c_kv [B,S,C], k_pe [B,S,R], mask bool broadcastable to [B,H,T,S]."""
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B,S,H,P], [B,S,H,V]
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T|S,*]
+        if reference:
+            if is_causal and mask is None:
+                mask = causal_mask(q.shape[2], S, q.device)
+            o = attention_reference(q, k, v, self.softmax_scale, mask)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=self.softmax_scale)
+        return o.transpose(1, 2).flatten(2)  # [B,T,H*V]
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of kv_b_proj: W_UK [H,P,C] (key up-projection) and W_UV [H,V,C] (value up-projection)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over the latent cache: scores = (q_nope·W_UK)·c_kv + q_pe·k_pe; out = W_UV·(p·c_kv)."""
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bthp,hpc->bthc", q_nope, w_uk)  # [B,T,H,C]
+        scores = (torch.einsum("bthc,bsc->bhts", q_lat.float(), c_kv.float())
+                  + torch.einsum("bthr,bsr->bhts", q_pe.float(), k_pe.float())) * self.softmax_scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = scores.softmax(-1)  # [B,H,T,S] fp32
+        o_lat = torch.einsum("bhts,bsc->bthc", p, c_kv.float()).to(q_nope.dtype)  # [B,T,H,C]
+        o = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B,T,H,V]
+        return o.flatten(2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+        """x [B,T,D] -> [B,T,D].
+
+        Without `kv_cache`, attention is causal over x itself (or follows `mask`, bool, True = may
+        attend). With `kv_cache`, the new latents are appended through `kv_cache.update(c_kv, k_pe)`,
+        which returns the full latents [B,S,C], [B,S,R]; `mask` must then cover [T, S] (default:
+        causal, the new tokens being the last T).
+        """
+        q_nope, q_pe = self.project_q(x, cos, sin)
+        c_kv, k_pe = self.project_latent(x, cos, sin)
+        T = x.shape[1]
+        if kv_cache is not None:
+            c_kv, k_pe = kv_cache.update(c_kv, k_pe)
+        S = c_kv.shape[1]
+        if self.impl == "absorb":
+            if mask is None and T > 1:
+                mask = causal_mask(T, S, x.device)
+            o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            causal = mask is None and T > 1
+            if causal and S != T:
+                mask, causal = causal_mask(T, S, x.device), False
+            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask, is_causal=causal)
+        return self.o_proj(o)

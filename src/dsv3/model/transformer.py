@@ -1,0 +1,167 @@
+"""The DeepSeek-V3 transformer: decoder layers, MTP modules, and the causal-LM wrapper.
+
+Module names are the HF names (`model.layers.3.self_attn.q_a_proj`, `model.norm`, `lm_head`), so
+the checkpoint map (`dsv3.checkpoint.hf_map`) only deals with expert stacking and MTP layers.
+Single-device maths only: no torch.distributed here; parallelism is applied from outside.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dsv3.config.schema import ModelConfig
+from dsv3.model.layers import MLP, RMSNorm
+from dsv3.model.mla import MLA
+from dsv3.model.moe import Experts, Gate, MoE
+from dsv3.model.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + MLA(norm(x)), then h + FFN(norm(h)); FFN is a dense MLP or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    """MTP output norm (`shared_head.norm`); the head matrix itself is the main `lm_head`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k: z = block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)])).
+
+    The embedding half comes FIRST (what the released weights expect). Embedding and output head are
+    shared with the main model.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = DecoderLayer(cfg, layer_idx)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h, emb, cos, sin, mask=None, kv_cache=None):
+        """h [B,T,D] previous depth's hidden, emb [B,T,D] embeddings of the shifted tokens -> [B,T,D]."""
+        z = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(z, cos, sin, mask, kv_cache)
+
+
+class Backbone(nn.Module):
+    """Embedding, decoder layers, final norm, and the MTP modules (`model.*` in HF names)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3 causal LM.
+
+    `model(input_ids)` -> logits [B,T,vocab] of the main head. `model(input_ids, return_mtp=True)`
+    -> (logits, [mtp_logits_1, ..., mtp_logits_D]) where depth k at position i predicts token i+k+1
+    (its input is the sequence shifted left by k; the last k positions have no target).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg)
+
+    # ---- init
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias."""
+        std = self.config.initializer_range if std is None else std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, Gate):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.e_score_correction_bias is not None:
+                    m.e_score_correction_bias.zero_()
+            elif isinstance(m, Experts):
+                for p in (m.gate_proj, m.up_proj, m.down_proj):
+                    nn.init.normal_(p, 0.0, std)
+        self.rotary.inv_freq.copy_(RotaryEmbedding(self.config).inv_freq)
+
+    # ---- pieces the engine and trainer use
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B,T] or [T] -> cos, sin [B|1, T, R/2]."""
+        cos, sin = self.rotary(positions)
+        if cos.dim() == 2:
+            cos, sin = cos[None], sin[None]
+        return cos, sin
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                      kv_caches: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B,T] -> (final hidden before the norm, after the norm), both [B,T,D]."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rope(positions)
+        h = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, mask, kv_caches[i] if kv_caches is not None else None)
+        return h, self.model.norm(h)
+
+    def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, kv_caches: Sequence | None = None) -> list[torch.Tensor]:
+        """Run the MTP chain. hidden [B,T,D] is the main hidden chosen by `mtp_hidden`; returns the
+        un-normed hidden of each depth (depth k uses input_ids shifted left by k, padded with 0)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rope(positions)
+        outs, h = [], hidden
+        for k, mod in enumerate(self.model.mtp, start=1):
+            shifted = torch.nn.functional.pad(input_ids[:, k:], (0, k), value=0)
+            h = mod(h, self.model.embed_tokens(shifted), cos, sin, mask, kv_caches[k - 1] if kv_caches is not None else None)
+            outs.append(h)
+        return outs
+
+    def mtp_logits(self, mtp_hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.lm_head(mod.shared_head.norm(h)) for mod, h in zip(self.model.mtp, mtp_hidden)]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                kv_caches: Sequence | None = None, return_mtp: bool = False):
+        pre, post = self.hidden_states(input_ids, positions, mask, kv_caches)
+        logits = self.lm_head(post)
+        if not return_mtp:
+            return logits
+        h0 = post if self.config.mtp_hidden == "post_norm" else pre
+        return logits, self.mtp_logits(self.mtp_hidden(h0, input_ids, positions, mask))
+
+    # ---- bookkeeping
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE module, main layers first, then MTP blocks."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the sequence-wise balance losses of the last training forward (None if disabled)."""
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
