@@ -1,0 +1,41 @@
+"""Shared fixtures: the tiny model config, the shared data folder, deterministic seeds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """`$DSV3_DATA_DIR`, else `../shared/data` beside the checkout; None when absent."""
+    env = os.environ.get("DSV3_DATA_DIR")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("shared data not found: set DSV3_DATA_DIR or place it at ../shared/data")
+    return d
+
+
+@pytest.fixture
+def tiny_config():
+    from dsv3.config.presets import load_model_config
+
+    return load_model_config(REPO / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
