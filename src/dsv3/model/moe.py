@@ -66,7 +66,7 @@ class Gate(nn.Module):
             choice = g.masked_fill(drop[..., None], float("-inf")).flatten(1)
         idx = choice.topk(self.top_k, dim=-1).indices  # [N,K]
         w = s.gather(1, idx)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return w * self.route_scale, idx, s
 

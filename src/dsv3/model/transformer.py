@@ -109,7 +109,32 @@ class Transformer(nn.Module):
             elif isinstance(m, Experts):
                 for p in (m.gate_proj, m.up_proj, m.down_proj):
                     nn.init.normal_(p, 0.0, std)
-        self.rotary.inv_freq.copy_(RotaryEmbedding(self.config).inv_freq)
+        self.init_non_persistent_buffers(self.rotary.inv_freq.device)
+
+    @torch.no_grad()
+    def init_non_persistent_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the buffers no checkpoint holds: RoPE inverse frequencies and MoE token counts.
+
+        Needed after building on the meta device (`to_empty` or checkpoint loading leaves them empty).
+        """
+        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        self.rotary.inv_freq = RotaryEmbedding(self.config).inv_freq.to(device)
+        for moe in self.moe_layers():
+            moe.tokens_per_expert = torch.zeros(moe.tokens_per_expert.shape, dtype=torch.float32, device=device)
+
+    # ---- checkpoints (HF format; see dsv3.checkpoint)
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu", **kwargs) -> "Transformer":
+        """Load an HF-format directory; see `dsv3.checkpoint.io.from_pretrained`."""
+        from dsv3.checkpoint.io import from_pretrained
+
+        return from_pretrained(path, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB", mtp_copies: bool = True):
+        """Write this model as an HF-format directory; see `dsv3.checkpoint.io.save_pretrained`."""
+        from dsv3.checkpoint.io import save_pretrained
+
+        return save_pretrained(self, path, max_shard_size=max_shard_size, mtp_copies=mtp_copies)
 
     # ---- pieces the engine and trainer use
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
