@@ -1,0 +1,401 @@
+"""The inference engine: requests in, `RequestOutput`s out, one scheduler iteration per `step()`.
+
+Only the engine touches the model and the device; the offline `LLM`, `dsv3 generate` and the
+OpenAI server all drive the same `LLMEngine`:
+
+    engine.add_request("r1", "Hello", None, SamplingParams(max_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step(): ...
+
+Thread safety: `add_request` / `abort_request` may be called from any thread; they validate and
+tokenize in the caller's thread (errors are raised there, for that request only) and hand the
+request to the stepping thread through a locked queue. `step()` must run in one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence as Seq
+
+import torch
+
+from dsv3.config.schema import ModelConfig
+from dsv3.infer.kv_cache import PagedLatentCache
+from dsv3.infer.outputs import CompletionOutput, Logprob, RequestOutput
+from dsv3.infer.runner import ModelRunner
+from dsv3.infer.sampling import (SamplingParams, add_penalties, apply_penalties, make_batch, sample, token_counts,
+                                 topn_logprobs)
+from dsv3.infer.scheduler import Decode, Prefill, Scheduler, Sequence, Status
+
+DEFAULT_CPU_CACHE_BYTES = 1 << 30  # CPU: 1 GiB of latents unless told otherwise
+DEFAULT_GPU_CACHE_FRACTION = 0.5  # CUDA: this share of the free memory after loading the model
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slower than fp32 on most machines)."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+class _Request:
+    """A request's shared state: its n sequences and (once computed) prompt logprobs."""
+
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_ids: list[int], params: SamplingParams):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seqs: list[Sequence] = []
+        self.prompt_logprobs: Optional[list] = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.seqs)
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged latent (absorbed-MLA) KV cache.
+
+    model: a `dsv3.model.Transformer` (already on `device`, in `dtype`). tokenizer: anything with
+    `encode`/`decode` (the dsv3 tokenizer, or a transformers tokenizer), or None for token-id use.
+    max_num_seqs: sequences decoded together. max_model_len: longest prompt + output (default: the
+    model's max_position_embeddings, capped by the cache). block_size: tokens per cache block.
+    num_gpu_blocks: cache blocks (default: from `cache_bytes`, else 1 GiB on CPU / half the free
+    memory on CUDA). max_num_batched_tokens: prefill chunk size.
+    """
+
+    def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
+                 block_size: int = 16, num_gpu_blocks: Optional[int] = None, cache_bytes: Optional[int] = None,
+                 max_num_batched_tokens: int = 2048, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None):
+        cfg: ModelConfig = model.config
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else next(model.parameters()).dtype
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model_config = cfg
+        self.tokenizer = tokenizer
+        if max_num_seqs < 1 or block_size < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs, block_size and max_num_batched_tokens must be >= 1")
+        per_token = PagedLatentCache.bytes_per_token_per_layer(cfg, self.dtype) * cfg.num_hidden_layers
+        if num_gpu_blocks is None:
+            if cache_bytes is None:
+                if self.device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(self.device)
+                    cache_bytes = int(free * DEFAULT_GPU_CACHE_FRACTION)
+                else:
+                    want = max_num_seqs * (max_model_len or cfg.max_position_embeddings) * per_token
+                    cache_bytes = min(DEFAULT_CPU_CACHE_BYTES, want)
+            num_gpu_blocks = max(1, cache_bytes // (per_token * block_size))
+        self.cache = PagedLatentCache(cfg, cfg.num_hidden_layers, num_gpu_blocks, block_size, self.dtype, self.device)
+        capacity = num_gpu_blocks * block_size
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, capacity)
+        if max_model_len is not None and max_model_len > capacity:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the KV cache capacity of {capacity} tokens "
+                             f"({num_gpu_blocks} blocks of {block_size}); give more cache (num_gpu_blocks / cache_bytes)")
+        self.runner = ModelRunner(self.model, self.cache)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
+        self.eos_ids = {cfg.eos_token_id}
+        tok_eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+        if tok_eos is None and tokenizer is not None:
+            tok_eos = getattr(tokenizer, "eos_token_id", None)
+        if isinstance(tok_eos, int):
+            self.eos_ids.add(tok_eos)
+        self._requests: dict[str, _Request] = {}
+        self._lock = threading.Lock()
+        self._new: list[_Request] = []
+        self._aborts: list[str] = []
+        self._seq_ids = itertools.count()
+        self.stats = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+
+    # ---- construction from a checkpoint directory
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, tokenizer=None, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device | None = None, **engine_kwargs) -> "LLMEngine":
+        """Load an HF-format (or dsv3) checkpoint directory; the tokenizer defaults to the one inside it."""
+        dev = torch.device(device) if device is not None else default_device()
+        dt = resolve_dtype(dtype, dev)
+        model = load_model(model_dir, dt, dev)
+        return cls(model, load_tokenizer_for(model_dir, tokenizer), device=dev, dtype=dt, **engine_kwargs)
+
+    # ---- requests
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Prompt text -> ids (BOS first, as the DeepSeek-V3 tokenizer config asks)."""
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: pass prompt_token_ids instead of a text prompt")
+        return encode_text(self.tokenizer, text, add_bos)
+
+    def add_request(self, request_id: str, prompt: Optional[str] = None, prompt_token_ids: Optional[list[int]] = None,
+                    params: Optional[SamplingParams] = None) -> None:
+        """Queue a request. Raises ValueError (for this request only) on bad input."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.model_config.vocab_size
+        params.validate(vocab)
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("give a prompt or prompt_token_ids")
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            prompt_token_ids = self.encode(prompt)
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; this engine's max_model_len is {self.max_model_len} "
+                             f"(prompt + at least one new token must fit)")
+        req = _Request(request_id, prompt, ids, params)
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(params.seed + i)
+            seq = Sequence(next(self._seq_ids), request_id, i, params, list(ids), len(ids), gen)
+            if params.logprobs is not None:
+                seq.logprobs, seq.cumulative_logprob = [], 0.0
+            seq.want_prompt_logprobs = params.prompt_logprobs is not None and i == 0
+            if self.tokenizer is not None and hasattr(self.tokenizer, "incremental_decoder"):
+                seq.detok = self.tokenizer.incremental_decoder(params.skip_special_tokens)
+            req.seqs.append(seq)
+        with self._lock:
+            if request_id in self._requests or any(r.request_id == request_id for r in self._new):
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._new.append(req)
+
+    def abort_request(self, request_id: str | Seq[str]) -> None:
+        """Stop a request; its blocks are freed at the start of the next step, which reports it as 'abort'."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        with self._lock:
+            self._aborts.extend(ids)
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self._requests or self._new or self._aborts)
+
+    def get_num_unfinished_requests(self) -> int:
+        with self._lock:
+            return len(self._requests) + len(self._new)
+
+    def cache_info(self) -> dict:
+        """block_size, num_blocks, free_blocks, used_blocks, bytes_per_token(_per_layer)."""
+        return self.cache.info().as_dict()
+
+    # ---- the loop
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration (a prefill chunk or a decode step); outputs of requests that progressed."""
+        touched: dict[str, _Request] = {}
+        with self._lock:
+            new, self._new = self._new, []
+            aborts, self._aborts = self._aborts, []
+            for req in new:
+                self._requests[req.request_id] = req
+        for req in new:
+            for seq in req.seqs:
+                self.scheduler.add(seq)
+        for rid in aborts:
+            req = self._requests.get(rid)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                if seq.status is not Status.FINISHED:
+                    self.scheduler.remove(seq)
+                    self._finish(seq, "abort")
+            touched[rid] = req
+        work = self.scheduler.schedule()
+        if isinstance(work, Prefill):
+            self._run_prefill(work, touched)
+        elif isinstance(work, Decode):
+            self._run_decode(work, touched)
+        outputs = [self._output(req) for req in touched.values()]
+        with self._lock:
+            for req in touched.values():
+                if req.finished:
+                    self._requests.pop(req.request_id, None)
+        return outputs
+
+    def _run_prefill(self, work: Prefill, touched: dict) -> None:
+        seq = work.seq
+        ids = seq.token_ids[work.start : work.start + work.num_tokens]
+        want_plp = seq.want_prompt_logprobs
+        logits = self.runner.prefill(ids, work.start, seq.block_table, all_logits=want_plp)
+        seq.num_computed += work.num_tokens
+        self.stats["prefill_steps"] += 1
+        self.stats["prefill_tokens"] += work.num_tokens
+        req = self._requests[seq.request_id]
+        if want_plp:
+            self._prompt_logprobs(req, seq, work, logits)
+        if seq.pending == 0:  # the whole prompt is cached: sample its first new token
+            self._sample([seq], logits[-1:])
+            touched[req.request_id] = req
+
+    def _run_decode(self, work: Decode, touched: dict) -> None:
+        seqs = work.seqs
+        logits = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs],
+                                    [s.block_table for s in seqs])
+        for s in seqs:
+            s.num_computed += 1
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += len(seqs)
+        self._sample(seqs, logits)
+        for s in seqs:
+            touched[s.request_id] = self._requests[s.request_id]
+
+    # ---- sampling and post-processing
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """logits [B,V] fp32 of the last position of each sequence -> append one token to each."""
+        params = [s.params for s in seqs]
+        vocab = logits.shape[-1]
+        raw = logits
+        rows, cols = [], []
+        for r, s in enumerate(seqs):
+            if s.num_output < s.params.min_tokens:  # eos / stop ids may not end it yet
+                stops = set(s.params.stop_token_ids or []) | (set() if s.params.ignore_eos else self.eos_ids)
+                rows += [r] * len(stops)
+                cols += sorted(stops)
+        if rows:
+            logits = logits.clone()
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        batch = make_batch(params, [s.generator for s in seqs], vocab, logits.device)
+        if add_penalties(batch, params, logits.device):
+            prompt_counts = token_counts([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, logits.device)
+            output_counts = token_counts([s.output_ids for s in seqs], vocab, logits.device)
+            logits = apply_penalties(logits, batch, prompt_counts, output_counts)
+        next_ids = sample(logits, batch)
+        n_lp = [s.params.logprobs for s in seqs]
+        lp_rows = None
+        if any(n is not None for n in n_lp):
+            top = max(n or 0 for n in n_lp)
+            chosen_lp, rank, top_ids, top_lp = topn_logprobs(raw.log_softmax(-1), next_ids, top)
+            lp_rows = (chosen_lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist())
+        for r, (s, tok) in enumerate(zip(seqs, next_ids.tolist())):  # the step's one host sync
+            if lp_rows is not None and s.logprobs is not None:
+                entry = {tid: Logprob(lp, i + 1, self._token_text(tid))
+                         for i, (tid, lp) in enumerate(zip(lp_rows[2][r][: s.params.logprobs], lp_rows[3][r][: s.params.logprobs]))}
+                entry.setdefault(tok, Logprob(lp_rows[0][r], lp_rows[1][r], self._token_text(tok)))
+                s.logprobs.append(entry)
+                s.cumulative_logprob += lp_rows[0][r]
+            self._append(s, tok)
+
+    def _append(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        seq.token_ids.append(tok)
+        # (before min_tokens these ids were masked out of the logits, so they cannot appear here)
+        is_stop_id = (tok in self.eos_ids and not p.ignore_eos) or tok in (p.stop_token_ids or ())
+        if not is_stop_id or p.include_stop_str_in_output:
+            self._detokenize(seq, tok)
+        if is_stop_id:
+            return self._finish(seq, "stop", None if tok in self.eos_ids and not p.ignore_eos else tok)
+        if p.stop and seq.num_output >= p.min_tokens:
+            for stop in p.stop:
+                at = seq.text.find(stop, max(0, len(seq.text) - seq.new_text_len - len(stop) + 1))
+                if at >= 0:
+                    seq.text = seq.text[: at + (len(stop) if p.include_stop_str_in_output else 0)]
+                    return self._finish(seq, "stop", stop)
+        if seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _detokenize(self, seq: Sequence, tok: int) -> None:
+        if self.tokenizer is None:
+            return
+        if seq.detok is not None:
+            piece = seq.detok.step(tok)
+        else:  # a tokenizer without a streaming decoder: decode everything (simple, quadratic)
+            full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+            piece = full[len(seq.text):] if not full.endswith("\ufffd") else ""
+        seq.text += piece
+        seq.new_text_len = len(piece)  # the stop-string search only looks at text this token could complete
+
+    def _token_text(self, tok: int) -> Optional[str]:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([tok], skip_special_tokens=False)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        if reason != "abort":
+            self.scheduler.remove(seq)
+            if seq.detok is not None and reason == "length":
+                seq.text += seq.detok.flush()
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+
+    def _prompt_logprobs(self, req: _Request, seq: Sequence, work: Prefill, logits: torch.Tensor) -> None:
+        """Logits at positions start..start+T-1 predict tokens start+1..start+T (the last one, if past the
+        prompt, is a generated token and is not a prompt logprob)."""
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = [None]
+        n_prompt = seq.num_prompt_tokens
+        targets = seq.token_ids[work.start + 1 : min(work.start + work.num_tokens + 1, n_prompt)]
+        if not targets:
+            return
+        lp = logits[: len(targets)].log_softmax(-1)
+        tgt = torch.tensor(targets, device=lp.device)
+        chosen_lp, rank, top_ids, top_lp = topn_logprobs(lp, tgt, req.params.prompt_logprobs)
+        for t, c, r, ids, lps in zip(targets, chosen_lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist()):
+            entry = {tid: Logprob(v, i + 1, self._token_text(tid)) for i, (tid, v) in enumerate(zip(ids, lps))}
+            entry.setdefault(t, Logprob(c, r, self._token_text(t)))
+            req.prompt_logprobs.append(entry)
+        if len(req.prompt_logprobs) >= n_prompt:
+            seq.want_prompt_logprobs = False
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for s in req.seqs:
+            text = s.text
+            if s.status is not Status.FINISHED and s.params.stop:
+                # Hold back a possible stop-string prefix so cumulative text never shrinks.
+                hold = max(len(x) for x in s.params.stop) - 1
+                text = text[: max(0, len(text) - hold)]
+            outs.append(CompletionOutput(
+                index=s.index, text=text, token_ids=list(s.output_ids),
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                cumulative_logprob=s.cumulative_logprob))
+        plp = list(req.prompt_logprobs) if req.prompt_logprobs is not None else None
+        return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished)
+
+
+# ---- helpers shared with llm.py / cli.py
+def encode_text(tokenizer: Any, text: str, add_bos: bool) -> list[int]:
+    """Encode with either the dsv3 tokenizer (`encode(text, add_bos=)`) or a transformers one."""
+    try:
+        return list(tokenizer.encode(text, add_bos=add_bos))
+    except TypeError:
+        return list(tokenizer.encode(text, add_special_tokens=add_bos))
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device):
+    """A `Transformer` from a checkpoint directory, via the checkpoint package's loader."""
+    import dsv3
+
+    return dsv3.from_pretrained(model_dir, dtype=dtype, device=device)
+
+
+def load_tokenizer_for(model_dir: str | Path | None, tokenizer: Any = None):
+    """The tokenizer object, a path to one, or (None) the tokenizer.json in the model directory if present."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    from dsv3.data.tokenizer import load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if model_dir is not None and any((Path(model_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.json.xz")):
+        return load_tokenizer(model_dir)
+    return None

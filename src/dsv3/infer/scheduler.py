@@ -1,0 +1,154 @@
+"""Continuous batching: which sequences run in the next engine step.
+
+A running sequence always has `pending = len(token_ids) - num_computed >= 1` tokens whose latents
+are not cached yet: one (the token it sampled last) when decoding, more while its prompt is being
+prefilled (or recomputed after preemption). Each step is either
+
+* a prefill chunk of one sequence (at most `chunk_size` tokens; long prompts take several steps), or
+* a decode step of every running sequence with exactly one pending token (sequences of any length
+  batch together; the paged cache needs no padding).
+
+Prefill goes first (new requests start as soon as a slot is free), as in vLLM's default policy.
+When the cache cannot hold the next token of every decoding sequence, the newest sequence is
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed from
+its prompt plus what it already generated. Nothing fails for lack of cache: `max_model_len` never
+exceeds the cache capacity, so one sequence alone always fits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+import torch
+
+from dsv3.infer.kv_cache import PagedLatentCache
+from dsv3.infer.outputs import FinishReason, Logprob
+from dsv3.infer.sampling import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One completion being generated (a request with n > 1 has n of them)."""
+
+    seq_id: int
+    request_id: str
+    index: int
+    params: SamplingParams
+    token_ids: list[int]
+    num_prompt_tokens: int
+    generator: Optional[torch.Generator] = None
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    # results
+    text: str = ""
+    logprobs: Optional[list[dict[int, Logprob]]] = None
+    cumulative_logprob: Optional[float] = None
+    finish_reason: Optional[FinishReason] = None
+    stop_reason: int | str | None = None
+    detok: Any = None  # incremental detokenizer state (engine-owned)
+    new_text_len: int = 0  # length of the text the newest token added
+    want_prompt_logprobs: bool = False
+
+    @property
+    def pending(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass
+class Prefill:
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+
+@dataclass
+class Decode:
+    seqs: list[Sequence]
+
+
+class Scheduler:
+    """FIFO admission, prefill-first steps, preempt-by-recompute when the cache is full."""
+
+    def __init__(self, cache: PagedLatentCache, max_num_seqs: int, chunk_size: int):
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.chunk_size = chunk_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order; the last one is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.cache.release(seq.block_table)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.release(seq.block_table)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _try_prefill(self) -> Optional[Prefill]:
+        seq = next((s for s in self.running if s.pending > 1), None)  # a chunked prefill in progress
+        if seq is None:
+            if not self.waiting or len(self.running) >= self.max_num_seqs:
+                return None
+            seq = self.waiting[0]
+            # Admit only when the whole prompt fits, and reserve it now: a prompt never stalls half-done.
+            if not self.cache.can_allocate(self.cache.blocks_needed(len(seq.token_ids), 0)):
+                return None
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self.cache.grow(seq.block_table, len(seq.token_ids))
+        return Prefill(seq, seq.num_computed, min(seq.pending, self.chunk_size))
+
+    def _decode(self) -> Optional[Decode]:
+        batch: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or seq.pending != 1:
+                continue
+            need = self.cache.blocks_needed(len(seq.token_ids), len(seq.block_table))
+            while not self.cache.can_allocate(need) and self.running[-1] is not seq:
+                victim = self.running[-1]
+                if victim in batch:
+                    batch.remove(victim)
+                self._preempt(victim)
+            if not self.cache.can_allocate(need):
+                self._preempt(seq)  # the newest sequence gives way itself
+                continue
+            self.cache.grow(seq.block_table, len(seq.token_ids))
+            batch.append(seq)
+        return Decode(batch) if batch else None
+
+    def schedule(self) -> Prefill | Decode | None:
+        return self._try_prefill() or self._decode()
