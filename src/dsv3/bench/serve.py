@@ -1,0 +1,207 @@
+"""`dsv3 bench serve`: load an OpenAI-compatible server like vLLM's `benchmark_serving.py`.
+
+Requests stream (`stream_options.include_usage`), are dispatched with Poisson/Gamma arrivals at
+`--request-rate` (inf = all at once) and capped at `--max-concurrency` in flight. One test request
+checks the endpoint first (not counted). Timing and aggregates: `dsv3.bench.metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+from dsv3.bench.datasets import SampleRequest
+from dsv3.bench.metrics import RequestFuncOutput, calculate_metrics, format_table, result_json
+from dsv3.errors import UserError
+
+
+def build_payload(backend: str, model: str, req: SampleRequest, ignore_eos: bool, temperature: float) -> dict:
+    body: dict = {"model": model, "temperature": temperature, "max_tokens": req.expected_output_len,
+                  "stream": True, "stream_options": {"include_usage": True}}
+    if backend == "openai-chat":
+        body["messages"] = [{"role": "user", "content": req.prompt}]
+    else:
+        body["prompt"] = req.prompt
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+async def request_func(client: httpx.AsyncClient, url: str, payload: dict, headers: dict, prompt_len: int,
+                       pbar=None) -> RequestFuncOutput:
+    """One streamed request, timed with vLLM's rules (a chunk counts if it carries `choices`)."""
+    out = RequestFuncOutput(prompt_len=prompt_len)
+    chat = "messages" in payload
+    text: list[str] = []
+    st = most_recent = time.perf_counter()
+    out.start_time = st
+    first = False
+    try:
+        async with client.stream("POST", url, json=payload, headers=headers) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode("utf-8", "replace")
+                out.error = f"HTTP {resp.status_code}: {body[:500]}"
+                return out
+            async for line in resp.aiter_lines():
+                line = line.strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    out.error = json.dumps(chunk["error"])
+                    return out
+                if choices := chunk.get("choices"):
+                    now = time.perf_counter()
+                    if not first:
+                        first = True
+                        out.ttft = now - st
+                    else:
+                        out.itl.append(now - most_recent)
+                    most_recent = now
+                    c = choices[0]
+                    text.append((c.get("delta") or {}).get("content") or "" if chat else c.get("text") or "")
+                elif usage := chunk.get("usage"):
+                    out.output_tokens = int(usage.get("completion_tokens") or 0)
+        out.generated_text = "".join(text)
+        if first:
+            out.success = True
+            out.latency = most_recent - st
+        else:
+            out.error = "no chunk with choices received"
+    except Exception as e:  # a failed request is recorded, never fatal to the run
+        out.error = f"{type(e).__name__}: {e}"
+    finally:
+        if pbar is not None:
+            pbar.update(1)
+    return out
+
+
+async def _arrivals(n: int, rate: float, burstiness: float, rng: random.Random):
+    """Yield request indices at Gamma(shape=burstiness, mean 1/rate) intervals (Poisson at 1.0)."""
+    for i in range(n):
+        yield i
+        if rate == float("inf") or i == n - 1:
+            continue
+        await asyncio.sleep(rng.gammavariate(burstiness, 1.0 / (rate * burstiness)))
+
+
+async def benchmark(base_url: str, endpoint: str, backend: str, model: str, requests: list[SampleRequest], *,
+                    request_rate: float = float("inf"), burstiness: float = 1.0, max_concurrency: int | None = None,
+                    ignore_eos: bool = False, temperature: float = 0.0, api_key: str | None = None,
+                    disable_tqdm: bool = False, seed: int = 0, timeout_s: float = 6 * 3600,
+                    ) -> tuple[list[RequestFuncOutput], float]:
+    """Run the load; -> (outputs in request order, duration in seconds)."""
+    url = base_url.rstrip("/") + endpoint
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=max_concurrency or len(requests) or 1, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+        first = requests[0]
+        test = await request_func(client, url, build_payload(backend, model, first, ignore_eos, temperature),
+                                  headers, first.prompt_len)
+        if not test.success:
+            raise UserError(f"test request to {url} failed: {test.error}")
+        pbar = None
+        if not disable_tqdm:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=len(requests), desc="requests")
+        sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+        async def one(req: SampleRequest) -> RequestFuncOutput:
+            payload = build_payload(backend, model, req, ignore_eos, temperature)
+            if sem is None:
+                return await request_func(client, url, payload, headers, req.prompt_len, pbar)
+            async with sem:
+                return await request_func(client, url, payload, headers, req.prompt_len, pbar)
+
+        t0 = time.perf_counter()
+        tasks = []
+        async for i in _arrivals(len(requests), request_rate, burstiness, random.Random(seed)):
+            tasks.append(asyncio.create_task(one(requests[i])))
+        outputs = await asyncio.gather(*tasks)
+        dur = time.perf_counter() - t0
+        if pbar is not None:
+            pbar.close()
+    return list(outputs), dur
+
+
+def run_serve(args, tokenizer, requests: list[SampleRequest]) -> dict:
+    """Run the benchmark from parsed CLI args; print the table; save the JSON if asked."""
+    if args.request_rate <= 0:
+        raise UserError(f"--request-rate must be > 0 (inf = all at once), got {args.request_rate}")
+    base_url = args.base_url or f"http://{args.host}:{args.port}"
+    endpoint = args.endpoint or ("/v1/chat/completions" if args.backend == "openai-chat" else "/v1/completions")
+    model = args.model or _discover_model(base_url, args.api_key)
+    outputs, dur = asyncio.run(benchmark(
+        base_url, endpoint, args.backend, model, requests, request_rate=args.request_rate,
+        burstiness=args.burstiness, max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos,
+        temperature=args.temperature, api_key=args.api_key, disable_tqdm=args.disable_tqdm, seed=args.seed))
+    metrics_sel = [m.strip() for m in args.percentile_metrics.split(",") if m.strip()]
+    pcts = [float(p) for p in args.metric_percentiles.split(",") if p.strip()]
+    goodput = parse_goodput(args.goodput)
+    input_lens = [r.prompt_len for r in requests]
+    m = calculate_metrics(input_lens, outputs, dur, lambda t: len(tokenizer.encode(t)), metrics_sel, pcts, goodput)
+    failed = len(outputs) - m.completed
+    print(format_table(m, dur, failed, args.max_concurrency, args.request_rate, metrics_sel, pcts, bool(goodput)))
+    errors = [o.error for o in outputs if o.error]
+    if errors:
+        print(f"first error: {errors[0]}")
+    config = {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": args.backend, "endpoint": endpoint,
+              "model_id": model, "tokenizer_id": args.tokenizer, "dataset_name": args.dataset_name,
+              "num_prompts": len(requests), "request_rate": args.request_rate if args.request_rate != float("inf")
+              else "inf", "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
+              "goodput": goodput}
+    for kv in args.metadata or []:
+        key, _, value = kv.partition("=")
+        config[key] = value
+    result = result_json(m, outputs, input_lens, dur, config)
+    if args.save_result:
+        name = args.result_filename or (
+            f"{args.backend}-{config['request_rate']}qps-concurrency{args.max_concurrency}-"
+            f"{model.split('/')[-1]}-{config['date']}.json")
+        path = Path(args.result_dir or ".") / name
+        write_json_atomic(path, result)
+        print(f"saved {path}")
+    return result
+
+
+def parse_goodput(items: list[str] | None) -> dict[str, float] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition(":")
+        if not sep or key not in ("ttft", "tpot", "e2el"):
+            raise UserError(f"--goodput {item!r}: expected ttft:MS, tpot:MS or e2el:MS")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise UserError(f"--goodput {item!r}: {value!r} is not a number of milliseconds") from None
+    return out
+
+
+def _discover_model(base_url: str, api_key: str | None) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+    except Exception as e:
+        raise UserError(f"cannot list models at {base_url}/v1/models ({e}); pass --model") from None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,169 @@
+"""The FastAPI app: thin routes over `OpenAIServing`, errors in the OpenAI shape, API-key check.
+
+`build_app(engine, ...)` takes an `LLMEngine` (or an `AsyncEngine`); the app's `lifespan` starts
+the engine thread on startup and stops it on shutdown, so a test can run the app in-process.
+
+Error policy: every error leaves as `{"error": {"message", "type", "param", "code"}}`. Bad JSON or
+fields -> 400, unknown model -> 404, missing/wrong key -> 401, unknown route -> 404, anything
+unexpected -> 500 (logged). Nothing a request does can stop the server or the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsv3.serve.async_engine import AsyncEngine
+from dsv3.serve.handlers import OpenAIServing
+from dsv3.serve.metrics import ServerMetrics
+from dsv3.serve.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+)
+
+log = logging.getLogger("dsv3.serve")
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(APIError(message, status, param).body(), status_code=status)
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    return (f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))), (loc or None)
+
+
+async def _parse(request: Request, model):
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise APIError("request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        msg, param = _validation_message(e)
+        raise APIError(msg, 400, param) from None
+
+
+async def _until_disconnect(request: Request, coro):
+    """Run `coro`; cancel it if the client disconnects first (its engine requests get aborted)."""
+    task = asyncio.ensure_future(coro)
+
+    async def watch() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+
+
+def _respond(result: Any) -> Response:
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return StreamingResponse(result, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def build_app(engine, model_name: str, api_key: str | None = None, model_root: str | None = None) -> FastAPI:
+    aengine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
+    metrics = ServerMetrics(model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        aengine.start()
+        try:
+            yield
+        finally:
+            aengine.shutdown()
+
+    app = FastAPI(title="dsv3 OpenAI-compatible server", lifespan=lifespan)
+    serving = OpenAIServing(aengine, model_name, metrics, model_root)
+    app.state.engine, app.state.serving, app.state.metrics = aengine, serving, metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+    @app.middleware("http")
+    async def _auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if api_key and path.startswith("/v1"):
+            auth = request.headers.get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                metrics.http_request(path, 401)
+                return _error(401, "Incorrect API key provided or missing 'Authorization: Bearer <key>' header.")
+        try:
+            response = await call_next(request)
+        except Exception as e:  # errors that escaped the exception handlers (e.g. inside middleware)
+            log.exception("unhandled error on %s", path)
+            response = _error(500, f"internal error: {type(e).__name__}: {e}")
+        metrics.http_request(path, response.status_code)
+        return response
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if aengine.is_running else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        text = metrics.render(aengine.stats.running, aengine.stats.cache)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return serving.models()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await _parse(request, CompletionRequest)
+        return _respond(await _until_disconnect(request, serving.completions(req)))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = await _parse(request, ChatCompletionRequest)
+        return _respond(await _until_disconnect(request, serving.chat(req)))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await _parse(request, TokenizeRequest)
+        serving.check_model(req.model)
+        return serving.tokenize(req)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await _parse(request, DetokenizeRequest)
+        serving.check_model(req.model)
+        return serving.detokenize(req)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return serving.tokenizer_info()
+
+    return app

@@ -1,0 +1,181 @@
+"""An asyncio front over the synchronous `LLMEngine`.
+
+One background thread calls `engine.step()` while there is work and hands each `RequestOutput`
+to the asyncio queue of its request (`loop.call_soon_threadsafe`), so the event loop never blocks
+on a model forward. `engine.add_request` / `abort_request` are thread-safe and cheap (validation
+and a locked hand-over; the step thread picks them up), so the event loop calls them directly and
+a bad request fails at once with its ValueError. `step()` and `cache_info()` run only in the
+stepping thread; /metrics reads the snapshot taken after each step.
+
+A request's async generator aborts the request in its `finally` block, so a cancelled handler
+(client disconnect, server shutdown) frees the request's KV-cache blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("dsv3.serve")
+
+
+class EngineDeadError(RuntimeError):
+    """The stepping thread stopped; no request can be served."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    finished: bool = False
+
+
+@dataclass
+class EngineStats:
+    """Counters read by /metrics (written by the stepping thread only)."""
+
+    steps: int = 0
+    running: int = 0
+    cache: dict[str, Any] = field(default_factory=dict)
+    step_seconds_total: float = 0.0
+
+
+class AsyncEngine:
+    def __init__(self, engine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len: int = int(engine.max_model_len)
+        self.lock = threading.Lock()
+        self.stats = EngineStats()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle_wait_s = idle_wait_s
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
+        self._refresh_cache_info()
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    # ---------------------------------------------------------------- asyncio side
+    async def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                          params) -> "RequestStream":
+        """Add a request; return its output stream once the engine accepted it.
+
+        Raises ValueError (from `engine.add_request`) for input the engine rejects, and
+        EngineDeadError when the stepping thread is gone."""
+        if not self.is_running:
+            raise EngineDeadError(f"engine is not running ({self._error!r})")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        try:
+            self.engine.add_request(request_id, prompt, prompt_token_ids, params)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        self._wake.set()
+        return RequestStream(self, request_id, stream)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+        self._wake.set()
+
+    # ---------------------------------------------------------------- stepping thread
+    def _refresh_cache_info(self) -> None:
+        try:
+            self.stats.cache = dict(self.engine.cache_info())
+        except Exception:  # cache_info is informational; never let it kill the loop
+            log.exception("engine.cache_info() failed")
+
+    def _deliver(self, outputs) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail_all(self, err: BaseException) -> None:
+        """The engine raised inside step(): fail every in-flight request, abort them, go on."""
+        for rid, stream in list(self._streams.items()):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
+            try:
+                self.engine.abort_request(rid)
+            except Exception:
+                pass
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self.lock:
+                    busy = self.engine.has_unfinished_requests()
+                    if busy:
+                        t0 = time.perf_counter()
+                        try:
+                            outputs = self.engine.step()
+                        except Exception as e:
+                            log.exception("engine.step() failed; failing the in-flight requests")
+                            self._fail_all(RuntimeError(f"engine step failed: {e}"))
+                            outputs = []
+                        self.stats.step_seconds_total += time.perf_counter() - t0
+                        self.stats.steps += 1
+                        self._deliver(outputs)
+                    self.stats.running = len(self._streams)
+                    self._refresh_cache_info()
+                if not busy:
+                    self._wake.wait(self._idle_wait_s)
+                    self._wake.clear()
+        except BaseException as e:  # pragma: no cover - a bug in the loop itself
+            self._error = e
+            log.exception("engine thread died")
+            for stream in list(self._streams.values()):
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(str(e)))
+
+
+class RequestStream:
+    """Async iterator over one request's cumulative `RequestOutput`s, ending with the finished one.
+
+    `close()` (called by the iterator's `finally`, and safe to call again) aborts the request if it
+    has not finished, which frees its KV-cache blocks: handlers close every stream they open."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream):
+        self.engine, self.request_id, self._stream = engine, request_id, stream
+        self._closed = False
+
+    @property
+    def finished(self) -> bool:
+        return self._stream.finished
+
+    async def __aiter__(self):
+        try:
+            while not self._stream.finished:
+                item = await self._stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    self._stream.finished = True
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.engine._streams.pop(self.request_id, None)
+        if not self._stream.finished:
+            self.engine.abort(self.request_id)
