@@ -1,0 +1,292 @@
+"""MindSpore Transformers YAML (the seed's `pretrain_deepseek3_*.yaml`) -> our run-config dict.
+
+Every key of the seed's files is in exactly one of three places below:
+* a map to one of our fields (honoured),
+* a rule (a key whose value we check or translate, e.g. `aux_loss_factors`),
+* the IGNORED table: keys that only mean something to MindSpore/Ascend (graph mode, fused ops,
+  strategy files, ...). They are reported once, on one line.
+Any other key is an error naming it, so a misspelt key never passes silently.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from dsv3.errors import UserError
+
+# MindSpore model_config key -> ModelConfig field (value copied as is).
+_MODEL_MAP = {
+    "hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+    "max_position_embeddings": "max_position_embeddings", "intermediate_size": "intermediate_size",
+    "kv_lora_rank": "kv_lora_rank", "q_lora_rank": "q_lora_rank", "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim", "qk_nope_head_dim": "qk_nope_head_dim", "vocab_size": "vocab_size",
+    "rms_norm_eps": "rms_norm_eps", "theta": "rope_theta", "mtp_depth": "num_nextn_predict_layers",
+}
+_MOE_MAP = {
+    "expert_num": "n_routed_experts", "num_experts_chosen": "num_experts_per_tok", "shared_expert_num": "n_shared_experts",
+    "routed_scaling_factor": "routed_scaling_factor", "norm_topk_prob": "norm_topk_prob",
+    "first_k_dense_replace": "first_k_dense_replace", "moe_intermediate_size": "moe_intermediate_size",
+    "topk_group": "topk_group", "n_group": "n_group",
+}
+_PARALLEL_MAP = {k: k for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "micro_batch_num", "use_seq_parallel")}
+
+# Keys with no meaning for a PyTorch run, and why (shown once when a file uses them).
+_IGNORED = {
+    "": {"load_ckpt_format", "src_strategy_path_or_dir", "auto_trans_ckpt", "only_save_strategy", "use_parallel",
+         "micro_batch_interleave_num", "profile", "profile_start_step", "profile_stop_step", "init_start_profile",
+         "profile_communication", "profile_memory", "context", "parallel", "recompute_config", "train_dataset_task",
+         "trainer"},
+    "runner_config": {"sink_mode", "sink_size"},
+    "runner_wrapper": {"type", "scale_sense"},
+    "optimizer": {"learning_rate"},
+    "model.model_config": {
+        "type", "auto_register", "batch_size", "n_kv_heads", "multiple_of", "bos_token_id", "eos_token_id",
+        "pad_token_id", "ignore_token_id", "layernorm_compute_type", "softmax_compute_type", "rotary_dtype",
+        "router_dense_type", "param_init_type", "use_past", "use_flash_attention", "use_fused_swiglu",
+        "use_fused_rope", "input_sliced_sig", "offset", "checkpoint_name_or_path", "return_extra_loss", "qkv_concat"},
+    "moe_config": {"expert_group_size", "capacity_factor", "aux_loss_factor", "routing_policy", "enable_sdrop",
+                   "use_fused_ops_topkrouter", "group_wise_a2a", "expert_model_parallel", "callback_moe_droprate",
+                   "use_gmm", "use_fused_ops_permute", "enable_gmm_safe_tokens"},
+    "parallel_config": {"vocab_emb_dp", "gradient_aggregation_group"},
+    "train_dataset": {"input_columns", "construct_args_key", "num_parallel_workers", "python_multiprocessing",
+                      "drop_remainder", "repeat", "numa_enable", "prefetch_size"},
+    "train_dataset.data_loader": {"datasets_type", "shuffle"},
+    "train_dataset.data_loader.config": {"num_dataset_builder_threads", "create_attention_mask"},
+}
+# Why some ignored keys are safe to ignore (the rest are Ascend graph/fusion/strategy options).
+_WHY = {
+    "capacity_factor": "DeepSeek-V3 never drops tokens",
+    "bos_token_id": "ids come from the tokenizer: bos 0, eos 1",
+    "n_kv_heads": "MLA has no separate KV heads",
+    "aux_loss_factor": "superseded by aux_loss_factors",
+}
+
+
+class _Translator:
+    def __init__(self, source: str):
+        self.source = source
+        self.out: dict[str, dict[str, Any]] = {k: {} for k in ("model", "data", "train", "optimizer", "lr_schedule",
+                                                                "checkpoint", "eval", "logging", "parallel")}
+        self.ignored: list[str] = []
+
+    def err(self, where: str, msg: str) -> UserError:
+        return UserError(f"{self.source}: {where}: {msg}")
+
+    def walk(self, section: dict, where: str, handlers: dict[str, Callable[[Any, str], None]]) -> None:
+        """Dispatch every key of `section` to its handler; ignored keys are recorded; others are errors."""
+        if not isinstance(section, dict):
+            raise self.err(where or "top level", f"expected a mapping, got {section!r}")
+        ignored = _IGNORED.get(where, set())
+        for key, value in section.items():
+            path = f"{where}.{key}" if where else key
+            if key in handlers:
+                handlers[key](value, path)
+            elif key in ignored:
+                self.ignored.append(path + (f" ({_WHY[key]})" if key in _WHY else ""))
+            else:
+                valid = sorted(set(handlers) | ignored)
+                raise self.err(path, f"unknown key in a MindSpore config; valid keys here: {', '.join(valid)}")
+
+    def put(self, section: str, field: str) -> Callable[[Any, str], None]:
+        def h(value: Any, path: str) -> None:
+            self.out[section][field] = value
+        return h
+
+    def expect(self, allowed: tuple, then: Callable[[Any, str], None] | None = None) -> Callable[[Any, str], None]:
+        def h(value: Any, path: str) -> None:
+            if value not in allowed:
+                raise self.err(path, f"{value!r} is not supported (expected one of {list(allowed)})")
+            if then:
+                then(value, path)
+        return h
+
+
+def _group(paths: list[str]) -> str:
+    """'a.b.c', 'a.b.d', 'e' -> 'a.b: c, d; e' (one readable line)."""
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        head, _, tail = p.partition(" ")
+        sec, _, key = head.rpartition(".")
+        groups.setdefault(sec, []).append(key + (" " + tail if tail else ""))
+    return "; ".join((f"{sec}: " if sec else "") + ", ".join(keys) for sec, keys in groups.items())
+
+
+def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
+    """Translate a MindSpore-style run YAML into our RunConfig dict (see the module docstring)."""
+    t = _Translator(source)
+    o = t.out
+    extra: dict[str, Any] = {}
+
+    def model_config(v, p):
+        def ext(val, path):
+            if str(val) not in ("None", "none"):
+                raise t.err(path, f"{val!r} is not supported for pretraining (expected 'None': plain RoPE)")
+            o["model"]["rope_scaling"] = None
+
+        def dtype(val, path):
+            if val not in ("bfloat16", "float32", "float16"):
+                raise t.err(path, f"{val!r} is not a dtype (bfloat16 / float32)")
+            if val == "float16":
+                raise t.err(path, "float16 training is not supported; use bfloat16 (fp32 master weights)")
+            o["train"]["precision"] = "bf16" if val == "bfloat16" else "fp32"
+
+        h = {k: t.put("model", f) for k, f in _MODEL_MAP.items()}
+        h.update(seq_length=lambda val, path: extra.__setitem__("seq_length", (val, path)),
+                 mtp_loss_factor=t.put("train", "mtp_loss_factor"), extend_method=ext, compute_dtype=dtype)
+        t.walk(v, p, h)
+
+    def arch(v, p):
+        t.walk(v, p, {"type": t.expect(("DeepseekV3ForCausalLM",)), "auto_register": lambda *_: None})
+
+    def moe(v, p):
+        def sigmoid(val, path):
+            o["model"]["scoring_func"] = "sigmoid" if val else "softmax"
+
+        def balance(val, path):
+            extra["balance"] = bool(val)
+
+        def aux(val, path):
+            extra["aux_factors"] = (val, path)
+
+        def aux_types(val, path):
+            extra["aux_types"] = (val, path)
+
+        def z_loss(val, path):
+            if val:
+                raise t.err(path, f"{val} is not supported (DeepSeek-V3 uses no z-loss); set 0")
+
+        h = {k: t.put("model", f) for k, f in _MOE_MAP.items()}
+        h.update(use_gating_sigmoid=sigmoid, balance_via_topk_bias=balance, topk_bias_update_rate=t.put("train", "bias_update_rate"),
+                 aux_loss_factors=aux, aux_loss_types=aux_types, z_loss_factor=z_loss,
+                 routing_policy=t.expect(("TopkRouterV2",)))
+        t.walk(v, p, h)
+
+    def model(v, p):
+        t.walk(v, p, {"model_config": model_config, "arch": arch})
+
+    def data_config(v, p):
+        def data_path(val, path):
+            if not isinstance(val, list) or not val:
+                raise t.err(path, f"expected a list [weight, prefix, ...], got {val!r}")
+            items = [str(x) for x in val]
+            # A single weighted prefix is just the prefix.
+            o["data"]["data_path"] = items[1:] if len(items) == 2 else items
+
+        def off(val, path):
+            if val:
+                raise t.err(path, "True is not supported (samples are packed without attention reset)")
+
+        t.walk(v, p, {"random_seed": t.put("data", "random_seed"), "seq_length": lambda val, path: extra.__setitem__("data_seq", (val, path)),
+                      "split": lambda val, path: o["data"].__setitem__("split", str(val).replace(" ", "")),
+                      "reset_position_ids": t.put("data", "reset_position_ids"), "reset_attention_mask": off,
+                      "eod_mask_loss": t.put("data", "eod_mask_loss"), "data_path": data_path})
+
+    def data_loader(v, p):
+        def sizes(val, path):
+            if not isinstance(val, list) or not 1 <= len(val) <= 3:
+                raise t.err(path, f"expected [train, valid, test] sample counts, got {val!r}")
+            extra["sizes"] = [int(x) for x in val]
+
+        t.walk(v, p, {"type": t.expect(("BlendedMegatronDatasetDataLoader",)), "sizes": sizes, "config": data_config})
+
+    def train_dataset(v, p):
+        t.walk(v, p, {"data_loader": data_loader})
+
+    def runner(v, p):
+        t.walk(v, p, {"epochs": lambda val, path: extra.__setitem__("epochs", int(val)), "batch_size": t.put("train", "batch_size")})
+
+    def wrapper(v, p):
+        t.walk(v, p, {"use_clip_grad": lambda val, path: o["optimizer"].setdefault("clip_grad", 1.0 if val else 0.0),
+                      "max_grad_norm": t.put("optimizer", "clip_grad")})
+
+    def optimizer(v, p):
+        t.walk(v, p, {"type": t.expect(("AdamW", "adamw")), "betas": t.put("optimizer", "betas"), "eps": t.put("optimizer", "eps"),
+                      "weight_decay": t.put("optimizer", "weight_decay")})
+
+    def lr(v, p):
+        types = {"ConstantWarmUpLR": "ConstantWarmUpLR", "CosineWithWarmUpLR": "cosine"}
+
+        def total(val, path):
+            if val is not None and int(val) > 0:
+                o["lr_schedule"]["total_steps"] = int(val)
+
+        t.walk(v, p, {"type": t.expect(tuple(types), lambda val, path: o["lr_schedule"].__setitem__("type", types[val])),
+                      "learning_rate": t.put("lr_schedule", "learning_rate"), "warmup_steps": t.put("lr_schedule", "warmup_steps"),
+                      "warmup_ratio": t.put("lr_schedule", "warmup_ratio"), "lr_end": t.put("lr_schedule", "min_lr"),
+                      "total_steps": total})
+
+    def parallel_config(v, p):
+        t.walk(v, p, {k: t.put("parallel", f) for k, f in _PARALLEL_MAP.items()})
+
+    def callbacks(v, p):
+        if not isinstance(v, list):
+            raise t.err(p, f"expected a list of callbacks, got {v!r}")
+        for i, cb in enumerate(v):
+            where = f"{p}[{i}]"
+            if not isinstance(cb, dict) or "type" not in cb:
+                raise t.err(where, "expected a mapping with a 'type'")
+            kind, rest = cb["type"], {k: val for k, val in cb.items() if k != "type"}
+            if kind == "MFLossMonitor":
+                t.walk(rest, where, {"per_print_times": t.put("logging", "log_interval")})
+            elif kind == "TopkBiasBalanceCallback":
+                # Same anchors as moe_config; the update itself is ours (dsv3.train.balance).
+                def same_rate(val, path):
+                    if "bias_update_rate" in o["train"] and o["train"]["bias_update_rate"] != val:
+                        raise t.err(path, f"{val} differs from moe_config.topk_bias_update_rate {o['train']['bias_update_rate']}")
+                    o["train"]["bias_update_rate"] = val
+
+                t.walk(rest, where, {"balance_via_topk_bias": lambda val, path: extra.__setitem__("balance", extra.get("balance", True) and bool(val)),
+                                     "topk_bias_update_rate": same_rate,
+                                     "expert_num": lambda *_: None, "micro_batch_num": lambda *_: None})
+            elif kind == "CheckpointMonitor":
+                def ign(val, path):
+                    t.ignored.append(path)
+                t.walk(rest, where, {"save_checkpoint_steps": t.put("checkpoint", "save_steps"),
+                                     "keep_checkpoint_max": t.put("checkpoint", "keep_last"),
+                                     "prefix": ign, "integrated_save": ign, "async_save": ign, "checkpoint_format": ign})
+            else:
+                raise t.err(where, f"callback type {kind!r} is not known (expected MFLossMonitor, TopkBiasBalanceCallback, CheckpointMonitor)")
+
+    def load_ckpt(v, p):
+        if v:
+            raise t.err(p, f"{v!r}: starting from MindSpore weights is not supported; convert them to HF safetensors first")
+
+    t.walk(data, "", {
+        "seed": t.put("train", "seed"), "output_dir": t.put("checkpoint", "output_dir"),
+        "resume_training": t.put("checkpoint", "resume"), "load_checkpoint": load_ckpt,
+        "run_mode": t.expect(("train",)), "runner_config": runner, "runner_wrapper": wrapper, "optimizer": optimizer,
+        "lr_schedule": lr, "train_dataset": train_dataset, "parallel_config": parallel_config, "model": model,
+        "moe_config": moe, "callbacks": callbacks,
+    })
+
+    # --- rules that combine several keys
+    seq, seq_path = extra.get("seq_length", (None, None))
+    dseq, dseq_path = extra.get("data_seq", (None, None))
+    if seq is not None and dseq is not None and seq != dseq:
+        raise t.err(dseq_path, f"seq_length {dseq} differs from {seq_path} {seq}")
+    if (seq or dseq) is not None:
+        o["data"]["seq_length"] = seq or dseq
+    if "aux_factors" in extra:
+        factors, fpath = extra["aux_factors"]
+        types = extra.get("aux_types", (["expert"] * len(factors), None))[0]
+        if len(types) != len(factors):
+            raise t.err(fpath, f"{len(factors)} factors for {len(types)} aux_loss_types")
+        for kind, f in zip(types, factors):
+            if kind == "expert":
+                o["model"]["aux_loss_alpha"] = float(f)
+            elif f:
+                raise t.err(fpath, f"aux loss type {kind!r} with factor {f} is not supported (DeepSeek-V3 uses only 'expert')")
+    if extra.get("balance") is False:
+        o["train"]["bias_update_rate"] = 0.0
+    o["model"].setdefault("topk_method", "noaux_tc")
+    sizes = extra.get("sizes", [0])
+    if "epochs" in extra and sizes[0] > 0:
+        par = o["parallel"]
+        gbs = o["train"].get("batch_size", 1) * par.get("data_parallel", 1) * par.get("micro_batch_num", 1)
+        o["train"]["steps"] = max(1, extra["epochs"] * sizes[0] // gbs)
+    if len(sizes) > 1 and sizes[1] > 0:
+        o["eval"]["eval_iters"] = sizes[1]
+    if t.ignored and not quiet:
+        print(f"{source}: ignored (MindSpore/Ascend-only): {_group(t.ignored)}", file=sys.stderr)
+    return {k: v for k, v in o.items() if v}

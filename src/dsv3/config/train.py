@@ -1,0 +1,259 @@
+"""Typed configuration of a pretraining run (`dsv3 train --config FILE.yaml`).
+
+One YAML file, one section per dataclass: `model` (ModelConfig), `data`, `train`, `optimizer`,
+`lr_schedule`, `checkpoint`, `eval`, `logging`, `parallel`. Loading is strict (unknown keys are
+errors). MindSpore-style files (the seed's) are translated by `dsv3.config.mindspore` into the same
+dict first. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from dsv3.config.load import apply_overrides, from_dict, read_yaml
+from dsv3.config.schema import ModelConfig
+from dsv3.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Megatron-style indexed data (`dsv3 preprocess` output) and how samples are cut from it."""
+
+    data_path: list[str] = field(default_factory=list)
+    """Dataset prefixes (`PREFIX.bin`/`PREFIX.idx`), Megatron style: ["PREFIX"] or ["W1", "P1", "W2", "P2", ...]."""
+    valid_data_path: list[str] = field(default_factory=list)
+    """Optional separate validation prefixes (e.g. WikiText's valid file); empty: validation comes from `split`."""
+    split: str = "969,30,1"
+    """Train/valid/test proportions of `data_path` (Megatron `--split`); ignored for valid when `valid_data_path` is set."""
+    seq_length: int = 4096
+    """Tokens per training sample (each sample reads seq_length + 1 tokens: inputs and shifted labels)."""
+    random_seed: int = 1234
+    """Seed of the GPTDataset shuffle (Megatron default 1234)."""
+    eod_mask_loss: bool = False
+    """Exclude end-of-document tokens from the loss."""
+    reset_position_ids: bool = False
+    """Restart position ids after every end-of-document token."""
+    tokenizer: Optional[str] = None
+    """tokenizer.json (or .xz) used for EOD ids and by the quickstart's generation; None: the data's default."""
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch, precision and the DeepSeek-V3 loss/balancing factors."""
+
+    steps: int = 1000
+    """Optimizer steps to run in total (a resumed run continues up to this number)."""
+    batch_size: int = 1
+    """Sequences per micro-batch (MindSpore `runner_config.batch_size`)."""
+    seed: int = 0
+    """Seed of the weight init and of every RNG the run uses."""
+    device: str = "auto"
+    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast with fp32 master weights and optimizer states."""
+    mtp_loss_factor: float = 0.3
+    """lambda of the MTP loss lambda/D * sum_k L_k (V3: 0.3 for the first 10T tokens, then 0.1)."""
+    bias_update_rate: float = 0.001
+    """gamma of the aux-loss-free bias update b += gamma * sign(mean - count) per optimizer step; 0 disables it."""
+    threads: Optional[int] = None
+    """torch CPU threads; None: torch's default."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW, as in the V3 report (no weight decay on norms, biases and other 1-D parameters)."""
+
+    type: Literal["AdamW"] = "AdamW"
+    """Optimizer (only AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam beta1, beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of matrices (embeddings included); 1-D parameters get none."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping (the norm is still logged)."""
+
+
+@dataclass
+class LRScheduleConfig:
+    """Learning rate per optimizer step (linear warmup from 0, then the chosen shape)."""
+
+    type: Literal["ConstantWarmUpLR", "cosine", "wsd"] = "ConstantWarmUpLR"
+    """ConstantWarmUpLR (the seed's: warmup then constant), cosine (warmup, cosine to min_lr) or wsd (warmup, stable, linear decay)."""
+    learning_rate: float = 2.2e-4
+    """Peak learning rate."""
+    warmup_steps: Optional[int] = None
+    """Warmup steps; None: warmup_ratio x total steps."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps (used when warmup_steps is None)."""
+    min_lr: float = 2.2e-5
+    """Final learning rate of cosine / wsd."""
+    decay_ratio: float = 0.2
+    """wsd: fraction of the total steps spent in the final linear decay."""
+    total_steps: Optional[int] = None
+    """Steps the schedule spans; None: train.steps."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints under `output_dir/checkpoint/step-N` and the final HF export."""
+
+    output_dir: str = "output"
+    """Run directory: checkpoints, metrics.jsonl, plots, config.resolved.yaml, hf/."""
+    save_steps: int = 0
+    """Save every N optimizer steps (0: only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones are deleted after a newer one is complete)."""
+    save_at_end: bool = True
+    """Also save a checkpoint after the last step."""
+    export_hf: bool = True
+    """Write the final weights in HF format to `output_dir/hf`."""
+    resume: bool = False
+    """Continue from the latest checkpoint in `output_dir/checkpoint` (CLI: --resume)."""
+
+
+@dataclass
+class EvalConfig:
+    """Validation loss / perplexity on the held-out split."""
+
+    eval_steps: int = 0
+    """Evaluate every N optimizer steps (0: never during training)."""
+    eval_iters: int = 8
+    """Validation micro-batches per evaluation (always the same ones)."""
+    eval_at_end: bool = True
+    """Evaluate once more after the last step (when validation data exists)."""
+
+
+@dataclass
+class LoggingConfig:
+    """What a run reports."""
+
+    log_interval: int = 1
+    """Print and record metrics every N optimizer steps."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar (on a terminal)."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to `output_dir/tensorboard` (needs the tensorboard package)."""
+    plots: bool = True
+    """Write PNG plots to `output_dir/plots` at the end."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of the device for MFU; None: known GPUs are detected, CPU has no MFU."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout (MindSpore `parallel_config` names). One process uses only micro_batch_num."""
+
+    data_parallel: int = 1
+    """Data-parallel replicas."""
+    model_parallel: int = 1
+    """Tensor-parallel size."""
+    pipeline_stage: int = 1
+    """Pipeline stages."""
+    expert_parallel: int = 1
+    """Expert-parallel size."""
+    micro_batch_num: int = 1
+    """Micro-batches per optimizer step and data-parallel replica (gradient accumulation)."""
+    use_seq_parallel: bool = False
+    """Sequence parallelism alongside tensor parallelism."""
+
+    def __post_init__(self) -> None:
+        for name in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "micro_batch_num"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    """A whole pretraining run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training / validation data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop settings and loss factors."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW settings."""
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    """Learning-rate schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and export."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and plots."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+
+    def validate(self) -> None:
+        """Cross-section checks that a single process needs (raised as UserError)."""
+        t, m = self.train, self.model
+        if t.steps < 1:
+            raise UserError(f"train.steps must be >= 1, got {t.steps}")
+        if t.batch_size < 1:
+            raise UserError(f"train.batch_size must be >= 1, got {t.batch_size}")
+        if self.data.seq_length < 2:
+            raise UserError(f"data.seq_length must be >= 2, got {self.data.seq_length}")
+        if self.data.seq_length > m.max_position_embeddings:
+            raise UserError(f"data.seq_length {self.data.seq_length} exceeds model.max_position_embeddings {m.max_position_embeddings}")
+        if t.bias_update_rate > 0 and m.topk_method != "noaux_tc":
+            raise UserError(f"train.bias_update_rate {t.bias_update_rate} needs model.topk_method 'noaux_tc' (the routing bias), got {m.topk_method!r}")
+        if t.bias_update_rate < 0 or t.mtp_loss_factor < 0:
+            raise UserError("train.bias_update_rate and train.mtp_loss_factor must be >= 0")
+        if not self.data.data_path:
+            raise UserError("data.data_path is empty: give the prefix of the .bin/.idx files written by `dsv3 preprocess`")
+        if len(self.data.data_path) > 1 and len(self.data.data_path) % 2:
+            raise UserError(f"data.data_path {self.data.data_path}: expected one prefix or weight/prefix pairs")
+        s = self.lr_schedule
+        if s.learning_rate <= 0 or not 0 <= s.warmup_ratio <= 1 or not 0 <= s.decay_ratio <= 1:
+            raise UserError("lr_schedule: learning_rate must be > 0, warmup_ratio and decay_ratio in [0, 1]")
+        if self.checkpoint.keep_last < 1:
+            raise UserError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+        if self.logging.log_interval < 1:
+            raise UserError(f"logging.log_interval must be >= 1, got {self.logging.log_interval}")
+
+    def micro_batches_per_step(self, data_parallel_world: int = 1) -> int:
+        """Micro-batches each process accumulates per optimizer step.
+
+        The global batch is batch_size x data_parallel x micro_batch_num whatever the process count,
+        so a run with fewer data-parallel processes than configured accumulates the difference.
+        """
+        dp = self.parallel.data_parallel
+        if dp % data_parallel_world:
+            raise UserError(f"parallel.data_parallel {dp} is not a multiple of the {data_parallel_world} data-parallel processes")
+        return self.parallel.micro_batch_num * (dp // data_parallel_world)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.checkpoint.output_dir)
+
+
+def is_mindspore_yaml(data: dict) -> bool:
+    """Whether a parsed YAML is MindSpore-style (the seed's) rather than ours."""
+    return any(k in data for k in ("moe_config", "runner_config", "parallel_config", "train_dataset", "context")) or (
+        isinstance(data.get("model"), dict) and "model_config" in data["model"])
+
+
+def run_config_from_dict(data: dict, overrides: list[str] | None = None, source: str = "config") -> RunConfig:
+    """RunConfig from our dict (or a MindSpore dict, translated first), with `--set` overrides applied."""
+    if is_mindspore_yaml(data):
+        from dsv3.config.mindspore import translate
+
+        data = translate(data, source)
+    data = apply_overrides(data, overrides)
+    try:
+        cfg = from_dict(RunConfig, data, "")
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run YAML (ours or the seed's MindSpore style) and validate it."""
+    cfg = run_config_from_dict(read_yaml(path), overrides, str(path))
+    cfg.validate()
+    return cfg

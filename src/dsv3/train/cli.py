@@ -1,0 +1,54 @@
+"""`dsv3 train --config FILE.yaml [--set k=v ...] [--resume]`: pretraining on one process.
+
+FILE is our run YAML (`configs/pretrain_*.yaml`) or the seed's MindSpore YAML (translated by
+`dsv3.config.mindspore`; keys that only mean something on Ascend are listed once as ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dsv3.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run YAML: ours (configs/pretrain_*.yaml) or a MindSpore pretrain_*.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=10 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.output_dir")
+    p.add_argument("--output-dir", default=None, help="shortcut for --set checkpoint.output_dir=DIR")
+    p.add_argument("--dump-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3.config.train import load_run_config
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"checkpoint.output_dir={args.output_dir}")
+    if args.resume:
+        overrides.append("checkpoint.resume=true")
+    cfg = load_run_config(args.config, overrides)
+    if args.dump_config:
+        import yaml
+
+        from dsv3.config.load import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if any(v > 1 for v in (cfg.parallel.model_parallel, cfg.parallel.pipeline_stage, cfg.parallel.expert_parallel)) or cfg.parallel.data_parallel > 1:
+        import sys
+
+        print(f"dsv3 train: one process: parallel sizes (dp {cfg.parallel.data_parallel}, mp {cfg.parallel.model_parallel}, "
+              f"pp {cfg.parallel.pipeline_stage}, ep {cfg.parallel.expert_parallel}) are not applied; the global batch is kept "
+              f"by accumulating {cfg.micro_batches_per_step()} micro-batches per step (use `dsv3 launch` for several processes)",
+              file=sys.stderr)
+    from dsv3.train.trainer import Trainer
+
+    try:
+        summary = Trainer(cfg).fit()
+    except MemoryError:
+        raise UserError("out of memory: lower train.batch_size or data.seq_length, or use a smaller model") from None
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}))
+    return 0

@@ -1,0 +1,272 @@
+"""The pretraining loop. Setup is split into `build_model`, `build_optim`, `build_data`, `restore`;
+`Trainer` only runs steps, evaluates, logs and saves.
+
+One optimizer step = `micro_batches_per_step` micro-batches, each forward/backward on loss/n so the
+gradient is the mean over the global batch; then clip, AdamW, LR schedule, and ONE bias update from
+the expert counts of all those micro-batches (`dsv3.train.balance`). A distributed run (the parallel
+package) wraps the model and passes `reduce_counts` and its data-parallel size; nothing else here
+changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dsv3.config.load import dump_yaml
+from dsv3.config.train import RunConfig
+from dsv3.errors import UserError
+from dsv3.model import Transformer
+from dsv3.train import balance, checkpoint, metrics
+from dsv3.train.loss import compute_loss, masked_ce
+from dsv3.train.lr_schedule import build_scheduler
+from dsv3.train.optim import build_optimizer
+
+
+# ----------------------------------------------------------------------------------------- setup
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device {name!r}: CUDA is not available on this machine (use 'cpu' or 'auto')")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
+    """fp32 master weights, initialised N(0, initializer_range) from train.seed."""
+    seed_everything(cfg.train.seed)
+    with torch.device(device):
+        model = Transformer(cfg.model)
+    model.reset_parameters()
+    return model.train()
+
+
+def build_optim(model: torch.nn.Module, cfg: RunConfig):
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr_schedule)
+    return optimizer, build_scheduler(optimizer, cfg.lr_schedule, cfg.train.steps)
+
+
+@dataclass
+class Data:
+    """The training loader (resumable) and the validation dataset (None when there is none)."""
+
+    train: Any
+    valid: Any | None
+
+
+def build_data(cfg: RunConfig, micro_batches: int) -> Data:
+    """GPTDatasets over the configured prefixes, sized for the whole run; valid from the split or its own prefixes."""
+    from dsv3.data.gpt_dataset import build_gpt_datasets
+    from dsv3.data.loader import ResumableLoader
+
+    d, bs = cfg.data, cfg.train.batch_size
+    n_train = cfg.train.steps * micro_batches * bs
+    n_valid = cfg.eval.eval_iters * bs if (cfg.eval.eval_steps or cfg.eval.eval_at_end) else 0
+    own_valid = bool(d.valid_data_path)
+    train, valid, _ = build_gpt_datasets(_dataset_config(cfg, d.data_path, d.split),
+                                         num_samples=(n_train, 0 if own_valid else n_valid, 0))
+    if own_valid and n_valid:
+        valid, _, _ = build_gpt_datasets(_dataset_config(cfg, d.valid_data_path, "1,0,0"), num_samples=(n_valid, 0, 0))
+    if valid is not None and len(valid) == 0:
+        valid = None
+    return Data(train=ResumableLoader(train, bs), valid=valid)
+
+
+def _dataset_config(cfg: RunConfig, prefixes: list[str], split: str):
+    from dsv3.data.gpt_dataset import GPTDatasetConfig
+
+    d = cfg.data
+    return GPTDatasetConfig(data_path=list(prefixes), split=split, seq_length=d.seq_length, random_seed=d.random_seed,
+                            eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids,
+                            eod_id=cfg.model.eos_token_id)
+
+
+def restore(trainer: "Trainer", path: Path) -> None:
+    """Load model, optimizer, scheduler, data position and RNG from checkpoint `path`."""
+    state = checkpoint.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
+    trainer.step = int(state["step"])
+    trainer.data.train.load_state_dict(state["loader"])
+    checkpoint.set_rng_state(state["rng"])
+
+
+# ----------------------------------------------------------------------------------------- loop
+class Trainer:
+    """Runs `cfg.train.steps` optimizer steps of a RunConfig (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, data_parallel_world: int = 1,
+                 reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None, quiet: bool = False):
+        self.cfg = cfg
+        self.quiet = quiet
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.micro_batches = cfg.micro_batches_per_step(data_parallel_world)
+        self.reduce_counts = reduce_counts
+        self.run_dir = cfg.output_dir
+        self.ckpt_root = checkpoint.checkpoint_root(self.run_dir)
+        resume_from = self._resume_path()
+        self.data = build_data(cfg, self.micro_batches)
+        self.model = build_model(cfg, self.device)
+        self.optimizer, self.scheduler = build_optim(self.model, cfg)
+        self.moe_layers = self.model.moe_layers()
+        self.step = 0
+        if resume_from is not None:
+            restore(self, resume_from)
+            self.log(f"resumed from {resume_from} (step {self.step})")
+        self.tokens_per_step = self.micro_batches * cfg.train.batch_size * cfg.data.seq_length
+        self.flops_per_token = metrics.train_flops_per_token(cfg.model, cfg.data.seq_length,
+                                                             cfg.model.num_nextn_predict_layers if cfg.train.mtp_loss_factor > 0 else 0)
+        dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.peak_flops = metrics.peak_flops(dev_name, cfg.train.precision, cfg.logging.peak_tflops)
+
+    def _resume_path(self) -> Path | None:
+        existing = checkpoint.latest_checkpoint(self.ckpt_root)
+        if self.cfg.checkpoint.resume:
+            if existing is None:
+                raise UserError(f"--resume: no checkpoint under {self.ckpt_root}")
+            return existing
+        if existing is not None:
+            raise UserError(f"{self.ckpt_root} already holds {existing.name}: pass --resume to continue it, "
+                            f"or set checkpoint.output_dir to a new directory")
+        return None
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+
+    def autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `micro_batches` micro-batches; returns the step's metrics."""
+        cfg = self.cfg
+        parts_sum: dict[str, torch.Tensor] = {}
+        for _ in range(self.micro_batches):
+            batch = self._to_device(self.data.train.next_batch())
+            with self.autocast():
+                loss, parts = compute_loss(self.model, batch, cfg.train.mtp_loss_factor)
+            (loss / self.micro_batches).backward()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0) + v / self.micro_batches
+        clip = cfg.optimizer.clip_grad if cfg.optimizer.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        counts = balance.balance_step(self.moe_layers, cfg.train.bias_update_rate, self.reduce_counts)
+        self.step += 1
+        rec = {k + "_loss": float(v) for k, v in parts_sum.items()}
+        rec["loss"] = rec["lm_loss"] + rec["mtp_loss"] + rec["aux_loss"]
+        if not math.isfinite(rec["loss"]):
+            raise UserError(f"loss is {rec['loss']} at step {self.step}: training diverged (lower lr_schedule.learning_rate "
+                            f"or check the data); the last checkpoint is intact")
+        rec.update(step=self.step, lr=lr, grad_norm=float(grad_norm), counts=counts)
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Token-mean main-head loss and perplexity over the first eval_iters validation batches."""
+        if self.data.valid is None:
+            return None
+        self.model.eval()
+        total = count = 0.0
+        bs, n = self.cfg.train.batch_size, len(self.data.valid)
+        for i in range(min(self.cfg.eval.eval_iters, n // bs)):
+            items = [self.data.valid[j] for j in range(i * bs, (i + 1) * bs)]
+            batch = self._to_device({k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]})
+            with self.autocast():
+                logits = self.model(batch["tokens"], positions=batch.get("position_ids"))
+            s, c = masked_ce(logits, batch["labels"], batch["loss_mask"])
+            total += float(s)
+            count += float(c)
+        self.model.train()
+        if count == 0:
+            return None
+        loss = total / count
+        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+
+    def save(self) -> Path:
+        return checkpoint.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,
+                                          self.data.train.state_dict(), self.cfg, self.cfg.checkpoint.keep_last)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to cfg.train.steps, evaluating/saving/logging on schedule; returns a summary."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, self.run_dir / "config.resolved.yaml")
+        writer = metrics.MetricsWriter(self.run_dir, cfg.logging.tensorboard, resume_step=self.step if cfg.checkpoint.resume else None)
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                   disable=self.quiet or not cfg.logging.progress_bar or not sys.stderr.isatty(), dynamic_ncols=True)
+        t_start = time.perf_counter()
+        t_last, step_last, counts_acc = t_start, self.step, None
+        summary: dict[str, Any] = {"start_step": self.step}
+        try:
+            if self.step == 0 and cfg.eval.eval_steps and (ev := self.evaluate()) is not None:
+                writer.write({"kind": "eval", "step": 0, **ev})
+                self.log(f"step 0 | valid loss {ev['valid_loss']:.4f} ppl {ev['valid_ppl']:.1f}")
+            while self.step < cfg.train.steps:
+                rec = self.train_step()
+                counts = rec.pop("counts")
+                counts_acc = counts if counts_acc is None else counts_acc + counts
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.steps:
+                    now = time.perf_counter()
+                    tps = self.tokens_per_step * (self.step - step_last) / max(now - t_last, 1e-9)
+                    rec.update(kind="train", tokens_per_s=tps, expert_load=balance.load_ratio(counts_acc),
+                               mfu=tps * self.flops_per_token / self.peak_flops if self.peak_flops else None)
+                    writer.write(rec)
+                    self.log(metrics.format_line(rec))
+                    t_last, step_last, counts_acc = now, self.step, None
+                    summary["train_loss"] = rec["loss"]
+                if cfg.eval.eval_steps and self.step % cfg.eval.eval_steps == 0 and (ev := self.evaluate()) is not None:
+                    writer.write({"kind": "eval", "step": self.step, **ev})
+                    self.log(f"step {self.step} | valid loss {ev['valid_loss']:.4f} ppl {ev['valid_ppl']:.1f}")
+                    summary.update(ev)
+                if cfg.checkpoint.save_steps and self.step % cfg.checkpoint.save_steps == 0:
+                    self.log(f"saved {self.save()}")
+            if cfg.eval.eval_at_end and not (cfg.eval.eval_steps and self.step % cfg.eval.eval_steps == 0) and (ev := self.evaluate()) is not None:
+                writer.write({"kind": "eval", "step": self.step, **ev})
+                self.log(f"step {self.step} | valid loss {ev['valid_loss']:.4f} ppl {ev['valid_ppl']:.1f}")
+                summary.update(ev)
+            if cfg.checkpoint.save_at_end and checkpoint.latest_checkpoint(self.ckpt_root) != self.ckpt_root / f"step-{self.step}":
+                self.log(f"saved {self.save()}")
+        finally:
+            bar.close()
+            writer.close()
+        summary.update(steps=self.step, seconds=time.perf_counter() - t_start)
+        if cfg.checkpoint.export_hf:
+            from dsv3.checkpoint.io import save_pretrained
+
+            summary["hf_dir"] = str(save_pretrained(self.model, self.run_dir / "hf"))
+            self.log(f"exported HF weights to {summary['hf_dir']}")
+        if cfg.logging.plots:
+            from dsv3.train.plot import write_plots
+
+            summary["plots"] = [str(p) for p in write_plots(self.run_dir)]
+        return summary
