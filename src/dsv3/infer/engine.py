@@ -385,7 +385,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device):
     """A `Transformer` from a checkpoint directory, via the checkpoint package's loader."""
     import dsv3
 
-    return dsv3.from_pretrained(model_dir, dtype=dtype, device=device)
+    return dsv3.from_pretrained(model_dir, dtype=dtype, device=device, mtp=False)  # MTP unused without speculation
 
 
 def load_tokenizer_for(model_dir: str | Path | None, tokenizer: Any = None):

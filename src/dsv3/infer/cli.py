@@ -1,0 +1,213 @@
+"""`dsv3 generate`: generate text from a checkpoint, streamed to the terminal, or chat interactively.
+
+    dsv3 generate --model DIR --input '请介绍一下北京的景点'
+    dsv3 generate --config predict_deepseek3_671b.yaml --input '...'   # the seed's predict YAML
+    dsv3 generate --model DIR --interactive                             # multi-turn chat (/clear, /exit)
+
+By default the input goes through the V3 chat template (`--raw` sends it as a plain completion
+prompt). Decoding is greedy unless `--temperature` is set (the seed's predict config: do_sample False).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from dsv3.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model")
+    src.add_argument("--model", help="checkpoint directory (HF format: config.json + safetensors)")
+    src.add_argument("--config", help="a MindFormers-style predict YAML: load_checkpoint, processor.tokenizer.tokenizer_file, "
+                                      "model.model_config.{max_decode_length, do_sample, top_k, top_p, repetition_penalty}, seed")
+    src.add_argument("--tokenizer", help="tokenizer.json (or .json.xz, or a directory); default: the one in --model")
+    src.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    src.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    io = p.add_argument_group("input")
+    io.add_argument("--input", action="append", help="prompt text (repeat for a batch)")
+    io.add_argument("--interactive", action="store_true", help="multi-turn chat keeping history (/clear, /exit)")
+    io.add_argument("--raw", action="store_true", help="no chat template: the input is a plain completion prompt")
+    io.add_argument("--system", help="system prompt for chat")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int, default=None, help="new tokens per reply (default 256)")
+    s.add_argument("--min-tokens", type=int, default=0)
+    s.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=None)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("-n", type=int, default=1, help="completions per prompt")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--max-num-seqs", type=int, default=8)
+    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
+    e.add_argument("--quiet", action="store_true", help="no cache/speed report on stderr")
+
+
+def _predict_yaml(path: str) -> dict[str, Any]:
+    """The fields of a MindFormers predict YAML that mean something here."""
+    from dsv3.config.load import read_yaml
+
+    data = read_yaml(path)
+    mc = ((data.get("model") or {}).get("model_config") or {})
+    tok = ((data.get("processor") or {}).get("tokenizer") or {})
+    out: dict[str, Any] = {"model": data.get("load_checkpoint"), "tokenizer": tok.get("tokenizer_file") or tok.get("vocab_file"),
+                           "seed": data.get("seed")}
+    if mc.get("max_decode_length"):
+        out["max_tokens"] = int(mc["max_decode_length"])
+    if mc.get("do_sample"):
+        out["temperature"] = 1.0
+        if mc.get("top_k") not in (None, 0):
+            out["top_k"] = int(mc["top_k"])
+        if mc.get("top_p") not in (None, 1):
+            out["top_p"] = float(mc["top_p"])
+    if mc.get("repetition_penalty") not in (None, 1):
+        out["repetition_penalty"] = float(mc["repetition_penalty"])
+    if not out["model"]:
+        raise UserError(f"{path}: no load_checkpoint (the checkpoint directory or file)")
+    return out
+
+
+def _settings(args) -> dict[str, Any]:
+    """Command-line flags over the predict YAML over defaults."""
+    cfg = _predict_yaml(args.config) if args.config else {}
+    pick = lambda flag, key, default=None: flag if flag is not None else cfg.get(key, default)  # noqa: E731
+    model = args.model or cfg.get("model")
+    if not model:
+        raise UserError("give --model DIR (or --config with load_checkpoint)")
+    mp = Path(model)
+    if mp.is_file():  # the seed's load_checkpoint may name model.safetensors itself
+        mp = mp.parent
+    if not mp.is_dir():
+        raise UserError(f"--model {model}: no such checkpoint directory")
+    return dict(model=mp, tokenizer=pick(args.tokenizer, "tokenizer"), seed=pick(args.seed, "seed"),
+                max_tokens=pick(args.max_tokens, "max_tokens", 256), temperature=pick(args.temperature, "temperature", 0.0),
+                top_p=pick(args.top_p, "top_p", 1.0), top_k=pick(args.top_k, "top_k", 0),
+                repetition_penalty=pick(args.repetition_penalty, "repetition_penalty", 1.0))
+
+
+def _sampling(args, st: dict):
+    from dsv3.infer.sampling import SamplingParams
+
+    sp = SamplingParams(n=args.n, temperature=st["temperature"], top_p=st["top_p"], top_k=st["top_k"], min_p=args.min_p,
+                        repetition_penalty=st["repetition_penalty"], presence_penalty=args.presence_penalty,
+                        frequency_penalty=args.frequency_penalty, seed=st["seed"], stop=args.stop,
+                        max_tokens=st["max_tokens"], min_tokens=args.min_tokens, ignore_eos=args.ignore_eos)
+    try:
+        sp.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return sp
+
+
+def _report(engine, n_tokens: int, seconds: float) -> None:
+    c = engine.cache_info()
+    rate = n_tokens / seconds if seconds > 0 else float("inf")
+    print(f"[{n_tokens} tokens in {seconds:.2f}s, {rate:.2f} tok/s; KV cache: {c['used_blocks']}/{c['num_blocks']} blocks "
+          f"of {c['block_size']} used, {c['bytes_per_token']} B/token ({c['bytes_per_token_per_layer']} B/token/layer)]",
+          file=sys.stderr)
+
+
+def _stream(llm, prompt, sp, out=sys.stdout) -> tuple[str, int]:
+    """Print one completion's text as it grows; returns (final text, generated tokens)."""
+    shown, last = 0, None
+    for last in llm.stream(prompt, sp):
+        text = last.outputs[0].text
+        out.write(text[shown:])
+        out.flush()
+        shown = len(text)
+    out.write("\n")
+    out.flush()
+    comp = last.outputs[0] if last is not None else None
+    return (comp.text if comp else ""), (len(comp.token_ids) if comp else 0)
+
+
+def _prompt_of(llm, text: str, args, history: Optional[list] = None):
+    if args.raw:
+        return text
+    msgs = ([{"role": "system", "content": args.system}] if args.system else []) + (history or []) + [{"role": "user", "content": text}]
+    return llm.chat_prompt(msgs)
+
+
+def run(args) -> int:
+    from dsv3.infer.llm import LLM
+
+    st = _settings(args)
+    sp = _sampling(args, st)
+    if not args.input and not args.interactive:
+        raise UserError("give --input TEXT (repeatable) or --interactive")
+    try:
+        llm = LLM(st["model"], tokenizer=st["tokenizer"], dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+                  max_model_len=args.max_model_len, block_size=args.block_size, num_gpu_blocks=args.num_blocks)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if llm.get_tokenizer() is None:
+        raise UserError(f"{st['model']} has no tokenizer.json: pass --tokenizer PATH")
+    engine = llm.engine
+    if not args.quiet:
+        c = engine.cache_info()
+        print(f"[model {st['model']} on {engine.device} ({str(engine.dtype).replace('torch.', '')}); KV cache {c['num_blocks']} "
+              f"blocks x {c['block_size']} tokens, {c['bytes_per_token']} B/token; max_model_len {engine.max_model_len}]",
+              file=sys.stderr)
+    try:
+        if args.input:
+            prompts = [_prompt_of(llm, t, args) for t in args.input]
+            t0 = time.perf_counter()
+            if len(prompts) == 1 and args.n == 1:
+                _, n = _stream(llm, prompts[0], sp)
+            else:
+                outs = llm.generate(prompts, sp)
+                n = 0
+                for i, o in enumerate(outs):
+                    for c in o.outputs:
+                        print(f"--- [{i}.{c.index}] ({c.finish_reason})\n{c.text}")
+                        n += len(c.token_ids)
+            if not args.quiet:
+                _report(engine, n, time.perf_counter() - t0)
+        if args.interactive:
+            _chat_loop(llm, sp, args)
+    except ValueError as e:  # a prompt the engine refuses (too long, ...)
+        raise UserError(str(e)) from None
+    return 0
+
+
+def _chat_loop(llm, sp, args) -> None:
+    history: list[dict[str, str]] = []
+    print("[interactive chat: /clear forgets the history, /exit quits]", file=sys.stderr)
+    while True:
+        try:
+            text = input(">>> ")
+        except EOFError:
+            print()
+            return
+        if text.strip() == "/exit":
+            return
+        if text.strip() == "/clear":
+            history.clear()
+            continue
+        if not text.strip():
+            continue
+        try:
+            prompt = _prompt_of(llm, text, args, history)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        try:
+            reply, n = _stream(llm, prompt, sp)
+        except ValueError as e:  # e.g. the history outgrew the context: say so and keep the session
+            print(f"error: {e} (use /clear)", file=sys.stderr)
+            continue
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        if not args.quiet:
+            _report(llm.engine, n, time.perf_counter() - t0)

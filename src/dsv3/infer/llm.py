@@ -1,0 +1,115 @@
+"""Offline inference shaped like vLLM's `LLM`:
+
+    from dsv3 import LLM, SamplingParams
+    llm = LLM("path/to/checkpoint")                      # or LLM(model, tokenizer=...)
+    outs = llm.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=32))
+    outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
+    llm.chat([{"role": "user", "content": "请介绍一下北京的景点"}])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from dsv3.infer.engine import LLMEngine, load_tokenizer_for
+from dsv3.infer.outputs import RequestOutput
+from dsv3.infer.sampling import SamplingParams
+
+Prompt = str | list[int]
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """An `LLMEngine` plus batch helpers. `model_dir_or_model`: a checkpoint directory or a Transformer."""
+
+    def __init__(self, model_dir_or_model, tokenizer=None, dtype=None, device=None, **engine_kwargs):
+        if isinstance(model_dir_or_model, (str, Path)):
+            self.engine = LLMEngine.from_pretrained(model_dir_or_model, tokenizer, dtype=dtype, device=device, **engine_kwargs)
+        else:
+            self.engine = LLMEngine(model_dir_or_model, load_tokenizer_for(None, tokenizer), dtype=dtype, device=device,
+                                    **engine_kwargs)
+        self._counter = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    # ---- completion
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Text prompts, or token-id lists; one SamplingParams for all or one per prompt. Outputs keep prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params(sampling_params, len(prompts))
+        return self._run([(p if isinstance(p, str) else None, None if isinstance(p, str) else list(p)) for p in prompts], params)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the cumulative output of one prompt after every step that advanced it (for streaming UIs)."""
+        rid = self._next_id()
+        text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+        self.engine.add_request(rid, text, ids, sampling_params or SamplingParams())
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:  # the consumer stopped early: free the request's cache blocks
+                self.engine.abort_request(rid)
+                self.engine.step()
+
+    # ---- chat
+    def chat_prompt(self, messages: Conversation, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the V3 chat template (the template supplies BOS)."""
+        tok = self.engine.tokenizer
+        if tok is None or not hasattr(tok, "apply_chat_template"):
+            raise ValueError("chat needs a tokenizer with a chat template")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        if not isinstance(ids, list):  # transformers may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def chat(self, messages: Conversation | Sequence[Conversation], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {role, content}) or a list of them."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        ids = [self.chat_prompt(c, add_generation_prompt) for c in convs]
+        return self._run([(None, i) for i in ids], self._params(sampling_params, len(ids)))
+
+    # ---- internals
+    def _next_id(self) -> str:
+        self._counter += 1
+        return f"llm-{self._counter}"
+
+    @staticmethod
+    def _params(sp, n: int) -> list[SamplingParams]:
+        if sp is None:
+            return [SamplingParams()] * n
+        if isinstance(sp, SamplingParams):
+            return [sp] * n
+        sp = list(sp)
+        if len(sp) != n:
+            raise ValueError(f"got {len(sp)} SamplingParams for {n} prompts")
+        return sp
+
+    def _run(self, items: list[tuple[Optional[str], Optional[list[int]]]], params: list[SamplingParams]) -> list[RequestOutput]:
+        ids = []
+        try:
+            for (text, tok_ids), p in zip(items, params):
+                rid = self._next_id()
+                self.engine.add_request(rid, text, tok_ids, p)
+                ids.append(rid)
+        except ValueError as e:
+            self.engine.abort_request(ids)
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+            raise ValueError(f"prompt {len(ids)}: {e}") from None
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[r] for r in ids]
