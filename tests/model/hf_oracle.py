@@ -17,7 +17,7 @@ BASE = dict(
     num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
     qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
     n_group=4, topk_group=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
-    max_position_embeddings=256, num_nextn_predict_layers=0, tie_word_embeddings=False,
+    max_position_embeddings=128, num_nextn_predict_layers=0, tie_word_embeddings=False,
     rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
                   "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
 )

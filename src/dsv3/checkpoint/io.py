@@ -146,9 +146,15 @@ def read_weight(reader: CheckpointReader, name: str) -> torch.Tensor:
 
 
 def count_mtp_layers(reader: CheckpointReader, cfg: ModelConfig) -> int:
-    """Number of MTP layers (indices >= num_hidden_layers) present in the checkpoint."""
-    idx = {int(m.group(1)) for n in reader.meta if (m := re.match(r"model\.layers\.(\d+)\.", n))}
-    return len({i for i in idx if i >= cfg.num_hidden_layers})
+    """Number of MTP layers in the checkpoint: HF layers >= num_hidden_layers, or our `model.mtp.{k}`."""
+    hf_layers, ours = set(), set()
+    for n in reader.meta:
+        if m := re.match(r"model\.layers\.(\d+)\.", n):
+            if int(m.group(1)) >= cfg.num_hidden_layers:
+                hf_layers.add(m.group(1))
+        elif m := re.match(r"model\.mtp\.(\d+)\.", n):
+            ours.add(m.group(1))
+    return len(hf_layers) + len(ours)
 
 
 def resolve_config(path: str | Path, reader: CheckpointReader, mtp: bool | None, **runtime) -> ModelConfig:
@@ -177,10 +183,11 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, dtype: torch.dtype, device: torch.device | str,
-                         skip_mtp_layers: int = 0) -> None:
+                         skip_mtp_layers: int = 0, dry_run: bool = False) -> None:
     """Stream every tensor of `reader` into `model` (built on meta), checking names and shapes.
 
-    `skip_mtp_layers`: MTP layers the files hold but the model was built without (ignored)."""
+    `skip_mtp_layers`: MTP layers the files hold but the model was built without (ignored).
+    `dry_run`: check names and shapes from the file headers only; read and assign nothing."""
     cfg: ModelConfig = model.config
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     if cfg.tie_word_embeddings:
@@ -214,28 +221,33 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, dtype: torc
             if shape != want:
                 bad_shape.append(f"{hf_name} {list(shape)} (expected {list(want)})")
                 continue
-            _assign(model, tgt.name, read_weight(reader, hf_name).to(device=device, dtype=target_dtype(tgt.name)))
+            if not dry_run:
+                _assign(model, tgt.name, read_weight(reader, hf_name).to(device=device, dtype=target_dtype(tgt.name)))
             done.add(tgt.name)
         elif tgt.kind == "expert":
             if shape != want[1:] or tgt.expert >= want[0]:
                 bad_shape.append(f"{hf_name} {list(shape)} (expected {list(want[1:])} for expert < {want[0]})")
                 continue
-            if tgt.name not in building:
-                building[tgt.name] = torch.empty(want, dtype=target_dtype(tgt.name), device=device)
+            if tgt.name not in seen:
                 seen[tgt.name] = set()
-            building[tgt.name][tgt.expert].copy_(read_weight(reader, hf_name))
+                if not dry_run:
+                    building[tgt.name] = torch.empty(want, dtype=target_dtype(tgt.name), device=device)
+            if not dry_run:
+                building[tgt.name][tgt.expert].copy_(read_weight(reader, hf_name))
             seen[tgt.name].add(tgt.expert)
             if len(seen[tgt.name]) == want[0]:
-                _assign(model, tgt.name, building.pop(tgt.name))
+                if not dry_run:
+                    _assign(model, tgt.name, building.pop(tgt.name))
                 done.add(tgt.name)
         elif tgt.kind == "gate_up":  # transformers v5 fused [E, 2I, D]: gate rows, then up rows
             up_name = tgt.name.replace("gate_proj", "up_proj")
             if shape != (want[0], 2 * want[1], want[2]):
                 bad_shape.append(f"{hf_name} {list(shape)} (expected {[want[0], 2 * want[1], want[2]]})")
                 continue
-            gate, up = read_weight(reader, hf_name).chunk(2, dim=1)
-            _assign(model, tgt.name, gate.to(device=device, dtype=dtype).contiguous())
-            _assign(model, up_name, up.to(device=device, dtype=dtype).contiguous())
+            if not dry_run:
+                gate, up = read_weight(reader, hf_name).chunk(2, dim=1)
+                _assign(model, tgt.name, gate.to(device=device, dtype=dtype).contiguous())
+                _assign(model, up_name, up.to(device=device, dtype=dtype).contiguous())
             done.update((tgt.name, up_name))
     problems = []
     if bad_shape:
@@ -248,8 +260,25 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, dtype: torc
         problems.append(f"unexpected tensors: {_few(sorted(unexpected))}")
     if problems:
         raise UserError(f"{reader.path}: checkpoint does not match config.json; " + "; ".join(problems))
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and not dry_run:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def check_checkpoint(path: str | Path, mtp: bool | None = None) -> tuple[ModelConfig, CheckpointReader]:
+    """Validate an HF directory without reading tensor data: config, file headers, names, shapes.
+
+    Returns the resolved config and the (open) reader; raises UserError naming the first problem.
+    """
+    from dsv3.model.transformer import Transformer
+
+    path = Path(path)
+    reader = CheckpointReader(path)
+    cfg = resolve_config(path, reader, mtp)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    declared = load_hf_config(path).num_nextn_predict_layers
+    load_checkpoint_into(model, reader, torch.float32, "meta", skip_mtp_layers=declared - cfg.num_nextn_predict_layers, dry_run=True)
+    return cfg, reader
 
 
 def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",

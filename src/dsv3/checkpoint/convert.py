@@ -1,0 +1,200 @@
+"""`dsv3 convert`: stream a checkpoint from one layout to another on the CPU, shard by shard.
+
+    dsv3 convert SRC DST                    # any supported layout -> HF hub layout, FP8 -> bf16
+    dsv3 convert SRC DST --to dsv3          # -> our layout (stacked experts, model.mtp.k.*)
+    dsv3 convert SRC DST --dtype float32    # output dtype of floating tensors (router bias stays fp32)
+
+SRC is a directory with config.json and safetensors in any layout `hf_map` reads: the hub's
+per-expert names (FP8 with `weight_scale_inv` block scales, or bf16/fp32), transformers v5's fused
+experts, or ours. FP8 weights are dequantised with the pure-torch `fp8.weight_dequant`, needing no
+GPU and about one shard of memory (plus, for `--to dsv3`, one layer's experts). config.json is
+rewritten consistently: `quantization_config` removed, `torch_dtype` set (transformers otherwise
+still treats a dequantised checkpoint as FP8, `inference.md` §i-2). The output is written to a
+temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from dsv3.checkpoint import hf_map
+from dsv3.checkpoint.io import INDEX_NAME, KEEP_FP32, SINGLE_NAME, CheckpointReader, _install, parse_dtype, parse_size, read_weight
+from dsv3.config.hf import from_hf_dict
+from dsv3.config.schema import ModelConfig
+from dsv3.errors import UserError
+
+COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+"""Side files copied along (transformers/vLLM expect them next to the weights)."""
+
+
+def _cast(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if name.endswith(KEEP_FP32):
+        return t.float()
+    if not t.is_floating_point():
+        return t
+    return t if dtype is None else t.to(dtype)
+
+
+def _source_dtype_default(reader: CheckpointReader) -> torch.dtype | None:
+    """None keeps stored dtypes; an FP8 checkpoint has no dtype to keep, so its weights become bf16."""
+    return torch.bfloat16 if any(d.startswith("F8") for _, _, d in reader.meta.values()) else None
+
+
+def iter_hf(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of any readable layout, named and shaped as the HF hub layout (per-expert)."""
+    for name in reader.names():
+        tgt = hf_map.from_hf(name, cfg)
+        if tgt is None:
+            raise UserError(f"{reader.path}: tensor {name} is not part of a DeepSeek-V3 checkpoint with this config.json")
+        if tgt.kind == "scale":
+            continue
+        t = read_weight(reader, name)
+        if tgt.kind in ("expert", "tied"):
+            yield name, _cast(name, t, dtype)
+        elif tgt.kind == "gate_up":
+            gate, up = t.chunk(2, dim=1)
+            for ours, part in ((tgt.name, gate), (tgt.name.replace("gate_proj", "up_proj"), up)):
+                for hf_name, e in hf_map.to_hf(ours, cfg):
+                    yield hf_name, _cast(hf_name, part[e].clone(), dtype)
+        else:
+            for hf_name, e in hf_map.to_hf(tgt.name, cfg):
+                yield hf_name, _cast(hf_name, t if e is None else t[e].clone(), dtype)
+    if not any(hf_map.is_mtp_hf_name(n, cfg) for n in reader.meta):
+        for hf_name, ours in hf_map.tied_copies(cfg):  # a dsv3-layout source has no MTP copies: write them
+            if ours in reader.meta and any(n.startswith("model.mtp.") for n in reader.meta):
+                yield hf_name, _cast(hf_name, read_weight(reader, ours), dtype)
+
+
+def iter_dsv3(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of any readable layout, in our layout: experts stacked once all E have been read."""
+    building: dict[str, list[torch.Tensor | None]] = {}
+    for name in reader.names():
+        tgt = hf_map.from_hf(name, cfg)
+        if tgt is None:
+            raise UserError(f"{reader.path}: tensor {name} is not part of a DeepSeek-V3 checkpoint with this config.json")
+        if tgt.kind in ("scale", "tied"):
+            continue
+        t = _cast(tgt.name, read_weight(reader, name), dtype)
+        if tgt.kind == "expert":
+            slots = building.setdefault(tgt.name, [None] * cfg.n_routed_experts)
+            slots[tgt.expert] = t
+            if all(s is not None for s in slots):
+                yield tgt.name, torch.stack(building.pop(tgt.name))
+        elif tgt.kind == "gate_up":
+            gate, up = t.chunk(2, dim=1)
+            yield tgt.name, gate.contiguous()
+            yield tgt.name.replace("gate_proj", "up_proj"), up.contiguous()
+        else:
+            yield tgt.name, t
+    if building:
+        raise UserError(f"{reader.path}: incomplete experts for {', '.join(sorted(building)[:4])}")
+
+
+class ShardWriter:
+    """Collects tensors and writes a safetensors shard whenever `max_bytes` would be exceeded."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.dir, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size, self.files, self.weight_map, self.total = 0, [], {}, 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = t.contiguous()
+        self.size += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        fname = f"part-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.dir / fname), metadata={"format": "pt"})
+        self.files.append(fname)
+        for n in self.pending:
+            self.weight_map[n] = fname
+        self.total += self.size
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> None:
+        """Rename parts to the HF shard names and write the index (none for a single file)."""
+        self.flush()
+        n = len(self.files)
+        names = {f: (SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors") for i, f in enumerate(self.files, 1)}
+        for old, new in names.items():
+            (self.dir / old).rename(self.dir / new)
+        if n > 1:
+            wm = {k: names[v] for k, v in sorted(self.weight_map.items())}
+            (self.dir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": wm}, indent=2) + "\n")
+
+
+def fix_config(hf: dict, dtype: torch.dtype | None, fallback: str) -> dict:
+    """config.json for the converted weights: no quantization_config, the real storage dtype."""
+    out = {k: v for k, v in hf.items() if k != "quantization_config"}
+    name = str(dtype).replace("torch.", "") if dtype is not None else fallback
+    out["torch_dtype"] = name
+    if "dtype" in out:
+        out["dtype"] = name
+    return out
+
+
+def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None = None, max_shard_size: str | int = "5GB") -> Path:
+    """Convert checkpoint directory `src` into `dst` (see the module docstring). Returns `dst`."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"output directory {dst} exists and is not empty")
+    if src.resolve() == dst.resolve():
+        raise UserError("source and destination are the same directory")
+    reader = CheckpointReader(src)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"no config.json in {src}")
+    try:
+        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = from_hf_dict(hf, str(cfg_path))
+    out_dtype = parse_dtype(dtype) if dtype not in (None, "keep") else _source_dtype_default(reader)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        writer = ShardWriter(tmp, parse_size(max_shard_size))
+        stream = iter_hf(reader, cfg, out_dtype) if to == "hf" else iter_dsv3(reader, cfg, out_dtype)
+        for name, t in stream:
+            writer.add(name, t)
+        writer.finish()
+        fallback = str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16")
+        (tmp / "config.json").write_text(json.dumps(fix_config(hf, out_dtype, fallback), indent=2) + "\n")
+        for f in COPY_FILES:
+            if (src / f).is_file():
+                shutil.copy2(src / f, tmp / f)
+        _install(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        reader.close()
+    return dst
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint directory (config.json + safetensors; HF hub, FP8, transformers v5 or dsv3 layout)")
+    p.add_argument("dst", help="output directory (must not exist or be empty)")
+    p.add_argument("--to", choices=["hf", "dsv3"], default="hf", help="output layout: HF hub per-expert names (default) or dsv3 stacked")
+    p.add_argument("--dtype", default=None, help="output dtype: bfloat16 | float32 | float16 | keep (default: keep; FP8 -> bfloat16)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,132 @@
+"""`dsv3 info`: parameter and FLOP accounting of a model config, without allocating any weights.
+
+The model is built on the meta device (shapes only), so the 671B preset is counted in well under a
+second on a laptop. Counts:
+
+* total: every parameter of the main model (embedding and output head included), MTP excluded;
+* activated per token: the same, with each MoE layer's routed experts counted K/E times
+  (K experts chosen of E); embedding and head are included (both are touched for every token);
+* MTP: parameters of the MTP modules themselves; their embedding and head are tied to the main
+  ones (the hub files carry copies, `dsv3.checkpoint.hf_map`), so they are not counted again;
+* forward FLOPs per token: 2 x activated matrix parameters (the embedding is a lookup, not a
+  matmul) + attention scores and weighted values, 2·H·(P+R)·s + 2·H·V·s per layer, with s the mean
+  causal context (L+1)/2 of a sequence of `--seq-len` tokens (naive attention). Training ≈ 3x forward.
+
+With `--model DIR` the checkpoint's files are also checked (names and shapes from the headers, no
+tensor data read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+from dsv3.config.schema import ModelConfig
+
+
+@dataclass
+class Accounting:
+    total: int
+    """Main-model parameters (embedding, head, all experts)."""
+    activated: int
+    """Parameters used per token by the main model."""
+    mtp: int
+    """Parameters of the MTP modules (embedding/head shared with the main model)."""
+    mtp_activated: int
+    """Of which used per token."""
+    embedding: int
+    """Embedding parameters (a lookup; in `total` and `activated`, not in FLOPs)."""
+    flops_per_token: float
+    """Forward FLOPs per token of the main model at `seq_len` (matmuls + attention)."""
+    mtp_flops_per_token: float
+    """Forward FLOPs per token of the MTP modules (their head matmul included)."""
+    seq_len: int
+    """Sequence length the attention FLOPs assume."""
+
+
+def account(cfg: ModelConfig, seq_len: int = 4096) -> Accounting:
+    """Count parameters and FLOPs of `cfg` on the meta device."""
+    import torch
+
+    from dsv3.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    frac = cfg.num_experts_per_tok / cfg.n_routed_experts
+    total = activated = mtp = mtp_act = 0
+    mm = mtp_mm = 0.0  # activated matrix params (matmuls)
+    for name, p in model.named_parameters():  # tied tensors are yielded once
+        n = p.numel()
+        used = n * frac if ".mlp.experts." in name else n
+        is_matmul = p.dim() >= 2 and name != "model.embed_tokens.weight"
+        if name.startswith("model.mtp."):
+            mtp += n
+            mtp_act += used
+            mtp_mm += used if is_matmul else 0
+        else:
+            total += n
+            activated += used
+            mm += used if is_matmul else 0
+    H, P, R, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    ctx = (seq_len + 1) / 2
+    attn = 2 * H * (P + R) * ctx + 2 * H * V * ctx  # per layer per token
+    head = cfg.vocab_size * cfg.hidden_size
+    return Accounting(
+        total=total, activated=round(activated), mtp=mtp, mtp_activated=round(mtp_act),
+        embedding=model.model.embed_tokens.weight.numel(),
+        flops_per_token=2 * mm + cfg.num_hidden_layers * attn,
+        mtp_flops_per_token=cfg.num_nextn_predict_layers * (attn + 2 * head) + 2 * mtp_mm,
+        seq_len=seq_len,
+    )
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="YAML preset name or path (configs/*.yaml), or an HF config.json")
+    src.add_argument("--model", help="HF checkpoint directory: its config.json, and its files are checked")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a YAML field, e.g. model.num_hidden_layers=4")
+    p.add_argument("--seq-len", type=int, default=4096, help="sequence length for the attention FLOPs (default 4096)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3.config.presets import load_model_config
+
+    checked = ""
+    if args.model:
+        from dsv3.checkpoint.io import check_checkpoint
+
+        cfg, reader = check_checkpoint(args.model)
+        checked = f"{len(reader.meta)} tensors in {len(reader.files)} file(s): names and shapes match config.json"
+        reader.close()
+    else:
+        cfg = load_model_config(args.config, [s if s.startswith("model.") else f"model.{s}" for s in args.set])
+    acc = account(cfg, args.seq_len)
+    if args.json:
+        print(json.dumps({**asdict(acc), "checkpoint": checked or None}, indent=2))
+        return 0
+    rows = [
+        ("parameters (main, total)", _fmt(acc.total)),
+        ("parameters activated per token", _fmt(acc.activated)),
+        ("  of which embedding", _fmt(acc.embedding)),
+        (f"MTP parameters ({cfg.num_nextn_predict_layers} module(s), embed/head shared)", _fmt(acc.mtp)),
+        ("MTP activated per token", _fmt(acc.mtp_activated)),
+        (f"forward FLOPs per token (seq {acc.seq_len})", _fmt(acc.flops_per_token)),
+        ("training FLOPs per token (~3x forward)", _fmt(3 * acc.flops_per_token)),
+        ("MTP forward FLOPs per token", _fmt(acc.mtp_flops_per_token)),
+        ("KV cache per token (absorbed latent, all layers)", f"{cfg.latent_dim * cfg.num_hidden_layers} values"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if checked:
+        print(f"checkpoint: {checked}")
+    return 0

@@ -1,0 +1,6 @@
+"""Make the transformers oracle helpers of tests/model importable here."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))

@@ -1,0 +1,100 @@
+"""FP8 block dequantisation (fast vs reference) and the `dsv3 convert` verb."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dsv3
+from dsv3.checkpoint.convert import convert
+from dsv3.checkpoint.fp8 import weight_dequant, weight_dequant_reference, weight_quant
+from dsv3.checkpoint.io import CheckpointReader
+from dsv3.cli import main
+from hf_oracle import add_mtp_layer, make_hf_checkpoint
+
+QUANTISED = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (300, 200), (576, 130), (5, 7)])
+def test_dequant_fast_equals_reference(shape):
+    w = torch.randn(shape) * 3
+    q, s = weight_quant(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    fast, ref = weight_dequant(q, s, dtype=torch.float32), weight_dequant_reference(q, s, dtype=torch.float32)
+    assert torch.equal(fast, ref)
+    err = (ref - w).abs()  # e4m3 keeps 3 mantissa bits: relative error <= 1/16 away from subnormals
+    assert err.max() <= 0.07 * w.abs().max() and (err / w.abs()).median() < 0.04
+    # each block really has its own scale
+    if shape[0] > 128:
+        assert not torch.equal(s[0], s[1])
+
+
+def make_fp8_checkpoint(src, dst):
+    """Quantise every attention/MLP/expert matrix of an HF checkpoint like DeepSeek's release."""
+    dst.mkdir()
+    reader = CheckpointReader(src)
+    tensors = {}
+    for name in reader.names():
+        t = reader.tensor(name)
+        if t.dim() == 2 and name.split(".")[-2] in QUANTISED:
+            tensors[name], tensors[name + "_scale_inv"] = weight_quant(t)
+        else:
+            tensors[name] = t.bfloat16() if "e_score_correction_bias" not in name else t
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    cfg["torch_dtype"] = "bfloat16"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return tensors
+
+
+def test_fp8_checkpoint_converts_and_loads(tmp_path, capsys):
+    hf = make_hf_checkpoint(tmp_path / "hf")
+    add_mtp_layer(tmp_path / "hf", hf)
+    fp8 = make_fp8_checkpoint(tmp_path / "hf", tmp_path / "fp8")
+    assert main(["convert", str(tmp_path / "fp8"), str(tmp_path / "bf16"), "--max-shard-size", "50KB"]) == 0
+    out = CheckpointReader(tmp_path / "bf16")
+    assert not any(n.endswith("_scale_inv") for n in out.meta)
+    name = "model.layers.1.mlp.experts.5.down_proj.weight"
+    expect = weight_dequant_reference(fp8[name], fp8[name + "_scale_inv"], dtype=torch.bfloat16)
+    assert out.tensor(name).dtype == torch.bfloat16 and torch.equal(out.tensor(name), expect)
+    assert out.tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+    conf = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert "quantization_config" not in conf and conf["torch_dtype"] == "bfloat16"
+    # loading the FP8 files directly dequantises on the fly to the same weights
+    direct = dsv3.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    converted = dsv3.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    for (n, a), (_, b) in zip(direct.state_dict().items(), converted.state_dict().items()):
+        if "e_score" not in n:
+            assert torch.equal(a.bfloat16(), b.bfloat16()), n
+    # and the dequantised model is close to the original (FP8 error only)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        ref, got = hf(ids).logits, converted(ids)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 0.3, rel  # FP8 rounding of every matrix, plus the routing flips it causes
+    # transformers reads the converted directory as a plain (non-quantised) checkpoint
+    from transformers import DeepseekV3ForCausalLM
+
+    tf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert tf.model.layers[1].mlp.experts.down_proj.dtype == torch.float32
+
+
+def test_convert_hf_dsv3_hf_is_bit_exact(tmp_path):
+    hf = make_hf_checkpoint(tmp_path / "hf")
+    add_mtp_layer(tmp_path / "hf", hf)
+    convert(tmp_path / "hf", tmp_path / "ours", to="dsv3", max_shard_size="100KB")
+    ours = CheckpointReader(tmp_path / "ours")
+    assert "model.mtp.0.block.mlp.experts.gate_proj" in ours.meta and "model.layers.3.enorm.weight" not in ours.meta
+    convert(tmp_path / "ours", tmp_path / "back", to="hf", max_shard_size="30KB")
+    a, b = CheckpointReader(tmp_path / "hf"), CheckpointReader(tmp_path / "back")
+    assert sorted(a.meta) == sorted(b.meta)
+    for n in a.meta:
+        assert torch.equal(a.tensor(n), b.tensor(n)), n
+    m1 = dsv3.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    m2 = dsv3.from_pretrained(tmp_path / "ours", dtype=torch.float32)
+    for (n, x), (_, y) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(x, y), n

@@ -1,0 +1,119 @@
+"""HF -> dsv3 -> HF is bit-exact; transformers reads what we write; shards are really streamed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.checkpoint.io import CheckpointReader, parse_size
+from hf_oracle import add_mtp_layer, make_hf_checkpoint
+
+
+def _all_tensors(path):
+    r = CheckpointReader(path)
+    return {n: r.tensor(n) for n in r.names()}
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(n_shared_experts=0, q_lora_rank=None, first_k_dense_replace=0)])
+def test_hf_dsv3_hf_round_trip_is_bit_exact(tmp_path, overrides):
+    src, dst = tmp_path / "hf", tmp_path / "back"
+    hf = make_hf_checkpoint(src, **overrides)
+    add_mtp_layer(src, hf)
+    model = dsv3.from_pretrained(src, dtype=torch.float32)
+    model.save_pretrained(dst, max_shard_size="30KB")
+    a, b = _all_tensors(src), _all_tensors(dst)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+    assert b["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    assert not list(tmp_path.glob(".back.tmp-*"))  # temporary directory renamed away
+
+
+def test_bf16_load_keeps_router_bias_fp32_and_round_trips(tmp_path):
+    src = tmp_path / "hf"
+    make_hf_checkpoint(src)
+    model = dsv3.from_pretrained(src, dtype="bfloat16")
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and model.lm_head.weight.dtype == torch.bfloat16
+    ref = _all_tensors(src)["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert torch.equal(bias, ref)  # not rounded through bf16
+    model.save_pretrained(tmp_path / "bf16")
+    saved = _all_tensors(tmp_path / "bf16")
+    assert saved["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert saved["lm_head.weight"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "bf16" / "model.safetensors").is_file()  # one shard: no index, like transformers
+
+
+def test_transformers_loads_our_save(tmp_path):
+    from transformers import DeepseekV3ForCausalLM
+
+    hf = make_hf_checkpoint(tmp_path / "hf")
+    model = dsv3.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "ours", max_shard_size="100KB")
+    again = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 50))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, hf(ids).logits)
+
+
+def test_save_into_existing_directory_keeps_other_files(tmp_path):
+    make_hf_checkpoint(tmp_path / "hf")
+    model = dsv3.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    model.save_pretrained(out, max_shard_size="30KB")
+    n_big = len(list(out.glob("model-*.safetensors")))
+    model.save_pretrained(out, max_shard_size="10MB")  # fewer shards now: stale ones removed
+    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+    assert n_big > 1 and not list(out.glob("model-*.safetensors")) and not (out / "model.safetensors.index.json").exists()
+    assert dsv3.from_pretrained(out, dtype=torch.float32) is not None
+
+
+def test_fused_v5_expert_names_are_accepted(tmp_path):
+    """transformers' in-memory layout (gate_up_proj [E,2I,D], down_proj [E,D,I]) loads the same model."""
+    from safetensors.torch import save_file
+
+    hf = make_hf_checkpoint(tmp_path / "hf")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    save_file(sd, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    (fused / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd)
+    a = dsv3.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    b = dsv3.from_pretrained(fused, dtype=torch.float32)
+    for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(ta, tb), na
+
+
+def test_loads_on_meta_then_assigns(tmp_path, monkeypatch):
+    """No tensor is allocated twice: every parameter the loader hands over is the one the model keeps."""
+    import dsv3.checkpoint.io as io
+
+    make_hf_checkpoint(tmp_path)
+    assigned = {}
+    real = io._assign
+
+    def spy(model, name, t):
+        assigned[name] = t.data_ptr()
+        real(model, name, t)
+
+    monkeypatch.setattr(io, "_assign", spy)
+    model = dsv3.from_pretrained(tmp_path, dtype=torch.float32)
+    for name, t in model.state_dict().items():
+        assert t.device.type == "cpu"
+        if name in assigned:
+            assert t.data_ptr() == assigned[name], name
+    assert set(assigned) == set(model.state_dict())
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(1234) == 1234
