@@ -34,7 +34,7 @@ def write_tiny_model(path: Path, max_position_embeddings: int = 512) -> Path:
     from dsv3.config.presets import load_model_config
     from dsv3.model.transformer import Transformer
 
-    cfg = load_model_config(REPO / "configs" / "tiny.yaml", [f"max_position_embeddings={max_position_embeddings}"])
+    cfg = load_model_config(REPO / "configs" / "tiny.yaml", [f"model.max_position_embeddings={max_position_embeddings}"])
     torch.manual_seed(0)
     model = Transformer(cfg)
     randomize_(model, std=0.08, seed=0)

@@ -81,6 +81,42 @@ def _respond(result: Any) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class _AuthAndCount:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which would interfere with disconnect
+    detection of streams): bearer-key check on /v1/*, and per-endpoint status counts."""
+
+    ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+              "/tokenizer_info", "/health", "/metrics"}
+
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in self.ROUTES else "other"  # bounded label set
+        if self.api_key and path.startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            given = auth[7:] if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                self.metrics.http_request(endpoint, 401)
+                msg = "Incorrect API key provided or missing 'Authorization: Bearer <key>' header."
+                return await _error(401, msg)(scope, receive, send)
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.http_request(endpoint, status)
+
+
 def build_app(engine, model_name: str, api_key: str | None = None, model_root: str | None = None) -> FastAPI:
     aengine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
     metrics = ServerMetrics(model_name)
@@ -110,22 +146,7 @@ def build_app(engine, model_name: str, api_key: str | None = None, model_root: s
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, f"internal error: {type(e).__name__}: {e}")
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if api_key and path.startswith("/v1"):
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                metrics.http_request(path, 401)
-                return _error(401, "Incorrect API key provided or missing 'Authorization: Bearer <key>' header.")
-        try:
-            response = await call_next(request)
-        except Exception as e:  # errors that escaped the exception handlers (e.g. inside middleware)
-            log.exception("unhandled error on %s", path)
-            response = _error(500, f"internal error: {type(e).__name__}: {e}")
-        metrics.http_request(path, response.status_code)
-        return response
+    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
 
     @app.get("/health")
     async def health():
@@ -143,11 +164,15 @@ def build_app(engine, model_name: str, api_key: str | None = None, model_root: s
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await _parse(request, CompletionRequest)
+        if req.stream:  # StreamingResponse itself cancels the stream when the client goes away
+            return _respond(await serving.completions(req))
         return _respond(await _until_disconnect(request, serving.completions(req)))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await _parse(request, ChatCompletionRequest)
+        if req.stream:
+            return _respond(await serving.chat(req))
         return _respond(await _until_disconnect(request, serving.chat(req)))
 
     @app.post("/tokenize")
