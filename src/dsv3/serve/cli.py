@@ -57,12 +57,12 @@ def run(args) -> int:
     from dsv3.serve.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = bind_socket(args.host, args.port)  # bind first: a busy port fails at once, in one line
     engine = load_engine(args)
     name = args.served_model_name or Path(args.model).resolve().name
     app = build_app(engine, name, api_key=args.api_key, model_root=str(Path(args.model).resolve()))
     print(f"dsv3 serve: model {name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_model_len {engine.max_model_len}{', API key required' if args.api_key else ''})", flush=True)
-    sock = bind_socket(args.host, args.port)  # bind first: a busy port is a one-line error, not a traceback
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
