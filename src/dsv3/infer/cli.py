@@ -118,8 +118,9 @@ def _report(engine, n_tokens: int, seconds: float) -> None:
           file=sys.stderr)
 
 
-def _stream(llm, prompt, sp, out=sys.stdout) -> tuple[str, int]:
+def _stream(llm, prompt, sp) -> tuple[str, int]:
     """Print one completion's text as it grows; returns (final text, generated tokens)."""
+    out = sys.stdout
     shown, last = 0, None
     for last in llm.stream(prompt, sp):
         text = last.outputs[0].text
