@@ -288,3 +288,16 @@ def test_metrics_exposition(server, client):
     hist = [float(x) for x in re.findall(r'^dsv3:time_to_first_token_seconds_bucket{[^}]*} (\S+)$', text, re.M)]
     assert hist == sorted(hist)  # cumulative buckets
     assert json.loads(json.dumps(_raw(server, "GET", "/v1/models").json()))["data"][0]["max_model_len"] == 512
+
+
+def test_continuous_usage_stats(server):
+    """guidellm's body: content parts, max_completion_tokens, ignore_eos, continuous usage in every chunk."""
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": [{"type": "text", "text": "Go"}]}],
+            "max_completion_tokens": 6, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all("usage" in c for c in chunks) and counts == sorted(counts) and counts[-1] == 6
+    assert chunks[-1]["choices"] == [] and chunks[-2]["choices"][0]["finish_reason"] == "length"

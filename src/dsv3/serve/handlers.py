@@ -346,21 +346,9 @@ class OpenAIServing:
         return resp.model_dump()
 
     async def _completion_stream(self, req, request_id, started, prompt_tokens) -> AsyncIterator[str]:
-        created = int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
-        holdback = _holdback(req.stop)
-        states = {index: _TextState(holdback) for index, _, _ in started}
+        out_chunks = _Chunks(CompletionChunk, request_id, self.model_name, prompt_tokens, req)
+        states = {index: _TextState(_holdback(req.stop)) for index, _, _ in started}
         prompts = {index: p for index, p, _ in started}
-        done_tokens: dict[int, int] = {}
-
-        def chunk(choices, usage=None) -> str:
-            c = CompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices, usage=usage)
-            return _sse(c.model_dump(exclude_none=True) if not choices else _dump_chunk(c))
-
-        def usage_now() -> Usage:
-            n = sum(done_tokens.values())
-            return Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n)
 
         try:
             async for index, out in self._merged(started):
@@ -381,15 +369,15 @@ class OpenAIServing:
                         lps = echo
                 st.started = True
                 st.sent_tokens = len(co.token_ids)
-                done_tokens[index] = len(co.token_ids)
+                out_chunks.done[index] = len(co.token_ids)
                 if not piece and not out.finished and not new_ids:
                     continue
                 choice = CompletionChoice(index=index, text=piece, logprobs=lps,
                                           finish_reason=co.finish_reason if out.finished else None,
                                           stop_reason=co.stop_reason if out.finished else None)
-                yield chunk([choice], usage_now() if continuous else None)
-            if include_usage:
-                yield chunk([], usage_now())
+                yield out_chunks.sse([choice])
+            if out_chunks.include_usage:
+                yield out_chunks.sse([], final=True)
         except Exception as e:  # the stream has started: report in-band, never crash the server
             yield _sse(_error_body(e))
         yield "data: [DONE]\n\n"
@@ -430,20 +418,8 @@ class OpenAIServing:
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage).model_dump()
 
     async def _chat_stream(self, req, request_id, started, prompt_tokens: int, k: int | None) -> AsyncIterator[str]:
-        created = int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
+        out_chunks = _Chunks(ChatCompletionChunk, request_id, self.model_name, prompt_tokens, req)
         states = {index: _TextState(_holdback(req.stop)) for index, _, _ in started}
-        done_tokens: dict[int, int] = {}
-
-        def chunk(choices, usage=None) -> str:
-            c = ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices,
-                                    usage=usage)
-            return _sse(c.model_dump(exclude_none=True) if not choices else _dump_chunk(c))
-
-        def usage_now() -> Usage:
-            n = sum(done_tokens.values())
-            return Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n)
 
         try:
             async for index, out in self._merged(started):
@@ -451,27 +427,48 @@ class OpenAIServing:
                 if not st.started:  # vLLM sends the role chunk with the first engine output
                     st.started = True
                     first = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
-                    yield chunk([first], usage_now() if continuous else None)
+                    yield out_chunks.sse([first])
                 piece = st.delta(co.text, out.finished)
                 new_ids = list(co.token_ids[st.sent_tokens:])
                 lps = None
                 if k is not None and new_ids:
                     lps = self._chat_logprobs(new_ids, list((co.logprobs or [])[st.sent_tokens:]), k)
                 st.sent_tokens = len(co.token_ids)
-                done_tokens[index] = len(co.token_ids)
+                out_chunks.done[index] = len(co.token_ids)
                 if not piece and not out.finished:
                     continue
                 choice = ChatStreamChoice(index=index, delta=DeltaMessage(content=piece) if piece else DeltaMessage(),
                                           logprobs=lps, finish_reason=co.finish_reason if out.finished else None)
-                yield chunk([choice], usage_now() if continuous else None)
-            if include_usage:
-                yield chunk([], usage_now())
+                yield out_chunks.sse([choice])
+            if out_chunks.include_usage:
+                yield out_chunks.sse([], final=True)
         except Exception as e:
             yield _sse(_error_body(e))
         yield "data: [DONE]\n\n"
 
 
 # ---------------------------------------------------------------------- helpers
+class _Chunks:
+    """SSE chunks of one streamed response: shared id / created / model, and the usage so far
+    (`done[index]` = tokens of choice `index`) for `include_usage` / `continuous_usage_stats`."""
+
+    def __init__(self, cls, request_id: str, model: str, prompt_tokens: int, req):
+        self.cls, self.id, self.model, self.created = cls, request_id, model, int(time.time())
+        self.prompt_tokens = prompt_tokens
+        self.done: dict[int, int] = {}
+        opts = req.stream_options
+        self.include_usage = bool(opts and opts.include_usage)
+        self.continuous = self.include_usage and bool(opts.continuous_usage_stats)
+
+    def sse(self, choices: list, final: bool = False) -> str:
+        usage = None
+        if final or self.continuous:
+            n = sum(self.done.values())
+            usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=n, total_tokens=self.prompt_tokens + n)
+        c = self.cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return _sse(c.model_dump(exclude_none=True) if not choices else _dump_chunk(c))
+
+
 def _holdback(stop) -> int:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     return max((len(s) for s in stops), default=1) - 1
