@@ -53,15 +53,19 @@ def test_seed_1b_recipe(data_dir, capsys):
     assert 1.2e9 < n < 1.3e9  # ~1B + the MTP module
 
 
-def test_seed_1b_matches_our_preset(data_dir):
+def test_seed_1b_equals_our_pretrain_1b_yaml(data_dir):
+    """configs/pretrain_1b.yaml is the seed recipe in our format: same model, losses, optimizer, LR, layout."""
+    from dsv3.config.load import to_dict
     from dsv3.config.presets import load_model_config
 
-    ours = load_model_config(REPO / "configs" / "deepseek_v3_1b.yaml")
-    seed = run_config_from_dict(seed_1b_dict(data_dir)).model
-    for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "n_routed_experts",
-              "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob", "n_group", "topk_group", "q_lora_rank",
-              "kv_lora_rank", "rope_scaling", "max_position_embeddings", "num_nextn_predict_layers"):
-        assert getattr(ours, f) == getattr(seed, f), f
+    ours = load_run_config(REPO / "configs" / "pretrain_1b.yaml")
+    seed = run_config_from_dict(seed_1b_dict(data_dir))
+    for section in ("model", "train", "optimizer", "lr_schedule", "parallel"):
+        a, b = to_dict(getattr(ours, section)), to_dict(getattr(seed, section))
+        assert a == b, (section, {k: (a[k], b[k]) for k in a if a[k] != b[k]})
+    assert ours.data.seq_length == seed.data.seq_length and ours.data.split == seed.data.split
+    preset = load_model_config(REPO / "configs" / "deepseek_v3_1b.yaml")
+    assert to_dict(preset) == {**to_dict(ours.model), "aux_loss_alpha": 0.0}
 
 
 @pytest.mark.parametrize("section,key", [("moe_config", "expert_nun"), ("model.model_config", "hiden_size"), ("", "sed")])

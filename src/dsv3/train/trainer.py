@@ -69,29 +69,56 @@ class Data:
     valid: Any | None
 
 
+def check_data(cfg: RunConfig) -> None:
+    """Clear errors before any work: missing .bin/.idx, or seq_length beyond the preprocessed sample length."""
+    from dsv3.data.gpt_dataset import parse_data_path
+    from dsv3.data.indexed_dataset import IndexedDataset, exists
+
+    L = cfg.data.seq_length
+    for name, paths in (("data.data_path", cfg.data.data_path), ("data.valid_data_path", cfg.data.valid_data_path)):
+        for prefix in parse_data_path(paths)[0] if paths else []:
+            if not exists(prefix):
+                raise UserError(f"{name}: {prefix}.bin / {prefix}.idx not found; write them with "
+                                f"`dsv3 preprocess --input FILE --output-prefix ...` (the prefix ends in _text_document)")
+            lengths = IndexedDataset(prefix).sequence_lengths
+            # stitch/pad preprocessing writes equal sequences of seq_length+1 tokens: longer samples
+            # would run across its cuts (and across padding)
+            if len(lengths) > 1 and (lengths == lengths[0]).all() and L + 1 > int(lengths[0]):
+                raise UserError(f"data.seq_length {L} exceeds the data's sample length {int(lengths[0]) - 1} ({prefix} was "
+                                f"preprocessed with --seq-length {int(lengths[0]) - 1}); lower data.seq_length or re-run "
+                                f"`dsv3 preprocess --seq-length {L}`")
+            if int(lengths.sum()) < L + 1:
+                raise UserError(f"{name}: {prefix} holds {int(lengths.sum())} tokens, fewer than one sample of data.seq_length {L} + 1")
+
+
 def build_data(cfg: RunConfig, micro_batches: int) -> Data:
     """GPTDatasets over the configured prefixes, sized for the whole run; valid from the split or its own prefixes."""
     from dsv3.data.gpt_dataset import build_gpt_datasets
     from dsv3.data.loader import ResumableLoader
 
+    check_data(cfg)
     d, bs = cfg.data, cfg.train.batch_size
     n_train = cfg.train.steps * micro_batches * bs
-    n_valid = cfg.eval.eval_iters * bs if (cfg.eval.eval_steps or cfg.eval.eval_at_end) else 0
+    n_valid = cfg.eval.eval_iters * bs if (cfg.eval.eval_steps or cfg.eval.eval_at_end) else None
     own_valid = bool(d.valid_data_path)
     train, valid, _ = build_gpt_datasets(_dataset_config(cfg, d.data_path, d.split),
-                                         num_samples=(n_train, 0 if own_valid else n_valid, 0))
-    if own_valid and n_valid:
-        valid, _, _ = build_gpt_datasets(_dataset_config(cfg, d.valid_data_path, "1,0,0"), num_samples=(n_valid, 0, 0))
+                                         num_samples=(n_train, None if own_valid else n_valid, None))
+    if own_valid:
+        valid = None
+        if n_valid:
+            valid, _, _ = build_gpt_datasets(_dataset_config(cfg, d.valid_data_path, "1,0,0"), num_samples=(n_valid, None, None))
+    if train is None:
+        raise UserError(f"data.split {d.split!r} leaves no training samples")
     if valid is not None and len(valid) == 0:
         valid = None
-    return Data(train=ResumableLoader(train, bs), valid=valid)
+    return Data(train=ResumableLoader(train, bs, cycle=True), valid=valid)
 
 
 def _dataset_config(cfg: RunConfig, prefixes: list[str], split: str):
     from dsv3.data.gpt_dataset import GPTDatasetConfig
 
     d = cfg.data
-    return GPTDatasetConfig(data_path=list(prefixes), split=split, seq_length=d.seq_length, random_seed=d.random_seed,
+    return GPTDatasetConfig(data_path=list(prefixes), split=split, seq_length=d.seq_length, seed=d.random_seed,
                             eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids,
                             eod_id=cfg.model.eos_token_id)
 
@@ -100,7 +127,10 @@ def restore(trainer: "Trainer", path: Path) -> None:
     """Load model, optimizer, scheduler, data position and RNG from checkpoint `path`."""
     state = checkpoint.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
     trainer.step = int(state["step"])
-    trainer.data.train.load_state_dict(state["loader"])
+    try:
+        trainer.data.train.load_state_dict(state["loader"])
+    except ValueError as e:
+        raise UserError(f"checkpoint {path}: {e} (train.steps, batch size or data changed since it was written?)") from None
     checkpoint.set_rng_state(state["rng"])
 
 
@@ -125,6 +155,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optim(self.model, cfg)
         self.moe_layers = self.model.moe_layers()
         self.step = 0
+        self._batches = None
         if resume_from is not None:
             restore(self, resume_from)
             self.log(f"resumed from {resume_from} (step {self.step})")
@@ -156,6 +187,14 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._batches is None:  # created lazily so a restored loader position is honoured
+            self._batches = iter(self.data.train)
+        try:
+            return next(self._batches)
+        except StopIteration:
+            raise UserError("the training data yielded no batch: fewer samples than one micro-batch") from None
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -164,7 +203,7 @@ class Trainer:
         cfg = self.cfg
         parts_sum: dict[str, torch.Tensor] = {}
         for _ in range(self.micro_batches):
-            batch = self._to_device(self.data.train.next_batch())
+            batch = self._to_device(self._next_batch())
             with self.autocast():
                 loss, parts = compute_loss(self.model, batch, cfg.train.mtp_loss_factor)
             (loss / self.micro_batches).backward()

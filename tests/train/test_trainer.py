@@ -1,0 +1,210 @@
+"""The training loop on real data: exact resume, crash-safe checkpoints, balancing counts, validation,
+the seed's MindSpore YAML end to end, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dsv3.cli import main as cli_main
+from dsv3.train import checkpoint
+from dsv3.train.metrics import read_metrics
+from dsv3.train.trainer import Trainer
+
+from conftest import SAMPLE_LEN
+from run_config import small_run
+
+HERE = Path(__file__).resolve().parent
+
+
+def _train_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference(wiki_prefix, tmp_path_factory):
+    """6 steps in one run (checkpoints at 3 and 6): per-step losses and the final states."""
+    out = tmp_path_factory.mktemp("ref")
+    t = Trainer(small_run(wiki_prefix, out), quiet=True)
+    t.fit()
+    return {"losses": _train_losses(out), "model": {k: v.clone() for k, v in t.model.state_dict().items()},
+            "optim": t.optimizer.state_dict(), "out": out}
+
+
+def test_resume_is_bit_identical(reference, wiki_prefix, tmp_path):
+    cfg = small_run(wiki_prefix, tmp_path)
+    first = Trainer(cfg, quiet=True)
+    losses = {}
+    for _ in range(3):
+        rec = first.train_step()
+        losses[rec["step"]] = rec["loss"]
+    first.save()
+    del first
+    resumed = Trainer(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True)), quiet=True)
+    assert resumed.step == 3
+    resumed.fit()
+    losses.update(_train_losses(tmp_path))
+    assert losses == reference["losses"]  # exact float equality, steps 1..6
+    state = resumed.model.state_dict()
+    for k, v in reference["model"].items():
+        assert torch.equal(state[k], v), k  # weights and routing biases
+    assert any(torch.count_nonzero(v) for k, v in state.items() if k.endswith("e_score_correction_bias"))
+    ref_opt, opt = reference["optim"]["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(ref_opt[i]["exp_avg_sq"], opt[i]["exp_avg_sq"]) for i in ref_opt)
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {here!r})
+    from run_config import small_run
+    from dsv3.train import checkpoint
+    from dsv3.train.trainer import Trainer
+    t = Trainer(small_run({prefix!r}, {out!r}), quiet=True)
+    for _ in range(3):
+        t.train_step()
+    t.save()
+    for _ in range(3):
+        t.train_step()
+    real_save = torch.save
+    def slow_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        open({marker!r}, "w").close()   # the new checkpoint is half written: tell the parent
+        time.sleep(120)
+    checkpoint.torch.save = slow_save
+    t.save()
+""")
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, wiki_prefix, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    script = _KILL_SCRIPT.format(here=str(HERE), prefix=wiki_prefix, out=str(out), marker=str(marker))
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    root = checkpoint.checkpoint_root(out)
+    assert [s for s, _ in checkpoint.list_checkpoints(root)] == [3]  # step-6 never appeared
+    assert list(root.glob(".tmp-step-6-*"))  # the half-written one is only a temp dir
+    cfg = small_run(wiki_prefix, out)
+    resumed = Trainer(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True)), quiet=True)
+    assert resumed.step == 3
+    resumed.fit()
+    assert _train_losses(out) == {s: v for s, v in reference["losses"].items() if s > 3}
+    assert [s for s, _ in checkpoint.list_checkpoints(root)] == [3, 6] and not list(root.glob(".tmp-*"))
+
+
+def test_counts_cover_every_micro_batch_and_bias_moves_by_gamma(wiki_prefix, tmp_path):
+    gamma = 1e-3
+    cfg = small_run(wiki_prefix, tmp_path, parallel={"micro_batch_num": 3}, train={"steps": 1, "bias_update_rate": gamma})
+    t = Trainer(cfg, quiet=True)
+    before = [m.gate.e_score_correction_bias.clone() for m in t.moe_layers]
+    rec = t.train_step()
+    counts = rec["counts"]  # [MoE layers, E]: main MoE layer + the MTP block's
+    assert counts.shape == (2, 8)
+    assert torch.all(counts.sum(1) == 3 * 1 * 32 * 2)  # micro-batches x batch x seq x top-k
+    for m, b, c in zip(t.moe_layers, before, counts):
+        torch.testing.assert_close(m.gate.e_score_correction_bias - b, gamma * torch.sign(c.mean() - c))
+
+
+def test_validation_loss_goes_down_and_outputs_are_written(wiki_prefix, tmp_path):
+    cfg = small_run(wiki_prefix, tmp_path, train={"steps": 12, "batch_size": 2}, eval={"eval_steps": 3, "eval_iters": 4},
+                    lr_schedule={"learning_rate": 1e-2}, checkpoint={"save_steps": 0, "export_hf": True}, logging={"plots": True})
+    summary = Trainer(cfg, quiet=True).fit()
+    evals = [r["valid_loss"] for r in read_metrics(tmp_path) if r.get("kind") == "eval"]
+    assert len(evals) == 5  # steps 0, 3, 6, 9, 12
+    assert all(b < a for a, b in zip(evals, evals[1:])), evals
+    assert evals[-1] < evals[0] - 1.0
+    assert summary["valid_loss"] == evals[-1]
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"loss.png", "expert_load.png", "lr.png"}
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "config.resolved.yaml").is_file()
+    from dsv3.checkpoint.io import from_pretrained
+
+    hf = from_pretrained(tmp_path / "hf", dtype="float32")
+    tokens = torch.randint(0, 1000, (1, 8))
+    torch.testing.assert_close(hf(tokens), _reload(tmp_path, cfg)(tokens))  # the HF export is the final model
+
+
+def _reload(run_dir, cfg):
+    from dsv3.model import Transformer
+
+    m = Transformer(cfg.model)
+    checkpoint.load_checkpoint(checkpoint.latest_checkpoint(checkpoint.checkpoint_root(run_dir)), m)
+    return m.eval()
+
+
+def _write(cfg_dict: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg_dict), encoding="utf-8")
+    return path
+
+
+def _run_cli(capsys, *args) -> tuple[int, list[str]]:
+    rc = cli_main(["train", *args])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_seed_mindspore_yaml_trains(data_dir, wiki_prefix, tmp_path, capsys):
+    from seed_recipe import write_seed_1b
+
+    y = write_seed_1b(data_dir, tmp_path / "pretrain_deepseek3_1b.yaml", wiki_prefix)
+    shrink = [f"model.{k}={v}" for k, v in dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                                   num_attention_heads=2, q_lora_rank=32, kv_lora_rank=16,
+                                                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16).items()]
+    args = ["--config", str(y), "--output-dir", str(tmp_path / "out"), "--set", "train.steps=2", "--set", "data.seq_length=32", "--set", "parallel.micro_batch_num=1",
+            "--set", "train.precision=fp32", "--set", "logging.progress_bar=false"]
+    for s in shrink:
+        args += ["--set", s]
+    rc, err = _run_cli(capsys, *args)
+    assert rc == 0, err
+    recs = [r for r in read_metrics(tmp_path / "out") if r.get("kind") == "train"]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert recs[0]["tokens_per_s"] > 0 and len(recs[0]["expert_load"]) == 3  # 2 MoE layers + MTP
+    assert any("ignored (MindSpore/Ascend-only)" in ln for ln in err)
+    assert any("accumulating 2 micro-batches" in ln for ln in err)  # data_parallel 2 x micro_batch_num 1
+
+
+def test_bad_input_gives_one_line_and_loses_nothing(reference, wiki_prefix, tmp_path, capsys):
+    base = yaml.safe_load((reference["out"] / "config.resolved.yaml").read_text())
+    base["checkpoint"]["output_dir"] = str(tmp_path / "new")
+    # missing data
+    bad = dict(base, data=dict(base["data"], data_path=[str(tmp_path / "nope_text_document")]))
+    rc, err = _run_cli(capsys, "--config", str(_write(bad, tmp_path / "a.yaml")))
+    assert rc == 2 and len(err) == 1 and "nope_text_document.bin" in err[0] and "dsv3 preprocess" in err[0]
+    # seq_length beyond the preprocessed sample length
+    bad = dict(base, data=dict(base["data"], seq_length=2 * SAMPLE_LEN))
+    rc, err = _run_cli(capsys, "--config", str(_write(bad, tmp_path / "b.yaml")))
+    assert rc == 2 and len(err) == 1 and f"sample length {SAMPLE_LEN}" in err[0]
+    assert not (tmp_path / "new").exists()
+    # an existing run is never overwritten without --resume
+    old = reference["out"]
+    snapshot = {p: p.stat().st_mtime_ns for p in old.rglob("*")}
+    rc, err = _run_cli(capsys, "--config", str(old / "config.resolved.yaml"))
+    assert rc == 2 and len(err) == 1 and "--resume" in err[0]
+    # a corrupt checkpoint
+    run = tmp_path / "corrupt"
+    import shutil
+
+    shutil.copytree(old, run)
+    conf = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    conf["checkpoint"]["output_dir"] = str(run)
+    latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(run))
+    w = latest / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    metrics_before = (run / "metrics.jsonl").read_bytes()
+    rc, err = _run_cli(capsys, "--config", str(_write(conf, tmp_path / "c.yaml")), "--resume")
+    assert rc == 2 and len(err) == 1 and "corrupt" in err[0] and str(latest) in err[0]
+    assert (run / "metrics.jsonl").read_bytes() == metrics_before and w.is_file()
+    assert snapshot == {p: p.stat().st_mtime_ns for p in old.rglob("*")}
