@@ -139,10 +139,24 @@ _WORKER: dict = {}
 def _init_worker(spec: EncodeSpec) -> None:
     # One thread per worker process: --workers N means N cores, not N x the tokenizers thread pool.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from dsv3.data.tokenizer import load_tokenizer
+    if _WORKER.get("spec") != spec:  # spawn: load it; fork: inherited from the parent already
+        from dsv3.data.tokenizer import load_tokenizer
 
-    _WORKER["spec"] = spec
-    _WORKER["tok"] = load_tokenizer(spec.tokenizer_path)
+        _WORKER["tok"] = load_tokenizer(spec.tokenizer_path)
+        _WORKER["spec"] = spec
+
+
+def _start_pool(workers: int, spec: EncodeSpec, tok):
+    """Worker pool. With fork (Linux) the children inherit the loaded tokenizer and start at once;
+    elsewhere they are spawned and load it themselves."""
+    methods = mp.get_all_start_methods()
+    if "fork" in methods:
+        _WORKER["spec"], _WORKER["tok"] = spec, tok
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before fork: no tokenizers thread pool to inherit
+        ctx = mp.get_context("fork")
+    else:
+        ctx = mp.get_context("spawn")
+    return ctx.Pool(workers, initializer=_init_worker, initargs=(spec,))
 
 
 def encode_items(tok, spec: EncodeSpec, items: list[tuple[int, str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -263,7 +277,8 @@ class PreprocessResult:
     documents: int  # input documents (non-empty)
     tokens: int  # tokens produced before stitching/padding
     sequences: dict[str, int]  # json key -> sequences written
-    seconds: float
+    seconds: float  # whole run
+    read_seconds: float  # reading (and for WikiText cleaning) the input, before tokenising
 
 
 def preprocess(
@@ -297,34 +312,40 @@ def preprocess(
     fmt = input_format(path, input_format_)
     keys = tuple(json_keys) if fmt == "jsonl" else ("text",)
     tok_file, _ = _resolve(vocab_file)
-    tok = load_tokenizer(vocab_file)
-    if tok.vocab_size > vocab_size:
-        raise UserError(f"{tok_file}: tokenizer has {tok.vocab_size} ids but the model vocab_size is {vocab_size} "
-                        f"(--vocab-size); ids would not fit the embedding")
+    if not path.is_file():
+        raise UserError(f"{path}: input file not found")
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
         raise UserError(f"{out_dir}: output directory does not exist (--output-prefix)")
     spec = EncodeSpec(str(vocab_file) if vocab_file is not None else str(tok_file), fmt, keys, add_bos,
                       append_eod, str(path))
-    items = read_documents(path, fmt)
-    first = next(items, None)
-    if first is None:
-        raise UserError(f"{path}: input has no documents")
-    items = _prepend(first, items)
-
-    dtype = optimal_dtype(vocab_size)
-    writers = {k: _Writer(f"{output_prefix}_{k}_document", mode, seq_length,
-                          tok.pad_id if pad_id is None else pad_id, dtype) for k in keys}
-    pool = None
+    pool, writers = None, {}
+    saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
     try:
+        tok = load_tokenizer(vocab_file)
+        if tok.vocab_size > vocab_size:
+            raise UserError(f"{tok_file}: tokenizer has {tok.vocab_size} ids but the model vocab_size is "
+                            f"{vocab_size} (--vocab-size); ids would not fit the embedding")
+        t_read = time.perf_counter()
+        items = read_documents(path, fmt)
+        first = next(items, None)  # a WikiText file is read and cleaned entirely here
+        if first is None:
+            raise UserError(f"{path}: input has no documents")
+        items = _prepend(first, items)
+        read_seconds = time.perf_counter() - t_read
+
+        dtype = optimal_dtype(vocab_size)
+        writers = {k: _Writer(f"{output_prefix}_{k}_document", mode, seq_length,
+                              tok.pad_id if pad_id is None else pad_id, dtype) for k in keys}
+        if workers > 1:
+            pool = _start_pool(workers, spec, tok)
         from tqdm import tqdm
 
         bar = tqdm(desc="preprocess", unit="doc", disable=None if progress else True, file=sys.stderr)
-        if workers == 1:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if pool is None:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --workers 1 means one core
             results = ((encode_items(tok, spec, c), len(c)) for c in _chunks(items, chunk_size))
         else:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(spec,))
             results = pool.imap(_encode_in_worker, _chunks(items, chunk_size))
         for per_key, n_items in results:
             for k, (ids, lengths) in per_key.items():
@@ -353,9 +374,15 @@ def preprocess(
         if pool is not None:
             pool.close()
             pool.join()
+        _WORKER.clear()
+        if saved_env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved_env
     w0 = next(iter(writers.values()))
     return PreprocessResult({k: w.final_prefix for k, w in writers.items()}, w0.documents_in,
-                            sum(w.tokens_in for w in writers.values()), sequences, time.perf_counter() - t0)
+                            sum(w.tokens_in for w in writers.values()), sequences, time.perf_counter() - t0,
+                            read_seconds)
 
 
 def _prepend(first, rest: Iterator) -> Iterator:
