@@ -1,0 +1,110 @@
+"""Distributed checkpoints with `torch.distributed.checkpoint` (DCP): save under one layout, load
+under another (or in one process), export to HF safetensors.
+
+Keys are the single-process state-dict names (stages keep the Transformer's names, experts are
+DTensors with their global [E,I,D] shape, FSDP/TP parameters are DTensors), so DCP reshards by
+itself. A stage holding the MTP copy of the embedding saves the same key as stage 0; both hold the
+same values, and DCP writes one of them.
+
+Optimizer state (AdamW) is saved per parameter under `optim.<name>.{step,exp_avg,exp_avg_sq}`
+with the parameter's own layout, so it reshards the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from dsv3.errors import UserError
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _named_params(parts: list[nn.Module]) -> dict[str, nn.Parameter]:
+    out: dict[str, nn.Parameter] = {}
+    for part in parts:
+        for name, p in part.named_parameters():
+            out.setdefault(name, p)
+    return out
+
+
+def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of this rank's parts, by single-process name."""
+    sd: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for k, v in part.state_dict().items():
+            sd.setdefault(k, v)
+    return sd
+
+
+def optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer, init: bool = False) -> dict[str, torch.Tensor]:
+    """AdamW moments of every parameter by name (views into the optimizer's state, so loading
+    into them restores it). `init` creates zero state first (a fresh optimizer before loading)."""
+    out = {}
+    for name, p in _named_params(parts).items():
+        st = optimizer.state[p]
+        if init and not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            for k in ADAM_KEYS:
+                st[k] = torch.zeros_like(p)
+        if st:
+            out[f"optim.{name}.step"] = st["step"]
+            for k in ADAM_KEYS:
+                out[f"optim.{name}.{k}"] = st[k]
+    return out
+
+
+def save(path: str | Path, parts: list[nn.Module], optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Collective: every rank writes its shards of the model (and optimizer) to the directory `path`."""
+    state = model_state(parts)
+    if optimizer is not None:
+        state.update(optimizer_state(parts, optimizer))
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load(path: str | Path, parts: list[nn.Module], optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Collective (or single process): fill this rank's parts (and optimizer) from `path`, whatever
+    the layout it was saved under."""
+    if not Path(path, ".metadata").is_file():
+        raise UserError(f"{path}: not a DCP checkpoint (no .metadata file)")
+    state = model_state(parts)
+    if optimizer is not None:
+        state.update(optimizer_state(parts, optimizer, init=True))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP reports missing keys / shape mismatches in a CheckpointException
+        raise UserError(f"{path}: cannot load into this model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    for part in parts:
+        # state_dict() tensors alias the parameters for plain / DTensor params; load anything else back.
+        own = part.state_dict()
+        part.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def export_hf(path: str | Path, model_cfg, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Single process: read the DCP checkpoint `path` into a plain Transformer and write it as an HF
+    directory (`dsv3.checkpoint.io.save_pretrained`). Run after training, or on rank 0 after a barrier."""
+    from dsv3.checkpoint.io import save_pretrained
+    from dsv3.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model = model.to_empty(device="cpu")
+    model.rotary.inv_freq.copy_(type(model.rotary)(model_cfg).inv_freq)
+    load(path, [model])
+    if dtype is not None:
+        model = model.to(dtype)
+    return save_pretrained(model, out)
+
+
+def save_and_export(path: str | Path, parts: list[nn.Module], optimizer, model_cfg, hf_out: str | Path | None = None) -> None:
+    """Collective save, then rank 0 exports HF safetensors (when `hf_out` is given)."""
+    save(path, parts, optimizer)
+    if hf_out is not None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            export_hf(path, model_cfg, hf_out)
+        if dist.is_initialized():
+            dist.barrier()

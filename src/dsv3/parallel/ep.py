@@ -1,0 +1,136 @@
+"""Expert parallelism: routed experts split over the ep ranks, tokens moved with all-to-all.
+
+Data path of one MoE layer on one rank (torchtitan's AllToAllTokenDispatcher, without padding):
+    route locally -> sort (token, slot) pairs by expert -> all-to-all of per-expert counts (no grad)
+    -> one host sync for the split sizes -> all-to-all of the token rows (autograd) -> reorder
+    rank-major (e0,r0),(e1,r0),... to expert-major (e0,r0),(e0,r1),... -> grouped expert compute
+    -> inverse reorder -> reverse all-to-all -> scale by the fp32 gate weight -> index_add into [N,D].
+
+The model's `MoE` keeps its single-device maths; `ParallelMoE` is the same module (same parameter
+names, so checkpoints map one to one) with a distributed `forward`, installed by swapping the
+instance's class. Under tensor parallelism the MoE works on this rank's slice of the sequence (the
+SP shard), so every rank of dp x tp routes different tokens; its input/output are DTensors on the tp
+mesh and the boundary converts them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from dsv3.model.moe import Experts, MoE
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with autograd: the backward sends gradients back along the reverse splits."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Rows of x [sum(in_splits), ...] go to ranks by `in_splits`; returns [sum(out_splits), ...]."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def _local_experts(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's expert weights as plain tensors (DTensor Shard(0) on the ep mesh -> local slice)."""
+    ws = (experts.gate_proj, experts.up_proj, experts.down_proj)
+    return tuple(w.to_local() if isinstance(w, DTensor) else w for w in ws)
+
+
+def grouped_expert_compute(xs: torch.Tensor, counts: list[int], gate_w, up_w, down_w) -> torch.Tensor:
+    """xs [M,D] sorted by local expert, counts[e] rows each -> SwiGLU of each expert on its slice."""
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            x = xs[start : start + n]
+            h = torch.nn.functional.silu(x @ gate_w[e].t()) * (x @ up_w[e].t())
+            ys[start : start + n] = h @ down_w[e].t()
+            start += n
+    return ys
+
+
+class ParallelExperts(Experts):
+    """`Experts` whose weights are this rank's Shard(0) slice on the ep mesh (DTensors) and whose
+    grouped forward exchanges tokens over `ep_group` (both expert paths take it)."""
+
+    ep_group = None
+    ep_size = 1
+
+    def forward_grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [N,D], w [N,K] fp32, idx [N,K] global expert ids -> routed-expert output [N,D]."""
+        gate_w, up_w, down_w = _local_experts(self)
+        N, K = idx.shape
+        L = gate_w.shape[0]  # experts on this rank
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        tok = order // K
+        xs = x[tok]  # [N·K, D] sorted by expert id
+        counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
+        if self.ep_size == 1:
+            ys = grouped_expert_compute(xs, counts.tolist(), gate_w, up_w, down_w)
+        else:
+            # recv[r, l] = rows rank r sends to my local expert l
+            recv = torch.empty_like(counts)
+            dist.all_to_all_single(recv, counts, group=self.ep_group)
+            send_counts, recv = counts.view(self.ep_size, L), recv.view(self.ep_size, L)
+            in_splits = send_counts.sum(1).tolist()
+            out_splits = recv.sum(1).tolist()  # the host sync
+            got = all_to_all(xs, out_splits, in_splits, self.ep_group)  # [M,D] rank-major
+            # rank-major -> expert-major: a stable sort of the received rows by local expert
+            local_e = torch.repeat_interleave(torch.arange(L, device=x.device).repeat(self.ep_size), recv.flatten())
+            perm = local_e.argsort(stable=True)
+            ys_sorted = grouped_expert_compute(got[perm], recv.sum(0).tolist(), gate_w, up_w, down_w)
+            ys_back = torch.empty_like(ys_sorted).index_copy(0, perm, ys_sorted)  # undo the reorder
+            ys = all_to_all(ys_back, in_splits, out_splits, self.ep_group)
+        ys = ys.float() * w.flatten()[order, None]
+        return torch.zeros_like(x, dtype=torch.float32).index_add_(0, tok, ys).to(x.dtype)
+
+    forward_loop = forward_grouped
+
+
+class ParallelMoE(MoE):
+    """`MoE` working on this rank's sequence shard under TP (input/output DTensors on `tp_mesh`);
+    the routing, counts and shared experts are the model's own code."""
+
+    tp_mesh = None
+
+    def forward(self, x):
+        if not isinstance(x, DTensor):
+            return super().forward(x)
+        # Work on this rank's sequence shard; a Replicate input is sliced here and gathered back below.
+        placements = x.placements
+        y = super().forward(x.redistribute(self.tp_mesh, [Shard(1)]).to_local())
+        return DTensor.from_local(y, self.tp_mesh, [Shard(1)]).redistribute(self.tp_mesh, placements)
+
+
+def parallelize_moe(moe: MoE, meshes, enable_ep: bool = True) -> ParallelMoE:
+    """Turn `moe` into a ParallelMoE in place: experts sharded Shard(0) over the ep mesh (a DTensor,
+    so checkpoints see the global [E,I,D] tensors), TP boundary when tp > 1."""
+    moe.__class__ = ParallelMoE
+    moe.experts.__class__ = ParallelExperts
+    dims = meshes.dims
+    if dims.tp > 1:
+        moe.tp_mesh = meshes.tp_mesh
+    if dims.ep > 1 and enable_ep:
+        moe.experts.ep_group, moe.experts.ep_size = meshes.sparse.get_group("ep"), dims.ep
+        ep_mesh = meshes.ep_mesh
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            p = getattr(moe.experts, name)
+            setattr(moe.experts, name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]), requires_grad=p.requires_grad))
+    return moe

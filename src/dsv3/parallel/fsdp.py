@@ -1,0 +1,93 @@
+"""Data parallelism: FSDP2 (`fully_shard`) for the dense weights, explicit all-reduces for the rest.
+
+FSDP2 wraps (torchtitan's recipe) the embedding, every decoder layer, every MTP module, [norm,
+lm_head], then the root, on the dp mesh (2-D with TP: parameters are DTensors on [dp, tp]). MoE
+parameters are left out (`ignored_params`): their replica groups differ from the dense ones (routed
+experts are replicated over edp, gate and shared experts over dp x tp because under TP every tp rank
+routes a different slice of the sequence), so `sync_grads` all-reduces them itself.
+
+Gradient convention: each data-parallel replica's loss is the mean over its own batch, and the step
+gradient is the mean over replicas (FSDP's default reduce-scatter average; the manual all-reduces
+sum then divide by dp). Ranks that split one replica's tokens (tp) contribute sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from dsv3.model.moe import MoE
+
+
+def moe_params(part: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(gate + shared-expert params, routed-expert params) of every MoE in `part`."""
+    rep, exp = [], []
+    for m in part.modules():
+        if isinstance(m, MoE):
+            e = [m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj]
+            ids = {id(p) for p in e}
+            rep += [p for p in m.parameters() if id(p) not in ids]
+            exp += e
+    return rep, exp
+
+
+def apply_fsdp(part: nn.Module, dp_mesh, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> None:
+    """fully_shard the dense modules of a Transformer / TransformerStage over `dp_mesh`."""
+    rep, exp = moe_params(part)
+    ignored = set(rep) | set(exp)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kw = dict(mesh=dp_mesh, mp_policy=mp, ignored_params=ignored)
+    backbone = part.model
+    if getattr(backbone, "embed_tokens", None) is not None:
+        fully_shard(backbone.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
+    layers = backbone.layers.values() if isinstance(backbone.layers, nn.ModuleDict) else backbone.layers
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    for mod in getattr(backbone, "mtp", None) or []:
+        # shared_head.norm is called from Transformer.mtp_logits, outside the MTP module's forward.
+        fully_shard(mod.shared_head.norm, reshard_after_forward=False, **kw)
+        fully_shard(mod, reshard_after_forward=reshard_after_forward, **kw)
+    if getattr(part, "lm_head", None) is not None:
+        # The head runs last: resharding it right after forward would only re-gather it for backward.
+        fully_shard([backbone.norm, part.lm_head], reshard_after_forward=False, **kw)
+    fully_shard(part, reshard_after_forward=reshard_after_forward, **kw)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _all_reduce_grads(params, group, divide: int) -> None:
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return
+    # One flat buffer per call: fewer collectives (matters for gloo).
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= divide
+    off = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[off : off + n].view_as(g))
+        off += n
+
+
+def sync_grads(parts: list[nn.Module], meshes, fsdp: bool) -> None:
+    """All-reduce the gradients FSDP does not handle (see the module docstring)."""
+    dims = meshes.dims
+    rep, exp = [], []
+    for part in parts:
+        r, e = moe_params(part)
+        rep += r
+        exp += e
+    if dims.dp * dims.tp > 1:
+        _all_reduce_grads(rep, meshes.tokens_group, dims.dp)
+    if dims.edp > 1:
+        _all_reduce_grads(exp, meshes.edp_group, dims.dp)
+    if not fsdp and dims.dp > 1:
+        ids = {id(p) for p in rep + exp}
+        dense = [p for part in parts for p in part.parameters() if id(p) not in ids]
+        _all_reduce_grads(dense, meshes.dense.get_group("dp"), dims.dp)

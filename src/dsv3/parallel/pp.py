@@ -1,0 +1,139 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`.
+
+The model is cut into `n_stages = pp x v` stages by whole decoder layers (remainder to the earlier
+stages). Stage 0 holds the embedding; the last stage holds the final norm, lm_head and the MTP
+modules. MTP needs the embedding too (tied), so the last stage keeps its own copy of
+`model.embed_tokens` and `tie_embedding_grads` sums the two copies' gradients after backward
+(Megatron's embedding group), keeping them identical.
+
+A stage is a `TransformerStage` whose attribute names are the Transformer's (`model.layers.{i}` with
+the ORIGINAL layer index, `model.norm`, `lm_head`, ...), so state-dict keys are the single-process
+keys and DCP checkpoints reshard across layouts. Every stage receives the token ids as a keyword
+argument (the schedule hands kwargs to every stage), which the last stage needs for MTP.
+
+Stage -> rank: "loop" (rank r holds r, r+pp, ...) for interleaved schedules, "v" (rank r holds r and
+2pp-1-r) for ZBVZeroBubble / DualPipeV.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import get_schedule_class
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from dsv3.errors import UserError
+from dsv3.model.transformer import Transformer
+
+
+def split_layers(n_layers: int, n_stages: int) -> list[list[int]]:
+    """Contiguous decoder-layer ids per stage, remainder to the earlier stages."""
+    base, rem = divmod(n_layers, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        n = base + (1 if s < rem else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def stage_ids(pp_rank: int, pp: int, v: int, style: str) -> list[int]:
+    if v == 1:
+        return [pp_rank]
+    if style == "v":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(v)]
+
+
+class _Backbone(nn.Module):
+    """Holder with the Backbone's attribute names; absent parts are None."""
+
+
+class TransformerStage(nn.Module):
+    """A contiguous piece of the Transformer with the Transformer's parameter names."""
+
+    rope = Transformer.rope
+    mtp_hidden = Transformer.mtp_hidden
+    mtp_logits = Transformer.mtp_logits
+    moe_layers = Transformer.moe_layers
+
+    def __init__(self, full: Transformer, layer_ids: list[int], is_first: bool, is_last: bool):
+        super().__init__()
+        self.config = full.config
+        self.is_first, self.is_last = is_first, is_last
+        self.tp_mesh, self.seq_placement = None, Replicate()
+        self._shapes_inferred = False
+        m = _Backbone()
+        m.embed_tokens = full.model.embed_tokens if (is_first or (is_last and len(full.model.mtp))) else None
+        m.layers = nn.ModuleDict({str(i): full.model.layers[i] for i in layer_ids})
+        m.norm = full.model.norm if is_last else None
+        m.mtp = full.model.mtp if is_last else nn.ModuleList()
+        self.model = m
+        self.lm_head = full.lm_head if is_last else None
+        self.rotary = full.rotary
+
+    def forward(self, h: torch.Tensor | None = None, *, tokens: torch.Tensor):
+        if not self._shapes_inferred:
+            # The runtime's first call infers the stage's shapes (on the first micro-batch, or on
+            # uninitialised buffers after stage 0): keep its routing out of the balancing counts.
+            self._shapes_inferred = True
+            moes = self.moe_layers()
+            saved = [m.tokens_per_expert.clone() for m in moes]
+            out = self._forward(h, tokens)
+            for m, c in zip(moes, saved):
+                m.tokens_per_expert.copy_(c)
+            return out
+        return self._forward(h, tokens)
+
+    def _forward(self, h: torch.Tensor | None, tokens: torch.Tensor):
+        """First stage: tokens [b,T] -> h. Middle: h -> h. Last: h -> (logits, *mtp_logits).
+        Between stages h is this rank's local piece (the SP shard under tensor parallelism)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        cos, sin = self.rope(positions)
+        if self.is_first:
+            h = self.model.embed_tokens(tokens)
+        elif self.tp_mesh is not None:
+            h = DTensor.from_local(h, self.tp_mesh, [self.seq_placement], run_check=False)
+        for layer in self.model.layers.values():
+            h = layer(h, cos, sin)
+        if not self.is_last:
+            return h.to_local() if isinstance(h, DTensor) else h
+        post = self.model.norm(h)
+        logits = self.lm_head(post)
+        if not len(self.model.mtp):
+            return logits
+        h0 = post if self.config.mtp_hidden == "post_norm" else h
+        return (logits, *self.mtp_logits(self.mtp_hidden(h0, tokens)))
+
+
+def build_stages(model: Transformer, meshes) -> list[TransformerStage]:
+    """Cut `model` into this rank's stages (deep copies, so the original is left intact)."""
+    dims = meshes.dims
+    n_stages = dims.n_stages
+    per_stage = split_layers(model.config.num_hidden_layers, n_stages)
+    style = "v" if dims.schedule in ("ZBVZeroBubble", "DualPipeV") else "loop"
+    stages = []
+    for s in stage_ids(meshes.pp_rank, dims.pp, dims.v, style):
+        full = copy.deepcopy(model)
+        stage = TransformerStage(full, per_stage[s], s == 0, s == n_stages - 1)
+        stage.stage_index = s
+        if dims.tp > 1:
+            stage.tp_mesh, stage.seq_placement = meshes.tp_mesh, Shard(1) if dims.seq_parallel else Replicate()
+        stages.append(stage)
+    return stages
+
+
+def build_schedule(stages: list[nn.Module], meshes, loss_fn):
+    """PipelineStage objects and the named schedule over them."""
+    dims = meshes.dims
+    try:
+        cls = get_schedule_class(dims.schedule)
+    except ValueError as e:
+        raise UserError(f"pipeline schedule {dims.schedule!r} is not provided by this torch: {e}") from None
+    pstages = [PipelineStage(st, st.stage_index, dims.n_stages, meshes.device, group=meshes.pp_group) for st in stages]
+    if dims.v == 1:
+        return cls(pstages[0], n_microbatches=dims.micro_batch_num, loss_fn=loss_fn)
+    return cls(pstages, n_microbatches=dims.micro_batch_num, loss_fn=loss_fn)

@@ -1,0 +1,127 @@
+"""Tensor + sequence parallelism through DTensor plans (`parallelize_module`).
+
+Per decoder layer (Megatron's MLA recipe, torchtitan's plan):
+    input_layernorm, post_attention_layernorm   SequenceParallel (activations Shard(1) on the tp mesh)
+    self_attn input                             all-gather Shard(1) -> Replicate
+    q_a_proj, q_a_layernorm, kv_a_proj_with_mqa, kv_a_layernorm
+                                                replicated (low-rank down-projections, small)
+    q_b_proj, kv_b_proj                         column-parallel: heads split over tp
+    o_proj                                      row-parallel, output reduce-scattered to Shard(1)
+    dense MLP                                   gate/up column-parallel, down row-parallel
+    MoE                                         works on the local sequence shard (see ep.py)
+Top level: embedding row-parallel (vocab split) -> Shard(1); final norm SequenceParallel; lm_head
+column-parallel with the logits gathered (Replicate) so the loss is the single-device loss.
+Without sequence parallel every "Shard(1)" above is "Replicate".
+
+Two things the plan alone cannot express, done here from outside the model:
+* `n_heads` of each MLA becomes the local head count (the model views q/kv with it).
+* the shared rope key k_pe feeds every head, so on one tp rank its gradient is only that rank's
+  heads' share: `TPMLA.project_latent` marks it Partial so autograd sums it over tp.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+from dsv3.model.layers import MLP
+from dsv3.model.mla import MLA
+from dsv3.model.moe import MoE
+from dsv3.model.rope import apply_rope
+
+
+class ReplicateParallel(ParallelStyle):
+    """Weights replicated on the tp mesh (as DTensors, so autograd reduces their gradients);
+    a plain-tensor input is taken to have `input_layout`; the output stays a DTensor."""
+
+    def __init__(self, input_layout=Replicate()):
+        super().__init__()
+        self.input_layout = input_layout
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        def prepare_input(mod, inputs, mesh):
+            x = inputs[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, mesh, [self.input_layout], run_check=False)
+            return (x, *inputs[1:])
+
+        def partition(name, mod, mesh):
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(pname, nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()]), requires_grad=p.requires_grad))
+
+        return distribute_module(module, device_mesh, partition, lambda mod, inputs, mesh: prepare_input(mod, inputs, mesh))
+
+
+class TPMLA(MLA):
+    """MLA whose k_pe gradient is summed over the tp ranks (each rank holds only its heads)."""
+
+    def project_latent(self, x, cos, sin):
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = k_pe.to_local(grad_placements=[Partial()])  # [B,T,R], full on every rank
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+
+
+def _seq(sp: bool):
+    return Shard(1) if sp else Replicate()
+
+
+def layer_plan(layer: nn.Module, sp: bool, tp: int) -> dict[str, ParallelStyle]:
+    """Plan for one DecoderLayer (main or MTP block); keys relative to the layer."""
+    seq = _seq(sp)
+    norm = SequenceParallel() if sp else ReplicateParallel()
+    plan: dict[str, ParallelStyle] = {
+        "input_layernorm": norm,
+        "post_attention_layernorm": norm,
+        "self_attn": PrepareModuleInput(input_layouts=(seq, None, None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None, None)),
+        "self_attn.kv_a_proj_with_mqa": ReplicateParallel(),
+        "self_attn.kv_a_layernorm": ReplicateParallel(),
+        "self_attn.kv_b_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=seq, use_local_output=False),
+    }
+    if layer.self_attn.q_lora_rank is None:
+        plan["self_attn.q_proj"] = ColwiseParallel()
+    else:
+        plan.update({"self_attn.q_a_proj": ReplicateParallel(), "self_attn.q_a_layernorm": ReplicateParallel(),
+                     "self_attn.q_b_proj": ColwiseParallel()})
+    if isinstance(layer.mlp, MLP):
+        plan.update({"mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+                     "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                     "mlp.down_proj": RowwiseParallel(output_layouts=seq, use_local_output=False)})
+    return plan
+
+
+def apply_tp(part: nn.Module, tp_mesh, sp: bool) -> None:
+    """Apply the plan to a Transformer or a pipeline stage holding a subset of it (same names)."""
+    tp = tp_mesh.size()
+    seq = _seq(sp)
+    backbone = part.model
+    top: dict[str, ParallelStyle] = {}
+    if getattr(backbone, "embed_tokens", None) is not None:
+        # Always Shard(1) out of the vocab-split embedding: its masked-partial output cannot take a summed
+        # gradient from a Replicate consumer; without SP the hook below gathers it.
+        top["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False)
+    if getattr(backbone, "norm", None) is not None:
+        top["model.norm"] = SequenceParallel() if sp else ReplicateParallel()
+    if getattr(part, "lm_head", None) is not None:
+        top["lm_head"] = ColwiseParallel(input_layouts=seq, output_layouts=Replicate(), use_local_output=True)
+    layers = backbone.layers.items() if isinstance(backbone.layers, nn.ModuleDict) else enumerate(backbone.layers)
+    blocks = [(f"model.layers.{i}", layer) for i, layer in layers]
+    for k, mod in enumerate(getattr(backbone, "mtp", None) or []):
+        blocks.append((f"model.mtp.{k}.block", mod.block))
+        norm = SequenceParallel() if sp else ReplicateParallel()
+        top.update({f"model.mtp.{k}.enorm": norm, f"model.mtp.{k}.hnorm": norm,
+                    f"model.mtp.{k}.shared_head.norm": norm, f"model.mtp.{k}.eh_proj": ReplicateParallel(seq)})
+    for prefix, layer in blocks:
+        for name, style in layer_plan(layer, sp, tp).items():
+            top[f"{prefix}.{name}"] = style
+    parallelize_module(part, tp_mesh, top)
+    if not sp and "model.embed_tokens" in top:
+        backbone.embed_tokens.register_forward_hook(lambda mod, inp, out: out.redistribute(tp_mesh, [Replicate()]))
+    for _, layer in blocks:
+        attn = layer.self_attn
+        attn.__class__ = TPMLA
+        attn.n_heads = attn.n_heads // tp

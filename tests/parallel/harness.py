@@ -1,0 +1,159 @@
+"""Multi-process harness for the parallel tests: spawn N gloo ranks, run several layouts in one
+process group (process start-up dominates on 2 cores), return rank 0's results.
+
+The reference is a plain single-process Transformer stepped with the same AdamW on the same data
+(it does not use dsv3.parallel at all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import traceback
+from dataclasses import replace
+
+import torch
+
+from dsv3.config.schema import ModelConfig, RopeScaling
+
+STEPS = 3
+LR = 3e-3
+GAMMA = float(os.environ.get("DSV3_TEST_GAMMA", "1e-3"))
+BATCH, SEQ = 8, 32
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+                first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                n_group=4, topk_group=2, num_nextn_predict_layers=1, max_position_embeddings=128, torch_dtype="float32",
+                rope_scaling=RopeScaling(type="yarn", factor=2.0, original_max_position_embeddings=64))
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_model(cfg: ModelConfig, seed: int = 0):
+    from dsv3.model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    model.reset_parameters()
+    return model
+
+
+def batches(cfg: ModelConfig, steps: int = STEPS, seed: int = 1) -> list[torch.Tensor]:
+    """Learnable windows (arithmetic progressions mod vocab, random start and stride), so a few
+    steps move the loss enough that a wrong gradient shows."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        start = torch.randint(0, cfg.vocab_size, (BATCH, 1), generator=g)
+        stride = torch.randint(1, 4, (BATCH, 1), generator=g)
+        out.append((start + stride * torch.arange(SEQ + 1)) % cfg.vocab_size)
+    return out
+
+
+def reference_losses(cfg: ModelConfig, steps: int = STEPS, micro: int = 1) -> list[float]:
+    """Single process, no dsv3.parallel: mean CE + 0.3 · MTP CE, AdamW, bias update."""
+    import torch.nn.functional as F
+
+    model = make_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95), foreach=False)
+    out = []
+    for w in batches(cfg, steps):
+        opt.zero_grad()
+        ids, labels = w[:, :-1], w[:, 1:]
+        logits, mtp = model(ids, return_mtp=True)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        for k, lg in enumerate(mtp, 1):
+            loss = loss + 0.3 / len(mtp) * F.cross_entropy(lg[:, :-k].flatten(0, 1), labels[:, k:].flatten())
+        loss.backward()
+        with torch.no_grad():
+            for m in model.moe_layers():
+                c = m.tokens_per_expert
+                m.gate.e_score_correction_bias += GAMMA * torch.sign(c.mean() - c)
+                c.zero_()
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
+def run_layout(cfg: ModelConfig, par: dict, steps: int = STEPS) -> list[float]:
+    """Inside a worker: build meshes for `par` (seed parallel_config names), step, return losses."""
+    from dsv3.parallel import ParallelDims, build_meshes, build_optimizer, parallelize, train_step
+
+    dims = ParallelDims.from_config(par)
+    meshes = build_meshes(dims, "cpu", cfg)
+    dm = parallelize(make_model(cfg), dims, meshes)
+    opt = build_optimizer(dm, lr=LR)
+    return [train_step(dm, opt, w, bias_gamma=GAMMA) for w in batches(cfg, steps)]
+
+
+def _worker(rank: int, world: int, port: int, fn_name: str, jobs: list, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import faulthandler
+    import torch.distributed as dist
+
+    faulthandler.dump_traceback_later(float(os.environ.get("DSV3_TEST_HANG_S", "170")), exit=True)  # a hang prints stacks
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = []
+    fn = globals()[fn_name]
+    for job in jobs:
+        try:
+            results.append({"ok": fn(*job)})
+        except Exception as e:  # report per job; the other jobs still run
+            results.append({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+            dist.barrier()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world: int, jobs: list, fn_name: str = "run_layout") -> list[dict]:
+    """Run `fn_name(*job)` for each job on `world` gloo ranks; rank 0's result per job."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out.json")
+        mp.spawn(_worker, args=(world, free_port(), fn_name, jobs, out), nprocs=world, join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def dcp_save_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[float]:
+    """Two steps, save model + optimizer, then two more steps: returns losses of steps 3 and 4."""
+    from dsv3.parallel import ParallelDims, build_meshes, build_optimizer, parallelize, train_step
+    from dsv3.parallel.dcp import save
+
+    dims = ParallelDims.from_config(par)
+    dm = parallelize(make_model(cfg), dims, build_meshes(dims, "cpu", cfg))
+    opt = build_optimizer(dm, lr=LR)
+    data = batches(cfg, 4)
+    for w in data[:2]:
+        train_step(dm, opt, w, bias_gamma=GAMMA)
+    save(ckpt, dm.parts, opt)
+    return [train_step(dm, opt, w, bias_gamma=GAMMA) for w in data[2:]]
+
+
+def dcp_load_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[float]:
+    """A fresh model (different seed) under `par`, loaded from `ckpt`: losses of steps 3 and 4."""
+    from dsv3.parallel import ParallelDims, build_meshes, build_optimizer, parallelize, train_step
+    from dsv3.parallel.dcp import load
+
+    dims = ParallelDims.from_config(par)
+    dm = parallelize(make_model(cfg, seed=123), dims, build_meshes(dims, "cpu", cfg))
+    opt = build_optimizer(dm, lr=LR)
+    load(ckpt, dm.parts, opt)
+    return [train_step(dm, opt, w, bias_gamma=GAMMA) for w in batches(cfg, 4)[2:]]
