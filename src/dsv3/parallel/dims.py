@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -194,7 +195,10 @@ def init_distributed(device_type: str | None = None) -> torch.device:
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise UserError("no distributed environment (RANK/WORLD_SIZE unset): start with torchrun or `dsv3 launch`")
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", device_id=device if device_type == "cuda" else None)
+        # DSV3_DIST_TIMEOUT: `dsv3 launch`'s CLUSTER_TIME_OUT (seconds to wait for every worker)
+        timeout = timedelta(seconds=int(os.environ.get("DSV3_DIST_TIMEOUT", "1800")))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout,
+                                device_id=device if device_type == "cuda" else None)
     return device
 
 
