@@ -105,19 +105,35 @@ def test_absorb_vs_naive_whole_model(tiny_config):
     assert (a - b).abs().max() <= TOL * 10  # logits are O(1) after 4 layers; per-layer agreement is 1e-5 above
 
 
-def test_loop_vs_grouped_experts():
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_loop_vs_grouped_experts(monkeypatch, grouped_mm):
+    """Outputs and gradients agree, with torch._grouped_mm and with the sliced Python loop."""
+    import dsv3.model.moe as moe
+
+    if not grouped_mm:
+        monkeypatch.setattr(moe, "grouped_mm_supported", lambda device, dtype: False)
+    elif not moe.grouped_mm_supported(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm unavailable on this CPU build")
     torch.manual_seed(0)
     ex = Experts(n_experts=6, dim=32, inter_dim=24)
     for p in ex.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
-    x = torch.randn(50, 32)
+    x = torch.randn(50, 32, requires_grad=True)
     idx = torch.stack([torch.randperm(6)[:3] for _ in range(50)])  # distinct experts per token
-    idx[:, 0] = torch.where(torch.arange(50) < 25, 0, idx[:, 0])  # uneven load, expert 5 may be idle
+    idx[:, 0] = torch.where(torch.arange(50) < 25, 0, idx[:, 0])  # uneven load
+    idx[idx == 5] = 4  # expert 5 idle: an empty slice
     w = torch.rand(50, 3)
-    with torch.no_grad():
-        loop, grouped = ex.forward_loop(x, w, idx), ex.forward_grouped(x, w, idx)
-    assert (loop - grouped).abs().max() <= TOL
-    assert loop.abs().max() > 1e-2
+    outs, grads = [], []
+    for fn in (ex.forward_loop, ex.forward_grouped):
+        y = fn(x, w, idx)
+        (y * torch.linspace(-1, 1, 32)).sum().backward()
+        outs.append(y.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in ex.parameters()])
+        x.grad = None
+        ex.zero_grad()
+    assert (outs[0] - outs[1]).abs().max() <= TOL and outs[0].abs().max() > 1e-2
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= TOL
 
 
 def test_loop_vs_grouped_whole_model(tiny_config):
