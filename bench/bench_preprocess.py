@@ -10,7 +10,9 @@ wikitext_to_bin.py does) on the same cores:
              no BOS (so both produce the same ids; checked), writing the .bin/.idx
 Reported: tokens/s of each and their ratio (target >= 0.8), for the tokenise+write stage (ours minus
 its input reading/cleaning, which is the same code for both) and for the whole run (reference =
-load tokenizer + read/clean + encode_batch). Best of `--repeat` runs. Writes bench/results/preprocess.json.
+load tokenizer + read/clean + encode_batch); also CPU seconds of each (all threads and worker
+processes), which are less disturbed by other load on the machine than wall time. Best of
+`--repeat` runs. Writes bench/results/preprocess.json.
 """
 
 from __future__ import annotations
@@ -20,12 +22,19 @@ import json
 import lzma
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _cpu() -> float:
+    """CPU seconds of this process (all threads) plus its finished children."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 def main() -> int:
@@ -63,21 +72,25 @@ def main() -> int:
         tok_json.write_bytes(lzma.open(src).read() if src.suffix == ".xz" else src.read_bytes())
 
         ref_best, ref_e2e_best, ours_best, ours_stage_best = float("inf"), float("inf"), None, float("inf")
+        ref_cpu_best, ours_cpu_best = float("inf"), float("inf")
         for r in range(args.repeat):
             t0 = time.perf_counter()
             tok = tokenizers.Tokenizer.from_file(str(tok_json))
             docs = read_wikitext_documents(train)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), _cpu()
             enc = tok.encode_batch(docs, add_special_tokens=False)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), _cpu()
+            ref_cpu_best = min(ref_cpu_best, c2 - c1)
             ref_best, ref_e2e_best = min(ref_best, t2 - t1), min(ref_e2e_best, t2 - t0)
             ref_tokens = sum(len(e.ids) for e in enc)
             if r == 0:
                 ref_flat = np.concatenate([np.asarray(e.ids, np.int32) for e in enc])
             del enc
 
+            c3 = _cpu()
             res = preprocess(train, f"{tmp}/wiki_{r}", str(tok_json), seq_length=4096, add_bos=False,
                              workers=args.workers, progress=False)
+            ours_cpu_best = min(ours_cpu_best, _cpu() - c3)
             stage = res.seconds - res.read_seconds
             if ours_best is None or res.seconds < ours_best.seconds:
                 ours_best = res
@@ -107,6 +120,9 @@ def main() -> int:
         "ours_read_clean_s": round(ours_best.read_seconds, 3),
         "ratio_tokenise_stage": round(ref_best / ours_stage_best, 3),
         "ratio_whole_run": round(ref_e2e_best / ours_best.seconds, 3),
+        "reference_cpu_s_encode_batch": round(ref_cpu_best, 3),
+        "ours_cpu_s_whole_run": round(ours_cpu_best, 3),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "target_ratio": 0.8,
         "ids_identical_to_tokenizers": ids_match,
         "sequences_written": ours_best.sequences["text"],
