@@ -13,7 +13,7 @@ from dsv3.train.optim import build_optimizer
 
 
 def test_update_rule_is_sign_of_mean_minus_count():
-    model = Transformer(dataclasses.replace(_cfg(), num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0))
+    model = Transformer(dataclasses.replace(_cfg(), vocab_size=1000, num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0))
     model.reset_parameters()
     moe = model.moe_layers()
     counts = torch.tensor([[10.0, 0, 2, 4, 4, 4, 4, 4]])  # mean 4
@@ -30,11 +30,11 @@ def _cfg():
 
 
 def test_bias_update_lowers_max_over_mean_on_skewed_routing(tiny_config):
-    cfg = dataclasses.replace(tiny_config, n_group=1, topk_group=1)
+    cfg = dataclasses.replace(tiny_config, n_group=1, topk_group=1, vocab_size=1000)
     model = Transformer(cfg)
     model.reset_parameters()
     moe = model.moe_layers()[0]
-    x = torch.randn(1, 128, cfg.hidden_size)
+    x = torch.randn(1, 64, cfg.hidden_size)
     with torch.no_grad():  # skew: experts 0 and 1 score high for every token
         moe.gate.weight[:2] += 0.5 * x.mean(dim=(0, 1)) / x.mean(dim=(0, 1)).norm() ** 2
     ratios = []
@@ -48,7 +48,7 @@ def test_bias_update_lowers_max_over_mean_on_skewed_routing(tiny_config):
 
 
 def test_counts_are_not_taken_without_grad(tiny_config):
-    model = Transformer(tiny_config)
+    model = Transformer(dataclasses.replace(tiny_config, vocab_size=1000))
     model.reset_parameters()
     with torch.no_grad():
         model(torch.randint(0, 100, (1, 8)))
@@ -56,7 +56,7 @@ def test_counts_are_not_taken_without_grad(tiny_config):
 
 
 def test_bias_is_untouched_by_optimizer_and_weight_decay(tiny_config):
-    model = Transformer(tiny_config)
+    model = Transformer(dataclasses.replace(tiny_config, vocab_size=1000))
     model.reset_parameters()
     for m in model.moe_layers():
         m.gate.e_score_correction_bias.uniform_(-1, 1)
