@@ -4,7 +4,6 @@ megatron-core reads the result, bad input gives one line, a killed run leaves no
 from __future__ import annotations
 
 import json
-import lzma
 import os
 import signal
 import subprocess
