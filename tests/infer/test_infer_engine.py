@@ -73,7 +73,7 @@ def test_engine_logits_match_full_forward(model):
     eng = LLMEngine(model, None, num_gpu_blocks=32, block_size=4)
     with torch.no_grad():
         full = model(torch.tensor([ids + [7]]))[0].float()
-    lp_prefill = eng.runner.prefill(ids, 0, list(range(7)), all_logits=True)
+    lp_prefill = eng.runner.prefill([(ids, 0, list(range(7)))], [True])[0]
     torch.testing.assert_close(lp_prefill, full[:-1], rtol=1e-4, atol=1e-4)
     lp_decode = eng.runner.decode([7], [len(ids)], [list(range(7))])
     torch.testing.assert_close(lp_decode[0], full[-1], rtol=1e-4, atol=1e-4)
@@ -89,7 +89,7 @@ def test_bf16_cpu_runs_and_tracks_fp32(tiny_config):
     assert len(out) == 8
     with torch.no_grad():
         ref = m32(torch.tensor([ids]))[0, -1].float()
-    got = e16.runner.prefill(ids, 0, list(range(3)))[0]
+    got = e16.runner.prefill([(ids, 0, list(range(3)))])[0][0]
     assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > 0.99
 
 

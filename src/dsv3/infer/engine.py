@@ -27,7 +27,7 @@ from dsv3.infer.outputs import CompletionOutput, Logprob, RequestOutput
 from dsv3.infer.runner import ModelRunner
 from dsv3.infer.sampling import (SamplingParams, add_penalties, apply_penalties, make_batch, sample, token_counts,
                                  topn_logprobs)
-from dsv3.infer.scheduler import Decode, Prefill, Scheduler, Sequence, Status
+from dsv3.infer.scheduler import Chunk, Decode, Prefill, Scheduler, Sequence, Status
 
 DEFAULT_CPU_CACHE_BYTES = 1 << 30  # CPU: 1 GiB of latents unless told otherwise
 DEFAULT_GPU_CACHE_FRACTION = 0.5  # CUDA: this share of the free memory after loading the model
@@ -74,7 +74,8 @@ class LLMEngine:
     max_num_seqs: sequences decoded together. max_model_len: longest prompt + output (default: the
     model's max_position_embeddings, capped by the cache). block_size: tokens per cache block.
     num_gpu_blocks: cache blocks (default: from `cache_bytes`, else 1 GiB on CPU / half the free
-    memory on CUDA). max_num_batched_tokens: prefill chunk size.
+    memory on CUDA). max_num_batched_tokens: most prompt tokens per prefill step (several prompts
+    are packed into one step; longer ones are chunked).
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
@@ -229,19 +230,24 @@ class LLMEngine:
         return outputs
 
     def _run_prefill(self, work: Prefill, touched: dict) -> None:
-        seq = work.seq
-        ids = seq.token_ids[work.start : work.start + work.num_tokens]
-        want_plp = seq.want_prompt_logprobs
-        logits = self.runner.prefill(ids, work.start, seq.block_table, all_logits=want_plp)
-        seq.num_computed += work.num_tokens
+        chunks = work.chunks
+        wants = [c.seq.want_prompt_logprobs for c in chunks]
+        logits = self.runner.prefill([(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table)
+                                      for c in chunks], wants)
+        done, last = [], []
+        for c, lg, want in zip(chunks, logits, wants):
+            c.seq.num_computed += c.num_tokens
+            if want:
+                self._prompt_logprobs(self._requests[c.seq.request_id], c.seq, c, lg)
+            if c.seq.pending == 0:  # the whole prompt is cached: sample its first new token
+                done.append(c.seq)
+                last.append(lg[-1:])
         self.stats["prefill_steps"] += 1
-        self.stats["prefill_tokens"] += work.num_tokens
-        req = self._requests[seq.request_id]
-        if want_plp:
-            self._prompt_logprobs(req, seq, work, logits)
-        if seq.pending == 0:  # the whole prompt is cached: sample its first new token
-            self._sample([seq], logits[-1:])
-            touched[req.request_id] = req
+        self.stats["prefill_tokens"] += sum(c.num_tokens for c in chunks)
+        if done:
+            self._sample(done, torch.cat(last))
+            for seq in done:
+                touched[seq.request_id] = self._requests[seq.request_id]
 
     def _run_decode(self, work: Decode, touched: dict) -> None:
         seqs = work.seqs
@@ -336,7 +342,7 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
 
-    def _prompt_logprobs(self, req: _Request, seq: Sequence, work: Prefill, logits: torch.Tensor) -> None:
+    def _prompt_logprobs(self, req: _Request, seq: Sequence, work: Chunk, logits: torch.Tensor) -> None:
         """Logits at positions start..start+T-1 predict tokens start+1..start+T (the last one, if past the
         prompt, is a generated token and is not a prompt logprob)."""
         if req.prompt_logprobs is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from dsv3.infer.kv_cache import PagedLatentCache
-from dsv3.model.mla import causal_mask
 from dsv3.model.transformer import Transformer
 
 
@@ -56,19 +55,32 @@ class ModelRunner:
         return self.model.lm_head(self.model.model.norm(h)).float()
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], start: int, table: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Compute tokens at positions [start, start+T) of one sequence whose first `start` latents are
-        cached. Returns fp32 logits [T, V] if `all_logits` else [1, V] (last position)."""
-        m, cache, C = self.model, self.cache, self.kv_lora_rank
-        T = len(token_ids)
-        ids = self._tensor([token_ids])  # [1,T]
-        pos = torch.arange(start, start + T, device=self.device)
-        cos, sin = m.rope(pos)  # [1,T,R/2]
-        table_t = self._tensor([table])  # [1,nb]
-        new_slots = cache.slots(table_t, pos[None])[0]  # [T]
-        if start:
-            all_slots = cache.slots(table_t, torch.arange(start + T, device=self.device)[None])  # [1,S]
-            mask = causal_mask(T, start + T, self.device)  # query start+t sees keys <= start+t
+    def prefill(self, chunks: list[tuple[list[int], int, list[int]]], all_logits: list[bool] | None = None) -> list[torch.Tensor]:
+        """Packed prefill of several sequences in one forward (weights are read once for all of them).
+
+        chunks: (token_ids, start, block_table) per sequence: compute positions [start, start+T) whose
+        first `start` latents are already cached. The T_j tokens are concatenated into one row of N
+        tokens; attention runs over every sequence's cached + new latents with a mask that keeps each
+        query inside its own sequence and causal. Returns per chunk fp32 logits, [T_j, V] if
+        all_logits[j] else [1, V] (its last position).
+        """
+        m, cache, C, dev = self.model, self.cache, self.kv_lora_rank, self.device
+        all_logits = all_logits or [False] * len(chunks)
+        ids = self._tensor([[t for ids_, _, _ in chunks for t in ids_]])  # [1,N]
+        q_pos, q_seg, new_slots, k_slots, k_pos, k_seg = [], [], [], [], [], []
+        for j, (ids_j, start, table) in enumerate(chunks):
+            table_t = self._tensor([table])
+            pos = torch.arange(start, start + len(ids_j), device=dev)
+            keys = torch.arange(start + len(ids_j), device=dev)
+            q_pos.append(pos)
+            new_slots.append(cache.slots(table_t, pos[None])[0])
+            k_slots.append(cache.slots(table_t, keys[None])[0])
+            k_pos.append(keys)
+            q_seg.append(torch.full_like(pos, j))
+            k_seg.append(torch.full_like(keys, j))
+        q_pos, new_slots, k_slots = torch.cat(q_pos), torch.cat(new_slots), torch.cat(k_slots)
+        mask = (torch.cat(q_seg)[:, None] == torch.cat(k_seg)[None, :]) & (torch.cat(k_pos)[None, :] <= q_pos[:, None])  # [N,S]
+        cos, sin = m.rope(q_pos)  # [1,N,R/2]
         h = m.model.embed_tokens(ids)
         for i, layer in enumerate(m.model.layers):
             attn = layer.self_attn
@@ -76,14 +88,14 @@ class ModelRunner:
             q_nope, q_pe = attn.project_q(x, cos, sin)
             c_kv, k_pe = attn.project_latent(x, cos, sin)
             cache.write(i, new_slots, c_kv[0], k_pe[0])
-            if start:
-                lat = cache.gather(i, all_slots)  # [1,S,C+R]
-                o = attn.attend_naive(q_nope, q_pe, lat[..., :C], lat[..., C:], mask)
-            else:
-                o = attn.attend_naive(q_nope, q_pe, c_kv, k_pe, None, is_causal=True)
+            lat = cache.gather(i, k_slots[None])  # [1,S,C+R]: every sequence's context, new tokens included
+            o = attn.attend_naive(q_nope, q_pe, lat[..., :C], lat[..., C:], mask)
             h = h + attn.o_proj(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self._logits(h[0] if all_logits else h[0, -1:])
+        ends = torch.tensor([len(c[0]) for c in chunks]).cumsum(0).tolist()
+        rows = [list(range(e - len(c[0]), e)) if a else [e - 1] for c, e, a in zip(chunks, ends, all_logits)]
+        logits = self._logits(h[0, self._tensor([r for rs in rows for r in rs])])  # head only where needed
+        return list(logits.split([len(r) for r in rows]))
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:

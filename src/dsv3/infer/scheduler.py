@@ -4,7 +4,8 @@ A running sequence always has `pending = len(token_ids) - num_computed >= 1` tok
 are not cached yet: one (the token it sampled last) when decoding, more while its prompt is being
 prefilled (or recomputed after preemption). Each step is either
 
-* a prefill chunk of one sequence (at most `chunk_size` tokens; long prompts take several steps), or
+* a prefill of up to `chunk_size` prompt tokens, packed from one or more sequences (a long prompt
+  is cut into chunks over several steps; short prompts that arrive together share one step), or
 * a decode step of every running sequence with exactly one pending token (sequences of any length
   batch together; the paged cache needs no padding).
 
@@ -73,10 +74,15 @@ class Sequence:
 
 
 @dataclass
-class Prefill:
+class Chunk:
     seq: Sequence
     start: int
     num_tokens: int
+
+
+@dataclass
+class Prefill:
+    chunks: list[Chunk]
 
 
 @dataclass
@@ -118,19 +124,23 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _try_prefill(self) -> Optional[Prefill]:
-        seq = next((s for s in self.running if s.pending > 1), None)  # a chunked prefill in progress
-        if seq is None:
-            if not self.waiting or len(self.running) >= self.max_num_seqs:
-                return None
+        budget, chunks = self.chunk_size, []
+        for seq in self.running:  # a chunked prefill in progress goes first
+            if seq.pending > 1 and budget:
+                chunks.append(Chunk(seq, seq.num_computed, min(seq.pending, budget)))
+                budget -= chunks[-1].num_tokens
+        while budget and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # Admit only when the whole prompt fits, and reserve it now: a prompt never stalls half-done.
             if not self.cache.can_allocate(self.cache.blocks_needed(len(seq.token_ids), 0)):
-                return None
+                break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.cache.grow(seq.block_table, len(seq.token_ids))
-        return Prefill(seq, seq.num_computed, min(seq.pending, self.chunk_size))
+            chunks.append(Chunk(seq, seq.num_computed, min(seq.pending, budget)))
+            budget -= chunks[-1].num_tokens
+        return Prefill(chunks) if chunks else None
 
     def _decode(self) -> Optional[Decode]:
         batch: list[Sequence] = []
