@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--tokenizer", help="tokenizer.json (or .json.xz, or a directory); default: the one in --model")
     src.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     src.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    src.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy machine 1 can beat 2)")
     io = p.add_argument_group("input")
     io.add_argument("--input", action="append", help="prompt text (repeat for a batch)")
     io.add_argument("--interactive", action="store_true", help="multi-turn chat keeping history (/clear, /exit)")
@@ -145,6 +146,12 @@ def run(args) -> int:
 
     st = _settings(args)
     sp = _sampling(args, st)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not args.input and not args.interactive:
         raise UserError("give --input TEXT (repeatable) or --interactive")
     try:
