@@ -76,7 +76,7 @@ def test_bench_serve_random_and_sonnet(server, tmp_path, capsys):
     assert res["input_lens"] == [16] * 6 and res["total_input_tokens"] == 96
     assert res["mean_ttft_ms"] > 0 and res["mean_tpot_ms"] > 0 and res["p50_itl_ms"] >= 0
     assert res["max_concurrent_requests"] <= 3
-    assert all(len(itl) == 4 for itl in res["itls"])  # 5 tokens, one per chunk: 4 gaps
+    assert all(1 <= len(itl) <= 4 for itl in res["itls"])  # 5 tokens in <= 5 chunks (a late reader gets several per chunk)
     assert res["request_throughput"] == pytest.approx(6 / res["duration"])
 
     args = ["bench", "serve", "--backend", "openai-chat", "--base-url", server.root, "--api-key", API_KEY,

@@ -147,7 +147,8 @@ class AsyncEngine:
 
 
 class RequestStream:
-    """Async iterator over one request's cumulative `RequestOutput`s, ending with the finished one.
+    """Async iterator over one request's cumulative `RequestOutput`s (the newest available at each
+    step), ending with the finished one.
 
     `close()` (called by the iterator's `finally`, and safe to call again) aborts the request if it
     has not finished, which frees its KV-cache blocks: handlers close every stream they open."""
@@ -162,8 +163,13 @@ class RequestStream:
 
     async def __aiter__(self):
         try:
+            queue = self._stream.queue
             while not self._stream.finished:
-                item = await self._stream.queue.get()
+                item = await queue.get()
+                # Outputs are cumulative: when the consumer fell behind, only the newest matters
+                # (one SSE chunk then carries several tokens, as in vLLM).
+                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+                    item = queue.get_nowait()
                 if isinstance(item, BaseException):
                     raise item
                 if item.finished:

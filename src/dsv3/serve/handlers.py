@@ -23,10 +23,9 @@ from dsv3.errors import UserError
 from dsv3.serve.async_engine import AsyncEngine, RequestStream
 from dsv3.serve.metrics import ServerMetrics
 from dsv3.serve.protocol import (
-    APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-    ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, CompletionChoice, CompletionChunk,
-    CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest, ModelCard,
-    ModelList, TokenizeRequest, TopLogprob, Usage, random_id,
+    APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatResponseMessage,
+    ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    ModelCard, ModelList, TokenizeRequest, TopLogprob, Usage, random_id,
 )
 
 
@@ -202,29 +201,41 @@ class OpenAIServing:
             raise
         return started
 
+    async def _tracked(self, prompt: _Prompt, stream: RequestStream, t0: float) -> AsyncIterator[Any]:
+        """One engine request's outputs; its TTFT / latency / tokens go to the metrics when it ends."""
+        ttft, last = None, None
+        try:
+            async for out in stream:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                last = out
+                yield out
+        finally:
+            stream.close()
+            co = last.outputs[0] if last is not None and last.outputs else None
+            self.metrics.request_done(len(prompt.ids), len(co.token_ids) if co else 0,
+                                      co.finish_reason if co and last.finished else None,
+                                      ttft, time.perf_counter() - t0)
+
     async def _merged(self, started) -> AsyncIterator[tuple[int, Any]]:
-        """Interleave the outputs of several engine requests as they come; record metrics."""
-        queue: asyncio.Queue = asyncio.Queue()
+        """Interleave the outputs of several engine requests as they come (one request: no extra task)."""
         t0 = time.perf_counter()
+        if len(started) == 1:
+            index, prompt, stream = started[0]
+            async for out in self._tracked(prompt, stream, t0):
+                yield index, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, prompt: _Prompt, stream: RequestStream) -> None:
-            ttft, last = None, None
             try:
-                async for out in stream:
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                    last = out
+                async for out in self._tracked(prompt, stream, t0):
                     await queue.put((index, out, None))
                 await queue.put((index, None, None))
             except asyncio.CancelledError:
                 raise
             except BaseException as e:
                 await queue.put((index, None, e))
-            finally:
-                co = last.outputs[0] if last is not None and last.outputs else None
-                self.metrics.request_done(len(prompt.ids), len(co.token_ids) if co else 0,
-                                          co.finish_reason if co and last.finished else None,
-                                          ttft, time.perf_counter() - t0)
 
         tasks = [asyncio.create_task(pump(i, p, s)) for i, p, s in started]
         try:
@@ -346,7 +357,7 @@ class OpenAIServing:
         return resp.model_dump()
 
     async def _completion_stream(self, req, request_id, started, prompt_tokens) -> AsyncIterator[str]:
-        out_chunks = _Chunks(CompletionChunk, request_id, self.model_name, prompt_tokens, req)
+        out_chunks = _Chunks("text_completion", request_id, self.model_name, prompt_tokens, req)
         states = {index: _TextState(_holdback(req.stop)) for index, _, _ in started}
         prompts = {index: p for index, p, _ in started}
 
@@ -372,10 +383,10 @@ class OpenAIServing:
                 out_chunks.done[index] = len(co.token_ids)
                 if not piece and not out.finished and not new_ids:
                     continue
-                choice = CompletionChoice(index=index, text=piece, logprobs=lps,
-                                          finish_reason=co.finish_reason if out.finished else None,
-                                          stop_reason=co.stop_reason if out.finished else None)
-                yield out_chunks.sse([choice])
+                yield out_chunks.sse([{
+                    "index": index, "text": piece, "logprobs": lps.model_dump() if lps is not None else None,
+                    "finish_reason": co.finish_reason if out.finished else None,
+                    "stop_reason": co.stop_reason if out.finished else None}])
             if out_chunks.include_usage:
                 yield out_chunks.sse([], final=True)
         except Exception as e:  # the stream has started: report in-band, never crash the server
@@ -418,7 +429,7 @@ class OpenAIServing:
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage).model_dump()
 
     async def _chat_stream(self, req, request_id, started, prompt_tokens: int, k: int | None) -> AsyncIterator[str]:
-        out_chunks = _Chunks(ChatCompletionChunk, request_id, self.model_name, prompt_tokens, req)
+        out_chunks = _Chunks("chat.completion.chunk", request_id, self.model_name, prompt_tokens, req)
         states = {index: _TextState(_holdback(req.stop)) for index, _, _ in started}
 
         try:
@@ -426,8 +437,8 @@ class OpenAIServing:
                 st, co = states[index], out.outputs[0]
                 if not st.started:  # vLLM sends the role chunk with the first engine output
                     st.started = True
-                    first = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
-                    yield out_chunks.sse([first])
+                    yield out_chunks.sse([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}])
                 piece = st.delta(co.text, out.finished)
                 new_ids = list(co.token_ids[st.sent_tokens:])
                 lps = None
@@ -437,9 +448,10 @@ class OpenAIServing:
                 out_chunks.done[index] = len(co.token_ids)
                 if not piece and not out.finished:
                     continue
-                choice = ChatStreamChoice(index=index, delta=DeltaMessage(content=piece) if piece else DeltaMessage(),
-                                          logprobs=lps, finish_reason=co.finish_reason if out.finished else None)
-                yield out_chunks.sse([choice])
+                yield out_chunks.sse([{
+                    "index": index, "delta": {"content": piece} if piece else {},
+                    "logprobs": lps.model_dump() if lps is not None else None,
+                    "finish_reason": co.finish_reason if out.finished else None}])
             if out_chunks.include_usage:
                 yield out_chunks.sse([], final=True)
         except Exception as e:
@@ -450,23 +462,24 @@ class OpenAIServing:
 # ---------------------------------------------------------------------- helpers
 class _Chunks:
     """SSE chunks of one streamed response: shared id / created / model, and the usage so far
-    (`done[index]` = tokens of choice `index`) for `include_usage` / `continuous_usage_stats`."""
+    (`done[index]` = tokens of choice `index`) for `include_usage` / `continuous_usage_stats`.
+    Chunks are plain dicts (one per token per request: no pydantic on the hot path)."""
 
-    def __init__(self, cls, request_id: str, model: str, prompt_tokens: int, req):
-        self.cls, self.id, self.model, self.created = cls, request_id, model, int(time.time())
+    def __init__(self, obj: str, request_id: str, model: str, prompt_tokens: int, req):
+        self.head = {"id": request_id, "object": obj, "created": int(time.time()), "model": model}
         self.prompt_tokens = prompt_tokens
         self.done: dict[int, int] = {}
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous = self.include_usage and bool(opts.continuous_usage_stats)
 
-    def sse(self, choices: list, final: bool = False) -> str:
-        usage = None
+    def sse(self, choices: list[dict], final: bool = False) -> str:
+        chunk: dict[str, Any] = {**self.head, "choices": choices}
         if final or self.continuous:
             n = sum(self.done.values())
-            usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=n, total_tokens=self.prompt_tokens + n)
-        c = self.cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
-        return _sse(c.model_dump(exclude_none=True) if not choices else _dump_chunk(c))
+            chunk["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
+                              "total_tokens": self.prompt_tokens + n}
+        return _sse(chunk)
 
 
 def _holdback(stop) -> int:
@@ -487,16 +500,6 @@ def _finite(x: float) -> float:
 
 def _sse(obj: dict) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
-
-
-def _dump_chunk(c) -> dict:
-    """Chunk JSON: drop None fields except `finish_reason` / `content`-less deltas, which clients expect."""
-    d = c.model_dump(exclude_none=True)
-    for ch, model_ch in zip(d["choices"], c.choices):
-        ch["finish_reason"] = model_ch.finish_reason
-        if "logprobs" not in ch:
-            ch["logprobs"] = None
-    return d
 
 
 def _error_body(e: BaseException) -> dict:
