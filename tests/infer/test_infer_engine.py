@@ -54,17 +54,17 @@ def test_absorbed_decode_matches_model_reference_paths(model):
     H, P, R, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     lens = [5, 1, 9]
     S = max(lens)
-    q_nope, q_pe = torch.randn(3, H, P), torch.randn(3, H, R)
+    q_nope, q_pe = torch.randn(3, 1, H, P), torch.randn(3, 1, H, R)
     lat = torch.randn(3, S, C + R)
-    valid = torch.arange(S)[None] < torch.tensor(lens)[:, None]
+    valid = (torch.arange(S)[None] < torch.tensor(lens)[:, None])[:, None]  # [B,1,S]
     w_uk, w_uv = attn.absorbed_weights()
     got = absorbed_decode(q_nope, q_pe, lat, valid, w_uk.contiguous(), w_uv.transpose(1, 2).contiguous(), attn.softmax_scale)
     for b, n in enumerate(lens):
-        args = (q_nope[b : b + 1, None], q_pe[b : b + 1, None], lat[b : b + 1, :n, :C], lat[b : b + 1, :n, C:])
+        args = (q_nope[b : b + 1], q_pe[b : b + 1], lat[b : b + 1, :n, :C], lat[b : b + 1, :n, C:])
         ref_abs = attn.attend_absorbed(*args, mask=None)[0, 0]
         ref_naive = attn.attend_naive(*args, mask=None, reference=True)[0, 0]
-        torch.testing.assert_close(got[b], ref_abs, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got[b], ref_naive, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[b, 0], ref_abs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[b, 0], ref_naive, rtol=1e-4, atol=1e-5)
 
 
 def test_engine_logits_match_full_forward(model):
@@ -75,8 +75,8 @@ def test_engine_logits_match_full_forward(model):
         full = model(torch.tensor([ids + [7]]))[0].float()
     lp_prefill = eng.runner.prefill([(ids, 0, list(range(7)))], [True])[0]
     torch.testing.assert_close(lp_prefill, full[:-1], rtol=1e-4, atol=1e-4)
-    lp_decode = eng.runner.decode([7], [len(ids)], [list(range(7))])
-    torch.testing.assert_close(lp_decode[0], full[-1], rtol=1e-4, atol=1e-4)
+    lp_decode = eng.runner.decode([[7]], [len(ids)], [list(range(7))])
+    torch.testing.assert_close(lp_decode[0, 0], full[-1], rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_cpu_runs_and_tracks_fp32(tiny_config):

@@ -75,13 +75,14 @@ class LLMEngine:
     model's max_position_embeddings, capped by the cache). block_size: tokens per cache block.
     num_gpu_blocks: cache blocks (default: from `cache_bytes`, else 1 GiB on CPU / half the free
     memory on CUDA). max_num_batched_tokens: most prompt tokens per prefill step (several prompts
-    are packed into one step; longer ones are chunked).
+    are packed into one step; longer ones are chunked). speculative: greedy MTP speculative decoding (the MTP
+    block drafts one token, the next decode step verifies it; output identical to plain greedy).
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
                  block_size: int = 16, num_gpu_blocks: Optional[int] = None, cache_bytes: Optional[int] = None,
                  max_num_batched_tokens: int = 2048, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None):
+                 dtype: str | torch.dtype | None = None, speculative: bool = False):
         cfg: ModelConfig = model.config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else next(model.parameters()).dtype
@@ -90,7 +91,11 @@ class LLMEngine:
         self.tokenizer = tokenizer
         if max_num_seqs < 1 or block_size < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs, block_size and max_num_batched_tokens must be >= 1")
-        per_token = PagedLatentCache.bytes_per_token_per_layer(cfg, self.dtype) * cfg.num_hidden_layers
+        if speculative and not len(getattr(model.model, "mtp", [])):
+            raise ValueError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1, MTP weights loaded)")
+        self.speculative = speculative
+        cache_layers = cfg.num_hidden_layers + (1 if speculative else 0)  # the MTP block has its own cache layer
+        per_token = PagedLatentCache.bytes_per_token_per_layer(cfg, self.dtype) * cache_layers
         if num_gpu_blocks is None:
             if cache_bytes is None:
                 if self.device.type == "cuda":
@@ -100,14 +105,15 @@ class LLMEngine:
                     want = max_num_seqs * (max_model_len or cfg.max_position_embeddings) * per_token
                     cache_bytes = min(DEFAULT_CPU_CACHE_BYTES, want)
             num_gpu_blocks = max(1, cache_bytes // (per_token * block_size))
-        self.cache = PagedLatentCache(cfg, cfg.num_hidden_layers, num_gpu_blocks, block_size, self.dtype, self.device)
+        self.cache = PagedLatentCache(cfg, cache_layers, num_gpu_blocks, block_size, self.dtype, self.device)
         capacity = num_gpu_blocks * block_size
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, capacity)
         if max_model_len is not None and max_model_len > capacity:
             raise ValueError(f"max_model_len {max_model_len} exceeds the KV cache capacity of {capacity} tokens "
                              f"({num_gpu_blocks} blocks of {block_size}); give more cache (num_gpu_blocks / cache_bytes)")
         self.runner = ModelRunner(self.model, self.cache)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
+        # speculation writes one position past the last token (the draft): decode reserves that slot
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, lookahead=1 if speculative else 0)
         self.eos_ids = {cfg.eos_token_id}
         tok_eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
         if tok_eos is None and tokenizer is not None:
@@ -119,7 +125,8 @@ class LLMEngine:
         self._new: list[_Request] = []
         self._aborts: list[str] = []
         self._seq_ids = itertools.count()
-        self.stats = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self.stats = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "spec_steps": 0,
+                      "spec_drafts": 0, "spec_accepted": 0}
 
     # ---- construction from a checkpoint directory
     @classmethod
@@ -128,7 +135,7 @@ class LLMEngine:
         """Load an HF-format (or dsv3) checkpoint directory; the tokenizer defaults to the one inside it."""
         dev = torch.device(device) if device is not None else default_device()
         dt = resolve_dtype(dtype, dev)
-        model = load_model(model_dir, dt, dev)
+        model = load_model(model_dir, dt, dev, mtp=bool(engine_kwargs.get("speculative")))
         return cls(model, load_tokenizer_for(model_dir, tokenizer), device=dev, dtype=dt, **engine_kwargs)
 
     # ---- requests
@@ -218,10 +225,11 @@ class LLMEngine:
                     self._finish(seq, "abort")
             touched[rid] = req
         work = self.scheduler.schedule()
-        if isinstance(work, Prefill):
-            self._run_prefill(work, touched)
-        elif isinstance(work, Decode):
-            self._run_decode(work, touched)
+        with torch.inference_mode():
+            if isinstance(work, Prefill):
+                self._run_prefill(work, touched)
+            elif isinstance(work, Decode):
+                self._run_decode(work, touched)
         outputs = [self._output(req) for req in touched.values()]
         with self._lock:
             for req in touched.values():
@@ -232,8 +240,11 @@ class LLMEngine:
     def _run_prefill(self, work: Prefill, touched: dict) -> None:
         chunks = work.chunks
         wants = [c.seq.want_prompt_logprobs for c in chunks]
-        logits = self.runner.prefill([(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table)
-                                      for c in chunks], wants)
+        inputs = [(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table) for c in chunks]
+        if self.speculative:
+            logits, packed, hidden = self.runner.prefill(inputs, wants, return_hidden=True)
+        else:
+            logits = self.runner.prefill(inputs, wants)
         done, last = [], []
         for c, lg, want in zip(chunks, logits, wants):
             c.seq.num_computed += c.num_tokens
@@ -244,35 +255,87 @@ class LLMEngine:
                 last.append(lg[-1:])
         self.stats["prefill_steps"] += 1
         self.stats["prefill_tokens"] += sum(c.num_tokens for c in chunks)
-        if done:
-            self._sample(done, torch.cat(last))
-            for seq in done:
-                touched[seq.request_id] = self._requests[seq.request_id]
+        new = dict(zip((s.seq_id for s in done), self._sample(done, torch.cat(last)) if done else []))
+        if self.speculative:
+            # MTP over the same positions: position i takes (hidden_i, token_{i+1}); the last token of a
+            # finished prompt is the one just sampled. Its logits at the last position are the draft.
+            next_ids = [t for c in chunks for t in (c.seq.token_ids + [new.get(c.seq.seq_id, -1)])[c.start + 1 : c.start + c.num_tokens + 1]]
+            drafts = self.runner.mtp_prefill(packed, hidden, next_ids).argmax(-1).tolist()
+            for c, d in zip(chunks, drafts):
+                c.seq.draft = d if c.seq.seq_id in new else None
+        for seq in done:
+            self._append(seq, new[seq.seq_id])
+            touched[seq.request_id] = self._requests[seq.request_id]
+
+    def _spec_ready(self, seq: Sequence) -> bool:
+        """Greedy verification gives exactly the tokens `_sample` would pick only for plain greedy rows."""
+        p = seq.params
+        return (seq.draft is not None and p.greedy and p.logprobs is None
+                and p.repetition_penalty == 1 and not p.presence_penalty and not p.frequency_penalty)
 
     def _run_decode(self, work: Decode, touched: dict) -> None:
         seqs = work.seqs
-        logits = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs],
-                                    [s.block_table for s in seqs])
-        for s in seqs:
-            s.num_computed += 1
+        positions, tables = [len(s.token_ids) - 1 for s in seqs], [s.block_table for s in seqs]
         self.stats["decode_steps"] += 1
-        self.stats["decode_tokens"] += len(seqs)
-        self._sample(seqs, logits)
+        if self.speculative and all(self._spec_ready(s) for s in seqs):
+            self._run_speculative(seqs, positions, tables)
+        else:
+            if self.speculative:
+                logits, hidden = self.runner.decode([[s.token_ids[-1]] for s in seqs], positions, tables, return_hidden=True)
+            else:
+                logits = self.runner.decode([[s.token_ids[-1]] for s in seqs], positions, tables)
+            new = self._sample(seqs, logits[:, 0])
+            if self.speculative:  # keep the MTP cache in step and draft the token after `new`
+                mtp = self.runner.mtp_decode(hidden, [[t] for t in new], positions, tables)
+                for s, d in zip(seqs, mtp[:, 0].argmax(-1).tolist()):
+                    s.draft = d
+            for s, tok in zip(seqs, new):
+                s.num_computed += 1
+                self._append(s, tok)
+            self.stats["decode_tokens"] += len(seqs)
         for s in seqs:
             touched[s.request_id] = self._requests[s.request_id]
 
+    def _run_speculative(self, seqs: list[Sequence], positions: list[int], tables: list[list[int]]) -> None:
+        """Greedy MTP speculation: verify [last token, draft] in one forward, keep the draft if the model
+        agrees, plus the model's next token (1 or 2 tokens per step, identical to plain greedy)."""
+        logits, hidden = self.runner.decode([[s.token_ids[-1], s.draft] for s in seqs], positions, tables, return_hidden=True)
+        for b, s in enumerate(seqs):
+            for t in range(2):  # min_tokens: eos / stop ids may not be chosen yet (as in `_sample`)
+                if s.num_output + t < s.params.min_tokens:
+                    logits[b, t, self._stop_ids(s)] = float("-inf")
+        target = logits.argmax(-1).tolist()  # [B,2]: the step's one host sync
+        accepted = [t[0] == s.draft for s, t in zip(seqs, target)]
+        # MTP at both positions (the second row is garbage when the draft was rejected, and is
+        # overwritten next step); the draft comes from the last accepted position.
+        mtp = self.runner.mtp_decode(hidden, [[t[0], t[1] if a else 0] for t, a in zip(target, accepted)], positions, tables)
+        drafts = mtp.argmax(-1).tolist()
+        self.stats["spec_steps"] += 1
+        self.stats["spec_drafts"] += len(seqs)
+        for s, t, a, d in zip(seqs, target, accepted, drafts):
+            s.draft = d[1] if a else d[0]
+            s.num_computed += 1
+            self._append(s, t[0])
+            self.stats["decode_tokens"] += 1
+            if a and s.status is not Status.FINISHED:
+                s.num_computed += 1
+                self._append(s, t[1])
+                self.stats["decode_tokens"] += 1
+                self.stats["spec_accepted"] += 1
+
     # ---- sampling and post-processing
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """logits [B,V] fp32 of the last position of each sequence -> append one token to each."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """logits [B,V] fp32 of the last position of each sequence -> one token each (logprobs recorded;
+        the caller appends, after anything that still needs the sequences' blocks)."""
         params = [s.params for s in seqs]
         vocab = logits.shape[-1]
         raw = logits
         rows, cols = [], []
         for r, s in enumerate(seqs):
             if s.num_output < s.params.min_tokens:  # eos / stop ids may not end it yet
-                stops = set(s.params.stop_token_ids or []) | (set() if s.params.ignore_eos else self.eos_ids)
+                stops = self._stop_ids(s)
                 rows += [r] * len(stops)
-                cols += sorted(stops)
+                cols += stops
         if rows:
             logits = logits.clone()
             logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
@@ -288,14 +351,18 @@ class LLMEngine:
             top = max(n or 0 for n in n_lp)
             chosen_lp, rank, top_ids, top_lp = topn_logprobs(raw.log_softmax(-1), next_ids, top)
             lp_rows = (chosen_lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist())
-        for r, (s, tok) in enumerate(zip(seqs, next_ids.tolist())):  # the step's one host sync
+        tokens = next_ids.tolist()  # the step's one host sync
+        for r, (s, tok) in enumerate(zip(seqs, tokens)):
             if lp_rows is not None and s.logprobs is not None:
                 entry = {tid: Logprob(lp, i + 1, self._token_text(tid))
                          for i, (tid, lp) in enumerate(zip(lp_rows[2][r][: s.params.logprobs], lp_rows[3][r][: s.params.logprobs]))}
                 entry.setdefault(tok, Logprob(lp_rows[0][r], lp_rows[1][r], self._token_text(tok)))
                 s.logprobs.append(entry)
                 s.cumulative_logprob += lp_rows[0][r]
-            self._append(s, tok)
+        return tokens
+
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        return sorted(set(seq.params.stop_token_ids or []) | (set() if seq.params.ignore_eos else self.eos_ids))
 
     def _append(self, seq: Sequence, tok: int) -> None:
         p = seq.params
@@ -387,11 +454,12 @@ def encode_text(tokenizer: Any, text: str, add_bos: bool) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=add_bos))
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device):
-    """A `Transformer` from a checkpoint directory, via the checkpoint package's loader."""
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, mtp: bool = False):
+    """A `Transformer` from a checkpoint directory, via the checkpoint package's loader (the MTP
+    modules only when speculative decoding uses them)."""
     import dsv3
 
-    return dsv3.from_pretrained(model_dir, dtype=dtype, device=device, mtp=False)  # MTP unused without speculation
+    return dsv3.from_pretrained(model_dir, dtype=dtype, device=device, mtp=True if mtp else False)
 
 
 def load_tokenizer_for(model_dir: str | Path | None, tokenizer: Any = None):

@@ -58,6 +58,7 @@ class Sequence:
     stop_reason: int | str | None = None
     detok: Any = None  # incremental detokenizer state (engine-owned)
     new_text_len: int = 0  # length of the text the newest token added
+    draft: Optional[int] = None  # MTP's guess of the token after the last one (speculative decoding)
     want_prompt_logprobs: bool = False
 
     @property
@@ -93,10 +94,11 @@ class Decode:
 class Scheduler:
     """FIFO admission, prefill-first steps, preempt-by-recompute when the cache is full."""
 
-    def __init__(self, cache: PagedLatentCache, max_num_seqs: int, chunk_size: int):
+    def __init__(self, cache: PagedLatentCache, max_num_seqs: int, chunk_size: int, lookahead: int = 0):
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.chunk_size = chunk_size
+        self.lookahead = lookahead  # extra slots a decode step may write (the speculative draft)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order; the last one is preempted first
         self.num_preemptions = 0
@@ -147,7 +149,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.pending != 1:
                 continue
-            need = self.cache.blocks_needed(len(seq.token_ids), len(seq.block_table))
+            need = self.cache.blocks_needed(len(seq.token_ids) + self.lookahead, len(seq.block_table))
             while not self.cache.can_allocate(need) and self.running[-1] is not seq:
                 victim = self.running[-1]
                 if victim in batch:
@@ -156,7 +158,7 @@ class Scheduler:
             if not self.cache.can_allocate(need):
                 self._preempt(seq)  # the newest sequence gives way itself
                 continue
-            self.cache.grow(seq.block_table, len(seq.token_ids))
+            self.cache.grow(seq.block_table, len(seq.token_ids) + self.lookahead)
             batch.append(seq)
         return Decode(batch) if batch else None
 

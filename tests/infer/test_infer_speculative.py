@@ -1,0 +1,115 @@
+"""Greedy MTP speculative decoding: token-identical to plain greedy; MTP drafts equal the model's MTP head."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from infer_helpers import GREEDY, LLMEngine, engine_greedy
+
+from dsv3.config.presets import load_model_config
+from dsv3.infer.runner import absorbed_decode
+from dsv3.model.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_model_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    cfg = dataclasses.replace(cfg, vocab_size=256)
+    assert cfg.num_nextn_predict_layers == 1
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    m.reset_parameters(std=0.08)
+    return m.eval()
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_two_query_rows_match_masked_reference(model):
+    """absorbed_decode with T=2 queries per row (the verify step) == MLA.attend_absorbed with a causal mask."""
+    attn = model.model.layers[1].self_attn
+    cfg = model.config
+    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    q_nope, q_pe = torch.randn(2, 2, H, cfg.qk_nope_head_dim), torch.randn(2, 2, H, R)
+    lat = torch.randn(2, 7, C + R)
+    last = torch.tensor([6, 3])  # row 0 queries at positions 5,6; row 1 at 2,3 (keys 4..6 are padding)
+    pos = last[:, None] + torch.tensor([-1, 0])
+    valid = torch.arange(7)[None, None, :] <= pos[:, :, None]
+    w_uk, w_uv = attn.absorbed_weights()
+    got = absorbed_decode(q_nope, q_pe, lat, valid, w_uk.contiguous(), w_uv.transpose(1, 2).contiguous(), attn.softmax_scale)
+    for b in range(2):
+        n = int(last[b]) + 1
+        ref = attn.attend_absorbed(q_nope[b : b + 1], q_pe[b : b + 1], lat[b : b + 1, :n, :C], lat[b : b + 1, :n, C:],
+                                   valid[b, :, :n])
+        torch.testing.assert_close(got[b], ref[0], rtol=1e-4, atol=1e-5)
+
+
+def test_speculative_equals_plain_greedy(model):
+    prompts = _prompts([7, 19, 3])
+    plain = engine_greedy(LLMEngine(model, None, num_gpu_blocks=64, block_size=4), prompts, 24)
+    spec = LLMEngine(model, None, num_gpu_blocks=64, block_size=4, speculative=True, max_num_batched_tokens=8)
+    assert engine_greedy(spec, prompts, 24, start_after={2: 5}) == plain
+    assert spec.stats["spec_steps"] > 0
+    assert spec.cache_info()["free_blocks"] == 64
+
+
+def test_mtp_drafts_equal_model_mtp_head(model):
+    """After every step the draft is the argmax of the model's own MTP head (full forward) at the last
+    computed position: the MTP cache is advanced correctly through prefill, verify and plain steps."""
+    prompt = _prompts([9], seed=3)[0]
+    eng = LLMEngine(model, None, num_gpu_blocks=32, block_size=4, speculative=True, max_num_batched_tokens=4)
+    eng.add_request("a", None, prompt, GREEDY(12))
+    seen = []  # (tokens so far, draft)
+    while eng.has_unfinished_requests():
+        eng.step()
+        req = eng._requests.get("a")
+        if req is not None and req.seqs[0].draft is not None:
+            seen.append((len(req.seqs[0].token_ids), req.seqs[0].draft))
+    final = prompt + engine_greedy(LLMEngine(model, None, num_gpu_blocks=32, block_size=4), [prompt], 12)[0]
+    with torch.no_grad():
+        _, (mtp,) = model(torch.tensor([final]), return_mtp=True)
+    ref = mtp[0].argmax(-1).tolist()  # ref[i]: depth-1 MTP at position i (h_i, token i+1) predicts token i+2
+    assert len(seen) >= 5
+    assert [d for _, d in seen] == [ref[n - 2] for n, _ in seen]
+
+
+def test_accept_branch_with_oracle_drafts(model, monkeypatch):
+    """Drafts forced right (mostly) or wrong: both branches run and the output stays plain greedy."""
+    prompts = _prompts([6, 11], seed=4)
+    plain = engine_greedy(LLMEngine(model, None, num_gpu_blocks=64, block_size=4), prompts, 20)
+    truth = [p + o for p, o in zip(prompts, plain)]
+    eng = LLMEngine(model, None, num_gpu_blocks=64, block_size=4, speculative=True)
+    runner = eng.runner
+    real_prefill, real_decode = runner.mtp_prefill, runner.mtp_decode
+    V = model.config.vocab_size
+
+    def oracle(seq_truth, pos):  # the draft for token pos+2: right unless pos % 4 == 0
+        tok = seq_truth[pos + 2] if pos + 2 < len(seq_truth) else 0
+        return tok if pos % 4 else (tok + 1) % V
+
+    def onehot(tokens):
+        return torch.nn.functional.one_hot(torch.tensor(tokens), V).float()
+
+    def mtp_prefill(pk, hidden, next_ids):
+        real_prefill(pk, hidden, next_ids)  # keeps the MTP cache filled
+        last = [int(pk.q_pos[rs[-1]]) for rs in pk.rows]
+        return onehot([oracle(next(t for t in truth if len(t) - 20 == p + 1), p) for p in last])
+
+    def mtp_decode(hidden, next_ids, positions, tables):
+        real_decode(hidden, next_ids, positions, tables)
+        seqs = {id(s.block_table): s for r in eng._requests.values() for s in r.seqs}
+        rows = []
+        for p, t in zip(positions, tables):
+            seq_truth = truth[prompts.index(seqs[id(t)].token_ids[: seqs[id(t)].num_prompt_tokens])]
+            rows.append([oracle(seq_truth, p + k) for k in range(len(next_ids[0]))])
+        return torch.stack([onehot(r) for r in rows])
+
+    monkeypatch.setattr(runner, "mtp_prefill", mtp_prefill)
+    monkeypatch.setattr(runner, "mtp_decode", mtp_decode)
+    assert engine_greedy(eng, prompts, 20) == plain
+    assert eng.stats["spec_accepted"] > 5 and eng.stats["spec_drafts"] > eng.stats["spec_accepted"]  # both branches ran
