@@ -97,3 +97,20 @@ def test_total_loss_is_main_plus_mtp_plus_every_layers_balance_loss(tiny_config)
     assert math.isclose(parts["mtp"].item(), lam * mtp, rel_tol=1e-4)
     assert math.isclose(parts["aux"].item(), aux, rel_tol=1e-4)
     assert math.isclose(total.item(), main + lam * mtp + aux, rel_tol=1e-4)
+
+
+def test_bf16_autocast_keeps_the_router_in_fp32(tiny_config):
+    import dataclasses
+
+    model = Transformer(dataclasses.replace(tiny_config, vocab_size=1000))
+    model.reset_parameters(std=0.2)
+    gate = model.moe_layers()[0].gate
+    x = torch.randn(16, tiny_config.hidden_size)
+    ref = gate.scores(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = gate.scores(x)
+        _, parts = compute_loss(model.train(), {"tokens": torch.randint(0, 1000, (1, 8)), "labels": torch.randint(0, 1000, (1, 8)),
+                                                "loss_mask": torch.ones(1, 8)}, 0.3)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, ref)
+    assert torch.isfinite(parts["lm"]) and parts["lm"].dtype == torch.float32

@@ -52,7 +52,8 @@ class Gate(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [N,D] -> affinities s [N,E] in fp32."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would cast this matmul down
+            logits = F.linear(x.float(), self.weight.float())
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
