@@ -17,7 +17,7 @@ import tokenizers
 from dsv3.cli import main
 from dsv3.data.indexed_dataset import IndexedDataset
 from dsv3.data.preprocess import preprocess
-from dsv3.data.wikitext import clean, wikitext_documents
+from dsv3.data.wikitext import clean, wikitext_documents, wikitext_to_jsonl
 
 
 @pytest.fixture
@@ -38,6 +38,18 @@ def test_wikitext_clean_golden():
     raw = " \n = Title = \n \n A 1 @,@ 000 @-@ year ( approx . ) \" quoted \" run , see : it 's N . \n \n = = Sub = = \n \n B . \n"
     assert clean(raw) == '\n= Title =\n\nA 1,000-year (approx.) "quoted" run, see: it\'s N.\n\n== Sub ==\n\nB.\n'
     assert list(wikitext_documents(raw)) == ["A 1,000-year (approx.) \"quoted\" run, see: it's N.", "B.\n"]
+
+
+def test_wikitext_jsonl_route_gives_same_dataset(tmp_path, wiki_slice, tokenizer_json):
+    """wiki.train.tokens -> paragraph JSON lines (the seed's intermediate file) -> same .bin/.idx."""
+    n = wikitext_to_jsonl(wiki_slice, tmp_path / "wiki.jsonl")
+    rows = [json.loads(x) for x in (tmp_path / "wiki.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == n and rows[0]["id"] == "0" and rows[1]["text"] == list(wikitext_documents(
+        wiki_slice.read_text(encoding="utf-8")))[1]
+    a = preprocess(wiki_slice, str(tmp_path / "a"), str(tokenizer_json), seq_length=128, progress=False)
+    b = preprocess(tmp_path / "wiki.jsonl", str(tmp_path / "b"), str(tokenizer_json), seq_length=128, progress=False)
+    for ext in (".bin", ".idx"):
+        assert open(a.prefixes["text"] + ext, "rb").read() == open(b.prefixes["text"] + ext, "rb").read()
 
 
 def test_document_mode_exact_tokenizers_ids(tmp_path, wiki_slice, tokenizer_json, raw_tokenizer):

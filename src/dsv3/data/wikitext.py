@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import lzma
 import os
 import re
@@ -151,3 +152,20 @@ def read_wikitext_documents(path: str | os.PathLike) -> list[str]:
     with open_text(path) as f:
         return list(wikitext_documents(f.read()))
 
+
+def wikitext_to_jsonl(src: str | os.PathLike, dst: str | os.PathLike) -> int:
+    """Write the paragraph documents as JSON lines `{"text": ..., "id": "<n>"}` (the seed script's
+    intermediate file; Megatron's own `preprocess_data.py` reads it). Returns the number of lines;
+    `dst` appears only when complete."""
+    dst = Path(dst)
+    docs = read_wikitext_documents(src)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for i, doc in enumerate(docs):
+                f.write(json.dumps({"text": doc, "id": str(i)}) + "\n")
+        os.replace(tmp, dst)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return len(docs)
