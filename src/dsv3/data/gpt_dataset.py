@@ -272,7 +272,8 @@ class GPTDataset(torch.utils.data.Dataset):
         sizes = self.dataset.sequence_lengths
         tokens_per_epoch = int(np.sum(sizes[self.indices]))
         if tokens_per_epoch < 2:
-            raise UserError(f"{self.prefix}: the {self.split} split has {tokens_per_epoch} tokens; nothing to sample")
+            raise UserError(f"{self.prefix}: the {self.split} split ({len(self.indices)} of {len(self.dataset)} "
+                            f"sequences) has {tokens_per_epoch} tokens, nothing to sample; change split {self.cfg.split!r}")
         epochs = num_epochs_for(tokens_per_epoch, self.num_samples, L)
         separate_final_epoch = False
         if epochs > 1:
