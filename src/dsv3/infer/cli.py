@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-num-seqs", type=int, default=8)
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
+    e.add_argument("--speculative", action="store_true", help="greedy MTP speculative decoding (needs the checkpoint's MTP layer)")
     e.add_argument("--quiet", action="store_true", help="no cache/speed report on stderr")
 
 
@@ -115,8 +116,9 @@ def _report(engine, n_tokens: int, seconds: float) -> None:
     c = engine.cache_info()
     rate = n_tokens / seconds if seconds > 0 else float("inf")
     print(f"[{n_tokens} tokens in {seconds:.2f}s, {rate:.2f} tok/s; KV cache: {c['used_blocks']}/{c['num_blocks']} blocks "
-          f"of {c['block_size']} used, {c['bytes_per_token']} B/token ({c['bytes_per_token_per_layer']} B/token/layer)]",
-          file=sys.stderr)
+          f"of {c['block_size']} used, {c['bytes_per_token']} B/token ({c['bytes_per_token_per_layer']} B/token/layer)"
+          + (f"; MTP drafts accepted {engine.stats['spec_accepted']}/{engine.stats['spec_drafts']}" if engine.speculative else "")
+          + "]", file=sys.stderr)
 
 
 def _stream(llm, prompt, sp) -> tuple[str, int]:
@@ -156,7 +158,8 @@ def run(args) -> int:
         raise UserError("give --input TEXT (repeatable) or --interactive")
     try:
         llm = LLM(st["model"], tokenizer=st["tokenizer"], dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-                  max_model_len=args.max_model_len, block_size=args.block_size, num_gpu_blocks=args.num_blocks)
+                  max_model_len=args.max_model_len, block_size=args.block_size, num_gpu_blocks=args.num_blocks,
+                  speculative=args.speculative)
     except ValueError as e:
         raise UserError(str(e)) from None
     if llm.get_tokenizer() is None:
