@@ -157,3 +157,10 @@ def dcp_load_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[float]:
     opt = build_optimizer(dm, lr=LR)
     load(ckpt, dm.parts, opt)
     return [train_step(dm, opt, w, bias_gamma=GAMMA) for w in batches(cfg, 4)[2:]]
+
+
+def dcp_roundtrip_job(cfg: ModelConfig, ckpt: str) -> dict:
+    """Save under dp2 x pp2, then (same process group) load under dp4."""
+    saved = dcp_save_job(cfg, {"data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}, ckpt)
+    loaded = dcp_load_job(cfg, {"data_parallel": 4}, ckpt)
+    return {"saved": saved, "loaded": loaded}

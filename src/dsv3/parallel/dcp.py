@@ -12,6 +12,7 @@ with the parameter's own layout, so it reshards the same way.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,7 +76,9 @@ def load(path: str | Path, parts: list[nn.Module], optimizer: torch.optim.Optimi
     if optimizer is not None:
         state.update(optimizer_state(parts, optimizer, init=True))
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():  # single process is intended here, not a fallback
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except Exception as e:  # DCP reports missing keys / shape mismatches in a CheckpointException
         raise UserError(f"{path}: cannot load into this model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     for part in parts:

@@ -53,16 +53,15 @@ def _local_experts(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def grouped_expert_compute(xs: torch.Tensor, counts: list[int], gate_w, up_w, down_w) -> torch.Tensor:
-    """xs [M,D] sorted by local expert, counts[e] rows each -> SwiGLU of each expert on its slice."""
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            x = xs[start : start + n]
-            h = torch.nn.functional.silu(x @ gate_w[e].t()) * (x @ up_w[e].t())
-            ys[start : start + n] = h @ down_w[e].t()
-            start += n
-    return ys
+    """xs [M,D] sorted by local expert, counts[e] rows each -> SwiGLU of each expert on its slice.
+
+    Every expert runs, even on zero rows, so the output always depends on xs and the weights: a rank
+    that received no tokens must still run the backward all-to-all its peers run."""
+    outs = []
+    for e, x in enumerate(xs.split(counts)):
+        h = torch.nn.functional.silu(x @ gate_w[e].t()) * (x @ up_w[e].t())
+        outs.append(h @ down_w[e].t())
+    return torch.cat(outs)
 
 
 class ParallelExperts(Experts):

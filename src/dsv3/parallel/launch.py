@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -124,7 +125,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"started {conf['local_worker_num']} workers (node {conf['node_rank']} of {conf['nodes']}, pid {proc.pid}); logs: {logs}")
         return 0
     print(f"running {conf['local_worker_num']} workers (node {conf['node_rank']} of {conf['nodes']}); logs: {logs}", flush=True)
-    rc = subprocess.call(argv, env=env, stdout=launcher_log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, env=env, stdout=launcher_log, stderr=subprocess.STDOUT)
+    # Ctrl-C / SIGTERM reach torchrun, which stops every worker (none is left behind).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    rc = proc.wait()
     if rc:
         print(f"dsv3 launch: workers failed (exit {rc}); see {log_dir}/launcher_node{conf['node_rank']}.log and the worker logs",
               file=sys.stderr)
