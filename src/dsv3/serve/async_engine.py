@@ -104,10 +104,14 @@ class AsyncEngine:
             log.exception("engine.cache_info() failed")
 
     def _deliver(self, outputs) -> None:
+        # One thread-safe callback per event loop per step (each one writes to the loop's self-pipe).
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, err: BaseException) -> None:
         """The engine raised inside step(): fail every in-flight request, abort them, go on."""
@@ -185,3 +189,8 @@ class RequestStream:
         self.engine._streams.pop(self.request_id, None)
         if not self._stream.finished:
             self.engine.abort(self.request_id)
+
+
+def _put_all(items) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
