@@ -24,6 +24,7 @@ VARIANTS = {
     "8groups_keep3_top3_mscale": dict(n_routed_experts=16, n_group=8, topk_group=3, num_experts_per_tok=3,
                                       rope_scaling=YARN_V2_LITE),
     "top1_noyarn": dict(num_experts_per_tok=1, rope_scaling=None, q_lora_rank=None),
+    "yarn_untruncated_attention_factor": dict(rope_scaling={**YARN_V2_LITE, "truncate": False, "attention_factor": 1.2}),
 }
 
 

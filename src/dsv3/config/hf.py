@@ -55,7 +55,12 @@ def _rope_from_hf(hf: dict) -> tuple[RopeScaling | None, float | None]:
         kwargs["mscale_all_dim"] = None
     if "original_max_position_embeddings" not in kwargs:
         kwargs["original_max_position_embeddings"] = hf.get("max_position_embeddings", 4096)
-    for k in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+    if kwargs.get("factor") is None:  # HF derives it from the two context lengths
+        kwargs["factor"] = hf.get("max_position_embeddings", 4096) / kwargs["original_max_position_embeddings"]
+    unknown = set(rp) - _ROPE_KEYS - {"original_max_position_embeddings"}
+    if unknown:
+        raise UserError(f"rope scaling keys {sorted(unknown)} are not supported (known: {sorted(_ROPE_KEYS)})")
+    for k in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
         if kwargs.get(k) is not None:
             kwargs[k] = float(kwargs[k])
     return from_dict(RopeScaling, kwargs, "rope_scaling"), theta

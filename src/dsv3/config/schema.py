@@ -30,6 +30,10 @@ class RopeScaling:
     """YaRN mscale numerator of the cos/sin amplitude (V3: 1.0). None: use the plain YaRN default."""
     mscale_all_dim: Optional[float] = 1.0
     """mscale used for the denominator of the cos/sin amplitude and for the mscale² softmax factor."""
+    attention_factor: Optional[float] = None
+    """Explicit cos/sin amplitude overriding the mscale ratio (HF `attention_factor`; unset for V3)."""
+    truncate: bool = True
+    """Round the correction range to whole dims (floor/ceil), as DeepSeek and HF do by default."""
 
 
 @dataclass

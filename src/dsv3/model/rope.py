@@ -15,14 +15,17 @@ from torch import nn
 from dsv3.config.schema import ModelConfig, yarn_mscale
 
 
-def yarn_inv_freq(dim: int, base: float, factor: float, original_max_pos: int, beta_fast: float, beta_slow: float) -> torch.Tensor:
+def yarn_inv_freq(dim: int, base: float, factor: float, original_max_pos: int, beta_fast: float, beta_slow: float,
+                  truncate: bool = True) -> torch.Tensor:
     """YaRN inverse frequencies [dim/2]: extrapolate high-frequency dims, interpolate low ones by `factor`."""
 
     def corr_dim(rot: float) -> float:
         return dim * math.log(original_max_pos / (rot * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(corr_dim(beta_fast)), 0)
-    high = min(math.ceil(corr_dim(beta_slow)), dim - 1)
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
@@ -43,13 +46,24 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
             self.attention_scaling = 1.0
         else:
-            inv_freq = yarn_inv_freq(dim, base, rs.factor, rs.original_max_position_embeddings, rs.beta_fast, rs.beta_slow)
+            inv_freq = yarn_inv_freq(dim, base, rs.factor, rs.original_max_position_embeddings, rs.beta_fast, rs.beta_slow, rs.truncate)
             # cos/sin amplitude as HF computes it: mscale/mscale_all_dim (1.0 for V3's config).
-            if rs.mscale and rs.mscale_all_dim:
+            if rs.attention_factor is not None:
+                self.attention_scaling = rs.attention_factor
+            elif rs.mscale and rs.mscale_all_dim:
                 self.attention_scaling = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
             else:
                 self.attention_scaling = yarn_mscale(rs.factor)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Keep inv_freq in fp32 whatever dtype the model is cast to: in bf16 (8-bit mantissa) the
+        # angles pos·inv_freq drift by whole radians at long positions.
+        inv_freq = self.inv_freq
+        out = super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = inv_freq.to(self.inv_freq.device)  # the fp32 original, on the new device
+        return out
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [..., T] (int) -> cos, sin [..., T, R/2] in fp32."""
