@@ -177,3 +177,11 @@ def test_max_model_len_ends_with_length(model):
         last = eng.step() or last
     c = last[0].outputs[0]
     assert c.finish_reason == "length" and len(c.token_ids) == 16 - 10
+
+
+def test_bf16_cast_keeps_rope_frequencies_fp32(tiny_config):
+    """The engine casts the model to its dtype; RoPE inverse frequencies must stay exact fp32."""
+    m = small_model(tiny_config)
+    ref = m.rotary.inv_freq.clone()
+    eng = LLMEngine(m, None, num_gpu_blocks=4, block_size=4, dtype=torch.bfloat16)
+    assert eng.model.rotary.inv_freq.dtype == torch.float32 and torch.equal(eng.model.rotary.inv_freq, ref)
