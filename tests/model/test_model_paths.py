@@ -142,3 +142,16 @@ def test_loop_vs_grouped_whole_model(tiny_config):
         a = _model(tiny_config, moe_impl="loop")(ids)
         b = _model(tiny_config, moe_impl="grouped")(ids)
     assert (a - b).abs().max() <= TOL * 10
+
+
+def test_grouped_experts_under_bf16_autocast():
+    """Training runs under autocast with fp32 weights: the grouped path must not mix dtypes."""
+    torch.manual_seed(0)
+    ex = Experts(n_experts=4, dim=16, inter_dim=8)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    x, idx, w = torch.randn(10, 16), torch.randint(0, 4, (10, 2)), torch.rand(10, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch.nn.functional.linear(x, torch.eye(16))  # bf16 activations, as after an autocast linear
+        grouped, loop = ex.forward_grouped(h, w, idx), ex.forward_loop(h, w, idx)
+    assert grouped.dtype == torch.bfloat16 and torch.equal(grouped, loop)

@@ -115,7 +115,9 @@ class Experts(nn.Module):
         tok = order // K
         xs = x[tok]  # [N·K, D] sorted by expert
         counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
-        if grouped_mm_supported(x.device, x.dtype):
+        # _grouped_mm is not autocast-aware and needs one dtype: under autocast, use the F.linear loop
+        if (x.dtype == self.gate_proj.dtype and not torch.is_autocast_enabled(x.device.type)
+                and grouped_mm_supported(x.device, x.dtype)):
             offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
             gate = torch._grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)  # [N·K, I]
             up = torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs)
