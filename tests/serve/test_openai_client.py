@@ -301,3 +301,23 @@ def test_continuous_usage_stats(server):
     counts = [c["usage"]["completion_tokens"] for c in chunks]
     assert all("usage" in c for c in chunks) and counts == sorted(counts) and counts[-1] == 6
     assert chunks[-1]["choices"] == [] and chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_engine_step_failure_is_contained(server, client, engine, monkeypatch):
+    """If engine.step() raises, the requests in flight get an OpenAI error; the server keeps serving."""
+    real_step, calls = engine.step, {"n": 0}
+
+    def failing_step():
+        calls["n"] += 1
+        if calls["n"] == 3:  # fail in the middle of the generation
+            raise RuntimeError("injected fault")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with pytest.raises(openai.InternalServerError, match="injected fault"):
+        client.completions.create(model=MODEL_NAME, prompt="doomed", max_tokens=20, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    stream = client.completions.create(model=MODEL_NAME, prompt="fine", max_tokens=3, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices)
+    monkeypatch.setattr(engine, "step", real_step)
+    _wait_idle(server)

@@ -74,6 +74,20 @@ async def _until_disconnect(request: Request, coro):
         watcher.cancel()
 
 
+async def _generate(request: Request, coro, stream: bool) -> Response:
+    """Run a generation handler. Streams: StreamingResponse itself cancels the generator when the
+    client goes away. Otherwise a disconnect watcher cancels the handler. An engine failure
+    becomes an OpenAI-shaped 500 for this request only."""
+    try:
+        result = await (coro if stream else _until_disconnect(request, coro))
+    except APIError:
+        raise
+    except Exception as e:
+        log.exception("generation failed")
+        raise APIError(f"{type(e).__name__}: {e}", 500) from None
+    return _respond(result)
+
+
 def _respond(result: Any) -> Response:
     if isinstance(result, dict):
         return JSONResponse(result)
@@ -164,16 +178,12 @@ def build_app(engine, model_name: str, api_key: str | None = None, model_root: s
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await _parse(request, CompletionRequest)
-        if req.stream:  # StreamingResponse itself cancels the stream when the client goes away
-            return _respond(await serving.completions(req))
-        return _respond(await _until_disconnect(request, serving.completions(req)))
+        return await _generate(request, serving.completions(req), req.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await _parse(request, ChatCompletionRequest)
-        if req.stream:
-            return _respond(await serving.chat(req))
-        return _respond(await _until_disconnect(request, serving.chat(req)))
+        return await _generate(request, serving.chat(req), req.stream)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
