@@ -98,3 +98,35 @@ def test_convert_hf_dsv3_hf_is_bit_exact(tmp_path):
     m2 = dsv3.from_pretrained(tmp_path / "ours", dtype=torch.float32)
     for (n, x), (_, y) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(x, y), n
+
+
+def test_train_checkpoint_to_hf(tmp_path, tiny_config):
+    """A `dsv3 train` checkpoint (model.safetensors in our layout + config.resolved.yaml) converts to HF."""
+    import dataclasses
+
+    from safetensors.torch import save_model
+
+    from dsv3.config.load import dump_yaml
+    from dsv3.model import Transformer
+
+    cfg = dataclasses.replace(tiny_config, vocab_size=512)
+    model = Transformer(cfg)
+    model.reset_parameters(std=0.05)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    step = tmp_path / "checkpoint" / "step-10"
+    step.mkdir(parents=True)
+    save_model(model, str(step / "model.safetensors"))
+    dump_yaml({"model": cfg, "train": {"steps": 10}}, step / "config.resolved.yaml")
+    assert main(["convert", str(step), str(tmp_path / "hf"), "--max-shard-size", "2MB"]) == 0
+    model.save_pretrained(tmp_path / "direct", max_shard_size="2MB")
+    a, b = CheckpointReader(tmp_path / "hf"), CheckpointReader(tmp_path / "direct")
+    assert sorted(a.meta) == sorted(b.meta)
+    for n in a.meta:
+        assert torch.equal(a.tensor(n), b.tensor(n)), n
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    loaded = dsv3.from_pretrained(step, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model.eval()(ids))

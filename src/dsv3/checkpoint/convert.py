@@ -6,9 +6,10 @@
 
 SRC is a directory with config.json and safetensors in any layout `hf_map` reads: the hub's
 per-expert names (FP8 with `weight_scale_inv` block scales, or bf16/fp32), transformers v5's fused
-experts, or ours. FP8 weights are dequantised with the pure-torch `fp8.weight_dequant`, needing no
-GPU and about one shard of memory (plus, for `--to dsv3`, one layer's experts). config.json is
-rewritten consistently: `quantization_config` removed, `torch_dtype` set (transformers otherwise
+experts, or ours -- including a `dsv3 train` checkpoint (`OUTPUT/checkpoint/step-N`: model.safetensors
+in our layout plus config.resolved.yaml, whose `model:` section becomes config.json). FP8 weights
+are dequantised with the pure-torch `fp8.weight_dequant`, needing no GPU and about one shard of
+memory (plus, for `--to dsv3`, one layer's experts). config.json is rewritten consistently: `quantization_config` removed, `torch_dtype` set (transformers otherwise
 still treats a dequantised checkpoint as FP8, `inference.md` §i-2). The output is written to a
 temporary directory and renamed into place.
 """
@@ -25,8 +26,8 @@ from typing import Iterator
 import torch
 
 from dsv3.checkpoint import hf_map
-from dsv3.checkpoint.io import INDEX_NAME, KEEP_FP32, SINGLE_NAME, CheckpointReader, _install, parse_dtype, parse_size, read_weight
-from dsv3.config.hf import from_hf_dict
+from dsv3.checkpoint.io import (INDEX_NAME, KEEP_FP32, SINGLE_NAME, CheckpointReader, _install, load_dir_config, parse_dtype,
+                                parse_size, read_weight)
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 
@@ -155,14 +156,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
     if src.resolve() == dst.resolve():
         raise UserError("source and destination are the same directory")
     reader = CheckpointReader(src)
-    cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"no config.json in {src}")
-    try:
-        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
-    cfg = from_hf_dict(hf, str(cfg_path))
+    cfg, hf = load_dir_config(src)
     out_dtype = parse_dtype(dtype) if dtype not in (None, "keep") else _source_dtype_default(reader)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))

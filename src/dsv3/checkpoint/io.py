@@ -145,6 +145,24 @@ def read_weight(reader: CheckpointReader, name: str) -> torch.Tensor:
     return t
 
 
+TRAIN_CONFIG = "config.resolved.yaml"
+"""The resolved run config a `dsv3 train` checkpoint directory carries instead of config.json."""
+
+
+def load_dir_config(path: str | Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, HF config dict) of a checkpoint directory: its config.json, or for a training
+    checkpoint (`dsv3 train` writes model.safetensors in our layout) the `model:` section of
+    config.resolved.yaml."""
+    path = Path(path)
+    if (path / "config.json").is_file() or not (path / TRAIN_CONFIG).is_file():
+        cfg = load_hf_config(path)
+        return cfg, json.loads((path / "config.json").read_text(encoding="utf-8"))
+    from dsv3.config.presets import load_model_config
+
+    cfg = load_model_config(path / TRAIN_CONFIG)
+    return cfg, to_hf_dict(cfg)
+
+
 def count_mtp_layers(reader: CheckpointReader, cfg: ModelConfig) -> int:
     """Number of MTP layers in the checkpoint: HF layers >= num_hidden_layers, or our `model.mtp.{k}`."""
     hf_layers, ours = set(), set()
@@ -159,7 +177,7 @@ def count_mtp_layers(reader: CheckpointReader, cfg: ModelConfig) -> int:
 
 def resolve_config(path: str | Path, reader: CheckpointReader, mtp: bool | None, **runtime) -> ModelConfig:
     """config.json, with MTP depth set from `mtp` (None: load the MTP layers if the files have them)."""
-    cfg = load_hf_config(path)
+    cfg = load_dir_config(path)[0]
     have = count_mtp_layers(reader, cfg)
     if mtp is False:
         depth = 0
@@ -276,7 +294,7 @@ def check_checkpoint(path: str | Path, mtp: bool | None = None) -> tuple[ModelCo
     cfg = resolve_config(path, reader, mtp)
     with torch.device("meta"):
         model = Transformer(cfg)
-    declared = load_hf_config(path).num_nextn_predict_layers
+    declared = load_dir_config(path)[0].num_nextn_predict_layers
     load_checkpoint_into(model, reader, torch.float32, "meta", skip_mtp_layers=declared - cfg.num_nextn_predict_layers, dry_run=True)
     return cfg, reader
 
@@ -303,7 +321,7 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
         torch_dtype = parse_dtype(dtype, default=cfg.torch_dtype if cfg.torch_dtype in _DTYPES else "bfloat16")
         with torch.device("meta"):
             model = Transformer(cfg)
-        declared = load_hf_config(path).num_nextn_predict_layers
+        declared = load_dir_config(path)[0].num_nextn_predict_layers
         load_checkpoint_into(model, reader, torch_dtype, device, skip_mtp_layers=declared - cfg.num_nextn_predict_layers)
     finally:
         reader.close()
