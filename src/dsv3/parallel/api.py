@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dsv3.errors import UserError
 from dsv3.model.moe import MoE
@@ -205,6 +206,35 @@ def build_optimizer(dm: DistributedModel, lr: float, weight_decay: float = 0.1, 
         return ZeroRedundancyOptimizer(params, torch.optim.AdamW, process_group=dm.meshes.dense.get_group("dp"),
                                        lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, foreach=False)
+
+
+@torch.no_grad()
+def clip_grad_norm_(dm: DistributedModel, max_norm: float) -> torch.Tensor:
+    """Global gradient 2-norm over every rank's parameters, each counted once; scales the grads
+    to `max_norm` when above it. DTensor grads (FSDP, TP, EP shards) reduce over their own mesh;
+    plain grads are already identical on their replicas (after `finalize_grads`); stages add up
+    over the pipeline group (the last stage's embedding copy is stage 0's, not counted again)."""
+    dev = dm.meshes.device
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    grads = []
+    for part in dm.parts:
+        copy = getattr(part, "is_last", False) and not getattr(part, "is_first", True)
+        for name, p in part.named_parameters():
+            if p.grad is None:
+                continue
+            grads.append(p.grad)
+            if copy and name == "model.embed_tokens.weight":
+                continue
+            n = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+            total += (n.full_tensor() if isinstance(n, DTensor) else n) ** 2
+    if dm.dims.pp > 1:
+        dist.all_reduce(total, group=dm.meshes.pp_group)
+    norm = total.sqrt()
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1:
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 def train_step(dm: DistributedModel, optimizer, window: torch.Tensor, bias_gamma: float = 0.0) -> float:

@@ -67,9 +67,13 @@ def save(path: str | Path, parts: list[nn.Module], optimizer: torch.optim.Optimi
     dcp.save(state, checkpoint_id=str(path))
 
 
-def load(path: str | Path, parts: list[nn.Module], optimizer: torch.optim.Optimizer | None = None) -> None:
+def load(path: str | Path, parts: list[nn.Module], optimizer: torch.optim.Optimizer | None = None,
+         single_process: bool | None = None) -> None:
     """Collective (or single process): fill this rank's parts (and optimizer) from `path`, whatever
-    the layout it was saved under."""
+    the layout it was saved under. `single_process` (default: no process group) reads without
+    collectives, e.g. on one rank of a running job."""
+    if single_process is None:
+        single_process = not dist.is_initialized()
     if not Path(path, ".metadata").is_file():
         raise UserError(f"{path}: not a DCP checkpoint (no .metadata file)")
     state = model_state(parts)
@@ -78,7 +82,7 @@ def load(path: str | Path, parts: list[nn.Module], optimizer: torch.optim.Optimi
     try:
         with warnings.catch_warnings():  # single process is intended here, not a fallback
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+            dcp.load(state, checkpoint_id=str(path), no_dist=single_process)
     except Exception as e:  # DCP reports missing keys / shape mismatches in a CheckpointException
         raise UserError(f"{path}: cannot load into this model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     for part in parts:
@@ -97,7 +101,7 @@ def export_hf(path: str | Path, model_cfg, out: str | Path, dtype: torch.dtype |
         model = Transformer(model_cfg)
     model = model.to_empty(device="cpu")
     model.rotary.inv_freq.copy_(type(model.rotary)(model_cfg).inv_freq)
-    load(path, [model])
+    load(path, [model], single_process=True)
     if dtype is not None:
         model = model.to(dtype)
     return save_pretrained(model, out)

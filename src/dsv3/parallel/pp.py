@@ -75,23 +75,24 @@ class TransformerStage(nn.Module):
         self.lm_head = full.lm_head if is_last else None
         self.rotary = full.rotary
 
-    def forward(self, h: torch.Tensor | None = None, *, tokens: torch.Tensor):
+    def forward(self, h: torch.Tensor | None = None, *, tokens: torch.Tensor, positions: torch.Tensor | None = None):
         if not self._shapes_inferred:
             # The runtime's first call infers the stage's shapes (on the first micro-batch, or on
             # uninitialised buffers after stage 0): keep its routing out of the balancing counts.
             self._shapes_inferred = True
             moes = self.moe_layers()
             saved = [m.tokens_per_expert.clone() for m in moes]
-            out = self._forward(h, tokens)
+            out = self._forward(h, tokens, positions)
             for m, c in zip(moes, saved):
                 m.tokens_per_expert.copy_(c)
             return out
-        return self._forward(h, tokens)
+        return self._forward(h, tokens, positions)
 
-    def _forward(self, h: torch.Tensor | None, tokens: torch.Tensor):
+    def _forward(self, h: torch.Tensor | None, tokens: torch.Tensor, positions: torch.Tensor | None):
         """First stage: tokens [b,T] -> h. Middle: h -> h. Last: h -> (logits, *mtp_logits).
         Between stages h is this rank's local piece (the SP shard under tensor parallelism)."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
         cos, sin = self.rope(positions)
         if self.is_first:
             h = self.model.embed_tokens(tokens)
@@ -106,7 +107,7 @@ class TransformerStage(nn.Module):
         if not len(self.model.mtp):
             return logits
         h0 = post if self.config.mtp_hidden == "post_norm" else h
-        return (logits, *self.mtp_logits(self.mtp_hidden(h0, tokens)))
+        return (logits, *self.mtp_logits(self.mtp_hidden(h0, tokens, positions)))
 
 
 def build_stages(model: Transformer, meshes) -> list[TransformerStage]:
