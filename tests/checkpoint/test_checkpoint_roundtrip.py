@@ -117,3 +117,22 @@ def test_loads_on_meta_then_assigns(tmp_path, monkeypatch):
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(1234) == 1234
+
+
+def test_mtp_loading_choices(tmp_path):
+    from dsv3.checkpoint.convert import convert
+    from dsv3.errors import UserError
+
+    hf = make_hf_checkpoint(tmp_path / "hf")  # transformers writes num_nextn_predict_layers=0 here (BASE)
+    with pytest.raises(UserError, match="mtp=True"):
+        dsv3.from_pretrained(tmp_path / "hf", mtp=True)
+    add_mtp_layer(tmp_path / "hf", hf)
+    convert(tmp_path / "hf", tmp_path / "ours", to="dsv3")
+    for d in ("hf", "ours"):
+        assert dsv3.from_pretrained(tmp_path / d, dtype=torch.float32, mtp=True).config.num_nextn_predict_layers == 1
+        plain = dsv3.from_pretrained(tmp_path / d, dtype=torch.float32, mtp=False)
+        assert len(plain.model.mtp) == 0 and not any(k.startswith("model.mtp") for k in plain.state_dict())
+    # transformers' own files declare an MTP layer they do not contain: loaded without it, with a warning
+    make_hf_checkpoint(tmp_path / "declared", num_nextn_predict_layers=1)
+    with pytest.warns(UserWarning, match="no MTP weights"):
+        assert dsv3.from_pretrained(tmp_path / "declared").config.num_nextn_predict_layers == 0

@@ -175,20 +175,25 @@ def count_mtp_layers(reader: CheckpointReader, cfg: ModelConfig) -> int:
     return len(hf_layers) + len(ours)
 
 
-def resolve_config(path: str | Path, reader: CheckpointReader, mtp: bool | None, **runtime) -> ModelConfig:
-    """config.json, with MTP depth set from `mtp` (None: load the MTP layers if the files have them)."""
+def resolve_config(path: str | Path, reader: CheckpointReader, mtp: bool | None, **runtime) -> tuple[ModelConfig, int]:
+    """The directory's config with the MTP depth to build, and how many MTP layers of the files to skip.
+
+    mtp: None loads the MTP layers when the files have them, False skips them, True requires them.
+    """
     cfg = load_dir_config(path)[0]
-    have = count_mtp_layers(reader, cfg)
+    declared, have = cfg.num_nextn_predict_layers, count_mtp_layers(reader, cfg)
+    if mtp is True and (declared == 0 or have < declared):
+        raise UserError(f"{path}: mtp=True but the checkpoint has {have} of {declared} MTP layer(s)")
     if mtp is False:
         depth = 0
-    elif mtp is None and have == 0 and cfg.num_nextn_predict_layers > 0:
+    elif mtp is None and have == 0 and declared > 0:
         # transformers' own save_pretrained writes num_nextn_predict_layers=1 without MTP weights.
-        warnings.warn(f"{path}: config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the "
-                      "checkpoint has no MTP weights; loading without MTP", stacklevel=3)
+        warnings.warn(f"{path}: config declares {declared} MTP layer(s) but the checkpoint has no MTP "
+                      "weights; loading without MTP", stacklevel=3)
         depth = 0
     else:
-        depth = cfg.num_nextn_predict_layers
-    return dataclasses.replace(cfg, num_nextn_predict_layers=depth, **runtime)
+        depth = declared
+    return dataclasses.replace(cfg, num_nextn_predict_layers=depth, **runtime), declared - depth
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -214,19 +219,20 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, dtype: torc
     seen: dict[str, set[int]] = {}
     done: set[str] = set()
     unexpected, bad_shape = [], []
-    skip = re.compile(rf"model\.layers\.({'|'.join(str(cfg.num_hidden_layers + k) for k in range(skip_mtp_layers))})\.")
+    n = cfg.num_hidden_layers
+    skip = tuple(f"model.layers.{n + k}." for k in range(skip_mtp_layers)) + tuple(f"model.mtp.{k}." for k in range(skip_mtp_layers))
 
     def target_dtype(name: str) -> torch.dtype:
         return torch.float32 if name.endswith(KEEP_FP32) else dtype
 
     for hf_name in reader.names():
         shape = reader.shape(hf_name)
+        if skip and hf_name.startswith(skip):
+            continue
         tgt = hf_map.from_hf(hf_name, cfg)
         if tgt is not None and tgt.kind in ("scale", "tied"):
             continue
         if tgt is None:
-            if skip_mtp_layers and skip.match(hf_name):
-                continue
             unexpected.append(hf_name)
             continue
         if tgt.name not in expected:
@@ -291,11 +297,10 @@ def check_checkpoint(path: str | Path, mtp: bool | None = None) -> tuple[ModelCo
 
     path = Path(path)
     reader = CheckpointReader(path)
-    cfg = resolve_config(path, reader, mtp)
+    cfg, skip = resolve_config(path, reader, mtp)
     with torch.device("meta"):
         model = Transformer(cfg)
-    declared = load_dir_config(path)[0].num_nextn_predict_layers
-    load_checkpoint_into(model, reader, torch.float32, "meta", skip_mtp_layers=declared - cfg.num_nextn_predict_layers, dry_run=True)
+    load_checkpoint_into(model, reader, torch.float32, "meta", skip_mtp_layers=skip, dry_run=True)
     return cfg, reader
 
 
@@ -315,14 +320,11 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     path = Path(path)
     reader = CheckpointReader(path)
     try:
-        cfg = resolve_config(path, reader, mtp, **runtime)
-        if mtp is True and count_mtp_layers(reader, cfg) < cfg.num_nextn_predict_layers:
-            raise UserError(f"{path}: mtp=True but the checkpoint has no MTP layer {cfg.num_hidden_layers}")
+        cfg, skip = resolve_config(path, reader, mtp, **runtime)
         torch_dtype = parse_dtype(dtype, default=cfg.torch_dtype if cfg.torch_dtype in _DTYPES else "bfloat16")
         with torch.device("meta"):
             model = Transformer(cfg)
-        declared = load_dir_config(path)[0].num_nextn_predict_layers
-        load_checkpoint_into(model, reader, torch_dtype, device, skip_mtp_layers=declared - cfg.num_nextn_predict_layers)
+        load_checkpoint_into(model, reader, torch_dtype, device, skip_mtp_layers=skip)
     finally:
         reader.close()
     model.init_non_persistent_buffers(device)
