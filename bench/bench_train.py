@@ -2,7 +2,8 @@
 
     flock /tmp/dsv3-bench.lock python bench/bench_train.py            # seed 1B config, seq 256, batch 1, fp32, CPU
 
-One optimizer step = forward, cross-entropy, backward, grad-norm clip (1.0), AdamW step
+One optimizer step = forward, cross-entropy (dsv3: its trainer's fused head + cross-entropy;
+transformers: `model(x).logits` then the same fp32 cross-entropy), backward, grad-norm clip (1.0), AdamW step
 (β 0.9/0.95, eps 1e-8, wd 0.1 on matrices; `dsv3.train.optim.build_optimizer` for both models),
 zero_grad; dsv3 also does its aux-loss-free bias update. MTP is off in both (transformers has no MTP
 module), as is the sequence-wise aux loss. Each implementation runs in its own subprocess (a 1B model
@@ -58,7 +59,7 @@ def child(args) -> dict:
     """Time `args.steps` training steps of one implementation; prints one JSON line."""
     from dsv3.config.train import LRScheduleConfig, OptimizerConfig
     from dsv3.train.balance import balance_step
-    from dsv3.train.loss import mean_ce
+    from dsv3.train.loss import compute_loss, mean_ce
     from dsv3.train.optim import build_optimizer
 
     cfg = model_config(args)
@@ -71,9 +72,11 @@ def child(args) -> dict:
     for i, b in enumerate(batches):
         t0 = time.perf_counter()
         x, y = b[:, :-1], b[:, 1:]
-        out = model(x)
-        logits = out if args.impl == "dsv3" else out.logits
-        loss = mean_ce(logits, y, torch.ones_like(y, dtype=torch.float32))
+        mask = torch.ones_like(y, dtype=torch.float32)
+        if args.impl == "dsv3":  # the trainer's step: fused head + cross-entropy
+            loss, _ = compute_loss(model, {"tokens": x, "labels": y, "loss_mask": mask}, mtp_loss_factor=0.0)
+        else:
+            loss = mean_ce(model(x).logits, y, mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

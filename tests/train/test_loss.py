@@ -114,3 +114,30 @@ def test_bf16_autocast_keeps_the_router_in_fp32(tiny_config):
     assert s.dtype == torch.float32
     torch.testing.assert_close(s, ref)
     assert torch.isfinite(parts["lm"]) and parts["lm"].dtype == torch.float32
+
+
+def test_fused_head_cross_entropy_equals_the_plain_path(tiny_config, monkeypatch):
+    import dataclasses
+
+    from dsv3.train import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CE_CHUNK", 5)  # several chunks, the last one partial
+    cfg = dataclasses.replace(tiny_config, vocab_size=301, aux_loss_alpha=1e-3)
+    model = Transformer(cfg)
+    model.reset_parameters(std=0.1)
+    model.train()
+    batch = {"tokens": torch.randint(0, 301, (2, 9)), "labels": torch.randint(0, 301, (2, 9)), "loss_mask": (torch.rand(2, 9) > 0.2).float()}
+    grads = []
+    for fused in (False, True):
+        model.zero_grad()
+        total, parts = compute_loss(model, batch, 0.3, fused_ce=fused)
+        total.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if not fused:
+            ref_total, ref_parts = total.detach(), parts
+    torch.testing.assert_close(total.detach(), ref_total)
+    for k in ("lm", "mtp", "aux"):
+        torch.testing.assert_close(parts[k], ref_parts[k])
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)

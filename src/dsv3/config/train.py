@@ -57,6 +57,8 @@ class TrainConfig:
     """lambda of the MTP loss lambda/D * sum_k L_k (V3: 0.3 for the first 10T tokens, then 0.1)."""
     bias_update_rate: float = 0.001
     """gamma of the aux-loss-free bias update b += gamma * sign(mean - count) per optimizer step; 0 disables it."""
+    fused_ce: bool = True
+    """Fused, chunked head + cross-entropy (never materialises [tokens, vocab] logits); False: plain logits path."""
     threads: Optional[int] = None
     """torch CPU threads; None: torch's default."""
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+CE_CHUNK = 1024
+"""Tokens per chunk of the fused head + cross-entropy (a [chunk, vocab] fp32 block at a time)."""
+
 
 def masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of fp32 cross-entropy over masked tokens, and the token count. logits [B,T,V], labels/mask [B,T]."""
@@ -29,6 +32,52 @@ def mean_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> t
     return total / count.clamp(min=1)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Σ_t mask_t · CE(h_t Wᵀ, y_t) without materialising the [tokens, vocab] logits.
+
+    Fast path of `masked_ce(h @ W.T, ...)`: chunk by chunk, the logits are formed, turned into
+    their own gradient in place (softmax − one-hot, times the mask) and multiplied straight into
+    dL/dh and dL/dW, all during the forward. Same matmuls as the plain path (one forward, two
+    backward), a fraction of its memory traffic; the backward only scales by the incoming gradient.
+    Matmuls follow autocast (bf16 on request); softmax and accumulation are fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        N = h.shape[0]
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need else None
+        for s in range(0, N, CE_CHUNK):
+            hc, yc, mc = h[s : s + CE_CHUNK], labels[s : s + CE_CHUNK], mask[s : s + CE_CHUNK].float()
+            logits = (hc @ w.t()).float()  # [n, V]
+            lse = torch.logsumexp(logits, dim=-1)  # [n]
+            total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * mc).sum()
+            if need:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0
+                g.mul_(mc[:, None])  # [n, V] = dL/dlogits
+                grad_h[s : s + CE_CHUNK] = (g @ w).float()
+                grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, w.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out).to(ctx.dtypes[0]), (grad_w * grad_out).to(ctx.dtypes[1]), None, None
+
+
+def linear_ce(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Token-mean cross-entropy of the head `w` [V,D] over hidden h [B,T,D]; fused or plain (reference)."""
+    if not fused:
+        return mean_ce(F.linear(h, w), labels, mask)
+    total = LinearCrossEntropy.apply(h.flatten(0, 1), w, labels.flatten(), mask.flatten())
+    return total / mask.sum().float().clamp(min=1)
+
+
 def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, mask: torch.Tensor, factor: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(λ/D)·Σ_k L_k and the per-depth losses. mtp_logits[k-1] [B,T,V]; labels/mask [B,T] of the main head."""
     T = labels.shape[1]
@@ -41,16 +90,34 @@ def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, mask: torch.T
     return factor / len(per_depth) * torch.stack(per_depth).sum(), per_depth
 
 
-def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward one micro-batch and return (total loss, detached parts {lm, mtp, aux})."""
+def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float, fused_ce: bool = True
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward one micro-batch and return (total loss, detached parts {lm, mtp, aux}).
+
+    The model's pieces are called directly (hidden states, MTP chain, shared head norm) so the head
+    and the loss can be fused; `fused_ce=False` is the plain logits path (`model(..., return_mtp=True)`).
+    """
     tokens, labels, mask, pos = batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("position_ids")
     use_mtp = mtp_loss_factor > 0 and len(model.model.mtp) > 0
     for moe in model.moe_layers():
         moe.aux_loss = None  # only this forward's balance losses count
-    out = model(tokens, positions=pos, return_mtp=use_mtp)
-    logits, mtp_logits = out if use_mtp else (out, [])
-    lm = mean_ce(logits, labels, mask)
-    mtp, _ = mtp_loss(mtp_logits, labels, mask, mtp_loss_factor)
+    if not fused_ce:
+        out = model(tokens, positions=pos, return_mtp=use_mtp)
+        logits, mtp_logits = out if use_mtp else (out, [])
+        lm = mean_ce(logits, labels, mask)
+        mtp, _ = mtp_loss(mtp_logits, labels, mask, mtp_loss_factor)
+    else:
+        pre, post = model.hidden_states(tokens, pos)
+        w, T = model.lm_head.weight, tokens.shape[1]
+        lm = linear_ce(post, w, labels, mask)
+        mtp = torch.zeros((), device=lm.device)
+        if use_mtp:
+            h0 = post if model.config.mtp_hidden == "post_norm" else pre
+            hs = model.mtp_hidden(h0, tokens, pos)
+            # depth k at position i predicts labels[i+k]; each depth is a mean over its own tokens
+            per_depth = [linear_ce(mod.shared_head.norm(h)[:, : T - k], w, labels[:, k:], mask[:, k:])
+                         for k, (mod, h) in enumerate(zip(model.model.mtp, hs), start=1)]
+            mtp = mtp_loss_factor / len(per_depth) * torch.stack(per_depth).sum()
     aux = model.aux_loss() if model.training else None
     total = lm + mtp + (aux if aux is not None else 0.0)
     parts = {"lm": lm.detach(), "mtp": mtp.detach(), "aux": aux.detach() if aux is not None else torch.zeros((), device=lm.device)}

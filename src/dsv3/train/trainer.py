@@ -27,7 +27,7 @@ from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
 from dsv3.model import Transformer
 from dsv3.train import balance, checkpoint, metrics
-from dsv3.train.loss import compute_loss, masked_ce
+from dsv3.train.loss import LinearCrossEntropy, compute_loss
 from dsv3.train.lr_schedule import build_scheduler
 from dsv3.train.optim import build_optimizer
 
@@ -205,7 +205,7 @@ class Trainer:
         for _ in range(self.micro_batches):
             batch = self._to_device(self._next_batch())
             with self.autocast():
-                loss, parts = compute_loss(self.model, batch, cfg.train.mtp_loss_factor)
+                loss, parts = compute_loss(self.model, batch, cfg.train.mtp_loss_factor, cfg.train.fused_ce)
             (loss / self.micro_batches).backward()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0) + v / self.micro_batches
@@ -237,10 +237,11 @@ class Trainer:
             items = [self.data.valid[j] for j in range(i * bs, (i + 1) * bs)]
             batch = self._to_device({k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]})
             with self.autocast():
-                logits = self.model(batch["tokens"], positions=batch.get("position_ids"))
-            s, c = masked_ce(logits, batch["labels"], batch["loss_mask"])
+                _, post = self.model.hidden_states(batch["tokens"], batch.get("position_ids"))
+                s = LinearCrossEntropy.apply(post.flatten(0, 1), self.model.lm_head.weight, batch["labels"].flatten(),
+                                             batch["loss_mask"].flatten())
             total += float(s)
-            count += float(c)
+            count += float(batch["loss_mask"].sum())
         self.model.train()
         if count == 0:
             return None
