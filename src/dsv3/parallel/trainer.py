@@ -184,6 +184,8 @@ class DistributedTrainer(Trainer):
         pdcp.load(path, self.parts, self.optimizer)
         state = torch.load(path / "trainer_state.pt", weights_only=True)
         self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the DCP optimizer state holds the moments only, not the groups' current lr
         self.step = int(state["step"])
         self.data.train.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
