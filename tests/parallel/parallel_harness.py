@@ -69,6 +69,8 @@ def reference_losses(cfg: ModelConfig, steps: int = STEPS, micro: int = 1) -> li
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         for k, lg in enumerate(mtp, 1):
             loss = loss + 0.3 / len(mtp) * F.cross_entropy(lg[:, :-k].flatten(0, 1), labels[:, k:].flatten())
+        if model.aux_loss() is not None:
+            loss = loss + model.aux_loss()
         loss.backward()
         with torch.no_grad():
             for m in model.moe_layers():

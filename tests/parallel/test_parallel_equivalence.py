@@ -26,6 +26,10 @@ TWO = {
     "pp2-ZBVZeroBubble": {**PP, "pipeline_schedule": "ZBVZeroBubble"},
     "pp2-DualPipeV": {**PP, "pipeline_schedule": "DualPipeV"},
 }
+AUX = {  # the sequence-wise balance loss on: exact over whole sequences under TP, carried through PP
+    "aux-tp2": {"model_parallel": 2},
+    "aux-pp2": {**PP, "pipeline_schedule": "1F1B"},
+}
 FOUR = {
     "dp2xpp2": {"data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2},
     "dp2xtp2xep2-fsdp2d": {"data_parallel": 2, "model_parallel": 2, "expert_parallel": 2},
@@ -47,7 +51,14 @@ def _run(layouts: dict, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def two():
-    return _run(TWO, 2)
+    cfg, aux_cfg = tiny_cfg(), tiny_cfg(aux_loss_alpha=0.01)
+    jobs = [(cfg, par) for par in TWO.values()] + [(aux_cfg, par) for par in AUX.values()]
+    return dict(zip([*TWO, *AUX], spawn(2, jobs)))
+
+
+@pytest.fixture(scope="module")
+def aux_reference():
+    return reference_losses(tiny_cfg(aux_loss_alpha=0.01))
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +77,12 @@ def _check(result: dict, reference: list[float]) -> None:
 @pytest.mark.parametrize("name", list(TWO))
 def test_two_processes(name, two, reference):
     _check(two[name], reference)
+
+
+@pytest.mark.parametrize("name", list(AUX))
+def test_balance_loss(name, two, aux_reference, reference):
+    _check(two[name], aux_reference)
+    assert aux_reference[0] - reference[0] > 1e-3  # the balance loss is really in the objective
 
 
 @pytest.mark.parametrize("name", list(FOUR))

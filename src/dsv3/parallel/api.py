@@ -72,8 +72,13 @@ class DistributedModel:
                 self.schedule = build_schedule(self.parts, self.meshes, self._loss_fn)
             pp_last = self.meshes.pp_rank == self._last_stage_rank()
             losses: list[torch.Tensor] = []
+            moes = [m for p in self.parts for m in p.modules() if isinstance(m, MoE)]
+            for m in moes:
+                m.aux_accum = 0.0
             self.schedule.step(ids, tokens=ids, target=labels if pp_last else None, losses=losses)
             loss = torch.stack(losses).mean().detach() if losses else torch.zeros((), device=ids.device)
+            # balance losses of this rank's layers (they reached backward through the activations)
+            loss = loss + sum(m.aux_accum for m in moes) / self.dims.micro_batch_num
             dist.all_reduce(loss, group=self.meshes.pp_group)  # only the last stage's rank is non-zero
         else:
             model = self.parts[0]
@@ -179,9 +184,6 @@ def parallelize(model: Transformer, dims: ParallelDims, meshes: Meshes, mtp_lamb
     """
     cfg = model.config
     dims.validate(dist.get_world_size(), cfg)
-    if dims.pp > 1 and cfg.aux_loss_alpha > 0:
-        raise UserError("aux_loss_alpha > 0 with pipeline_stage > 1 is not supported: the sequence balance loss of earlier stages "
-                        "cannot reach the last stage's loss; set aux_loss_alpha 0 (aux-loss-free balancing still works)")
     parts: list[nn.Module] = build_stages(model, meshes) if dims.pp > 1 else [model]
     for part in parts:
         for m in part.moe_layers():

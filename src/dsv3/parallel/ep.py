@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
 from dsv3.model.moe import Experts, MoE
 
@@ -103,19 +103,61 @@ class ParallelExperts(Experts):
     forward_loop = forward_grouped
 
 
+class _AttachAux(torch.autograd.Function):
+    """Identity on y whose backward also feeds gradient 1 into `aux` (Megatron's
+    MoEAuxLossAutoScaler): under pipeline parallelism a stage's balance loss cannot join the last
+    stage's loss, so it rides on the activations' backward instead."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.aux_meta
+        return grad, torch.ones(shape, dtype=dtype, device=device)
+
+
 class ParallelMoE(MoE):
     """`MoE` working on this rank's sequence shard under TP (input/output DTensors on `tp_mesh`);
-    the routing, counts and shared experts are the model's own code."""
+    the routing, counts and shared experts are the model's own code. Under TP the sequence-wise
+    balance loss is recomputed over whole sequences (its statistics summed over the tp ranks);
+    `attach_aux` (pipeline parallel) routes it into the backward through the activations."""
 
     tp_mesh = None
+    attach_aux = False
+    aux_accum = 0.0
 
     def forward(self, x):
-        if not isinstance(x, DTensor):
-            return super().forward(x)
-        # Work on this rank's sequence shard; a Replicate input is sliced here and gathered back below.
-        placements = x.placements
-        y = super().forward(x.redistribute(self.tp_mesh, [Shard(1)]).to_local())
-        return DTensor.from_local(y, self.tp_mesh, [Shard(1)]).redistribute(self.tp_mesh, placements)
+        if isinstance(x, DTensor):
+            # Work on this rank's sequence shard; a Replicate input is sliced here and gathered back below.
+            placements = x.placements
+            x_local = x.redistribute(self.tp_mesh, [Shard(1)]).to_local()
+            y = super().forward(x_local)
+            if self.aux_loss is not None and self.training and self.aux_loss_alpha > 0:
+                self.aux_loss = self._sequence_aux(x_local)
+            y = DTensor.from_local(y, self.tp_mesh, [Shard(1)]).redistribute(self.tp_mesh, placements)
+        else:
+            y = super().forward(x)
+        if self.attach_aux and self.training and self.aux_loss_alpha > 0 and torch.is_grad_enabled():
+            y = _AttachAux.apply(y, self.aux_loss)
+            self.aux_accum = self.aux_accum + self.aux_loss.detach()  # for reporting: summed over micro-batches
+        return y
+
+    def _sequence_aux(self, x_local: torch.Tensor) -> torch.Tensor:
+        """`sequence_balance_loss` over the full sequences when each tp rank holds T/tp of them."""
+        B, T_local, D = x_local.shape
+        E, K, T = self.gate.n_experts, self.top_k, T_local * self.tp_mesh.size()
+        s = self.gate.scores(x_local.reshape(-1, D)).view(B, T_local, E)
+        with torch.no_grad():
+            counts = torch.zeros(B, E, device=s.device).scatter_add_(1, s.topk(K, dim=-1).indices.flatten(1),
+                                                                     torch.ones(B, T_local * K, device=s.device))
+            dist.all_reduce(counts, group=self.tp_mesh.get_group())
+            f = counts * (E / (K * T))
+        p_sum = (s / s.sum(-1, keepdim=True)).sum(1)  # [B,E], this rank's tokens
+        p = DTensor.from_local(p_sum, self.tp_mesh, [Partial()]).full_tensor() / T
+        return self.aux_loss_alpha * (f * p).sum(-1).mean()
 
 
 def parallelize_moe(moe: MoE, meshes, enable_ep: bool = True) -> ParallelMoE:
@@ -126,6 +168,7 @@ def parallelize_moe(moe: MoE, meshes, enable_ep: bool = True) -> ParallelMoE:
     dims = meshes.dims
     if dims.tp > 1:
         moe.tp_mesh = meshes.tp_mesh
+    moe.attach_aux = dims.pp > 1
     if dims.ep > 1 and enable_ep:
         moe.experts.ep_group, moe.experts.ep_size = meshes.sparse.get_group("ep"), dims.ep
         ep_mesh = meshes.ep_mesh

@@ -81,10 +81,11 @@ class TransformerStage(nn.Module):
             # uninitialised buffers after stage 0): keep its routing out of the balancing counts.
             self._shapes_inferred = True
             moes = self.moe_layers()
-            saved = [m.tokens_per_expert.clone() for m in moes]
+            saved = [(m.tokens_per_expert.clone(), getattr(m, "aux_accum", 0.0)) for m in moes]
             out = self._forward(h, tokens, positions)
-            for m, c in zip(moes, saved):
+            for m, (c, aux) in zip(moes, saved):
                 m.tokens_per_expert.copy_(c)
+                m.aux_accum = aux
             return out
         return self._forward(h, tokens, positions)
 
