@@ -130,6 +130,8 @@ def test_validation_loss_goes_down_and_outputs_are_written(wiki_prefix, tmp_path
     assert evals[-1] < evals[0] - 1.0
     assert summary["valid_loss"] == evals[-1]
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"loss.png", "expert_load.png", "lr.png"}
+    assert cli_main(["plot", str(tmp_path), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "expert_load.png").stat().st_size > 1000
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "config.resolved.yaml").is_file()
     from dsv3.checkpoint.io import from_pretrained
 

@@ -77,8 +77,8 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        elif resume_step is None and self.path.exists():  # a fresh run over one that saved no checkpoint
+            self.path.replace(self.path.with_name("metrics.prev.jsonl"))
         self.file = self.path.open("a", encoding="utf-8")
         self.tb = None
         if tensorboard:

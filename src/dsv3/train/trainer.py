@@ -91,14 +91,15 @@ def check_data(cfg: RunConfig) -> None:
                 raise UserError(f"{name}: {prefix} holds {int(lengths.sum())} tokens, fewer than one sample of data.seq_length {L} + 1")
 
 
-def build_data(cfg: RunConfig, micro_batches: int) -> Data:
-    """GPTDatasets over the configured prefixes, sized for the whole run; valid from the split or its own prefixes."""
+def build_data(cfg: RunConfig, micro_batches: int, dp_rank: int = 0, dp_size: int = 1) -> Data:
+    """GPTDatasets over the configured prefixes, sized for the whole run (all data-parallel ranks);
+    valid from the split or its own prefixes. The loader hands rank `dp_rank` its slice of each global batch."""
     from dsv3.data.gpt_dataset import build_gpt_datasets
     from dsv3.data.loader import ResumableLoader
 
     check_data(cfg)
     d, bs = cfg.data, cfg.train.batch_size
-    n_train = cfg.train.steps * micro_batches * bs
+    n_train = cfg.train.steps * micro_batches * bs * dp_size
     n_valid = cfg.eval.eval_iters * bs if (cfg.eval.eval_steps or cfg.eval.eval_at_end) else None
     own_valid = bool(d.valid_data_path)
     train, valid, _ = build_gpt_datasets(_dataset_config(cfg, d.data_path, d.split),
@@ -111,7 +112,7 @@ def build_data(cfg: RunConfig, micro_batches: int) -> Data:
         raise UserError(f"data.split {d.split!r} leaves no training samples")
     if valid is not None and len(valid) == 0:
         valid = None
-    return Data(train=ResumableLoader(train, bs, cycle=True), valid=valid)
+    return Data(train=ResumableLoader(train, bs, dp_rank=dp_rank, dp_size=dp_size, cycle=True), valid=valid)
 
 
 def _dataset_config(cfg: RunConfig, prefixes: list[str], split: str):
@@ -138,7 +139,7 @@ def restore(trainer: "Trainer", path: Path) -> None:
 class Trainer:
     """Runs `cfg.train.steps` optimizer steps of a RunConfig (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, data_parallel_world: int = 1,
+    def __init__(self, cfg: RunConfig, data_parallel_world: int = 1, data_parallel_rank: int = 0,
                  reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None, quiet: bool = False):
         self.cfg = cfg
         self.quiet = quiet
@@ -150,7 +151,7 @@ class Trainer:
         self.run_dir = cfg.output_dir
         self.ckpt_root = checkpoint.checkpoint_root(self.run_dir)
         resume_from = self._resume_path()
-        self.data = build_data(cfg, self.micro_batches)
+        self.data = build_data(cfg, self.micro_batches, data_parallel_rank, data_parallel_world)
         self.model = build_model(cfg, self.device)
         self.optimizer, self.scheduler = build_optim(self.model, cfg)
         self.moe_layers = self.model.moe_layers()
