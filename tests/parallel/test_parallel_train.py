@@ -1,6 +1,7 @@
-"""The pretraining loop under `dsv3 launch`: a dp2 x pp2 run (4 processes) logs the single-process
-losses of the same global batch, writes DCP checkpoints and HF weights, and a checkpoint resumes
-under another layout (dp2 with FSDP, 2 processes) with the same losses.
+"""The pretraining loop under `dsv3 launch`: the seed's 8-device layout (dp2 mp2 pp2 ep2,
+micro_batch_num 4, 8 CPU processes, balance loss on) and a dp2 x pp2 run (4 processes) log the
+single-process losses of the same global batch; DCP checkpoints and HF weights are written, and a
+checkpoint resumes under another layout (dp2 with FSDP, 2 processes) with the same losses.
 
 (Layouts with expert parallelism drift slightly more through this loop, ~2e-5 after 4 steps: the
 experts' GEMMs see the tokens of both replicas at once, a different summation order that AdamW
@@ -27,10 +28,10 @@ HERE = Path(__file__).parent
 TOL = 1e-5
 
 
-def run_cfg(prefix: str, out: Path, parallel: dict, steps: int = 4):
-    d = {"model": to_dict(tiny_cfg()),
+def run_cfg(prefix: str, out: Path, parallel: dict, steps: int = 4, batch_size: int = 2, **model):
+    d = {"model": to_dict(tiny_cfg(**model)),
          "data": {"data_path": [prefix], "split": "100,0,0", "seq_length": 32},
-         "train": {"steps": steps, "batch_size": 2, "seed": 0, "device": "cpu", "threads": 1},
+         "train": {"steps": steps, "batch_size": batch_size, "seed": 0, "device": "cpu", "threads": 1},
          "lr_schedule": {"type": "cosine", "learning_rate": 3e-3, "warmup_steps": 1, "min_lr": 3e-4},
          "checkpoint": {"output_dir": str(out), "save_steps": 2, "export_hf": True, "keep_last": 3},
          "eval": {"eval_steps": 0, "eval_at_end": False},
@@ -52,6 +53,10 @@ def prefix(tmp_path_factory) -> str:
         b.add_document((rng.integers(0, 256) + rng.integers(1, 4) * np.arange(65)) % 256, [65])
     b.finalize(p + ".idx")
     return p
+
+
+SEED_LAYOUT = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 2, "expert_parallel": 2, "micro_batch_num": 4,
+               "use_seq_parallel": True}
 
 
 def losses(out: Path) -> list[float]:
@@ -89,7 +94,23 @@ def runs(prefix, tmp_path_factory):
     res_cfg = tmp / "dp2.yaml"
     dump_yaml(run_cfg(prefix, tmp / "resumed", {"data_parallel": 2, "micro_batch_num": 2}), res_cfg)
     launch(tmp, res_cfg, 2, "--resume")
+    # the seed's layout, balance loss on, against one process accumulating the same global batch
+    seed_ref = run_cfg(prefix, tmp / "seedref", {"data_parallel": 2, "micro_batch_num": 4}, batch_size=1, aux_loss_alpha=1e-3)
+    seed_ref.checkpoint.export_hf = False
+    Trainer(seed_ref, quiet=True).fit()
+    seed_cfg = tmp / "seed.yaml"
+    dump_yaml(run_cfg(prefix, tmp / "seed", SEED_LAYOUT, batch_size=1, aux_loss_alpha=1e-3), seed_cfg)
+    launch(tmp, seed_cfg, 8)
     return tmp
+
+
+def test_seed_layout_8_processes(runs):
+    ref, got = losses(runs / "seedref"), losses(runs / "seed")
+    assert len(got) == len(ref) == 4
+    assert max(abs(a - b) for a, b in zip(got, ref)) <= TOL, (got, ref)
+    logs = sorted(p.name for p in (runs / "log-seed").glob("worker_*.log"))
+    assert logs == [f"worker_{r}.log" for r in range(8)]
+    assert "step 4 | loss" in (runs / "log-seed" / "worker_7.log").read_text()  # the last stage's log, as in the seed
 
 
 def test_dp2xpp2_losses_equal_one_process(runs):

@@ -49,7 +49,9 @@ class DistributedTrainer(Trainer):
         dims = ParallelDims.from_config(cfg.parallel)
         dims.validate(world, cfg.model, seq_len=cfg.data.seq_length)
         self.dims, self.meshes = dims, build_meshes(dims, device.type, cfg.model)
-        super().__init__(cfg, data_parallel_world=dims.dp, reduce_counts=self._reduce_counts, quiet=quiet or self.rank != 0)
+        # rank 0 and the last rank log (the seed shows the loss in the last worker's log); all log the global loss
+        super().__init__(cfg, data_parallel_world=dims.dp, reduce_counts=self._reduce_counts,
+                         quiet=quiet or self.rank not in (0, world - 1))
         # this rank's slice of every global batch
         from dsv3.data.loader import ResumableLoader
 
@@ -102,6 +104,8 @@ class DistributedTrainer(Trainer):
             tokens = torch.cat([b["tokens"] for b in batches])
             target = torch.stack([torch.cat([b["labels"] for b in batches]), torch.cat([b["loss_mask"] for b in batches]).long()], 1)
             self._pp_parts = {"lm": [], "mtp": []}
+            for m in self.moe_layers:
+                m.aux_accum = 0.0  # balance losses ride on the backward under PP; summed here for the log
             last = meshes.pp_rank == self.dm._last_stage_rank()
             if self.dm.schedule is None:
                 from dsv3.parallel.pp import build_schedule
@@ -115,9 +119,10 @@ class DistributedTrainer(Trainer):
             # the last M calls are this step's micro-batches (the first step also has the runtime's shape-inference call)
             M = self.micro_batches
             sums = torch.stack([torch.stack(self._pp_parts[k][-M:]).mean() if self._pp_parts[k] else torch.zeros((), device=dev)
-                                for k in ("lm", "mtp")])
-            dist.all_reduce(sums, group=meshes.pp_group)  # only the last stage's rank contributes
-            parts = {"lm": sums[0], "mtp": sums[1], "aux": torch.zeros((), device=dev)}
+                                for k in ("lm", "mtp")]
+                               + [torch.as_tensor(sum(m.aux_accum for m in self.moe_layers) / M, dtype=torch.float32, device=dev)])
+            dist.all_reduce(sums, group=meshes.pp_group)  # lm/mtp from the last stage, balance losses from every stage
+            parts = {"lm": sums[0], "mtp": sums[1], "aux": sums[2]}
         else:
             parts = {}
             for b in batches:
