@@ -240,6 +240,8 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, dtype: torc
                 continue  # e.g. transformers' zero-width shared_experts when n_shared_experts == 0
             unexpected.append(hf_name)
             continue
+        if dry_run and reader.meta[hf_name][2].startswith("F8") and hf_name + hf_map.SCALE_SUFFIX not in reader.meta:
+            raise UserError(f"{reader.path}: FP8 tensor {hf_name} has no {hf_name + hf_map.SCALE_SUFFIX}")
         want = tuple(expected[tgt.name].shape)
         if tgt.kind == "tensor":
             if shape != want:
