@@ -185,3 +185,11 @@ def test_bf16_cast_keeps_rope_frequencies_fp32(tiny_config):
     ref = m.rotary.inv_freq.clone()
     eng = LLMEngine(m, None, num_gpu_blocks=4, block_size=4, dtype=torch.bfloat16)
     assert eng.model.rotary.inv_freq.dtype == torch.float32 and torch.equal(eng.model.rotary.inv_freq, ref)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_head_matmul_equals_linear(rows):
+    from dsv3.infer.runner import head_matmul
+
+    x, w = torch.randn(rows, 64), torch.randn(1000, 64)
+    torch.testing.assert_close(head_matmul(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dsv3.infer.kv_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
@@ -36,6 +37,15 @@ def absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tens
     o_lat = torch.bmm(scores.softmax(-1), lat[..., :C])  # [B,TH,C]: values are the latent itself
     o = torch.bmm(o_lat.to(w_uv_t.dtype).view(B * T, H, C).transpose(0, 1), w_uv_t)  # [H,BT,V]: W_UV after the sum
     return o.transpose(0, 1).reshape(B, T, -1)
+
+
+def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, D] @ weight[V, D]^T. Same as F.linear; on CPU with 8+ rows the product is taken as
+    (W @ x^T)^T, which MKL runs ~1.5x faster for a tall 129k-row head and a few rows (measured:
+    bench/bench_decode.py, docs/inference.md); fewer rows keep F.linear (a GEMV, faster that way)."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= 8:
+        return (weight @ x.T).T
+    return F.linear(x, weight)
 
 
 @dataclass
@@ -127,9 +137,6 @@ class ModelRunner:
         return pos, self.cache.slots(table_t, pos).flatten(), k_slots, valid
 
     # ---- forwards
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(h)).float()
-
     def _mtp_input(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
         return post if self.model.config.mtp_hidden == "post_norm" else pre
 
@@ -151,7 +158,7 @@ class ModelRunner:
             h = self._block_prefill(i, h, cos, sin, pk)
         post = m.model.norm(h[0])
         flat = [r for rs in pk.rows for r in rs]
-        logits = list(m.lm_head(post[self._tensor(flat)]).float().split([len(r) for r in pk.rows]))  # head only where needed
+        logits = list(head_matmul(post[self._tensor(flat)], m.lm_head.weight).float().split([len(r) for r in pk.rows]))  # head only where needed
         return (logits, pk, self._mtp_input(h[0], post)) if return_hidden else logits
 
     @torch.inference_mode()
@@ -166,7 +173,7 @@ class ModelRunner:
         for i in range(self.n_main):
             h = self._block_decode(i, h, cos, sin, new_slots, k_slots, valid)
         post = m.model.norm(h)
-        logits = m.lm_head(post).float()
+        logits = head_matmul(post.flatten(0, 1), m.lm_head.weight).view(*post.shape[:2], -1).float()
         return (logits, self._mtp_input(h, post)) if return_hidden else logits
 
     # ---- MTP depth 1 as a drafter: z = block(eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)])) at position i
@@ -175,7 +182,8 @@ class ModelRunner:
         return mod.eh_proj(torch.cat([mod.enorm(self.model.model.embed_tokens(next_ids)), mod.hnorm(hidden)], dim=-1))
 
     def _mtp_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.mtp[0].shared_head.norm(z)).float()
+        z = self.model.model.mtp[0].shared_head.norm(z)
+        return head_matmul(z.flatten(0, -2), self.model.lm_head.weight).view(*z.shape[:-1], -1).float()
 
     @torch.inference_mode()
     def mtp_prefill(self, pk: Packed, hidden: torch.Tensor, next_ids: list[int]) -> torch.Tensor:
