@@ -88,7 +88,8 @@ def run_layout(cfg: ModelConfig, par: dict, steps: int = STEPS) -> list[float]:
 
     dims = ParallelDims.from_config(par)
     meshes = build_meshes(dims, "cpu", cfg)
-    dm = parallelize(make_model(cfg), dims, meshes)
+    param_dtype = getattr(torch, par["param_dtype"]) if "param_dtype" in par else None  # FSDP mixed precision
+    dm = parallelize(make_model(cfg), dims, meshes, param_dtype=param_dtype)
     opt = build_optimizer(dm, lr=LR)
     return [train_step(dm, opt, w, bias_gamma=GAMMA) for w in batches(cfg, steps)]
 

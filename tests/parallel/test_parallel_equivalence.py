@@ -16,6 +16,7 @@ TWO = {
     "dp2-fsdp": {"data_parallel": 2},
     "dp2-ddp": {"data_parallel": 2, "dp_shard": "ddp"},
     "dp2-zero1": {"data_parallel": 2, "dp_shard": "zero1"},
+    "dp2-fsdp-bf16": {"data_parallel": 2, "param_dtype": "bfloat16"},
     "tp2-sp": {"model_parallel": 2, "use_seq_parallel": True},
     "tp2-nosp": {"model_parallel": 2, "use_seq_parallel": False},
     "ep2": {"data_parallel": 2, "expert_parallel": 2},
@@ -74,9 +75,17 @@ def _check(result: dict, reference: list[float]) -> None:
     assert reference[-1] < reference[0] - 0.05  # the steps really train (a wrong gradient would show)
 
 
-@pytest.mark.parametrize("name", list(TWO))
+@pytest.mark.parametrize("name", [n for n in TWO if "bf16" not in n])
 def test_two_processes(name, two, reference):
     _check(two[name], reference)
+
+
+def test_fsdp_mixed_precision(two, reference):
+    """bf16 compute, fp32 master weights and gradient reduction: close to fp32, and not equal to it."""
+    got = two["dp2-fsdp-bf16"]
+    assert "error" not in got, got.get("trace")
+    diffs = [abs(a - b) for a, b in zip(got["ok"], reference)]
+    assert max(diffs) < 0.05 and max(diffs) > 1e-5, (got["ok"], reference)
 
 
 @pytest.mark.parametrize("name", list(AUX))

@@ -134,16 +134,22 @@ class ParallelMoE(MoE):
             # Work on this rank's sequence shard; a Replicate input is sliced here and gathered back below.
             placements = x.placements
             x_local = x.redistribute(self.tp_mesh, [Shard(1)]).to_local()
-            y = super().forward(x_local)
+            y = self._forward_in_param_dtype(x_local)
             if self.aux_loss is not None and self.training and self.aux_loss_alpha > 0:
                 self.aux_loss = self._sequence_aux(x_local)
             y = DTensor.from_local(y, self.tp_mesh, [Shard(1)]).redistribute(self.tp_mesh, placements)
         else:
-            y = super().forward(x)
+            y = self._forward_in_param_dtype(x)
         if self.attach_aux and self.training and self.aux_loss_alpha > 0 and torch.is_grad_enabled():
             y = _AttachAux.apply(y, self.aux_loss)
             self.aux_accum = self.aux_accum + self.aux_loss.detach()  # for reporting: summed over micro-batches
         return y
+
+    def _forward_in_param_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        # FSDP mixed precision casts only the params it manages; the MoE's own (ignored) params keep
+        # their dtype, so the MoE computes in it and hands back the activation dtype.
+        dtype = self.gate.weight.dtype
+        return super().forward(x.to(dtype)).to(x.dtype)
 
     def _sequence_aux(self, x_local: torch.Tensor) -> torch.Tensor:
         """`sequence_balance_loss` over the full sequences when each tp rank holds T/tp of them."""
