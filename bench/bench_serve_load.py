@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-growth-mb", type=float, default=50.0, help="allowed RSS growth after warm-up")
     args = p.parse_args(argv)
 
+    import aiohttp
     import httpx
 
     from dsv3.bench.datasets import random_dataset
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
 
         async def run():
             sem = asyncio.Semaphore(args.concurrency)
-            limits = httpx.Limits(max_connections=args.concurrency)
-            async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            connector = aiohttp.TCPConnector(limit=args.concurrency)
+            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as client:
                 async def one(i, r):
                     backend = "openai-chat" if i % 2 else "openai"
                     url = server.root + ("/v1/chat/completions" if i % 2 else "/v1/completions")

@@ -15,6 +15,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 from dsv3.bench.datasets import SampleRequest
@@ -34,9 +35,12 @@ def build_payload(backend: str, model: str, req: SampleRequest, ignore_eos: bool
     return body
 
 
-async def request_func(client: httpx.AsyncClient, url: str, payload: dict, headers: dict, prompt_len: int,
+async def request_func(session: aiohttp.ClientSession, url: str, payload: dict, headers: dict, prompt_len: int,
                        pbar=None) -> RequestFuncOutput:
-    """One streamed request, timed with vLLM's rules (a chunk counts if it carries `choices`)."""
+    """One streamed request, timed with vLLM's rules (a chunk counts if it carries `choices`).
+
+    aiohttp, as in vLLM's benchmark client: the client shares the machine with the server, and
+    its per-chunk cost is a fraction of httpx's."""
     out = RequestFuncOutput(prompt_len=prompt_len)
     chat = "messages" in payload
     text: list[str] = []
@@ -44,34 +48,38 @@ async def request_func(client: httpx.AsyncClient, url: str, payload: dict, heade
     out.start_time = st
     first = False
     try:
-        async with client.stream("POST", url, json=payload, headers=headers) as resp:
-            if resp.status_code != 200:
-                body = (await resp.aread()).decode("utf-8", "replace")
-                out.error = f"HTTP {resp.status_code}: {body[:500]}"
+        async with session.post(url, json=payload, headers=headers) as resp:
+            if resp.status != 200:
+                body = (await resp.read()).decode("utf-8", "replace")
+                out.error = f"HTTP {resp.status}: {body[:500]}"
                 return out
-            async for line in resp.aiter_lines():
-                line = line.strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    out.error = json.dumps(chunk["error"])
-                    return out
-                if choices := chunk.get("choices"):
-                    now = time.perf_counter()
-                    if not first:
-                        first = True
-                        out.ttft = now - st
-                    else:
-                        out.itl.append(now - most_recent)
-                    most_recent = now
-                    c = choices[0]
-                    text.append((c.get("delta") or {}).get("content") or "" if chat else c.get("text") or "")
-                elif usage := chunk.get("usage"):
-                    out.output_tokens = int(usage.get("completion_tokens") or 0)
+            buf = b""
+            async for data in resp.content.iter_any():
+                buf += data
+                *events, buf = buf.split(b"\n\n")  # SSE events end with a blank line
+                for event in events:
+                    event = event.strip()
+                    if not event.startswith(b"data:"):
+                        continue
+                    event = event[5:].strip()
+                    if event == b"[DONE]":
+                        continue
+                    chunk = json.loads(event)
+                    if "error" in chunk:
+                        out.error = json.dumps(chunk["error"])
+                        return out
+                    if choices := chunk.get("choices"):
+                        now = time.perf_counter()
+                        if not first:
+                            first = True
+                            out.ttft = now - st
+                        else:
+                            out.itl.append(now - most_recent)
+                        most_recent = now
+                        c = choices[0]
+                        text.append((c.get("delta") or {}).get("content") or "" if chat else c.get("text") or "")
+                    elif usage := chunk.get("usage"):
+                        out.output_tokens = int(usage.get("completion_tokens") or 0)
         out.generated_text = "".join(text)
         if first:
             out.success = True
@@ -103,8 +111,9 @@ async def benchmark(base_url: str, endpoint: str, backend: str, model: str, requ
     """Run the load; -> (outputs in request order, duration in seconds)."""
     url = base_url.rstrip("/") + endpoint
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=max_concurrency or len(requests) or 1, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=max_concurrency or 0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as client:
         first = requests[0]
         test = await request_func(client, url, build_payload(backend, model, first, ignore_eos, temperature),
                                   headers, first.prompt_len)
