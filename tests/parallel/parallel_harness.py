@@ -12,7 +12,6 @@ import os
 import socket
 import tempfile
 import traceback
-from dataclasses import replace
 
 import torch
 

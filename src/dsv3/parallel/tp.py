@@ -21,7 +21,6 @@ Two things the plan alone cannot express, done here from outside the model:
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
@@ -29,7 +28,6 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
 
 from dsv3.model.layers import MLP
 from dsv3.model.mla import MLA
-from dsv3.model.moe import MoE
 from dsv3.model.rope import apply_rope
 
 
@@ -52,7 +50,7 @@ class ReplicateParallel(ParallelStyle):
             for pname, p in list(mod.named_parameters(recurse=False)):
                 mod.register_parameter(pname, nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()]), requires_grad=p.requires_grad))
 
-        return distribute_module(module, device_mesh, partition, lambda mod, inputs, mesh: prepare_input(mod, inputs, mesh))
+        return distribute_module(module, device_mesh, partition, prepare_input)
 
 
 class TPMLA(MLA):
