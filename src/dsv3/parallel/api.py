@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dsv3.errors import UserError
 from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
 from dsv3.parallel.dims import Meshes, ParallelDims
@@ -52,8 +51,7 @@ class DistributedModel:
     def local_batch(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global window [B, T+1] -> this replica's (input_ids, labels) [B/dp, T]."""
         B = window.shape[0]
-        if B % self.dims.dp:
-            raise UserError(f"global batch size {B} is not divisible by data_parallel {self.dims.dp}")
+        self.dims.validate(batch_size=B)  # divisible by data_parallel, then by micro_batch_num
         b = B // self.dims.dp
         w = window[self.meshes.dp_rank * b : (self.meshes.dp_rank + 1) * b].to(self.meshes.device)
         return w[:, :-1], w[:, 1:]
@@ -82,7 +80,7 @@ class DistributedModel:
             dist.all_reduce(loss, group=self.meshes.pp_group)  # only the last stage's rank is non-zero
         else:
             model = self.parts[0]
-            M = self.dims.micro_batch_num if ids.shape[0] % self.dims.micro_batch_num == 0 else 1
+            M = self.dims.micro_batch_num
             loss = torch.zeros((), device=ids.device)
             for mb_ids, mb_labels in zip(ids.chunk(M), labels.chunk(M)):
                 logits, mtp = model(mb_ids, return_mtp=True)
