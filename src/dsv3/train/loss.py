@@ -52,12 +52,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, CE_CHUNK):
             hc, yc, mc = h[s : s + CE_CHUNK], labels[s : s + CE_CHUNK], mask[s : s + CE_CHUNK].float()
             logits = (hc @ w.t()).float()  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)  # [n]
-            total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * mc).sum()
+            target = logits.gather(1, yc[:, None]).squeeze(1)  # [n]
+            # log-sum-exp with the exponentials kept: they become the softmax (5 passes over [n, V])
+            mx = logits.amax(dim=-1)  # [n]
+            p = logits.sub_(mx[:, None]).exp_()  # [n, V] unnormalised softmax, in place
+            se = p.sum(dim=-1)  # [n]
+            total += ((mx + se.log() - target) * mc).sum()
             if need:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0
-                g.mul_(mc[:, None])  # [n, V] = dL/dlogits
+                g = p.mul_((mc / se)[:, None])  # mask · softmax
+                g[torch.arange(g.shape[0], device=g.device), yc] -= mc  # − mask · one-hot: dL/dlogits [n, V]
                 grad_h[s : s + CE_CHUNK] = (g @ w).float()
                 grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
