@@ -50,13 +50,9 @@ class DistributedTrainer(Trainer):
         dims.validate(world, cfg.model, seq_len=cfg.data.seq_length)
         self.dims, self.meshes = dims, build_meshes(dims, device.type, cfg.model)
         # rank 0 and the last rank log (the seed shows the loss in the last worker's log); all log the global loss
-        super().__init__(cfg, data_parallel_world=dims.dp, reduce_counts=self._reduce_counts,
-                         quiet=quiet or self.rank not in (0, world - 1))
-        # this rank's slice of every global batch
-        from dsv3.data.loader import ResumableLoader
-
-        self.data.train = ResumableLoader(self.data.train.dataset, cfg.train.batch_size, dp_rank=self.meshes.dp_rank,
-                                          dp_size=dims.dp, cycle=True)
+        # the loader hands this rank its slice of every global batch
+        super().__init__(cfg, data_parallel_world=dims.dp, data_parallel_rank=self.meshes.dp_rank,
+                         reduce_counts=self._reduce_counts, quiet=quiet or self.rank not in (0, world - 1))
         self.dm = parallelize(self.model, dims, self.meshes, mtp_lambda=cfg.train.mtp_loss_factor)
         self.dm._loss_fn = self._pp_loss
         self.parts = self.dm.parts
