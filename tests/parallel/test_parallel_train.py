@@ -24,7 +24,6 @@ from dsv3.config.load import dump_yaml, to_dict
 from dsv3.config.train import run_config_from_dict
 from parallel_harness import free_port, tiny_cfg
 
-HERE = Path(__file__).parent
 TOL = 1e-5
 
 
@@ -65,7 +64,7 @@ def losses(out: Path) -> list[float]:
 
 def launch(tmp: Path, cfg_path: Path, n: int, *extra: str) -> None:
     log_dir = tmp / f"log-{cfg_path.stem}"
-    cmd = [sys.executable, "-m", "dsv3", "launch", f"{HERE / 'parallel_train_entry.py'} {cfg_path} {' '.join(extra)}",
+    cmd = [sys.executable, "-m", "dsv3", "launch", f"train --config {cfg_path} {' '.join(extra)}",
            str(n), str(n), "127.0.0.1", str(free_port()), "0", str(log_dir), "True", "300"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

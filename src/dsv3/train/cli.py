@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from dsv3.errors import UserError
 
@@ -37,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun / `dsv3 launch`: see docs/distributed.md
+        from dsv3.parallel.trainer import run_distributed
+
+        return run_distributed(cfg)
     if any(v > 1 for v in (cfg.parallel.model_parallel, cfg.parallel.pipeline_stage, cfg.parallel.expert_parallel)) or cfg.parallel.data_parallel > 1:
         import sys
 
