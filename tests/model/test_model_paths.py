@@ -114,6 +114,8 @@ def test_loop_vs_grouped_experts(monkeypatch, grouped_mm):
         monkeypatch.setattr(moe, "grouped_mm_supported", lambda device, dtype: False)
     elif not moe.grouped_mm_supported(torch.device("cpu"), torch.float32):
         pytest.skip("torch._grouped_mm unavailable on this CPU build")
+    else:  # the CUDA kernel path, exercised here through torch's CPU kernel
+        monkeypatch.setattr(moe, "GROUPED_MM_DEVICES", {"cpu", "cuda"})
     torch.manual_seed(0)
     ex = Experts(n_experts=6, dim=32, inter_dim=24)
     for p in ex.parameters():
