@@ -111,3 +111,20 @@ def test_token_counts_and_balance_loss(tiny_config):
     loss = sequence_balance_loss(s, K, 1.0)
     f_sum = E / (K * T) * T * K  # every token counts K experts
     assert torch.isclose(loss, torch.tensor(f_sum / E))
+
+
+def test_model_cast_keeps_router_bias_fp32_and_exact(tiny_config):
+    """model.to(bfloat16) must not round the routing bias (it only picks experts, in fp32)."""
+    import torch
+
+    from dsv3.model import Transformer
+
+    model = Transformer(tiny_config)
+    model.reset_parameters()
+    gate = model.moe_layers()[0].gate
+    bias = torch.randn_like(gate.e_score_correction_bias) * 1e-3 + 1.0 / 3.0  # not representable in bf16
+    gate.e_score_correction_bias.copy_(bias)
+    model.to(torch.bfloat16)
+    assert gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.e_score_correction_bias, bias)
+    assert model.lm_head.weight.dtype == torch.bfloat16

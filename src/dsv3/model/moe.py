@@ -46,8 +46,10 @@ class Gate(nn.Module):
         # Keep the bias in fp32 whatever dtype the model is cast to (model.to(bfloat16) etc.).
         bias = self.e_score_correction_bias
         out = super()._apply(fn, recurse)
-        if bias is not None and self.e_score_correction_bias is not None and self.e_score_correction_bias.dtype != torch.float32:
-            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        new = self.e_score_correction_bias
+        if bias is not None and new is not None and new.dtype != torch.float32:
+            # Re-derive from the fp32 original: casting the rounded bf16 copy back would lose bits.
+            self.e_score_correction_bias = bias.to(device=new.device, dtype=torch.float32)
         return out
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
