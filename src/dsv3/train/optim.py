@@ -3,9 +3,15 @@
 Weight decay goes to every parameter with >= 2 dims (linear weights, embeddings, stacked experts);
 1-D parameters (RMSNorm gains; DeepSeek-V3 has no linear biases) get none. The routing bias
 `e_score_correction_bias` is a buffer, so the optimizer never sees it at all.
+
+`optimizer.state_dtype: bfloat16` selects `AdamWBF16State`: the same AdamW with its two moments
+stored in BF16, as DeepSeek-V3 keeps them (report §3.3.3), so the optimizer costs 4 instead of 8 bytes
+per parameter; the 1B recipe needs this to fit a 24 GB machine in fp32 weights.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -26,9 +32,81 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr_cfg: LRScheduleConfig) -> torch.optim.AdamW:
-    """torch AdamW over `param_groups` (fused kernels where torch has them for the device)."""
+class AdamWBF16State(torch.optim.Optimizer):
+    """torch AdamW (decoupled weight decay, bias-corrected moments) with exp_avg / exp_avg_sq in BF16.
+
+    Reference semantics are torch.optim.AdamW's single-tensor path; per parameter the moments are
+    upcast to fp32, updated with the fp32 gradient, used for the fp32 parameter update and rounded
+    back to BF16 (round-to-nearest). Large parameters (the 129280-row embedding) are processed in
+    flat chunks so the fp32 temporaries stay small instead of several copies of the largest matrix.
+    The state_dict has torch AdamW's layout (step, exp_avg, exp_avg_sq), so checkpoints keep working.
+    """
+
+    CHUNK = 1 << 22  # elements per fp32 working chunk (16 MiB per temporary)
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamWBF16State does not support sparse gradients")
+                if not p.is_contiguous():  # the chunked update works on a flat view of p
+                    raise RuntimeError("AdamWBF16State needs contiguous parameters")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+                state["step"] += 1
+                step = state["step"].item()
+                bias_correction1 = 1 - beta1 ** step
+                bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+                step_size = lr / bias_correction1
+                p_flat, g_flat = p.view(-1), p.grad.reshape(-1)
+                m_flat, v_flat = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+                for i in range(0, p_flat.numel(), self.CHUNK):
+                    sl = slice(i, i + self.CHUNK)
+                    g = g_flat[sl].float()
+                    m, v, w = m_flat[sl].float(), v_flat[sl].float(), p_flat[sl].float()
+                    w.mul_(1 - lr * wd)
+                    m.lerp_(g, 1 - beta1)
+                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+                    w.addcdiv_(m, denom, value=-step_size)
+                    m_flat[sl].copy_(m)
+                    v_flat[sl].copy_(v)
+                    if w.data_ptr() != p_flat[sl].data_ptr():  # p not fp32: round the update back
+                        p_flat[sl].copy_(w)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating state to each parameter's dtype on load; put the moments back in BF16
+        # (exact: they were saved as BF16 and the fp32 round trip is lossless).
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    st[k] = st[k].to(torch.bfloat16)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr_cfg: LRScheduleConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`: torch's (fused kernels where torch has them for the device) when
+    `cfg.state_dtype` is float32, `AdamWBF16State` when it is bfloat16."""
     groups = param_groups(model, cfg.weight_decay)
+    if cfg.state_dtype == "bfloat16":
+        return AdamWBF16State(groups, lr=lr_cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps)
     device = next(model.parameters()).device
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr_cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
