@@ -32,7 +32,7 @@ from dsv3.errors import UserError
 from dsv3.parallel import dcp as pdcp
 from dsv3.parallel.api import clip_grad_norm_, parallelize
 from dsv3.parallel.dims import ParallelDims, build_meshes, init_distributed
-from dsv3.train import balance, checkpoint
+from dsv3.train import checkpoint
 from dsv3.train.loss import compute_loss, mean_ce, mtp_loss
 from dsv3.train.lr_schedule import build_scheduler
 from dsv3.train.optim import param_groups
@@ -135,19 +135,7 @@ class DistributedTrainer(Trainer):
         self.dm.finalize_grads()
         clip = cfg.optimizer.clip_grad if cfg.optimizer.clip_grad > 0 else float("inf")
         grad_norm = clip_grad_norm_(self.dm, clip)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        counts = balance.balance_step(self.moe_layers, cfg.train.bias_update_rate, self.reduce_counts)
-        self.step += 1
-        rec = {"lm_loss": float(vec[0]), "mtp_loss": float(vec[1]), "aux_loss": float(vec[2])}
-        rec["loss"] = rec["lm_loss"] + rec["mtp_loss"] + rec["aux_loss"]
-        if not torch.isfinite(torch.tensor(rec["loss"])):
-            raise UserError(f"loss is {rec['loss']} at step {self.step}: training diverged (lower lr_schedule.learning_rate "
-                            f"or check the data); the last checkpoint is intact")
-        rec.update(step=self.step, lr=lr, grad_norm=float(grad_norm), counts=counts)
-        return rec
+        return self.finish_step({k: float(v) for k, v in zip(("lm", "mtp", "aux"), vec)}, grad_norm)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:

@@ -212,13 +212,20 @@ class Trainer:
                 parts_sum[k] = parts_sum.get(k, 0) + v / self.micro_batches
         clip = cfg.optimizer.clip_grad if cfg.optimizer.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        return self.finish_step({k: float(v) for k, v in parts_sum.items()}, grad_norm)
+
+    def finish_step(self, losses: dict[str, float], grad_norm) -> dict[str, Any]:
+        """Optimizer + LR step, then the bias update from this step's expert counts; the step's record.
+
+        `losses` holds the step's mean `lm`, `mtp` and `aux` losses (shared with the distributed trainer).
+        """
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        counts = balance.balance_step(self.moe_layers, cfg.train.bias_update_rate, self.reduce_counts)
+        counts = balance.balance_step(self.moe_layers, self.cfg.train.bias_update_rate, self.reduce_counts)
         self.step += 1
-        rec = {k + "_loss": float(v) for k, v in parts_sum.items()}
+        rec = {k + "_loss": v for k, v in losses.items()}
         rec["loss"] = rec["lm_loss"] + rec["mtp_loss"] + rec["aux_loss"]
         if not math.isfinite(rec["loss"]):
             raise UserError(f"loss is {rec['loss']} at step {self.step}: training diverged (lower lr_schedule.learning_rate "
