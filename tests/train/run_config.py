@@ -30,3 +30,29 @@ def small_run(prefix: str, out_dir, **sections) -> RunConfig:
     cfg = run_config_from_dict(d)
     cfg.validate()
     return cfg
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    """step -> training loss from a run's metrics.jsonl."""
+    from dsv3.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"}
+
+
+def steps_then_resume(cfg: RunConfig, n: int):
+    """Run n steps, checkpoint, drop the trainer, and build a fresh one with resume=True.
+
+    Returns (losses of the first n steps, the resumed Trainer, not yet fitted)."""
+    import dataclasses
+
+    from dsv3.train.trainer import Trainer
+
+    first = Trainer(cfg, quiet=True)
+    losses = {}
+    for _ in range(n):
+        rec = first.train_step()
+        losses[rec["step"]] = rec["loss"]
+    first.save()
+    del first
+    resumed = Trainer(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True)), quiet=True)
+    return losses, resumed

@@ -12,11 +12,10 @@ from torch import nn
 
 from dsv3.config.train import LRScheduleConfig, OptimizerConfig, run_config_from_dict
 from dsv3.errors import UserError
-from dsv3.train.metrics import read_metrics
 from dsv3.train.optim import AdamWBF16State, build_optimizer, param_groups
 from dsv3.train.trainer import Trainer
 
-from run_config import small_run
+from run_config import small_run, steps_then_resume, train_losses
 
 
 class Small(nn.Module):
@@ -109,21 +108,14 @@ def test_bf16_state_resume_is_bit_identical(wiki_prefix, tmp_path):
 
     ref = Trainer(bf16_run(tmp_path / "ref"), quiet=True)
     ref.fit()
-    ref_losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref") if r.get("kind") == "train"}
+    ref_losses = train_losses(tmp_path / "ref")
 
     cfg = bf16_run(tmp_path / "run")
-    first = Trainer(cfg, quiet=True)
-    losses = {}
-    for _ in range(2):
-        rec = first.train_step()
-        losses[rec["step"]] = rec["loss"]
-    first.save()
-    del first
-    resumed = Trainer(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True)), quiet=True)
+    losses, resumed = steps_then_resume(cfg, 2)
     assert resumed.step == 2 and isinstance(resumed.optimizer, AdamWBF16State)
     assert all(s["exp_avg_sq"].dtype == torch.bfloat16 for s in resumed.optimizer.state.values())
     resumed.fit()
-    losses.update({r["step"]: r["loss"] for r in read_metrics(tmp_path / "run") if r.get("kind") == "train"})
+    losses.update(train_losses(tmp_path / "run"))
     assert losses == ref_losses and len(losses) == 4  # exact float equality
     state = resumed.model.state_dict()
     for k, v in ref.model.state_dict().items():

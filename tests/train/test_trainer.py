@@ -22,13 +22,9 @@ from dsv3.train.metrics import read_metrics
 from dsv3.train.trainer import Trainer
 
 from conftest import SAMPLE_LEN
-from run_config import small_run
+from run_config import small_run, steps_then_resume, train_losses
 
 HERE = Path(__file__).resolve().parent
-
-
-def _train_losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"}
 
 
 @pytest.fixture(scope="module")
@@ -37,23 +33,16 @@ def reference(wiki_prefix, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     t = Trainer(small_run(wiki_prefix, out), quiet=True)
     t.fit()
-    return {"losses": _train_losses(out), "model": {k: v.clone() for k, v in t.model.state_dict().items()},
+    return {"losses": train_losses(out), "model": {k: v.clone() for k, v in t.model.state_dict().items()},
             "optim": t.optimizer.state_dict(), "out": out}
 
 
 def test_resume_is_bit_identical(reference, wiki_prefix, tmp_path):
     cfg = small_run(wiki_prefix, tmp_path)
-    first = Trainer(cfg, quiet=True)
-    losses = {}
-    for _ in range(3):
-        rec = first.train_step()
-        losses[rec["step"]] = rec["loss"]
-    first.save()
-    del first
-    resumed = Trainer(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True)), quiet=True)
+    losses, resumed = steps_then_resume(cfg, 3)
     assert resumed.step == 3
     resumed.fit()
-    losses.update(_train_losses(tmp_path))
+    losses.update(train_losses(tmp_path))
     assert losses == reference["losses"]  # exact float equality, steps 1..6
     state = resumed.model.state_dict()
     for k, v in reference["model"].items():
@@ -66,7 +55,7 @@ def test_resume_is_bit_identical(reference, wiki_prefix, tmp_path):
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {here!r})
-    from run_config import small_run
+    from run_config import small_run, steps_then_resume, train_losses
     from dsv3.train import checkpoint
     from dsv3.train.trainer import Trainer
     t = Trainer(small_run({prefix!r}, {out!r}), quiet=True)
@@ -103,7 +92,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, wi
     resumed = Trainer(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True)), quiet=True)
     assert resumed.step == 3
     resumed.fit()
-    assert _train_losses(out) == {s: v for s, v in reference["losses"].items() if s > 3}
+    assert train_losses(out) == {s: v for s, v in reference["losses"].items() if s > 3}
     assert [s for s, _ in checkpoint.list_checkpoints(root)] == [3, 6] and not list(root.glob(".tmp-*"))
 
 
