@@ -101,6 +101,27 @@ def test_bench_serve_random_and_sonnet(server, tmp_path, capsys):
     assert res["completed"] == 3 and res["total_output_tokens"] == 12 and res["request_rate"] == 20.0
 
 
+def test_bench_serve_defaults_fit_the_server_context(server, tmp_path, capsys):
+    """The default 1024-token prompts (+ BOS + 128 output) do not fit a small model's context (the
+    quickstart's is 1024, this server's 512): they are shortened with one line; explicit lengths
+    that cannot fit are refused in one line."""
+    ctx = server.app.state.engine.max_model_len
+    args = ["bench", "serve", "--base-url", server.root, "--api-key", API_KEY, "--num-prompts", "2",
+            "--ignore-eos", "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path), "--result-filename",
+            "fit.json", "--random-output-len", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    fitted = ctx - 1 - 4
+    assert (f"the default --random-input-len 1024 + --random-output-len 4 (+1 token(s) the server adds) exceed "
+            f"the server's max_model_len {ctx}; using --random-input-len {fitted}") in out
+    res = json.loads((tmp_path / "fit.json").read_text())
+    assert res["completed"] == 2 and res["failed"] == 0 and res["input_lens"] == [fitted] * 2
+
+    assert main(args[:-6] + ["--random-input-len", "1024"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dsv3 bench: error: --random-input-len 1024 + --random-output-len 128") and "\n" not in err
+
+
 def test_bench_serve_unreachable(capsys):
     rc = main(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", "--model", "m",
                "--num-prompts", "2", "--random-input-len", "4", "--random-output-len", "2", "--disable-tqdm"])
