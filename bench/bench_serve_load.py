@@ -10,7 +10,8 @@ request (default 20; 0 = none) is instead one of MALICIOUS (in turn): sampling f
 cannot hold (top_k 2**63, seed 2**64, n 20000, logprobs 10000 with echo), a 10 MB body, lone
 surrogates, 100,000-deep JSON, an empty prompt list / message list, a prompt longer than the
 context can hold, an out-of-vocabulary token id. A thread polls /health every 0.1 s for the whole
-run (its own connection per probe). The server's RSS is sampled every 0.25 s; "flat" compares the
+run (its own connection per probe), after 100 probes of the idle server that show what the
+machine alone costs (`idle_health_max_s`). The server's RSS is sampled every 0.25 s; "flat" compares the
 peak RSS of the last quarter of the run with the peak of the second quarter (after warm-up).
 Writes bench/results/serve_load.json with the command line, the commit and the machine's load.
 """
@@ -40,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-growth-mb", type=float, default=50.0, help="allowed RSS growth after warm-up")
     p.add_argument("--malicious-every", type=int, default=20, help="every Nth request is malicious (0: none)")
     p.add_argument("--max-health-s", type=float, default=1.0, help="slowest /health answer allowed")
+    p.add_argument("--idle-health-probes", type=int, default=100, help="/health probes of the idle server first")
     args = p.parse_args(argv)
 
     import aiohttp
@@ -64,6 +66,12 @@ def main(argv=None) -> int:
 
     with Server(args.model, args.server_args.split(), Path("/tmp/dsv3-bench-serve-load.log")) as server:
         max_model_len = httpx.get(server.root + "/v1/models", timeout=30).json()["data"][0]["max_model_len"]
+        idle_health_s = []  # the same probe on the idle server first: what the machine alone costs
+        for _ in range(args.idle_health_probes):
+            t = time.perf_counter()
+            httpx.get(server.root + "/health", timeout=30)
+            idle_health_s.append(time.perf_counter() - t)
+            time.sleep(0.1)
         attacks = malicious_bodies(max_model_len)
 
         def sample() -> None:
@@ -151,6 +159,7 @@ def main(argv=None) -> int:
         "health_probes": len(health_s), "health_max_s": max(health_s, default=float("nan")),
         "health_p99_s": sorted(health_s)[int(0.99 * (len(health_s) - 1))] if health_s else float("nan"),
         "health_failures": health_bad[:5],
+        "idle_health_probes": len(idle_health_s), "idle_health_max_s": max(idle_health_s, default=float("nan")),
         "input_len_range": [min(r.prompt_len for r in reqs), max(r.prompt_len for r in reqs)],
         "output_len_range": [min(r.expected_output_len for r in reqs), max(r.expected_output_len for r in reqs)],
         "duration_s": dur, "completed": m.completed, "errors": len(errors), "first_errors": errors[:3],
@@ -168,7 +177,8 @@ def main(argv=None) -> int:
     out = REPO / "bench" / "results" / "serve_load.json"
     write_json_atomic(out, result)
     print({k: result[k] for k in ("well_formed", "completed", "errors", "wrong_output_lengths", "malicious",
-                                  "malicious_4xx", "health_probes", "health_max_s", "rss_mb_peak_second_quarter",
+                                  "malicious_4xx", "health_probes", "health_max_s", "idle_health_max_s",
+                                  "rss_mb_peak_second_quarter",
                                   "rss_mb_peak_last_quarter", "rss_growth_mb", "kv_cache_used_blocks_after", "pass")})
     print(f"saved {out}")
     return 0 if result["pass"] else 1
