@@ -144,6 +144,21 @@ def test_sampling_fields_out_of_range_are_400(server, path, fields, word):
     assert time.perf_counter() - t0 < 5
 
 
+def test_sampling_params_validate_bounds_offline_too():
+    """The same check guards the offline `LLM` / `LLMEngine.add_request` (one place for both)."""
+    from dsv3.infer.sampling import SamplingParams
+
+    ok = dict(top_k=129280, seed=2**63 - 1, logprobs=20, prompt_logprobs=0, temperature=0.5)
+    SamplingParams(**ok).validate(129280, max_logprobs=20)
+    for bad in ({"top_k": 129281}, {"top_k": -2}, {"top_k": 2**63}, {"seed": 2**63}, {"seed": -(2**63) - 1},
+                {"logprobs": 21}, {"prompt_logprobs": 21}, {"temperature": float("inf")},
+                {"repetition_penalty": float("nan")}, {"n": True}, {"max_tokens": 2**64},
+                {"stop_token_ids": [129280]}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**{**ok, **bad}).validate(129280, max_logprobs=20)
+    SamplingParams(logprobs=1000).validate(129280)  # offline: no server cap, only the vocabulary
+
+
 def test_non_finite_floats_are_400(server):
     for field in ("temperature", "repetition_penalty", "top_p"):
         raw = f'{{"model": "{MODEL_NAME}", "prompt": "hi", "max_tokens": 2, "{field}": Infinity}}'
