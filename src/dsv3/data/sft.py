@@ -222,6 +222,9 @@ def load_sft_samples(path: str | os.PathLike, tok=None, fmt: str = "auto") -> SF
         if not ids:
             raise UserError(f"{p}: no SFT records")
         return SFTSamples(ids, mask, p)
+    if os.path.isdir(p) and any(".mindrecord" in f for f in os.listdir(p)):
+        raise UserError(f"{p}: holds MindRecord files, which dsv3 does not read; convert the source JSON with `dsv3 preprocess "
+                        f"--dataset-type qa --input FILE.json --output-prefix {os.path.join(p, 'sft')}` and use {os.path.join(p, 'sft')}")
     if not exists(p + IDS_SUFFIX) or not exists(p + MASK_SUFFIX):
         raise UserError(f"{p}: neither a .json/.jsonl file nor a tokenised SFT prefix ({p}{IDS_SUFFIX}.bin/.idx and "
                         f"{p}{MASK_SUFFIX}.bin/.idx, written by `dsv3 preprocess --dataset-type qa|chat`)")

@@ -131,18 +131,39 @@ def build_sft_dataset(samples, indices, seq_length: int, pad_id: int, packing: b
     return SFTDataset(samples, packs, seq_length, pad_id, packing)
 
 
-def _tokenizer_for(cfg):
-    """data.tokenizer, else the tokenizer shipped in train.init_from's directory, else the default one."""
+def tokenizer_source(cfg) -> str | None:
+    """data.tokenizer, else train.init_from's directory when it ships a tokenizer, else None (the default one)."""
     from pathlib import Path
 
-    from dsv3.data.tokenizer import load_tokenizer
-
     if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer)
+        return cfg.data.tokenizer
     init = cfg.train.init_from
     if init and any((Path(init) / n).is_file() for n in ("tokenizer.json", "tokenizer.json.xz")):
-        return load_tokenizer(init)
-    return load_tokenizer(None)
+        return init
+    return None
+
+
+def export_tokenizer(cfg, dest) -> list[str]:
+    """Write tokenizer.json (decompressed) and tokenizer_config.json (with its chat template) of the run's
+    tokenizer next to exported weights, so transformers and `dsv3 serve` find them. Returns the names written."""
+    import lzma
+    import shutil
+    from pathlib import Path
+
+    from dsv3.data.tokenizer import _resolve
+
+    tok_file, cfg_file = _resolve(tokenizer_source(cfg))
+    dest = Path(dest)
+    if tok_file.suffix == ".xz":
+        with lzma.open(tok_file, "rb") as src, open(dest / "tokenizer.json", "wb") as out:
+            shutil.copyfileobj(src, out)
+    else:
+        shutil.copyfile(tok_file, dest / "tokenizer.json")
+    written = ["tokenizer.json"]
+    if cfg_file is not None:
+        shutil.copyfile(cfg_file, dest / "tokenizer_config.json")
+        written.append("tokenizer_config.json")
+    return written
 
 
 def build_sft_data(cfg, log=None) -> tuple[SFTDataset, SFTDataset | None]:
@@ -151,7 +172,12 @@ def build_sft_data(cfg, log=None) -> tuple[SFTDataset, SFTDataset | None]:
 
     s, L = cfg.data.sft, cfg.data.seq_length
     raw = [p for p in (s.path, s.valid_path) if p and is_raw_file(p)]
-    tok = _tokenizer_for(cfg) if raw else None
+    if raw:
+        from dsv3.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_source(cfg))
+    else:
+        tok = None
     samples = load_sft_samples(s.path, tok, s.format)
     pad = cfg.model.eos_token_id
     seed = cfg.data.random_seed if s.shuffle else None
