@@ -120,3 +120,19 @@ def test_init_from_a_file_or_mindrecord_dir_is_refused(data_dir, tmp_path, capsy
     (tmp_path / "ds" / "alpaca.mindrecord").write_bytes(b"x")
     with pytest.raises(UserError, match="MindRecord files, which dsv3 does not read"):
         load_sft_samples(tmp_path / "ds")
+
+
+def test_cosine_with_warmup_lr_of_the_seed(data_dir):
+    """CosineWithWarmUpLR 5e-6 -> lr_end 1e-6, warmup_ratio 0.02 of the run's steps (MindFormers' formula after warmup)."""
+    import math
+
+    from dsv3.train.lr_schedule import lr_factor
+
+    s = load_run_config(_yaml(data_dir), [x for x in SHRINK if not x.startswith("lr_schedule")]).lr_schedule
+    assert (s.type, s.learning_rate, s.min_lr, s.warmup_ratio, s.total_steps) == ("cosine", 5e-6, 1e-6, 0.02, None)
+    total, warm = 200, 4
+    lrs = [s.learning_rate * lr_factor(i, s, total) for i in range(total)]
+    assert lrs[:warm] == pytest.approx([5e-6 * (i + 1) / warm for i in range(warm)])
+    for i in range(warm, total):
+        assert lrs[i] == pytest.approx(1e-6 + 4e-6 * 0.5 * (1 + math.cos(math.pi * (i - warm) / (total - warm))))
+    assert lrs[-1] == pytest.approx(1e-6, rel=1e-3)
