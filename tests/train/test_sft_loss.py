@@ -103,20 +103,24 @@ def test_loss_equals_transformers_with_minus_100_labels(tmp_path):
             assert abs(parts["lm"].item() - ref) <= 1e-5, (fused, parts["lm"].item(), ref)
 
 
-def test_packed_equals_separate_samples():
-    model = _model(aux_loss_alpha=0.0).eval()
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_packed_equals_separate_samples(device):
+    model = _model(aux_loss_alpha=0.0).eval().to(device)
     s = _Samples(seed=1)
     packed = build_sft_dataset(s, np.arange(3), 32, 1, True, "truncate", None, "t")
     assert len(packed) == 1
-    b = _batch(packed)
+    b = {k: v.to(device) for k, v in _batch(packed).items()}
     with torch.no_grad():
         attn = document_mask(b["doc_ids"])
         logits, (mtp,) = model(b["tokens"], positions=b["position_ids"], mask=attn, return_mtp=True)
         _, parts = compute_loss(model, b, 0.3)
         p, lm_sum, lm_n, mtp_sum, mtp_n = 0, 0.0, 0.0, 0.0, 0.0
         for i in range(3):
-            ids = torch.as_tensor(s.ids(i))[None]
-            m = torch.as_tensor(s.mask(i)[1:], dtype=torch.float32)[None]
+            ids = torch.as_tensor(s.ids(i), device=device)[None]
+            m = torch.as_tensor(s.mask(i)[1:], dtype=torch.float32, device=device)[None]
             n = ids.shape[1] - 1
             one_logits, (one_mtp,) = model(ids[:, :-1], return_mtp=True)
             torch.testing.assert_close(logits[:, p : p + n], one_logits, atol=2e-5, rtol=1e-4)
