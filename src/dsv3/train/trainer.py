@@ -105,6 +105,9 @@ def build_data(cfg: RunConfig, micro_batches: int, dp_rank: int = 0, dp_size: in
     if cfg.data.type == "sft":
         from dsv3.data.sft_dataset import build_sft_data
 
+        if cfg.data.sft.packing and cfg.parallel.pipeline_stage > 1 and torch.distributed.is_initialized():
+            raise UserError("data.sft.packing needs the per-sample attention mask, which the pipeline schedule does not carry: "
+                            "set data.sft.packing: false (padding) or parallel.pipeline_stage: 1")
         train, valid = build_sft_data(cfg, log)
         per_epoch = len(train) // (micro_batches * cfg.train.batch_size * dp_size)
         if cfg.train.epochs:
