@@ -198,10 +198,6 @@ class SFTSamples:
         """MindFormers-style labels: the ids where trained, -100 elsewhere."""
         return np.where(self.mask(i) > 0, self.ids(i).astype(np.int64), IGNORE_INDEX)
 
-    def lengths(self) -> np.ndarray:
-        return np.asarray([len(self._ids[i]) for i in range(len(self))], np.int64) if isinstance(self._ids, list) else \
-            self._ids.sequence_lengths.astype(np.int64)
-
 
 def is_raw_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix in (".json", ".jsonl")
