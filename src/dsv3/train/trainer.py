@@ -27,7 +27,7 @@ from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
 from dsv3.model import Transformer
 from dsv3.train import balance, checkpoint, metrics
-from dsv3.train.loss import LinearCrossEntropy, compute_loss
+from dsv3.train.loss import LinearCrossEntropy, attention_mask, compute_loss
 from dsv3.train.lr_schedule import build_scheduler
 from dsv3.train.optim import build_optimizer
 
@@ -47,9 +47,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
-    """fp32 master weights, initialised N(0, initializer_range) from train.seed."""
+def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None] | None = None) -> Transformer:
+    """fp32 master weights, initialised N(0, initializer_range) from train.seed, or read from train.init_from."""
     seed_everything(cfg.train.seed)
+    if cfg.train.init_from:
+        from dsv3.train.init_from import load_init_weights
+
+        return load_init_weights(cfg.model, cfg.train.init_from, device, log)
     with torch.device(device):
         model = Transformer(cfg.model)
     model.reset_parameters()
@@ -91,12 +95,29 @@ def check_data(cfg: RunConfig) -> None:
                 raise UserError(f"{name}: {prefix} holds {int(lengths.sum())} tokens, fewer than one sample of data.seq_length {L} + 1")
 
 
-def build_data(cfg: RunConfig, micro_batches: int, dp_rank: int = 0, dp_size: int = 1) -> Data:
+def build_data(cfg: RunConfig, micro_batches: int, dp_rank: int = 0, dp_size: int = 1, log: Callable[[str], None] | None = None) -> Data:
     """GPTDatasets over the configured prefixes, sized for the whole run (all data-parallel ranks);
-    valid from the split or its own prefixes. The loader hands rank `dp_rank` its slice of each global batch."""
+    valid from the split or its own prefixes. The loader hands rank `dp_rank` its slice of each global batch.
+    SFT data (`data.type: sft`): packed/padded sequences; `train.epochs` sets train.steps from their count."""
     from dsv3.data.gpt_dataset import build_gpt_datasets
     from dsv3.data.loader import ResumableLoader
 
+    if cfg.data.type == "sft":
+        from dsv3.data.sft_dataset import build_sft_data
+
+        if cfg.data.sft.packing and cfg.parallel.pipeline_stage > 1 and torch.distributed.is_initialized():
+            raise UserError("data.sft.packing needs the per-sample attention mask, which the pipeline schedule does not carry: "
+                            "set data.sft.packing: false (padding) or parallel.pipeline_stage: 1")
+        train, valid = build_sft_data(cfg, log)
+        per_epoch = len(train) // (micro_batches * cfg.train.batch_size * dp_size)
+        if cfg.train.epochs:
+            if per_epoch == 0:
+                raise UserError(f"{len(train)} SFT training sequences are fewer than one global batch "
+                                f"({micro_batches * cfg.train.batch_size * dp_size} sequences)")
+            cfg.train.steps = cfg.train.epochs * per_epoch
+            if log:
+                log(f"train.epochs {cfg.train.epochs} x {per_epoch} steps per epoch -> train.steps {cfg.train.steps}")
+        return Data(train=ResumableLoader(train, cfg.train.batch_size, dp_rank=dp_rank, dp_size=dp_size, cycle=True), valid=valid)
     check_data(cfg)
     d, bs = cfg.data, cfg.train.batch_size
     n_train = cfg.train.steps * micro_batches * bs * dp_size
@@ -151,8 +172,8 @@ class Trainer:
         self.run_dir = cfg.output_dir
         self.ckpt_root = checkpoint.checkpoint_root(self.run_dir)
         resume_from = self._resume_path()
-        self.data = build_data(cfg, self.micro_batches, data_parallel_rank, data_parallel_world)
-        self.model = build_model(cfg, self.device)
+        self.data = build_data(cfg, self.micro_batches, data_parallel_rank, data_parallel_world, self.log)
+        self.model = build_model(cfg, self.device, self.log)
         self.optimizer, self.scheduler = build_optim(self.model, cfg)
         self.moe_layers = self.model.moe_layers()
         self.step = 0
@@ -245,7 +266,7 @@ class Trainer:
             items = [self.data.valid[j] for j in range(i * bs, (i + 1) * bs)]
             batch = self._to_device({k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]})
             with self.autocast():
-                _, post = self.model.hidden_states(batch["tokens"], batch.get("position_ids"))
+                _, post = self.model.hidden_states(batch["tokens"], batch.get("position_ids"), attention_mask(batch))
                 s = LinearCrossEntropy.apply(post.flatten(0, 1), self.model.lm_head.weight, batch["labels"].flatten(),
                                              batch["loss_mask"].flatten())
             total += float(s)
@@ -312,6 +333,10 @@ class Trainer:
             from dsv3.checkpoint.io import save_pretrained
 
             summary["hf_dir"] = str(save_pretrained(self.model, self.run_dir / "hf"))
+            if cfg.data.type == "sft":  # fine-tuned weights ship with their tokenizer and chat template
+                from dsv3.data.sft_dataset import export_tokenizer
+
+                export_tokenizer(cfg, summary["hf_dir"])
             self.log(f"exported HF weights to {summary['hf_dir']}")
         if cfg.logging.plots:
             from dsv3.train.plot import write_plots
