@@ -38,20 +38,25 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("method", ["int8", "w8a8", "int4", "fp8"])
 def test_model_fast_equals_reference_and_engine(dense, method):
+    # fast vs reference through a whole model without routing (4 dense layers): in a random MoE a
+    # round-off difference can flip an expert choice, which says nothing about the GEMMs
+    mlp_only = small_model(first_k_dense_replace=4)
+    q = copy.deepcopy(mlp_only)
+    quantize_model(q, QuantConfig.preset(method))
+    ids = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        fast = q(ids)
+        set_reference(q)
+        ref = q(ids)
+        full = mlp_only(ids)
+    # W8A8: round-off can move an activation across an int8 rounding step; int8 (decode rows) and
+    # int4 kernels take bf16 activations and return bf16
+    assert _rel(fast, ref) < (1e-4 if method == "fp8" else 2e-2), _rel(fast, ref)
+    bound = {"int8": 0.05, "w8a8": 0.05, "fp8": 0.2, "int4": 0.5}[method]  # e4m3 keeps 3 mantissa bits, int4 16 levels
+    assert _rel(fast, full) < bound  # a sanity bound on random weights (accuracy: test_quant_accuracy)
     m = copy.deepcopy(dense)
     report = quantize_model(m, QuantConfig.preset(method))
     assert report.converted[method] > 0 and not report.unsupported
-    ids = torch.randint(0, 512, (2, 20))
-    with torch.no_grad():
-        fast = m(ids)
-        set_reference(m)
-        ref = m(ids)
-        set_reference(m, False)
-        full = dense(ids)
-    # per GEMM the paths agree to fp32 round-off (test_quant_schemes); through the layers W8A8's
-    # activation rounding turns round-off into an occasional one-step difference of an int8 value
-    assert _rel(fast, ref) < (1e-2 if method == "w8a8" else 1e-4), _rel(fast, ref)
-    assert _rel(fast, full) < 0.5  # a sanity bound only: routing flips amplify errors in a random model (accuracy: test_quant_accuracy)
     # the engine (paged latent cache, absorbed MLA from the dense kv_b view) decodes like the model itself
     prompt = ids[0, :8].tolist()
     llm = LLM(m, num_gpu_blocks=16)

@@ -29,7 +29,9 @@ def test_fast_path_equals_reference(method, shape, rows):
     x = torch.randn(2, rows, k)
     fast, ref = scheme.linear(x, q, s, k), scheme.linear_reference(x, q, s, k)
     assert fast.shape == (2, rows, n) and fast.dtype == x.dtype
-    assert _rel(fast, ref) < 1e-5, (method, _rel(fast, ref))
+    # int8 (decode rows) and int4 kernels output bf16: agreement to bf16 round-off; the others to fp32's
+    tol_ref = 1e-2 if method == "int4" or (method == "int8" and rows * 2 <= 16) else 1e-5
+    assert _rel(fast, ref) < tol_ref, (method, _rel(fast, ref))
     # and the quantisation itself is close to the dense product
     tol = {"int8": 0.01, "w8a8": 0.02, "int4": 0.12, "fp8": 0.05}[method]
     assert _rel(ref, F.linear(x, w)) < tol

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from dsv3.checkpoint.fp8 import BLOCK, weight_dequant, weight_quant
 
 INT8_MAX = 127.0
+KERNEL_ROWS = 16
+"""Most activation rows the weight-only int8 kernel takes (decode batches); more rows use a dense matmul."""
 FP8_CHUNK_ROWS = 1024
 """Output rows dequantised at once by the FP8 fast path (a multiple of 128)."""
 
@@ -78,10 +80,20 @@ class Int8Weight(Scheme):
         return q.float() * s.float()
 
     def linear(self, x, q, s, k):
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            y = torch._weight_int8pack_mm(x.reshape(-1, k), q, s.view(-1).to(x.dtype))
-            return y.view(*x.shape[:-1], -1)
-        return F.linear(x, q.to(x.dtype)) * s.view(-1).to(x.dtype)  # scale after the matmul: exact per column
+        """CPU, up to KERNEL_ROWS rows (decode): `_weight_int8pack_mm` on bf16 activations (its fast
+        kernel; with fp32 activations it measured ~7x slower than an fp32 GEMV). Otherwise the int8
+        matrix is converted to x's dtype and the per-channel scale applied after the matmul."""
+        rows = x.numel() // k
+        if x.device.type == "cpu" and rows <= KERNEL_ROWS:
+            y = torch._weight_int8pack_mm(x.reshape(-1, k).to(torch.bfloat16), q, s.view(-1).to(torch.bfloat16))
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
+        return F.linear(x, q.to(x.dtype)) * s.view(-1).to(x.dtype)
+
+    def linear_reference(self, x, q, s, k):
+        """Dequantise, then F.linear; activations rounded to bf16 where the fast path's kernel takes bf16."""
+        if x.device.type == "cpu" and x.numel() // k <= KERNEL_ROWS:
+            return F.linear(x.to(torch.bfloat16).float(), self.dequantize(q, s, k)).to(x.dtype)
+        return F.linear(x, self.dequantize(q, s, k).to(x.dtype))
 
 
 def quantize_tokens_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +173,19 @@ class Int4Weight(Scheme):
         return (vals - 8) * scale + zero
 
     def linear(self, x, q, s, k):
+        """`_weight_int4pack_mm_for_cpu` on bf16 activations (its AVX-512 kernel takes bf16; fp32
+        activations measured ~16x slower). CUDA: the reference (the tinygemm CPU layout has no CUDA kernel here)."""
         if x.device.type != "cpu":
-            return self.linear_reference(x, q, s, k)  # the CPU tinygemm layout has no CUDA kernel here
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, k), q, self.group, s.to(x.dtype))
-        return y.view(*x.shape[:-1], -1)
+            return self.linear_reference(x, q, s, k)
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(torch.bfloat16), q, self.group, s.to(torch.bfloat16))
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def linear_reference(self, x, q, s, k):
+        """Dequantise, then F.linear; on CPU the activations and scales are rounded to bf16 as the kernel's are."""
+        if x.device.type != "cpu":
+            return F.linear(x, self.dequantize(q, s, k).to(x.dtype))
+        w = self.dequantize(q, s.to(torch.bfloat16), k)
+        return F.linear(x.to(torch.bfloat16).float(), w).to(x.dtype)
 
 
 @functools.lru_cache(maxsize=64)
