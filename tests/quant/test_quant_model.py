@@ -115,6 +115,6 @@ def test_offline_w8a8_checkpoint_loads_like_quantising_at_load(small_ckpt, tmp_p
 def test_int4_group_size_and_errors(small_ckpt):
     m = dsv3.from_pretrained(small_ckpt, dtype=torch.float32, quantization="int4:64")
     assert m.model.layers[0].self_attn.q_a_proj.scheme.group == 64
-    for bad in ("int3", "int8:64"):
+    for bad in ("int3", "int8:64", "int4:48"):
         with pytest.raises(UserError):
             dsv3.from_pretrained(small_ckpt, quantization=bad)

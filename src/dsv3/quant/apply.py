@@ -219,8 +219,8 @@ def resolve(quantization, hf_config: dict | None = None) -> QuantConfig | None:
         return QuantConfig.from_mindformers(quantization)
     if isinstance(quantization, str):
         method, _, group = quantization.partition(":")  # "int4:64" picks the group size
-        if group and (method != "int4" or not group.isdigit()):
-            raise UserError(f"quantization {quantization!r}: only int4 takes a group size (int4:32|64|128)")
+        if group and (method != "int4" or group not in ("32", "64", "128", "256")):
+            raise UserError(f"quantization {quantization!r}: only int4 takes a group size (int4:32|64|128|256)")
         return QuantConfig.preset(method, int(group) if group else 32)
     raise UserError(f"quantization: expected a name ({', '.join(SCHEMES)}), got {type(quantization).__name__}")
 
