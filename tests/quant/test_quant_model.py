@@ -112,6 +112,14 @@ def test_offline_w8a8_checkpoint_loads_like_quantising_at_load(small_ckpt, tmp_p
         assert torch.allclose(stored(ids), at_load(ids), rtol=1e-5, atol=1e-6)
 
 
+def test_quantised_model_refuses_save_pretrained(dense, tmp_path):
+    m = copy.deepcopy(dense)
+    quantize_model(m, QuantConfig.preset("int8"))
+    with pytest.raises(UserError, match="dsv3 convert"):
+        m.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_int4_group_size_and_errors(small_ckpt):
     m = dsv3.from_pretrained(small_ckpt, dtype=torch.float32, quantization="int4:64")
     assert m.model.layers[0].self_attn.q_a_proj.scheme.group == 64

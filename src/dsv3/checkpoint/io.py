@@ -436,6 +436,9 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | st
     """
     from safetensors.torch import save_file
 
+    if getattr(model, "quantization", None) is not None:
+        raise UserError("saving a quantised model is not supported: save the dense model and write a quantised "
+                        "checkpoint with `dsv3 convert SRC DST --to fp8` or `--quantize w8a8|int8`")
     dest = Path(path)
     max_bytes = parse_size(max_shard_size)
     dest.parent.mkdir(parents=True, exist_ok=True)
