@@ -1,6 +1,7 @@
 """Decode speed of the dsv3 engine vs transformers' `generate`, same weights, same process.
 
     flock /tmp/dsv3-bench.lock python bench/bench_decode.py            # seed 1B config, CPU fp32
+    flock /tmp/dsv3-bench.lock python bench/bench_decode.py --quantization int4 --out bench/results/decode_int4.json
 
 Both models share every weight tensor (transformers' fused expert gate_up_proj is the only copy), so
 the comparison is memory-fair. Decode tokens/s = (new tokens - 1) / (time of the whole generation -
@@ -54,9 +55,10 @@ def hf_twin(model):
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights a batch-1 decode step must read (the embedding reads one row)."""
+    """Bytes of weights a batch-1 decode step must read (the embedding reads one row); quantised
+    modules count their stored weights and scales (`dsv3.quant`)."""
     cfg, total = model.config, 0
-    for name, p in model.named_parameters():
+    for name, p in model.state_dict().items():
         if name.startswith("model.mtp.") or name == "model.embed_tokens.weight":
             continue
         if ".experts." in name:
@@ -122,6 +124,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (dsv3 only)")
+    ap.add_argument("--quantization", default=None, help="w8a8 | int8 | int4[:G] | fp8: quantise dsv3's weights (transformers stays fp32)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure (best is reported)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "decode.json"))
     args = ap.parse_args()
@@ -130,6 +133,7 @@ def main() -> int:
     from dsv3.config.presets import load_model_config
     from dsv3.infer.engine import LLMEngine, resolve_dtype
     from dsv3.model.transformer import Transformer
+    from dsv3.tools.decode_bound import process_memory
 
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -139,12 +143,18 @@ def main() -> int:
         model = Transformer(cfg)
     model.reset_parameters(std=0.02)  # wide enough that greedy logits have no ties
     model = model.to(dtype).eval()
+    hf = hf_twin(model) if not args.no_hf else None  # shares the dense tensors, built before quantising ours
+    quant = None
+    if args.quantization:
+        from dsv3.quant import quantize_model, resolve
+
+        quant = quantize_model(model, resolve(args.quantization)).summary()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 100_000, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
     engine = LLMEngine(model, None, max_num_seqs=args.batch, max_model_len=4 * (args.prompt_len + args.new_tokens),
                        num_gpu_blocks=args.batch * (args.prompt_len + args.new_tokens) // 16 + args.batch * 2, block_size=16)
 
-    runs, hf = {}, None
+    runs = {}
     for threads in args.threads:
         # On a shared 2-core machine, one thread can beat two (no waiting at OpenMP barriers for a
         # descheduled sibling), so every thread count is measured, for both engines, and the best kept.
@@ -157,7 +167,6 @@ def main() -> int:
         if device.type == "cpu":
             r["read_bandwidth_GBps"] = read_bandwidth()
         if not args.no_hf:
-            hf = hf if hf is not None else hf_twin(model)
             r["hf_b1_tok_s"], hf_tokens = time_hf(hf, torch.tensor([prompts[0]], device=device), args.new_tokens)
             r["greedy_tokens_equal_hf"] = hf_tokens == ours_tokens[0]
         print(threads, "threads:", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
@@ -178,6 +187,8 @@ def main() -> int:
         f"dsv3_b{args.batch}_tok_s": round(bn, 3),
         f"batch{args.batch}_over_batch1": round(bn / b1, 2),
         "batch_tokens_equal_alone": all(r["batch_tokens_equal_alone"] for r in runs.values()),
+        "quantization": args.quantization or "none", "quantization_report": quant,
+        **process_memory(),  # RSS of the process: dsv3 (quantised) + the transformers twin when it runs
         "kv_cache": engine.cache_info(),
         "per_thread_count": {t: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for t, r in runs.items()},
     }

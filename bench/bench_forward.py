@@ -1,6 +1,6 @@
 """Forward of a 512-token prompt: dsv3 vs transformers' DeepseekV3ForCausalLM, same weights, same run.
 
-    flock /tmp/dsv3-bench.lock python bench/bench_forward.py [--config deepseek_v3_1b] [--tokens 512]
+    flock /tmp/dsv3-bench.lock python bench/bench_forward.py [--config deepseek_v3_1b] [--tokens 512] [--quantization w8a8]
 
 The seed 1B config (configs/deepseek_v3_1b.yaml) is built with random weights (init std 0.006,
 random router bias), written with our `save_pretrained` and read back by transformers
@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per model (default 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--quantization", default=None, help="w8a8 | int8 | int4[:G] | fp8: quantise dsv3's weights (transformers stays fp32)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "forward.json"))
     args = ap.parse_args()
     if args.threads:
@@ -54,6 +55,7 @@ def main() -> int:
 
     from dsv3.config.presets import load_model_config
     from dsv3.model import Transformer
+    from dsv3.tools.decode_bound import process_memory
 
     cfg = load_model_config(args.config)
     cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0, torch_dtype="float32")  # the forward never runs MTP
@@ -69,6 +71,11 @@ def main() -> int:
         model.save_pretrained(tmp)
         hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     hf_impl = hf.config._attn_implementation
+    quant = None
+    if args.quantization:
+        from dsv3.quant import quantize_model, resolve
+
+        quant = quantize_model(model, resolve(args.quantization)).summary()
 
     ids = torch.randint(0, cfg.vocab_size, (1, args.tokens))
     with torch.inference_mode():
@@ -111,6 +118,9 @@ def main() -> int:
         "dsv3_tokens_per_s": round(args.tokens / ours, 1),
         "transformers_tokens_per_s": round(args.tokens / theirs, 1),
         "max_abs_logit_diff": max_diff,
+        "quantization": args.quantization or "none",
+        "quantization_report": quant,
+        **process_memory(),  # RSS of the process: both models
         "dsv3_impl": {"attn": cfg.attn_impl, "moe": cfg.moe_impl},
         "transformers_attn": hf_impl,
         "torch": torch.__version__,
@@ -121,7 +131,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{args.config}, {args.tokens} tokens, fp32 CPU, {result['threads']} threads")
+    print(f"{args.config}, {args.tokens} tokens, fp32 CPU, {result['threads']} threads, dsv3 quantization {result['quantization']}")
     print(f"  dsv3          {ours:.3f} s  ({result['dsv3_tokens_per_s']} tok/s)")
     print(f"  transformers  {theirs:.3f} s  ({result['transformers_tokens_per_s']} tok/s)")
     print(f"  speedup       {result['speedup']:.2f}x min-of-{args.repeats} ({result['speedup_median']:.2f}x by median), "

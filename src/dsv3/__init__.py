@@ -31,6 +31,8 @@ def from_pretrained(path, dtype=None, device="cpu", **kwargs):
     device: where the weights are materialised (loaded shard by shard, no second copy).
     mtp: None (load MTP layers if present) | False (skip) | True (require).
     Runtime switches: attn_impl="naive"|"absorb", moe_impl="grouped"|"loop", mtp_hidden=...
+    quantization: None (as stored: FP8 checkpoints stay FP8) | "none" (dequantise) | "w8a8" | "int8" |
+    "int4" | "fp8": weights quantised once at load (`dsv3.quant`).
     """
     from dsv3.checkpoint.io import from_pretrained as _load
 

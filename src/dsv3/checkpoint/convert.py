@@ -3,6 +3,8 @@
     dsv3 convert SRC DST                    # any supported layout -> HF hub layout, FP8 -> bf16
     dsv3 convert SRC DST --to dsv3          # -> our layout (stacked experts, model.mtp.k.*)
     dsv3 convert SRC DST --dtype float32    # output dtype of floating tensors (router bias stays fp32)
+    dsv3 convert SRC DST --to fp8           # DeepSeek's FP8 format (128x128 block scales), MTP kept
+    dsv3 convert SRC DST --quantize w8a8    # int8 weights per output channel (loads as W8A8)
 
 SRC is a directory with config.json and safetensors in any layout `hf_map` reads: the hub's
 per-expert names (FP8 with `weight_scale_inv` block scales, or bf16/fp32), transformers v5's fused
@@ -148,8 +150,38 @@ def fix_config(hf: dict, dtype: torch.dtype | None, fallback: str) -> dict:
     return out
 
 
-def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None = None, max_shard_size: str | int = "5GB") -> Path:
-    """Convert checkpoint directory `src` into `dst` (see the module docstring). Returns `dst`."""
+def quantize_stream(stream: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig, method: str,
+                    dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-layout tensors (source precision) -> the quantised checkpoint format of `method` (`dsv3.quant.stored`):
+    each selected matrix as its quantised weight plus `<name>_scale_inv`; the rest cast to `dtype`."""
+    from dsv3.quant import QuantConfig
+    from dsv3.quant.stored import convert_target, quantize_tensor
+
+    qc = QuantConfig.preset(method)
+    for name, t in stream:
+        if convert_target(name, cfg, qc) is None:
+            yield name, _cast(name, t, dtype)
+        else:
+            q, s = quantize_tensor(method, t)
+            yield name, q
+            yield name + hf_map.SCALE_SUFFIX, s
+
+
+def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None = None, max_shard_size: str | int = "5GB",
+            quantize: str | None = None) -> Path:
+    """Convert checkpoint directory `src` into `dst` (see the module docstring). Returns `dst`.
+
+    to="fp8" (same as quantize="fp8"): DeepSeek's FP8 format (e4m3 weights, 128x128 block scales;
+    embedding, lm_head, norms, router and MTP eh_proj kept, in bf16 unless `dtype`). quantize="w8a8" |
+    "int8": int8 weights per output channel (`dsv3.quant.stored`), loadable by `dsv3.from_pretrained`."""
+    if to == "fp8":
+        if quantize not in (None, "fp8"):
+            raise UserError(f"--to fp8 and --quantize {quantize} contradict each other")
+        to, quantize = "hf", "fp8"
+    if quantize is not None and to != "hf":
+        raise UserError("--quantize writes the HF hub layout only (drop --to dsv3)")
+    if quantize is not None and quantize not in ("fp8", "w8a8", "int8"):
+        raise UserError(f"--quantize {quantize!r}: expected fp8, w8a8 or int8 (int4 is applied at load: --quantization int4)")
     src, dst = Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"output directory {dst} exists and is not empty")
@@ -158,16 +190,26 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
     reader = CheckpointReader(src)
     cfg, hf = load_dir_config(src)
     out_dtype = parse_dtype(dtype) if dtype not in (None, "keep") else _source_dtype_default(reader)
+    if quantize == "fp8" and dtype is None:
+        out_dtype = torch.bfloat16  # the rest of a DeepSeek FP8 checkpoint is bf16
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         stream = iter_hf(reader, cfg, out_dtype) if to == "hf" else iter_dsv3(reader, cfg, out_dtype)
+        if quantize is not None:
+            stream = quantize_stream(iter_hf(reader, cfg, None), cfg, quantize, out_dtype)
         for name, t in stream:
             writer.add(name, t)
         writer.finish()
         fallback = str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16")
-        (tmp / "config.json").write_text(json.dumps(fix_config(hf, out_dtype, fallback), indent=2) + "\n")
+        conf = fix_config(hf, out_dtype, fallback)
+        if quantize is not None:
+            from dsv3.quant import QuantConfig
+            from dsv3.quant.stored import stored_config
+
+            conf["quantization_config"] = stored_config(quantize, QuantConfig.preset(quantize))
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         for f in COPY_FILES:
             if (src / f).is_file():
                 shutil.copy2(src / f, tmp / f)
@@ -183,12 +225,16 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint directory (config.json + safetensors; HF hub, FP8, transformers v5 or dsv3 layout)")
     p.add_argument("dst", help="output directory (must not exist or be empty)")
-    p.add_argument("--to", choices=["hf", "dsv3"], default="hf", help="output layout: HF hub per-expert names (default) or dsv3 stacked")
+    p.add_argument("--to", choices=["hf", "dsv3", "fp8"], default="hf",
+                   help="output layout: HF hub per-expert names (default), dsv3 stacked, or fp8 (HF layout in DeepSeek's FP8 "
+                        "format: e4m3 weights with 128x128 block scales, as the published checkpoints)")
+    p.add_argument("--quantize", choices=["fp8", "w8a8", "int8"], default=None,
+                   help="write quantised weights (HF layout): fp8 = --to fp8; w8a8 / int8: int8 per output channel")
     p.add_argument("--dtype", default=None, help="output dtype: bfloat16 | float32 | float16 | keep (default: keep; FP8 -> bfloat16)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size, quantize=args.quantize)
     print(f"wrote {out}")
     return 0

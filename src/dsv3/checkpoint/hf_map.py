@@ -52,6 +52,18 @@ SHARD_DIMS: dict[str, int | None] = {
 """Tensor-parallel split dim by module name (norms, router and biases are replicated). Stacked
 experts are split along dim 0 (the expert axis) by expert parallelism instead."""
 
+MINDFORMERS_MODULES: dict[str, str] = {
+    "feed_forward": "mlp", "attention": "self_attn", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj",
+    "wo": "o_proj", "q2l_proj": "q_a_proj", "l2q_proj": "q_b_proj", "kv2l": "kv_a_proj_with_mqa", "lkv2kv": "kv_b_proj",
+    "routed_experts": "experts", "shared_experts": "shared_experts", "lm_head": "lm_head", "router": "gate",
+}
+"""MindFormers DeepSeek-V3 module names (as the seed's YAMLs use them, e.g. the W8A8
+`modules_to_not_convert`) -> ours: `w2` is the down projection, `lkv2kv` the latent -> K/V up-projection."""
+
+QUANT_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+                 "down_proj", "eh_proj", "lm_head")
+"""Leaf names of the [out, in] matrices a quantisation may convert (never embeddings, norms, the router)."""
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _MTP = re.compile(r"^model\.mtp\.(\d+)\.(.*)$")
 _HF_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -134,14 +134,16 @@ def _few(names: list[str], n: int = 6) -> str:
     return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def read_weight(reader: CheckpointReader, name: str) -> torch.Tensor:
-    """An HF tensor, dequantised to fp32 if it is FP8 with a `_scale_inv` beside it."""
+def read_weight(reader: CheckpointReader, name: str, raw: bool = False) -> torch.Tensor:
+    """An HF tensor, dequantised to fp32 if it is FP8 (128x128 block scales) or int8 (per-row scales,
+    `dsv3 convert --quantize`) with a `_scale_inv` beside it; `raw` returns the stored tensor as is."""
     t = reader.tensor(name)
-    if is_fp8(t):
+    if not raw and (is_fp8(t) or t.dtype == torch.int8):
         sname = name + hf_map.SCALE_SUFFIX
         if sname not in reader.meta:
-            raise UserError(f"{reader.path}: FP8 tensor {name} has no {sname}")
-        t = weight_dequant(t, reader.tensor(sname), dtype=torch.float32)
+            raise UserError(f"{reader.path}: quantised tensor {name} ({t.dtype}) has no {sname}")
+        s = reader.tensor(sname)
+        t = t.float() * s.float() if t.dtype == torch.int8 else weight_dequant(t, s, dtype=torch.float32)
     return t
 
 
@@ -223,14 +225,23 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, dtype: torc
     skip = tuple(f"model.layers.{n + k}." for k in range(skip_mtp_layers)) + tuple(f"model.mtp.{k}." for k in range(skip_mtp_layers))
 
     def target_dtype(name: str) -> torch.dtype:
+        if stored_quant(name):  # a dsv3.quant module's storage or scale: keep its dtype
+            return expected[name].dtype
         return torch.float32 if name.endswith(KEEP_FP32) else dtype
+
+    def stored_quant(name: str) -> bool:
+        return getattr(model.get_submodule(_parent(name)), "scheme", None) is not None
 
     for hf_name in reader.names():
         shape = reader.shape(hf_name)
         if skip and hf_name.startswith(skip):
             continue
         tgt = hf_map.from_hf(hf_name, cfg)
-        if tgt is not None and tgt.kind in ("scale", "tied"):
+        if tgt is not None and tgt.kind == "scale":
+            tgt = _stored_scale_target(tgt, cfg, expected)  # the scale buffer of a module kept quantised
+        if tgt is None and hf_name.endswith(hf_map.SCALE_SUFFIX):
+            continue  # consumed while dequantising its weight
+        if tgt is not None and tgt.kind == "tied":
             continue
         if tgt is None:
             unexpected.append(hf_name)
@@ -248,7 +259,8 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, dtype: torc
                 bad_shape.append(f"{hf_name} {list(shape)} (expected {list(want)})")
                 continue
             if not dry_run:
-                _assign(model, tgt.name, read_weight(reader, hf_name).to(device=device, dtype=target_dtype(tgt.name)))
+                t = read_weight(reader, hf_name, raw=stored_quant(tgt.name))
+                _assign(model, tgt.name, t.to(device=device, dtype=target_dtype(tgt.name)))
             done.add(tgt.name)
         elif tgt.kind == "expert":
             if shape != want[1:] or tgt.expert >= want[0]:
@@ -259,7 +271,7 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, dtype: torc
                 if not dry_run:
                     building[tgt.name] = torch.empty(want, dtype=target_dtype(tgt.name), device=device)
             if not dry_run:
-                building[tgt.name][tgt.expert].copy_(read_weight(reader, hf_name))
+                building[tgt.name][tgt.expert].copy_(read_weight(reader, hf_name, raw=stored_quant(tgt.name)))
             seen[tgt.name].add(tgt.expert)
             if len(seen[tgt.name]) == want[0]:
                 if not dry_run:
@@ -290,6 +302,20 @@ def load_checkpoint_into(model: nn.Module, reader: CheckpointReader, dtype: torc
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _stored_scale_target(tgt: hf_map.Target, cfg: ModelConfig, expected: dict) -> hf_map.Target | None:
+    """HF `<weight>_scale_inv` -> our scale buffer of a module kept quantised (None: the scale is
+    consumed by dequantising its weight)."""
+    w = hf_map.from_hf(tgt.name, cfg)
+    if w is None or w.kind not in ("tensor", "expert"):
+        return None
+    ours = hf_map.Target(w.name + hf_map.SCALE_SUFFIX, w.kind, w.expert)
+    return ours if ours.name in expected else None
+
+
 def check_checkpoint(path: str | Path, mtp: bool | None = None) -> tuple[ModelConfig, CheckpointReader]:
     """Validate an HF directory without reading tensor data: config, file headers, names, shapes.
 
@@ -307,12 +333,15 @@ def check_checkpoint(path: str | Path, mtp: bool | None = None) -> tuple[ModelCo
 
 
 def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-                    mtp: bool | None = None, **runtime):
+                    mtp: bool | None = None, quantization=None, **runtime):
     """Load an HF-format DeepSeek-V3 directory into a `Transformer` in eval mode.
 
     dtype: None uses config.json's dtype (FP8 checkpoints: bfloat16); the router bias stays fp32.
     mtp: None loads the MTP modules when the checkpoint has them; False skips them (less memory);
     True requires them. `runtime` sets runtime switches of ModelConfig (attn_impl, moe_impl, mtp_hidden).
+    quantization (`dsv3.quant`): None/"auto" keeps a quantised checkpoint as stored (FP8 stays FP8,
+    1 byte per weight) and loads others dense; "none" dequantises; "w8a8" | "int8" | "int4" | "fp8"
+    (or a QuantConfig / MindFormers quantization_config dict) quantises once at load.
     """
     from dsv3.model.transformer import Transformer
 
@@ -326,11 +355,20 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
         torch_dtype = parse_dtype(dtype, default=cfg.torch_dtype if cfg.torch_dtype in _DTYPES else "bfloat16")
         with torch.device("meta"):
             model = Transformer(cfg)
+        post = None
+        if quantization is not None or any(d in ("F8_E4M3", "I8") for _, _, d in reader.meta.values()):
+            from dsv3.quant import plan_load
+
+            post = plan_load(model, reader, cfg, load_dir_config(path)[1], quantization)
         load_checkpoint_into(model, reader, torch_dtype, device, skip_mtp_layers=skip)
     finally:
         reader.close()
     model.init_non_persistent_buffers(device)
     model.config = dataclasses.replace(cfg, torch_dtype=str(torch_dtype).replace("torch.", ""))
+    if post is not None:
+        from dsv3.quant import quantize_model
+
+        model.quant_report = quantize_model(model, post)
     return model.eval()
 
 
@@ -398,6 +436,9 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | st
     """
     from safetensors.torch import save_file
 
+    if getattr(model, "quantization", None) is not None:
+        raise UserError("saving a quantised model is not supported: save the dense model and write a quantised "
+                        "checkpoint with `dsv3 convert SRC DST --to fp8` or `--quantize w8a8|int8`")
     dest = Path(path)
     max_bytes = parse_size(max_shard_size)
     dest.parent.mkdir(parents=True, exist_ok=True)

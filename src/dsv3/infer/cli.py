@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--tokenizer", help="tokenizer.json (or .json.xz, or a directory); default: the one in --model")
     src.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     src.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    src.add_argument("--quantization", default=None,
+                     help="w8a8 | int8 | int4[:GROUP] | fp8 | none: quantise the weights once at load (default: as stored; "
+                          "FP8 checkpoints stay FP8; the predict YAML's quantization_config applies)")
     src.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy machine 1 can beat 2)")
     io = p.add_argument_group("input")
     io.add_argument("--input", action="append", help="prompt text (repeat for a batch)")
@@ -77,6 +80,10 @@ def _predict_yaml(path: str) -> dict[str, Any]:
         out["repetition_penalty"] = float(mc["repetition_penalty"])
     if not out["model"]:
         raise UserError(f"{path}: no load_checkpoint (the checkpoint directory or file)")
+    if mc.get("quantization_config"):  # the seed's W8A8 predict YAML
+        from dsv3.quant import QuantConfig
+
+        out["quantization"] = QuantConfig.from_mindformers(mc["quantization_config"], f"{path}: model.model_config.quantization_config")
     return out
 
 
@@ -95,7 +102,8 @@ def _settings(args) -> dict[str, Any]:
     return dict(model=mp, tokenizer=pick(args.tokenizer, "tokenizer"), seed=pick(args.seed, "seed"),
                 max_tokens=pick(args.max_tokens, "max_tokens", 256), temperature=pick(args.temperature, "temperature", 0.0),
                 top_p=pick(args.top_p, "top_p", 1.0), top_k=pick(args.top_k, "top_k", 0),
-                repetition_penalty=pick(args.repetition_penalty, "repetition_penalty", 1.0))
+                repetition_penalty=pick(args.repetition_penalty, "repetition_penalty", 1.0),
+                quantization=pick(args.quantization, "quantization"))
 
 
 def _sampling(args, st: dict):
@@ -119,6 +127,18 @@ def _report(engine, n_tokens: int, seconds: float) -> None:
           f"of {c['block_size']} used, {c['bytes_per_token']} B/token ({c['bytes_per_token_per_layer']} B/token/layer)"
           + (f"; MTP drafts accepted {engine.stats['spec_accepted']}/{engine.stats['spec_drafts']}" if engine.speculative else "")
           + "]", file=sys.stderr)
+
+
+def _report_quantization(engine, asked) -> None:
+    """Say which quantisation runs (and what of a predict YAML's quantization_config is not applied)."""
+    qc = getattr(engine.model, "quantization", None)
+    if qc is None:
+        return
+    rep = engine.quant_report or getattr(engine.model, "quant_report", None)
+    src = "predict YAML quantization_config" if asked is not None and not isinstance(asked, str) else "as stored" if asked is None else "--quantization"
+    print(f"[quantization ({src}): {qc.describe()}" + (f"; {rep.summary()}" if rep else "") + "]", file=sys.stderr)
+    for note in qc.notes:
+        print(f"[note: {note}]", file=sys.stderr)
 
 
 def _stream(llm, prompt, sp) -> tuple[str, int]:
@@ -159,9 +179,11 @@ def run(args) -> int:
     try:
         llm = LLM(st["model"], tokenizer=st["tokenizer"], dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                   max_model_len=args.max_model_len, block_size=args.block_size, num_gpu_blocks=args.num_blocks,
-                  speculative=args.speculative)
+                  speculative=args.speculative, quantization=st["quantization"])
     except ValueError as e:
         raise UserError(str(e)) from None
+    if not args.quiet:
+        _report_quantization(llm.engine, st["quantization"])
     if llm.get_tokenizer() is None:
         raise UserError(f"{st['model']} has no tokenizer.json: pass --tokenizer PATH")
     engine = llm.engine

@@ -75,18 +75,21 @@ class LLMEngine:
     model's max_position_embeddings, capped by the cache). block_size: tokens per cache block.
     num_gpu_blocks: cache blocks (default: from `cache_bytes`, else 1 GiB on CPU / half the free
     memory on CUDA). max_num_batched_tokens: most prompt tokens per prefill step (several prompts
-    are packed into one step; longer ones are chunked). speculative: greedy MTP speculative decoding (the MTP
+    are packed into one step; longer ones are chunked). quantization: "w8a8" | "int8" | "int4" | "fp8" (or a
+    `dsv3.quant.QuantConfig` / MindFormers quantization_config dict) quantises the model's linears once,
+    in place (`dsv3.quant`); None keeps it as given. speculative: greedy MTP speculative decoding (the MTP
     block drafts one token, the next decode step verifies it; output identical to plain greedy).
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
                  block_size: int = 16, num_gpu_blocks: Optional[int] = None, cache_bytes: Optional[int] = None,
                  max_num_batched_tokens: int = 2048, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, speculative: bool = False):
+                 dtype: str | torch.dtype | None = None, speculative: bool = False, quantization=None):
         cfg: ModelConfig = model.config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else next(model.parameters()).dtype
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.quant_report = quantize_once(self.model, quantization)
         self.model_config = cfg
         self.tokenizer = tokenizer
         if max_num_seqs < 1 or block_size < 1 or max_num_batched_tokens < 1:
@@ -135,7 +138,8 @@ class LLMEngine:
         """Load an HF-format (or dsv3) checkpoint directory; the tokenizer defaults to the one inside it."""
         dev = torch.device(device) if device is not None else default_device()
         dt = resolve_dtype(dtype, dev)
-        model = load_model(model_dir, dt, dev, mtp=bool(engine_kwargs.get("speculative")))
+        quantization = engine_kwargs.pop("quantization", None)
+        model = load_model(model_dir, dt, dev, mtp=bool(engine_kwargs.get("speculative")), quantization=quantization)
         return cls(model, load_tokenizer_for(model_dir, tokenizer), device=dev, dtype=dt, **engine_kwargs)
 
     # ---- requests
@@ -460,12 +464,23 @@ def encode_text(tokenizer: Any, text: str, add_bos: bool) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=add_bos))
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, mtp: bool = False):
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, mtp: bool = False, quantization=None):
     """A `Transformer` from a checkpoint directory, via the checkpoint package's loader (the MTP
-    modules only when speculative decoding uses them)."""
+    modules only when speculative decoding uses them; quantised once at load when asked)."""
     import dsv3
 
-    return dsv3.from_pretrained(model_dir, dtype=dtype, device=device, mtp=True if mtp else False)
+    return dsv3.from_pretrained(model_dir, dtype=dtype, device=device, mtp=True if mtp else False, quantization=quantization)
+
+
+def quantize_once(model, quantization):
+    """Quantise a model handed to the engine (a loaded one already is: `dsv3.from_pretrained(quantization=)`)."""
+    if quantization is None or quantization == "none":
+        return getattr(model, "quant_report", None)
+    from dsv3.quant import quantize_model, resolve
+
+    if getattr(model, "quantization", None) is not None:
+        raise ValueError("the model is already quantised; pass quantization only once")
+    return quantize_model(model, resolve(quantization))
 
 
 def load_tokenizer_for(model_dir: str | Path | None, tokenizer: Any = None):

@@ -21,7 +21,11 @@ Conversation = list[dict[str, Any]]
 
 
 class LLM:
-    """An `LLMEngine` plus batch helpers. `model_dir_or_model`: a checkpoint directory or a Transformer."""
+    """An `LLMEngine` plus batch helpers. `model_dir_or_model`: a checkpoint directory or a Transformer.
+
+    `quantization="w8a8" | "int8" | "int4" | "fp8" | "none"` (an engine keyword) quantises once at load
+    (`dsv3.quant`); by default a quantised checkpoint runs as stored (FP8 stays FP8).
+    """
 
     def __init__(self, model_dir_or_model, tokenizer=None, dtype=None, device=None, **engine_kwargs):
         if isinstance(model_dir_or_model, (str, Path)):

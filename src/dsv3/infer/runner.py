@@ -76,6 +76,11 @@ class ModelRunner:
             self.w_uk.append(w_uk.detach().contiguous())
             self.w_uv_t.append(w_uv.detach().transpose(1, 2).contiguous())
 
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Output head on rows x [N,D]; a quantised head (dsv3.quant) runs its own kernel."""
+        head = self.model.lm_head
+        return head_matmul(x, head.weight) if isinstance(head, torch.nn.Linear) else head(x)
+
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
@@ -158,7 +163,7 @@ class ModelRunner:
             h = self._block_prefill(i, h, cos, sin, pk)
         post = m.model.norm(h[0])
         flat = [r for rs in pk.rows for r in rs]
-        logits = list(head_matmul(post[self._tensor(flat)], m.lm_head.weight).float().split([len(r) for r in pk.rows]))  # head only where needed
+        logits = list(self._head(post[self._tensor(flat)]).float().split([len(r) for r in pk.rows]))  # head only where needed
         return (logits, pk, self._mtp_input(h[0], post)) if return_hidden else logits
 
     @torch.inference_mode()
@@ -173,7 +178,7 @@ class ModelRunner:
         for i in range(self.n_main):
             h = self._block_decode(i, h, cos, sin, new_slots, k_slots, valid)
         post = m.model.norm(h)
-        logits = head_matmul(post.flatten(0, 1), m.lm_head.weight).view(*post.shape[:2], -1).float()
+        logits = self._head(post.flatten(0, 1)).view(*post.shape[:2], -1).float()
         return (logits, self._mtp_input(h, post)) if return_hidden else logits
 
     # ---- MTP depth 1 as a drafter: z = block(eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)])) at position i
@@ -183,7 +188,7 @@ class ModelRunner:
 
     def _mtp_logits(self, z: torch.Tensor) -> torch.Tensor:
         z = self.model.model.mtp[0].shared_head.norm(z)
-        return head_matmul(z.flatten(0, -2), self.model.lm_head.weight).view(*z.shape[:-1], -1).float()
+        return self._head(z.flatten(0, -2)).view(*z.shape[:-1], -1).float()
 
     @torch.inference_mode()
     def mtp_prefill(self, pk: Packed, hidden: torch.Tensor, next_ids: list[int]) -> torch.Tensor:

@@ -100,8 +100,12 @@ class MLA(nn.Module):
         return o.transpose(1, 2).flatten(2)  # [B,T,H*V]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of kv_b_proj: W_UK [H,P,C] (key up-projection) and W_UV [H,V,C] (value up-projection)."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        """Views of kv_b_proj: W_UK [H,P,C] (key up-projection) and W_UV [H,V,C] (value up-projection).
+        A quantised kv_b_proj (dsv3.quant, e.g. an FP8 checkpoint kept as FP8) is dequantised first."""
+        w = self.kv_b_proj.weight
+        if hasattr(self.kv_b_proj, "dequantized_weight"):
+            w = self.kv_b_proj.dequantized_weight(self.kv_a_layernorm.weight.dtype)
+        w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences decoded in one batch")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quantization", default=None, help="w8a8 | int8 | int4[:GROUP] | fp8 | none (default: as stored; FP8 stays FP8)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     limits.add_arguments(p)
 
@@ -49,6 +50,8 @@ def load_engine(args):
         kw["max_num_seqs"] = args.max_num_seqs
     if getattr(args, "max_model_len", None):
         kw["max_model_len"] = args.max_model_len
+    if getattr(args, "quantization", None):
+        kw["quantization"] = args.quantization
     try:
         return LLMEngine.from_pretrained(str(model_dir), **kw)
     except ValueError as e:

@@ -13,7 +13,8 @@ second on a laptop. Counts:
   causal context (L+1)/2 of a sequence of `--seq-len` tokens (naive attention). Training ≈ 3x forward.
 
 With `--model DIR` the checkpoint's files are also checked (names and shapes from the headers, no
-tensor data read).
+tensor data read), and the bytes per weight and the batch-1 decode bound (memory bandwidth / bytes
+read per token) are reported (`dsv3.tools.decode_bound`).
 """
 
 from __future__ import annotations
@@ -95,23 +96,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a YAML field, e.g. model.num_hidden_layers=4")
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length for the attention FLOPs (default 4096)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d = p.add_argument_group("decode bound (with --model)")
+    d.add_argument("--quantization", default=None, help="bytes as loaded with this scheme (w8a8 | int8 | int4[:G] | fp8); default: as stored")
+    d.add_argument("--dtype", default="float32", help="dtype of the unquantised weights with --quantization (default float32, the CPU default)")
+    d.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s to assume (default: measured now by a 256 MB copy)")
 
 
 def run(args: argparse.Namespace) -> int:
     from dsv3.config.presets import load_model_config
 
-    checked = ""
+    checked, bound = "", {}
     if args.model:
         from dsv3.checkpoint.io import check_checkpoint
 
         cfg, reader = check_checkpoint(args.model)
         checked = f"{len(reader.meta)} tensors in {len(reader.files)} file(s): names and shapes match config.json"
+        bound = _decode_bound(args, cfg, reader)
         reader.close()
     else:
         cfg = load_model_config(args.config, [s if s.startswith("model.") else f"model.{s}" for s in args.set])
     acc = account(cfg, args.seq_len)
     if args.json:
-        print(json.dumps({**asdict(acc), "checkpoint": checked or None}, indent=2))
+        print(json.dumps({**asdict(acc), "checkpoint": checked or None, **({"decode": bound} if bound else {})}, indent=2))
         return 0
     rows = [
         ("parameters (main, total)", _fmt(acc.total)),
@@ -129,4 +135,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"{k:<{width}}  {v}")
     if checked:
         print(f"checkpoint: {checked}")
+    if bound:
+        print(f"weights: {bound['bytes_per_weight']:.3f} bytes per weight ({bound['source']}), {_fmt(bound['resident_bytes'])}B resident; "
+              f"{_fmt(bound['bytes_per_token'])}B read per decoded token")
+        print(f"decode bound at batch 1: {bound['tokens_per_s_bound']:.1f} tok/s at {bound['bandwidth_gb_s']:.1f} GB/s "
+              f"({bound['bandwidth_source']})")
     return 0
+
+
+def _decode_bound(args, cfg, reader) -> dict:
+    """Bytes per weight and the batch-1 decode bound (`dsv3.tools.decode_bound`)."""
+    from dsv3.checkpoint.io import parse_dtype
+    from dsv3.tools.decode_bound import measure_bandwidth, planned_bytes, stored_bytes
+
+    if args.quantization:
+        wb, source = planned_bytes(cfg, args.quantization, parse_dtype(args.dtype)), f"as loaded with --quantization {args.quantization}"
+    else:
+        wb, source = stored_bytes(reader, cfg), "as stored"
+    if args.bandwidth is not None:
+        bw, bw_source = args.bandwidth * 1e9, "assumed (--bandwidth)"
+    else:
+        bw, bw_source = measure_bandwidth(), "measured now with one 256 MB copy; a busy machine reads low"
+    return {"source": source, "weights": wb.weights, "resident_bytes": wb.bytes, "bytes_per_weight": wb.per_weight,
+            "bytes_per_token": wb.activated_bytes, "bandwidth_gb_s": bw / 1e9, "bandwidth_source": bw_source,
+            "tokens_per_s_bound": bw / max(wb.activated_bytes, 1)}
