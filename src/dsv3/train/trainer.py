@@ -314,7 +314,7 @@ class Trainer:
             summary["hf_dir"] = str(save_pretrained(self.model, self.run_dir / "hf"))
             self.log(f"exported HF weights to {summary['hf_dir']}")
         if cfg.logging.plots:
-            from dsv3.train.plot import write_plots
+            from dsv3.train.plot import plots_after_training
 
-            summary["plots"] = [str(p) for p in write_plots(self.run_dir)]
+            summary["plots"] = [str(p) for p in plots_after_training(self.run_dir, self.log)]
         return summary
