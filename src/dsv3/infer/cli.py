@@ -57,27 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_yaml(path: str) -> dict[str, Any]:
-    """The fields of a MindFormers predict YAML that mean something here."""
+    """The fields of a MindFormers predict YAML that mean something here (the rest is listed once)."""
     from dsv3.config.load import read_yaml
+    from dsv3.config.mindspore import predict_settings
 
-    data = read_yaml(path)
-    mc = ((data.get("model") or {}).get("model_config") or {})
-    tok = ((data.get("processor") or {}).get("tokenizer") or {})
-    out: dict[str, Any] = {"model": data.get("load_checkpoint"), "tokenizer": tok.get("tokenizer_file") or tok.get("vocab_file"),
-                           "seed": data.get("seed")}
-    if mc.get("max_decode_length"):
-        out["max_tokens"] = int(mc["max_decode_length"])
-    if mc.get("do_sample"):
-        out["temperature"] = 1.0
-        if mc.get("top_k") not in (None, 0):
-            out["top_k"] = int(mc["top_k"])
-        if mc.get("top_p") not in (None, 1):
-            out["top_p"] = float(mc["top_p"])
-    if mc.get("repetition_penalty") not in (None, 1):
-        out["repetition_penalty"] = float(mc["repetition_penalty"])
-    if not out["model"]:
-        raise UserError(f"{path}: no load_checkpoint (the checkpoint directory or file)")
-    return out
+    return predict_settings(read_yaml(path), path)
 
 
 def _settings(args) -> dict[str, Any]:
