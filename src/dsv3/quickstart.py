@@ -24,7 +24,7 @@ from pathlib import Path
 from dsv3.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "configs" / "pretrain_tiny_cpu.yaml"
+CONFIG = "pretrain_tiny_cpu"  # a shipped preset (configs/pretrain_tiny_cpu.yaml)
 PROMPTS = ("The history of the city", "In 1998 , the band")
 
 _NEEDED = ("WikiText-2 and the DeepSeek-V3 tokenizer are needed: pass --data-dir DIR or set DSV3_DATA_DIR, where DIR "
@@ -36,7 +36,7 @@ _NEEDED = ("WikiText-2 and the DeepSeek-V3 tokenizer are needed: pass --data-dir
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with wikitext-2/ and deepseek_v3_tokenizer/ (default: $DSV3_DATA_DIR, then ../shared/data)")
     p.add_argument("--out", default="runs/quickstart", help="output folder: data/ (tokenised, reused) and runN/ (default %(default)s)")
-    p.add_argument("--config", default=str(CONFIG), help="run YAML (default configs/pretrain_tiny_cpu.yaml)")
+    p.add_argument("--config", default=CONFIG, help="run YAML or preset name (default %(default)s: configs/pretrain_tiny_cpu.yaml)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per prompt (default %(default)s)")
