@@ -240,10 +240,7 @@ class Trainer:
             return None
         self.model.eval()
         total = count = 0.0
-        bs, n = self.cfg.train.batch_size, len(self.data.valid)
-        for i in range(min(self.cfg.eval.eval_iters, n // bs)):
-            items = [self.data.valid[j] for j in range(i * bs, (i + 1) * bs)]
-            batch = self._to_device({k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]})
+        for batch in self.eval_batches():
             with self.autocast():
                 _, post = self.model.hidden_states(batch["tokens"], batch.get("position_ids"))
                 s = LinearCrossEntropy.apply(post.flatten(0, 1), self.model.lm_head.weight, batch["labels"].flatten(),
@@ -255,6 +252,15 @@ class Trainer:
             return None
         loss = total / count
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+
+    def eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The validation micro-batches of every evaluation (the first eval_iters, always the same)."""
+        bs, n = self.cfg.train.batch_size, len(self.data.valid)
+        out = []
+        for i in range(min(self.cfg.eval.eval_iters, n // bs)):
+            items = [self.data.valid[j] for j in range(i * bs, (i + 1) * bs)]
+            out.append(self._to_device({k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}))
+        return out
 
     def save(self) -> Path:
         return checkpoint.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,
