@@ -297,4 +297,4 @@ def export_tokenizer(directory: str | os.PathLike, tokenizer: Any = None, vocab_
         return (f"{directory}: no tokenizer written (none fits this model's vocabulary): pass --tokenizer PATH to "
                 f"dsv3 generate / serve, or set data.tokenizer")
     save_tokenizer(tok, directory)
-    return f"wrote {tok.name} and its tokenizer_config.json (with the chat template) to {directory}"
+    return f"wrote tokenizer.json + tokenizer_config.json (with the chat template) to {directory} (from {tok.name})"

@@ -25,7 +25,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-PLOTS_HINT = "pip install matplotlib (or pip install 'dsv3[train]')"
+PLOTS_HINT = "pip install matplotlib, or pip install 'dsv3[train]'"
 
 
 def plots_after_training(run_dir: str | Path, log) -> list[Path]:
@@ -34,7 +34,7 @@ def plots_after_training(run_dir: str | Path, log) -> list[Path]:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        log(f"plots skipped: matplotlib is not installed ({PLOTS_HINT}, then: dsv3 plot {run_dir})")
+        log(f"plots skipped: matplotlib is not installed ({PLOTS_HINT}; then: dsv3 plot {run_dir})")
         return []
     return write_plots(run_dir)
 
