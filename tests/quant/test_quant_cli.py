@@ -12,6 +12,7 @@ import yaml
 from dsv3.cli import main
 from dsv3.errors import UserError
 from dsv3.quant import QuantLinear
+from conftest import small_model  # at import time: the conftest of this folder (see tests/quant/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,6 @@ def tok_ckpt(tmp_path_factory):
         tok = load_tokenizer()
     except UserError as e:
         pytest.skip(str(e))
-    from conftest import small_model
-
     d = tmp_path_factory.mktemp("quant_tok")
     small_model(vocab_size=129280).save_pretrained(d)
     (d / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
