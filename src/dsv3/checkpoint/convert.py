@@ -110,8 +110,19 @@ class ShardWriter:
         nbytes = t.numel() * t.element_size()
         if self.pending and self.size + nbytes > self.max_bytes:
             self.flush()
-        self.pending[name] = t.contiguous()
+        t = t.contiguous()
+        if nbytes and self._overlaps(t):
+            # safetensors refuses tensors sharing memory in one file: the hub layout's MTP copies of the
+            # embedding/head come from the same source tensor, so each copy gets its own memory
+            t = t.clone()
+        self.pending[name] = t
         self.size += nbytes
+
+    def _overlaps(self, t: torch.Tensor) -> bool:
+        """Whether `t`'s bytes overlap a pending tensor's (tied weights read twice share storage)."""
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        return any(p.numel() and p.data_ptr() < hi and lo < p.data_ptr() + p.numel() * p.element_size()
+                   for p in self.pending.values())
 
     def flush(self) -> None:
         from safetensors.torch import save_file
