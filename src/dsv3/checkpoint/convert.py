@@ -20,14 +20,15 @@ import argparse
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from dsv3.checkpoint import hf_map
-from dsv3.checkpoint.io import (INDEX_NAME, KEEP_FP32, SINGLE_NAME, CheckpointReader, _install, load_dir_config, parse_dtype,
-                                parse_size, read_weight)
+from dsv3.checkpoint.io import (INDEX_NAME, KEEP_FP32, SINGLE_NAME, CheckpointReader, _install, check_checkpoint,
+                                load_dir_config, parse_dtype, parse_size, read_weight)
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 
@@ -167,6 +168,9 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
     if src.resolve() == dst.resolve():
         raise UserError("source and destination are the same directory")
     reader = CheckpointReader(src)
+    with warnings.catch_warnings():  # a config declaring MTP without MTP weights converts as it is
+        warnings.simplefilter("ignore")
+        check_checkpoint(src, reader=reader)  # config ranges, layer count, names, shapes: refuse before writing
     cfg, hf = load_dir_config(src)
     out_dtype = parse_dtype(dtype) if dtype not in (None, "keep") else _source_dtype_default(reader)
     dst.parent.mkdir(parents=True, exist_ok=True)
