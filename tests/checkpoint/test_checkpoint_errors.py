@@ -12,27 +12,12 @@ from safetensors.torch import save_file
 import dsv3
 from dsv3.cli import main
 from dsv3.errors import UserError
-from hf_oracle import make_hf_checkpoint
 
 
 def _cli(capsys, *argv):
     rc = main(list(argv))
     err = capsys.readouterr().err.strip()
     return rc, err
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    d = tmp_path_factory.mktemp("good")
-    make_hf_checkpoint(d, max_shard_size="60KB")
-    return d
-
-
-def _copy(src, dst):
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
 
 
 def test_good_checkpoint_is_reported(capsys, good):
@@ -49,8 +34,8 @@ def test_missing_directory(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_llama_config_is_rejected(capsys, good, tmp_path):
-    d = _copy(good, tmp_path / "llama")
+def test_llama_config_is_rejected(copy_checkpoint, capsys, good, tmp_path):
+    d = copy_checkpoint(good, tmp_path / "llama")
     (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64}))
     for argv in (["info", "--model", str(d)], ["convert", str(d), str(tmp_path / "out")]):
         rc, err = _cli(capsys, *argv)
@@ -59,8 +44,8 @@ def test_llama_config_is_rejected(capsys, good, tmp_path):
         dsv3.from_pretrained(d)
 
 
-def test_wrong_shape_tensor(capsys, good, tmp_path):
-    d = _copy(good, tmp_path / "shape")
+def test_wrong_shape_tensor(copy_checkpoint, capsys, good, tmp_path):
+    d = copy_checkpoint(good, tmp_path / "shape")
     index = json.loads((d / "model.safetensors.index.json").read_text())
     name = "model.layers.1.self_attn.kv_b_proj.weight"
     fname = index["weight_map"][name]
@@ -76,8 +61,8 @@ def test_wrong_shape_tensor(capsys, good, tmp_path):
         dsv3.from_pretrained(d)
 
 
-def test_truncated_safetensors(capsys, good, tmp_path):
-    d = _copy(good, tmp_path / "trunc")
+def test_truncated_safetensors(copy_checkpoint, capsys, good, tmp_path):
+    d = copy_checkpoint(good, tmp_path / "trunc")
     victim = sorted(d.glob("model-*.safetensors"))[1]
     os.truncate(victim, victim.stat().st_size - 50)
     for argv in (["info", "--model", str(d)], ["convert", str(d), str(tmp_path / "out")]):
@@ -86,8 +71,8 @@ def test_truncated_safetensors(capsys, good, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_and_unexpected_tensors_are_named(good, tmp_path):
-    d = _copy(good, tmp_path / "missing")
+def test_missing_and_unexpected_tensors_are_named(copy_checkpoint, good, tmp_path):
+    d = copy_checkpoint(good, tmp_path / "missing")
     index = json.loads((d / "model.safetensors.index.json").read_text())
     name = "model.layers.2.mlp.experts.3.up_proj.weight"
     fname = index["weight_map"][name]

@@ -101,8 +101,11 @@ def test_convert_hf_dsv3_hf_is_bit_exact(tmp_path):
         assert torch.equal(x, y), n
 
 
-def test_train_checkpoint_to_hf(tmp_path, tiny_config):
-    """A `dsv3 train` checkpoint (model.safetensors in our layout + config.resolved.yaml) converts to HF."""
+@pytest.mark.parametrize("shard", [None, "2MB"])
+def test_train_checkpoint_to_hf(tmp_path, tiny_config, shard):
+    """A `dsv3 train` checkpoint (model.safetensors in our layout + config.resolved.yaml) converts to HF,
+    at the default shard size too: the MTP copies of the embedding/head then share one shard with the
+    tensors they copy (safetensors refused that: "Some tensors share memory")."""
     import dataclasses
 
     from safetensors.torch import save_model
@@ -120,8 +123,11 @@ def test_train_checkpoint_to_hf(tmp_path, tiny_config):
     step.mkdir(parents=True)
     save_model(model, str(step / "model.safetensors"))
     dump_yaml({"model": cfg, "train": {"steps": 10}}, step / "config.resolved.yaml")
-    assert main(["convert", str(step), str(tmp_path / "hf"), "--max-shard-size", "2MB"]) == 0
-    model.save_pretrained(tmp_path / "direct", max_shard_size="2MB")
+    assert cfg.num_nextn_predict_layers == 1
+    assert main(["convert", str(step), str(tmp_path / "hf"), *(["--max-shard-size", shard] if shard else [])]) == 0
+    model.save_pretrained(tmp_path / "direct", max_shard_size=shard or "5GB")
+    if shard is None:
+        assert (tmp_path / "hf" / "model.safetensors").is_file()  # one shard holds the tensors and their copies
     a, b = CheckpointReader(tmp_path / "hf"), CheckpointReader(tmp_path / "direct")
     assert sorted(a.meta) == sorted(b.meta)
     for n in a.meta:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,51 @@ def test_corrupt_files_one_clear_error(tmp_path):
     (tmp_path / "ds.bin").unlink()
     with pytest.raises(UserError, match="ds.bin: file not found"):
         IndexedDataset(p)
+
+
+def test_inconsistent_index_is_refused_when_opening(tmp_path):
+    """Pointers, lengths, document boundaries, the .bin size and the dtype code are checked on open."""
+    import struct
+
+    p = tmp_path / "ds"
+    _write(IndexedDatasetBuilder, p, [[[1, 2, 3], [4]], [[5, 6]]], np.int32, False)
+    idx, bin_ = (tmp_path / "ds.idx").read_bytes(), (tmp_path / "ds.bin").read_bytes()
+    S, H = 3, 34  # sequences, header bytes
+    lengths_at, pointers_at, docs_at = H, H + 4 * S, H + 12 * S
+
+    def put(buf, at, fmt, value):
+        return buf[:at] + struct.pack(fmt, value) + buf[at + struct.calcsize(fmt):]
+
+    cases = {
+        "sequence 1 starts at byte 8, the lengths before it put it at 12": (put(idx, pointers_at + 8, "<q", 8), bin_),
+        "sequence 2 has length -1": (put(idx, lengths_at + 8, "<i", -1), bin_),
+        "document_indices decrease": (put(idx, docs_at + 8, "<q", 4), bin_),  # [0, 4, 3]
+        "larger than its index says": (idx, bin_ + b"\0" * 8),
+        "not an integer type": (idx[:17] + bytes([7]) + idx[18:], bin_),  # float32
+        # a wrong integer dtype (int16 for int32 data): the pointers no longer match the lengths
+        "sequence 1 starts at byte 12, the lengths before it put it at 6": (idx[:17] + bytes([3]) + idx[18:], bin_),
+    }
+    for msg, (i, b) in cases.items():
+        (tmp_path / "ds.idx").write_bytes(i)
+        (tmp_path / "ds.bin").write_bytes(b)
+        with pytest.raises(UserError, match=re.escape(msg.strip())) as e:
+            IndexedDataset(p)
+        assert "\n" not in str(e.value) and ("ds.idx" in str(e.value) or "ds.bin" in str(e.value))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.int64])
+def test_token_ids_are_checked_against_the_vocabulary_in_chunks(tmp_path, dtype):
+    p = tmp_path / "ds"
+    ids = np.arange(100, dtype=np.int64) % 50
+    _write(IndexedDatasetBuilder, p, [[ids[:60].tolist()], [ids[60:].tolist()]], dtype, True)
+    ds = IndexedDataset(p)
+    ds.check_token_ids(50, chunk_tokens=7)
+    with pytest.raises(UserError, match=r"ds.bin: token id 49 \(token 49\) is outside the model's vocabulary \[0, 49\)"):
+        ds.check_token_ids(49, chunk_tokens=7)  # found in the 8th chunk, position exact
+    if np.dtype(dtype).kind == "i":  # a negative id in a signed dtype
+        raw = bytearray((tmp_path / "ds.bin").read_bytes())
+        item = np.dtype(dtype).itemsize
+        raw[83 * item : 84 * item] = np.array([-5], dtype).tobytes()
+        (tmp_path / "ds.bin").write_bytes(bytes(raw))
+        with pytest.raises(UserError, match=r"token id -5 \(token 83\)"):
+            IndexedDataset(p).check_token_ids(50, chunk_tokens=16)

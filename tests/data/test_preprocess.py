@@ -6,24 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-import tokenizers
 
 from dsv3.cli import main
 from dsv3.data.indexed_dataset import IndexedDataset
 from dsv3.data.preprocess import preprocess
 from dsv3.data.wikitext import clean, wikitext_documents, wikitext_to_jsonl
-
-
-@pytest.fixture
-def raw_tokenizer(tokenizer_json):
-    """The `tokenizers` library on the same tokenizer.json, without any dsv3 code."""
-    return tokenizers.Tokenizer.from_file(str(tokenizer_json))
 
 
 @pytest.fixture
@@ -130,24 +120,8 @@ def test_bad_input_one_line(tmp_path, tokenizer_json, capsys, case):
     assert not list(tmp_path.glob("o_*")) and not list(tmp_path.glob(".o_*"))
 
 
-def test_killed_midway_leaves_no_output(tmp_path, data_dir, tokenizer_json):
-    prefix = tmp_path / "wiki"
-    cmd = [sys.executable, "-m", "dsv3", "preprocess", "--input", str(data_dir / "wikitext-2" / "wiki.train.tokens.xz"),
-           "--output-prefix", str(prefix), "--vocab-file", str(tokenizer_json), "--seq-length", "128",
-           "--mode", "document", "--workers", "1", "--chunk-size", "4", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        # wait until the (hidden, temporary) .bin has data, i.e. the run is midway
-        while time.monotonic() < deadline and proc.poll() is None:
-            tmp = list(tmp_path.glob(".wiki_text_document.tmp-*.bin"))
-            if tmp and tmp[0].stat().st_size > 100_000:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "preprocess finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+def test_killed_midway_leaves_no_output(tmp_path, preprocess_midway):
+    proc = preprocess_midway()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
     assert list(tmp_path.glob("wiki_text_document*")) == []

@@ -32,3 +32,16 @@ def wiki_prefix(tmp_path_factory) -> str:
                      vocab_file=str(shared / "deepseek_v3_tokenizer" / "tokenizer.json.xz"),
                      seq_length=SAMPLE_LEN, workers=2, progress=False)
     return res.prefixes["text"]
+
+
+@pytest.fixture(scope="session")
+def reference(wiki_prefix, tmp_path_factory):
+    """6 steps in one run (checkpoints at 3 and 6): per-step losses and the final states (read-only)."""
+    from dsv3.train.trainer import Trainer
+    from run_config import small_run, train_losses
+
+    out = tmp_path_factory.mktemp("ref")
+    t = Trainer(small_run(wiki_prefix, out), quiet=True)
+    t.fit()
+    return {"losses": train_losses(out), "model": {k: v.clone() for k, v in t.model.state_dict().items()},
+            "optim": t.optimizer.state_dict(), "out": out}

@@ -12,7 +12,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -25,16 +24,6 @@ from conftest import SAMPLE_LEN
 from run_config import small_run, steps_then_resume, train_losses
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def reference(wiki_prefix, tmp_path_factory):
-    """6 steps in one run (checkpoints at 3 and 6): per-step losses and the final states."""
-    out = tmp_path_factory.mktemp("ref")
-    t = Trainer(small_run(wiki_prefix, out), quiet=True)
-    t.fit()
-    return {"losses": train_losses(out), "model": {k: v.clone() for k, v in t.model.state_dict().items()},
-            "optim": t.optimizer.state_dict(), "out": out}
 
 
 def test_resume_is_bit_identical(reference, wiki_prefix, tmp_path):
@@ -184,18 +173,20 @@ def test_bad_input_gives_one_line_and_loses_nothing(reference, wiki_prefix, tmp_
     snapshot = {p: p.stat().st_mtime_ns for p in old.rglob("*")}
     rc, err = _run_cli(capsys, "--config", str(old / "config.resolved.yaml"))
     assert rc == 2 and len(err) == 1 and "--resume" in err[0]
-    # a corrupt checkpoint
+    # every checkpoint corrupt (one truncated, one without its optimizer state): nothing to resume from
     run = tmp_path / "corrupt"
     import shutil
 
     shutil.copytree(old, run)
     conf = yaml.safe_load((run / "config.resolved.yaml").read_text())
     conf["checkpoint"]["output_dir"] = str(run)
-    latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(run))
+    (_, first), (_, latest) = checkpoint.list_checkpoints(checkpoint.checkpoint_root(run))
     w = latest / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    (first / "optimizer.pt").unlink()
     metrics_before = (run / "metrics.jsonl").read_bytes()
     rc, err = _run_cli(capsys, "--config", str(_write(conf, tmp_path / "c.yaml")), "--resume")
-    assert rc == 2 and len(err) == 1 and "corrupt" in err[0] and str(latest) in err[0]
+    assert rc == 2 and len(err) == 1 and "no checkpoint under" in err[0] and "verifies" in err[0], err
+    assert "step-6 fails verification (model.safetensors is" in err[0] and "step-3 is incomplete (optimizer.pt is missing)" in err[0]
     assert (run / "metrics.jsonl").read_bytes() == metrics_before and w.is_file()
     assert snapshot == {p: p.stat().st_mtime_ns for p in old.rglob("*")}

@@ -23,14 +23,15 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from dsv3.checkpoint import hf_map
-from dsv3.checkpoint.io import (INDEX_NAME, KEEP_FP32, SINGLE_NAME, CheckpointReader, _install, load_dir_config, parse_dtype,
-                                parse_size, read_weight)
+from dsv3.checkpoint.io import (INDEX_NAME, KEEP_FP32, SINGLE_NAME, CheckpointReader, _install, check_checkpoint,
+                                load_dir_config, parse_dtype, parse_size, read_weight)
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 
@@ -113,8 +114,19 @@ class ShardWriter:
         nbytes = t.numel() * t.element_size()
         if self.pending and self.size + nbytes > self.max_bytes:
             self.flush()
-        self.pending[name] = t.contiguous()
+        t = t.contiguous()
+        if nbytes and self._overlaps(t):
+            # safetensors refuses tensors sharing memory in one file: the hub layout's MTP copies of the
+            # embedding/head come from the same source tensor, so each copy gets its own memory
+            t = t.clone()
+        self.pending[name] = t
         self.size += nbytes
+
+    def _overlaps(self, t: torch.Tensor) -> bool:
+        """Whether `t`'s bytes overlap a pending tensor's (tied weights read twice share storage)."""
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        return any(p.numel() and p.data_ptr() < hi and lo < p.data_ptr() + p.numel() * p.element_size()
+                   for p in self.pending.values())
 
     def flush(self) -> None:
         from safetensors.torch import save_file
@@ -189,6 +201,9 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
     if src.resolve() == dst.resolve():
         raise UserError("source and destination are the same directory")
     reader = CheckpointReader(src)
+    with warnings.catch_warnings():  # a config declaring MTP without MTP weights converts as it is
+        warnings.simplefilter("ignore")
+        check_checkpoint(src, reader=reader)  # config ranges, layer count, names, shapes: refuse before writing
     cfg, hf = load_dir_config(src)
     out_dtype = parse_dtype(dtype) if dtype not in (None, "keep") else _source_dtype_default(reader)
     if quantize == "fp8" and dtype is None:

@@ -86,9 +86,13 @@ class CheckpointReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{index}: weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
+            for fname in files:
+                _check_shard_name(index, fname)
         elif (self.path / SINGLE_NAME).is_file():
             files, weight_map = [SINGLE_NAME], None
         else:
@@ -128,6 +132,28 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _check_shard_name(index: Path, fname: str) -> None:
+    """A shard named by the index must be a relative path inside the checkpoint directory: no
+    absolute paths, no `..`, so a hostile index cannot make us open files elsewhere."""
+    p = Path(fname)
+    if not fname or "\0" in fname or p.is_absolute() or ".." in p.parts or "\\" in fname or not p.name.endswith(".safetensors"):
+        raise UserError(f"{index}: shard {fname!r} is not a .safetensors file inside the checkpoint directory")
+
+
+def check_layer_count(reader: CheckpointReader, cfg: ModelConfig, source: str | Path) -> None:
+    """The config's layer count against the layers the tensors hold, before anything is built:
+    main layers 0..num_hidden_layers-1 must all be there, and no more than the MTP layers on top."""
+    layers = {int(m.group(1)) for n in reader.meta if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    n = cfg.num_hidden_layers
+    main = sum(1 for i in layers if i < n)
+    if main < n:
+        have = f"{len(layers)} layer(s) (0..{max(layers)})" if layers else "no decoder layers"
+        raise UserError(f"{source}: num_hidden_layers is {n} but the checkpoint's tensors hold {have}")
+    if layers and max(layers) >= n + cfg.num_nextn_predict_layers:
+        raise UserError(f"{source}: the checkpoint holds layers up to {max(layers)} but num_hidden_layers {n} + "
+                        f"num_nextn_predict_layers {cfg.num_nextn_predict_layers} allows {n + cfg.num_nextn_predict_layers}")
 
 
 def _few(names: list[str], n: int = 6) -> str:
@@ -183,6 +209,7 @@ def resolve_config(path: str | Path, reader: CheckpointReader, mtp: bool | None,
     mtp: None loads the MTP layers when the files have them, False skips them, True requires them.
     """
     cfg = load_dir_config(path)[0]
+    check_layer_count(reader, cfg, path)
     declared, have = cfg.num_nextn_predict_layers, count_mtp_layers(reader, cfg)
     if mtp is True and (declared == 0 or have < declared):
         raise UserError(f"{path}: mtp=True but the checkpoint has {have} of {declared} MTP layer(s)")
@@ -316,7 +343,8 @@ def _stored_scale_target(tgt: hf_map.Target, cfg: ModelConfig, expected: dict) -
     return ours if ours.name in expected else None
 
 
-def check_checkpoint(path: str | Path, mtp: bool | None = None) -> tuple[ModelConfig, CheckpointReader]:
+def check_checkpoint(path: str | Path, mtp: bool | None = None,
+                     reader: CheckpointReader | None = None) -> tuple[ModelConfig, CheckpointReader]:
     """Validate an HF directory without reading tensor data: config, file headers, names, shapes.
 
     Returns the resolved config and the (open) reader; raises UserError naming the first problem.
@@ -324,7 +352,7 @@ def check_checkpoint(path: str | Path, mtp: bool | None = None) -> tuple[ModelCo
     from dsv3.model.transformer import Transformer
 
     path = Path(path)
-    reader = CheckpointReader(path)
+    reader = reader or CheckpointReader(path)
     cfg, skip = resolve_config(path, reader, mtp)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -360,6 +388,8 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
             from dsv3.quant import plan_load
 
             post = plan_load(model, reader, cfg, load_dir_config(path)[1], quantization)
+        # names and shapes from the file headers first: a mismatch is reported before any allocation
+        load_checkpoint_into(model, reader, torch_dtype, "meta", skip_mtp_layers=skip, dry_run=True)
         load_checkpoint_into(model, reader, torch_dtype, device, skip_mtp_layers=skip)
     finally:
         reader.close()

@@ -75,7 +75,10 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json") -> ModelConfig
             f"{source}: model_type {mtype!r} / architectures {archs} is not a DeepSeek-V3 model "
             f"(expected model_type in {SUPPORTED_MODEL_TYPES})"
         )
-    rope, theta = _rope_from_hf(hf)
+    try:
+        rope, theta = _rope_from_hf(hf)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
     kwargs: dict[str, Any] = {}
     for k, v in hf.items():
         if k in ("rope_scaling", "rope_parameters", "rope_theta") or k in _IGNORED_HF_KEYS:

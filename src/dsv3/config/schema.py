@@ -12,6 +12,37 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 
+# Sanity ranges of the architecture fields: far beyond any released model (DeepSeek-V3: 61 layers,
+# width 7168, 256 experts, vocab 129,280), small enough that a hostile or mistyped config.json
+# (num_hidden_layers 1e6, n_routed_experts 1e9) is refused before anything is built or allocated.
+MAX_POSITIONS = 1 << 24
+LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 24),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 20),
+    "moe_intermediate_size": (1, 1 << 20),
+    "num_hidden_layers": (1, 1024),
+    "moe_layer_freq": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "kv_lora_rank": (1, 1 << 16),
+    "qk_nope_head_dim": (0, 4096),
+    "qk_rope_head_dim": (2, 4096),
+    "v_head_dim": (1, 4096),
+    "max_position_embeddings": (1, MAX_POSITIONS),
+    "n_routed_experts": (1, 1 << 14),
+    "n_shared_experts": (0, 64),
+    "n_group": (1, 1 << 14),
+    "num_nextn_predict_layers": (0, 16),
+}
+"""field -> (min, max) accepted by ModelConfig (checked in `__post_init__`, so by every loader)."""
+
+
+def _finite(v, optional: bool = False, positive: bool = True) -> bool:
+    if v is None:
+        return optional
+    return isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if positive else True)
+
+
 @dataclass
 class RopeScaling:
     """YaRN long-context RoPE scaling (`rope_scaling` in HF config.json)."""
@@ -34,6 +65,19 @@ class RopeScaling:
     """Explicit cos/sin amplitude overriding the mscale ratio (HF `attention_factor`; unset for V3)."""
     truncate: bool = True
     """Round the correction range to whole dims (floor/ceil), as DeepSeek and HF do by default."""
+
+    def __post_init__(self) -> None:
+        problems = [f"{k} {getattr(self, k)!r} must be a finite number > 0"
+                    for k in ("factor", "beta_fast", "beta_slow", "attention_factor")
+                    if not _finite(getattr(self, k), optional=k == "attention_factor")]
+        problems += [f"{k} {getattr(self, k)!r} must be a finite number >= 0 (or null)"
+                     for k in ("mscale", "mscale_all_dim") if not _finite(getattr(self, k), optional=True, positive=False)
+                     or (getattr(self, k) or 0) < 0]
+        if not 1 <= self.original_max_position_embeddings <= MAX_POSITIONS:
+            problems.append(f"original_max_position_embeddings {self.original_max_position_embeddings} "
+                            f"must be in [1, {MAX_POSITIONS}]")
+        if problems:
+            raise ValueError(problems[0])
 
 
 @dataclass
@@ -123,6 +167,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.q_lora_rank == 0:
             self.q_lora_rank = None
+        self._check_ranges()
         checks = [
             (self.n_routed_experts % self.n_group == 0, f"n_routed_experts {self.n_routed_experts} is not divisible by n_group {self.n_group}"),
             (1 <= self.topk_group <= self.n_group, f"topk_group {self.topk_group} must be in [1, n_group={self.n_group}]"),
@@ -137,6 +182,25 @@ class ModelConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+    def _check_ranges(self) -> None:
+        """Sizes within LIMITS, finite positive floats, token ids inside the vocabulary (ValueError)."""
+        for name, (lo, hi) in LIMITS.items():
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} {v} is out of range [{lo}, {hi}]")
+        if self.q_lora_rank is not None and not 1 <= self.q_lora_rank <= 1 << 16:
+            raise ValueError(f"q_lora_rank {self.q_lora_rank} is out of range [1, {1 << 16}] (or null)")
+        for name in ("rope_theta", "routed_scaling_factor", "rms_norm_eps"):
+            if not _finite(getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)!r} must be a finite number > 0")
+        for name in ("aux_loss_alpha", "initializer_range"):
+            v = getattr(self, name)
+            if not (_finite(v, positive=False) and v >= 0):
+                raise ValueError(f"{name} {v!r} must be a finite number >= 0")
+        for name in ("bos_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name} {getattr(self, name)} must be in [0, vocab_size={self.vocab_size})")
 
     # derived values
     @property

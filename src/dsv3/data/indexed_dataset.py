@@ -148,6 +148,8 @@ class IndexedDataset:
         if code not in DTYPE_CODES:
             raise UserError(f"{ipath}: unknown token dtype code {code}")
         self.dtype = np.dtype(DTYPE_CODES[code])
+        if self.dtype.kind not in "iu":
+            raise UserError(f"{ipath}: token dtype code {code} is {self.dtype}, not an integer type (token ids are integers)")
         n_seq, n_doc1 = struct.unpack("<QQ", header[18:34])
         need = HEADER_BYTES + 12 * n_seq + 8 * n_doc1
         if size < need:
@@ -161,12 +163,50 @@ class IndexedDataset:
         self.document_indices = np.frombuffer(buf, np.int64, n_doc1, HEADER_BYTES + 12 * n_seq)
         if n_doc1 == 0 or self.document_indices[0] != 0 or self.document_indices[-1] != n_seq:
             raise UserError(f"{ipath}: corrupt index (document_indices must run from 0 to {n_seq})")
+        end = self._check_index(ipath)
         bin_size = os.path.getsize(bpath)
-        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if n_seq else 0
         if bin_size < end:
             raise UserError(f"{bpath}: shorter than its index says ({bin_size} bytes, index needs {end})")
+        if bin_size > end:
+            raise UserError(f"{bpath}: larger than its index says ({bin_size} bytes, index covers {end}): "
+                            f"a different .idx, or a wrong dtype in it?")
         # np.memmap cannot map an empty file; an empty dataset needs no data anyway.
         self._bin = np.memmap(bpath, dtype=np.uint8, mode="r") if bin_size else np.zeros(0, np.uint8)
+
+    def _check_index(self, ipath: str) -> int:
+        """Lengths >= 0, sequences back to back from byte 0 (pointer[i+1] = pointer[i] + length[i] *
+        itemsize, as every Megatron writer lays them out), document boundaries non-decreasing.
+        Vectorised over the index arrays. Returns the number of .bin bytes the index covers."""
+        lengths, pointers, docs = self.sequence_lengths, self.sequence_pointers, self.document_indices
+        if len(lengths) and int(lengths.min()) < 0:
+            i = int(np.argmin(lengths))
+            raise UserError(f"{ipath}: corrupt index (sequence {i} has length {int(lengths[i])})")
+        ends = np.cumsum(lengths.astype(np.int64)) * self.dtype.itemsize
+        starts = np.concatenate([np.zeros(1, np.int64), ends[:-1]])
+        bad = np.flatnonzero(pointers != starts)
+        if len(bad):
+            i = int(bad[0])
+            raise UserError(f"{ipath}: corrupt index (sequence {i} starts at byte {int(pointers[i])}, "
+                            f"the lengths before it put it at {int(starts[i])})")
+        if len(docs) > 1 and bool((np.diff(docs) < 0).any()):
+            raise UserError(f"{ipath}: corrupt index (document_indices decrease)")
+        return int(ends[-1]) if len(ends) else 0
+
+    def check_token_ids(self, vocab_size: int, chunk_tokens: int = 1 << 24) -> None:
+        """UserError unless every token id is in [0, vocab_size). Vectorised: numpy min/max over the
+        memory-mapped .bin in chunks of `chunk_tokens` (bounded memory, disk speed on multi-GB files);
+        skipped when the dtype cannot hold an id outside the vocabulary."""
+        info = np.iinfo(self.dtype)
+        if info.min >= 0 and info.max < vocab_size:
+            return
+        data = np.frombuffer(self._bin, self.dtype, len(self._bin) // self.dtype.itemsize)
+        for start in range(0, len(data), chunk_tokens):
+            part = data[start : start + chunk_tokens]
+            if int(part.min()) >= 0 and int(part.max()) < vocab_size:
+                continue
+            pos = start + int(np.argmax((part < 0) | (part >= vocab_size)))
+            raise UserError(f"{bin_path(self.prefix)}: token id {int(data[pos])} (token {pos}) is outside the model's "
+                            f"vocabulary [0, {vocab_size}): preprocessed with another tokenizer or --vocab-size, or corrupt?")
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)

@@ -19,6 +19,11 @@ each document unless `--no-add-bos` (the real V3 tokenizer and the seed's LlamaT
 Work is split over `--workers` processes (each tokenises a chunk of documents single-threaded);
 results come back in order and are written by the main process. Outputs are written under hidden
 temporary names and renamed only when complete, so an interrupted run leaves no `PREFIX_*` files.
+
+Memory stays bounded: JSON lines are streamed, at most 2 x workers work items are in flight, and
+documents longer than `--max-doc-chars` are tokenised in pieces cut before a space (same ids). Bad
+input (truncated `.xz`, lone surrogates) is a one-line error; SIGTERM removes the temp files, and a
+later run removes those of runs that died (details and the bound: `dsv3.data.preprocess_io`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from dsv3.data.preprocess_io import (MAX_DOC_CHARS, encode_bounded, ordered_bounded, remove_stale_temps, reset_sigterm,
+                                     sigterm_exits, stream_lines, temp_prefix, text_problem)
 from dsv3.errors import UserError
 
 MODES = ("stitch", "pad", "document")
@@ -67,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", "--worker", dest="workers", type=int, default=1, help="tokeniser processes (default 1)")
     g.add_argument("--chunk-size", type=int, default=64, help="documents per work item (default %(default)s)")
+    g.add_argument("--max-doc-chars", type=int, default=MAX_DOC_CHARS,
+                   help="tokenise longer documents in pieces of at most this many characters, cut before a space "
+                        "(same ids), so memory stays bounded: about the longest input line plus one piece's "
+                        "tokenizer memory per worker (default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -90,8 +101,8 @@ def _read_bytes(path: Path) -> bytes:
         try:
             with lzma.open(path, "rb") as f:
                 return f.read()
-        except lzma.LZMAError as e:
-            raise UserError(f"{path}: cannot decompress ({e})") from None
+        except (lzma.LZMAError, EOFError) as e:  # EOFError: truncated stream
+            raise UserError(f"{path}: truncated or corrupt .xz ({e})") from None
     return path.read_bytes()
 
 
@@ -103,21 +114,26 @@ def input_format(path: Path, fmt: str) -> str:
 
 
 def read_documents(path: Path, fmt: str) -> Iterator[tuple[int, str]]:
-    """Yield (line number, raw item): WikiText paragraphs (already cleaned), or raw JSON lines."""
+    """Yield (line number, raw item): WikiText paragraphs (already cleaned), or raw JSON lines
+    (streamed: one line in memory at a time)."""
     from dsv3.data.wikitext import wikitext_documents
 
     if not path.is_file():
         raise UserError(f"{path}: input file not found")
-    data = _read_bytes(path)
-    if not data.strip():
-        raise UserError(f"{path}: input is empty")
     if fmt == "wikitext":
+        data = _read_bytes(path)
+        if not data.strip():
+            raise UserError(f"{path}: input is empty")
         for i, doc in enumerate(wikitext_documents(_decode_utf8(data, str(path)))):
             yield i, doc
         return
-    for i, line in enumerate(data.splitlines(), start=1):
+    empty = True
+    for i, line in stream_lines(path):
         if line.strip():
+            empty = False
             yield i, _decode_utf8(line, str(path), i)
+    if empty:
+        raise UserError(f"{path}: input is empty")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,12 +150,14 @@ class EncodeSpec:
     add_bos: bool
     append_eod: bool
     source: str  # input file name, for error messages
+    max_doc_chars: int = MAX_DOC_CHARS  # longer documents are tokenised in pieces (preprocess_io.split_long)
 
 
 _WORKER: dict = {}
 
 
 def _init_worker(spec: EncodeSpec) -> None:
+    reset_sigterm()  # the parent's SIGTERM cleanup is the parent's; the pool stops workers with SIGTERM
     # One thread per worker process: --workers N means N cores, not N x the tokenizers thread pool.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if _WORKER.get("spec") != spec:  # spawn: load it; fork: inherited from the parent already
@@ -178,10 +196,12 @@ def encode_items(tok, spec: EncodeSpec, items: list[tuple[int, str]]) -> dict[st
             v = obj.get(k) if isinstance(obj, dict) else None
             if not isinstance(v, str):
                 raise UserError(f"{spec.source}: line {line_no} has no string field {k!r} (--json-keys)")
+            if (why := text_problem(v)) is not None:
+                raise UserError(f"{spec.source}: line {line_no}: field {k!r} {why}")
             texts[k].append(v)
     out = {}
     for k, docs in texts.items():
-        ids = tok.encode_batch(docs)
+        ids = encode_bounded(tok, docs, spec.max_doc_chars)
         pieces, lengths = [], np.zeros(len(ids), np.int64)
         for j, doc in enumerate(ids):
             if not doc:
@@ -222,9 +242,8 @@ class _Writer:
         from dsv3.data.indexed_dataset import IndexedDatasetBuilder
 
         self.final_prefix = final_prefix
-        d, base = os.path.split(final_prefix)
         # Hidden temp names that do not match PREFIX.* ; renamed only when finished.
-        self.tmp_prefix = os.path.join(d, f".{base}.tmp-{os.getpid()}")
+        self.tmp_prefix = temp_prefix(final_prefix)
         self.builder = IndexedDatasetBuilder(self.tmp_prefix + ".bin", dtype)
         self.mode, self.n, self.pad_id = mode, seq_length + 1, pad_id
         self.carry = np.zeros(0, np.int32)  # stitch: ids not yet filling a whole chunk
@@ -299,6 +318,7 @@ def preprocess(
     pad_id: int | None = None,
     chunk_size: int = 64,
     progress: bool = True,
+    max_doc_chars: int = MAX_DOC_CHARS,
 ) -> PreprocessResult:
     """Library entry point of `dsv3 preprocess` (see the module docstring)."""
     from dsv3.data.indexed_dataset import IndexedDataset, optimal_dtype
@@ -312,6 +332,8 @@ def preprocess(
         raise UserError(f"--seq-length {seq_length}: must be positive")
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
+    if max_doc_chars < 1:
+        raise UserError(f"--max-doc-chars {max_doc_chars}: must be positive")
     fmt = input_format(path, input_format_)
     keys = tuple(json_keys) if fmt == "jsonl" else ("text",)
     tok_file, _ = _resolve(vocab_file)
@@ -321,9 +343,12 @@ def preprocess(
     if not os.path.isdir(out_dir):
         raise UserError(f"{out_dir}: output directory does not exist (--output-prefix)")
     spec = EncodeSpec(str(vocab_file) if vocab_file is not None else str(tok_file), fmt, keys, add_bos,
-                      append_eod, str(path))
+                      append_eod, str(path), max_doc_chars)
+    for k in keys:  # temp files of earlier runs killed before they could clean up
+        remove_stale_temps(f"{output_prefix}_{k}_document")
     pool, writers = None, {}
     saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
+    restore_sigterm = sigterm_exits()  # SIGTERM -> SystemExit while running: the except below removes the temp files
     try:
         tok = load_tokenizer(vocab_file)
         if tok.vocab_size > vocab_size:
@@ -349,7 +374,7 @@ def preprocess(
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --workers 1 means one core
             results = ((encode_items(tok, spec, c), len(c)) for c in _chunks(items, chunk_size))
         else:
-            results = pool.imap(_encode_in_worker, _chunks(items, chunk_size))
+            results = ordered_bounded(pool, _encode_in_worker, _chunks(items, chunk_size), 2 * workers)
         for per_key, n_items in results:
             for k, (ids, lengths) in per_key.items():
                 writers[k].add(ids, lengths)
@@ -377,6 +402,7 @@ def preprocess(
         if pool is not None:
             pool.close()
             pool.join()
+        restore_sigterm()
         _WORKER.clear()
         if saved_env is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -402,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
         args.input, args.output_prefix, args.vocab_file, seq_length=args.seq_length, mode=args.mode,
         json_keys=args.json_keys, append_eod=args.append_eod, add_bos=args.add_bos, workers=args.workers,
         vocab_size=args.vocab_size, input_format_=args.input_format, pad_id=args.pad_id,
-        chunk_size=args.chunk_size, progress=not args.no_progress,
+        chunk_size=args.chunk_size, progress=not args.no_progress, max_doc_chars=args.max_doc_chars,
     )
     for k, prefix in r.prefixes.items():
         print(f"{prefix}.bin/.idx: {r.sequences[k]} sequences from {r.documents} documents, "

@@ -68,6 +68,7 @@ class DistributedTrainer(Trainer):
         if self._dist_resume is not None:
             self._restore(self._dist_resume)
             self.log(f"resumed from {self._dist_resume} (step {self.step})")
+            self.saved_step = self.step
         if self.rank != 0:  # metrics, plots and the resolved config come from rank 0 only
             self.run_dir = Path(tempfile.mkdtemp(prefix=f"dsv3-rank{self.rank}-"))
             cfg.logging.plots = False
@@ -216,11 +217,11 @@ class DistributedTrainer(Trainer):
             torch.save({"step": self.step, "scheduler": self.scheduler.state_dict(), "loader": self.data.train.state_dict(),
                         "rng": checkpoint.rng_state()}, tmp / "trainer_state.pt")
             dump_yaml(self.cfg, tmp / "config.resolved.yaml")
+            checkpoint.write_manifest(tmp, self.step)  # `--resume` verifies every file against it
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            for _, path in checkpoint.list_checkpoints(root)[: -self.cfg.checkpoint.keep_last]:
-                shutil.rmtree(path, ignore_errors=True)
+            checkpoint.prune(root, self.cfg.checkpoint.keep_last, self.step)
         dist.barrier()
         return final
 
@@ -246,9 +247,7 @@ class DistributedTrainer(Trainer):
         finally:
             self.cfg.checkpoint.export_hf = export
         if export:
-            path = checkpoint.latest_checkpoint(self.ckpt_root)
-            if path is None or path.name != f"step-{self.step}":
-                path = self.save()
+            path = self.ckpt_root / f"step-{self.step}" if self.saved_step == self.step else self.save()
             if self.rank == 0:
                 from dsv3.data.tokenizer import export_tokenizer
 

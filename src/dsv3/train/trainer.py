@@ -74,7 +74,8 @@ class Data:
 
 
 def check_data(cfg: RunConfig) -> None:
-    """Clear errors before any work: missing .bin/.idx, or seq_length beyond the preprocessed sample length."""
+    """Clear errors before any work: missing or inconsistent .bin/.idx, token ids outside the model's
+    vocabulary, or seq_length beyond the preprocessed sample length."""
     from dsv3.data.gpt_dataset import parse_data_path
     from dsv3.data.indexed_dataset import IndexedDataset, exists
 
@@ -84,7 +85,9 @@ def check_data(cfg: RunConfig) -> None:
             if not exists(prefix):
                 raise UserError(f"{name}: {prefix}.bin / {prefix}.idx not found; write them with "
                                 f"`dsv3 preprocess --input FILE --output-prefix ...` (the prefix ends in _text_document)")
-            lengths = IndexedDataset(prefix).sequence_lengths
+            ds = IndexedDataset(prefix)  # validates the index against itself and the .bin
+            ds.check_token_ids(cfg.model.vocab_size)  # an id outside the embedding would fail at step 1
+            lengths = ds.sequence_lengths
             # stitch/pad preprocessing writes equal sequences of seq_length+1 tokens: longer samples
             # would run across its cuts (and across padding)
             if len(lengths) > 1 and (lengths == lengths[0]).all() and L + 1 > int(lengths[0]):
@@ -181,6 +184,7 @@ class Trainer:
         if resume_from is not None:
             restore(self, resume_from)
             self.log(f"resumed from {resume_from} (step {self.step})")
+        self.saved_step = self.step if resume_from is not None else None  # the step of this run's last checkpoint
         self.tokens_per_step = self.micro_batches * cfg.train.batch_size * cfg.data.seq_length
         self.flops_per_token = metrics.train_flops_per_token(cfg.model, cfg.data.seq_length,
                                                              cfg.model.num_nextn_predict_layers if cfg.train.mtp_loss_factor > 0 else 0)
@@ -192,7 +196,7 @@ class Trainer:
         if self.cfg.checkpoint.resume:
             if existing is None:
                 raise UserError(f"--resume: no checkpoint under {self.ckpt_root}")
-            return existing
+            return checkpoint.resume_checkpoint(self.ckpt_root, self.log)  # the newest one that verifies
         if existing is not None:
             raise UserError(f"{self.ckpt_root} already holds {existing.name}: pass --resume to continue it, "
                             f"or set checkpoint.output_dir to a new directory")
@@ -325,12 +329,14 @@ class Trainer:
                     summary.update(ev)
                 if cfg.checkpoint.save_steps and self.step % cfg.checkpoint.save_steps == 0:
                     self.log(f"saved {self.save()}")
+                    self.saved_step = self.step
             if cfg.eval.eval_at_end and not (cfg.eval.eval_steps and self.step % cfg.eval.eval_steps == 0) and (ev := self.evaluate()) is not None:
                 writer.write({"kind": "eval", "step": self.step, **ev})
                 self.log(f"step {self.step} | valid loss {ev['valid_loss']:.4f} ppl {ev['valid_ppl']:.1f}")
                 summary.update(ev)
-            if cfg.checkpoint.save_at_end and checkpoint.latest_checkpoint(self.ckpt_root) != self.ckpt_root / f"step-{self.step}":
+            if cfg.checkpoint.save_at_end and self.saved_step != self.step:
                 self.log(f"saved {self.save()}")
+                self.saved_step = self.step
         finally:
             bar.close()
             writer.close()

@@ -1,0 +1,148 @@
+"""Input and temp-file hygiene of `dsv3 preprocess`: streamed lines, bounded document pieces,
+one-line errors, and no `.PREFIX.tmp-PID.*` file left behind.
+
+* `stream_lines(path)` yields (line number, bytes) one line at a time (`.xz` decompressed on the
+  fly): memory holds one line, not the file. A truncated or corrupt `.xz` is a one-line UserError
+  naming the file and the line reached.
+* `split_long(text, max_chars)` cuts a document longer than `max_chars` characters into pieces of
+  at most `max_chars`, each cut just before a single space that follows a non-space character and
+  precedes one. The DeepSeek-V3 pre-tokenizer always starts a pre-token at such a space (its
+  patterns can begin with a space but never contain one after another character), so encoding the
+  pieces and concatenating the ids gives exactly the ids of the whole document; the tokenizer's
+  memory is bounded by the piece. A piece with no such space in it (e.g. a long run of CJK text)
+  is cut at `max_chars` hard; only there may the ids differ from an unsplit encode.
+* The bound: peak memory is about the tokenizer itself + ~10 bytes per character of the longest
+  input line + per worker one work item and the tokenizer's working set for one piece (~15 MB at
+  the default 100,000 characters), whatever the file or document size (docs/data.md).
+* `text_problem(text)` finds lone surrogates (`"\\ud800"` in JSON), which are not Unicode text.
+* `sigterm_exits()` turns SIGTERM into SystemExit so the caller's cleanup runs;
+  `remove_stale_temps(prefix)` deletes temp files of earlier runs whose process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import signal
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from dsv3.errors import UserError
+
+MAX_DOC_CHARS = 100_000
+"""Default longest piece (characters) handed to the tokenizer at once (`--max-doc-chars`)."""
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CUT = re.compile(r"(?<=\S) (?=\S)")  # a single space between two non-space characters
+
+
+def stream_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line bytes without the newline), decompressing `.xz` on the fly."""
+    import lzma
+
+    line_no = 0
+    try:
+        with (lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb")) as f:
+            for line_no, line in enumerate(f, start=1):
+                yield line_no, line.rstrip(b"\r\n")
+    except (lzma.LZMAError, EOFError) as e:
+        raise UserError(f"{path}: truncated or corrupt .xz after line {line_no} ({e})") from None
+
+
+def split_long(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """`text` as pieces of at most `max_chars` characters, cut before a space where one allows it
+    (see the module docstring); a text within the bound is returned whole."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        window_end = start + max_chars
+        cut = None
+        for m in _CUT.finditer(text, start + 1, window_end + 1):
+            cut = m.start()  # the last allowed space inside the window
+        if cut is None or cut <= start:
+            cut = window_end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_bounded(tok, docs: list[str], max_chars: int) -> list[list[int]]:
+    """`tok.encode_batch(docs)`, with documents longer than `max_chars` encoded piece by piece (and
+    their ids concatenated) so the tokenizer never sees more than `max_chars` characters at once."""
+    if all(len(d) <= max_chars for d in docs):
+        return tok.encode_batch(docs)
+    return [[i for piece in split_long(d, max_chars) for i in tok.encode_batch([piece])[0]] for d in docs]
+
+
+def ordered_bounded(pool, fn: Callable, work: Iterable, window: int) -> Iterator:
+    """`pool.imap(fn, work)` with at most `window` items in flight (imap reads all of `work` ahead
+    into its task queue, i.e. the whole input into memory)."""
+    pending: deque = deque()
+    for item in work:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be tokenised (a lone surrogate), or None."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    return f"holds a lone surrogate \\u{ord(m.group()):04x} at character {m.start()} (not valid Unicode text)"
+
+
+def sigterm_exits() -> Callable[[], None]:
+    """Make SIGTERM raise SystemExit(143) (main thread only), so the caller's `except`/`finally`
+    blocks remove temporary files. Returns the function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def reset_sigterm() -> None:
+    """In a worker process: the default SIGTERM (the pool terminates workers with it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def temp_prefix(final_prefix: str, pid: int | None = None) -> str:
+    """The hidden temporary name a dataset is written under: `DIR/.BASE.tmp-PID`."""
+    d, base = os.path.split(final_prefix)
+    return os.path.join(d, f".{base}.tmp-{os.getpid() if pid is None else pid}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(final_prefix: str) -> list[str]:
+    """Delete `.BASE.tmp-PID.bin/.idx` left by runs whose process no longer exists (killed with
+    SIGKILL, or by a power cut). Files of a live process are kept. Returns the removed paths."""
+    d, base = os.path.split(final_prefix)
+    removed = []
+    for p in glob.glob(os.path.join(glob.escape(d or "."), f".{glob.escape(base)}.tmp-*")):
+        m = re.fullmatch(re.escape(f".{base}.tmp-") + r"(\d+)\.(bin|idx)", os.path.basename(p))
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+                removed.append(p)
+    return removed
