@@ -23,7 +23,13 @@ from dsv3.bench.metrics import RequestFuncOutput, calculate_metrics, format_tabl
 from dsv3.errors import UserError
 
 
+def is_chat(endpoint: str) -> bool:
+    """The endpoint decides the payload (the seed runs the default backend against /v1/chat/completions)."""
+    return endpoint.rstrip("/").endswith("/chat/completions")
+
+
 def build_payload(backend: str, model: str, req: SampleRequest, ignore_eos: bool, temperature: float) -> dict:
+    """`backend`: "openai-chat" (messages) or anything else (prompt); see `is_chat`."""
     body: dict = {"model": model, "temperature": temperature, "max_tokens": req.expected_output_len,
                   "stream": True, "stream_options": {"include_usage": True}}
     if backend == "openai-chat":
@@ -150,9 +156,16 @@ def run_serve(args, tokenizer, requests: list[SampleRequest]) -> dict:
         raise UserError(f"--request-rate must be > 0 (inf = all at once), got {args.request_rate}")
     base_url = args.base_url or f"http://{args.host}:{args.port}"
     endpoint = args.endpoint or ("/v1/chat/completions" if args.backend == "openai-chat" else "/v1/completions")
-    model = args.model or _discover_model(base_url, args.api_key)
+    payload_kind = "openai-chat" if is_chat(endpoint) else "openai"
+    cards = _list_models(base_url, args.api_key, required=args.model is None)
+    model = args.model or cards[0]["id"]
+    card = next((c for c in cards if c.get("id") == model), None)
+    if card is not None:
+        from dsv3.bench.cli import check_context
+
+        check_context(requests, card.get("max_model_len"), f"max_model_len of {model!r} at {base_url}/v1/models")
     outputs, dur = asyncio.run(benchmark(
-        base_url, endpoint, args.backend, model, requests, request_rate=args.request_rate,
+        base_url, endpoint, payload_kind, model, requests, request_rate=args.request_rate,
         burstiness=args.burstiness, max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos,
         temperature=args.temperature, api_key=args.api_key, disable_tqdm=args.disable_tqdm, seed=args.seed))
     metrics_sel = [m.strip() for m in args.percentile_metrics.split(",") if m.strip()]
@@ -199,14 +212,21 @@ def parse_goodput(items: list[str] | None) -> dict[str, float] | None:
     return out
 
 
-def _discover_model(base_url: str, api_key: str | None) -> str:
+def _list_models(base_url: str, api_key: str | None, required: bool) -> list[dict]:
+    """GET /v1/models -> its cards (for the model id and its max_model_len). Without --model a
+    failure is an error; with it, the context check is just skipped."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         r = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
         r.raise_for_status()
-        return r.json()["data"][0]["id"]
+        cards = [c for c in r.json()["data"] if isinstance(c, dict) and "id" in c]
+        if cards or not required:
+            return cards
+        raise ValueError("no models listed")
     except Exception as e:
-        raise UserError(f"cannot list models at {base_url}/v1/models ({e}); pass --model") from None
+        if required:
+            raise UserError(f"cannot list models at {base_url}/v1/models ({e}); pass --model") from None
+        return []
 
 
 def write_json_atomic(path: Path, obj) -> None:
