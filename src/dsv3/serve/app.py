@@ -1,4 +1,4 @@
-"""The FastAPI app: thin routes over `OpenAIServing`, errors in the OpenAI shape, API-key check.
+"""The FastAPI app: thin routes over the per-endpoint handlers (`dsv3.serve.handlers`), errors in the OpenAI shape, API-key check.
 
 `build_app(engine, ...)` takes an `LLMEngine` (or an `AsyncEngine`); the app's `lifespan` starts
 the engine thread on startup and stops it on shutdown, so a test can run the app in-process.
@@ -23,7 +23,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv3.serve.async_engine import AsyncEngine
-from dsv3.serve.handlers import OpenAIServing
+from dsv3.serve.handlers.chat import OpenAIServingChat
+from dsv3.serve.handlers.completions import OpenAIServingCompletion
+from dsv3.serve.handlers.models import OpenAIServingModels
+from dsv3.serve.handlers.tokenize import OpenAIServingTokenization
 from dsv3.serve.metrics import ServerMetrics
 from dsv3.serve.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -144,8 +147,10 @@ def build_app(engine, model_name: str, api_key: str | None = None, model_root: s
             aengine.shutdown()
 
     app = FastAPI(title="dsv3 OpenAI-compatible server", lifespan=lifespan)
-    serving = OpenAIServing(aengine, model_name, metrics, model_root)
-    app.state.engine, app.state.serving, app.state.metrics = aengine, serving, metrics
+    args = (aengine, model_name, metrics, model_root)
+    chat_h, completion_h = OpenAIServingChat(*args), OpenAIServingCompletion(*args)
+    models_h, tokenize_h = OpenAIServingModels(*args), OpenAIServingTokenization(*args)
+    app.state.engine, app.state.metrics = aengine, metrics
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -173,32 +178,32 @@ def build_app(engine, model_name: str, api_key: str | None = None, model_root: s
 
     @app.get("/v1/models")
     async def models():
-        return serving.models()
+        return models_h.models()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await _parse(request, CompletionRequest)
-        return await _generate(request, serving.completions(req), req.stream)
+        return await _generate(request, completion_h.completions(req), req.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await _parse(request, ChatCompletionRequest)
-        return await _generate(request, serving.chat(req), req.stream)
+        return await _generate(request, chat_h.chat(req), req.stream)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
         req = await _parse(request, TokenizeRequest)
-        serving.check_model(req.model)
-        return serving.tokenize(req)
+        tokenize_h.check_model(req.model)
+        return tokenize_h.tokenize(req)
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
         req = await _parse(request, DetokenizeRequest)
-        serving.check_model(req.model)
-        return serving.detokenize(req)
+        tokenize_h.check_model(req.model)
+        return tokenize_h.detokenize(req)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
-        return serving.tokenizer_info()
+        return tokenize_h.tokenizer_info()
 
     return app

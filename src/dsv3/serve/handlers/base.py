@@ -1,0 +1,197 @@
+"""The shared part of the OpenAI handlers: request validation, sampling parameters, and the fan-out of
+one OpenAI request into engine requests whose output streams are merged.
+
+Each prompt x `n` sample becomes its own engine request (`SamplingParams.n == 1`; seeds are offset
+per sample so n seeded samples differ). All validation happens BEFORE a stream starts, so bad input
+is a 4xx JSON error; an engine failure after the stream started is sent as an SSE
+`data: {"error": ...}` chunk (see `streaming.py`).
+
+One handler class per endpoint derives from `OpenAIServing` (as vLLM's `serving_*.py`):
+`completions.py`, `chat.py`, `tokenize.py`, `models.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from dsv3.errors import UserError
+from dsv3.serve.async_engine import AsyncEngine, RequestStream
+from dsv3.serve.metrics import ServerMetrics
+from dsv3.serve.protocol import APIError, random_id
+
+
+@dataclass
+class Prompt:
+    text: str | None  # the prompt string (None for token-id prompts; decoded lazily for echo)
+    ids: list[int]
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics, model_root: str | None = None):
+        self.engine = engine
+        self.tok = engine.tokenizer
+        self.model_name = model_name
+        self.model_root = model_root
+        self.metrics = metrics
+        self.max_model_len = engine.max_model_len
+        cfg = getattr(engine.engine, "model_config", None)
+        self.vocab_size = int(getattr(cfg, "vocab_size", 0) or self.tok.vocab_size)
+
+    # ------------------------------------------------------------------ validation helpers
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(f"The model `{name}` does not exist.", 404, "model")
+
+    def _check_ids(self, ids: list, param: str) -> None:
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise APIError(f"{param}: token id {t!r} is out of range [0, {self.vocab_size})", param=param)
+
+    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        if not messages:
+            raise APIError("'messages' must not be empty", param="messages")
+        try:
+            return list(self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True))
+        except UserError as e:
+            raise APIError(str(e), param="messages") from None
+
+    def _completion_prompts(self, prompt: Any) -> list[Prompt]:
+        """str | list[str] | list[int] | list[list[int]] -> prompts (strings get BOS, as V3 does)."""
+        bad = APIError("'prompt' must be a string, a list of strings, a list of token ids, "
+                       "or a list of token-id lists", param="prompt")
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise bad
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            prompt = [prompt]
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append(Prompt(p, self.tok.encode(p, add_bos=self.tok.add_bos_token)))
+            elif isinstance(p, list) and p:
+                self._check_ids(p, "prompt")
+                out.append(Prompt(None, list(p)))
+            else:
+                raise bad
+        return out
+
+    def _params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None,
+                prompt_logprobs: int | None, seed_offset: int):
+        from dsv3.infer.sampling import SamplingParams
+
+        if prompt_len >= self.max_model_len:
+            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                           f"prompt has {prompt_len} tokens. Please reduce the length of the prompt.", param="prompt")
+        if max_tokens is None:
+            max_tokens = self.max_model_len - prompt_len
+        elif prompt_len + max_tokens > self.max_model_len:
+            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                           f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
+                           f"in the completion). Please reduce the length of the prompt or completion.",
+                           param="max_tokens")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        kw: dict[str, Any] = dict(n=1, max_tokens=max_tokens, stop=stop or None, min_tokens=req.min_tokens,
+                                  ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
+                                  include_stop_str_in_output=req.include_stop_str_in_output,
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "stop_token_ids"):
+            if getattr(req, name) is not None:
+                kw[name] = getattr(req, name)
+        if req.seed is not None:
+            kw["seed"] = req.seed + seed_offset
+        try:
+            params = SamplingParams(**kw)
+            params.validate()
+        except (ValueError, TypeError) as e:
+            raise APIError(str(e)) from None
+        return params
+
+    def _check_common(self, req) -> None:
+        self.check_model(req.model)
+        if req.n < 1:
+            raise APIError("n must be at least 1", param="n")
+        if req.max_tokens is not None and req.max_tokens < 1 and not getattr(req, "echo", False):
+            raise APIError("max_tokens must be at least 1", param="max_tokens")
+
+    # ------------------------------------------------------------------ engine fan-out
+    async def _start(self, prompts: list[Prompt], make_params) -> list[tuple[int, Prompt, RequestStream]]:
+        """Add every (prompt, sample) request; on any failure abort the ones already added."""
+        base = random_id("req")
+        started: list[tuple[int, Prompt, RequestStream]] = []
+        try:
+            for i, p in enumerate(prompts):
+                for j, params in enumerate(make_params(p)):
+                    index = len(started)
+                    s = await self.engine.add_request(f"{base}-{index}", p.text, p.ids, params)
+                    started.append((index, p, s))
+        except BaseException as e:
+            for _, _, s in started:
+                s.close()
+            if isinstance(e, ValueError):
+                raise APIError(str(e)) from None
+            raise
+        return started
+
+    async def _tracked(self, prompt: Prompt, stream: RequestStream, t0: float) -> AsyncIterator[Any]:
+        """One engine request's outputs; its TTFT / latency / tokens go to the metrics when it ends."""
+        ttft, last = None, None
+        try:
+            async for out in stream:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                last = out
+                yield out
+        finally:
+            stream.close()
+            co = last.outputs[0] if last is not None and last.outputs else None
+            self.metrics.request_done(len(prompt.ids), len(co.token_ids) if co else 0,
+                                      co.finish_reason if co and last.finished else None,
+                                      ttft, time.perf_counter() - t0)
+
+    async def _merged(self, started) -> AsyncIterator[tuple[int, Any]]:
+        """Interleave the outputs of several engine requests as they come (one request: no extra task)."""
+        t0 = time.perf_counter()
+        if len(started) == 1:
+            index, prompt, stream = started[0]
+            async for out in self._tracked(prompt, stream, t0):
+                yield index, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, prompt: Prompt, stream: RequestStream) -> None:
+            try:
+                async for out in self._tracked(prompt, stream, t0):
+                    await queue.put((index, out, None))
+                await queue.put((index, None, None))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                await queue.put((index, None, e))
+
+        tasks = [asyncio.create_task(pump(i, p, s)) for i, p, s in started]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, out, err = await queue.get()
+                if err is not None:
+                    raise err
+                if out is None:
+                    remaining -= 1
+                    continue
+                yield index, out
+        finally:
+            for t in tasks:
+                t.cancel()
+            for _, _, s in started:
+                s.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _token_str(self, token_id: int, lp=None) -> str:
+        s = getattr(lp, "decoded_token", None) if lp is not None else None
+        return s if s is not None else self.tok.decode([token_id], skip_special_tokens=False)

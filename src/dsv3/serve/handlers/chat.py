@@ -1,0 +1,94 @@
+"""/v1/chat/completions: messages -> the chat template -> one engine request per sample."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from dsv3.serve.handlers.base import OpenAIServing, Prompt
+from dsv3.serve.handlers.streaming import Chunks, TextState, error_body, finite, holdback, rank, sse
+from dsv3.serve.protocol import (
+    APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatResponseMessage,
+    ChatTokenLogprob, TopLogprob, Usage, random_id,
+)
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def chat(self, req: ChatCompletionRequest):
+        self._check_common(req)
+        if req.max_completion_tokens is not None and req.max_completion_tokens < 1:
+            raise APIError("max_completion_tokens must be at least 1", param="max_completion_tokens")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+            raise APIError("top_logprobs must be between 0 and 20", param="top_logprobs")
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        ids = self._chat_ids(messages, req.add_generation_prompt)
+        prompt = Prompt(None, ids)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        k = (req.top_logprobs or 0) if req.logprobs else None
+
+        def make_params(p: Prompt):
+            return [self._params(req, len(p.ids), max_tokens, k, None, j) for j in range(req.n)]
+
+        make_params(prompt)
+        started = await self._start([prompt], make_params)
+        request_id = random_id("chatcmpl")
+        if req.stream:
+            return self._chat_stream(req, request_id, started, len(ids), k)
+        return await self._chat_full(req, request_id, started, len(ids), k)
+
+    async def _chat_full(self, req, request_id, started, prompt_tokens: int, k: int | None) -> dict:
+        final: dict[int, Any] = {}
+        async for index, out in self._merged(started):
+            final[index] = out
+        choices, completion_tokens = [], 0
+        for index, _, _ in started:
+            co = final[index].outputs[0]
+            completion_tokens += len(co.token_ids)
+            lps = self._chat_logprobs(list(co.token_ids), list(co.logprobs or []), k) if k is not None else None
+            choices.append(ChatChoice(index=index, message=ChatResponseMessage(content=co.text), logprobs=lps,
+                                      finish_reason=co.finish_reason, stop_reason=co.stop_reason))
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
+        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage).model_dump()
+
+    async def _chat_stream(self, req, request_id, started, prompt_tokens: int, k: int | None) -> AsyncIterator[str]:
+        out_chunks = Chunks("chat.completion.chunk", request_id, self.model_name, prompt_tokens, req)
+        states = {index: TextState(holdback(req.stop)) for index, _, _ in started}
+
+        try:
+            async for index, out in self._merged(started):
+                st, co = states[index], out.outputs[0]
+                if not st.started:  # vLLM sends the role chunk with the first engine output
+                    st.started = True
+                    yield out_chunks.sse([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}])
+                piece = st.delta(co.text, out.finished)
+                new_ids = list(co.token_ids[st.sent_tokens:])
+                lps = None
+                if k is not None and new_ids:
+                    lps = self._chat_logprobs(new_ids, list((co.logprobs or [])[st.sent_tokens:]), k)
+                st.sent_tokens = len(co.token_ids)
+                out_chunks.done[index] = len(co.token_ids)
+                if not piece and not out.finished:
+                    continue
+                yield out_chunks.sse([{
+                    "index": index, "delta": {"content": piece} if piece else {},
+                    "logprobs": lps.model_dump() if lps is not None else None,
+                    "finish_reason": co.finish_reason if out.finished else None}])
+            if out_chunks.include_usage:
+                yield out_chunks.sse([], final=True)
+        except Exception as e:
+            yield sse(error_body(e))
+        yield "data: [DONE]\n\n"
+
+    def _chat_logprobs(self, ids: list[int], entries: list, k: int) -> ChatLogprobs:
+        content = []
+        for tid, entry in zip(ids, entries):
+            entry = entry or {}
+            tok = self._token_str(tid, entry.get(tid))
+            top = sorted(entry.items(), key=lambda kv: rank(kv[1]))[:k] if k else []
+            content.append(ChatTokenLogprob(
+                token=tok, logprob=finite(entry[tid].logprob) if tid in entry else -9999.0,
+                bytes=list(tok.encode("utf-8")),
+                top_logprobs=[TopLogprob(token=(s := self._token_str(t, lp)), logprob=finite(lp.logprob),
+                                         bytes=list(s.encode("utf-8"))) for t, lp in top]))
+        return ChatLogprobs(content=content)
