@@ -176,3 +176,45 @@ def test_tool_turns_render_as_transformers(hf_v3_tokenizer):
             assert ("## Tools" in ours) == (choice == "auto")
     assert json.dumps(TOOLS[0]["function"]["parameters"]) in render_chat(with_tool_prompt(convs[0], plan_tools(
         TOOLS, "auto", None)))
+
+
+# ------------------------------------------------- a chat choice: reasoning, then tools, streamed == full
+@pytest.mark.parametrize("choice, text", [
+    ("auto", "<think>\nNeed weather.\n</think>\n\nOne moment." + BEGIN + CALL.format("get_weather", '{"city": "Oslo"}')
+     + END),
+    ("auto", "Need weather.</think>" + BEGIN + CALL.format("now", "{}") + END),
+    ("auto", "<think>hm</think>No tool needed."),
+    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Lima"}'),
+    ("required", '[{"name": "now", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Bern"}}]'),
+    ("required", "[not json"),
+    ("none", "<think>a</think>b"),
+])
+def test_chat_choice_streamed_equals_full(choice, text):
+    from dsv3.serve.handlers.chat_output import ChatChoiceParser
+
+    plan = plan_tools(TOOLS, choice, None)
+    # guided output has no reasoning part: the chat handler turns the reasoning parser off for it
+    reasoning = get_reasoning_parser("deepseek_r1") if plan.guided_json() is None else None
+    full_parser = ChatChoiceParser(reasoning, plan)
+    full = full_parser.full(text)
+    want_finish = full_parser.finish_reason("stop")
+    for pieces in list(_cuts(text))[::7]:
+        p, cum, got = ChatChoiceParser(reasoning, plan), "", {"content": "", "reasoning_content": "", "tool_calls": []}
+        for k, piece in enumerate(pieces):
+            cum += piece
+            d = p.delta(cum, finished=k == len(pieces) - 1)
+            got["content"] += d.get("content", "")
+            got["reasoning_content"] += d.get("reasoning_content", "")
+            for c in d.get("tool_calls", []):
+                if "id" in c:
+                    got["tool_calls"].append({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+                else:  # a later piece of the same call's arguments
+                    got["tool_calls"][c["index"]]["arguments"] += c["function"]["arguments"]
+        assert (got["content"] or None) == full["content"], pieces
+        assert (got["reasoning_content"] or None) == full["reasoning_content"], pieces
+        assert got["tool_calls"] == [c["function"] for c in full["tool_calls"]], pieces
+        assert p.finish_reason("stop") == want_finish
+    called = bool(full["tool_calls"])
+    assert want_finish == ("tool_calls" if called and plan.mode in ("auto", "required") else "stop")
+    if plan.mode == "named":
+        assert json.loads(full["tool_calls"][0]["function"]["arguments"]) == {"city": "Lima"}

@@ -134,7 +134,8 @@ class _AuthAndCount:
             self.metrics.http_request(endpoint, status)
 
 
-def build_app(engine, model_name: str, api_key: str | None = None, model_root: str | None = None) -> FastAPI:
+def build_app(engine, model_name: str, api_key: str | None = None, model_root: str | None = None,
+              reasoning_parser: str | None = None) -> FastAPI:
     aengine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
     metrics = ServerMetrics(model_name)
 
@@ -148,7 +149,8 @@ def build_app(engine, model_name: str, api_key: str | None = None, model_root: s
 
     app = FastAPI(title="dsv3 OpenAI-compatible server", lifespan=lifespan)
     args = (aengine, model_name, metrics, model_root)
-    chat_h, completion_h = OpenAIServingChat(*args), OpenAIServingCompletion(*args)
+    chat_h = OpenAIServingChat(*args, reasoning_parser=reasoning_parser)
+    completion_h = OpenAIServingCompletion(*args)
     models_h, tokenize_h = OpenAIServingModels(*args), OpenAIServingTokenization(*args)
     app.state.engine, app.state.metrics = aengine, metrics
 

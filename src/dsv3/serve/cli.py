@@ -98,7 +98,8 @@ def run(args) -> int:
     sock = bind_socket(args.host, args.port)  # bind first: a busy port fails at once, in one line
     engine = load_engine(args)
     name = args.served_model_name or Path(args.model).resolve().name
-    app = build_app(engine, name, api_key=args.api_key, model_root=str(Path(args.model).resolve()))
+    app = build_app(engine, name, api_key=args.api_key, model_root=str(Path(args.model).resolve()),
+                    reasoning_parser=args.reasoning_parser)
     print(f"dsv3 serve: model {name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_model_len {engine.max_model_len}{', API key required' if args.api_key else ''})", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)

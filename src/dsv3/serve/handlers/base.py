@@ -81,7 +81,7 @@ class OpenAIServing:
         return out
 
     def _params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None,
-                prompt_logprobs: int | None, seed_offset: int):
+                prompt_logprobs: int | None, seed_offset: int, guided: dict | None = None):
         from dsv3.infer.sampling import SamplingParams
 
         if prompt_len >= self.max_model_len:
@@ -106,6 +106,10 @@ class OpenAIServing:
         if req.seed is not None:
             kw["seed"] = req.seed + seed_offset
         try:
+            if guided is not None:  # structured output (`dsv3.serve.structured`)
+                from dsv3.serve.structured import guided_params
+
+                kw["guided_decoding"] = guided_params(guided)
             params = SamplingParams(**kw)
             params.validate()
         except (ValueError, TypeError) as e:
