@@ -175,7 +175,7 @@ def build_app(engine, model_name: str, api_key: str | None = None, model_root: s
 
     @app.get("/metrics")
     async def prometheus():
-        text = metrics.render(aengine.stats.running, aengine.stats.cache)
+        text = metrics.render(aengine.stats.running, aengine.stats.cache, aengine.stats.engine)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -41,6 +41,7 @@ class EngineStats:
     steps: int = 0
     running: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)  # engine.stats(): prefix-cache / spec-decode counters
     step_seconds_total: float = 0.0
 
 

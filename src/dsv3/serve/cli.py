@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tool-call format parsed from the output (DeepSeek-V3's tokens; always on with `tools`)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines; tool_choice 'auto' is always available")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV cache of shared prompt prefixes (default on, as in vLLM)")
+    p.add_argument("--speculative", action="store_true",
+                   help="MTP speculative decoding (one draft token per step; greedy and sampled requests)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='vLLM spelling: {"method": "mtp", "num_speculative_tokens": 1} (same as --speculative)')
 
 
 def add_vllm_compat_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,10 +88,33 @@ def load_engine(args):
         kw["max_num_seqs"] = args.max_num_seqs
     if getattr(args, "max_model_len", None):
         kw["max_model_len"] = args.max_model_len
+    if getattr(args, "enable_prefix_caching", None) is not None:
+        kw["enable_prefix_caching"] = args.enable_prefix_caching
+    if getattr(args, "speculative", False) or _speculative_config(getattr(args, "speculative_config", None)):
+        kw["speculative"] = True
     try:
         return LLMEngine.from_pretrained(str(model_dir), **kw)
     except ValueError as e:
         raise UserError(f"{model_dir}: {e}") from None
+
+
+def _speculative_config(text: str | None) -> bool:
+    if text is None:
+        return False
+    import json
+
+    try:
+        cfg = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--speculative-config: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError("--speculative-config must be a JSON object")
+    method, n = cfg.get("method", "mtp"), cfg.get("num_speculative_tokens", 1)
+    unknown = sorted(set(cfg) - {"method", "num_speculative_tokens"})
+    if method not in ("mtp", "deepseek_mtp") or n != 1 or unknown:
+        raise UserError(f"--speculative-config {text}: dsv3 supports only "
+                        '{"method": "mtp", "num_speculative_tokens": 1} (the DeepSeek-V3 MTP module)')
+    return True
 
 
 def run(args) -> int:
