@@ -100,3 +100,36 @@ def test_serve_positional_model_dir_and_compat_flags(tiny_model_dir, tmp_path, c
     assert main(["serve", str(tmp_path), "--trust-remote-code", "--enforce-eager", "--port", str(free_port())]) == 2
     cap = capsys.readouterr()
     assert "not a model directory" in cap.err and "--trust-remote-code accepted" in cap.out
+
+
+def test_vllm_style_serve_process(tiny_model_dir):
+    """`dsv3 serve MODEL_DIR` with the seed's vLLM flags plus the issue's features, as a real process."""
+    import subprocess
+    import sys
+
+    import httpx
+    import openai
+
+    from test_cli_and_bench import _wait_health
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "dsv3", "serve", str(tiny_model_dir), "--trust-remote-code", "--enforce-eager",
+           "--tensor-parallel-size", "1", "--max-model-len", "256", "--port", str(port), "--dtype", "float32",
+           "--device", "cpu", "--reasoning-parser", "deepseek_r1", "--speculative", "--no-enable-prefix-caching",
+           "--served-model-name", "m", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        root = f"http://127.0.0.1:{port}"
+        _wait_health(root, proc)
+        client = openai.OpenAI(base_url=root + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                           temperature=0.7, seed=1, extra_body={"ignore_eos": True})
+        assert r.choices[0].message.reasoning_content  # random text, no </think>: all reasoning
+        assert r.usage.prompt_tokens_details.cached_tokens == 0  # caching is off
+        metrics = httpx.get(root + "/metrics", timeout=30).text
+        assert "vllm:spec_decode_num_draft_tokens_total" in metrics
+        assert "vllm:prefix_cache_hits_total" in metrics
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "--trust-remote-code accepted" in out and "--enforce-eager accepted" in out
