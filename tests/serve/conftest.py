@@ -93,7 +93,7 @@ def engine(tiny_model_dir):
 def server(engine, tiny_model_dir):
     from dsv3.serve.app import build_app
 
-    app = build_app(engine, MODEL_NAME, api_key=API_KEY, model_root=str(tiny_model_dir))
+    app = build_app(engine, MODEL_NAME, api_key=API_KEY)
     with ServerThread(app) as s:
         s.app = app
         yield s

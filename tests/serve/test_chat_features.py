@@ -30,8 +30,7 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 def server(engine, tiny_model_dir):
     from dsv3.serve.app import build_app
 
-    app = build_app(engine, MODEL_NAME, api_key=API_KEY, model_root=str(tiny_model_dir),
-                    reasoning_parser="deepseek_r1")
+    app = build_app(engine, MODEL_NAME, api_key=API_KEY, reasoning_parser="deepseek_r1")
     with ServerThread(app) as s:
         yield s
 

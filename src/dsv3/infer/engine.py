@@ -191,6 +191,12 @@ class LLMEngine:
         with self._lock:
             self._aborts.extend(ids)
 
+    def recompute_running(self) -> None:
+        """After `step()` raised: send every running sequence back to be recomputed from its tokens (the
+        failed step may have left its cached latents or counters half-updated), so stepping can go on."""
+        for seq in list(self.scheduler.running):
+            self.scheduler._preempt(seq)
+
     def has_unfinished_requests(self) -> bool:
         with self._lock:
             return bool(self._requests or self._new or self._aborts)

@@ -11,12 +11,20 @@ engine reads the sampled ids back once per step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 _EPS_T = 1e-5  # temperatures below this are greedy
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _short(v) -> str:
+    """repr of a bad value, cut so an error message stays one short line."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 @dataclass
@@ -64,42 +72,54 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
 
-    def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError naming the field, its value and what is expected."""
-        def bad(name: str, want: str) -> None:
-            raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+    def validate(self, vocab_size: int | None = None, max_logprobs: int | None = None) -> None:
+        """Raise ValueError naming the field, its value and what is expected.
 
-        if not isinstance(self.n, int) or self.n < 1:
+        Every field is checked against what the engine can hold (integers within int64, finite
+        floats, top_k / logprobs / token ids within the vocabulary), so a request that passes can
+        never make `engine.step()` fail. `max_logprobs` (the server's `--max-logprobs`) caps
+        `logprobs` and `prompt_logprobs` below the vocabulary size."""
+        def bad(name: str, want: str) -> None:
+            raise ValueError(f"{name} must be {want}, got {_short(getattr(self, name))}")
+
+        def is_int(v, lo: int = _INT64_MIN, hi: int = _INT64_MAX) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        vocab = vocab_size if vocab_size is not None else _INT64_MAX
+        if not is_int(self.n, 1):
             bad("n", "an integer >= 1")
-        if not self.temperature >= 0:
-            bad("temperature", ">= 0")
-        if not 0 < self.top_p <= 1:
+        if not is_num(self.temperature) or self.temperature < 0:
+            bad("temperature", "a finite number >= 0")
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            bad("top_k", "-1, 0 (off) or a positive integer")
-        if not 0 <= self.min_p <= 1:
+        if not is_int(self.top_k, -1, vocab):
+            bad("top_k", f"-1 or 0 (off), or an integer in [1, vocab size {vocab}]")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             bad("min_p", "in [0, 1]")
-        if not self.repetition_penalty > 0:
-            bad("repetition_penalty", "> 0")
-        if not -2 <= self.presence_penalty <= 2:
+        if not is_num(self.repetition_penalty) or not self.repetition_penalty > 0:
+            bad("repetition_penalty", "a finite number > 0")
+        if not is_num(self.presence_penalty) or not -2 <= self.presence_penalty <= 2:
             bad("presence_penalty", "in [-2, 2]")
-        if not -2 <= self.frequency_penalty <= 2:
+        if not is_num(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
             bad("frequency_penalty", "in [-2, 2]")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not is_int(self.max_tokens, 1):
             bad("max_tokens", "an integer >= 1")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+        if not is_int(self.min_tokens, 0, self.max_tokens):
             bad("min_tokens", f"an integer in [0, max_tokens={self.max_tokens}]")
+        top = min(vocab, max_logprobs) if max_logprobs is not None else vocab
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 0 or (vocab_size is not None and v > vocab_size)):
-                bad(name, "None or an integer in [0, vocab size]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "None or an integer")
+            if v is not None and not is_int(v, 0, top):
+                bad(name, f"None or an integer in [0, {top}]")
+        if self.seed is not None and not is_int(self.seed):
+            bad("seed", "None or an integer in the int64 range [-2**63, 2**63 - 1]")
         if self.stop is not None and (not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop)):
             bad("stop", "None or a list of non-empty strings")
         if self.stop_token_ids is not None and (
-            not isinstance(self.stop_token_ids, list)
-            or not all(isinstance(t, int) and 0 <= t < (vocab_size or 1 << 62) for t in self.stop_token_ids)
+            not isinstance(self.stop_token_ids, list) or not all(is_int(t, 0, vocab - 1) for t in self.stop_token_ids)
         ):
             bad("stop_token_ids", "None or a list of valid token ids")
 

@@ -1,62 +1,47 @@
-"""The FastAPI app: thin routes over the per-endpoint handlers (`dsv3.serve.handlers`), errors in the OpenAI shape, API-key check.
+"""The FastAPI app: thin routes over the per-endpoint handlers (`dsv3.serve.handlers`), errors in
+the OpenAI shape, the API-key check and the body limit (`middleware.py`).
 
 `build_app(engine, ...)` takes an `LLMEngine` (or an `AsyncEngine`); the app's `lifespan` starts
 the engine thread on startup and stops it on shutdown, so a test can run the app in-process.
 
-Error policy: every error leaves as `{"error": {"message", "type", "param", "code"}}`. Bad JSON or
-fields -> 400, unknown model -> 404, missing/wrong key -> 401, unknown route -> 404, anything
-unexpected -> 500 (logged). Nothing a request does can stop the server or the engine thread.
+Error policy: every error leaves as `{"error": {"message", "type", "param", "code"}}`. Malformed
+requests (bad JSON, too deep, lone surrogates, bad fields, over a limit) -> 400, too large -> 413,
+unknown model -> 404, missing/wrong key -> 401, unknown route -> 404; 500 only for a real fault,
+with a message that names no exception class (the traceback goes to the log). Nothing a request
+does can stop the server or the engine thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsv3.errors import UserError
 from dsv3.serve.async_engine import AsyncEngine
 from dsv3.serve.handlers.chat import OpenAIServingChat
 from dsv3.serve.handlers.completions import OpenAIServingCompletion
 from dsv3.serve.handlers.models import OpenAIServingModels
 from dsv3.serve.handlers.tokenize import OpenAIServingTokenization
+from dsv3.serve.limits import ServerLimits
 from dsv3.serve.metrics import ServerMetrics
+from dsv3.serve.middleware import AuthAndCount, BodyLimit, error_response
 from dsv3.serve.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request,
 )
 
 log = logging.getLogger("dsv3.serve")
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(APIError(message, status, param).body(), status_code=status)
-
-
-def _validation_message(e: ValidationError) -> tuple[str, str | None]:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err.get("loc", ()))
-    return (f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))), (loc or None)
-
-
-async def _parse(request: Request, model):
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(f"request body is not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise APIError("request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        msg, param = _validation_message(e)
-        raise APIError(msg, 400, param) from None
+async def _parse(request: Request, model, limits: ServerLimits):
+    """The body (already read, at most --max-request-bytes, by `BodyLimit`) -> `model`, off the event loop."""
+    raw = await request.body()
+    return await asyncio.to_thread(parse_request, raw, model, limits.max_json_depth)
 
 
 async def _until_disconnect(request: Request, coro):
@@ -86,8 +71,10 @@ async def _generate(request: Request, coro, stream: bool) -> Response:
     except APIError:
         raise
     except Exception as e:
-        log.exception("generation failed")
-        raise APIError(f"{type(e).__name__}: {e}", 500) from None
+        err = APIError.of(e)
+        if err.status >= 500:
+            log.exception("generation failed")
+        raise err from None
     return _respond(result)
 
 
@@ -98,44 +85,13 @@ def _respond(result: Any) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-class _AuthAndCount:
-    """Pure ASGI middleware (not BaseHTTPMiddleware, which would interfere with disconnect
-    detection of streams): bearer-key check on /v1/*, and per-endpoint status counts."""
-
-    ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-              "/tokenizer_info", "/health", "/metrics"}
-
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics):
-        self.app, self.api_key, self.metrics = app, api_key, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        endpoint = path if path in self.ROUTES else "other"  # bounded label set
-        if self.api_key and path.startswith("/v1"):
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            given = auth[7:] if auth[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                self.metrics.http_request(endpoint, 401)
-                msg = "Incorrect API key provided or missing 'Authorization: Bearer <key>' header."
-                return await _error(401, msg)(scope, receive, send)
-        status = 500
-
-        async def send_and_note(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            self.metrics.http_request(endpoint, status)
-
-
-def build_app(engine, model_name: str, api_key: str | None = None, model_root: str | None = None,
+def build_app(engine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None,
               reasoning_parser: str | None = None) -> FastAPI:
+    """`api_key` None: no key; an empty key is refused (it would look like auth and check nothing)."""
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty: give a non-empty key, or leave --api-key and $DSV3_API_KEY unset "
+                        "to serve without one")
+    limits = limits or ServerLimits()
     aengine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
     metrics = ServerMetrics(model_name)
 
@@ -148,7 +104,7 @@ def build_app(engine, model_name: str, api_key: str | None = None, model_root: s
             aengine.shutdown()
 
     app = FastAPI(title="dsv3 OpenAI-compatible server", lifespan=lifespan)
-    args = (aengine, model_name, metrics, model_root)
+    args = (aengine, model_name, metrics, limits)
     chat_h = OpenAIServingChat(*args, reasoning_parser=reasoning_parser)
     completion_h = OpenAIServingCompletion(*args)
     models_h, tokenize_h = OpenAIServingModels(*args), OpenAIServingTokenization(*args)
@@ -160,14 +116,16 @@ def build_app(engine, model_name: str, api_key: str | None = None, model_root: s
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail))
+        return error_response(e.status_code, str(e.detail))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return _error(500, f"internal error: {type(e).__name__}: {e}")
+        err = APIError.of(e)
+        return JSONResponse(err.body(), status_code=err.status)
 
-    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
+    app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics)  # added last: runs first
 
     @app.get("/health")
     async def health():
@@ -184,23 +142,23 @@ def build_app(engine, model_name: str, api_key: str | None = None, model_root: s
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await _parse(request, CompletionRequest)
+        req = await _parse(request, CompletionRequest, limits)
         return await _generate(request, completion_h.completions(req), req.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = await _parse(request, ChatCompletionRequest)
+        req = await _parse(request, ChatCompletionRequest, limits)
         return await _generate(request, chat_h.chat(req), req.stream)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        req = await _parse(request, TokenizeRequest)
+        req = await _parse(request, TokenizeRequest, limits)
         tokenize_h.check_model(req.model)
-        return tokenize_h.tokenize(req)
+        return await tokenize_h.tokenize(req)
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        req = await _parse(request, DetokenizeRequest)
+        req = await _parse(request, DetokenizeRequest, limits)
         tokenize_h.check_model(req.model)
         return tokenize_h.detokenize(req)
 

@@ -9,6 +9,11 @@ stepping thread; /metrics reads the snapshot taken after each step.
 
 A request's async generator aborts the request in its `finally` block, so a cancelled handler
 (client disconnect, server shutdown) frees the request's KV-cache blocks.
+
+When `step()` raises, the requests in flight are checked one by one (`probe_sampling`: their
+sampling parameters through the real sampling code on a one-row batch). Requests that fail the
+check are failed alone; the others are recomputed (`engine.recompute_running()`) and go on. Only
+when no request explains the failure (a real engine fault) do all in-flight requests fail.
 """
 
 from __future__ import annotations
@@ -26,11 +31,45 @@ log = logging.getLogger("dsv3.serve")
 class EngineDeadError(RuntimeError):
     """The stepping thread stopped; no request can be served."""
 
+    http_status = 503
+
+
+class EngineStepError(RuntimeError):
+    """`engine.step()` failed: 400 when this request's own parameters caused it, else 500."""
+
+    def __init__(self, message: str, culprit: bool = False):
+        super().__init__(message)
+        self.http_status = 400 if culprit else 500
+
+
+def probe_sampling(params, vocab_size: int) -> None:
+    """Run one request's sampling parameters through the engine's sampling code on a one-row batch
+    of CPU logits; raises whatever that request alone would make `step()` raise."""
+    import torch
+
+    from dsv3.infer.sampling import add_penalties, apply_penalties, make_batch, sample, topn_logprobs
+
+    params.validate(vocab_size)
+    gen = None
+    if params.seed is not None:
+        gen = torch.Generator()
+        gen.manual_seed(params.seed + params.n - 1)
+    logits = torch.zeros(1, vocab_size)
+    batch = make_batch([params], [gen], vocab_size, logits.device)
+    if add_penalties(batch, [params], logits.device):
+        counts = torch.zeros(1, vocab_size)
+        logits = apply_penalties(logits, batch, counts, counts)
+    chosen = sample(logits, batch)
+    for k in (params.logprobs, params.prompt_logprobs):
+        if k is not None:
+            topn_logprobs(logits.log_softmax(-1), chosen, k)
+
 
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    params: Any = None
     finished: bool = False
 
 
@@ -82,8 +121,8 @@ class AsyncEngine:
         Raises ValueError (from `engine.add_request`) for input the engine rejects, and
         EngineDeadError when the stepping thread is gone."""
         if not self.is_running:
-            raise EngineDeadError(f"engine is not running ({self._error!r})")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+            raise EngineDeadError("the engine is not running (the server log has the details)")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params)
         self._streams[request_id] = stream
         try:
             self.engine.add_request(request_id, prompt, prompt_token_ids, params)
@@ -114,14 +153,41 @@ class AsyncEngine:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    def _fail_all(self, err: BaseException) -> None:
-        """The engine raised inside step(): fail every in-flight request, abort them, go on."""
-        for rid, stream in list(self._streams.items()):
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
+    def _fail(self, request_ids, err: BaseException) -> None:
+        for rid in request_ids:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
             try:
                 self.engine.abort_request(rid)
             except Exception:
                 pass
+
+    def _step_failed(self, err: Exception) -> None:
+        """step() raised: fail the requests whose own parameters explain it, recompute the others;
+        when none does (a real engine fault), fail every in-flight request."""
+        vocab = int(getattr(getattr(self.engine, "model_config", None), "vocab_size", 0) or 0)
+        culprits = []
+        for rid, stream in list(self._streams.items()):
+            if stream.params is None or not vocab:
+                continue
+            try:
+                probe_sampling(stream.params, vocab)
+            except Exception as probe_err:
+                culprits.append((rid, probe_err))
+        if culprits:
+            log.error("engine.step() failed (%s); failing the %d request(s) that cause it: %s", err,
+                      len(culprits), ", ".join(rid for rid, _ in culprits))
+            for rid, probe_err in culprits:
+                self._fail([rid], EngineStepError(f"the engine cannot run this request's sampling "
+                                                  f"parameters ({probe_err})", culprit=True))
+            try:
+                self.engine.recompute_running()
+                return
+            except Exception:
+                log.exception("engine.recompute_running() failed")
+        log.error("engine.step() failed; failing the %d in-flight request(s)", len(self._streams), exc_info=err)
+        self._fail(list(self._streams), EngineStepError(f"engine step failed: {err}"))
 
     def _run(self) -> None:
         try:
@@ -133,8 +199,7 @@ class AsyncEngine:
                         try:
                             outputs = self.engine.step()
                         except Exception as e:
-                            log.exception("engine.step() failed; failing the in-flight requests")
-                            self._fail_all(RuntimeError(f"engine step failed: {e}"))
+                            self._step_failed(e)
                             outputs = []
                         self.stats.step_seconds_total += time.perf_counter() - t0
                         self.stats.steps += 1
@@ -148,7 +213,7 @@ class AsyncEngine:
             self._error = e
             log.exception("engine thread died")
             for stream in list(self._streams.values()):
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(str(e)))
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError("the engine stopped"))
 
 
 class RequestStream:

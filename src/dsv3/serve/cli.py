@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from dsv3.errors import UserError
+from dsv3.serve import limits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,8 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV3_API_KEY, else none)")
-    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV3_API_KEY, else none; "
+                        "an empty key is refused)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id clients send and /v1/models reports (default: --model as given, as vLLM)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit, prompt + output tokens")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences decoded in one batch")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -40,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding (one draft token per step; greedy and sampled requests)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='vLLM spelling: {"method": "mtp", "num_speculative_tokens": 1} (same as --speculative)')
+    limits.add_arguments(p)
 
 
 def add_vllm_compat_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,11 +128,14 @@ def run(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     vllm_compat_notes(args)
+    server_limits = limits.ServerLimits.from_args(args)
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api-key is empty: give a non-empty key, or leave --api-key and $DSV3_API_KEY unset "
+                        "to serve without one")
     sock = bind_socket(args.host, args.port)  # bind first: a busy port fails at once, in one line
     engine = load_engine(args)
-    name = args.served_model_name or Path(args.model).resolve().name
-    app = build_app(engine, name, api_key=args.api_key, model_root=str(Path(args.model).resolve()),
-                    reasoning_parser=args.reasoning_parser)
+    name = args.served_model_name or args.model
+    app = build_app(engine, name, api_key=args.api_key, limits=server_limits, reasoning_parser=args.reasoning_parser)
     print(f"dsv3 serve: model {name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_model_len {engine.max_model_len}{', API key required' if args.api_key else ''})", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)

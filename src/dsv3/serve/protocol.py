@@ -4,15 +4,22 @@ Requests IGNORE unknown fields (`extra="ignore"`): evalscope, guidellm and vLLM'
 vLLM extensions (`min_tokens`, `ignore_eos`, `stream_options.continuous_usage_stats`, ...), and a
 422 for an unknown key would break them. The vLLM extensions we do implement are declared here.
 Responses are plain pydantic models serialised with `model_dump(exclude_none=...)` by the handlers.
+
+`parse_request` is the one way a request body becomes a request object: JSON (deeper than the
+server's limit -> 400, not a RecursionError), no lone UTF-16 surrogates in any string or key
+(they cannot be encoded as UTF-8, so the tokenizer and every JSON reply would fail on them), then
+pydantic; every failure is an `APIError` 400 in the OpenAI shape.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 def random_id(prefix: str) -> str:
@@ -226,7 +233,66 @@ class APIError(Exception):
         super().__init__(message)
         self.message, self.status, self.param = message, status, param
 
+    @classmethod
+    def of(cls, e: BaseException) -> "APIError":
+        """Any exception -> what the client sees. Errors that carry an `http_status` (the engine front's,
+        `async_engine.py`) keep their message; anything else is an internal fault: a fixed message that
+        names no exception class (the server log has the traceback)."""
+        if isinstance(e, APIError):
+            return e
+        status = getattr(e, "http_status", None)
+        if isinstance(status, int):
+            return cls(str(e), status)
+        return cls("internal server error (the server log has the details)", 500)
+
     def body(self) -> dict[str, Any]:
         info = ErrorInfo(message=self.message, type=self.TYPES.get(self.status, "APIError"),
                          param=self.param, code=self.status)
         return ErrorResponse(error=info).model_dump()
+
+
+# ---------------------------------------------------------------- parsing -------------------------------------
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_request(raw: bytes, model: type[BaseModel], max_depth: int) -> BaseModel:
+    """Request body bytes -> `model`, or APIError 400 (see the module docstring)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(f"request body nests JSON deeper than {max_depth} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise APIError(f"request body is not valid JSON ({_one_line(e)})") from None
+    if not isinstance(body, dict):
+        raise APIError("request body must be a JSON object")
+    _check_tree(body, max_depth)
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        raise APIError(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")), 400, loc or None) from None
+
+
+def _check_tree(body: Any, max_depth: int) -> None:
+    """Depth limit and lone-surrogate check over a parsed JSON value, iteratively."""
+    stack = [(body, 1, "")]
+    while stack:
+        x, depth, where = stack.pop()
+        if isinstance(x, str):
+            if _SURROGATE.search(x):
+                raise APIError(f"{where or 'body'}: the string contains a lone UTF-16 surrogate (not valid Unicode)",
+                               param=where or None)
+        elif isinstance(x, (dict, list)):
+            if depth > max_depth:
+                raise APIError(f"request body nests JSON deeper than {max_depth} levels")
+            items = x.items() if isinstance(x, dict) else enumerate(x)
+            for k, v in items:
+                if isinstance(k, str) and _SURROGATE.search(k):
+                    raise APIError(f"{where or 'body'}: a key contains a lone UTF-16 surrogate (not valid Unicode)")
+                if isinstance(v, (str, dict, list)):
+                    stack.append((v, depth + 1, f"{where}.{k}" if where else str(k)))
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else "unreadable"

@@ -19,8 +19,11 @@ from typing import Any, AsyncIterator
 
 from dsv3.errors import UserError
 from dsv3.serve.async_engine import AsyncEngine, RequestStream
+from dsv3.serve.limits import ServerLimits
 from dsv3.serve.metrics import ServerMetrics
 from dsv3.serve.protocol import APIError, random_id
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass
@@ -30,15 +33,19 @@ class Prompt:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics, model_root: str | None = None):
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics,
+                 limits: ServerLimits | None = None):
         self.engine = engine
         self.tok = engine.tokenizer
         self.model_name = model_name
-        self.model_root = model_root
         self.metrics = metrics
+        self.limits = limits or ServerLimits()
         self.max_model_len = engine.max_model_len
         cfg = getattr(engine.engine, "model_config", None)
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or self.tok.vocab_size)
+        # A prompt of more characters than this cannot fit in max_model_len tokens (see `max_token_chars`).
+        per_token = max_token_chars(self.tok)
+        self.max_prompt_chars = self.max_model_len * per_token if per_token else None
 
     # ------------------------------------------------------------------ validation helpers
     def check_model(self, name: str | None) -> None:
@@ -46,39 +53,37 @@ class OpenAIServing:
             raise APIError(f"The model `{name}` does not exist.", 404, "model")
 
     def _check_ids(self, ids: list, param: str) -> None:
+        if len(ids) > self.max_model_len:
+            raise APIError(f"{param}: {len(ids)} token ids; this model's maximum context length is "
+                           f"{self.max_model_len} tokens", param=param)
         for t in ids:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                raise APIError(f"{param}: token id {t!r} is out of range [0, {self.vocab_size})", param=param)
+                raise APIError(f"{param}: token id {_short(t)} is out of range [0, {self.vocab_size})", param=param)
 
-    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    def _check_chars(self, n_chars: int, param: str) -> None:
+        """Refuse text that cannot fit in max_model_len tokens, before spending time tokenising it."""
+        if self.max_prompt_chars is not None and n_chars > self.max_prompt_chars:
+            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens, and one token "
+                           f"covers at most {self.max_prompt_chars // self.max_model_len} characters, so at most "
+                           f"{self.max_prompt_chars} characters can fit. However, your {param} has {n_chars} "
+                           f"characters. Please reduce the length of the {param}.", param=param)
+
+    async def encode(self, text: str, add_bos: bool, param: str = "prompt") -> list[int]:
+        """Text -> ids, off the event loop (the tokenizer releases the GIL, so /health stays responsive)."""
+        self._check_chars(len(text), param)
+        return await asyncio.to_thread(self.tok.encode, text, add_bos=add_bos)
+
+    async def chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        """Messages -> the chat template's ids, off the event loop (template text only adds characters,
+        so the characters of the messages bound the prompt from below)."""
         if not messages:
             raise APIError("'messages' must not be empty", param="messages")
+        self._check_chars(_text_chars(messages), "messages")
         try:
-            return list(self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True))
+            return list(await asyncio.to_thread(self.tok.apply_chat_template, messages,
+                                                add_generation_prompt=add_generation_prompt, tokenize=True))
         except UserError as e:
             raise APIError(str(e), param="messages") from None
-
-    def _completion_prompts(self, prompt: Any) -> list[Prompt]:
-        """str | list[str] | list[int] | list[list[int]] -> prompts (strings get BOS, as V3 does)."""
-        bad = APIError("'prompt' must be a string, a list of strings, a list of token ids, "
-                       "or a list of token-id lists", param="prompt")
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt:
-            raise bad
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            prompt = [prompt]
-        out = []
-        for p in prompt:
-            if isinstance(p, str):
-                out.append(Prompt(p, self.tok.encode(p, add_bos=self.tok.add_bos_token)))
-            elif isinstance(p, list) and p:
-                self._check_ids(p, "prompt")
-                out.append(Prompt(None, list(p)))
-            else:
-                raise bad
-        return out
 
     def _params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None,
                 prompt_logprobs: int | None, seed_offset: int, guided: dict | None = None):
@@ -103,23 +108,23 @@ class OpenAIServing:
                      "repetition_penalty", "stop_token_ids"):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)
-        if req.seed is not None:
-            kw["seed"] = req.seed + seed_offset
+        if req.seed is not None:  # sample j gets seed + j, wrapped into int64 (an int64 seed stays valid)
+            kw["seed"] = _wrap_int64(req.seed + seed_offset) if _INT64_MIN <= req.seed <= _INT64_MAX else req.seed
         try:
             if guided is not None:  # structured output (`dsv3.serve.structured`)
                 from dsv3.serve.structured import guided_params
 
                 kw["guided_decoding"] = guided_params(guided)
             params = SamplingParams(**kw)
-            params.validate()
+            params.validate(self.vocab_size, max_logprobs=self.limits.max_logprobs)
         except (ValueError, TypeError) as e:
             raise APIError(str(e)) from None
         return params
 
     def _check_common(self, req) -> None:
         self.check_model(req.model)
-        if req.n < 1:
-            raise APIError("n must be at least 1", param="n")
+        if not 1 <= req.n <= self.limits.max_n:
+            raise APIError(f"n must be an integer in [1, {self.limits.max_n}], got {_short(req.n)}", param="n")
         if req.max_tokens is not None and req.max_tokens < 1 and not getattr(req, "echo", False):
             raise APIError("max_tokens must be at least 1", param="max_tokens")
 
@@ -199,3 +204,46 @@ class OpenAIServing:
     def _token_str(self, token_id: int, lp=None) -> str:
         s = getattr(lp, "decoded_token", None) if lp is not None else None
         return s if s is not None else self.tok.decode([token_id], skip_special_tokens=False)
+
+
+def max_token_chars(tok) -> int | None:
+    """The most characters one token can stand for: the longest vocabulary entry. Byte-level BPE
+    entries carry one character per byte, and a byte decodes to at most one character, so no
+    token covers more characters than its entry is long (special tokens match their own text).
+    None (no bound) for a tokenizer without a vocabulary or one that may delete characters."""
+    backend = getattr(tok, "backend", None)
+    if backend is None or not hasattr(backend, "get_vocab"):
+        return None
+    if getattr(backend, "normalizer", None) is not None and "normalizers=[]" not in repr(backend.normalizer):
+        return None
+    return _longest_entry(backend)
+
+
+def _longest_entry(backend, _cache: dict = {}) -> int:  # noqa: B006  (one scan per tokenizer object)
+    key = id(backend)
+    if key not in _cache:
+        _cache[key] = max(map(len, backend.get_vocab(with_added_tokens=True)), default=0) or None
+    return _cache[key]
+
+
+def _text_chars(obj) -> int:
+    """Characters in every string inside a JSON value (iterative: depth is bounded by the parser)."""
+    n, stack = 0, [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            n += len(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return n
+
+
+def _wrap_int64(x: int) -> int:
+    return (x - _INT64_MIN) % (1 << 64) + _INT64_MIN
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."

@@ -25,15 +25,13 @@ class OpenAIServingChat(OpenAIServing):
         self._check_common(req)
         if req.max_completion_tokens is not None and req.max_completion_tokens < 1:
             raise APIError("max_completion_tokens must be at least 1", param="max_completion_tokens")
-        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-            raise APIError("top_logprobs must be between 0 and 20", param="top_logprobs")
         try:
             plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         except ToolError as e:
             raise APIError(str(e), param=e.param) from None
         guided = guided_spec(req, plan.guided_json())
         messages = with_tool_prompt([m.model_dump(exclude_none=True) for m in req.messages], plan)
-        ids = self._chat_ids(messages, req.add_generation_prompt)
+        ids = await self.chat_ids(messages, req.add_generation_prompt)
         prompt = Prompt(None, ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         k = (req.top_logprobs or 0) if req.logprobs else None

@@ -18,9 +18,7 @@ class OpenAIServingCompletion(OpenAIServing):
         self._check_common(req)
         if req.suffix:
             raise APIError("'suffix' is not supported", param="suffix")
-        if req.logprobs is not None and req.logprobs < 0:
-            raise APIError("logprobs must be non-negative", param="logprobs")
-        prompts = self._completion_prompts(req.prompt)
+        prompts = await self._completion_prompts(req.prompt)
         k = req.logprobs
         want_prompt_lp = req.echo and k is not None
 
@@ -38,6 +36,29 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.stream:
             return self._completion_stream(req, request_id, started, prompt_tokens)
         return await self._completion_full(req, request_id, started, prompt_tokens)
+
+    async def _completion_prompts(self, prompt: Any) -> list[Prompt]:
+        """str | list[str] | list[int] | list[list[int]] -> prompts (strings get BOS, as V3 does)."""
+        bad = APIError("'prompt' must be a string, a list of strings, a list of token ids, "
+                       "or a list of token-id lists", param="prompt")
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise bad
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            prompt = [prompt]
+        if len(prompt) > self.limits.max_prompts:
+            raise APIError(f"{len(prompt)} prompts in one request; at most {self.limits.max_prompts} "
+                           f"(the server's --max-prompts)", param="prompt")
+        for p in prompt:  # check them all before tokenising any
+            if isinstance(p, str):
+                self._check_chars(len(p), "prompt")
+            elif isinstance(p, list) and p:
+                self._check_ids(p, "prompt")
+            else:
+                raise bad
+        return [Prompt(p, await self.encode(p, self.tok.add_bos_token)) if isinstance(p, str) else Prompt(None, list(p))
+                for p in prompt]
 
     def _prompt_text(self, p: Prompt) -> str:
         return p.text if p.text is not None else self.tok.decode(p.ids, skip_special_tokens=False)

@@ -91,6 +91,4 @@ def sse(obj: dict) -> str:
 
 
 def error_body(e: BaseException) -> dict:
-    if isinstance(e, APIError):
-        return e.body()
-    return APIError(f"{type(e).__name__}: {e}", 500).body()
+    return APIError.of(e).body()

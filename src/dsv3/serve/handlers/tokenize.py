@@ -9,13 +9,14 @@ from dsv3.serve.protocol import APIError, DetokenizeRequest, TokenizeRequest
 
 
 class OpenAIServingTokenization(OpenAIServing):
-    def tokenize(self, req: TokenizeRequest) -> dict:
+    async def tokenize(self, req: TokenizeRequest) -> dict:
         if (req.prompt is None) == (req.messages is None):
             raise APIError("give exactly one of 'prompt' or 'messages'", param="prompt")
         if req.messages is not None:
-            ids = self._chat_ids([m.model_dump(exclude_none=True) for m in req.messages], req.add_generation_prompt)
+            ids = await self.chat_ids([m.model_dump(exclude_none=True) for m in req.messages],
+                                      req.add_generation_prompt)
         else:
-            ids = self.tok.encode(req.prompt, add_bos=req.add_special_tokens and self.tok.add_bos_token)
+            ids = await self.encode(req.prompt, req.add_special_tokens and self.tok.add_bos_token)
         out: dict[str, Any] = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
         if req.return_token_strs:
             out["token_strs"] = [self.tok.id_to_token(i) for i in ids]
