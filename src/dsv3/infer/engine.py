@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence as Seq
 import torch
 
 from dsv3.config.schema import ModelConfig
+from dsv3.infer import guided
 from dsv3.infer.kv_cache import PagedLatentCache
 from dsv3.infer.outputs import CompletionOutput, Logprob, RequestOutput
 from dsv3.infer.runner import ModelRunner
@@ -125,6 +126,7 @@ class LLMEngine:
         self._new: list[_Request] = []
         self._aborts: list[str] = []
         self._seq_ids = itertools.count()
+        self._grammars: Optional[guided.GrammarCompiler] = None  # built on the first guided request
         self.stats = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "spec_steps": 0,
                       "spec_drafts": 0, "spec_accepted": 0}
 
@@ -177,6 +179,8 @@ class LLMEngine:
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
             seq.want_prompt_logprobs = params.prompt_logprobs is not None and i == 0
+            if params.guided_decoding is not None:
+                seq.guide = self._grammar_matcher(params)
             if self.tokenizer is not None and hasattr(self.tokenizer, "incremental_decoder"):
                 seq.detok = self.tokenizer.incremental_decoder(params.skip_special_tokens)
             req.seqs.append(seq)
@@ -184,6 +188,12 @@ class LLMEngine:
             if request_id in self._requests or any(r.request_id == request_id for r in self._new):
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._new.append(req)
+
+    def _grammar_matcher(self, params: SamplingParams):
+        """A fresh matcher of the request's grammar (compiled once per grammar, then copied)."""
+        if self._grammars is None:
+            self._grammars = guided.GrammarCompiler(self.tokenizer, self.model_config.vocab_size, list(self.eos_ids))
+        return self._grammars.matcher(params.guided_decoding)
 
     def abort_request(self, request_id: str | Seq[str]) -> None:
         """Stop a request; its blocks are freed at the start of the next step, which reports it as 'abort'."""
@@ -270,7 +280,7 @@ class LLMEngine:
     def _spec_ready(self, seq: Sequence) -> bool:
         """Greedy verification gives exactly the tokens `_sample` would pick only for plain greedy rows."""
         p = seq.params
-        return (seq.draft is not None and p.greedy and p.logprobs is None
+        return (seq.draft is not None and p.greedy and p.logprobs is None and seq.guide is None
                 and p.repetition_penalty == 1 and not p.presence_penalty and not p.frequency_penalty)
 
     def _run_decode(self, work: Decode, touched: dict) -> None:
@@ -330,15 +340,7 @@ class LLMEngine:
         params = [s.params for s in seqs]
         vocab = logits.shape[-1]
         raw = logits
-        rows, cols = [], []
-        for r, s in enumerate(seqs):
-            if s.num_output < s.params.min_tokens:  # eos / stop ids may not end it yet
-                stops = self._stop_ids(s)
-                rows += [r] * len(stops)
-                cols += stops
-        if rows:
-            logits = logits.clone()
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        logits = self._mask_logits(seqs, logits)
         batch = make_batch(params, [s.generator for s in seqs], vocab, logits.device)
         if add_penalties(batch, params, logits.device):
             prompt_counts = token_counts([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, logits.device)
@@ -361,18 +363,41 @@ class LLMEngine:
                 s.cumulative_logprob += lp_rows[0][r]
         return tokens
 
+    def _mask_logits(self, seqs: list[Sequence], logits: torch.Tensor, ahead: int = 0) -> torch.Tensor:
+        """-inf where a token may not come next: stop ids before min_tokens, and what a grammar forbids.
+        `ahead`: tokens already proposed past each sequence's end (speculative verification)."""
+        rows, cols, g_rows, g_matchers, g_bans = [], [], [], [], []
+        for r, s in enumerate(seqs):
+            stops = self._stop_ids(s) if s.num_output + ahead < s.params.min_tokens else []  # eos may not end it yet
+            if s.guide is not None:
+                g_rows.append(r), g_matchers.append(s.guide), g_bans.append(stops)
+            elif stops:
+                rows += [r] * len(stops)
+                cols += stops
+        if rows:
+            logits = logits.clone()
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        if g_rows:
+            logits = guided.mask_rows(logits, g_rows, g_matchers, g_bans)
+        return logits
+
     def _stop_ids(self, seq: Sequence) -> list[int]:
         return sorted(set(seq.params.stop_token_ids or []) | (set() if seq.params.ignore_eos else self.eos_ids))
 
     def _append(self, seq: Sequence, tok: int) -> None:
         p = seq.params
         seq.token_ids.append(tok)
+        grammar_done = seq.guide is not None and guided.advance(seq.guide, tok)
         # (before min_tokens these ids were masked out of the logits, so they cannot appear here)
         is_stop_id = (tok in self.eos_ids and not p.ignore_eos) or tok in (p.stop_token_ids or ())
         if not is_stop_id or p.include_stop_str_in_output:
             self._detokenize(seq, tok)
         if is_stop_id:
             return self._finish(seq, "stop", None if tok in self.eos_ids and not p.ignore_eos else tok)
+        if grammar_done:  # the grammar is complete and allows nothing more (not even eos): done
+            if seq.detok is not None:
+                seq.text += seq.detok.flush()
+            return self._finish(seq, "stop")
         if p.stop and seq.num_output >= p.min_tokens:
             for stop in p.stop:
                 at = seq.text.find(stop, max(0, len(seq.text) - seq.new_text_len - len(stop) + 1))

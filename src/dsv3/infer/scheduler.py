@@ -60,6 +60,7 @@ class Sequence:
     new_text_len: int = 0  # length of the text the newest token added
     draft: Optional[int] = None  # MTP's guess of the token after the last one (speculative decoding)
     want_prompt_logprobs: bool = False
+    guide: Any = None  # the grammar matcher of a guided-decoding request (dsv3.infer.guided)
 
     @property
     def pending(self) -> int:
