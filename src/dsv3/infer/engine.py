@@ -24,7 +24,7 @@ import torch
 from dsv3.config.schema import ModelConfig
 from dsv3.infer import guided
 from dsv3.infer.kv_cache import PagedLatentCache
-from dsv3.infer.outputs import CompletionOutput, Logprob, RequestOutput
+from dsv3.infer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from dsv3.infer.runner import ModelRunner
 from dsv3.infer.sampling import (SamplingParams, add_penalties, apply_penalties, make_batch, sample, token_counts,
                                  topn_logprobs)
@@ -83,7 +83,7 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
                  block_size: int = 16, num_gpu_blocks: Optional[int] = None, cache_bytes: Optional[int] = None,
                  max_num_batched_tokens: int = 2048, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, speculative: bool = False):
+                 dtype: str | torch.dtype | None = None, speculative: bool = False, enable_prefix_caching: bool = True):
         cfg: ModelConfig = model.config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else next(model.parameters()).dtype
@@ -106,7 +106,8 @@ class LLMEngine:
                     want = max_num_seqs * (max_model_len or cfg.max_position_embeddings) * per_token
                     cache_bytes = min(DEFAULT_CPU_CACHE_BYTES, want)
             num_gpu_blocks = max(1, cache_bytes // (per_token * block_size))
-        self.cache = PagedLatentCache(cfg, cache_layers, num_gpu_blocks, block_size, self.dtype, self.device)
+        self.cache = PagedLatentCache(cfg, cache_layers, num_gpu_blocks, block_size, self.dtype, self.device,
+                                      prefix_caching=enable_prefix_caching)
         capacity = num_gpu_blocks * block_size
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, capacity)
         if max_model_len is not None and max_model_len > capacity:
@@ -127,8 +128,8 @@ class LLMEngine:
         self._aborts: list[str] = []
         self._seq_ids = itertools.count()
         self._grammars: Optional[guided.GrammarCompiler] = None  # built on the first guided request
-        self.stats = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "spec_steps": 0,
-                      "spec_drafts": 0, "spec_accepted": 0}
+        self.counters = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "spec_steps": 0,
+                         "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0}
 
     # ---- construction from a checkpoint directory
     @classmethod
@@ -209,6 +210,14 @@ class LLMEngine:
         with self._lock:
             return len(self._requests) + len(self._new)
 
+    def stats(self) -> dict:
+        """Counters since start: steps and tokens computed, prefix-cache lookups (prefix_cache_queries: tokens
+        looked up, prefix_cache_hits: tokens found), speculative drafts (spec_num_draft_tokens verified,
+        spec_num_accepted_tokens accepted), preemptions, cached blocks now."""
+        sch = self.scheduler
+        return {**self.counters, "prefix_cache_queries": sch.prefix_queries, "prefix_cache_hits": sch.prefix_hits,
+                "num_preemptions": sch.num_preemptions, "prefix_cached_blocks": self.cache.num_cached_blocks}
+
     def cache_info(self) -> dict:
         """block_size, num_blocks, free_blocks, used_blocks, bytes_per_token(_per_layer)."""
         return self.cache.info().as_dict()
@@ -240,6 +249,8 @@ class LLMEngine:
                 self._run_prefill(work, touched)
             elif isinstance(work, Decode):
                 self._run_decode(work, touched)
+        for seq in self.scheduler.running:  # newly full blocks become shareable at once
+            self.scheduler.register_computed(seq)
         outputs = [self._output(req) for req in touched.values()]
         with self._lock:
             for req in touched.values():
@@ -263,8 +274,8 @@ class LLMEngine:
             if c.seq.pending == 0:  # the whole prompt is cached: sample its first new token
                 done.append(c.seq)
                 last.append(lg[-1:])
-        self.stats["prefill_steps"] += 1
-        self.stats["prefill_tokens"] += sum(c.num_tokens for c in chunks)
+        self.counters["prefill_steps"] += 1
+        self.counters["prefill_tokens"] += sum(c.num_tokens for c in chunks)
         new = dict(zip((s.seq_id for s in done), self._sample(done, torch.cat(last)) if done else []))
         if self.speculative:
             # MTP over the same positions: position i takes (hidden_i, token_{i+1}); the last token of a
@@ -286,7 +297,7 @@ class LLMEngine:
     def _run_decode(self, work: Decode, touched: dict) -> None:
         seqs = work.seqs
         positions, tables = [len(s.token_ids) - 1 for s in seqs], [s.block_table for s in seqs]
-        self.stats["decode_steps"] += 1
+        self.counters["decode_steps"] += 1
         if self.speculative and all(self._spec_ready(s) for s in seqs):
             self._run_speculative(seqs, positions, tables)
         else:
@@ -302,7 +313,7 @@ class LLMEngine:
             for s, tok in zip(seqs, new):
                 s.num_computed += 1
                 self._append(s, tok)
-            self.stats["decode_tokens"] += len(seqs)
+            self.counters["decode_tokens"] += len(seqs)
         for s in seqs:
             touched[s.request_id] = self._requests[s.request_id]
 
@@ -320,18 +331,18 @@ class LLMEngine:
         # overwritten next step); the draft comes from the last accepted position.
         mtp = self.runner.mtp_decode(hidden, [[t[0], t[1] if a else 0] for t, a in zip(target, accepted)], positions, tables)
         drafts = mtp.argmax(-1).tolist()
-        self.stats["spec_steps"] += 1
-        self.stats["spec_drafts"] += len(seqs)
+        self.counters["spec_steps"] += 1
+        self.counters["spec_drafts"] += len(seqs)
         for s, t, a, d in zip(seqs, target, accepted, drafts):
             s.draft = d[1] if a else d[0]
             s.num_computed += 1
             self._append(s, t[0])
-            self.stats["decode_tokens"] += 1
+            self.counters["decode_tokens"] += 1
             if a and s.status is not Status.FINISHED:
                 s.num_computed += 1
                 self._append(s, t[1])
-                self.stats["decode_tokens"] += 1
-                self.stats["spec_accepted"] += 1
+                self.counters["decode_tokens"] += 1
+                self.counters["spec_accepted"] += 1
 
     # ---- sampling and post-processing
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
@@ -467,7 +478,9 @@ class LLMEngine:
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
                 cumulative_logprob=s.cumulative_logprob))
         plp = list(req.prompt_logprobs) if req.prompt_logprobs is not None else None
-        return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished)
+        return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished,
+                             num_cached_tokens=req.seqs[0].num_cached_tokens or 0,
+                             metrics=RequestMetrics(sum(s.spec_drafts for s in req.seqs), sum(s.spec_accepted for s in req.seqs)))
 
 
 # ---- helpers shared with llm.py / cli.py
