@@ -66,6 +66,18 @@ def test_generate_text_and_ids(llm):
     assert again.outputs[0].token_ids == outs[0].outputs[0].token_ids
 
 
+def test_generate_accepts_vllm_prompt_dicts(llm):
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    ref = llm.generate(["The capital of France is"], sp)[0]
+    outs = llm.generate([{"prompt": "The capital of France is"}, {"prompt_token_ids": ref.prompt_token_ids}], sp)
+    assert [o.outputs[0].token_ids for o in outs] == [ref.outputs[0].token_ids] * 2
+    assert outs[0].prompt == "The capital of France is" and outs[1].prompt is None
+    single = llm.generate({"prompt_token_ids": ref.prompt_token_ids}, sp)  # one dict, as vLLM accepts
+    assert single[0].outputs[0].token_ids == ref.outputs[0].token_ids
+    with pytest.raises(ValueError, match="prompt 1: a prompt dict needs"):
+        llm.generate([{"prompt": "a"}, {"text": "b"}], sp)
+
+
 def test_chat_uses_v3_template(llm):
     tok = llm.get_tokenizer()
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]

@@ -54,7 +54,7 @@ def test_speculative_equals_plain_greedy(model):
     plain = engine_greedy(LLMEngine(model, None, num_gpu_blocks=64, block_size=4), prompts, 16)
     spec = LLMEngine(model, None, num_gpu_blocks=64, block_size=4, speculative=True, max_num_batched_tokens=8)
     assert engine_greedy(spec, prompts, 16, start_after={2: 5}) == plain
-    assert spec.stats["spec_steps"] > 0
+    assert spec.stats()["spec_steps"] > 0
     assert spec.cache_info()["free_blocks"] == 64
 
 
@@ -112,4 +112,4 @@ def test_accept_branch_with_oracle_drafts(model, monkeypatch):
     monkeypatch.setattr(runner, "mtp_prefill", mtp_prefill)
     monkeypatch.setattr(runner, "mtp_decode", mtp_decode)
     assert engine_greedy(eng, prompts, 20) == plain
-    assert eng.stats["spec_accepted"] > 5 and eng.stats["spec_drafts"] > eng.stats["spec_accepted"]  # both branches ran
+    assert eng.stats()["spec_num_accepted_tokens"] > 5 and eng.stats()["spec_num_draft_tokens"] > eng.stats()["spec_num_accepted_tokens"]  # both branches ran

@@ -117,7 +117,7 @@ def _report(engine, n_tokens: int, seconds: float) -> None:
     rate = n_tokens / seconds if seconds > 0 else float("inf")
     print(f"[{n_tokens} tokens in {seconds:.2f}s, {rate:.2f} tok/s; KV cache: {c['used_blocks']}/{c['num_blocks']} blocks "
           f"of {c['block_size']} used, {c['bytes_per_token']} B/token ({c['bytes_per_token_per_layer']} B/token/layer)"
-          + (f"; MTP drafts accepted {engine.stats['spec_accepted']}/{engine.stats['spec_drafts']}" if engine.speculative else "")
+          + (f"; MTP drafts accepted {engine.stats()['spec_num_accepted_tokens']}/{engine.stats()['spec_num_draft_tokens']}" if engine.speculative else "")
           + "]", file=sys.stderr)
 
 

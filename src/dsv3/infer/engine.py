@@ -22,8 +22,9 @@ from typing import Any, Optional, Sequence as Seq
 import torch
 
 from dsv3.config.schema import ModelConfig
+from dsv3.infer import guided
 from dsv3.infer.kv_cache import PagedLatentCache
-from dsv3.infer.outputs import CompletionOutput, Logprob, RequestOutput
+from dsv3.infer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from dsv3.infer.runner import ModelRunner
 from dsv3.infer.sampling import (SamplingParams, add_penalties, apply_penalties, make_batch, sample, token_counts,
                                  topn_logprobs)
@@ -82,7 +83,7 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
                  block_size: int = 16, num_gpu_blocks: Optional[int] = None, cache_bytes: Optional[int] = None,
                  max_num_batched_tokens: int = 2048, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, speculative: bool = False):
+                 dtype: str | torch.dtype | None = None, speculative: bool = False, enable_prefix_caching: bool = True):
         cfg: ModelConfig = model.config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else next(model.parameters()).dtype
@@ -105,7 +106,8 @@ class LLMEngine:
                     want = max_num_seqs * (max_model_len or cfg.max_position_embeddings) * per_token
                     cache_bytes = min(DEFAULT_CPU_CACHE_BYTES, want)
             num_gpu_blocks = max(1, cache_bytes // (per_token * block_size))
-        self.cache = PagedLatentCache(cfg, cache_layers, num_gpu_blocks, block_size, self.dtype, self.device)
+        self.cache = PagedLatentCache(cfg, cache_layers, num_gpu_blocks, block_size, self.dtype, self.device,
+                                      prefix_caching=enable_prefix_caching)
         capacity = num_gpu_blocks * block_size
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, capacity)
         if max_model_len is not None and max_model_len > capacity:
@@ -125,8 +127,9 @@ class LLMEngine:
         self._new: list[_Request] = []
         self._aborts: list[str] = []
         self._seq_ids = itertools.count()
-        self.stats = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "spec_steps": 0,
-                      "spec_drafts": 0, "spec_accepted": 0}
+        self._grammars: Optional[guided.GrammarCompiler] = None  # built on the first guided request
+        self.counters = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "spec_steps": 0,
+                         "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0}
 
     # ---- construction from a checkpoint directory
     @classmethod
@@ -177,6 +180,8 @@ class LLMEngine:
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
             seq.want_prompt_logprobs = params.prompt_logprobs is not None and i == 0
+            if params.guided_decoding is not None:
+                seq.guide = self._grammar_matcher(params)
             if self.tokenizer is not None and hasattr(self.tokenizer, "incremental_decoder"):
                 seq.detok = self.tokenizer.incremental_decoder(params.skip_special_tokens)
             req.seqs.append(seq)
@@ -184,6 +189,12 @@ class LLMEngine:
             if request_id in self._requests or any(r.request_id == request_id for r in self._new):
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._new.append(req)
+
+    def _grammar_matcher(self, params: SamplingParams):
+        """A fresh matcher of the request's grammar (compiled once per grammar, then copied)."""
+        if self._grammars is None:
+            self._grammars = guided.GrammarCompiler(self.tokenizer, self.model_config.vocab_size, list(self.eos_ids))
+        return self._grammars.matcher(params.guided_decoding)
 
     def abort_request(self, request_id: str | Seq[str]) -> None:
         """Stop a request; its blocks are freed at the start of the next step, which reports it as 'abort'."""
@@ -204,6 +215,14 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         with self._lock:
             return len(self._requests) + len(self._new)
+
+    def stats(self) -> dict:
+        """Counters since start: steps and tokens computed, prefix-cache lookups (prefix_cache_queries: tokens
+        looked up, prefix_cache_hits: tokens found), speculative drafts (spec_num_draft_tokens verified,
+        spec_num_accepted_tokens accepted), preemptions, cached blocks now."""
+        sch = self.scheduler
+        return {**self.counters, "prefix_cache_queries": sch.prefix_queries, "prefix_cache_hits": sch.prefix_hits,
+                "num_preemptions": sch.num_preemptions, "prefix_cached_blocks": self.cache.num_cached_blocks}
 
     def cache_info(self) -> dict:
         """block_size, num_blocks, free_blocks, used_blocks, bytes_per_token(_per_layer)."""
@@ -236,6 +255,8 @@ class LLMEngine:
                 self._run_prefill(work, touched)
             elif isinstance(work, Decode):
                 self._run_decode(work, touched)
+        for seq in self.scheduler.running:  # newly full blocks become shareable at once
+            self.scheduler.register_computed(seq)
         outputs = [self._output(req) for req in touched.values()]
         with self._lock:
             for req in touched.values():
@@ -259,8 +280,8 @@ class LLMEngine:
             if c.seq.pending == 0:  # the whole prompt is cached: sample its first new token
                 done.append(c.seq)
                 last.append(lg[-1:])
-        self.stats["prefill_steps"] += 1
-        self.stats["prefill_tokens"] += sum(c.num_tokens for c in chunks)
+        self.counters["prefill_steps"] += 1
+        self.counters["prefill_tokens"] += sum(c.num_tokens for c in chunks)
         new = dict(zip((s.seq_id for s in done), self._sample(done, torch.cat(last)) if done else []))
         if self.speculative:
             # MTP over the same positions: position i takes (hidden_i, token_{i+1}); the last token of a
@@ -276,13 +297,13 @@ class LLMEngine:
     def _spec_ready(self, seq: Sequence) -> bool:
         """Greedy verification gives exactly the tokens `_sample` would pick only for plain greedy rows."""
         p = seq.params
-        return (seq.draft is not None and p.greedy and p.logprobs is None
+        return (seq.draft is not None and p.greedy and p.logprobs is None and seq.guide is None
                 and p.repetition_penalty == 1 and not p.presence_penalty and not p.frequency_penalty)
 
     def _run_decode(self, work: Decode, touched: dict) -> None:
         seqs = work.seqs
         positions, tables = [len(s.token_ids) - 1 for s in seqs], [s.block_table for s in seqs]
-        self.stats["decode_steps"] += 1
+        self.counters["decode_steps"] += 1
         if self.speculative and all(self._spec_ready(s) for s in seqs):
             self._run_speculative(seqs, positions, tables)
         else:
@@ -298,7 +319,7 @@ class LLMEngine:
             for s, tok in zip(seqs, new):
                 s.num_computed += 1
                 self._append(s, tok)
-            self.stats["decode_tokens"] += len(seqs)
+            self.counters["decode_tokens"] += len(seqs)
         for s in seqs:
             touched[s.request_id] = self._requests[s.request_id]
 
@@ -316,18 +337,18 @@ class LLMEngine:
         # overwritten next step); the draft comes from the last accepted position.
         mtp = self.runner.mtp_decode(hidden, [[t[0], t[1] if a else 0] for t, a in zip(target, accepted)], positions, tables)
         drafts = mtp.argmax(-1).tolist()
-        self.stats["spec_steps"] += 1
-        self.stats["spec_drafts"] += len(seqs)
+        self.counters["spec_steps"] += 1
+        self.counters["spec_drafts"] += len(seqs)
         for s, t, a, d in zip(seqs, target, accepted, drafts):
             s.draft = d[1] if a else d[0]
             s.num_computed += 1
             self._append(s, t[0])
-            self.stats["decode_tokens"] += 1
+            self.counters["decode_tokens"] += 1
             if a and s.status is not Status.FINISHED:
                 s.num_computed += 1
                 self._append(s, t[1])
-                self.stats["decode_tokens"] += 1
-                self.stats["spec_accepted"] += 1
+                self.counters["decode_tokens"] += 1
+                self.counters["spec_accepted"] += 1
 
     # ---- sampling and post-processing
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
@@ -336,15 +357,7 @@ class LLMEngine:
         params = [s.params for s in seqs]
         vocab = logits.shape[-1]
         raw = logits
-        rows, cols = [], []
-        for r, s in enumerate(seqs):
-            if s.num_output < s.params.min_tokens:  # eos / stop ids may not end it yet
-                stops = self._stop_ids(s)
-                rows += [r] * len(stops)
-                cols += stops
-        if rows:
-            logits = logits.clone()
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        logits = self._mask_logits(seqs, logits)
         batch = make_batch(params, [s.generator for s in seqs], vocab, logits.device)
         if add_penalties(batch, params, logits.device):
             prompt_counts = token_counts([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, logits.device)
@@ -367,18 +380,41 @@ class LLMEngine:
                 s.cumulative_logprob += lp_rows[0][r]
         return tokens
 
+    def _mask_logits(self, seqs: list[Sequence], logits: torch.Tensor, ahead: int = 0) -> torch.Tensor:
+        """-inf where a token may not come next: stop ids before min_tokens, and what a grammar forbids.
+        `ahead`: tokens already proposed past each sequence's end (speculative verification)."""
+        rows, cols, g_rows, g_matchers, g_bans = [], [], [], [], []
+        for r, s in enumerate(seqs):
+            stops = self._stop_ids(s) if s.num_output + ahead < s.params.min_tokens else []  # eos may not end it yet
+            if s.guide is not None:
+                g_rows.append(r), g_matchers.append(s.guide), g_bans.append(stops)
+            elif stops:
+                rows += [r] * len(stops)
+                cols += stops
+        if rows:
+            logits = logits.clone()
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        if g_rows:
+            logits = guided.mask_rows(logits, g_rows, g_matchers, g_bans)
+        return logits
+
     def _stop_ids(self, seq: Sequence) -> list[int]:
         return sorted(set(seq.params.stop_token_ids or []) | (set() if seq.params.ignore_eos else self.eos_ids))
 
     def _append(self, seq: Sequence, tok: int) -> None:
         p = seq.params
         seq.token_ids.append(tok)
+        grammar_done = seq.guide is not None and guided.advance(seq.guide, tok)
         # (before min_tokens these ids were masked out of the logits, so they cannot appear here)
         is_stop_id = (tok in self.eos_ids and not p.ignore_eos) or tok in (p.stop_token_ids or ())
         if not is_stop_id or p.include_stop_str_in_output:
             self._detokenize(seq, tok)
         if is_stop_id:
             return self._finish(seq, "stop", None if tok in self.eos_ids and not p.ignore_eos else tok)
+        if grammar_done:  # the grammar is complete and allows nothing more (not even eos): done
+            if seq.detok is not None:
+                seq.text += seq.detok.flush()
+            return self._finish(seq, "stop")
         if p.stop and seq.num_output >= p.min_tokens:
             for stop in p.stop:
                 at = seq.text.find(stop, max(0, len(seq.text) - seq.new_text_len - len(stop) + 1))
@@ -448,7 +484,9 @@ class LLMEngine:
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
                 cumulative_logprob=s.cumulative_logprob))
         plp = list(req.prompt_logprobs) if req.prompt_logprobs is not None else None
-        return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished)
+        return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished,
+                             num_cached_tokens=req.seqs[0].num_cached_tokens or 0,
+                             metrics=RequestMetrics(sum(s.spec_drafts for s in req.seqs), sum(s.spec_accepted for s in req.seqs)))
 
 
 # ---- helpers shared with llm.py / cli.py

@@ -28,6 +28,21 @@ def _short(v) -> str:
 
 
 @dataclass
+class GuidedDecodingParams:
+    """Structured output (vLLM's names): exactly one of a JSON schema, any JSON object, a regex or a
+    choice of strings. Enforced during decoding by `dsv3.infer.guided` (llguidance)."""
+
+    json: dict | str | None = None
+    """A JSON schema (a dict or its JSON text): the output is JSON that validates against it."""
+    regex: str | None = None
+    """The output matches this regular expression (whole output)."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    json_object: bool = False
+    """The output is one JSON object (OpenAI's response_format json_object)."""
+
+
+@dataclass
 class SamplingParams:
     """How to pick tokens and when to stop (field names and defaults follow vLLM)."""
 
@@ -67,6 +82,8 @@ class SamplingParams:
     """Leave special tokens out of the decoded text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text."""
+    guided_decoding: Optional[GuidedDecodingParams] = None
+    """Constrain the output to a grammar (JSON schema / json_object / regex / choice)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -122,6 +139,12 @@ class SamplingParams:
             not isinstance(self.stop_token_ids, list) or not all(is_int(t, 0, vocab - 1) for t in self.stop_token_ids)
         ):
             bad("stop_token_ids", "None or a list of valid token ids")
+        if self.guided_decoding is not None:
+            if not isinstance(self.guided_decoding, GuidedDecodingParams):
+                bad("guided_decoding", "None or a GuidedDecodingParams")
+            from dsv3.infer import guided
+
+            guided.validate(self.guided_decoding)  # ValueError naming the bad schema / regex
 
     @property
     def greedy(self) -> bool:
