@@ -88,7 +88,10 @@ def test_reasoning_unforced_output_is_all_reasoning(client):
 
 @pytest.mark.parametrize("text, reasoning, content", [
     ("<think>\nAdd them.\n</think>\n\nIt is 4.", "\nAdd them.\n", "\n\nIt is 4."),
-    ("Add them.</think>It is 4.", "Add them.", "It is 4."),  # template already opened <think>
+    # under a grammar constraint only output that opens with <think> has a reasoning part (without a
+    # constraint the no-opening-tag form splits: test_reasoning_unforced_..., and tests/serve/test_parsers.py)
+    ("Add them.</think>It is 4.", "", "Add them.</think>It is 4."),
+    ('{"a": 1}', "", '{"a": 1}'),
 ])
 def test_reasoning_forced_split(client, text, reasoning, content):
     kw = dict(model=MODEL_NAME, messages=USER, max_tokens=40, temperature=0, extra_body={"guided_choice": [text]})

@@ -60,6 +60,15 @@ def test_reasoning_split_streamed_and_not(text, want):
         assert _stream_reasoning(parser, pieces) == want, pieces
 
 
+def test_reasoning_constrained_needs_the_opening_tag():
+    parser = get_reasoning_parser("deepseek_r1").constrained()
+    for text, want in [("<think>a</think>b", ("a", "b")), ("a</think>b", (None, "a</think>b")),
+                       ('{"x": 1}', (None, '{"x": 1}')), ("<thin", (None, "<thin"))]:
+        assert parser.extract(text) == want
+        for pieces in _cuts(text):
+            assert _stream_reasoning(parser, pieces) == want, pieces
+
+
 def test_reasoning_stream_holds_partial_tag():
     st = DeepSeekR1ReasoningParser().stream()
     assert st.feed("abc</thi", False) == ("abc", "")  # "</thi" may become "</think>"

@@ -106,6 +106,52 @@ def tokenizer_json(tokenizer: Any) -> str:
     raise ValueError("guided decoding needs a tokenizer backed by a tokenizer.json (the dsv3 or a fast HF tokenizer)")
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable stand-in character of each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def ll_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: list[int]):
+    """llguidance's view of the tokenizer, with each token's exact bytes. Built from the token list
+    rather than from tokenizer.json, because llguidance's tokenizer.json loader marks EVERY added
+    token special, and V3's non-special added tokens (`<think>`, `</think>`, the tool-call markers
+    `<｜tool▁calls▁begin｜>` ...) are ordinary text the model writes: as special tokens the mask
+    offered them for a grammar's literal "<think>" and then rejected them when sampled."""
+    llg = _llguidance()
+    from llguidance._tokenizer import TokenizerWrapper
+
+    tokenizer_json(tokenizer)  # the same support check (dsv3 or HF fast tokenizer)
+    backend = tokenizer.backend if hasattr(tokenizer, "to_str") else tokenizer.backend_tokenizer
+    to_byte = _byte_decoder()
+    tokens = [b""] * vocab_size
+    for text, i in backend.get_vocab(with_added_tokens=False).items():
+        if i < vocab_size:
+            tokens[i] = bytes(to_byte[c] for c in text) if all(c in to_byte for c in text) else text.encode()
+    special = []
+    for i, added in backend.get_added_tokens_decoder().items():
+        if i < vocab_size:
+            tokens[i] = added.content.encode()
+            if added.special:
+                special.append(i)
+
+    class _Tok:
+        eos_token_id, bos_token_id, special_token_ids = eos_ids[0], None, special
+
+        def __call__(self, s):
+            return backend.encode(s.decode("utf-8", "replace") if isinstance(s, bytes) else s,
+                                  add_special_tokens=False).ids
+
+    _Tok.tokens = tokens
+    return llg.LLTokenizer(TokenizerWrapper(_Tok()), n_vocab=vocab_size, eos_token=eos_ids)
+
+
 class GrammarCompiler:
     """Per engine: the llguidance view of the tokenizer (built on first use, ~1-3 s for V3) and an LRU
     of compiled matchers by grammar key; each sequence gets its own copy of the compiled matcher."""
@@ -122,7 +168,7 @@ class GrammarCompiler:
     def matcher(self, g: Any):
         llg = _llguidance()
         if self._lltok is None:
-            self._lltok = llg.LLTokenizer(tokenizer_json(self._tokenizer), n_vocab=self.vocab_size, eos_token=self.eos_ids)
+            self._lltok = ll_tokenizer(self._tokenizer, self.vocab_size, self.eos_ids)
         key = grammar_key(g)
         template = self._compiled.get(key)
         if template is None:

@@ -140,6 +140,7 @@ class AsyncEngine:
     def _refresh_cache_info(self) -> None:
         try:
             self.stats.cache = dict(self.engine.cache_info())
+            self.stats.engine = dict(self.engine.stats())
         except Exception:  # cache_info is informational; never let it kill the loop
             log.exception("engine.cache_info() failed")
 

@@ -26,12 +26,24 @@ def _none_if_empty(s: str) -> str | None:
 
 
 class DeepSeekR1ReasoningParser:
-    """Stateless splitter; one `stream()` per streamed choice."""
+    """Stateless splitter; one `stream()` per streamed choice.
+
+    `opening_required=True` (`constrained()`) is the rule under a grammar constraint (structured
+    output): the grammar applies from the first token, so only output that itself opens with
+    `<think>` has a reasoning part; anything else is all content (JSON stays `content`)."""
 
     name = "deepseek_r1"
 
+    def __init__(self, opening_required: bool = False):
+        self.opening_required = opening_required
+
+    def constrained(self) -> "DeepSeekR1ReasoningParser":
+        return DeepSeekR1ReasoningParser(opening_required=True)
+
     def split(self, text: str) -> tuple[str, str]:
         """-> (reasoning, content), both strings ("" when absent)."""
+        if self.opening_required and not text.startswith(THINK_START):
+            return "", text
         if text.startswith(THINK_START):
             text = text[len(THINK_START):]
         reasoning, sep, content = text.partition(THINK_END)

@@ -162,6 +162,8 @@ class OpenAIServing:
             self.metrics.request_done(len(prompt.ids), len(co.token_ids) if co else 0,
                                       co.finish_reason if co and last.finished else None,
                                       ttft, time.perf_counter() - t0)
+            if last is not None and last.finished and last.metrics is not None:  # MTP drafts of this request
+                self.metrics.spec_request_done(last.metrics.spec_num_draft_tokens, last.metrics.spec_num_accepted_tokens)
 
     async def _merged(self, started) -> AsyncIterator[tuple[int, Any]]:
         """Interleave the outputs of several engine requests as they come (one request: no extra task)."""

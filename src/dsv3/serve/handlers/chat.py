@@ -42,8 +42,11 @@ class OpenAIServingChat(OpenAIServing):
         make_params(prompt)
         started = await self._start([prompt], make_params)
         request_id = random_id("chatcmpl")
-        # a grammar constrains the output from its first token: there is no reasoning part to split off
-        reasoning = self.reasoning_parser if guided is None else None
+        # a grammar constrains the output from its first token: tool arguments have no reasoning part, and
+        # other constrained output has one only if it opens with <think> itself (docs/serving.md)
+        reasoning = self.reasoning_parser
+        if reasoning is not None and guided is not None:
+            reasoning = None if plan.guided_json() is not None else reasoning.constrained()
         parsers = {index: ChatChoiceParser(reasoning, plan) for index, _, _ in started}
         if req.stream:
             return self._chat_stream(req, request_id, started, len(ids), k, parsers)

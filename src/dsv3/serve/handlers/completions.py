@@ -162,7 +162,5 @@ class OpenAIServingCompletion(OpenAIServing):
 
 def _prompt_cache(outs: dict[int, Any], n: int) -> dict | None:
     """prompt_tokens_details over the prompts (sample 0 of each; prompts are counted once in usage)."""
-    found = [cached_tokens(o) for i, o in outs.items() if i % n == 0]
-    if not found or any(f is None for f in found):
-        return None
-    return {"cached_tokens": sum(f["cached_tokens"] for f in found)}
+    found = [cached_tokens(o)["cached_tokens"] for i, o in outs.items() if i % n == 0]
+    return {"cached_tokens": sum(found)} if found else None

@@ -63,11 +63,10 @@ class Chunks:
         return sse(chunk)
 
 
-def cached_tokens(out) -> dict | None:
+def cached_tokens(out) -> dict:
     """usage.prompt_tokens_details from an engine output: the prompt tokens served from the prefix
-    cache (`RequestOutput.num_cached_tokens`; None before the engine has scheduled the prompt)."""
-    n = getattr(out, "num_cached_tokens", None)
-    return None if n is None else {"cached_tokens": int(n)}
+    cache (`RequestOutput.num_cached_tokens`)."""
+    return {"cached_tokens": int(out.num_cached_tokens)}
 
 
 def holdback(stop) -> int:
