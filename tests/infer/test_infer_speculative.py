@@ -191,3 +191,23 @@ def test_sampled_speculative_matches_target_distribution(sp):
     assert st["spec_num_draft_tokens"] == N == out.metrics.spec_num_draft_tokens
     assert st["spec_num_accepted_tokens"] == out.metrics.spec_num_accepted_tokens
     assert 0 < st["spec_num_accepted_tokens"] < N  # both branches (accept / residual) ran
+
+
+def test_mixed_greedy_and_sampled_batch(model):
+    """Greedy rows verified beside sampled rows stay plain greedy; seeded sampled rows reproduce."""
+    prompts = _prompts([7, 9])
+    plain = engine_greedy(LLMEngine(model, None, num_gpu_blocks=64, block_size=4), prompts[:1], 12)[0]
+
+    def run():
+        eng = LLMEngine(model, None, num_gpu_blocks=64, block_size=4, speculative=True)
+        eng.add_request("g", None, prompts[0], GREEDY(12))
+        eng.add_request("s", None, prompts[1], SamplingParams(temperature=1.0, seed=4, max_tokens=12, repetition_penalty=1.3))
+        done = {}
+        while eng.has_unfinished_requests():
+            done.update({o.request_id: o for o in eng.step() if o.finished})
+        assert eng.stats()["spec_steps"] > 0
+        return done["g"].outputs[0].token_ids, done["s"].outputs[0].token_ids
+
+    g1, s1 = run()
+    g2, s2 = run()
+    assert g1 == plain and (g2, s2) == (g1, s1) and len(s1) == 12

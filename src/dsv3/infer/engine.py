@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence as Seq
 
 import torch
+import torch.nn.functional as F
 
 from dsv3.config.schema import ModelConfig
 from dsv3.infer import guided
@@ -329,8 +330,13 @@ class LLMEngine:
         if not live:
             return
         seqs = [seqs[r] for r in live]
-        q, gens = self._distribution(seqs, mtp_logits[live])
-        for s, d, row in zip(seqs, race(q, gens).tolist(), q):
+        logits, batch = self._process(seqs, mtp_logits[live])
+        if batch.all_greedy:  # greedy verification needs only the draft (q is one-hot at it)
+            for s, d in zip(seqs, logits.argmax(-1).tolist()):
+                s.draft = d
+            return
+        q = distribution(logits, batch)
+        for s, d, row in zip(seqs, race(q, batch.generators).tolist(), q):
             s.draft, s.draft_q = d, row
 
     def _run_speculative(self, seqs: list[Sequence], positions: list[int], tables: list[list[int]]) -> None:
@@ -340,10 +346,19 @@ class LLMEngine:
         without speculation (greedy: identical)."""
         drafts = [s.draft for s in seqs]
         logits, hidden = self.runner.decode([[s.token_ids[-1], d] for s, d in zip(seqs, drafts)], positions, tables, return_hidden=True)
-        p1, gens = self._distribution(seqs, logits[:, 0])
-        p2, _ = self._distribution(seqs, logits[:, 1], drafted=drafts)
-        accepted, first = rejection_sample(p1, torch.stack([s.draft_q for s in seqs]), torch.tensor(drafts, device=p1.device), gens)
-        rows = torch.stack([accepted.long(), first, race(p2, gens)], dim=1).tolist()  # the step's one host sync
+        l1, batch = self._process(seqs, logits[:, 0])
+        l2, _ = self._process(seqs, logits[:, 1], drafted=drafts)
+        draft_t = torch.tensor(drafts, device=l1.device)
+        if batch.all_greedy:  # rejection sampling with one-hot p and q: keep the draft iff it is the argmax
+            first, bonus = l1.argmax(-1), l2.argmax(-1)
+            accepted = first == draft_t
+        else:
+            p1, p2 = distribution(l1, batch), distribution(l2, batch)
+            q = torch.stack([s.draft_q if s.draft_q is not None else F.one_hot(draft_t[b], p1.shape[-1]).to(p1.dtype)
+                             for b, s in enumerate(seqs)])
+            accepted, first = rejection_sample(p1, q, draft_t, batch.generators)
+            bonus = race(p2, batch.generators)
+        rows = torch.stack([accepted.long(), first, bonus], dim=1).tolist()  # the step's one host sync
         # MTP at both positions (the second row is garbage when the draft was rejected, and is
         # overwritten next step); the next draft comes from the last accepted position.
         mtp = self.runner.mtp_decode(hidden, [[t1, t2 if a else 0] for a, t1, t2 in rows], positions, tables)
@@ -398,11 +413,6 @@ class LLMEngine:
             outputs = [s.output_ids + ([drafted[i]] if drafted is not None else []) for i, s in enumerate(seqs)]
             logits = apply_penalties(logits, batch, prompt_counts, token_counts(outputs, vocab, logits.device))
         return logits, batch
-
-    def _distribution(self, seqs: list[Sequence], logits: torch.Tensor, drafted: Optional[list[int]] = None):
-        """-> (probabilities [B,V] each row is sampled from, the rows' generators)."""
-        logits, batch = self._process(seqs, logits, drafted)
-        return distribution(logits, batch), batch.generators
 
     def _mask_logits(self, seqs: list[Sequence], logits: torch.Tensor, ahead: int = 0) -> torch.Tensor:
         """-inf where a token may not come next: stop ids before min_tokens, and what a grammar forbids.
