@@ -126,9 +126,13 @@ def test_cli_predict_yaml(ckpt, tmp_path, capsys):
 
 
 def test_cli_interactive_keeps_history(ckpt, capsys, monkeypatch):
-    rc, out, err = _cli(["generate", "--model", str(ckpt), "--interactive", "--max-tokens", "3", "--ignore-eos", "--quiet",
-                         "--num-blocks", "32"], stdin="hi\nagain\n/clear\n/exit\n", monkeypatch=monkeypatch, capsys=capsys)
-    assert rc == 0 and out.count("\n") == 2 and "interactive" in err
+    outs = []
+    for extra in ([], ["--no-enable-prefix-caching"]):  # the history re-sent each turn: same replies either way
+        rc, out, err = _cli(["generate", "--model", str(ckpt), "--interactive", "--max-tokens", "3", "--ignore-eos", "--quiet",
+                             "--num-blocks", "32", *extra], stdin="hi\nagain\n/clear\n/exit\n", monkeypatch=monkeypatch, capsys=capsys)
+        assert rc == 0 and out.count("\n") == 2 and "interactive" in err
+        outs.append(out)
+    assert outs[0] == outs[1]
 
 
 @pytest.mark.parametrize("argv, word", [

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
-from infer_helpers import GREEDY, LLMEngine, SamplingParams
+from infer_helpers import GREEDY, LLMEngine, SamplingParams, tiny_model
 
-from dsv3.config.presets import load_model_config
 from dsv3.infer.kv_cache import BlockAllocator
-from dsv3.model.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = load_model_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
-    cfg = dataclasses.replace(cfg, vocab_size=256)
-    torch.manual_seed(0)
-    m = Transformer(cfg)
-    m.reset_parameters(std=0.08)
-    return m.eval()
+    return tiny_model(256)
 
 
 _COUNT = itertools.count()

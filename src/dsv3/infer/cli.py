@@ -52,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-num-seqs", type=int, default=8)
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
-    e.add_argument("--speculative", action="store_true", help="greedy MTP speculative decoding (needs the checkpoint's MTP layer)")
+    e.add_argument("--speculative", action="store_true", help="MTP speculative decoding, greedy or sampled (needs the checkpoint's MTP layer)")
+    e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="recompute every prompt (prefix caching is on by default)")
     e.add_argument("--quiet", action="store_true", help="no cache/speed report on stderr")
 
 
@@ -159,7 +161,7 @@ def run(args) -> int:
     try:
         llm = LLM(st["model"], tokenizer=st["tokenizer"], dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                   max_model_len=args.max_model_len, block_size=args.block_size, num_gpu_blocks=args.num_blocks,
-                  speculative=args.speculative)
+                  speculative=args.speculative, enable_prefix_caching=args.enable_prefix_caching)
     except ValueError as e:
         raise UserError(str(e)) from None
     if llm.get_tokenizer() is None:

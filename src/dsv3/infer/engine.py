@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence as Seq
 
 import torch
+import torch.nn.functional as F
 
 from dsv3.config.schema import ModelConfig
 from dsv3.infer import guided
 from dsv3.infer.kv_cache import PagedLatentCache
 from dsv3.infer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from dsv3.infer.runner import ModelRunner
-from dsv3.infer.sampling import (SamplingParams, add_penalties, apply_penalties, make_batch, sample, token_counts,
-                                 topn_logprobs)
+from dsv3.infer.sampling import (SamplingParams, add_penalties, apply_penalties, distribution, make_batch, race,
+                                 rejection_sample, sample, token_counts, topn_logprobs)
 from dsv3.infer.scheduler import Chunk, Decode, Prefill, Scheduler, Sequence, Status
 
 DEFAULT_CPU_CACHE_BYTES = 1 << 30  # CPU: 1 GiB of latents unless told otherwise
@@ -76,8 +77,10 @@ class LLMEngine:
     model's max_position_embeddings, capped by the cache). block_size: tokens per cache block.
     num_gpu_blocks: cache blocks (default: from `cache_bytes`, else 1 GiB on CPU / half the free
     memory on CUDA). max_num_batched_tokens: most prompt tokens per prefill step (several prompts
-    are packed into one step; longer ones are chunked). speculative: greedy MTP speculative decoding (the MTP
-    block drafts one token, the next decode step verifies it; output identical to plain greedy).
+    are packed into one step; longer ones are chunked). speculative: MTP speculative decoding (the MTP
+    block drafts one token, the next decode step verifies it: greedy output identical to plain greedy,
+    sampled output distributed exactly as without it, by rejection sampling). enable_prefix_caching:
+    reuse the cached latents of full blocks whose token prefix was seen before (`kv_cache.py`).
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
@@ -287,18 +290,19 @@ class LLMEngine:
             # MTP over the same positions: position i takes (hidden_i, token_{i+1}); the last token of a
             # finished prompt is the one just sampled. Its logits at the last position are the draft.
             next_ids = [t for c in chunks for t in (c.seq.token_ids + [new.get(c.seq.seq_id, -1)])[c.start + 1 : c.start + c.num_tokens + 1]]
-            drafts = self.runner.mtp_prefill(packed, hidden, next_ids).argmax(-1).tolist()
-            for c, d in zip(chunks, drafts):
-                c.seq.draft = d if c.seq.seq_id in new else None
+            mtp = self.runner.mtp_prefill(packed, hidden, next_ids)
         for seq in done:
             self._append(seq, new[seq.seq_id])
             touched[seq.request_id] = self._requests[seq.request_id]
+        if self.speculative:
+            for c in chunks:
+                c.seq.draft = None
+            rows = [j for j, c in enumerate(chunks) if c.seq.seq_id in new]
+            self._draft([chunks[j].seq for j in rows], mtp[rows] if rows else mtp[:0])
 
     def _spec_ready(self, seq: Sequence) -> bool:
-        """Greedy verification gives exactly the tokens `_sample` would pick only for plain greedy rows."""
-        p = seq.params
-        return (seq.draft is not None and p.greedy and p.logprobs is None and seq.guide is None
-                and p.repetition_penalty == 1 and not p.presence_penalty and not p.frequency_penalty)
+        """Rows the verify step can take: a draft exists (not for guided or logprobs requests)."""
+        return seq.draft is not None and seq.params.logprobs is None and seq.guide is None
 
     def _run_decode(self, work: Decode, touched: dict) -> None:
         seqs = work.seqs
@@ -312,57 +316,80 @@ class LLMEngine:
             else:
                 logits = self.runner.decode([[s.token_ids[-1]] for s in seqs], positions, tables)
             new = self._sample(seqs, logits[:, 0])
-            if self.speculative:  # keep the MTP cache in step and draft the token after `new`
+            if self.speculative:  # keep the MTP cache in step; its logits draft the token after `new`
                 mtp = self.runner.mtp_decode(hidden, [[t] for t in new], positions, tables)
-                for s, d in zip(seqs, mtp[:, 0].argmax(-1).tolist()):
-                    s.draft = d
             for s, tok in zip(seqs, new):
                 s.num_computed += 1
                 self._append(s, tok)
+            if self.speculative:
+                self._draft(seqs, mtp[:, 0])
             self.counters["decode_tokens"] += len(seqs)
         for s in seqs:
             touched[s.request_id] = self._requests[s.request_id]
 
+    def _draft(self, seqs: list[Sequence], mtp_logits: torch.Tensor) -> None:
+        """Draw each live sequence's draft from q, the MTP logits processed exactly as the target's will be
+        (masks, penalties, temperature, top-k/p, min-p; greedy rows: one-hot argmax), and keep q."""
+        live = [r for r, s in enumerate(seqs) if s.status is not Status.FINISHED and s.guide is None and s.params.logprobs is None]
+        for s in seqs:
+            s.draft, s.draft_q = None, None
+        if not live:
+            return
+        seqs = [seqs[r] for r in live]
+        logits, batch = self._process(seqs, mtp_logits[live])
+        if batch.all_greedy:  # greedy verification needs only the draft (q is one-hot at it)
+            for s, d in zip(seqs, logits.argmax(-1).tolist()):
+                s.draft = d
+            return
+        q = distribution(logits, batch)
+        for s, d, row in zip(seqs, race(q, batch.generators).tolist(), q):
+            s.draft, s.draft_q = d, row
+
     def _run_speculative(self, seqs: list[Sequence], positions: list[int], tables: list[list[int]]) -> None:
-        """Greedy MTP speculation: verify [last token, draft] in one forward, keep the draft if the model
-        agrees, plus the model's next token (1 or 2 tokens per step, identical to plain greedy)."""
-        logits, hidden = self.runner.decode([[s.token_ids[-1], s.draft] for s in seqs], positions, tables, return_hidden=True)
-        for b, s in enumerate(seqs):
-            for t in range(2):  # min_tokens: eos / stop ids may not be chosen yet (as in `_sample`)
-                if s.num_output + t < s.params.min_tokens:
-                    logits[b, t, self._stop_ids(s)] = float("-inf")
-        target = logits.argmax(-1).tolist()  # [B,2]: the step's one host sync
-        accepted = [t[0] == s.draft for s, t in zip(seqs, target)]
+        """MTP speculation: verify [last token, draft] in one forward. The draft is kept by rejection
+        sampling (greedy rows: iff it is the argmax), the second position then gives one more token; a
+        rejected draft is replaced by a draw from the residual. Each token is distributed exactly as
+        without speculation (greedy: identical)."""
+        drafts = [s.draft for s in seqs]
+        logits, hidden = self.runner.decode([[s.token_ids[-1], d] for s, d in zip(seqs, drafts)], positions, tables, return_hidden=True)
+        l1, batch = self._process(seqs, logits[:, 0])
+        l2, _ = self._process(seqs, logits[:, 1], drafted=drafts)
+        draft_t = torch.tensor(drafts, device=l1.device)
+        if batch.all_greedy:  # rejection sampling with one-hot p and q: keep the draft iff it is the argmax
+            first, bonus = l1.argmax(-1), l2.argmax(-1)
+            accepted = first == draft_t
+        else:
+            p1, p2 = distribution(l1, batch), distribution(l2, batch)
+            q = torch.stack([s.draft_q if s.draft_q is not None else F.one_hot(draft_t[b], p1.shape[-1]).to(p1.dtype)
+                             for b, s in enumerate(seqs)])
+            accepted, first = rejection_sample(p1, q, draft_t, batch.generators)
+            bonus = race(p2, batch.generators)
+        rows = torch.stack([accepted.long(), first, bonus], dim=1).tolist()  # the step's one host sync
         # MTP at both positions (the second row is garbage when the draft was rejected, and is
-        # overwritten next step); the draft comes from the last accepted position.
-        mtp = self.runner.mtp_decode(hidden, [[t[0], t[1] if a else 0] for t, a in zip(target, accepted)], positions, tables)
-        drafts = mtp.argmax(-1).tolist()
+        # overwritten next step); the next draft comes from the last accepted position.
+        mtp = self.runner.mtp_decode(hidden, [[t1, t2 if a else 0] for a, t1, t2 in rows], positions, tables)
         self.counters["spec_steps"] += 1
-        self.counters["spec_drafts"] += len(seqs)
-        for s, t, a, d in zip(seqs, target, accepted, drafts):
-            s.draft = d[1] if a else d[0]
+        self.counters["spec_num_draft_tokens"] += len(seqs)
+        for s, (a, t1, t2) in zip(seqs, rows):
+            s.spec_drafts += 1
+            s.spec_accepted += a
             s.num_computed += 1
-            self._append(s, t[0])
+            self._append(s, t1)
             self.counters["decode_tokens"] += 1
-            if a and s.status is not Status.FINISHED:
-                s.num_computed += 1
-                self._append(s, t[1])
-                self.counters["decode_tokens"] += 1
-                self.counters["spec_accepted"] += 1
+            if a:
+                self.counters["spec_num_accepted_tokens"] += 1
+                if s.status is not Status.FINISHED:
+                    s.num_computed += 1
+                    self._append(s, t2)
+                    self.counters["decode_tokens"] += 1
+        self._draft(seqs, mtp[torch.arange(len(seqs)), torch.tensor([a for a, _, _ in rows])])
 
     # ---- sampling and post-processing
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """logits [B,V] fp32 of the last position of each sequence -> one token each (logprobs recorded;
         the caller appends, after anything that still needs the sequences' blocks)."""
-        params = [s.params for s in seqs]
-        vocab = logits.shape[-1]
         raw = logits
-        logits = self._mask_logits(seqs, logits)
-        batch = make_batch(params, [s.generator for s in seqs], vocab, logits.device)
-        if add_penalties(batch, params, logits.device):
-            prompt_counts = token_counts([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, logits.device)
-            output_counts = token_counts([s.output_ids for s in seqs], vocab, logits.device)
-            logits = apply_penalties(logits, batch, prompt_counts, output_counts)
+        logits, batch = self._process(seqs, logits)
         next_ids = sample(logits, batch)
         n_lp = [s.params.logprobs for s in seqs]
         lp_rows = None
@@ -379,6 +406,19 @@ class LLMEngine:
                 s.logprobs.append(entry)
                 s.cumulative_logprob += lp_rows[0][r]
         return tokens
+
+    def _process(self, seqs: list[Sequence], logits: torch.Tensor, drafted: Optional[list[int]] = None):
+        """Logits [B,V] -> (masked and penalised logits, SamplingBatch): everything before temperature.
+        `drafted`: one token proposed past each sequence's end (it counts as generated)."""
+        params = [s.params for s in seqs]
+        vocab = logits.shape[-1]
+        logits = self._mask_logits(seqs, logits, 0 if drafted is None else 1)
+        batch = make_batch(params, [s.generator for s in seqs], vocab, logits.device)
+        if add_penalties(batch, params, logits.device):
+            prompt_counts = token_counts([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, logits.device)
+            outputs = [s.output_ids + ([drafted[i]] if drafted is not None else []) for i, s in enumerate(seqs)]
+            logits = apply_penalties(logits, batch, prompt_counts, token_counts(outputs, vocab, logits.device))
+        return logits, batch
 
     def _mask_logits(self, seqs: list[Sequence], logits: torch.Tensor, ahead: int = 0) -> torch.Tensor:
         """-inf where a token may not come next: stop ids before min_tokens, and what a grammar forbids.

@@ -22,6 +22,7 @@ llguidance's `"x-guidance": {"whitespace_flexible": true}`.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from functools import lru_cache
 from typing import Any
@@ -164,8 +165,13 @@ class GrammarCompiler:
         self.eos_ids = sorted(eos_ids)
         self._lltok = None
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()  # add_request may run in several threads
 
     def matcher(self, g: Any):
+        with self._lock:
+            return self._matcher(g)
+
+    def _matcher(self, g: Any):
         llg = _llguidance()
         if self._lltok is None:
             self._lltok = ll_tokenizer(self._tokenizer, self.vocab_size, self.eos_ids)

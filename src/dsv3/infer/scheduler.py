@@ -59,6 +59,7 @@ class Sequence:
     detok: Any = None  # incremental detokenizer state (engine-owned)
     new_text_len: int = 0  # length of the text the newest token added
     draft: Optional[int] = None  # MTP's guess of the token after the last one (speculative decoding)
+    draft_q: Any = None  # the distribution [V] the draft was drawn from (rejection sampling needs it)
     want_prompt_logprobs: bool = False
     guide: Any = None  # the grammar matcher of a guided-decoding request (dsv3.infer.guided)
     # prefix caching: content hashes of the full blocks, how many of the table's blocks are registered,
