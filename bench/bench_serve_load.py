@@ -1,18 +1,26 @@
-"""Load test: 500 requests at concurrency 16 with mixed lengths against `dsv3 serve` -> 0 errors, and the
-server's memory flat after warm-up.
+"""Load test: 500 requests at concurrency 16 against `dsv3 serve`, one in 20 of them malicious ->
+every well-formed request completes, every malformed one gets a 4xx, /health always answers
+within 1 s, and the server's memory stays flat after warm-up.
 
     flock /tmp/dsv3-bench.lock python bench/bench_serve_load.py --model /tmp/dsv3-tiny
 
-Prompts are random with lengths spread +-90 % around --input-len / --output-len, half to
-/v1/completions and half to /v1/chat/completions, all streamed. The server's RSS is sampled every
-0.25 s; "flat" compares the peak RSS of the last quarter of the run with the peak of the second
-quarter (after warm-up). Writes bench/results/serve_load.json.
+Well-formed prompts are random with lengths spread +-90 % around --input-len / --output-len, half
+to /v1/completions and half to /v1/chat/completions, all streamed. Every --malicious-every-th
+request (default 20; 0 = none) is instead one of MALICIOUS (in turn): sampling fields the engine
+cannot hold (top_k 2**63, seed 2**64, n 20000, logprobs 10000 with echo), a 10 MB body, lone
+surrogates, 100,000-deep JSON, an empty prompt list / message list, a prompt longer than the
+context can hold, an out-of-vocabulary token id. A thread polls /health every 0.1 s for the whole
+run (its own connection per probe), after 100 probes of the idle server that show what the
+machine alone costs (`idle_health_max_s`). The server's RSS is sampled every 0.25 s; "flat" compares the
+peak RSS of the last quarter of the run with the peak of the second quarter (after warm-up).
+Writes bench/results/serve_load.json with the command line, the commit and the machine's load.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -31,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--server-args", default="--dtype float32 --device cpu --max-num-seqs 16")
     p.add_argument("--max-growth-mb", type=float, default=50.0, help="allowed RSS growth after warm-up")
+    p.add_argument("--malicious-every", type=int, default=20, help="every Nth request is malicious (0: none)")
+    p.add_argument("--max-health-s", type=float, default=1.0, help="slowest /health answer allowed")
+    p.add_argument("--idle-health-probes", type=int, default=100, help="/health probes of the idle server first")
     args = p.parse_args(argv)
 
     import aiohttp
@@ -46,33 +57,80 @@ def main(argv=None) -> int:
     samples: list[tuple[float, float]] = []
     stop = threading.Event()
 
+    bad_at = {i for i in range(args.num_prompts) if args.malicious_every and i % args.malicious_every
+              == args.malicious_every - 1}
+    health_s: list[float] = []
+    health_bad: list[str] = []
+    malicious: list[dict] = []
+    load_before = os.getloadavg()
+
     with Server(args.model, args.server_args.split(), Path("/tmp/dsv3-bench-serve-load.log")) as server:
+        max_model_len = httpx.get(server.root + "/v1/models", timeout=30).json()["data"][0]["max_model_len"]
+        idle_health_s = []  # the same probe on the idle server first: what the machine alone costs
+        for _ in range(args.idle_health_probes):
+            t = time.perf_counter()
+            httpx.get(server.root + "/health", timeout=30)
+            idle_health_s.append(time.perf_counter() - t)
+            time.sleep(0.1)
+        attacks = malicious_bodies(max_model_len)
+
         def sample() -> None:
             while not stop.is_set():
                 samples.append((time.perf_counter(), server.rss_mb()))
                 time.sleep(0.25)
 
+        def probe_health() -> None:
+            while not stop.is_set():
+                t = time.perf_counter()
+                try:
+                    code = httpx.get(server.root + "/health", timeout=30).status_code
+                    if code != 200:
+                        health_bad.append(f"HTTP {code}")
+                except httpx.HTTPError as e:
+                    health_bad.append(repr(e))
+                health_s.append(time.perf_counter() - t)
+                time.sleep(0.1)
+
         async def run():
             sem = asyncio.Semaphore(args.concurrency)
             connector = aiohttp.TCPConnector(limit=args.concurrency)
             async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as client:
+                async def attack(k: int):
+                    kind, path, body = attacks[k % len(attacks)]
+                    t = time.perf_counter()
+                    try:
+                        async with client.post(server.root + path, data=body,
+                                               headers={"Content-Type": "application/json"}) as resp:
+                            status, text = resp.status, (await resp.read()).decode("utf-8", "replace")
+                    except aiohttp.ClientError as e:
+                        status, text = None, repr(e)
+                    ok = status is not None and 400 <= status < 500 and '"error"' in text
+                    malicious.append({"kind": kind, "status": status, "ok": ok, "seconds": time.perf_counter() - t,
+                                      **({} if ok else {"body": text[:300]})})
+
                 async def one(i, r):
                     backend = "openai-chat" if i % 2 else "openai"
                     url = server.root + ("/v1/chat/completions" if i % 2 else "/v1/completions")
                     async with sem:
+                        if i in bad_at:
+                            return await attack(i // args.malicious_every)
                         return await request_func(client, url, build_payload(backend, "dsv3", r, True, 0.0), {},
                                                   r.prompt_len)
                 t0 = time.perf_counter()
                 outs = await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
-                return outs, t0, time.perf_counter() - t0
+                return [(r, o) for i, (r, o) in enumerate(zip(reqs, outs)) if i not in bad_at], t0, \
+                    time.perf_counter() - t0
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        outputs, t0, dur = asyncio.run(run())
+        threads = [threading.Thread(target=f, daemon=True) for f in (sample, probe_health)]
+        for t in threads:
+            t.start()
+        pairs, t0, dur = asyncio.run(run())
         stop.set()
-        sampler.join()
+        for t in threads:
+            t.join()
         health = httpx.get(server.root + "/health").status_code
         metrics_text = httpx.get(server.root + "/metrics").text
+    reqs, outputs = [r for r, _ in pairs], [o for _, o in pairs]
 
     m = calculate_metrics([r.prompt_len for r in reqs], outputs, dur, lambda t: len(tok.encode(t)),
                           ["ttft", "tpot", "itl", "e2el"], [50, 99])
@@ -85,8 +143,23 @@ def main(argv=None) -> int:
     errors = [o.error for o in outputs if not o.success]
     wrong_len = sum(1 for r, n in zip(reqs, m.output_lens) if n != r.expected_output_len)
     used = [line for line in metrics_text.splitlines() if line.startswith("dsv3:kv_cache_blocks") and "used" in line]
+    by_kind: dict[str, dict] = {}
+    for a in malicious:
+        k = by_kind.setdefault(a["kind"], {"sent": 0, "4xx": 0, "statuses": []})
+        k["sent"] += 1
+        k["4xx"] += a["ok"]
+        if a["status"] not in k["statuses"]:
+            k["statuses"].append(a["status"])
     result = {
-        **provenance(), "model": args.model, "num_prompts": args.num_prompts, "concurrency": args.concurrency,
+        **provenance(), "command": " ".join([sys.executable, *sys.argv]),
+        "load_avg_1_5_15_before": list(load_before), "load_avg_1_5_15_after": list(os.getloadavg()),
+        "model": args.model, "num_prompts": args.num_prompts, "concurrency": args.concurrency,
+        "well_formed": len(reqs), "malicious": len(malicious), "malicious_4xx": sum(a["ok"] for a in malicious),
+        "malicious_by_kind": by_kind, "malicious_failures": [a for a in malicious if not a["ok"]][:5],
+        "health_probes": len(health_s), "health_max_s": max(health_s, default=float("nan")),
+        "health_p99_s": sorted(health_s)[int(0.99 * (len(health_s) - 1))] if health_s else float("nan"),
+        "health_failures": health_bad[:5],
+        "idle_health_probes": len(idle_health_s), "idle_health_max_s": max(idle_health_s, default=float("nan")),
         "input_len_range": [min(r.prompt_len for r in reqs), max(r.prompt_len for r in reqs)],
         "output_len_range": [min(r.expected_output_len for r in reqs), max(r.expected_output_len for r in reqs)],
         "duration_s": dur, "completed": m.completed, "errors": len(errors), "first_errors": errors[:3],
@@ -98,13 +171,45 @@ def main(argv=None) -> int:
         "rss_mb_peak_second_quarter": warm, "rss_mb_peak_last_quarter": last, "rss_growth_mb": last - warm,
         "rss_mb_samples": [[round(t, 2), round(r, 1)] for t, r in run_samples[:: max(1, len(run_samples) // 200)]],
     }
-    result["pass"] = (not errors and wrong_len == 0 and health == 200 and result["rss_growth_mb"] <= args.max_growth_mb)
+    result["pass"] = (not errors and wrong_len == 0 and health == 200 and result["rss_growth_mb"] <= args.max_growth_mb
+                      and result["malicious_4xx"] == len(malicious) == len(bad_at) and not health_bad
+                      and result["health_max_s"] < args.max_health_s)
     out = REPO / "bench" / "results" / "serve_load.json"
     write_json_atomic(out, result)
-    print({k: result[k] for k in ("completed", "errors", "wrong_output_lengths", "rss_mb_peak_second_quarter",
+    print({k: result[k] for k in ("well_formed", "completed", "errors", "wrong_output_lengths", "malicious",
+                                  "malicious_4xx", "health_probes", "health_max_s", "idle_health_max_s",
+                                  "rss_mb_peak_second_quarter",
                                   "rss_mb_peak_last_quarter", "rss_growth_mb", "kv_cache_used_blocks_after", "pass")})
     print(f"saved {out}")
     return 0 if result["pass"] else 1
+
+
+def malicious_bodies(max_model_len: int) -> list[tuple[str, str, bytes]]:
+    """(kind, path, raw body) of each malicious request kind (issue 10's list)."""
+    m = '"model": "dsv3"'
+
+    def cmpl(extra: str) -> bytes:
+        return ('{%s, "prompt": "hello", "max_tokens": 4, %s}' % (m, extra)).encode()
+
+    chat_hi = '"messages": [{"role": "user", "content": "hi"}]'
+    deep = 100_000
+    return [
+        ("top_k_2**63", "/v1/completions", cmpl(f'"top_k": {2**63}, "temperature": 1.0')),
+        ("huge_body_10MB", "/v1/chat/completions",
+         ('{%s, "messages": [{"role": "user", "content": "%s"}]}' % (m, "a" * (10 << 20))).encode()),
+        ("logprobs_10000_echo", "/v1/completions", cmpl('"logprobs": 10000, "echo": true')),
+        ("n_20000", "/v1/completions", cmpl('"n": 20000')),
+        ("lone_surrogate_content", "/v1/chat/completions",
+         ('{%s, "messages": [{"role": "user", "content": "a\\ud800b"}]}' % m).encode()),
+        ("deep_json_100000", "/v1/chat/completions", ('{%s, "messages": ' % m + "[" * deep + "]" * deep + "}").encode()),
+        ("empty_prompt_list", "/v1/completions", ('{%s, "prompt": [], "max_tokens": 4}' % m).encode()),
+        ("oversized_prompt", "/v1/completions",
+         ('{%s, "prompt": "%s", "max_tokens": 4}' % (m, "z" * (max_model_len * 128 + 1))).encode()),
+        ("seed_2**64", "/v1/completions", cmpl(f'"seed": {2**64}')),
+        ("lone_surrogate_model", "/v1/chat/completions", ('{"model": "\\udfff", %s}' % chat_hi).encode()),
+        ("empty_messages", "/v1/chat/completions", ('{%s, "messages": []}' % m).encode()),
+        ("token_id_out_of_vocab", "/v1/completions", ('{%s, "prompt": [1, 10000000000], "max_tokens": 4}' % m).encode()),
+    ]
 
 
 if __name__ == "__main__":

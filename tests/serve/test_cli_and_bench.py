@@ -31,24 +31,35 @@ def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
 
 
 def test_dsv3_serve_process(tiny_model_dir):
+    """The real process. Without --served-model-name the model is served under --model as given (here a
+    relative path, as vLLM does) and /v1/models shows no absolute path; the limit flags reach the server."""
     port = free_port()
-    cmd = [sys.executable, "-m", "dsv3", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-           "--served-model-name", "tiny-proc", "--max-model-len", "256", "--max-num-seqs", "4", "--dtype", "float32",
-           "--device", "cpu", "--api-key", "k1", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cwd, name = tiny_model_dir.parent, tiny_model_dir.name
+    cmd = [sys.executable, "-m", "dsv3", "serve", "--model", name, "--port", str(port),
+           "--max-model-len", "256", "--max-num-seqs", "4", "--dtype", "float32",
+           "--device", "cpu", "--api-key", "k1", "--log-level", "warning",
+           "--max-request-bytes", "2000", "--max-logprobs", "2"]
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         root = f"http://127.0.0.1:{port}"
         _wait_health(root, proc)
         client = openai.OpenAI(base_url=root + "/v1", api_key="k1", max_retries=0)
         models = client.models.list().data
-        assert [m.id for m in models] == ["tiny-proc"] and models[0].max_model_len == 256
-        r = client.chat.completions.create(model="tiny-proc", messages=[{"role": "user", "content": "hi"}],
+        assert [m.id for m in models] == [name] and models[0].max_model_len == 256
+        assert str(tiny_model_dir) not in client.models.list().model_dump_json()
+        r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=3, temperature=0)
         assert r.usage.completion_tokens >= 1
+        assert client.completions.create(model=name, prompt="hi", max_tokens=2, logprobs=2).choices[0].logprobs
+        with pytest.raises(openai.BadRequestError, match="logprobs"):
+            client.completions.create(model=name, prompt="hi", max_tokens=2, logprobs=3)
+        with pytest.raises(openai.APIStatusError, match="2000 bytes") as e:
+            client.completions.create(model=name, prompt="x" * 3000, max_tokens=2)
+        assert e.value.status_code == 413
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=root + "/v1", api_key="nope", max_retries=0).models.list()
         # a second server on the same port: one line, exit status 2, before any model loading
-        busy = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        busy = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
         assert busy.returncode == 2
         assert busy.stderr.strip().splitlines() == [busy.stderr.strip()]
         assert busy.stderr.startswith(f"dsv3 serve: error: cannot listen on 127.0.0.1:{port}")
@@ -88,6 +99,27 @@ def test_bench_serve_random_and_sonnet(server, tmp_path, capsys):
     assert len(saved) == 1
     res = json.loads(saved[0].read_text())
     assert res["completed"] == 3 and res["total_output_tokens"] == 12 and res["request_rate"] == 20.0
+
+
+def test_bench_serve_defaults_fit_the_server_context(server, tmp_path, capsys):
+    """The default 1024-token prompts (+ BOS + 128 output) do not fit a small model's context (the
+    quickstart's is 1024, this server's 512): they are shortened with one line; explicit lengths
+    that cannot fit are refused in one line."""
+    ctx = server.app.state.engine.max_model_len
+    args = ["bench", "serve", "--base-url", server.root, "--api-key", API_KEY, "--num-prompts", "2",
+            "--ignore-eos", "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path), "--result-filename",
+            "fit.json", "--random-output-len", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    fitted = ctx - 1 - 4
+    assert (f"the default --random-input-len 1024 + --random-output-len 4 (+1 token(s) the server adds) exceed "
+            f"the server's max_model_len {ctx}; using --random-input-len {fitted}") in out
+    res = json.loads((tmp_path / "fit.json").read_text())
+    assert res["completed"] == 2 and res["failed"] == 0 and res["input_lens"] == [fitted] * 2
+
+    assert main(args[:-6] + ["--random-input-len", "1024"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dsv3 bench: error: --random-input-len 1024 + --random-output-len 128") and "\n" not in err
 
 
 def test_bench_serve_unreachable(capsys):

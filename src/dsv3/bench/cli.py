@@ -9,15 +9,19 @@ from pathlib import Path
 from dsv3.errors import UserError
 
 
-def _dataset_args(p: argparse.ArgumentParser, default_in: int, default_out: int) -> None:
+def _dataset_args(p: argparse.ArgumentParser, default_in: int | None, default_out: int | None) -> None:
+    """default_in / default_out None: `dsv3 bench serve` fills them in to fit the server's context."""
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset-name", default="random", choices=["random", "sonnet", "custom"])
     g.add_argument("--dataset-path", default=None,
                    help="custom: a JSONL file; sonnet: a text file of poem lines (vLLM's sonnet.txt; default built-in)")
     g.add_argument("--num-prompts", type=int, default=1000)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--random-input-len", "--input-len", dest="random_input_len", type=int, default=default_in)
-    g.add_argument("--random-output-len", "--output-len", dest="random_output_len", type=int, default=default_out)
+    fit = " (default 1024, shortened to fit the server's max_model_len)" if default_in is None else ""
+    g.add_argument("--random-input-len", "--input-len", dest="random_input_len", type=int, default=default_in,
+                   help="prompt tokens" + fit)
+    g.add_argument("--random-output-len", "--output-len", dest="random_output_len", type=int, default=default_out,
+                   help="output tokens" + (" (default 128)" if default_out is None else ""))
     g.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths uniform in [len*(1-r), len*(1+r)]")
     g.add_argument("--random-prefix-len", type=int, default=0, help="shared random prefix tokens")
@@ -45,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--tokenizer", default=None, help="tokenizer for prompt generation and token counts "
                    "(default: the one in --model when it is a directory, else the installed one)")
     s.add_argument("--api-key", default=None)
-    _dataset_args(s, 1024, 128)
+    _dataset_args(s, None, None)
     s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     s.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of arrivals (1 = Poisson)")
     s.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
@@ -133,10 +137,19 @@ def run(args) -> int:
     from dsv3.data.tokenizer import load_tokenizer
 
     if args.bench == "serve":
-        from dsv3.bench.serve import run_serve
+        from dsv3.bench import serve
 
         tokenizer = load_tokenizer(args.tokenizer or _model_tokenizer(args.model))
-        run_serve(args, tokenizer, make_requests(args, tokenizer))
+        base_url = args.base_url or f"http://{args.host}:{args.port}"
+        args.model, max_model_len = serve.server_model(base_url, args.api_key, args.model)
+        overhead = serve.prompt_overhead(tokenizer, serve.payload_kind(args)) if args.dataset_name != "sonnet" else 1
+        if args.dataset_name == "random":
+            serve.fit_random_lengths(args, max_model_len, overhead)
+        requests = make_requests(args, tokenizer)
+        serve.check_fits(requests, max_model_len, overhead, {
+            "random": "--random-input-len / --random-output-len", "custom": "the prompts or --custom-output-len",
+            "sonnet": "--sonnet-input-len / --sonnet-output-len"}[args.dataset_name])
+        serve.run_serve(args, tokenizer, requests)
         return 0
 
     from dsv3.bench import offline

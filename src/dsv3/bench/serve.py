@@ -28,6 +28,15 @@ def is_chat(endpoint: str) -> bool:
     return endpoint.rstrip("/").endswith("/chat/completions")
 
 
+def endpoint_of(args) -> str:
+    return args.endpoint or ("/v1/chat/completions" if args.backend == "openai-chat" else "/v1/completions")
+
+
+def payload_kind(args) -> str:
+    """"openai-chat" (messages) or "openai" (prompt), from the endpoint."""
+    return "openai-chat" if is_chat(endpoint_of(args)) else "openai"
+
+
 def build_payload(backend: str, model: str, req: SampleRequest, ignore_eos: bool, temperature: float) -> dict:
     """`backend`: "openai-chat" (messages) or anything else (prompt); see `is_chat`."""
     body: dict = {"model": model, "temperature": temperature, "max_tokens": req.expected_output_len,
@@ -150,22 +159,18 @@ async def benchmark(base_url: str, endpoint: str, backend: str, model: str, requ
     return list(outputs), dur
 
 
+DEFAULT_RANDOM_INPUT_LEN, DEFAULT_RANDOM_OUTPUT_LEN = 1024, 128
+
+
 def run_serve(args, tokenizer, requests: list[SampleRequest]) -> dict:
     """Run the benchmark from parsed CLI args; print the table; save the JSON if asked."""
     if args.request_rate <= 0:
         raise UserError(f"--request-rate must be > 0 (inf = all at once), got {args.request_rate}")
     base_url = args.base_url or f"http://{args.host}:{args.port}"
-    endpoint = args.endpoint or ("/v1/chat/completions" if args.backend == "openai-chat" else "/v1/completions")
-    payload_kind = "openai-chat" if is_chat(endpoint) else "openai"
-    cards = _list_models(base_url, args.api_key, required=args.model is None)
-    model = args.model or cards[0]["id"]
-    card = next((c for c in cards if c.get("id") == model), None)
-    if card is not None:
-        from dsv3.bench.cli import check_context
-
-        check_context(requests, card.get("max_model_len"), f"max_model_len of {model!r} at {base_url}/v1/models")
+    endpoint = endpoint_of(args)
+    model = args.model
     outputs, dur = asyncio.run(benchmark(
-        base_url, endpoint, payload_kind, model, requests, request_rate=args.request_rate,
+        base_url, endpoint, payload_kind(args), model, requests, request_rate=args.request_rate,
         burstiness=args.burstiness, max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos,
         temperature=args.temperature, api_key=args.api_key, disable_tqdm=args.disable_tqdm, seed=args.seed))
     metrics_sel = [m.strip() for m in args.percentile_metrics.split(",") if m.strip()]
@@ -212,21 +217,67 @@ def parse_goodput(items: list[str] | None) -> dict[str, float] | None:
     return out
 
 
-def _list_models(base_url: str, api_key: str | None, required: bool) -> list[dict]:
-    """GET /v1/models -> its cards (for the model id and its max_model_len). Without --model a
-    failure is an error; with it, the context check is just skipped."""
+def server_model(base_url: str, api_key: str | None, model: str | None) -> tuple[str, int | None]:
+    """(model id, its max_model_len or None) from GET /v1/models: `model`, else the first one listed.
+    With --model given, a server that cannot list its models is not an error (no context check)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         r = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
         r.raise_for_status()
-        cards = [c for c in r.json()["data"] if isinstance(c, dict) and "id" in c]
-        if cards or not required:
-            return cards
-        raise ValueError("no models listed")
+        cards = r.json()["data"]
     except Exception as e:
-        if required:
-            raise UserError(f"cannot list models at {base_url}/v1/models ({e}); pass --model") from None
-        return []
+        if model is not None:
+            return model, None
+        raise UserError(f"cannot list models at {base_url}/v1/models ({e}); pass --model") from None
+    card = next((c for c in cards if c.get("id") == model), None) if model is not None else cards[0]
+    ctx = card.get("max_model_len") if isinstance(card, dict) else None
+    return (model if model is not None else card["id"]), (ctx if isinstance(ctx, int) and ctx > 0 else None)
+
+
+def prompt_overhead(tokenizer, backend: str) -> int:
+    """Tokens the server adds around a prompt: BOS for completions, the chat template for chat."""
+    if backend == "openai-chat" and hasattr(tokenizer, "apply_chat_template"):
+        return len(tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                                 tokenize=True))
+    return 1
+
+
+def fit_random_lengths(args, max_model_len: int | None, overhead: int) -> None:
+    """Random dataset: fill in the default lengths (vLLM's 1024 in / 128 out), shortening the input to fit
+    the server's context when the defaults would not (one line says so); lengths given on the command
+    line that cannot fit are an error."""
+    explicit_in, explicit_out = args.random_input_len is not None, args.random_output_len is not None
+    n_in = args.random_input_len if explicit_in else DEFAULT_RANDOM_INPUT_LEN
+    n_out = args.random_output_len if explicit_out else DEFAULT_RANDOM_OUTPUT_LEN
+    r = args.random_range_ratio
+    longest = lambda n_in_, n_out_: (args.random_prefix_len + int(n_in_ * (1 + r)) + overhead  # noqa: E731
+                                     + int(n_out_ * (1 + r)))
+    if max_model_len is not None and longest(n_in, n_out) > max_model_len:
+        room = max_model_len - args.random_prefix_len - overhead - int(n_out * (1 + r))
+        fitted = int(room / (1 + r))
+        while fitted > 0 and longest(fitted, n_out) > max_model_len:
+            fitted -= 1
+        if explicit_in or fitted < 1:
+            raise UserError(f"--random-input-len {n_in} + --random-output-len {n_out} (range ratio {r}, prefix "
+                            f"{args.random_prefix_len}, {overhead} token(s) the server adds) exceed the server's "
+                            f"max_model_len {max_model_len}: choose lengths that fit")
+        print(f"dsv3 bench serve: the default --random-input-len {n_in} + --random-output-len {n_out} (+{overhead} "
+              f"token(s) the server adds) exceed the server's max_model_len {max_model_len}; using "
+              f"--random-input-len {fitted}", flush=True)
+        n_in = fitted
+    args.random_input_len, args.random_output_len = n_in, n_out
+
+
+def check_fits(requests: list[SampleRequest], max_model_len: int | None, overhead: int, flags: str) -> None:
+    """Every request's prompt + output must fit the server's context (else every request would fail)."""
+    if max_model_len is None:
+        return
+    over = [r for r in requests if r.prompt_len + overhead + r.expected_output_len > max_model_len]
+    if over:
+        worst = max(over, key=lambda r: r.prompt_len + r.expected_output_len)
+        raise UserError(f"{len(over)} of {len(requests)} prompts do not fit the server's max_model_len "
+                        f"{max_model_len} (longest: {worst.prompt_len} prompt + {overhead} added + "
+                        f"{worst.expected_output_len} output tokens): shorten {flags}")
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -122,16 +122,17 @@ def _speculative_config(text: str | None) -> bool:
 
 
 def run(args) -> int:
+    if args.api_key is not None and not args.api_key.strip():  # an empty key would check nothing
+        raise UserError("--api-key is empty: give a non-empty key, or leave --api-key and $DSV3_API_KEY unset "
+                        "to serve without one")
+    server_limits = limits.ServerLimits.from_args(args)
+
     import uvicorn
 
     from dsv3.serve.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     vllm_compat_notes(args)
-    server_limits = limits.ServerLimits.from_args(args)
-    if args.api_key is not None and not args.api_key.strip():
-        raise UserError("--api-key is empty: give a non-empty key, or leave --api-key and $DSV3_API_KEY unset "
-                        "to serve without one")
     sock = bind_socket(args.host, args.port)  # bind first: a busy port fails at once, in one line
     engine = load_engine(args)
     name = args.served_model_name or args.model

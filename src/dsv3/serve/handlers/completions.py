@@ -18,6 +18,9 @@ class OpenAIServingCompletion(OpenAIServing):
         self._check_common(req)
         if req.suffix:
             raise APIError("'suffix' is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError("'best_of' other than n is not supported (each of the n samples is returned)",
+                           param="best_of")
         prompts = await self._completion_prompts(req.prompt)
         k = req.logprobs
         want_prompt_lp = req.echo and k is not None
