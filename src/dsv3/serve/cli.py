@@ -68,6 +68,9 @@ def vllm_compat_notes(args) -> None:
               "directory", flush=True)
     if getattr(args, "enforce_eager", False):
         print("note: --enforce-eager accepted; the dsv3 engine always runs eagerly (no CUDA graphs)", flush=True)
+    if getattr(args, "enable_auto_tool_choice", False):
+        print("note: --enable-auto-tool-choice accepted; requests with `tools` always get tool_choice 'auto' "
+              "with the deepseek_v3 tool-call parser", flush=True)
     tp = getattr(args, "tensor_parallel_size", 1)
     if tp != 1:
         raise UserError(f"--tensor-parallel-size {tp}: the dsv3 inference engine runs on one device; use 1 "
