@@ -14,7 +14,7 @@ import dsv3  # noqa: E402
 from dsv3.infer.engine import LLMEngine  # noqa: E402
 from dsv3.infer.sampling import SamplingParams  # noqa: E402
 
-__all__ = ["LLMEngine", "SamplingParams", "hf_config", "make_hf_checkpoint", "randomize_", "make_pair", "hf_greedy", "engine_greedy", "GREEDY"]
+__all__ = ["LLMEngine", "SamplingParams", "hf_config", "make_hf_checkpoint", "randomize_", "make_pair", "hf_greedy", "engine_greedy", "GREEDY", "tiny_model"]
 
 
 def GREEDY(n: int) -> SamplingParams:
@@ -50,3 +50,17 @@ def engine_greedy(engine: LLMEngine, prompts: list[list[int]], n: int, start_aft
                 results[out.request_id] = out.outputs[0].token_ids
         steps += 1
     return [results[str(i)] for i in range(len(prompts))]
+
+
+def tiny_model(vocab_size: int = 256, seed: int = 0, std: float = 0.08):
+    """configs/tiny.yaml (with its MTP block) at a small vocabulary, random weights, eval mode."""
+    import dataclasses
+
+    from dsv3.config.presets import load_model_config
+    from dsv3.model.transformer import Transformer
+
+    cfg = load_model_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    torch.manual_seed(seed)
+    m = Transformer(dataclasses.replace(cfg, vocab_size=vocab_size))
+    m.reset_parameters(std=std)
+    return m.eval()

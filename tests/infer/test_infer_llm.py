@@ -66,6 +66,18 @@ def test_generate_text_and_ids(llm):
     assert again.outputs[0].token_ids == outs[0].outputs[0].token_ids
 
 
+def test_generate_accepts_vllm_prompt_dicts(llm):
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    ref = llm.generate(["The capital of France is"], sp)[0]
+    outs = llm.generate([{"prompt": "The capital of France is"}, {"prompt_token_ids": ref.prompt_token_ids}], sp)
+    assert [o.outputs[0].token_ids for o in outs] == [ref.outputs[0].token_ids] * 2
+    assert outs[0].prompt == "The capital of France is" and outs[1].prompt is None
+    single = llm.generate({"prompt_token_ids": ref.prompt_token_ids}, sp)  # one dict, as vLLM accepts
+    assert single[0].outputs[0].token_ids == ref.outputs[0].token_ids
+    with pytest.raises(ValueError, match="prompt 1: a prompt dict needs"):
+        llm.generate([{"prompt": "a"}, {"text": "b"}], sp)
+
+
 def test_chat_uses_v3_template(llm):
     tok = llm.get_tokenizer()
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
@@ -114,9 +126,13 @@ def test_cli_predict_yaml(ckpt, tmp_path, capsys):
 
 
 def test_cli_interactive_keeps_history(ckpt, capsys, monkeypatch):
-    rc, out, err = _cli(["generate", "--model", str(ckpt), "--interactive", "--max-tokens", "3", "--ignore-eos", "--quiet",
-                         "--num-blocks", "32"], stdin="hi\nagain\n/clear\n/exit\n", monkeypatch=monkeypatch, capsys=capsys)
-    assert rc == 0 and out.count("\n") == 2 and "interactive" in err
+    outs = []
+    for extra in ([], ["--no-enable-prefix-caching"]):  # the history re-sent each turn: same replies either way
+        rc, out, err = _cli(["generate", "--model", str(ckpt), "--interactive", "--max-tokens", "3", "--ignore-eos", "--quiet",
+                             "--num-blocks", "32", *extra], stdin="hi\nagain\n/clear\n/exit\n", monkeypatch=monkeypatch, capsys=capsys)
+        assert rc == 0 and out.count("\n") == 2 and "interactive" in err
+        outs.append(out)
+    assert outs[0] == outs[1]
 
 
 @pytest.mark.parametrize("argv, word", [

@@ -44,7 +44,7 @@ def test_batch_of_different_lengths_equals_each_alone(pair):
     alone = [engine_greedy(LLMEngine(ours, None, block_size=4, num_gpu_blocks=64), [p], 24)[0] for p in prompts]
     engine = LLMEngine(ours, None, block_size=4, num_gpu_blocks=128, max_num_seqs=8)
     assert engine_greedy(engine, prompts, 24) == alone
-    assert engine.stats["prefill_steps"] == 1  # the five prompts were packed into one prefill forward
+    assert engine.stats()["prefill_steps"] == 1  # the five prompts were packed into one prefill forward
     assert alone[1] == hf_greedy(hf, prompts[1], 24)
     assert engine.cache_info()["free_blocks"] == 128  # everything returned
 
@@ -76,11 +76,11 @@ def test_chunked_prefill_equals_one_shot(pair):
     one = engine_greedy(LLMEngine(ours, None, block_size=16, num_gpu_blocks=16), [prompt], 16)
     chunked = LLMEngine(ours, None, block_size=4, num_gpu_blocks=64, max_num_batched_tokens=5)
     assert engine_greedy(chunked, [prompt], 16) == one
-    assert chunked.stats["prefill_steps"] == 8  # ceil(37 / 5)
+    assert chunked.stats()["prefill_steps"] == 8  # ceil(37 / 5)
     # several prompts through a 6-token budget: chunks of different prompts share steps
     prompts = _prompts([13, 4, 9], seed=5)
     alone = [engine_greedy(LLMEngine(ours, None, block_size=4, num_gpu_blocks=64), [p], 10)[0] for p in prompts]
     packed = LLMEngine(ours, None, block_size=4, num_gpu_blocks=64, max_num_batched_tokens=6)
     assert engine_greedy(packed, prompts, 10) == alone
     # steps: [p0 6] [p0 6] [p1 4 + p2 2] [p2 6]; a prompt with one token left finishes in a decode step
-    assert packed.stats["prefill_steps"] == 4
+    assert packed.stats()["prefill_steps"] == 4

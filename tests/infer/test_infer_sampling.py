@@ -6,10 +6,9 @@ import dataclasses
 
 import pytest
 import torch
-from infer_helpers import LLMEngine, SamplingParams
+from infer_helpers import LLMEngine, SamplingParams, tiny_model
 
 from dsv3.infer.sampling import SamplingBatch, apply_penalties, make_batch, sample, token_counts
-from dsv3.model.transformer import Transformer
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
 N = 40_000
@@ -102,16 +101,7 @@ class CharTokenizer:
 
 @pytest.fixture(scope="module")
 def model():
-    from pathlib import Path
-
-    from dsv3.config.presets import load_model_config
-
-    cfg = load_model_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
-    cfg = dataclasses.replace(cfg, vocab_size=64)
-    torch.manual_seed(0)
-    m = Transformer(cfg)
-    m.reset_parameters(std=0.08)
-    return m.eval()
+    return tiny_model(64)
 
 
 def _run(eng, reqs: dict[str, tuple[list[int], SamplingParams]]):

@@ -13,7 +13,8 @@ def _dataset_args(p: argparse.ArgumentParser, default_in: int | None, default_ou
     """default_in / default_out None: `dsv3 bench serve` fills them in to fit the server's context."""
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset-name", default="random", choices=["random", "sonnet", "custom"])
-    g.add_argument("--dataset-path", default=None, help="JSONL file for --dataset-name custom")
+    g.add_argument("--dataset-path", default=None,
+                   help="custom: a JSONL file; sonnet: a text file of poem lines (vLLM's sonnet.txt; default built-in)")
     g.add_argument("--num-prompts", type=int, default=1000)
     g.add_argument("--seed", type=int, default=0)
     fit = " (default 1024, shortened to fit the server's max_model_len)" if default_in is None else ""
@@ -31,17 +32,22 @@ def _dataset_args(p: argparse.ArgumentParser, default_in: int | None, default_ou
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dsv3.serve.cli import add_vllm_compat_arguments
+
     sub = parser.add_subparsers(dest="bench", metavar="<benchmark>", required=True)
 
     s = sub.add_parser("serve", help="load an OpenAI-compatible server (TTFT, TPOT, ITL, E2EL, tok/s)")
-    s.add_argument("--backend", default="openai", choices=["openai", "openai-chat"],
-                   help="openai: /v1/completions; openai-chat: /v1/chat/completions")
+    s.add_argument("--backend", default="vllm", choices=["vllm", "openai", "openai-chat"],
+                   help="vllm / openai: /v1/completions; openai-chat: /v1/chat/completions (--endpoint decides)")
     s.add_argument("--base-url", default=None, help="server root, e.g. http://127.0.0.1:8000 (overrides host/port)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--endpoint", default=None, help="default by backend: /v1/completions or /v1/chat/completions")
-    s.add_argument("--model", default=None, help="model id to send (default: the first of GET /v1/models)")
-    s.add_argument("--tokenizer", default=None, help="tokenizer for prompt generation and token counts")
+    s.add_argument("--endpoint", default=None,
+                   help="default by backend; a path ending in /chat/completions sends chat messages, else a prompt")
+    s.add_argument("--model", default=None, help="model id to send (default: the first of GET /v1/models); "
+                   "a local model directory also gives the tokenizer, as in vLLM")
+    s.add_argument("--tokenizer", default=None, help="tokenizer for prompt generation and token counts "
+                   "(default: the one in --model when it is a directory, else the installed one)")
     s.add_argument("--api-key", default=None)
     _dataset_args(s, None, None)
     s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
@@ -69,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         q.add_argument("--max-num-seqs", type=int, default=None)
         q.add_argument("--output-json", default=None, help="write the results here")
         q.add_argument("--disable-tqdm", action="store_true")
+        add_vllm_compat_arguments(q)
         if name == "throughput":
             _dataset_args(q, 128, 128)
             q.add_argument("--temperature", type=float, default=1.0)
@@ -91,11 +98,31 @@ def make_requests(args, tokenizer):
         return datasets.random_dataset(tokenizer, args.num_prompts, args.random_input_len, args.random_output_len,
                                        args.random_range_ratio, args.random_prefix_len, args.seed)
     if args.dataset_name == "sonnet":
+        lines = datasets.read_lines(args.dataset_path) if args.dataset_path else None
         return datasets.sonnet_dataset(tokenizer, args.num_prompts, args.sonnet_input_len, args.sonnet_output_len,
-                                       args.sonnet_prefix_len, args.seed)
+                                       args.sonnet_prefix_len, args.seed, lines=lines)
     if not args.dataset_path:
         raise UserError("--dataset-name custom needs --dataset-path FILE.jsonl")
     return datasets.custom_dataset(tokenizer, args.dataset_path, args.num_prompts, args.custom_output_len, args.seed)
+
+
+def _model_tokenizer(model: str | None) -> str | None:
+    """vLLM's bench loads the tokenizer from --model; we do so when it is a local directory holding one."""
+    if model and any((Path(model) / n).is_file() for n in ("tokenizer.json", "tokenizer.json.xz")):
+        return model
+    return None
+
+
+def check_context(requests, max_model_len: int | None, where: str, bos: int = 0) -> None:
+    """One clear line when a request cannot fit the model's context (instead of N failed requests)."""
+    if not max_model_len:
+        return
+    worst = max(requests, key=lambda r: r.prompt_len + r.expected_output_len)
+    need = worst.prompt_len + bos + worst.expected_output_len
+    if need > max_model_len:
+        raise UserError(f"requests need up to {need} tokens ({worst.prompt_len + bos} prompt + "
+                        f"{worst.expected_output_len} output) but the model's context is {max_model_len} tokens "
+                        f"({where}); shrink the input/output lengths or raise --max-model-len")
 
 
 def _write(path: str | None, obj: dict) -> None:
@@ -112,10 +139,10 @@ def run(args) -> int:
     if args.bench == "serve":
         from dsv3.bench import serve
 
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer or _model_tokenizer(args.model))
         base_url = args.base_url or f"http://{args.host}:{args.port}"
         args.model, max_model_len = serve.server_model(base_url, args.api_key, args.model)
-        overhead = serve.prompt_overhead(tokenizer, args.backend) if args.dataset_name != "sonnet" else 1
+        overhead = serve.prompt_overhead(tokenizer, serve.payload_kind(args)) if args.dataset_name != "sonnet" else 1
         if args.dataset_name == "random":
             serve.fit_random_lengths(args, max_model_len, overhead)
         requests = make_requests(args, tokenizer)
@@ -126,16 +153,22 @@ def run(args) -> int:
         return 0
 
     from dsv3.bench import offline
-    from dsv3.serve.cli import load_engine
+    from dsv3.serve.cli import load_engine, vllm_compat_notes
 
+    vllm_compat_notes(args)
     engine = load_engine(args)
     if args.bench == "throughput":
         requests = make_requests(args, engine.tokenizer)
+        check_context(requests, engine.max_model_len, "--max-model-len / the model's context", bos=1)
         res = offline.throughput(engine, requests, args.temperature, args.disable_tqdm)
         print(f"Throughput: {res['requests_per_second']:.2f} requests/s, {res['tokens_per_second']:.2f} total "
               f"tokens/s, {res['output_tokens_per_second']:.2f} output tokens/s "
               f"({res['num_requests']} requests, {res['elapsed_time']:.2f} s)")
     else:
+        need = args.input_len + args.output_len
+        if need > engine.max_model_len:
+            raise UserError(f"--input-len {args.input_len} + --output-len {args.output_len} = {need} tokens exceed "
+                            f"the engine's max_model_len {engine.max_model_len}; shrink them or raise --max-model-len")
         res = offline.latency(engine, args.batch_size, args.input_len, args.output_len, args.num_iters_warmup,
                               args.num_iters, args.n, args.seed, args.disable_tqdm)
         print(f"Avg latency: {res['avg_latency']:.4f} seconds")

@@ -151,6 +151,18 @@ def sonnet_dataset(tokenizer, num_prompts: int, input_len: int = 550, output_len
     return out
 
 
+def read_lines(path: str | Path) -> list[str]:
+    """A text dataset file (vLLM's sonnet.txt): its non-empty lines, newline kept."""
+    path = Path(path)
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines(keepends=True) if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read dataset ({getattr(e, 'strerror', None) or e})") from None
+    if not lines:
+        raise UserError(f"{path}: no lines")
+    return [ln if ln.endswith("\n") else ln + "\n" for ln in lines]
+
+
 def custom_dataset(tokenizer, path: str | Path, num_prompts: int, output_len: int = 256,
                    seed: int = 0, shuffle: bool = False) -> list[SampleRequest]:
     """JSON lines `{"prompt": "...", "output_tokens": N}` (`output_tokens` optional; `max_tokens`

@@ -23,7 +23,22 @@ from dsv3.bench.metrics import RequestFuncOutput, calculate_metrics, format_tabl
 from dsv3.errors import UserError
 
 
+def is_chat(endpoint: str) -> bool:
+    """The endpoint decides the payload (the seed runs the default backend against /v1/chat/completions)."""
+    return endpoint.rstrip("/").endswith("/chat/completions")
+
+
+def endpoint_of(args) -> str:
+    return args.endpoint or ("/v1/chat/completions" if args.backend == "openai-chat" else "/v1/completions")
+
+
+def payload_kind(args) -> str:
+    """"openai-chat" (messages) or "openai" (prompt), from the endpoint."""
+    return "openai-chat" if is_chat(endpoint_of(args)) else "openai"
+
+
 def build_payload(backend: str, model: str, req: SampleRequest, ignore_eos: bool, temperature: float) -> dict:
+    """`backend`: "openai-chat" (messages) or anything else (prompt); see `is_chat`."""
     body: dict = {"model": model, "temperature": temperature, "max_tokens": req.expected_output_len,
                   "stream": True, "stream_options": {"include_usage": True}}
     if backend == "openai-chat":
@@ -152,10 +167,10 @@ def run_serve(args, tokenizer, requests: list[SampleRequest]) -> dict:
     if args.request_rate <= 0:
         raise UserError(f"--request-rate must be > 0 (inf = all at once), got {args.request_rate}")
     base_url = args.base_url or f"http://{args.host}:{args.port}"
-    endpoint = args.endpoint or ("/v1/chat/completions" if args.backend == "openai-chat" else "/v1/completions")
+    endpoint = endpoint_of(args)
     model = args.model
     outputs, dur = asyncio.run(benchmark(
-        base_url, endpoint, args.backend, model, requests, request_rate=args.request_rate,
+        base_url, endpoint, payload_kind(args), model, requests, request_rate=args.request_rate,
         burstiness=args.burstiness, max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos,
         temperature=args.temperature, api_key=args.api_key, disable_tqdm=args.disable_tqdm, seed=args.seed))
     metrics_sel = [m.strip() for m in args.percentile_metrics.split(",") if m.strip()]

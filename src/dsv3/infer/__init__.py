@@ -11,6 +11,7 @@ _EXPORTS = {
     "LLM": "dsv3.infer.llm",
     "LLMEngine": "dsv3.infer.engine",
     "SamplingParams": "dsv3.infer.sampling",
+    "GuidedDecodingParams": "dsv3.infer.sampling",
     "RequestOutput": "dsv3.infer.outputs",
     "CompletionOutput": "dsv3.infer.outputs",
     "Logprob": "dsv3.infer.outputs",

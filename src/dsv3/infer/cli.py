@@ -55,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-num-seqs", type=int, default=8)
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
-    e.add_argument("--speculative", action="store_true", help="greedy MTP speculative decoding (needs the checkpoint's MTP layer)")
+    e.add_argument("--speculative", action="store_true", help="MTP speculative decoding, greedy or sampled (needs the checkpoint's MTP layer)")
+    e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="recompute every prompt (prefix caching is on by default)")
     e.add_argument("--quiet", action="store_true", help="no cache/speed report on stderr")
 
 
@@ -111,7 +113,7 @@ def _report(engine, n_tokens: int, seconds: float) -> None:
     rate = n_tokens / seconds if seconds > 0 else float("inf")
     print(f"[{n_tokens} tokens in {seconds:.2f}s, {rate:.2f} tok/s; KV cache: {c['used_blocks']}/{c['num_blocks']} blocks "
           f"of {c['block_size']} used, {c['bytes_per_token']} B/token ({c['bytes_per_token_per_layer']} B/token/layer)"
-          + (f"; MTP drafts accepted {engine.stats['spec_accepted']}/{engine.stats['spec_drafts']}" if engine.speculative else "")
+          + (f"; MTP drafts accepted {engine.stats()['spec_num_accepted_tokens']}/{engine.stats()['spec_num_draft_tokens']}" if engine.speculative else "")
           + "]", file=sys.stderr)
 
 
@@ -165,7 +167,8 @@ def run(args) -> int:
     try:
         llm = LLM(st["model"], tokenizer=st["tokenizer"], dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                   max_model_len=args.max_model_len, block_size=args.block_size, num_gpu_blocks=args.num_blocks,
-                  speculative=args.speculative, quantization=st["quantization"])
+                  speculative=args.speculative, quantization=st["quantization"],
+                  enable_prefix_caching=args.enable_prefix_caching)
     except ValueError as e:
         raise UserError(str(e)) from None
     if not args.quiet:

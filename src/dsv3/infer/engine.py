@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence as Seq
 
 import torch
+import torch.nn.functional as F
 
 from dsv3.config.schema import ModelConfig
+from dsv3.infer import guided
 from dsv3.infer.kv_cache import PagedLatentCache
-from dsv3.infer.outputs import CompletionOutput, Logprob, RequestOutput
+from dsv3.infer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from dsv3.infer.runner import ModelRunner
-from dsv3.infer.sampling import (SamplingParams, add_penalties, apply_penalties, make_batch, sample, token_counts,
-                                 topn_logprobs)
+from dsv3.infer.sampling import (SamplingParams, add_penalties, apply_penalties, distribution, make_batch, race,
+                                 rejection_sample, sample, token_counts, topn_logprobs)
 from dsv3.infer.scheduler import Chunk, Decode, Prefill, Scheduler, Sequence, Status
 
 DEFAULT_CPU_CACHE_BYTES = 1 << 30  # CPU: 1 GiB of latents unless told otherwise
@@ -77,14 +79,17 @@ class LLMEngine:
     memory on CUDA). max_num_batched_tokens: most prompt tokens per prefill step (several prompts
     are packed into one step; longer ones are chunked). quantization: "w8a8" | "int8" | "int4" | "fp8" (or a
     `dsv3.quant.QuantConfig` / MindFormers quantization_config dict) quantises the model's linears once,
-    in place (`dsv3.quant`); None keeps it as given. speculative: greedy MTP speculative decoding (the MTP
-    block drafts one token, the next decode step verifies it; output identical to plain greedy).
+    in place (`dsv3.quant`); None keeps it as given. speculative: MTP speculative decoding (the MTP
+    block drafts one token, the next decode step verifies it: greedy output identical to plain greedy,
+    sampled output distributed exactly as without it, by rejection sampling). enable_prefix_caching:
+    reuse the cached latents of full blocks whose token prefix was seen before (`kv_cache.py`).
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
                  block_size: int = 16, num_gpu_blocks: Optional[int] = None, cache_bytes: Optional[int] = None,
                  max_num_batched_tokens: int = 2048, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, speculative: bool = False, quantization=None):
+                 dtype: str | torch.dtype | None = None, speculative: bool = False, quantization=None,
+                 enable_prefix_caching: bool = True):
         cfg: ModelConfig = model.config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else next(model.parameters()).dtype
@@ -108,7 +113,8 @@ class LLMEngine:
                     want = max_num_seqs * (max_model_len or cfg.max_position_embeddings) * per_token
                     cache_bytes = min(DEFAULT_CPU_CACHE_BYTES, want)
             num_gpu_blocks = max(1, cache_bytes // (per_token * block_size))
-        self.cache = PagedLatentCache(cfg, cache_layers, num_gpu_blocks, block_size, self.dtype, self.device)
+        self.cache = PagedLatentCache(cfg, cache_layers, num_gpu_blocks, block_size, self.dtype, self.device,
+                                      prefix_caching=enable_prefix_caching)
         capacity = num_gpu_blocks * block_size
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, capacity)
         if max_model_len is not None and max_model_len > capacity:
@@ -128,8 +134,9 @@ class LLMEngine:
         self._new: list[_Request] = []
         self._aborts: list[str] = []
         self._seq_ids = itertools.count()
-        self.stats = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "spec_steps": 0,
-                      "spec_drafts": 0, "spec_accepted": 0}
+        self._grammars: Optional[guided.GrammarCompiler] = None  # built on the first guided request
+        self.counters = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "spec_steps": 0,
+                         "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0}
 
     # ---- construction from a checkpoint directory
     @classmethod
@@ -181,6 +188,8 @@ class LLMEngine:
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
             seq.want_prompt_logprobs = params.prompt_logprobs is not None and i == 0
+            if params.guided_decoding is not None:
+                seq.guide = self._grammar_matcher(params)
             if self.tokenizer is not None and hasattr(self.tokenizer, "incremental_decoder"):
                 seq.detok = self.tokenizer.incremental_decoder(params.skip_special_tokens)
             req.seqs.append(seq)
@@ -188,6 +197,12 @@ class LLMEngine:
             if request_id in self._requests or any(r.request_id == request_id for r in self._new):
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._new.append(req)
+
+    def _grammar_matcher(self, params: SamplingParams):
+        """A fresh matcher of the request's grammar (compiled once per grammar, then copied)."""
+        if self._grammars is None:
+            self._grammars = guided.GrammarCompiler(self.tokenizer, self.model_config.vocab_size, list(self.eos_ids))
+        return self._grammars.matcher(params.guided_decoding)
 
     def abort_request(self, request_id: str | Seq[str]) -> None:
         """Stop a request; its blocks are freed at the start of the next step, which reports it as 'abort'."""
@@ -208,6 +223,14 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         with self._lock:
             return len(self._requests) + len(self._new)
+
+    def stats(self) -> dict:
+        """Counters since start: steps and tokens computed, prefix-cache lookups (prefix_cache_queries: tokens
+        looked up, prefix_cache_hits: tokens found), speculative drafts (spec_num_draft_tokens verified,
+        spec_num_accepted_tokens accepted), preemptions, cached blocks now."""
+        sch = self.scheduler
+        return {**self.counters, "prefix_cache_queries": sch.prefix_queries, "prefix_cache_hits": sch.prefix_hits,
+                "num_preemptions": sch.num_preemptions, "prefix_cached_blocks": self.cache.num_cached_blocks}
 
     def cache_info(self) -> dict:
         """block_size, num_blocks, free_blocks, used_blocks, bytes_per_token(_per_layer)."""
@@ -240,6 +263,8 @@ class LLMEngine:
                 self._run_prefill(work, touched)
             elif isinstance(work, Decode):
                 self._run_decode(work, touched)
+        for seq in self.scheduler.running:  # newly full blocks become shareable at once
+            self.scheduler.register_computed(seq)
         outputs = [self._output(req) for req in touched.values()]
         with self._lock:
             for req in touched.values():
@@ -263,30 +288,31 @@ class LLMEngine:
             if c.seq.pending == 0:  # the whole prompt is cached: sample its first new token
                 done.append(c.seq)
                 last.append(lg[-1:])
-        self.stats["prefill_steps"] += 1
-        self.stats["prefill_tokens"] += sum(c.num_tokens for c in chunks)
+        self.counters["prefill_steps"] += 1
+        self.counters["prefill_tokens"] += sum(c.num_tokens for c in chunks)
         new = dict(zip((s.seq_id for s in done), self._sample(done, torch.cat(last)) if done else []))
         if self.speculative:
             # MTP over the same positions: position i takes (hidden_i, token_{i+1}); the last token of a
             # finished prompt is the one just sampled. Its logits at the last position are the draft.
             next_ids = [t for c in chunks for t in (c.seq.token_ids + [new.get(c.seq.seq_id, -1)])[c.start + 1 : c.start + c.num_tokens + 1]]
-            drafts = self.runner.mtp_prefill(packed, hidden, next_ids).argmax(-1).tolist()
-            for c, d in zip(chunks, drafts):
-                c.seq.draft = d if c.seq.seq_id in new else None
+            mtp = self.runner.mtp_prefill(packed, hidden, next_ids)
         for seq in done:
             self._append(seq, new[seq.seq_id])
             touched[seq.request_id] = self._requests[seq.request_id]
+        if self.speculative:
+            for c in chunks:
+                c.seq.draft = None
+            rows = [j for j, c in enumerate(chunks) if c.seq.seq_id in new]
+            self._draft([chunks[j].seq for j in rows], mtp[rows] if rows else mtp[:0])
 
     def _spec_ready(self, seq: Sequence) -> bool:
-        """Greedy verification gives exactly the tokens `_sample` would pick only for plain greedy rows."""
-        p = seq.params
-        return (seq.draft is not None and p.greedy and p.logprobs is None
-                and p.repetition_penalty == 1 and not p.presence_penalty and not p.frequency_penalty)
+        """Rows the verify step can take: a draft exists (not for guided or logprobs requests)."""
+        return seq.draft is not None and seq.params.logprobs is None and seq.guide is None
 
     def _run_decode(self, work: Decode, touched: dict) -> None:
         seqs = work.seqs
         positions, tables = [len(s.token_ids) - 1 for s in seqs], [s.block_table for s in seqs]
-        self.stats["decode_steps"] += 1
+        self.counters["decode_steps"] += 1
         if self.speculative and all(self._spec_ready(s) for s in seqs):
             self._run_speculative(seqs, positions, tables)
         else:
@@ -295,65 +321,80 @@ class LLMEngine:
             else:
                 logits = self.runner.decode([[s.token_ids[-1]] for s in seqs], positions, tables)
             new = self._sample(seqs, logits[:, 0])
-            if self.speculative:  # keep the MTP cache in step and draft the token after `new`
+            if self.speculative:  # keep the MTP cache in step; its logits draft the token after `new`
                 mtp = self.runner.mtp_decode(hidden, [[t] for t in new], positions, tables)
-                for s, d in zip(seqs, mtp[:, 0].argmax(-1).tolist()):
-                    s.draft = d
             for s, tok in zip(seqs, new):
                 s.num_computed += 1
                 self._append(s, tok)
-            self.stats["decode_tokens"] += len(seqs)
+            if self.speculative:
+                self._draft(seqs, mtp[:, 0])
+            self.counters["decode_tokens"] += len(seqs)
         for s in seqs:
             touched[s.request_id] = self._requests[s.request_id]
 
+    def _draft(self, seqs: list[Sequence], mtp_logits: torch.Tensor) -> None:
+        """Draw each live sequence's draft from q, the MTP logits processed exactly as the target's will be
+        (masks, penalties, temperature, top-k/p, min-p; greedy rows: one-hot argmax), and keep q."""
+        live = [r for r, s in enumerate(seqs) if s.status is not Status.FINISHED and s.guide is None and s.params.logprobs is None]
+        for s in seqs:
+            s.draft, s.draft_q = None, None
+        if not live:
+            return
+        seqs = [seqs[r] for r in live]
+        logits, batch = self._process(seqs, mtp_logits[live])
+        if batch.all_greedy:  # greedy verification needs only the draft (q is one-hot at it)
+            for s, d in zip(seqs, logits.argmax(-1).tolist()):
+                s.draft = d
+            return
+        q = distribution(logits, batch)
+        for s, d, row in zip(seqs, race(q, batch.generators).tolist(), q):
+            s.draft, s.draft_q = d, row
+
     def _run_speculative(self, seqs: list[Sequence], positions: list[int], tables: list[list[int]]) -> None:
-        """Greedy MTP speculation: verify [last token, draft] in one forward, keep the draft if the model
-        agrees, plus the model's next token (1 or 2 tokens per step, identical to plain greedy)."""
-        logits, hidden = self.runner.decode([[s.token_ids[-1], s.draft] for s in seqs], positions, tables, return_hidden=True)
-        for b, s in enumerate(seqs):
-            for t in range(2):  # min_tokens: eos / stop ids may not be chosen yet (as in `_sample`)
-                if s.num_output + t < s.params.min_tokens:
-                    logits[b, t, self._stop_ids(s)] = float("-inf")
-        target = logits.argmax(-1).tolist()  # [B,2]: the step's one host sync
-        accepted = [t[0] == s.draft for s, t in zip(seqs, target)]
+        """MTP speculation: verify [last token, draft] in one forward. The draft is kept by rejection
+        sampling (greedy rows: iff it is the argmax), the second position then gives one more token; a
+        rejected draft is replaced by a draw from the residual. Each token is distributed exactly as
+        without speculation (greedy: identical)."""
+        drafts = [s.draft for s in seqs]
+        logits, hidden = self.runner.decode([[s.token_ids[-1], d] for s, d in zip(seqs, drafts)], positions, tables, return_hidden=True)
+        l1, batch = self._process(seqs, logits[:, 0])
+        l2, _ = self._process(seqs, logits[:, 1], drafted=drafts)
+        draft_t = torch.tensor(drafts, device=l1.device)
+        if batch.all_greedy:  # rejection sampling with one-hot p and q: keep the draft iff it is the argmax
+            first, bonus = l1.argmax(-1), l2.argmax(-1)
+            accepted = first == draft_t
+        else:
+            p1, p2 = distribution(l1, batch), distribution(l2, batch)
+            q = torch.stack([s.draft_q if s.draft_q is not None else F.one_hot(draft_t[b], p1.shape[-1]).to(p1.dtype)
+                             for b, s in enumerate(seqs)])
+            accepted, first = rejection_sample(p1, q, draft_t, batch.generators)
+            bonus = race(p2, batch.generators)
+        rows = torch.stack([accepted.long(), first, bonus], dim=1).tolist()  # the step's one host sync
         # MTP at both positions (the second row is garbage when the draft was rejected, and is
-        # overwritten next step); the draft comes from the last accepted position.
-        mtp = self.runner.mtp_decode(hidden, [[t[0], t[1] if a else 0] for t, a in zip(target, accepted)], positions, tables)
-        drafts = mtp.argmax(-1).tolist()
-        self.stats["spec_steps"] += 1
-        self.stats["spec_drafts"] += len(seqs)
-        for s, t, a, d in zip(seqs, target, accepted, drafts):
-            s.draft = d[1] if a else d[0]
+        # overwritten next step); the next draft comes from the last accepted position.
+        mtp = self.runner.mtp_decode(hidden, [[t1, t2 if a else 0] for a, t1, t2 in rows], positions, tables)
+        self.counters["spec_steps"] += 1
+        self.counters["spec_num_draft_tokens"] += len(seqs)
+        for s, (a, t1, t2) in zip(seqs, rows):
+            s.spec_drafts += 1
+            s.spec_accepted += a
             s.num_computed += 1
-            self._append(s, t[0])
-            self.stats["decode_tokens"] += 1
-            if a and s.status is not Status.FINISHED:
-                s.num_computed += 1
-                self._append(s, t[1])
-                self.stats["decode_tokens"] += 1
-                self.stats["spec_accepted"] += 1
+            self._append(s, t1)
+            self.counters["decode_tokens"] += 1
+            if a:
+                self.counters["spec_num_accepted_tokens"] += 1
+                if s.status is not Status.FINISHED:
+                    s.num_computed += 1
+                    self._append(s, t2)
+                    self.counters["decode_tokens"] += 1
+        self._draft(seqs, mtp[torch.arange(len(seqs)), torch.tensor([a for a, _, _ in rows])])
 
     # ---- sampling and post-processing
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """logits [B,V] fp32 of the last position of each sequence -> one token each (logprobs recorded;
         the caller appends, after anything that still needs the sequences' blocks)."""
-        params = [s.params for s in seqs]
-        vocab = logits.shape[-1]
         raw = logits
-        rows, cols = [], []
-        for r, s in enumerate(seqs):
-            if s.num_output < s.params.min_tokens:  # eos / stop ids may not end it yet
-                stops = self._stop_ids(s)
-                rows += [r] * len(stops)
-                cols += stops
-        if rows:
-            logits = logits.clone()
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
-        batch = make_batch(params, [s.generator for s in seqs], vocab, logits.device)
-        if add_penalties(batch, params, logits.device):
-            prompt_counts = token_counts([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, logits.device)
-            output_counts = token_counts([s.output_ids for s in seqs], vocab, logits.device)
-            logits = apply_penalties(logits, batch, prompt_counts, output_counts)
+        logits, batch = self._process(seqs, logits)
         next_ids = sample(logits, batch)
         n_lp = [s.params.logprobs for s in seqs]
         lp_rows = None
@@ -371,18 +412,54 @@ class LLMEngine:
                 s.cumulative_logprob += lp_rows[0][r]
         return tokens
 
+    def _process(self, seqs: list[Sequence], logits: torch.Tensor, drafted: Optional[list[int]] = None):
+        """Logits [B,V] -> (masked and penalised logits, SamplingBatch): everything before temperature.
+        `drafted`: one token proposed past each sequence's end (it counts as generated)."""
+        params = [s.params for s in seqs]
+        vocab = logits.shape[-1]
+        logits = self._mask_logits(seqs, logits, 0 if drafted is None else 1)
+        batch = make_batch(params, [s.generator for s in seqs], vocab, logits.device)
+        if add_penalties(batch, params, logits.device):
+            prompt_counts = token_counts([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, logits.device)
+            outputs = [s.output_ids + ([drafted[i]] if drafted is not None else []) for i, s in enumerate(seqs)]
+            logits = apply_penalties(logits, batch, prompt_counts, token_counts(outputs, vocab, logits.device))
+        return logits, batch
+
+    def _mask_logits(self, seqs: list[Sequence], logits: torch.Tensor, ahead: int = 0) -> torch.Tensor:
+        """-inf where a token may not come next: stop ids before min_tokens, and what a grammar forbids.
+        `ahead`: tokens already proposed past each sequence's end (speculative verification)."""
+        rows, cols, g_rows, g_matchers, g_bans = [], [], [], [], []
+        for r, s in enumerate(seqs):
+            stops = self._stop_ids(s) if s.num_output + ahead < s.params.min_tokens else []  # eos may not end it yet
+            if s.guide is not None:
+                g_rows.append(r), g_matchers.append(s.guide), g_bans.append(stops)
+            elif stops:
+                rows += [r] * len(stops)
+                cols += stops
+        if rows:
+            logits = logits.clone()
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        if g_rows:
+            logits = guided.mask_rows(logits, g_rows, g_matchers, g_bans)
+        return logits
+
     def _stop_ids(self, seq: Sequence) -> list[int]:
         return sorted(set(seq.params.stop_token_ids or []) | (set() if seq.params.ignore_eos else self.eos_ids))
 
     def _append(self, seq: Sequence, tok: int) -> None:
         p = seq.params
         seq.token_ids.append(tok)
+        grammar_done = seq.guide is not None and guided.advance(seq.guide, tok)
         # (before min_tokens these ids were masked out of the logits, so they cannot appear here)
         is_stop_id = (tok in self.eos_ids and not p.ignore_eos) or tok in (p.stop_token_ids or ())
         if not is_stop_id or p.include_stop_str_in_output:
             self._detokenize(seq, tok)
         if is_stop_id:
             return self._finish(seq, "stop", None if tok in self.eos_ids and not p.ignore_eos else tok)
+        if grammar_done:  # the grammar is complete and allows nothing more (not even eos): done
+            if seq.detok is not None:
+                seq.text += seq.detok.flush()
+            return self._finish(seq, "stop")
         if p.stop and seq.num_output >= p.min_tokens:
             for stop in p.stop:
                 at = seq.text.find(stop, max(0, len(seq.text) - seq.new_text_len - len(stop) + 1))
@@ -452,7 +529,9 @@ class LLMEngine:
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
                 cumulative_logprob=s.cumulative_logprob))
         plp = list(req.prompt_logprobs) if req.prompt_logprobs is not None else None
-        return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished)
+        return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished,
+                             num_cached_tokens=req.seqs[0].num_cached_tokens or 0,
+                             metrics=RequestMetrics(sum(s.spec_drafts for s in req.seqs), sum(s.spec_accepted for s in req.seqs)))
 
 
 # ---- helpers shared with llm.py / cli.py

@@ -9,7 +9,9 @@ any length share the pool without padding, and a finished or preempted sequence 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -17,11 +19,22 @@ from dsv3.config.schema import ModelConfig
 
 
 class BlockAllocator:
-    """Free list of block ids. Host-side only; the tensors never move."""
+    """Reference-counted block ids with an automatic prefix cache. Host-side only; the tensors never move.
+
+    A full block whose latents are computed can be registered under its content hash (a hash of the
+    parent block's hash and the block's token ids, so it names the whole prefix up to the block's end).
+    When its last user releases it, a registered block stays in the free queue with its contents
+    intact: a later sequence with the same prefix takes it back (`share`) instead of recomputing it.
+    Allocation takes free blocks from the front of the queue: never-registered blocks first, then
+    registered ones in least-recently-released order (LRU eviction, which drops their hash).
+    """
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.refs = [0] * num_blocks
+        self.block_hash: list[Optional[int]] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # content hash -> block id
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # eviction order
 
     @property
     def num_free(self) -> int:
@@ -30,10 +43,47 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"need {n} cache blocks, {len(self._free)} free")  # callers check can_allocate first
-        return [self._free.pop() for _ in range(n)]
+        out = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            h = self.block_hash[b]
+            if h is not None:  # evict: its contents are about to be overwritten
+                self.block_hash[b] = None
+                if self.cached.get(h) == b:
+                    del self.cached[h]
+            self.refs[b] = 1
+            out.append(b)
+        return out
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for b in reversed(blocks):  # a sequence's tail blocks are evicted before its head
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self._free[b] = None
+                if self.block_hash[b] is None:
+                    self._free.move_to_end(b, last=False)  # nothing worth keeping: reuse first
+
+    def share(self, blocks: list[int]) -> None:
+        """Take another reference to cached blocks (found by `lookup`)."""
+        for b in blocks:
+            if self.refs[b] == 0:
+                del self._free[b]
+            self.refs[b] += 1
+
+    def lookup(self, hashes: list[int]) -> list[int]:
+        """The cached blocks of the longest prefix of `hashes` (consecutive hits from the start)."""
+        out = []
+        for h in hashes:
+            b = self.cached.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def register(self, block: int, h: int) -> None:
+        if h not in self.cached and self.block_hash[block] is None:
+            self.cached[h] = block
+            self.block_hash[block] = h
 
 
 @dataclass
@@ -52,7 +102,8 @@ class CacheInfo:
 class PagedLatentCache:
     """Block pool of latents: `data[l, block, slot] = [c_kv (C) | k_pe (R)]`."""
 
-    def __init__(self, cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 prefix_caching: bool = False):
         self.kv_lora_rank = cfg.kv_lora_rank
         self.rope_dim = cfg.qk_rope_head_dim
         self.width = cfg.latent_dim  # C + R
@@ -61,6 +112,7 @@ class PagedLatentCache:
         self.num_blocks = num_blocks
         self.data = torch.zeros(num_layers, num_blocks * block_size, self.width, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks)
+        self.prefix_caching = prefix_caching
 
     @staticmethod
     def bytes_per_token_per_layer(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -81,6 +133,42 @@ class PagedLatentCache:
     def release(self, table: list[int]) -> None:
         self.allocator.free(table)
         table.clear()
+
+    # ---- automatic prefix caching (full blocks by content hash)
+    def block_hashes(self, token_ids: list[int], hashes: list[int], num_blocks: int) -> list[int]:
+        """Extend `hashes` (the sequence's, kept across steps) to its first `num_blocks` full blocks."""
+        bs = self.block_size
+        for i in range(len(hashes), num_blocks):
+            hashes.append(hash((hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs]))))
+        return hashes[:num_blocks]
+
+    def admit(self, token_ids: list[int], table: list[int], hashes: list[int], use_cache: bool) -> Optional[int]:
+        """Blocks for a sequence that (re)starts: its cached prefix blocks, then fresh ones for the rest.
+        -> tokens already in the cache (their latents need no compute), or None if it does not fit now.
+        The last token is never taken from the cache: its logits are what the sequence needs next."""
+        hits: list[int] = []
+        if use_cache and self.prefix_caching:
+            hits = self.allocator.lookup(self.block_hashes(token_ids, hashes, (len(token_ids) - 1) // self.block_size))
+        need = self.blocks_needed(len(token_ids), len(hits))
+        if need > self.allocator.num_free - sum(1 for b in hits if self.allocator.refs[b] == 0):
+            return None
+        self.allocator.share(hits)
+        table.extend(hits)
+        table.extend(self.allocator.allocate(need))
+        return len(hits) * self.block_size
+
+    def register(self, token_ids: list[int], table: list[int], hashes: list[int], first: int, num_computed: int) -> int:
+        """Register the sequence's full, computed blocks from block `first` on -> the new count registered."""
+        if not self.prefix_caching:
+            return first
+        n = num_computed // self.block_size
+        for i, h in enumerate(self.block_hashes(token_ids, hashes, n)[first:], start=first):
+            self.allocator.register(table[i], h)
+        return max(first, n)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.allocator.cached)
 
     # ---- device-side addressing
     def slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

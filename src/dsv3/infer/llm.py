@@ -16,7 +16,7 @@ from dsv3.infer.engine import LLMEngine
 from dsv3.infer.outputs import RequestOutput
 from dsv3.infer.sampling import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict[str, Any]
 Conversation = list[dict[str, Any]]
 
 
@@ -43,17 +43,18 @@ class LLM:
     # ---- completion
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Text prompts, or token-id lists; one SamplingParams for all or one per prompt. Outputs keep prompt order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        """Text prompts, token-id lists, or vLLM's prompt dicts (`{"prompt": text}` / `{"prompt_token_ids": ids}`);
+        one SamplingParams for all or one per prompt. Outputs keep prompt order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params(sampling_params, len(prompts))
-        return self._run([(p if isinstance(p, str) else None, None if isinstance(p, str) else list(p)) for p in prompts], params)
+        return self._run([split_prompt(p, i) for i, p in enumerate(prompts)], params)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the cumulative output of one prompt after every step that advanced it (for streaming UIs)."""
         rid = self._next_id()
-        text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+        text, ids = split_prompt(prompt, 0)
         self.engine.add_request(rid, text, ids, sampling_params or SamplingParams())
         finished = False
         try:
@@ -119,3 +120,20 @@ class LLM:
                 if out.finished:
                     done[out.request_id] = out
         return [done[r] for r in ids]
+
+
+def split_prompt(p: Prompt, i: int) -> tuple[Optional[str], Optional[list[int]]]:
+    """One prompt as (text, token ids): a string, a list of ids, or vLLM's TextPrompt / TokensPrompt dict."""
+    if isinstance(p, str):
+        return p, None
+    if isinstance(p, dict):
+        keys = set(p)
+        if keys == {"prompt_token_ids"} or keys == {"prompt", "prompt_token_ids"}:
+            return p.get("prompt"), list(p["prompt_token_ids"])
+        if keys == {"prompt"} and isinstance(p["prompt"], str):
+            return p["prompt"], None
+        raise ValueError(f"prompt {i}: a prompt dict needs 'prompt' (a string) or 'prompt_token_ids' (a list of ints), "
+                         f"got keys {sorted(p)}")
+    if isinstance(p, (list, tuple)):
+        return None, list(p)
+    raise ValueError(f"prompt {i}: expected a string, a list of token ids or a prompt dict, got {type(p).__name__}")

@@ -53,6 +53,16 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """Per-request counters (summed over the request's n completions)."""
+
+    spec_num_draft_tokens: int = 0
+    """MTP draft tokens verified by speculative decoding."""
+    spec_num_accepted_tokens: int = 0
+    """Of those, drafts accepted."""
+
+
+@dataclass
 class RequestOutput:
     """The state of one request after an engine step."""
 
@@ -64,3 +74,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     """True once every completion has finished."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (their latents were not recomputed)."""
+    metrics: Optional[RequestMetrics] = None
+    """Speculative-decoding counters of this request."""

@@ -28,6 +28,21 @@ def _short(v) -> str:
 
 
 @dataclass
+class GuidedDecodingParams:
+    """Structured output (vLLM's names): exactly one of a JSON schema, any JSON object, a regex or a
+    choice of strings. Enforced during decoding by `dsv3.infer.guided` (llguidance)."""
+
+    json: dict | str | None = None
+    """A JSON schema (a dict or its JSON text): the output is JSON that validates against it."""
+    regex: str | None = None
+    """The output matches this regular expression (whole output)."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    json_object: bool = False
+    """The output is one JSON object (OpenAI's response_format json_object)."""
+
+
+@dataclass
 class SamplingParams:
     """How to pick tokens and when to stop (field names and defaults follow vLLM)."""
 
@@ -67,6 +82,8 @@ class SamplingParams:
     """Leave special tokens out of the decoded text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text."""
+    guided_decoding: Optional[GuidedDecodingParams] = None
+    """Constrain the output to a grammar (JSON schema / json_object / regex / choice)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -122,6 +139,12 @@ class SamplingParams:
             not isinstance(self.stop_token_ids, list) or not all(is_int(t, 0, vocab - 1) for t in self.stop_token_ids)
         ):
             bad("stop_token_ids", "None or a list of valid token ids")
+        if self.guided_decoding is not None:
+            if not isinstance(self.guided_decoding, GuidedDecodingParams):
+                bad("guided_decoding", "None or a GuidedDecodingParams")
+            from dsv3.infer import guided
+
+            guided.validate(self.guided_decoding)  # ValueError naming the bad schema / regex
 
     @property
     def greedy(self) -> bool:
@@ -223,20 +246,53 @@ def filter_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits
 
 
+def race(weights: torch.Tensor, generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """One draw per row from weights [B,V] >= 0 (normalised or not): argmax(w / E), E ~ Exp(1), picks i
+    with probability w_i / sum(w). Rows with a generator use it (reproducible per request)."""
+    noise = torch.empty_like(weights)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if len(seeded) < len(generators):
+        noise.exponential_()
+    for i in seeded:
+        noise[i].exponential_(generator=generators[i])
+    return (weights / noise).argmax(-1)
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """logits [B,V] fp32 (already penalised) -> token ids [B] int64 on the device, no host sync."""
     greedy_ids = logits.argmax(-1)
     if b.all_greedy:
         return greedy_ids
-    probs = filter_logits(logits, b).softmax(-1)
-    noise = torch.empty_like(probs)
-    seeded = [i for i, g in enumerate(b.generators) if g is not None]
-    if len(seeded) < len(b.generators):
-        noise.exponential_()
-    for i in seeded:
-        noise[i].exponential_(generator=b.generators[i])
-    sampled = (probs / noise).argmax(-1)
+    sampled = race(filter_logits(logits, b).softmax(-1), b.generators)
     return torch.where(b.greedy, greedy_ids, sampled)
+
+
+def distribution(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """The distribution `sample` draws each row from, as probabilities [B,V]: one-hot at the argmax for
+    greedy rows, softmax of the filtered logits for sampled rows (`race` on it == `sample`)."""
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    if b.all_greedy:
+        return one_hot
+    return torch.where(b.greedy[:, None], one_hot, filter_logits(logits, b).softmax(-1))
+
+
+def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
+                     generators: Sequence[Optional[torch.Generator]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023). The draft x was drawn from q; keep
+    it with probability min(1, p(x) / q(x)), else draw from normalise(max(0, p - q)). The token is then
+    distributed exactly as p. p, q [B,V] probabilities, draft [B] -> (accepted [B] bool, token [B])."""
+    px = p.gather(1, draft[:, None])[:, 0]
+    qx = q.gather(1, draft[:, None])[:, 0]
+    u = torch.empty_like(px)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if len(seeded) < len(generators):
+        u.uniform_()
+    for i in seeded:
+        u[i : i + 1].uniform_(generator=generators[i])
+    accepted = u * qx < px  # u < p(x)/q(x) without dividing (q(x) > 0: x was drawn from q)
+    residual = (p - q).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: never rejected anyway
+    return accepted, torch.where(accepted, draft, race(residual, generators))
 
 
 def topn_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

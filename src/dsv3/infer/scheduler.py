@@ -59,7 +59,17 @@ class Sequence:
     detok: Any = None  # incremental detokenizer state (engine-owned)
     new_text_len: int = 0  # length of the text the newest token added
     draft: Optional[int] = None  # MTP's guess of the token after the last one (speculative decoding)
+    draft_q: Any = None  # the distribution [V] the draft was drawn from (rejection sampling needs it)
     want_prompt_logprobs: bool = False
+    guide: Any = None  # the grammar matcher of a guided-decoding request (dsv3.infer.guided)
+    # prefix caching: content hashes of the full blocks, how many of the table's blocks are registered,
+    # and the prompt tokens the first admission found in the cache (None before it is admitted)
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered: int = 0
+    num_cached_tokens: Optional[int] = None
+    # speculative decoding: this sequence's drafts verified and accepted
+    spec_drafts: int = 0
+    spec_accepted: int = 0
 
     @property
     def pending(self) -> int:
@@ -102,6 +112,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order; the last one is preempted first
         self.num_preemptions = 0
+        self.prefix_queries = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found there
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -115,11 +127,40 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Free the sequence's blocks; its full computed blocks stay in the prefix cache."""
+        self.register_computed(seq)
         self.cache.release(seq.block_table)
+        seq.num_registered = 0
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Make the sequence's newly full, computed blocks findable by content (the engine calls this
+        after every step for the running sequences, so concurrent requests share a prefix early)."""
+        if seq.block_table:
+            seq.num_registered = self.cache.register(seq.token_ids, seq.block_table, seq.block_hashes,
+                                                     seq.num_registered, seq.num_computed)
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Blocks for a waiting sequence, cached prefix blocks first; False if it does not fit yet.
+        A request that wants prompt logprobs computes its whole prompt (it needs every position's logits)."""
+        use_cache = self.cache.prefix_caching and not seq.want_prompt_logprobs
+        cached = self.cache.admit(seq.token_ids, seq.block_table, seq.block_hashes, use_cache)
+        if cached is None:
+            return False
+        seq.num_computed = cached
+        seq.num_registered = cached // self.cache.block_size
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = cached
+        if use_cache:
+            self.prefix_queries += len(seq.token_ids)
+            self.prefix_hits += cached
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.cache.release(seq.block_table)
+        self._release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -134,12 +175,11 @@ class Scheduler:
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # Admit only when the whole prompt fits, and reserve it now: a prompt never stalls half-done.
-            if not self.cache.can_allocate(self.cache.blocks_needed(len(seq.token_ids), 0)):
+            if not self._admit(seq):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            self.cache.grow(seq.block_table, len(seq.token_ids))
             chunks.append(Chunk(seq, seq.num_computed, min(seq.pending, budget)))
             budget -= chunks[-1].num_tokens
         return Prefill(chunks) if chunks else None

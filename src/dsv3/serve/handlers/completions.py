@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from dsv3.serve.handlers.base import OpenAIServing, Prompt
-from dsv3.serve.handlers.streaming import Chunks, TextState, error_body, finite, holdback, rank, sse
+from dsv3.serve.handlers.streaming import Chunks, TextState, cached_tokens, error_body, finite, holdback, rank, sse
 from dsv3.serve.protocol import (
     APIError, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, random_id,
 )
+from dsv3.serve.structured import guided_spec
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -24,8 +25,10 @@ class OpenAIServingCompletion(OpenAIServing):
         k = req.logprobs
         want_prompt_lp = req.echo and k is not None
 
+        guided = guided_spec(req)
+
         def make_params(p: Prompt):
-            return [self._params(req, len(p.ids), req.max_tokens, k, k if want_prompt_lp else None, j)
+            return [self._params(req, len(p.ids), req.max_tokens, k, k if want_prompt_lp else None, j, guided)
                     for j in range(req.n)]
 
         for p in prompts:  # validate everything before the first request is added
@@ -94,7 +97,8 @@ class OpenAIServingCompletion(OpenAIServing):
             choices.append(CompletionChoice(index=index, text=text, logprobs=lps, finish_reason=co.finish_reason,
                                             stop_reason=co.stop_reason))
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
+                      total_tokens=prompt_tokens + completion_tokens,
+                      prompt_tokens_details=_prompt_cache(final, req.n))
         resp = CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
         return resp.model_dump()
 
@@ -102,10 +106,13 @@ class OpenAIServingCompletion(OpenAIServing):
         out_chunks = Chunks("text_completion", request_id, self.model_name, prompt_tokens, req)
         states = {index: TextState(holdback(req.stop)) for index, _, _ in started}
         prompts = {index: p for index, p, _ in started}
+        last: dict[int, Any] = {}
 
         try:
             async for index, out in self._merged(started):
                 st, co = states[index], out.outputs[0]
+                last[index] = out
+                out_chunks.details = _prompt_cache(last, req.n)
                 piece = st.delta(co.text, out.finished)
                 new_ids = list(co.token_ids[st.sent_tokens:])
                 lps = None
@@ -154,3 +161,9 @@ class OpenAIServingCompletion(OpenAIServing):
             chosen = [(t, lp) for t, lp in top if t == tid or rank(lp) <= k]
             out.top_logprobs.append({self._token_str(t, lp): finite(lp.logprob) for t, lp in chosen})
         return out
+
+
+def _prompt_cache(outs: dict[int, Any], n: int) -> dict | None:
+    """prompt_tokens_details over the prompts (sample 0 of each; prompts are counted once in usage)."""
+    found = [cached_tokens(o)["cached_tokens"] for i, o in outs.items() if i % n == 0]
+    return {"cached_tokens": sum(found)} if found else None

@@ -46,6 +46,7 @@ class Chunks:
     def __init__(self, obj: str, request_id: str, model: str, prompt_tokens: int, req):
         self.head = {"id": request_id, "object": obj, "created": int(time.time()), "model": model}
         self.prompt_tokens = prompt_tokens
+        self.details: dict | None = None  # usage.prompt_tokens_details (cached_tokens), when known
         self.done: dict[int, int] = {}
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
@@ -57,7 +58,15 @@ class Chunks:
             n = sum(self.done.values())
             chunk["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
                               "total_tokens": self.prompt_tokens + n}
+            if self.details is not None:
+                chunk["usage"]["prompt_tokens_details"] = self.details
         return sse(chunk)
+
+
+def cached_tokens(out) -> dict:
+    """usage.prompt_tokens_details from an engine output: the prompt tokens served from the prefix
+    cache (`RequestOutput.num_cached_tokens`)."""
+    return {"cached_tokens": int(out.num_cached_tokens)}
 
 
 def holdback(stop) -> int:

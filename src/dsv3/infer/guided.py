@@ -1,0 +1,227 @@
+"""Structured output (guided decoding) with llguidance.
+
+A request's `SamplingParams.guided_decoding` (JSON schema, any JSON object, regex or a choice of
+strings) becomes an llguidance grammar. Each sequence owns a matcher (the grammar's parser state);
+before every sampling step the matcher gives the set of tokens that keep the output inside the
+grammar (a bitmask over the vocabulary), the engine puts -inf on every other logit, and the sampled
+token advances the matcher. EOS is allowed only where the grammar may end; once the grammar cannot
+continue, the sequence stops.
+
+Why llguidance (of xgrammar, llguidance, outlines-core; all have CPU wheels for Python 3.11):
+it has no dependencies (xgrammar pulls in triton and transformers), it computes each token mask
+lazily from the current parser state in well under a millisecond even for the 129,280-token V3
+vocabulary (outlines-core builds an index over the whole vocabulary per schema, which is slow for
+large vocabularies and cannot express arbitrary JSON objects, a recursive grammar), it covers the
+JSON-schema keywords OpenAI structured output uses, and vLLM ships it as its `guidance` backend.
+
+JSON is generated compact (no free whitespace), as vLLM's `disable_any_whitespace`: a model,
+random-weight or not, cannot wander into endless indentation. A schema may override that with
+llguidance's `"x-guidance": {"whitespace_flexible": true}`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+INSTALL_HINT = "guided decoding (structured output) needs the llguidance package: pip install dsv3[serve]"
+JSON_DEFAULTS = {"whitespace_flexible": False}
+_CACHE_SIZE = 128
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:
+        raise ValueError(INSTALL_HINT) from None
+    return llguidance
+
+
+def grammar_key(g: Any) -> tuple[str, str]:
+    """(kind, canonical text) of a `GuidedDecodingParams`; exactly one kind must be set."""
+    kinds = [k for k in ("json", "regex", "choice") if getattr(g, k) is not None] + (["json_object"] if g.json_object else [])
+    if len(kinds) != 1:
+        raise ValueError(f"guided_decoding needs exactly one of json, regex, choice, json_object; got {kinds or 'none'}")
+    kind = kinds[0]
+    if kind == "json":
+        schema = g.json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"guided_decoding.json is not valid JSON: {e}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError(f"guided_decoding.json must be a JSON schema (an object), got {type(schema).__name__}")
+        return kind, json.dumps(schema)  # property order is kept: it is the order generated
+    if kind == "regex":
+        if not isinstance(g.regex, str):
+            raise ValueError(f"guided_decoding.regex must be a string, got {type(g.regex).__name__}")
+        return kind, g.regex
+    if kind == "choice":
+        if not isinstance(g.choice, list) or not g.choice or not all(isinstance(c, str) for c in g.choice):
+            raise ValueError("guided_decoding.choice must be a non-empty list of strings")
+        return kind, json.dumps(g.choice)
+    return kind, ""
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def grammar_text(kind: str, text: str) -> str:
+    """The llguidance grammar for (kind, text), checked; ValueError with llguidance's message if invalid."""
+    llg = _llguidance()
+    M = llg.LLMatcher
+    try:
+        if kind == "json":
+            grammar = M.grammar_from_json_schema(text, defaults=JSON_DEFAULTS)
+        elif kind == "json_object":
+            grammar = M.grammar_from_json_schema('{"type": "object"}', defaults=JSON_DEFAULTS)
+        elif kind == "regex":
+            grammar = M.grammar_from_regex(text)
+        else:
+            grammar = M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in json.loads(text)))
+    except Exception as e:  # llguidance raises plain exceptions for malformed input
+        raise ValueError(f"guided_decoding.{kind}: {str(e).splitlines()[0]}") from None
+    is_error, messages = M.validate_grammar_with_warnings(grammar)
+    if is_error:
+        first = (messages[0] if messages else "invalid grammar").strip().splitlines()[0]
+        raise ValueError(f"guided_decoding.{kind}: {first}")
+    return grammar
+
+
+def validate(g: Any) -> None:
+    """Raise ValueError (or the install hint) for a GuidedDecodingParams that cannot be compiled."""
+    grammar_text(*grammar_key(g))
+
+
+def tokenizer_json(tokenizer: Any) -> str:
+    """tokenizer.json text of the dsv3 tokenizer or of a transformers fast tokenizer."""
+    if hasattr(tokenizer, "to_str"):
+        return tokenizer.to_str()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.to_str()
+    raise ValueError("guided decoding needs a tokenizer backed by a tokenizer.json (the dsv3 or a fast HF tokenizer)")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable stand-in character of each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def ll_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: list[int]):
+    """llguidance's view of the tokenizer, with each token's exact bytes. Built from the token list
+    rather than from tokenizer.json, because llguidance's tokenizer.json loader marks EVERY added
+    token special, and V3's non-special added tokens (`<think>`, `</think>`, the tool-call markers
+    `<｜tool▁calls▁begin｜>` ...) are ordinary text the model writes: as special tokens the mask
+    offered them for a grammar's literal "<think>" and then rejected them when sampled."""
+    llg = _llguidance()
+    from llguidance._tokenizer import TokenizerWrapper
+
+    tokenizer_json(tokenizer)  # the same support check (dsv3 or HF fast tokenizer)
+    backend = tokenizer.backend if hasattr(tokenizer, "to_str") else tokenizer.backend_tokenizer
+    to_byte = _byte_decoder()
+    tokens = [b""] * vocab_size
+    for text, i in backend.get_vocab(with_added_tokens=False).items():
+        if i < vocab_size:
+            tokens[i] = bytes(to_byte[c] for c in text) if all(c in to_byte for c in text) else text.encode()
+    special = []
+    for i, added in backend.get_added_tokens_decoder().items():
+        if i < vocab_size:
+            tokens[i] = added.content.encode()
+            if added.special:
+                special.append(i)
+
+    class _Tok:
+        eos_token_id, bos_token_id, special_token_ids = eos_ids[0], None, special
+
+        def __call__(self, s):
+            return backend.encode(s.decode("utf-8", "replace") if isinstance(s, bytes) else s,
+                                  add_special_tokens=False).ids
+
+    _Tok.tokens = tokens
+    return llg.LLTokenizer(TokenizerWrapper(_Tok()), n_vocab=vocab_size, eos_token=eos_ids)
+
+
+class GrammarCompiler:
+    """Per engine: the llguidance view of the tokenizer (built on first use, ~1-3 s for V3) and an LRU
+    of compiled matchers by grammar key; each sequence gets its own copy of the compiled matcher."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int]):
+        if tokenizer is None:
+            raise ValueError("guided decoding needs a tokenizer (this engine has none)")
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_ids = sorted(eos_ids)
+        self._lltok = None
+        self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()  # add_request may run in several threads
+
+    def matcher(self, g: Any):
+        with self._lock:
+            return self._matcher(g)
+
+    def _matcher(self, g: Any):
+        llg = _llguidance()
+        if self._lltok is None:
+            self._lltok = ll_tokenizer(self._tokenizer, self.vocab_size, self.eos_ids)
+        key = grammar_key(g)
+        template = self._compiled.get(key)
+        if template is None:
+            template = llg.LLMatcher(self._lltok, grammar_text(*key), log_level=0)
+            if template.is_error():
+                raise ValueError(f"guided_decoding.{key[0]}: {template.get_error()}")
+            self._compiled[key] = template
+            if len(self._compiled) > _CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
+        return template.deep_copy()
+
+
+_BITS = torch.tensor([[(byte >> b) & 1 for b in range(8)] for byte in range(256)], dtype=torch.bool)  # byte -> its 8 bits
+
+
+def allowed_tokens(matchers: list[Any], vocab_size: int) -> torch.Tensor:
+    """The tokens each grammar allows next, as a CPU bool [len(matchers), vocab_size]. llguidance writes
+    a bitmask (bit j of int32 word w = token 32w + j); its little-endian bytes index a bit table."""
+    words = (vocab_size + 31) // 32
+    bits = torch.zeros(len(matchers), words, dtype=torch.int32)
+    for row, m in zip(bits, matchers):
+        m.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+    return _BITS[bits.view(torch.uint8).long()].view(len(matchers), -1)[:, :vocab_size]
+
+
+def advance(matcher: Any, token: int) -> bool:
+    """Feed the sampled token; True when the grammar is complete and cannot continue (stop now)."""
+    if not matcher.consume_token(token):
+        raise RuntimeError(f"guided decoding: token {token} was sampled outside the grammar ({matcher.get_error()})")
+    return matcher.is_stopped()
+
+
+def mask_rows(logits: torch.Tensor, rows: list[int], matchers: list[Any], forbid: list[list[int]]) -> torch.Tensor:
+    """-inf on every logit the row's grammar forbids; `forbid[i]` (the stop ids under min_tokens) is
+    also masked unless that would leave the row no token (then the grammar wins: it must end)."""
+    allowed = allowed_tokens(matchers, logits.shape[-1])
+    for ok, ban in zip(allowed, forbid):
+        if ban:
+            keep = ok.clone()
+            keep[ban] = False
+            if keep.any():
+                ok.copy_(keep)
+    mask = allowed.to(logits.device, non_blocking=True)
+    out = logits.clone()
+    idx = torch.tensor(rows, device=logits.device)
+    out[idx] = out[idx].masked_fill(~mask, float("-inf"))
+    return out
+

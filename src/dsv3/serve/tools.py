@@ -1,0 +1,224 @@
+"""Tool calling in DeepSeek-V3's format: the tool prompt, `tool_choice`, and the tool-call parser.
+
+The V3 chat template renders tool CALLS and tool RESULTS (`dsv3.data.chat_template`) but has no
+place for the tool DEFINITIONS. As vLLM's and SGLang's DeepSeek-V3 tool templates do, we describe
+the tools in the system prompt (`tools_system_prompt`, appended after the request's own system
+messages) and show the exact call format there; the rest of the prompt is the V3 template
+unchanged, so it equals transformers' `apply_chat_template` on the same messages.
+
+The model calls tools with (one token each for the `<｜...｜>` markers)
+    <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>
+    [\\n<｜tool▁call▁begin｜>...<｜tool▁call▁end｜>]...<｜tool▁calls▁end｜>
+`DeepSeekV3ToolParser.extract` turns that back into OpenAI `tool_calls` (text before the calls is
+`content`; malformed calls leave the whole text as content, as vLLM does). The streamed form
+(`ToolCallStream`) sends the text before `<｜tool▁calls▁begin｜>` as content deltas and each call as
+one `delta.tool_calls` entry when its `<｜tool▁call▁end｜>` arrives, so streamed and non-streamed
+results are the same structure.
+
+`tool_choice`:
+  "auto" (default with tools)  the model decides; its output is parsed as above;
+  "none"                       tools are neither described nor parsed (plain chat);
+  "required"                   guided decoding to a JSON array of {"name", "parameters"} objects
+                               (one of the tools each; at most one with parallel_tool_calls=false),
+                               the vLLM approach; parsed into tool_calls;
+  {"type": "function", "function": {"name": N}}  guided decoding to N's parameter schema; the
+                               output is the arguments of one call to N.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from dsv3.data.chat_template import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
+
+_CALL_RE = re.compile(re.escape(CALL_BEGIN) + r"(?P<type>.*?)" + re.escape(SEP) + r"(?P<name>.*?)\n```json\n"
+                      r"(?P<args>.*?)\n```" + re.escape(CALL_END), re.DOTALL)
+
+
+class ToolError(ValueError):
+    """A bad `tools` / `tool_choice` field: (message, param)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+def tool_call(name: str, arguments: str, index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+    if index is not None:
+        out = {"index": index, **out}
+    return out
+
+
+# ---------------------------------------------------------------------------------- request side
+@dataclass
+class ToolPlan:
+    """What a request's `tools` / `tool_choice` mean for prompt, decoding and parsing."""
+
+    tools: list[dict]
+    mode: str  # "off" (no tools or "none"), "auto", "required", "named"
+    name: str | None = None  # the named function
+    parallel: bool = True
+
+    @property
+    def describe(self) -> bool:
+        return self.mode != "off"
+
+    def guided_json(self) -> dict | None:
+        """JSON schema the output must follow (required / named), else None."""
+        if self.mode == "named":
+            return _parameters(next(t for t in self.tools if t["function"]["name"] == self.name))
+        if self.mode == "required":
+            items = {"anyOf": [{"type": "object", "properties": {
+                "name": {"type": "string", "enum": [t["function"]["name"]]},
+                "parameters": _parameters(t)}, "required": ["name", "parameters"]} for t in self.tools]}
+            schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": items}
+            if not self.parallel:
+                schema["maxItems"] = 1
+            return schema
+        return None
+
+
+def _parameters(tool: dict) -> dict:
+    params = tool["function"].get("parameters")
+    return params if isinstance(params, dict) and params else {"type": "object", "properties": {}}
+
+
+def plan_tools(tools: list | None, tool_choice: Any, parallel_tool_calls: bool | None) -> ToolPlan:
+    """Check `tools` / `tool_choice` (OpenAI shapes) -> ToolPlan. Raises ToolError."""
+    tools = list(tools or [])
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise ToolError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", "tools")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ToolError(f"tools[{i}].function.name must be a non-empty string", "tools")
+        if "parameters" in fn and fn["parameters"] is not None and not isinstance(fn["parameters"], dict):
+            raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise ToolError("tools: function names must be unique", "tools")
+    parallel = True if parallel_tool_calls is None else bool(parallel_tool_calls)
+    if tool_choice is None:
+        tool_choice = "auto" if tools else "none"
+    if tool_choice == "none":
+        return ToolPlan(tools, "off", parallel=parallel)
+    if tool_choice in ("auto", "required"):
+        if not tools:
+            raise ToolError(f"tool_choice {tool_choice!r} needs a non-empty 'tools' list", "tool_choice")
+        return ToolPlan(tools, tool_choice, parallel=parallel)
+    if isinstance(tool_choice, dict) and tool_choice.get("type", "function") == "function" \
+            and isinstance(tool_choice.get("function"), dict):
+        name = tool_choice["function"].get("name")
+        if name not in names:
+            raise ToolError(f"tool_choice names function {name!r}, which is not in 'tools' ({names})", "tool_choice")
+        return ToolPlan(tools, "named", name=name, parallel=parallel)
+    raise ToolError("tool_choice must be 'none', 'auto', 'required' or "
+                    "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+
+
+def tools_system_prompt(tools: list[dict]) -> str:
+    """The tool definitions and the V3 call format, as a system-prompt block."""
+    lines = ["## Tools", "", "You can call these functions. To call one or more, answer with exactly:",
+             f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}FUNCTION_NAME\n```json\nARGUMENTS_AS_JSON\n```{CALL_END}"
+             f"{CALLS_END}",
+             "(several calls are separated by a newline inside the calls block). The arguments must be "
+             "valid JSON matching the function's parameters.", ""]
+    for t in tools:
+        fn = t["function"]
+        lines += [f"### {fn['name']}"]
+        if fn.get("description"):
+            lines += [f"Description: {fn['description']}"]
+        lines += [f"Parameters: {json.dumps(_parameters(t), ensure_ascii=False)}", ""]
+    return "\n".join(lines).rstrip("\n")
+
+
+def with_tool_prompt(messages: list[dict], plan: ToolPlan) -> list[dict]:
+    """Messages to render: the request's, plus the tool block as the last system message."""
+    if not plan.describe:
+        return messages
+    return list(messages) + [{"role": "system", "content": tools_system_prompt(plan.tools)}]
+
+
+# ---------------------------------------------------------------------------------- output side
+class DeepSeekV3ToolParser:
+    """V3 tool-call tokens in generated text -> OpenAI tool calls."""
+
+    def extract(self, text: str, parallel: bool = True) -> tuple[str | None, list[dict]]:
+        """-> (content or None, tool calls). No well-formed call: (text, [])."""
+        head, sep, rest = text.partition(CALLS_BEGIN)
+        if not sep:
+            return text or None, []
+        calls = [tool_call(m["name"], m["args"]) for m in _CALL_RE.finditer(rest.split(CALLS_END)[0])]
+        if not calls:
+            return text or None, []
+        return head or None, calls[: None if parallel else 1]
+
+    def stream(self, parallel: bool = True) -> "ToolCallStream":
+        return ToolCallStream(parallel)
+
+
+class ToolCallStream:
+    """Per-choice streaming: content until the calls block, then one delta per completed call.
+    If the block ends (or the output finishes) with no well-formed call, the held text is sent as
+    content, matching `extract`."""
+
+    def __init__(self, parallel: bool = True):
+        self.parallel = parallel
+        self.sent_content = 0
+        self.sent_calls = 0
+
+    @property
+    def called(self) -> bool:
+        return self.sent_calls > 0
+
+    def feed(self, text: str, finished: bool) -> tuple[str, list[dict]]:
+        """`text`: cumulative content so far. -> (content delta, new tool-call deltas)."""
+        head, sep, rest = text.partition(CALLS_BEGIN)
+        if not sep:
+            keep = len(text) if finished else len(text) - _partial_len(text, CALLS_BEGIN)
+            return self._content(text[:keep]), []
+        content = self._content(head)
+        block = rest.split(CALLS_END)[0]
+        matches = list(_CALL_RE.finditer(block))
+        limit = len(matches) if self.parallel else min(len(matches), 1)
+        new = [tool_call(m["name"], m["args"], index=i) for i, m in enumerate(matches[:limit]) if i >= self.sent_calls]
+        self.sent_calls = max(self.sent_calls, limit)
+        if finished and not matches:  # malformed: everything is content, as in extract()
+            content += self._content(text)
+        return content, new
+
+    def _content(self, upto: str) -> str:
+        piece = upto[self.sent_content:]
+        self.sent_content = max(self.sent_content, len(upto))
+        return piece
+
+
+def _partial_len(text: str, tag: str) -> int:
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
+def calls_from_json(text: str, plan: ToolPlan) -> list[dict] | None:
+    """Guided output of tool_choice required / named -> tool calls (None if it does not parse)."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if plan.mode == "named":  # the arguments exactly as generated (streamed piece by piece)
+        return [tool_call(plan.name, text)]
+    if not isinstance(obj, list):
+        return None
+    calls = [tool_call(c["name"], json.dumps(c.get("parameters", {}), ensure_ascii=False))
+             for c in obj if isinstance(c, dict) and isinstance(c.get("name"), str)]
+    return calls[: None if plan.parallel else 1]
