@@ -44,7 +44,7 @@ def main() -> int:
         engine.add_request(str(i), None, torch.randint(2, 100_000, (args.prompt_len,), generator=g).tolist(),
                            SamplingParams(temperature=0.0, max_tokens=args.steps + 3, min_tokens=args.steps + 3))
     engine.step()  # prefill(s)
-    while engine.stats["decode_steps"] < 1:
+    while engine.stats()["decode_steps"] < 1:
         engine.step()  # one warm decode step
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         for _ in range(args.steps):
