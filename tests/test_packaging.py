@@ -31,9 +31,7 @@ def test_help_never_imports_torch(argv):
     assert not torch_in, out
 
 
-@pytest.mark.parametrize("verb", [pytest.param(v, marks=pytest.mark.xfail(
-    strict=True, reason="dsv3.checkpoint.convert imports torch at module level (its module is wt-integrity's)"))
-    if v == "convert" else v for v in VERBS if v in _available()])
+@pytest.mark.parametrize("verb", [v for v in VERBS if v in _available()])
 def test_argument_errors_never_import_torch(verb):
     torch_in, out = _torch_imported([verb, "--no-such-flag"])
     assert "unrecognized arguments" in out or "required" in out, out

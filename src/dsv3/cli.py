@@ -20,7 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "preprocess": ("dsv3.data.preprocess", "tokenise text into Megatron .bin/.idx files"),
     "train": ("dsv3.train.cli", "pretrain from a YAML config (ours or MindSpore-style)"),
     "plot": ("dsv3.train.plot", "plot loss curves and expert load of a training run"),
-    "convert": ("dsv3.checkpoint.convert", "convert checkpoints (HF <-> dsv3, FP8 -> BF16, train -> HF)"),
+    "convert": ("dsv3.checkpoint.convert_cli", "convert checkpoints (HF <-> dsv3, FP8 -> BF16, train -> HF)"),
     "generate": ("dsv3.infer.cli", "generate text from a model (CLI, interactive chat)"),
     "serve": ("dsv3.serve.cli", "OpenAI-compatible REST server"),
     "bench": ("dsv3.bench.cli", "benchmarks: serve | throughput | latency"),

@@ -1,5 +1,14 @@
-"""HF-format checkpoints: one name table (`hf_map`), streaming load/save (`io`), FP8 (`fp8`), `dsv3 convert`."""
+"""HF-format checkpoints: one name table (`hf_map`), streaming load/save (`io`), FP8 (`fp8`), `dsv3 convert`.
 
-from dsv3.checkpoint.io import from_pretrained, save_pretrained
+`from_pretrained` / `save_pretrained` are imported on first use, so the `dsv3 convert` command line
+(`convert_cli`) can parse its arguments without importing torch."""
 
 __all__ = ["from_pretrained", "save_pretrained"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from dsv3.checkpoint import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module 'dsv3.checkpoint' has no attribute {name!r}")

@@ -1,0 +1,26 @@
+"""`dsv3 convert` command line: arguments only, so `--help` and argument errors never import torch.
+The work is `dsv3.checkpoint.convert.convert` (module docstring there: layouts, FP8, quantisation)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint directory (config.json + safetensors; HF hub, FP8, transformers v5 or dsv3 layout)")
+    p.add_argument("dst", help="output directory (must not exist or be empty)")
+    p.add_argument("--to", choices=["hf", "dsv3", "fp8"], default="hf",
+                   help="output layout: HF hub per-expert names (default), dsv3 stacked, or fp8 (HF layout in DeepSeek's FP8 "
+                        "format: e4m3 weights with 128x128 block scales, as the published checkpoints)")
+    p.add_argument("--quantize", choices=["fp8", "w8a8", "int8"], default=None,
+                   help="write quantised weights (HF layout): fp8 = --to fp8; w8a8 / int8: int8 per output channel")
+    p.add_argument("--dtype", default=None, help="output dtype: bfloat16 | float32 | float16 | keep (default: keep; FP8 -> bfloat16)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3.checkpoint.convert import convert
+
+    out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size, quantize=args.quantize)
+    print(f"wrote {out}")
+    return 0
