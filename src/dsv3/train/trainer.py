@@ -347,12 +347,13 @@ class Trainer:
             from dsv3.data.tokenizer import export_tokenizer
 
             summary["hf_dir"] = str(save_pretrained(self.model, self.run_dir / "hf"))
-            if cfg.data.type == "sft":  # fine-tuned weights ship with their tokenizer and chat template
-                from dsv3.data.sft_dataset import export_tokenizer
-
-                export_tokenizer(cfg, summary["hf_dir"])
             self.log(f"exported HF weights to {summary['hf_dir']}")
-            self.log(export_tokenizer(summary["hf_dir"], cfg.data.tokenizer, cfg.model.vocab_size))
+            source = cfg.data.tokenizer
+            if cfg.data.type == "sft":  # fine-tuned weights ship with the tokenizer they were tuned with (or init_from's)
+                from dsv3.data.sft_dataset import tokenizer_source
+
+                source = tokenizer_source(cfg)
+            self.log(export_tokenizer(summary["hf_dir"], source, cfg.model.vocab_size))
         if cfg.logging.plots:
             from dsv3.train.plot import plots_after_training
 
