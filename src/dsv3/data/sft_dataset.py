@@ -143,29 +143,6 @@ def tokenizer_source(cfg) -> str | None:
     return None
 
 
-def export_tokenizer(cfg, dest) -> list[str]:
-    """Write tokenizer.json (decompressed) and tokenizer_config.json (with its chat template) of the run's
-    tokenizer next to exported weights, so transformers and `dsv3 serve` find them. Returns the names written."""
-    import lzma
-    import shutil
-    from pathlib import Path
-
-    from dsv3.data.tokenizer import _resolve
-
-    tok_file, cfg_file = _resolve(tokenizer_source(cfg))
-    dest = Path(dest)
-    if tok_file.suffix == ".xz":
-        with lzma.open(tok_file, "rb") as src, open(dest / "tokenizer.json", "wb") as out:
-            shutil.copyfileobj(src, out)
-    else:
-        shutil.copyfile(tok_file, dest / "tokenizer.json")
-    written = ["tokenizer.json"]
-    if cfg_file is not None:
-        shutil.copyfile(cfg_file, dest / "tokenizer_config.json")
-        written.append("tokenizer_config.json")
-    return written
-
-
 def build_sft_data(cfg, log=None) -> tuple[SFTDataset, SFTDataset | None]:
     """(train, held-out) SFT datasets of a RunConfig with `data.type: sft` (see `dsv3.config.train.SFTConfig`)."""
     from dsv3.data.sft import is_raw_file, load_sft_samples
