@@ -26,11 +26,11 @@ TOL = 1e-5
 
 def run_cfg(prefix: str, out: Path, parallel: dict, steps: int = 4, batch_size: int = 2, recompute: str = "none", **model):
     d = {"model": to_dict(tiny_cfg(**model)),
-         "data": {"data_path": [prefix], "split": "100,0,0", "seq_length": 32},
+         "data": {"data_path": [prefix], "valid_data_path": [prefix], "split": "100,0,0", "seq_length": 32},
          "train": {"steps": steps, "batch_size": batch_size, "seed": 0, "device": "cpu", "threads": 1, "recompute": recompute},
          "lr_schedule": {"type": "cosine", "learning_rate": 3e-3, "warmup_steps": 1, "min_lr": 3e-4},
          "checkpoint": {"output_dir": str(out), "save_steps": 2, "export_hf": True, "keep_last": 3},
-         "eval": {"eval_steps": 0, "eval_at_end": False},
+         "eval": {"eval_steps": 2, "eval_iters": 3, "eval_at_end": False},  # 3: a short last group under PP
          "logging": {"progress_bar": False, "plots": False}, "parallel": parallel}
     cfg = run_config_from_dict(d)
     cfg.validate()
@@ -57,6 +57,11 @@ SEED_LAYOUT = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 2, "ex
 
 def losses(out: Path) -> list[float]:
     return [json.loads(s)["loss"] for s in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in s]
+
+
+def valid_losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in s]
+    return {r["step"]: r["valid_loss"] for r in recs}
 
 
 def launch(tmp: Path, cfg_path: Path, n: int, *extra: str) -> None:
@@ -108,12 +113,19 @@ def test_seed_layout_8_processes(runs):
     logs = sorted(p.name for p in (runs / "log-seed").glob("worker_*.log"))
     assert logs == [f"worker_{r}.log" for r in range(8)]
     assert "step 4 | loss" in (runs / "log-seed" / "worker_7.log").read_text()  # the last stage's log, as in the seed
+    # evaluation under dp2 mp2 pp2 ep2 (the pipeline's forward-only pass) equals one process's
+    vref, vgot = valid_losses(runs / "seedref"), valid_losses(runs / "seed")
+    assert sorted(vgot) == sorted(vref) == [0, 2, 4]
+    assert max(abs(vgot[k] - vref[k]) for k in vref) <= TOL, (vgot, vref)
 
 
 def test_dp2xpp2_losses_equal_one_process(runs):
     ref, got = losses(runs / "ref"), losses(runs / "dp2pp2")
     assert len(got) == len(ref) == 4
     assert max(abs(a - b) for a, b in zip(got, ref)) <= TOL, (got, ref)
+    vref, vgot = valid_losses(runs / "ref"), valid_losses(runs / "dp2pp2")
+    assert sorted(vgot) == sorted(vref) == [0, 2, 4]
+    assert max(abs(vgot[k] - vref[k]) for k in vref) <= TOL, (vgot, vref)
 
 
 def test_checkpoints_and_hf_export(runs):
@@ -130,3 +142,6 @@ def test_resume_under_another_layout(runs):
     ref, got = losses(runs / "ref"), losses(runs / "resumed")
     assert len(got) == 2  # steps 3 and 4
     assert max(abs(a - b) for a, b in zip(got, ref[2:])) <= TOL, (got, ref)
+    # evaluation under FSDP (dp2; it crashed with "FSDP requires a single root module") equals one process's
+    vref, vgot = valid_losses(runs / "ref"), valid_losses(runs / "resumed")
+    assert list(vgot) == [4] and abs(vgot[4] - vref[4]) <= TOL, (vgot, vref)

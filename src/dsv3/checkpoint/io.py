@@ -373,6 +373,11 @@ def _install(tmp: Path, dest: Path) -> None:
     """Move a fully written temporary directory into place (whole-dir rename when possible)."""
     if dest.exists() and not dest.is_dir():
         raise UserError(f"{dest} exists and is not a directory")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp (and safetensors) make 0700/0600: give the user's usual modes
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~mask)
     if not dest.exists() or not any(dest.iterdir()):
         if dest.exists():
             dest.rmdir()

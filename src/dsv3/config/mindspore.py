@@ -340,6 +340,7 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
     if extra.get("balance") is False:
         o["train"]["bias_update_rate"] = 0.0
     o["model"].setdefault("topk_method", "noaux_tc")
+    o["optimizer"].setdefault("weight_decay", 0.0)  # MindFormers' AdamW default (ours is 0.1)
     sizes = extra.get("sizes", [0])
     if "epochs" in extra and sizes[0] > 0:
         par = o["parallel"]
@@ -350,3 +351,56 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
     if t.ignored and not quiet:
         print(f"{source}: ignored (MindSpore/Ascend-only): {_group(t.ignored)}", file=sys.stderr)
     return {k: v for k, v in o.items() if v}
+
+
+# ---- predict YAML (`dsv3 generate --config predict_*.yaml`)
+_PREDICT_SAMPLING = ("max_decode_length", "do_sample", "top_k", "top_p", "repetition_penalty")
+_PREDICT_WHY = {
+    "quantization_config": "W8A8 is not applied: the weights are used as stored",
+    "block_size": "the KV cache is set by --block-size / --num-blocks",
+    "num_blocks": "the KV cache is set by --block-size / --num-blocks",
+    "parallel_config": "one process",
+}
+_PREDICT_OPEN = ("model", "model.model_config", "processor", "processor.tokenizer")  # sections listed key by key
+
+
+def predict_settings(data: dict, source: str = "config", quiet: bool = False) -> dict[str, Any]:
+    """The fields of a MindFormers predict YAML that `dsv3 generate` applies (checkpoint, tokenizer,
+    seed, sampling). Every other key is listed once on stderr as not applied, never dropped silently."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping at the top level")
+    mc = (data.get("model") or {}).get("model_config") or {}
+    tok = (data.get("processor") or {}).get("tokenizer") or {}
+    out: dict[str, Any] = {"model": data.get("load_checkpoint"), "tokenizer": tok.get("tokenizer_file") or tok.get("vocab_file"),
+                           "seed": data.get("seed")}
+    if mc.get("max_decode_length"):
+        out["max_tokens"] = int(mc["max_decode_length"])
+    if mc.get("do_sample"):
+        out["temperature"] = 1.0
+        if mc.get("top_k") not in (None, 0):
+            out["top_k"] = int(mc["top_k"])
+        if mc.get("top_p") not in (None, 1):
+            out["top_p"] = float(mc["top_p"])
+    if mc.get("repetition_penalty") not in (None, 1):
+        out["repetition_penalty"] = float(mc["repetition_penalty"])
+    if not out["model"]:
+        raise UserError(f"{source}: no load_checkpoint (the checkpoint directory or file)")
+    used = {"load_checkpoint", "seed", "processor.tokenizer.tokenizer_file", "processor.tokenizer.vocab_file",
+            "model.arch", *(f"model.model_config.{k}" for k in _PREDICT_SAMPLING)}
+    unused: list[str] = []
+
+    def visit(node: dict, where: str) -> None:
+        for key, value in node.items():
+            path = f"{where}.{key}" if where else str(key)
+            if path in used:
+                continue
+            if path in _PREDICT_OPEN and isinstance(value, dict):
+                visit(value, path)
+            else:
+                unused.append(path + (f" ({_PREDICT_WHY[key]})" if key in _PREDICT_WHY else ""))
+
+    visit(data, "")
+    if unused and not quiet:
+        print(f"{source}: not applied by dsv3 generate (the model's architecture comes from the checkpoint's config.json, "
+              f"the rest is MindSpore/Ascend-only): {_group(unused)}", file=sys.stderr)
+    return out

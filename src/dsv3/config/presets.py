@@ -8,15 +8,17 @@ from dsv3.config.load import apply_overrides, from_dict, read_yaml
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+"""The presets, shipped as package data (`dsv3/configs`, in a checkout a link to the repository's `configs/`)."""
 
 
 def resolve_preset(name_or_path: str | Path) -> Path:
-    """A path, or the name of a file in the repository's `configs/` (with or without .yaml)."""
+    """A path, or the name of a shipped preset (`configs/NAME.yaml`, with or without .yaml, or `configs/NAME.yaml` itself)."""
     p = Path(name_or_path)
     if p.exists():
         return p
-    for cand in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / str(name_or_path)):
+    name = p.name if p.parent.name == "configs" else str(name_or_path)  # `configs/tiny.yaml` outside a checkout
+    for cand in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / name):
         if cand.is_file():
             return cand
     raise UserError(f"config {str(name_or_path)!r} not found (a path, or one of: "

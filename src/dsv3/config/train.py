@@ -273,7 +273,10 @@ def run_config_from_dict(data: dict, overrides: list[str] | None = None, source:
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a run YAML (ours or the seed's MindSpore style) and validate it."""
+    """Read a run YAML (ours or the seed's MindSpore style; a path or a shipped preset's name) and validate it."""
+    from dsv3.config.presets import resolve_preset
+
+    path = resolve_preset(path)
     cfg = run_config_from_dict(read_yaml(path), overrides, str(path))
     cfg.validate()
     return cfg

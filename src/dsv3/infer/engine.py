@@ -463,13 +463,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
 
 
 def load_tokenizer_for(model_dir: str | Path | None, tokenizer: Any = None):
-    """The tokenizer object, a path to one, or (None) the tokenizer.json in the model directory if present."""
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        return tokenizer
-    from dsv3.data.tokenizer import load_tokenizer
+    """The tokenizer for `model_dir` by the one rule every entry point uses (`dsv3.data.tokenizer.resolve_tokenizer`)."""
+    from dsv3.data.tokenizer import resolve_tokenizer
 
-    if tokenizer is not None:
-        return load_tokenizer(tokenizer)
-    if model_dir is not None and any((Path(model_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.json.xz")):
-        return load_tokenizer(model_dir)
-    return None
+    return resolve_tokenizer(tokenizer, model_dir)

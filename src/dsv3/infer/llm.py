@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from dsv3.infer.engine import LLMEngine, load_tokenizer_for
+from dsv3.infer.engine import LLMEngine
 from dsv3.infer.outputs import RequestOutput
 from dsv3.infer.sampling import SamplingParams
 
@@ -27,8 +27,10 @@ class LLM:
         if isinstance(model_dir_or_model, (str, Path)):
             self.engine = LLMEngine.from_pretrained(model_dir_or_model, tokenizer, dtype=dtype, device=device, **engine_kwargs)
         else:
-            self.engine = LLMEngine(model_dir_or_model, load_tokenizer_for(None, tokenizer), dtype=dtype, device=device,
-                                    **engine_kwargs)
+            from dsv3.data.tokenizer import resolve_tokenizer
+
+            tok = resolve_tokenizer(tokenizer, None, getattr(getattr(model_dir_or_model, "config", None), "vocab_size", None))
+            self.engine = LLMEngine(model_dir_or_model, tok, dtype=dtype, device=device, **engine_kwargs)
         self._counter = 0
 
     def get_tokenizer(self):

@@ -3,9 +3,20 @@ data parallel (fsdp.py), DTensor tensor + sequence parallel (tp.py), all-to-all 
 (ep.py), torch.distributed.pipelining stages and schedules (pp.py), DCP checkpoints (dcp.py), and the
 msrun-style launcher (launch.py). The model code stays single-device; all of this is applied from outside."""
 
-from dsv3.parallel.api import (DistributedModel, build_optimizer, lm_loss, parallelize, reduce_expert_counts, train_step,
-                               update_expert_bias)
-from dsv3.parallel.dims import Meshes, ParallelDims, build_meshes, init_distributed
+from __future__ import annotations
 
-__all__ = ["DistributedModel", "Meshes", "ParallelDims", "build_meshes", "build_optimizer", "init_distributed", "lm_loss",
-           "parallelize", "reduce_expert_counts", "train_step", "update_expert_bias"]
+from typing import Any
+
+# Exports are lazy (as in dsv3.infer): `dsv3 launch` and `dsv3 --help` import this package without torch.
+_EXPORTS = {**{n: "dsv3.parallel.api" for n in ("DistributedModel", "build_optimizer", "lm_loss", "parallelize",
+                                                 "reduce_expert_counts", "train_step", "update_expert_bias")},
+            **{n: "dsv3.parallel.dims" for n in ("Meshes", "ParallelDims", "build_meshes", "init_distributed")}}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dsv3.parallel' has no attribute {name!r}")

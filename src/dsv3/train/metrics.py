@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +85,11 @@ class MetricsWriter:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                from dsv3.errors import UserError
-
-                raise UserError("logging.tensorboard is true but the tensorboard package is missing: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # optional: metrics.jsonl holds everything; say once how to get the events
+                print("logging.tensorboard: the tensorboard package is not installed, no TensorBoard events are written "
+                      "(metrics.jsonl has every value; pip install tensorboard to get them)", file=sys.stderr)
+            else:
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop their old records (atomically)."""

@@ -25,9 +25,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+PLOTS_HINT = "pip install matplotlib, or pip install 'dsv3[train]'"
+
+
+def plots_after_training(run_dir: str | Path, log) -> list[Path]:
+    """The end of `dsv3 train`: write the plots, or, without matplotlib (a base install), say in one
+    line how to get them -- the run's results are all written already, so this never fails the run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log(f"plots skipped: matplotlib is not installed ({PLOTS_HINT}; then: dsv3 plot {run_dir})")
+        return []
+    return write_plots(run_dir)
+
+
 def write_plots(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Write the PNGs; returns their paths."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError(f"plots need matplotlib: {PLOTS_HINT}") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -280,10 +280,7 @@ class Trainer:
             return None
         self.model.eval()
         total = count = 0.0
-        bs, n = self.cfg.train.batch_size, len(self.data.valid)
-        for i in range(min(self.cfg.eval.eval_iters, n // bs)):
-            items = [self.data.valid[j] for j in range(i * bs, (i + 1) * bs)]
-            batch = self._to_device({k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]})
+        for batch in self.eval_batches():
             with self.autocast():
                 _, post = self.model.hidden_states(batch["tokens"], batch.get("position_ids"))
                 s = LinearCrossEntropy.apply(post.flatten(0, 1), self.model.lm_head.weight, batch["labels"].flatten(),
@@ -295,6 +292,15 @@ class Trainer:
             return None
         loss = total / count
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+
+    def eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The validation micro-batches of every evaluation (the first eval_iters, always the same)."""
+        bs, n = self.cfg.train.batch_size, len(self.data.valid)
+        out = []
+        for i in range(min(self.cfg.eval.eval_iters, n // bs)):
+            items = [self.data.valid[j] for j in range(i * bs, (i + 1) * bs)]
+            out.append(self._to_device({k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}))
+        return out
 
     def save(self) -> Path:
         return checkpoint.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,
@@ -351,10 +357,13 @@ class Trainer:
         if cfg.checkpoint.export_hf:
             from dsv3.checkpoint.io import save_pretrained
 
+            from dsv3.data.tokenizer import export_tokenizer
+
             summary["hf_dir"] = str(save_pretrained(self.model, self.run_dir / "hf"))
             self.log(f"exported HF weights to {summary['hf_dir']}")
+            self.log(export_tokenizer(summary["hf_dir"], cfg.data.tokenizer, cfg.model.vocab_size))
         if cfg.logging.plots:
-            from dsv3.train.plot import write_plots
+            from dsv3.train.plot import plots_after_training
 
-            summary["plots"] = [str(p) for p in write_plots(self.run_dir)]
+            summary["plots"] = [str(p) for p in plots_after_training(self.run_dir, self.log)]
         return summary
