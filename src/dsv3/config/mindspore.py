@@ -225,7 +225,12 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
                 raise t.err(path, f"expected [train, valid, test] sample counts, got {val!r}")
             extra["sizes"] = [int(x) for x in val]
 
-        t.walk(v, p, {"type": t.expect(("BlendedMegatronDatasetDataLoader",)), "sizes": sizes, "config": data_config})
+        def loader_type(val, path):
+            extra["loader"] = val
+
+        t.walk(v, p, {"type": t.expect(("BlendedMegatronDatasetDataLoader", "MindDataset"), loader_type), "sizes": sizes,
+                      "config": data_config, "dataset_dir": lambda val, path: extra.__setitem__("dataset_dir", (val, path)),
+                      "shuffle": lambda val, path: extra.__setitem__("shuffle", (val, path))})
 
     def train_dataset(v, p):
         t.walk(v, p, {"data_loader": data_loader})
@@ -303,8 +308,8 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
                 raise t.err(where, f"callback type {kind!r} is not known (expected MFLossMonitor, TopkBiasBalanceCallback, CheckpointMonitor)")
 
     def load_ckpt(v, p):
-        if v:
-            raise t.err(p, f"{v!r}: starting from MindSpore weights is not supported; convert them to HF safetensors first")
+        if v:  # an HF safetensors or dsv3 checkpoint directory (MindSpore .ckpt files are refused when loading)
+            o["train"]["init_from"] = str(v)
 
     t.walk(data, "", {
         "seed": t.put("train", "seed"), "output_dir": t.put("checkpoint", "output_dir"),
@@ -346,6 +351,7 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
         par = o["parallel"]
         gbs = o["train"].get("batch_size", 1) * par.get("data_parallel", 1) * par.get("micro_batch_num", 1)
         o["train"]["steps"] = max(1, extra["epochs"] * sizes[0] // gbs)
+    _sft_dataset(t, extra, source, quiet)
     if len(sizes) > 1 and sizes[1] > 0:
         o["eval"]["eval_iters"] = sizes[1]
     if t.ignored and not quiet:
@@ -404,3 +410,27 @@ def predict_settings(data: dict, source: str = "config", quiet: bool = False) ->
         print(f"{source}: not applied by dsv3 generate (the model's architecture comes from the checkpoint's config.json, "
               f"the rest is MindSpore/Ascend-only): {_group(unused)}", file=sys.stderr)
     return out
+
+
+def _sft_dataset(t: _Translator, extra: dict, source: str, quiet: bool) -> None:
+    """A fine-tuning YAML's `MindDataset` -> our SFT data (`data.type: sft`); its epochs -> train.epochs."""
+    o = t.out
+    if "shuffle" in extra and extra.get("loader") != "MindDataset":
+        t.ignored.append(extra["shuffle"][1])
+    if extra.get("loader") != "MindDataset":
+        if "dataset_dir" in extra:
+            raise t.err(extra["dataset_dir"][1], "dataset_dir belongs to a MindDataset loader (fine-tuning data)")
+        return
+    if "dataset_dir" not in extra:
+        raise t.err("train_dataset.data_loader", "MindDataset needs a dataset_dir")
+    path = str(extra["dataset_dir"][0])
+    o["data"]["type"] = "sft"
+    o["data"]["sft"] = {"path": path}
+    if "shuffle" in extra:
+        o["data"]["sft"]["shuffle"] = bool(extra["shuffle"][0])
+    if "epochs" in extra:
+        o["train"]["epochs"] = extra["epochs"]
+    if not quiet:
+        print(f"{source}: train_dataset.data_loader MindDataset -> data.type sft, data.sft.path {path} (read as dsv3 SFT "
+              f"data: a `dsv3 preprocess --dataset-type qa|chat` prefix or an Alpaca/chat .json/.jsonl; MindRecord files are not read)",
+              file=sys.stderr)

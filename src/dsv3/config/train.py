@@ -18,9 +18,35 @@ from dsv3.errors import UserError
 
 
 @dataclass
-class DataConfig:
-    """Megatron-style indexed data (`dsv3 preprocess` output) and how samples are cut from it."""
+class SFTConfig:
+    """Supervised fine-tuning data (`data.type: sft`; see docs/finetune.md and `dsv3.data.sft`)."""
 
+    path: str = ""
+    """A tokenised prefix from `dsv3 preprocess --dataset-type qa|chat` (PREFIX_input_ids/_loss_mask .bin/.idx),
+    or an Alpaca / chat `.json` / `.jsonl` file encoded at start-up with data.tokenizer."""
+    format: Literal["auto", "qa", "chat"] = "auto"
+    """Record format of a .json/.jsonl path: qa (instruction/input/output), chat (messages), auto (per record)."""
+    valid_path: Optional[str] = None
+    """Held-out SFT data (same forms as `path`); None: `valid_fraction` of `path` is held out."""
+    valid_fraction: float = 0.05
+    """Fraction of `path`'s samples held out for evaluation when valid_path is None (0: no evaluation)."""
+    packing: bool = True
+    """Pack several samples per sequence (attention and MTP targets confined to each sample, positions
+    restarting per sample); False: one sample per sequence, padded."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """Samples longer than seq_length + 1 ids: truncate (dropped if no reply token is left) or drop."""
+    shuffle: bool = True
+    """Shuffle the sample order (seed data.random_seed) before packing; False keeps the file order."""
+
+
+@dataclass
+class DataConfig:
+    """Training data: Megatron-style indexed pretraining data (`dsv3 preprocess` output) or SFT data."""
+
+    type: Literal["pretrain", "sft"] = "pretrain"
+    """pretrain: the .bin/.idx token streams of `data_path`; sft: the instruction / chat data of `data.sft`."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """SFT data (used when type is sft)."""
     data_path: list[str] = field(default_factory=list)
     """Dataset prefixes (`PREFIX.bin`/`PREFIX.idx`), Megatron style: ["PREFIX"] or ["W1", "P1", "W2", "P2", ...]."""
     valid_data_path: list[str] = field(default_factory=list)
@@ -65,6 +91,13 @@ class TrainConfig:
     """Activation recompute of decoder blocks: none; full (a block keeps only its input and runs its forward
     again in backward); selective (as full, but matrix-product and attention outputs are kept). Which blocks:
     all, or the first `parallel.recompute_layers[i]` of each pipeline stage. MindSpore: recompute_config.recompute."""
+    init_from: Optional[str] = None
+    """Start from these weights (fine-tuning): an HF safetensors directory (FP8 dequantised) or a `dsv3 train`
+    checkpoint directory (weights only: fresh optimizer, step 0). Its architecture must equal `model`.
+    MindSpore: `load_checkpoint`. None: random init from train.seed."""
+    epochs: Optional[int] = None
+    """When set, train.steps = epochs x (training sequences // global batch), counted once the data is read
+    (MindSpore `runner_config.epochs` of a fine-tuning YAML)."""
 
 
 @dataclass
@@ -221,7 +254,15 @@ class RunConfig:
             raise UserError(f"train.bias_update_rate {t.bias_update_rate} needs model.topk_method 'noaux_tc' (the routing bias), got {m.topk_method!r}")
         if t.bias_update_rate < 0 or t.mtp_loss_factor < 0:
             raise UserError("train.bias_update_rate and train.mtp_loss_factor must be >= 0")
-        if not self.data.data_path:
+        if t.epochs is not None and t.epochs < 1:
+            raise UserError(f"train.epochs must be >= 1, got {t.epochs}")
+        if self.data.type == "sft":
+            if not self.data.sft.path:
+                raise UserError("data.sft.path is empty: give an Alpaca/chat .json/.jsonl file or a prefix written by "
+                                "`dsv3 preprocess --dataset-type qa|chat`")
+            if not 0 <= self.data.sft.valid_fraction < 1:
+                raise UserError(f"data.sft.valid_fraction must be in [0, 1), got {self.data.sft.valid_fraction}")
+        elif not self.data.data_path:
             raise UserError("data.data_path is empty: give the prefix of the .bin/.idx files written by `dsv3 preprocess`")
         if len(self.data.data_path) > 1 and len(self.data.data_path) % 2:
             raise UserError(f"data.data_path {self.data.data_path}: expected one prefix or weight/prefix pairs")

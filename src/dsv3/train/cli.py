@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.output_dir")
     p.add_argument("--output-dir", default=None, help="shortcut for --set checkpoint.output_dir=DIR")
     p.add_argument("--dump-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) for SFT .json/.jsonl data; "
+                   "shortcut for --set data.tokenizer=PATH (default: the train.init_from directory's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.output_dir={args.output_dir}")
     if args.resume:
         overrides.append("checkpoint.resume=true")
+    if args.tokenizer:
+        overrides.append(f"data.tokenizer={args.tokenizer}")
     cfg = load_run_config(args.config, overrides)
     if args.dump_config:
         import yaml

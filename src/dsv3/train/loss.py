@@ -6,6 +6,9 @@ L = L_main + (λ/D)·Σ_k L_MTP^k + Σ_layers L_bal
 * L_MTP^k: depth k's logits at position i predict token i+k+1, i.e. labels[i+k]; the last k
   positions have no target. Each depth is averaged over ITS OWN valid tokens, then scaled by λ/D
   (the paper's form; Megatron #1532 shows what happens without the normalisation).
+* Packed SFT sequences (`doc_ids` in the batch, `dsv3.data.sft_dataset`): attention is causal
+  within each document only (`document_mask`), and a depth-k MTP target counts only when position
+  i and its target i+k lie in the same document (`shifted_mask`).
 * L_bal: the sequence-wise balance loss each MoE layer computes when `aux_loss_alpha > 0`
   (`dsv3.model.moe.sequence_balance_loss`), summed over layers (MTP's MoE included).
 """
@@ -81,13 +84,34 @@ def linear_ce(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, mask: torc
     return total / mask.sum().float().clamp(min=1)
 
 
-def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, mask: torch.Tensor, factor: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids [B,T] -> bool [B,1,T,T]: query t sees key s iff s <= t and both lie in the same document."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+
+
+def attention_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The model's attention mask for a batch: block-diagonal causal for packed data, else None (causal)."""
+    return document_mask(batch["doc_ids"]) if "doc_ids" in batch else None
+
+
+def shifted_mask(mask: torch.Tensor, k: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss mask of MTP depth k for positions 0..T-k-1 (target labels[i+k]); 0 where i+k is in another document."""
+    m = mask[:, k:]
+    if doc_ids is not None:
+        m = m * (doc_ids[:, k:] == doc_ids[:, :-k]).to(m.dtype)
+    return m
+
+
+def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, mask: torch.Tensor, factor: float,
+             doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(λ/D)·Σ_k L_k and the per-depth losses. mtp_logits[k-1] [B,T,V]; labels/mask [B,T] of the main head."""
     T = labels.shape[1]
     per_depth = []
     for k, logits in enumerate(mtp_logits, start=1):
         # position i < T-k predicts labels[i+k] (= token i+k+1 of the window)
-        per_depth.append(mean_ce(logits[:, : T - k], labels[:, k:], mask[:, k:]))
+        per_depth.append(mean_ce(logits[:, : T - k], labels[:, k:], shifted_mask(mask, k, doc_ids)))
     if not per_depth:
         return labels.new_zeros((), dtype=torch.float32), []
     return factor / len(per_depth) * torch.stack(per_depth).sum(), per_depth
@@ -101,24 +125,25 @@ def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float, 
     and the loss can be fused; `fused_ce=False` is the plain logits path (`model(..., return_mtp=True)`).
     """
     tokens, labels, mask, pos = batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("position_ids")
+    docs, attn = batch.get("doc_ids"), attention_mask(batch)
     use_mtp = mtp_loss_factor > 0 and len(model.model.mtp) > 0
     for moe in model.moe_layers():
         moe.aux_loss = None  # only this forward's balance losses count
     if not fused_ce:
-        out = model(tokens, positions=pos, return_mtp=use_mtp)
+        out = model(tokens, positions=pos, mask=attn, return_mtp=use_mtp)
         logits, mtp_logits = out if use_mtp else (out, [])
         lm = mean_ce(logits, labels, mask)
-        mtp, _ = mtp_loss(mtp_logits, labels, mask, mtp_loss_factor)
+        mtp, _ = mtp_loss(mtp_logits, labels, mask, mtp_loss_factor, docs)
     else:
-        pre, post = model.hidden_states(tokens, pos)
+        pre, post = model.hidden_states(tokens, pos, attn)
         w, T = model.lm_head.weight, tokens.shape[1]
         lm = linear_ce(post, w, labels, mask)
         mtp = torch.zeros((), device=lm.device)
         if use_mtp:
             h0 = post if model.config.mtp_hidden == "post_norm" else pre
-            hs = model.mtp_hidden(h0, tokens, pos)
+            hs = model.mtp_hidden(h0, tokens, pos, attn)
             # depth k at position i predicts labels[i+k]; each depth is a mean over its own tokens
-            per_depth = [linear_ce(mod.shared_head.norm(h)[:, : T - k], w, labels[:, k:], mask[:, k:])
+            per_depth = [linear_ce(mod.shared_head.norm(h)[:, : T - k], w, labels[:, k:], shifted_mask(mask, k, docs))
                          for k, (mod, h) in enumerate(zip(model.model.mtp, hs), start=1)]
             mtp = mtp_loss_factor / len(per_depth) * torch.stack(per_depth).sum()
     aux = model.aux_loss() if model.training else None

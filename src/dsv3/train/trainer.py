@@ -28,7 +28,7 @@ from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
 from dsv3.model import Transformer
 from dsv3.train import balance, checkpoint, metrics
-from dsv3.train.loss import LinearCrossEntropy, compute_loss
+from dsv3.train.loss import LinearCrossEntropy, attention_mask, compute_loss
 from dsv3.train.lr_schedule import build_scheduler
 from dsv3.train.optim import build_optimizer
 
@@ -48,16 +48,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
-    """fp32 master weights, N(0, initializer_range) from train.seed: built on the meta device, then
-    materialised and initialised by `dsv3.parallel.init` (the rule every parallel layout uses too,
-    so one process and any layout start from the same weights)."""
+def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None] | None = None) -> Transformer:
+    """fp32 master weights: read from train.init_from, or N(0, initializer_range) from train.seed, built
+    on the meta device, then materialised and initialised by `dsv3.parallel.init` (the rule every
+    parallel layout uses too, so one process and any layout start from the same weights)."""
     from dsv3.parallel.init import materialize
 
     seed_everything(cfg.train.seed)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    materialize(model, device, cfg.model, cfg.train.seed)
+    if cfg.train.init_from:
+        from dsv3.train.init_from import load_init_weights
+
+        model = load_init_weights(cfg.model, cfg.train.init_from, device, log)
+    else:
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        materialize(model, device, cfg.model, cfg.train.seed)
     if cfg.train.recompute != "none":
         from dsv3.parallel.layout import recompute_layer_ids, stage_layers
         from dsv3.parallel.recompute import apply_recompute
@@ -127,12 +132,29 @@ def check_data(cfg: RunConfig) -> None:
                 raise UserError(f"{name}: {prefix} holds {int(lengths.sum())} tokens, fewer than one sample of data.seq_length {L} + 1")
 
 
-def build_data(cfg: RunConfig, micro_batches: int, dp_rank: int = 0, dp_size: int = 1) -> Data:
+def build_data(cfg: RunConfig, micro_batches: int, dp_rank: int = 0, dp_size: int = 1, log: Callable[[str], None] | None = None) -> Data:
     """GPTDatasets over the configured prefixes, sized for the whole run (all data-parallel ranks);
-    valid from the split or its own prefixes. The loader hands rank `dp_rank` its slice of each global batch."""
+    valid from the split or its own prefixes. The loader hands rank `dp_rank` its slice of each global batch.
+    SFT data (`data.type: sft`): packed/padded sequences; `train.epochs` sets train.steps from their count."""
     from dsv3.data.gpt_dataset import build_gpt_datasets
     from dsv3.data.loader import ResumableLoader
 
+    if cfg.data.type == "sft":
+        from dsv3.data.sft_dataset import build_sft_data
+
+        if cfg.data.sft.packing and cfg.parallel.pipeline_stage > 1 and torch.distributed.is_initialized():
+            raise UserError("data.sft.packing needs the per-sample attention mask, which the pipeline schedule does not carry: "
+                            "set data.sft.packing: false (padding) or parallel.pipeline_stage: 1")
+        train, valid = build_sft_data(cfg, log)
+        per_epoch = len(train) // (micro_batches * cfg.train.batch_size * dp_size)
+        if cfg.train.epochs:
+            if per_epoch == 0:
+                raise UserError(f"{len(train)} SFT training sequences are fewer than one global batch "
+                                f"({micro_batches * cfg.train.batch_size * dp_size} sequences)")
+            cfg.train.steps = cfg.train.epochs * per_epoch
+            if log:
+                log(f"train.epochs {cfg.train.epochs} x {per_epoch} steps per epoch -> train.steps {cfg.train.steps}")
+        return Data(train=ResumableLoader(train, cfg.train.batch_size, dp_rank=dp_rank, dp_size=dp_size, cycle=True), valid=valid)
     check_data(cfg)
     d, bs = cfg.data, cfg.train.batch_size
     n_train = cfg.train.steps * micro_batches * bs * dp_size
@@ -187,7 +209,7 @@ class Trainer:
         self.run_dir = cfg.output_dir
         self.ckpt_root = checkpoint.checkpoint_root(self.run_dir)
         resume_from = self._resume_path()
-        self.data = build_data(cfg, self.micro_batches, data_parallel_rank, data_parallel_world)
+        self.data = build_data(cfg, self.micro_batches, data_parallel_rank, data_parallel_world, self.log)
         self.build_model_and_optimizer()
         self.step = 0
         self._batches = None
@@ -202,7 +224,7 @@ class Trainer:
 
     def build_model_and_optimizer(self) -> None:
         """Sets `model`, `optimizer`, `scheduler`, `moe_layers` (the distributed trainer builds its shards instead)."""
-        self.model = build_model(self.cfg, self.device)
+        self.model = build_model(self.cfg, self.device, self.log)
         self.optimizer, self.scheduler = build_optim(self.model, self.cfg)
         self.moe_layers = self.model.moe_layers()
 
@@ -282,7 +304,7 @@ class Trainer:
         total = count = 0.0
         for batch in self.eval_batches():
             with self.autocast():
-                _, post = self.model.hidden_states(batch["tokens"], batch.get("position_ids"))
+                _, post = self.model.hidden_states(batch["tokens"], batch.get("position_ids"), attention_mask(batch))
                 s = LinearCrossEntropy.apply(post.flatten(0, 1), self.model.lm_head.weight, batch["labels"].flatten(),
                                              batch["loss_mask"].flatten())
             total += float(s)
@@ -361,7 +383,12 @@ class Trainer:
 
             summary["hf_dir"] = str(save_pretrained(self.model, self.run_dir / "hf"))
             self.log(f"exported HF weights to {summary['hf_dir']}")
-            self.log(export_tokenizer(summary["hf_dir"], cfg.data.tokenizer, cfg.model.vocab_size))
+            source = cfg.data.tokenizer
+            if cfg.data.type == "sft":  # fine-tuned weights ship with the tokenizer they were tuned with (or init_from's)
+                from dsv3.data.sft_dataset import tokenizer_source
+
+                source = tokenizer_source(cfg)
+            self.log(export_tokenizer(summary["hf_dir"], source, cfg.model.vocab_size))
         if cfg.logging.plots:
             from dsv3.train.plot import plots_after_training
 
