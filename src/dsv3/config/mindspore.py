@@ -338,6 +338,9 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
                 raise t.err(fpath, f"aux loss type {kind!r} with factor {f} is not supported (DeepSeek-V3 uses only 'expert')")
     if extra.get("recompute") or extra.get("select_recompute"):
         o["train"]["recompute"] = "selective" if extra.get("select_recompute") else "full"
+    if "pp_layer_offset" in o["parallel"] and int(o["parallel"].get("pipeline_stage", 1)) == 1:
+        del o["parallel"]["pp_layer_offset"]  # MindFormers reads the offsets only when there are stages to place
+        t.ignored.append("model.model_config.offset (pipeline_stage 1: one stage)")
     if "recompute_layers" in o["parallel"]:
         note = _mindformers_recompute_counts(o)
         if note and not quiet:

@@ -1,7 +1,8 @@
 """Pipeline parallelism with `torch.distributed.pipelining`.
 
-The model is cut into `n_stages = pp x v` stages by whole decoder layers (remainder to the earlier
-stages). Stage 0 holds the embedding; the last stage holds the final norm, lm_head and the MTP
+The model is cut into `n_stages = pp x v` stages by whole decoder layers (`layout.stage_layers`:
+remainder to the earlier stages, or MindSpore's per-stage `offset`). Stages are made of the (meta)
+model's own modules, never copies of the whole model. Stage 0 holds the embedding; the last stage holds the final norm, lm_head and the MTP
 modules. MTP needs the embedding too (tied), so the last stage keeps its own copy of
 `model.embed_tokens` and `tie_embedding_grads` sums the two copies' gradients after backward
 (Megatron's embedding group), keeping them identical.
