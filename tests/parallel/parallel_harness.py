@@ -34,12 +34,27 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 
 def make_model(cfg: ModelConfig, seed: int = 0):
+    """The single-process model: meta build + the layout-independent init (as `dsv3 train` in one process)."""
     from dsv3.model.transformer import Transformer
+    from dsv3.parallel.init import materialize
 
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    model.reset_parameters()
-    return model
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return materialize(model, torch.device("cpu"), cfg, seed)
+
+
+def build_layout(cfg: ModelConfig, par: dict, seed: int = 0):
+    """This rank's part under `par` (seed parallel_config names + dp_shard/pipeline_schedule/param_dtype/
+    pp_layer_offset/recompute/recompute_layers), built on the meta device and materialised per shard."""
+    from dsv3.parallel import ParallelDims, build_meshes
+    from dsv3.parallel.build import build_parallel_model
+
+    dims = ParallelDims.from_config(par)
+    meshes = build_meshes(dims, "cpu", cfg)
+    param_dtype = getattr(torch, par["param_dtype"]) if "param_dtype" in par else None  # FSDP mixed precision
+    return build_parallel_model(cfg, dims, meshes, seed, param_dtype=param_dtype, offset=par.get("pp_layer_offset"),
+                                recompute=par.get("recompute", "none"), recompute_layers=par.get("recompute_layers"),
+                                device=torch.device("cpu"))
 
 
 def batches(cfg: ModelConfig, steps: int = STEPS, seed: int = 1) -> list[torch.Tensor]:
@@ -83,14 +98,26 @@ def reference_losses(cfg: ModelConfig, steps: int = STEPS, micro: int = 1) -> li
 
 def run_layout(cfg: ModelConfig, par: dict, steps: int = STEPS) -> list[float]:
     """Inside a worker: build meshes for `par` (seed parallel_config names), step, return losses."""
-    from dsv3.parallel import ParallelDims, build_meshes, build_optimizer, parallelize, train_step
+    from dsv3.parallel import build_optimizer, train_step
 
-    dims = ParallelDims.from_config(par)
-    meshes = build_meshes(dims, "cpu", cfg)
-    param_dtype = getattr(torch, par["param_dtype"]) if "param_dtype" in par else None  # FSDP mixed precision
-    dm = parallelize(make_model(cfg), dims, meshes, param_dtype=param_dtype)
+    dm = build_layout(cfg, par)
     opt = build_optimizer(dm, lr=LR)
     return [train_step(dm, opt, w, bias_gamma=GAMMA) for w in batches(cfg, steps)]
+
+
+def held_layout(cfg: ModelConfig, par: dict) -> dict:
+    """Every rank's `held_parameters` under `par` (materialised), and the single-process parameter count."""
+    import torch.distributed as dist
+
+    from dsv3.parallel.build import held_parameters
+
+    held = held_parameters(build_layout(cfg, par))
+    held.pop("names")
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, held)
+    model = make_model(cfg)
+    return {"ranks": everyone, "model_params": sum(p.numel() for p in model.parameters()),
+            "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
 def _worker(rank: int, world: int, port: int, fn_name: str, jobs: list, out_path: str) -> None:
@@ -136,11 +163,10 @@ def spawn(world: int, jobs: list, fn_name: str = "run_layout") -> list[dict]:
 
 def dcp_save_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[float]:
     """Two steps, save model + optimizer, then two more steps: returns losses of steps 3 and 4."""
-    from dsv3.parallel import ParallelDims, build_meshes, build_optimizer, parallelize, train_step
+    from dsv3.parallel import build_optimizer, train_step
     from dsv3.parallel.dcp import save
 
-    dims = ParallelDims.from_config(par)
-    dm = parallelize(make_model(cfg), dims, build_meshes(dims, "cpu", cfg))
+    dm = build_layout(cfg, par)
     opt = build_optimizer(dm, lr=LR)
     data = batches(cfg, 4)
     for w in data[:2]:
@@ -151,11 +177,10 @@ def dcp_save_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[float]:
 
 def dcp_load_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[float]:
     """A fresh model (different seed) under `par`, loaded from `ckpt`: losses of steps 3 and 4."""
-    from dsv3.parallel import ParallelDims, build_meshes, build_optimizer, parallelize, train_step
+    from dsv3.parallel import build_optimizer, train_step
     from dsv3.parallel.dcp import load
 
-    dims = ParallelDims.from_config(par)
-    dm = parallelize(make_model(cfg, seed=123), dims, build_meshes(dims, "cpu", cfg))
+    dm = build_layout(cfg, par, seed=123)
     opt = build_optimizer(dm, lr=LR)
     load(ckpt, dm.parts, opt)
     return [train_step(dm, opt, w, bias_gamma=GAMMA) for w in batches(cfg, 4)[2:]]

@@ -6,7 +6,8 @@ import pytest
 
 from dsv3.errors import UserError
 from dsv3.parallel import ParallelDims
-from dsv3.parallel.pp import split_layers, stage_ids
+from dsv3.parallel.layout import split_layers
+from dsv3.parallel.pp import stage_ids
 from parallel_harness import tiny_cfg
 
 

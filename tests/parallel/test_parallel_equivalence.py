@@ -26,6 +26,11 @@ TWO = {
     "pp2-Interleaved1F1B": {**PP, "pipeline_schedule": "Interleaved1F1B"},
     "pp2-ZBVZeroBubble": {**PP, "pipeline_schedule": "ZBVZeroBubble"},
     "pp2-DualPipeV": {**PP, "pipeline_schedule": "DualPipeV"},
+    # MindSpore offset [1, -1] (stages of 3 and 1 layers) and recompute of 2 + 1 layers (the MTP block)
+    "pp2-offset-recompute": {**PP, "pipeline_schedule": "1F1B", "pp_layer_offset": [1, -1], "recompute": "full",
+                             "recompute_layers": [2, 1]},
+    "tp2-recompute": {"model_parallel": 2, "use_seq_parallel": True, "recompute": "full"},
+    "ep2-recompute-selective": {"data_parallel": 2, "expert_parallel": 2, "recompute": "selective"},
 }
 AUX = {  # the sequence-wise balance loss on: exact over whole sequences under TP, carried through PP
     "aux-tp2": {"model_parallel": 2},
@@ -97,3 +102,25 @@ def test_balance_loss(name, two, aux_reference, reference):
 @pytest.mark.parametrize("name", list(FOUR))
 def test_four_processes(name, four, reference):
     _check(four[name], reference)
+
+
+@pytest.fixture(scope="module")
+def held():
+    cfg = tiny_cfg(vocab_size=1024)  # vocab 1024 and offset [1, -1]: stages of 53% and 61% (the last holds the MTP block, head, embedding copy)
+    return dict(zip(["pp2", "ep2"], spawn(2, [(cfg, {**PP, "pipeline_schedule": "1F1B", "pp_layer_offset": [1, -1]}),
+                                              (cfg, {"data_parallel": 2, "expert_parallel": 2})],
+                                          "held_layout")))
+
+
+@pytest.mark.parametrize("name", ["pp2", "ep2"])
+def test_each_rank_holds_about_half(held, name):
+    """Meta build: each rank allocates only its part (no full copy first); pp2's stages together are
+    the model (the last stage's embedding copy counted once), ep2's shards split experts and FSDP weights."""
+    res = held[name]
+    assert "error" not in res, res.get("trace")
+    got = res["ok"]
+    total, total_bytes = got["model_params"], got["model_bytes"]
+    for r in got["ranks"]:
+        assert 0.3 * total_bytes < r["local_bytes"] < 0.7 * total_bytes, (r, total_bytes)
+    if name == "pp2":
+        assert sum(r["stage_params"] for r in got["ranks"]) == total

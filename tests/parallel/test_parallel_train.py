@@ -1,11 +1,8 @@
 """The pretraining loop under `dsv3 launch`: the seed's 8-device layout (dp2 mp2 pp2 ep2,
-micro_batch_num 4, 8 CPU processes, balance loss on) and a dp2 x pp2 run (4 processes) log the
-single-process losses of the same global batch; DCP checkpoints and HF weights are written, and a
-checkpoint resumes under another layout (dp2 with FSDP, 2 processes) with the same losses.
-
-(Layouts with expert parallelism drift slightly more through this loop, ~2e-5 after 4 steps: the
-experts' GEMMs see the tokens of both replicas at once, a different summation order that AdamW
-amplifies; the K-step 1e-5 equality of EP is shown in test_parallel_equivalence.)"""
+micro_batch_num 4, 8 CPU processes, balance loss on, MindSpore offset [1, -1] so the stages hold 3
+and 1 layers, recompute of [2, 1] layers) and a dp2 x pp2 run (4 processes) log the single-process
+losses of the same global batch (one process: no recompute); DCP checkpoints and HF weights are
+written, and a checkpoint resumes under another layout (dp2 with FSDP, 2 processes) with the same losses."""
 
 from __future__ import annotations
 
@@ -27,10 +24,10 @@ from parallel_harness import free_port, tiny_cfg
 TOL = 1e-5
 
 
-def run_cfg(prefix: str, out: Path, parallel: dict, steps: int = 4, batch_size: int = 2, **model):
+def run_cfg(prefix: str, out: Path, parallel: dict, steps: int = 4, batch_size: int = 2, recompute: str = "none", **model):
     d = {"model": to_dict(tiny_cfg(**model)),
          "data": {"data_path": [prefix], "valid_data_path": [prefix], "split": "100,0,0", "seq_length": 32},
-         "train": {"steps": steps, "batch_size": batch_size, "seed": 0, "device": "cpu", "threads": 1},
+         "train": {"steps": steps, "batch_size": batch_size, "seed": 0, "device": "cpu", "threads": 1, "recompute": recompute},
          "lr_schedule": {"type": "cosine", "learning_rate": 3e-3, "warmup_steps": 1, "min_lr": 3e-4},
          "checkpoint": {"output_dir": str(out), "save_steps": 2, "export_hf": True, "keep_last": 3},
          "eval": {"eval_steps": 2, "eval_iters": 3, "eval_at_end": False},  # 3: a short last group under PP
@@ -103,7 +100,8 @@ def runs(prefix, tmp_path_factory):
     seed_ref.checkpoint.export_hf = False
     Trainer(seed_ref, quiet=True).fit()
     seed_cfg = tmp / "seed.yaml"
-    dump_yaml(run_cfg(prefix, tmp / "seed", SEED_LAYOUT, batch_size=1, aux_loss_alpha=1e-3), seed_cfg)
+    dump_yaml(run_cfg(prefix, tmp / "seed", {**SEED_LAYOUT, "pp_layer_offset": [1, -1], "recompute_layers": [2, 1]}, batch_size=1,
+                      recompute="full", aux_loss_alpha=1e-3), seed_cfg)
     launch(tmp, seed_cfg, 8)
     return tmp
 

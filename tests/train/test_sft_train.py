@@ -21,7 +21,8 @@ SHRINK = [f"model.{k}" for k in (
     "v_head_dim=16", "n_routed_experts=8", "n_group=4", "topk_group=2", "num_experts_per_tok=2", "max_position_embeddings=512")] + [
     "data.seq_length=128", "train.precision=fp32", "train.device=cpu", "train.threads=2", "parallel.data_parallel=1",
     "parallel.model_parallel=1", "parallel.pipeline_stage=1", "parallel.expert_parallel=1", "parallel.micro_batch_num=1",
-    "parallel.use_seq_parallel=false", "lr_schedule.learning_rate=0.002", "lr_schedule.min_lr=0.0002",
+    "parallel.use_seq_parallel=false", "parallel.pp_layer_offset=null", "parallel.recompute_layers=null", "train.recompute=none",
+    "lr_schedule.learning_rate=0.002", "lr_schedule.min_lr=0.0002",
     "logging.plots=false", "logging.progress_bar=false", "checkpoint.save_steps=0", "eval.eval_steps=4", "eval.eval_iters=2"]
 
 

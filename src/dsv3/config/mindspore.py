@@ -35,7 +35,7 @@ _PARALLEL_MAP = {k: k for k in ("data_parallel", "model_parallel", "pipeline_sta
 _IGNORED = {
     "": {"load_ckpt_format", "src_strategy_path_or_dir", "auto_trans_ckpt", "only_save_strategy", "use_parallel",
          "micro_batch_interleave_num", "profile", "profile_start_step", "profile_stop_step", "init_start_profile",
-         "profile_communication", "profile_memory", "context", "parallel", "recompute_config", "train_dataset_task",
+         "profile_communication", "profile_memory", "context", "parallel", "train_dataset_task",
          "trainer"},
     "runner_config": {"sink_mode", "sink_size"},
     "runner_wrapper": {"type", "scale_sense"},
@@ -44,11 +44,12 @@ _IGNORED = {
         "type", "auto_register", "batch_size", "n_kv_heads", "multiple_of", "bos_token_id", "eos_token_id",
         "pad_token_id", "ignore_token_id", "layernorm_compute_type", "softmax_compute_type", "rotary_dtype",
         "router_dense_type", "param_init_type", "use_past", "use_flash_attention", "use_fused_swiglu",
-        "use_fused_rope", "input_sliced_sig", "offset", "checkpoint_name_or_path", "return_extra_loss", "qkv_concat"},
+        "use_fused_rope", "input_sliced_sig", "checkpoint_name_or_path", "return_extra_loss", "qkv_concat"},
     "moe_config": {"expert_group_size", "capacity_factor", "aux_loss_factor", "routing_policy", "enable_sdrop",
                    "use_fused_ops_topkrouter", "group_wise_a2a", "expert_model_parallel", "callback_moe_droprate",
                    "use_gmm", "use_fused_ops_permute", "enable_gmm_safe_tokens"},
     "parallel_config": {"vocab_emb_dp", "gradient_aggregation_group"},
+    "recompute_config": {"parallel_optimizer_comm_recompute", "mp_comm_recompute", "recompute_slice_activation"},
     "train_dataset": {"input_columns", "construct_args_key", "num_parallel_workers", "python_multiprocessing",
                       "drop_remainder", "repeat", "numa_enable", "prefetch_size"},
     "train_dataset.data_loader": {"datasets_type", "shuffle"},
@@ -112,6 +113,34 @@ def _group(paths: list[str]) -> str:
     return "; ".join((f"{sec}: " if sec else "") + ", ".join(keys) for sec, keys in groups.items())
 
 
+def _mindformers_recompute_counts(o: dict) -> str | None:
+    """MindFormers reads `recompute[i]` for pipeline stage i (extra entries unused) and recomputes the
+    first min(count, stage size) layers; our `parallel.recompute_layers` is strict, so the translated
+    list is cut to that. Returns the note saying so, or None when nothing changed."""
+    from types import SimpleNamespace
+
+    from dsv3.config.schema import ModelConfig
+    from dsv3.parallel.layout import stage_layers
+
+    counts, pp = o["parallel"]["recompute_layers"], int(o["parallel"].get("pipeline_stage", 1))
+    mtp = int(o["model"].get("num_nextn_predict_layers", ModelConfig.num_nextn_predict_layers))
+    model = SimpleNamespace(num_hidden_layers=int(o["model"].get("num_hidden_layers", ModelConfig.num_hidden_layers)),
+                            num_nextn_predict_layers=mtp)
+    try:
+        sizes = [len(ids) for ids in stage_layers(model, pp, o["parallel"].get("pp_layer_offset"))]
+    except UserError:
+        return None  # the offset error is raised by validation
+    sizes[-1] += mtp
+    if len(counts) < pp:
+        return None  # too short: validation names it
+    new = [min(c, n) for c, n in zip(counts[:pp], sizes)]
+    if new == counts:
+        return None
+    o["parallel"]["recompute_layers"] = new
+    return (f"recompute_config.recompute {counts} read as MindFormers does for pipeline_stage {pp} (entry i for stage i, "
+            f"at most the stage's {sizes} layers): parallel.recompute_layers {new}")
+
+
 def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
     """Translate a MindSpore-style run YAML into our RunConfig dict (see the module docstring)."""
     t = _Translator(source)
@@ -131,8 +160,16 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
                 raise t.err(path, "float16 training is not supported; use bfloat16 (fp32 master weights)")
             o["train"]["precision"] = "bf16" if val == "bfloat16" else "fp32"
 
+        def offset(val, path):
+            # MindFormers: stage i holds (num_layers + mtp_depth) // pipeline_stage + offset[i] layers
+            if isinstance(val, list) and all(isinstance(x, int) for x in val):
+                o["parallel"]["pp_layer_offset"] = val
+            elif val != 0:
+                raise t.err(path, f"{val!r}: expected 0 or a list of ints, one per pipeline stage (nested lists "
+                                  f"for interleaved stages are not supported)")
+
         h = {k: t.put("model", f) for k, f in _MODEL_MAP.items()}
-        h.update(seq_length=lambda val, path: extra.__setitem__("seq_length", (val, path)),
+        h.update(offset=offset, seq_length=lambda val, path: extra.__setitem__("seq_length", (val, path)),
                  mtp_loss_factor=t.put("train", "mtp_loss_factor"), extend_method=ext, compute_dtype=dtype)
         t.walk(v, p, h)
 
@@ -224,6 +261,23 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
     def parallel_config(v, p):
         t.walk(v, p, {k: t.put("parallel", f) for k, f in _PARALLEL_MAP.items()})
 
+    def recompute_config(v, p):
+        def recompute(val, path):
+            if isinstance(val, bool):
+                extra["recompute"] = val
+            elif isinstance(val, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in val):
+                extra["recompute"] = True
+                o["parallel"]["recompute_layers"] = val
+            else:
+                raise t.err(path, f"{val!r}: expected a bool or a list of layer counts, one per pipeline stage")
+
+        def select(val, path):
+            if not isinstance(val, bool):
+                raise t.err(path, f"{val!r}: only a bool is supported (True: recompute all but matrix products)")
+            extra["select_recompute"] = val
+
+        t.walk(v, p, {"recompute": recompute, "select_recompute": select})
+
     def callbacks(v, p):
         if not isinstance(v, list):
             raise t.err(p, f"expected a list of callbacks, got {v!r}")
@@ -262,7 +316,7 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
         "resume_training": t.put("checkpoint", "resume"), "load_checkpoint": load_ckpt,
         "run_mode": t.expect(("train",)), "runner_config": runner, "runner_wrapper": wrapper, "optimizer": optimizer,
         "lr_schedule": lr, "train_dataset": train_dataset, "parallel_config": parallel_config, "model": model,
-        "moe_config": moe, "callbacks": callbacks,
+        "moe_config": moe, "callbacks": callbacks, "recompute_config": recompute_config,
     })
 
     # --- rules that combine several keys
@@ -282,6 +336,15 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
                 o["model"]["aux_loss_alpha"] = float(f)
             elif f:
                 raise t.err(fpath, f"aux loss type {kind!r} with factor {f} is not supported (DeepSeek-V3 uses only 'expert')")
+    if extra.get("recompute") or extra.get("select_recompute"):
+        o["train"]["recompute"] = "selective" if extra.get("select_recompute") else "full"
+    if "pp_layer_offset" in o["parallel"] and int(o["parallel"].get("pipeline_stage", 1)) == 1:
+        del o["parallel"]["pp_layer_offset"]  # MindFormers reads the offsets only when there are stages to place
+        t.ignored.append("model.model_config.offset (pipeline_stage 1: one stage)")
+    if "recompute_layers" in o["parallel"]:
+        note = _mindformers_recompute_counts(o)
+        if note and not quiet:
+            print(f"{source}: {note}", file=sys.stderr)
     if extra.get("balance") is False:
         o["train"]["bias_update_rate"] = 0.0
     o["model"].setdefault("topk_method", "noaux_tc")

@@ -87,6 +87,10 @@ class TrainConfig:
     """Fused, chunked head + cross-entropy (never materialises [tokens, vocab] logits); False: plain logits path."""
     threads: Optional[int] = None
     """torch CPU threads; None: torch's default."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation recompute of decoder blocks: none; full (a block keeps only its input and runs its forward
+    again in backward); selective (as full, but matrix-product and attention outputs are kept). Which blocks:
+    all, or the first `parallel.recompute_layers[i]` of each pipeline stage. MindSpore: recompute_config.recompute."""
     init_from: Optional[str] = None
     """Start from these weights (fine-tuning): an HF safetensors directory (FP8 dequantised) or a `dsv3 train`
     checkpoint directory (weights only: fresh optimizer, step 0). Its architecture must equal `model`.
@@ -197,6 +201,14 @@ class ParallelConfig:
     """Micro-batches per optimizer step and data-parallel replica (gradient accumulation)."""
     use_seq_parallel: bool = False
     """Sequence parallelism alongside tensor parallelism."""
+    pp_layer_offset: Optional[list[int]] = None
+    """Layers per pipeline stage as MindFormers' `model_config.offset`: one entry per stage, stage i holds
+    num_hidden_layers // pipeline_stage + offset[i] layers; the counts add up to num_hidden_layers, or to it
+    plus the MTP layers (then counted in the last stage, where they always sit). None: equal stages,
+    remainder to the earlier ones."""
+    recompute_layers: Optional[list[int]] = None
+    """With train.recompute full/selective: how many layers of each pipeline stage (its first ones) are
+    recomputed, one entry per stage (MindSpore `recompute_config.recompute` as a list). None: all layers."""
 
     def __post_init__(self) -> None:
         for name in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "micro_batch_num"):
@@ -259,6 +271,9 @@ class RunConfig:
             raise UserError("lr_schedule: learning_rate must be > 0, warmup_ratio and decay_ratio in [0, 1]")
         if self.checkpoint.keep_last < 1:
             raise UserError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+        from dsv3.parallel.layout import check as check_layout
+
+        check_layout(self, self.parallel.pipeline_stage)
         if self.logging.log_interval < 1:
             raise UserError(f"logging.log_interval must be >= 1, got {self.logging.log_interval}")
 

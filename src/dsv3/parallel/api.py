@@ -22,7 +22,9 @@ from dsv3.model.transformer import Transformer
 from dsv3.parallel.dims import Meshes, ParallelDims
 from dsv3.parallel.ep import parallelize_moe
 from dsv3.parallel.fsdp import _local, apply_fsdp, sync_grads
+from dsv3.parallel.layout import recompute_layer_ids, stage_layers
 from dsv3.parallel.pp import build_schedule, build_stages
+from dsv3.parallel.recompute import apply_recompute
 from dsv3.parallel.tp import apply_tp
 
 
@@ -174,20 +176,26 @@ def _embed_groups(meshes: Meshes, last_rank: int) -> dist.ProcessGroup | None:
 
 
 def parallelize(model: Transformer, dims: ParallelDims, meshes: Meshes, mtp_lambda: float = 0.3,
-                param_dtype: torch.dtype | None = None) -> DistributedModel:
-    """Apply EP, TP(+SP), PP and FSDP/DDP to `model` (same weights on every rank, e.g. same seed).
+                param_dtype: torch.dtype | None = None, offset: list[int] | None = None, recompute: str = "none",
+                recompute_layers: list[int] | None = None) -> DistributedModel:
+    """Apply PP (this rank's stages, `offset` per stage), EP, TP(+SP), activation recompute and
+    FSDP/DDP to `model`, in that order (torchtitan's). Build `model` on the meta device and
+    materialise afterwards (`build.build_parallel_model` does both): nothing here allocates or
+    communicates weights. A materialised model works too (tests), its values kept.
 
     Without pipeline parallelism the model is modified in place and is `parts[0]`; with it, `parts`
-    are this rank's `TransformerStage`s (copies). Every rank must call this (it creates groups).
+    are this rank's `TransformerStage`s. Every rank must call this (it creates groups).
     """
     cfg = model.config
     dims.validate(dist.get_world_size(), cfg)
-    parts: list[nn.Module] = build_stages(model, meshes) if dims.pp > 1 else [model]
+    recompute_ids = recompute_layer_ids(cfg, recompute, stage_layers(cfg, dims.n_stages, offset), recompute_layers)
+    parts: list[nn.Module] = build_stages(model, meshes, offset) if dims.pp > 1 else [model]
     for part in parts:
         for m in part.moe_layers():
             parallelize_moe(m, meshes)
         if dims.tp > 1:
             apply_tp(part, meshes.tp_mesh, dims.seq_parallel)
+        apply_recompute(part, recompute, recompute_ids)
         if dims.dp_shard == "fsdp" and dims.dp > 1:
             apply_fsdp(part, meshes.dp_mesh, param_dtype, reshard_after_forward=dims.pp == 1)
     dm = DistributedModel(parts, meshes, mtp_lambda)

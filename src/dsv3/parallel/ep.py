@@ -180,5 +180,5 @@ def parallelize_moe(moe: MoE, meshes, enable_ep: bool = True) -> ParallelMoE:
         ep_mesh = meshes.ep_mesh
         for name in ("gate_proj", "up_proj", "down_proj"):
             p = getattr(moe.experts, name)
-            setattr(moe.experts, name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]), requires_grad=p.requires_grad))
+            setattr(moe.experts, name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)], src_data_rank=None), requires_grad=p.requires_grad))
     return moe

@@ -87,6 +87,12 @@ def sync_grads(parts: list[nn.Module], meshes, fsdp: bool) -> None:
         _all_reduce_grads(rep, meshes.tokens_group, dims.dp)
     if dims.edp > 1:
         _all_reduce_grads(exp, meshes.edp_group, dims.dp)
+    elif dims.dp > 1:
+        # ep = dp x tp: the all-to-all already summed every replica's tokens into the one copy; a sum
+        # of dp replica means still needs dividing (Adam hides a dp-times gradient, clipping and eps do not)
+        for p in exp:
+            if p.grad is not None:
+                _local(p.grad).div_(dims.dp)
     if not fsdp and dims.dp > 1:
         ids = {id(p) for p in rep + exp}
         dense = [p for part in parts for p in part.parameters() if id(p) not in ids]

@@ -1,7 +1,8 @@
 """Pipeline parallelism with `torch.distributed.pipelining`.
 
-The model is cut into `n_stages = pp x v` stages by whole decoder layers (remainder to the earlier
-stages). Stage 0 holds the embedding; the last stage holds the final norm, lm_head and the MTP
+The model is cut into `n_stages = pp x v` stages by whole decoder layers (`layout.stage_layers`:
+remainder to the earlier stages, or MindSpore's per-stage `offset`). Stages are made of the (meta)
+model's own modules, never copies of the whole model. Stage 0 holds the embedding; the last stage holds the final norm, lm_head and the MTP
 modules. MTP needs the embedding too (tied), so the last stage keeps its own copy of
 `model.embed_tokens` and `tie_embedding_grads` sums the two copies' gradients after backward
 (Megatron's embedding group), keeping them identical.
@@ -27,17 +28,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dsv3.errors import UserError
 from dsv3.model.transformer import Transformer
-
-
-def split_layers(n_layers: int, n_stages: int) -> list[list[int]]:
-    """Contiguous decoder-layer ids per stage, remainder to the earlier stages."""
-    base, rem = divmod(n_layers, n_stages)
-    out, start = [], 0
-    for s in range(n_stages):
-        n = base + (1 if s < rem else 0)
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
+from dsv3.parallel.layout import stage_layers
 
 
 def stage_ids(pp_rank: int, pp: int, v: int, style: str) -> list[int]:
@@ -67,7 +58,11 @@ class TransformerStage(nn.Module):
         self.tp_mesh, self.seq_placement = None, Replicate()
         self._shapes_inferred = False
         m = _Backbone()
-        m.embed_tokens = full.model.embed_tokens if (is_first or (is_last and len(full.model.mtp))) else None
+        m.embed_tokens = None
+        if is_first:
+            m.embed_tokens = full.model.embed_tokens
+        elif is_last and len(full.model.mtp):  # its own copy (another rank, or another stage of this one)
+            m.embed_tokens = copy.deepcopy(full.model.embed_tokens)
         m.layers = nn.ModuleDict({str(i): full.model.layers[i] for i in layer_ids})
         m.norm = full.model.norm if is_last else None
         m.mtp = full.model.mtp if is_last else nn.ModuleList()
@@ -111,16 +106,17 @@ class TransformerStage(nn.Module):
         return (logits, *self.mtp_logits(self.mtp_hidden(h0, tokens, positions)))
 
 
-def build_stages(model: Transformer, meshes) -> list[TransformerStage]:
-    """Cut `model` into this rank's stages (deep copies, so the original is left intact)."""
+def build_stages(model: Transformer, meshes, offset: list[int] | None = None) -> list[TransformerStage]:
+    """This rank's stages, made of `model`'s own modules (build `model` on the meta device: nothing
+    is copied or allocated). The last stage's embedding copy (for MTP, when the stage is not also
+    the first) is a fresh module of the same name; `init_weights` gives it stage 0's values."""
     dims = meshes.dims
     n_stages = dims.n_stages
-    per_stage = split_layers(model.config.num_hidden_layers, n_stages)
+    per_stage = stage_layers(model.config, n_stages, offset)
     style = "v" if dims.schedule in ("ZBVZeroBubble", "DualPipeV") else "loop"
     stages = []
     for s in stage_ids(meshes.pp_rank, dims.pp, dims.v, style):
-        full = copy.deepcopy(model)
-        stage = TransformerStage(full, per_stage[s], s == 0, s == n_stages - 1)
+        stage = TransformerStage(model, per_stage[s], s == 0, s == n_stages - 1)
         stage.stage_index = s
         if dims.tp > 1:
             stage.tp_mesh, stage.seq_placement = meshes.tp_mesh, Shard(1) if dims.seq_parallel else Replicate()

@@ -48,7 +48,7 @@ class ReplicateParallel(ParallelStyle):
 
         def partition(name, mod, mesh):
             for pname, p in list(mod.named_parameters(recurse=False)):
-                mod.register_parameter(pname, nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()]), requires_grad=p.requires_grad))
+                mod.register_parameter(pname, nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()], src_data_rank=None), requires_grad=p.requires_grad))
 
         return distribute_module(module, device_mesh, partition, prepare_input)
 
@@ -116,7 +116,8 @@ def apply_tp(part: nn.Module, tp_mesh, sp: bool) -> None:
     for prefix, layer in blocks:
         for name, style in layer_plan(layer, sp, tp).items():
             top[f"{prefix}.{name}"] = style
-    parallelize_module(part, tp_mesh, top)
+    # src_data_rank=None: no broadcast/scatter; the model is on the meta device and `init_weights` fills the shards
+    parallelize_module(part, tp_mesh, top, src_data_rank=None)
     if not sp and "model.embed_tokens" in top:
         backbone.embed_tokens.register_forward_hook(lambda mod, inp, out: out.redistribute(tp_mesh, [Replicate()]))
     for _, layer in blocks:

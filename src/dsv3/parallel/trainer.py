@@ -3,9 +3,8 @@ optimizer step and checkpoints made distributed.
 
 What changes against `dsv3.train.trainer.Trainer` (everything else, the loop, logging, LR schedule,
 loss maths and balancing, is the parent's):
-* the model is `dsv3.parallel.parallelize`d by `parallel` (data_parallel, model_parallel,
-  pipeline_stage, expert_parallel, micro_batch_num, use_seq_parallel); every rank builds it from
-  the same seed first;
+* each rank builds only its part of the model (`dsv3.parallel.build`: meta device, parallelize by
+  `parallel`, materialise its shards, seeded init equal to one process's);
 * each data-parallel rank reads its own slice of every global batch (the loader's dp slicing);
 * one step: micro-batches through the model (or the pipeline schedule), then gradient
   all-reduces, global-norm clipping, AdamW, and the bias update on counts summed over every rank
@@ -31,13 +30,14 @@ from dsv3.config.load import dump_yaml
 from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
 from dsv3.parallel import dcp as pdcp
-from dsv3.parallel.api import clip_grad_norm_, parallelize
+from dsv3.parallel.api import clip_grad_norm_
+from dsv3.parallel.build import build_parallel_model
 from dsv3.parallel.dims import ParallelDims, build_meshes, init_distributed
 from dsv3.train import checkpoint
 from dsv3.train.loss import compute_loss, masked_ce, mean_ce, mtp_loss
 from dsv3.train.lr_schedule import build_scheduler
 from dsv3.train.optim import param_groups
-from dsv3.train.trainer import Trainer, resolve_device
+from dsv3.train.trainer import Trainer, resolve_device, seed_everything
 
 
 class DistributedTrainer(Trainer):
@@ -54,15 +54,6 @@ class DistributedTrainer(Trainer):
         # the loader hands this rank its slice of every global batch
         super().__init__(cfg, data_parallel_world=dims.dp, data_parallel_rank=self.meshes.dp_rank,
                          reduce_counts=self._reduce_counts, quiet=quiet or self.rank not in (0, world - 1))
-        self.dm = parallelize(self.model, dims, self.meshes, mtp_lambda=cfg.train.mtp_loss_factor)
-        self.dm._loss_fn = self._pp_loss
-        self.parts = self.dm.parts
-        holder = nn.ModuleList(self.parts)
-        opt = cfg.optimizer
-        self.optimizer = torch.optim.AdamW(param_groups(holder, opt.weight_decay), lr=cfg.lr_schedule.learning_rate,
-                                           betas=tuple(opt.betas), eps=opt.eps, foreach=False)
-        self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, cfg.train.steps)
-        self.moe_layers = [m for p in self.parts for m in p.moe_layers()]
         self.tokens_per_step *= dims.dp  # the parent counts one replica's tokens
         self._pp_parts: dict[str, list[torch.Tensor]] = {"lm": [], "mtp": []}
         if self._dist_resume is not None:
@@ -74,6 +65,24 @@ class DistributedTrainer(Trainer):
             cfg.logging.plots = False
 
     # ---- setup hooks
+    def build_model_and_optimizer(self) -> None:
+        """This rank's shards only: meta device -> parallelize -> materialise -> init (`parallel.build`)."""
+        cfg = self.cfg
+        if cfg.train.init_from:
+            raise UserError(f"train.init_from {cfg.train.init_from}: starting a parallel layout from weights (each rank reading "
+                            f"its slices) is not built yet; run it in one process, or start from the seeded init")
+        seed_everything(cfg.train.seed)
+        self.dm = build_parallel_model(cfg.model, self.dims, self.meshes, cfg.train.seed, mtp_lambda=cfg.train.mtp_loss_factor,
+                                       offset=cfg.parallel.pp_layer_offset, recompute=cfg.train.recompute,
+                                       recompute_layers=cfg.parallel.recompute_layers, device=self.device)
+        self.parts = self.dm.parts
+        self.model = self.parts[0] if self.dims.pp == 1 else None  # under PP there is no whole model on any rank
+        opt = cfg.optimizer
+        self.optimizer = torch.optim.AdamW(param_groups(nn.ModuleList(self.parts), opt.weight_decay), lr=cfg.lr_schedule.learning_rate,
+                                           betas=tuple(opt.betas), eps=opt.eps, foreach=False)
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, cfg.train.steps)
+        self.moe_layers = [m for p in self.parts for m in p.moe_layers()]
+
     def _resume_path(self) -> Path | None:
         self._dist_resume = super()._resume_path()  # same checks; loaded after parallelize, with DCP
         return None

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         from dsv3.parallel.trainer import run_distributed
 
         return run_distributed(cfg)
+    from dsv3.train.trainer import Trainer, check_fits_one_process, resolve_device
+
+    check_fits_one_process(cfg, resolve_device(cfg.train.device))  # before any allocation
     if any(v > 1 for v in (cfg.parallel.model_parallel, cfg.parallel.pipeline_stage, cfg.parallel.expert_parallel)) or cfg.parallel.data_parallel > 1:
         import sys
 
@@ -53,8 +56,6 @@ def run(args: argparse.Namespace) -> int:
               f"pp {cfg.parallel.pipeline_stage}, ep {cfg.parallel.expert_parallel}) are not applied; the global batch is kept "
               f"by accumulating {cfg.micro_batches_per_step()} micro-batches per step (use `dsv3 launch` for several processes)",
               file=sys.stderr)
-    from dsv3.train.trainer import Trainer
-
     try:
         summary = Trainer(cfg).fit()
     except MemoryError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import sys
 import time
@@ -48,16 +49,52 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None] | None = None) -> Transformer:
-    """fp32 master weights, initialised N(0, initializer_range) from train.seed, or read from train.init_from."""
+    """fp32 master weights: read from train.init_from, or N(0, initializer_range) from train.seed, built
+    on the meta device, then materialised and initialised by `dsv3.parallel.init` (the rule every
+    parallel layout uses too, so one process and any layout start from the same weights)."""
+    from dsv3.parallel.init import materialize
+
     seed_everything(cfg.train.seed)
     if cfg.train.init_from:
         from dsv3.train.init_from import load_init_weights
 
-        return load_init_weights(cfg.model, cfg.train.init_from, device, log)
-    with torch.device(device):
-        model = Transformer(cfg.model)
-    model.reset_parameters()
+        model = load_init_weights(cfg.model, cfg.train.init_from, device, log)
+    else:
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        materialize(model, device, cfg.model, cfg.train.seed)
+    if cfg.train.recompute != "none":
+        from dsv3.parallel.layout import recompute_layer_ids, stage_layers
+        from dsv3.parallel.recompute import apply_recompute
+
+        # the layers the configured pipeline stages would recompute (all of them without recompute_layers)
+        per_stage = stage_layers(cfg.model, cfg.parallel.pipeline_stage, cfg.parallel.pp_layer_offset)
+        apply_recompute(model, cfg.train.recompute,
+                        recompute_layer_ids(cfg.model, cfg.train.recompute, per_stage, cfg.parallel.recompute_layers))
     return model.train()
+
+
+def check_fits_one_process(cfg: RunConfig, device: torch.device) -> None:
+    """Before any allocation: a model whose fp32 weights, gradients and AdamW moments exceed this
+    machine's memory is refused with one line naming the layout's process count."""
+    from dsv3.tools.info import account
+
+    acc = account(cfg.model, cfg.data.seq_length)
+    n = acc.total + acc.mtp
+    need = n * (4 + 4 + (4 if cfg.optimizer.state_dtype == "bfloat16" else 8))
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"{device} has"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    if need <= have:
+        return
+    p = cfg.parallel
+    world = p.data_parallel * p.model_parallel * p.pipeline_stage
+    raise UserError(f"one process cannot hold this model: {n / 1e9:.1f}B parameters need {need / 2**30:,.0f} GiB for fp32 "
+                    f"weights, gradients and AdamW state, {where} {have / 2**30:,.0f} GiB; its layout (data_parallel {p.data_parallel} "
+                    f"x model_parallel {p.model_parallel} x pipeline_stage {p.pipeline_stage}) needs {world} processes: start it with "
+                    f"`dsv3 launch` on {world} devices; `dsv3 dryrun` (not yet built) will check a rank's build without devices "
+                    f"(today: python -m dsv3.parallel.fake CONFIG RANK)")
 
 
 def build_optim(model: torch.nn.Module, cfg: RunConfig):
@@ -176,9 +213,7 @@ class Trainer:
         self.ckpt_root = checkpoint.checkpoint_root(self.run_dir)
         resume_from = self._resume_path()
         self.data = build_data(cfg, self.micro_batches, data_parallel_rank, data_parallel_world, self.log)
-        self.model = build_model(cfg, self.device, self.log)
-        self.optimizer, self.scheduler = build_optim(self.model, cfg)
-        self.moe_layers = self.model.moe_layers()
+        self.build_model_and_optimizer()
         self.step = 0
         self._batches = None
         if resume_from is not None:
@@ -190,6 +225,12 @@ class Trainer:
                                                              cfg.model.num_nextn_predict_layers if cfg.train.mtp_loss_factor > 0 else 0)
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak_flops = metrics.peak_flops(dev_name, cfg.train.precision, cfg.logging.peak_tflops)
+
+    def build_model_and_optimizer(self) -> None:
+        """Sets `model`, `optimizer`, `scheduler`, `moe_layers` (the distributed trainer builds its shards instead)."""
+        self.model = build_model(self.cfg, self.device, self.log)
+        self.optimizer, self.scheduler = build_optim(self.model, self.cfg)
+        self.moe_layers = self.model.moe_layers()
 
     def _resume_path(self) -> Path | None:
         existing = checkpoint.latest_checkpoint(self.ckpt_root)

@@ -1,0 +1,58 @@
+"""One rank's model, torchtitan's order: build on the meta device -> parallelize (PP stages, EP,
+TP, recompute, FSDP) -> materialise only this rank's shards (`to_empty`) -> initialise them in place.
+
+No rank ever allocates a full copy of the model: the meta model holds no storage, the pipeline
+stages are made of its modules (not copies), and `dsv3.parallel.init` fills each shard from a
+per-parameter, per-block generator, so the weights equal a single-process init with the same seed.
+The distributed trainer, the parallel tests and the fake-process-group layout check
+(`dsv3.parallel.fake`) all build through `build_parallel_model`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from dsv3.config.schema import ModelConfig
+from dsv3.model.transformer import Transformer
+from dsv3.parallel.api import DistributedModel, parallelize
+from dsv3.parallel.dims import Meshes, ParallelDims
+from dsv3.parallel.init import canonical_name, materialize
+
+
+def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Meshes, seed: int, *, mtp_lambda: float = 0.3,
+                         param_dtype: torch.dtype | None = None, offset: list[int] | None = None, recompute: str = "none",
+                         recompute_layers: list[int] | None = None, device: torch.device | None = None) -> DistributedModel:
+    """This rank's parts of the model; `device` None leaves them on the meta device (layout checks)."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    dm = parallelize(model, dims, meshes, mtp_lambda=mtp_lambda, param_dtype=param_dtype, offset=offset,
+                     recompute=recompute, recompute_layers=recompute_layers)
+    if device is not None:
+        for part in dm.parts:
+            materialize(part, device, model_cfg, seed)
+    return dm
+
+
+def held_parameters(dm: DistributedModel) -> dict:
+    """What this rank holds: `local_params` / `local_bytes` (its shards, as allocated),
+    `stage_params` (the global size of the parameters of its stages, the last stage's copy of the
+    embedding not counted again) and `names` (canonical names of those parameters)."""
+    local = local_bytes = stage = 0
+    names: list[str] = []
+    seen: set[int] = set()
+    for part in dm.parts:
+        copy = getattr(part, "is_last", False) and not getattr(part, "is_first", True)
+        for name, p in part.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            t = p.to_local() if isinstance(p, DTensor) else p
+            local += t.numel()
+            local_bytes += t.numel() * t.element_size()
+            name = canonical_name(name)
+            if copy and name == "model.embed_tokens.weight":
+                continue
+            stage += p.numel()
+            names.append(name)
+    return {"local_params": local, "local_bytes": local_bytes, "stage_params": stage, "names": names}
