@@ -102,13 +102,13 @@ def time_dsv3(engine, prompts: list[list[int]], new: int) -> tuple[float, list[l
         engine.add_request(f"r{time.perf_counter_ns()}-{i}", None, p, sp)
     decode_time, decode_tokens, out = 0.0, 0, {}
     while engine.has_unfinished_requests():
-        before = engine.stats["decode_tokens"]
+        before = engine.stats()["decode_tokens"]
         t = time.perf_counter()
         res = engine.step()
         dt = time.perf_counter() - t
-        if engine.stats["decode_tokens"] > before:
+        if engine.stats()["decode_tokens"] > before:
             decode_time += dt
-            decode_tokens += engine.stats["decode_tokens"] - before
+            decode_tokens += engine.stats()["decode_tokens"] - before
         for o in res:
             if o.finished:
                 out[o.request_id] = o.outputs[0].token_ids
