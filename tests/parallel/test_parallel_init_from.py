@@ -10,7 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,6 +19,7 @@ from dsv3.config.train import run_config_from_dict
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from hf_oracle import make_hf_checkpoint  # noqa: E402
 from parallel_harness import spawn  # noqa: E402
+from test_parallel_train import launch, prefix  # noqa: E402,F401 (the synthetic token data, ids < 256)
 
 TOL = 1e-5
 M, DP, BS = 2, 2, 1  # micro-batches per replica, replicas, sequences per micro-batch
@@ -31,19 +31,6 @@ def hf(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf")
     model = make_hf_checkpoint(d, max_shard_size="60KB", num_hidden_layers=4)
     return d, model
-
-
-@pytest.fixture(scope="module")
-def prefix(tmp_path_factory) -> str:
-    from dsv3.data.indexed_dataset import IndexedDatasetBuilder
-
-    p = str(tmp_path_factory.mktemp("data") / "syn_text_document")
-    b = IndexedDatasetBuilder(p + ".bin")
-    rng = np.random.default_rng(0)
-    for _ in range(64):
-        b.add_document((rng.integers(0, 512) + rng.integers(1, 4) * np.arange(65)) % 512, [65])
-    b.finalize(p + ".idx")
-    return p
 
 
 def run_cfg(hf_dir: Path, prefix: str, out: Path, parallel: dict, steps: int = 1):
@@ -98,8 +85,6 @@ def test_one_process_first_loss_equals_transformers(hf, prefix, oracle, tmp_path
 
 
 def test_dp2xpp2_first_loss_equals_transformers(hf, prefix, oracle, tmp_path):
-    from test_parallel_train import launch
-
     cfg = run_cfg(hf[0], prefix, tmp_path / "run", {"data_parallel": DP, "pipeline_stage": 2})
     dump_yaml(cfg, tmp_path / "dp2pp2.yaml")
     launch(tmp_path, tmp_path / "dp2pp2.yaml", 4)
