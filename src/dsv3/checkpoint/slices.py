@@ -136,7 +136,7 @@ class SliceReader:
         bounds = _norm_box(box, self.files.shape(stored))
         t = self._get(stored, bounds)
         quant = self.files.meta[stored][2] in ("F8_E4M3", "F8_E5M2", "I8")
-        if not quant:
+        if not quant or t.numel() == 0:
             return t.float()
         sname = stored + hf_map.SCALE_SUFFIX
         if sname not in self.files.meta:
