@@ -158,3 +158,15 @@ def test_bad_checkpoint_is_one_line(hf, prefix, tmp_path, capsys, how):
     err = capsys.readouterr().err.strip().splitlines()
     assert expect in err[-1] and str(ckpt) in err[-1] and "Traceback" not in "\n".join(err), err
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_mindspore_load_checkpoint_is_init_from(data_dir, tmp_path, capsys):
+    """The seed's `load_checkpoint` (with `auto_trans_ckpt`: resharding is what init_from always does)."""
+    import yaml
+
+    from dsv3.config.train import run_config_from_dict
+
+    d = yaml.safe_load((data_dir.parent / "mindformers-configs" / "pretrain_deepseek3_671b.yaml").read_text(encoding="utf-8"))
+    d.update(load_checkpoint=str(tmp_path), auto_trans_ckpt=True)
+    assert run_config_from_dict(d, source="671b.yaml").train.init_from == str(tmp_path)
+    assert "auto_trans_ckpt (train.init_from always reads each rank's own slices" in capsys.readouterr().err
