@@ -100,3 +100,26 @@ def test_init_from_int8_is_its_dequantisation(good, tmp_path):
     got = load_init_weights(cfg, tmp_path / "i8", "cpu").state_dict()
     ref = dsv3.from_pretrained(tmp_path / "i8", dtype=torch.float32, quantization="none").state_dict()
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_fill_a_model_kept_fp8(good, tmp_path):
+    """A model whose linears stay FP8 (`dsv3.quant`, the inference default for FP8 files) is filled with the
+    stored FP8 values and their scale blocks, as the whole-tensor loader fills it."""
+    import copy
+
+    from dsv3.checkpoint.slices import fill_module
+
+    make_fp8_checkpoint(good, tmp_path / "fp8")
+    model = dsv3.from_pretrained(tmp_path / "fp8", dtype=torch.float32, mtp=False)
+    ref = model.state_dict()
+    assert ref["model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.float8_e4m3fn
+    blank = copy.deepcopy(model)
+    for t in blank.state_dict().values():
+        t.view(torch.uint8).zero_() if t.dtype == torch.float8_e4m3fn else t.zero_()
+    r = SliceReader(tmp_path / "fp8", model.config)
+    filled = fill_module(blank, r)
+    assert "model.layers.1.mlp.experts.gate_proj_scale_inv" in filled and "model.layers.0.self_attn.kv_b_proj.weight_scale_inv" in filled
+    got = blank.state_dict()
+    for k, v in ref.items():
+        same = torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)) if v.dtype == torch.float8_e4m3fn else torch.equal(got[k], v)
+        assert same, k

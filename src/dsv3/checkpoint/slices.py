@@ -19,7 +19,9 @@ How our tensors lie in a checkpoint comes from the one name table (`dsv3.checkpo
 
 API:
     reader = SliceReader(path_or_CheckpointReader, cfg, skip_mtp_layers=0)
-    reader.read(our_name, box) -> fp32 tensor of the box (tuple of slices, global coordinates)
+    reader.read(our_name, box, raw=False) -> fp32 tensor of the box (tuple of slices, global
+        coordinates); raw=True: as stored (FP8 stays FP8; its scales are `<our_name>_scale_inv`)
+    reader.read_into(out, our_name, box) -> the same copied into `out` (experts one at a time)
     fill_module(module, reader) -> names filled: every parameter and persistent buffer of `module`
         (a Transformer, a pipeline stage, any parallelism applied, materialised) gets its local box
     reader.bytes_read / reader.reads: what was read (for accounting and tests); reader.close()
@@ -42,6 +44,8 @@ from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 
 Box = tuple[slice, ...]
+QUANTISED = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
+"""Storage dtypes of modules kept quantised (`dsv3.quant`): filled with the stored values and scales."""
 
 
 def _norm_box(box: Box, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -81,7 +85,12 @@ class SliceReader:
             if (skip and name.startswith(skip)) or 0 in self.files.shape(name):
                 continue
             tgt = hf_map.from_hf(name, cfg)
-            if tgt is None or tgt.kind in ("scale", "tied"):
+            if tgt is not None and tgt.kind == "scale":  # for modules kept quantised: `<our weight>_scale_inv`
+                tgt = hf_map.from_hf(tgt.name, cfg)
+                if tgt is None or tgt.kind not in ("tensor", "expert"):
+                    continue
+                tgt = hf_map.Target(tgt.name + hf_map.SCALE_SUFFIX, tgt.kind, tgt.expert)
+            if tgt is None or tgt.kind == "tied":
                 continue
             if tgt.kind == "tensor":
                 self.sources[tgt.name] = ("tensor", name)
@@ -102,24 +111,43 @@ class SliceReader:
         self.files.close()
 
     # ---- reading
-    def read(self, name: str, box: Box) -> torch.Tensor:
-        """The box `box` (global coordinates of our tensor `name`) as fp32, dequantised if stored FP8/int8."""
+    def read(self, name: str, box: Box, raw: bool = False) -> torch.Tensor:
+        """The box `box` (global coordinates of our tensor `name`) as fp32, dequantised if stored FP8/int8;
+        `raw`: as stored (a quantised weight stays quantised; its scales are `<name>_scale_inv`)."""
         src = self.sources[name]
         if src[0] == "tensor":
-            return self._read_stored(src[1], box)
+            return self._read_stored(src[1], box, raw)
         if src[0] == "fused":  # [E, 2I, D]: rows [half*I, half*I + I) are ours
             stored = self.files.shape(src[1])
             inter = stored[1] // 2
             (e0, e1), (r0, r1), *rest = _norm_box(box, (stored[0], inter, *stored[2:]))
             off = src[2] * inter
-            return self._read_stored(src[1], (slice(e0, e1), slice(off + r0, off + r1), *_slices(rest)))
-        experts = src[1]
-        (e0, e1) = _norm_box(box[:1], (self.cfg.n_routed_experts,))[0]
-        rows = [self._read_stored(experts[e], box[1:]) for e in range(e0, e1)]
+            return self._read_stored(src[1], (slice(e0, e1), slice(off + r0, off + r1), *_slices(rest)), raw)
+        experts, (e0, e1) = self._experts(name, box)
+        rows = [self._read_stored(experts[e], box[1:], raw) for e in range(e0, e1)]
         if rows:
             return torch.stack(rows)
         inner = self.files.shape(next(iter(experts.values())))
         return torch.empty((0, *(b - a for a, b in _norm_box(box[1:], inner))), dtype=torch.float32)
+
+    def read_into(self, out: torch.Tensor, name: str, box: Box, raw: bool = False) -> None:
+        """`out.copy_(read(name, box, raw))`, stacked experts one expert at a time (the transient is one
+        expert's box, not the whole local stack)."""
+        if self.sources[name][0] != "expert":
+            out.copy_(self.read(name, box, raw))
+            return
+        experts, (e0, e1) = self._experts(name, box)
+        for i, e in enumerate(range(e0, e1)):
+            out[i].copy_(self._read_stored(experts[e], box[1:], raw))
+
+    def _experts(self, name: str, box: Box) -> tuple[dict[int, str], tuple[int, int]]:
+        """(expert -> stored name, the box's expert range) of a stacked tensor; every expert of the range must be stored."""
+        experts = self.sources[name][1]
+        e0, e1 = _norm_box(box[:1], (self.cfg.n_routed_experts,))[0]
+        absent = [e for e in range(e0, e1) if e not in experts]
+        if absent:
+            raise UserError(f"{self.path}: missing tensors: {name} (experts {absent[:8]} missing)")
+        return experts, (e0, e1)
 
     def _get(self, stored: str, bounds) -> torch.Tensor:
         """The box of the stored tensor, read through `get_slice` (and counted)."""
@@ -132,9 +160,11 @@ class SliceReader:
         self.reads.append((stored, shape, full))
         return t
 
-    def _read_stored(self, stored: str, box: Box) -> torch.Tensor:
+    def _read_stored(self, stored: str, box: Box, raw: bool = False) -> torch.Tensor:
         bounds = _norm_box(box, self.files.shape(stored))
         t = self._get(stored, bounds)
+        if raw:
+            return t
         quant = self.files.meta[stored][2] in ("F8_E4M3", "F8_E5M2", "I8")
         if not quant or t.numel() == 0:
             return t.float()
@@ -196,7 +226,7 @@ def fill_module(module: nn.Module, reader: SliceReader, names: list[str] | None 
                 missing.append(name)
                 continue
             local, box = _local_box(p)
-            local.copy_(reader.read(src, box))
+            reader.read_into(local, src, box, raw=local.dtype in QUANTISED)  # a module kept quantised: as stored
             filled.append(name)
     if missing:
         raise UserError(f"{reader.path}: missing tensors: {_few(sorted(missing))}")
