@@ -202,11 +202,11 @@ def _local_box(p: torch.Tensor) -> tuple[torch.Tensor, Box]:
 
 
 @torch.no_grad()
-def fill_module(module: nn.Module, reader: SliceReader, names: list[str] | None = None) -> list[str]:
+def fill_module(module: nn.Module, reader: SliceReader) -> list[str]:
     """Copy into every parameter and persistent buffer of `module` (materialised; plain tensors or
-    DTensor shards) its local box read from `reader`. `names` maps module names to our state-dict
-    names (default: activation-checkpoint / compile wrappers stripped). Returns the names filled.
-    A tied `lm_head.weight` absent from the files reads `model.embed_tokens.weight`."""
+    DTensor shards) its local box read from `reader`; names are the single-process ones
+    (activation-checkpoint / compile wrappers stripped). Returns the names filled. A tied
+    `lm_head.weight` absent from the files reads `model.embed_tokens.weight`."""
     from dsv3.parallel.init import canonical_name
 
     filled, missing = [], []

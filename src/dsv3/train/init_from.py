@@ -82,28 +82,37 @@ class InitSource:
                             + "; ".join(diff))
         self.dcp = (d / ".metadata").is_file() and not any(d.glob("*.safetensors"))
         self.reader = None
-        if self.dcp:
-            have = _dcp_mtp_layers(d)
-        else:
+        if not self.dcp:
             from dsv3.checkpoint.io import CheckpointReader, count_mtp_layers
 
             files = CheckpointReader(d)
-            have = count_mtp_layers(files, ckpt_cfg)
-        want = cfg.num_nextn_predict_layers
+            try:
+                have = count_mtp_layers(files, ckpt_cfg)
+                self._check_mtp(have)
+                self.reader = self._slice_reader(files)
+            except BaseException:
+                files.close()
+                raise
+            return
+        self._check_mtp(_dcp_mtp_layers(d))
+
+    def _check_mtp(self, have: int) -> None:
+        want = self.cfg.num_nextn_predict_layers
         if want not in (0, have):
-            raise UserError(f"train.init_from {d}: model.num_nextn_predict_layers is {want} but the checkpoint holds "
+            raise UserError(f"train.init_from {self.dir}: model.num_nextn_predict_layers is {want} but the checkpoint holds "
                             f"{have} MTP layer(s); set it to {have} (train them) or 0 (no MTP)")
         self.skipped_mtp = have - want
-        if not self.dcp:
-            from dsv3.checkpoint.io import load_checkpoint_into
-            from dsv3.checkpoint.slices import SliceReader
-            from dsv3.model.transformer import Transformer
 
-            with torch.device("meta"):
-                meta = Transformer(cfg)
-            # missing / unexpected / mis-shaped tensors: one line, from the headers only
-            load_checkpoint_into(meta, files, torch.float32, "meta", skip_mtp_layers=self.skipped_mtp, dry_run=True)
-            self.reader = SliceReader(files, cfg, skip_mtp_layers=self.skipped_mtp)
+    def _slice_reader(self, files):
+        """Missing / unexpected / mis-shaped tensors: one line, from the headers only; then the reader."""
+        from dsv3.checkpoint.io import load_checkpoint_into
+        from dsv3.checkpoint.slices import SliceReader
+        from dsv3.model.transformer import Transformer
+
+        with torch.device("meta"):
+            meta = Transformer(self.cfg)
+        load_checkpoint_into(meta, files, torch.float32, "meta", skip_mtp_layers=self.skipped_mtp, dry_run=True)
+        return SliceReader(files, self.cfg, skip_mtp_layers=self.skipped_mtp)
 
     def fill(self, parts: list[torch.nn.Module]) -> None:
         """Copy this rank's slices into its materialised `parts` (a Transformer or pipeline stages,
