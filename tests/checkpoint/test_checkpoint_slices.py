@@ -123,3 +123,16 @@ def test_fill_a_model_kept_fp8(good, tmp_path):
     for k, v in ref.items():
         same = torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)) if v.dtype == torch.float8_e4m3fn else torch.equal(got[k], v)
         assert same, k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_init_from_onto_cuda(good, tmp_path):
+    """The boxes are read on the host and copied into the device's shards: the same weights as on CPU."""
+    from dsv3.train.init_from import load_init_weights
+
+    fp8 = tmp_path / "fp8"
+    make_fp8_checkpoint(good, fp8)
+    cfg = dataclasses.replace(load_dir_config(good)[0], num_nextn_predict_layers=0)
+    cpu, gpu = load_init_weights(cfg, fp8, "cpu").state_dict(), load_init_weights(cfg, fp8, "cuda").state_dict()
+    assert all(gpu[k].is_cuda and torch.equal(gpu[k].cpu(), v) for k, v in cpu.items())
