@@ -73,7 +73,8 @@ class SliceReader:
     """
 
     def __init__(self, source: str | Path | CheckpointReader, cfg: ModelConfig, skip_mtp_layers: int = 0):
-        self.files = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
+        self._own = not isinstance(source, CheckpointReader)
+        self.files = CheckpointReader(source) if self._own else source
         self.cfg = cfg
         self.bytes_read = 0
         self.reads: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # (stored name, box shape, stored shape)
@@ -108,7 +109,9 @@ class SliceReader:
         return name in self.sources
 
     def close(self) -> None:
-        self.files.close()
+        """Release the files if this reader opened them."""
+        if self._own:
+            self.files.close()
 
     # ---- reading
     def read(self, name: str, box: Box, raw: bool = False) -> torch.Tensor:

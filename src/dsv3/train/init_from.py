@@ -137,7 +137,7 @@ class InitSource:
 
     def close(self) -> None:
         if self.reader is not None:
-            self.reader.close()
+            self.reader.files.close()
 
 
 def _dcp_mtp_layers(d: Path) -> int:
