@@ -61,6 +61,7 @@ _WHY = {
     "bos_token_id": "ids come from the tokenizer: bos 0, eos 1",
     "n_kv_heads": "MLA has no separate KV heads",
     "aux_loss_factor": "superseded by aux_loss_factors",
+    "auto_trans_ckpt": "train.init_from always reads each rank's own slices, whatever the layout",
 }
 
 
