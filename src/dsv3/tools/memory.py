@@ -1,0 +1,361 @@
+"""Per-rank memory of a parallel layout, from the code that would run (`dsv3 dryrun`, `dsv3 balance`).
+
+Two measurements, no devices:
+
+* **Model states** (`rank_states`): the rank's part is built by the trainer's build path
+  (`dsv3.parallel.build.build_parallel_model`: PP stages, EP, TP, recompute, FSDP) on the meta device
+  under torch's fake process group of the layout's size; its parameters are counted as allocated
+  (storage bytes: FSDP's padded shards). Gradients have the parameters' shapes and dtype (fp32);
+  AdamW keeps two moments per parameter in `optimizer.state_dtype`.
+* **Activations** (`stage_activation`): one micro-batch of the stage's own modules (the model's
+  layers, the pipeline stage, the configured recompute wrappers, the trainer's loss) runs forward and
+  backward on the meta device under `memtrack.TensorMemory`, which charges every tensor by its
+  storage's lifetime. `act_bytes` is what the forward leaves alive for backward, `fwd_bwd_peak` the
+  most alive at once during that micro-batch. Weight gradients are not formed here (they are model
+  states); MoE routing is taken as perfectly balanced (the dispatch term below carries imbalance).
+
+Assembled per rank (`rank_memory`):
+    peak = params + grads + optimizer + (in_flight - 1) x act + fwd_bwd_peak        [one micro-batch
+           + fsdp_buffers + grad_transient + autocast_cache + moe_dispatch            in the last stage]
+where `in_flight` is the schedule's micro-batches alive at once on the rank (1F1B: pp - p, GPipe: M),
+activations are divided by the tensor-parallel degree (sequence parallel splits every activation of
+a layer; Korthikanti et al. 2022), `fsdp_buffers` are the all-gathered dense weights (the whole stage
+under PP, where FSDP keeps them between forward and backward; two layers otherwise), `grad_transient`
+one FSDP unit's unsharded fp32 gradient before its reduce-scatter (or the largest local gradient),
+`autocast_cache` bf16 copies of the dense weights under `train.precision: bf16`, and `moe_dispatch`
+the all-to-all send/receive rows of one MoE layer at `imbalance` times the mean tokens per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsv3.parallel.dims import ParallelDims
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@contextlib.contextmanager
+def fake_world(world: int, rank: int):
+    """torch's fake process group (collectives are no-ops) of `world` ranks, as `rank`."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    if dist.is_initialized():
+        raise RuntimeError("a fake process group needs a process without one (it is process-global)")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if id(st) not in seen:
+            seen.add(id(st))
+            total += st.nbytes()
+    return total
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _fsdp_units(part: nn.Module) -> list[nn.Module]:
+    m = part.model
+    layers = list(m.layers.values()) if isinstance(m.layers, nn.ModuleDict) else list(m.layers)
+    units = [u for u in [getattr(m, "embed_tokens", None), *layers, *(getattr(m, "mtp", None) or [])] if u is not None]
+    if getattr(part, "lm_head", None) is not None:
+        units.append(nn.ModuleList([m.norm, part.lm_head]))
+    return units
+
+
+def _gathered_bytes(unit: nn.Module, dp: int) -> int:
+    """Bytes of `unit`'s FSDP-managed weights once all-gathered over dp (fp32 masters)."""
+    from torch.distributed.tensor import DTensor
+
+    n = 0
+    for p in unit.parameters():
+        if isinstance(p, DTensor) and "dp" in (p.device_mesh.mesh_dim_names or ()):
+            n += p.to_local().numel() * dp * p.element_size()
+    return n
+
+
+def rank_states(cfg, rank: int) -> dict:
+    """Build `rank`'s part of `cfg`'s layout (meta device, fake process group) and count its model states."""
+    from dsv3.parallel.build import build_parallel_model, held_parameters
+    from dsv3.parallel.dims import build_meshes
+    from dsv3.parallel.fsdp import moe_params
+
+    dims = ParallelDims.from_config(cfg.parallel)
+    with fake_world(dims.world_size, rank):
+        meshes = build_meshes(dims, "cpu", cfg.model)
+        dm = build_parallel_model(cfg.model, dims, meshes, cfg.train.seed, mtp_lambda=cfg.train.mtp_loss_factor,
+                                  offset=cfg.parallel.pp_layer_offset, recompute=cfg.train.recompute,
+                                  recompute_layers=cfg.parallel.recompute_layers, device=None)
+        params = list(dm.parameters())
+        local = [_local(p) for p in params]
+        numel = sum(t.numel() for t in local)
+        param_bytes = _storage_bytes(local)
+        fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
+        units = [u for part in dm.parts for u in _fsdp_units(part)]
+        gathered = [_gathered_bytes(u, dims.dp) for u in units] if fsdp else [0]
+        expert_ids = {id(p) for part in dm.parts for p in moe_params(part)[1]}
+        dense_bytes = sum(t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in expert_ids)
+        layers = sorted({int(k) for part in dm.parts for k in _layer_keys(part)})
+        out = {"rank": rank, "pp_stage": meshes.pp_rank, "tp_rank": meshes.tp_rank, "dp_rank": meshes.dp_rank,
+               "ep_rank": meshes.sparse.get_local_rank("ep"), "stages": [getattr(p, "stage_index", 0) for p in dm.parts],
+               "layers": layers, "mtp": any(len(getattr(p.model, "mtp", None) or []) for p in dm.parts),
+               "params": numel, "stage_params": held_parameters(dm)["stage_params"], "param_bytes": param_bytes, "grad_bytes": param_bytes,
+               "fsdp_gathered_max": max(gathered), "fsdp_gathered_all": sum(gathered),
+               "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "dense_param_bytes": dense_bytes}
+    state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
+    out["optimizer_bytes"] = 2 * numel * state_bytes + 4 * len(params)  # exp_avg, exp_avg_sq, a step scalar each
+    return out
+
+
+def _layer_keys(part: nn.Module) -> list[str]:
+    layers = part.model.layers
+    if isinstance(layers, nn.ModuleDict):
+        return list(layers.keys())
+    return [str(m.layer_idx if hasattr(m, "layer_idx") else i) for i, m in enumerate(layers)]
+
+
+@dataclass
+class StageActivation:
+    act_bytes: int
+    """Bytes one micro-batch's forward leaves alive for its backward (stage input and output included)."""
+    fwd_bwd_peak: int
+    """Most bytes alive at once during that micro-batch's forward and backward (act_bytes included)."""
+
+
+def compute_dtype(cfg) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+def _to_fake(model: nn.Module, fake) -> None:
+    """Replace the meta parameters and buffers of `model` by fake CPU tensors of the same shapes."""
+    conv = fake.fake_tensor_converter
+    cpu = torch.device("cpu")
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = nn.Parameter(conv.from_meta_and_device(fake, p, cpu), requires_grad=p.requires_grad)
+        for name, buf in list(m._buffers.items()):
+            if buf is not None:
+                m._buffers[name] = conv.from_meta_and_device(fake, buf, cpu)
+
+
+@contextlib.contextmanager
+def fused_attention():
+    """`F.scaled_dot_product_attention` as the fused kernel a GPU runs (memory-efficient attention:
+    it keeps the output and the log-sum-exp, never the scores), whatever the device the fake tensors
+    claim. MLA's query/key (192) and value (128) head sizes differ, which CPU kernels answer with the
+    math path (scores kept); that is what a CPU run costs, not a GPU one."""
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompute_ids: set[int], loss: str,
+                     gpu_attention: bool = True) -> StageActivation:
+    """One micro-batch (train.batch_size x data.seq_length) through a stage of the single-device model
+    built on the meta device: decoder layers `layer_ids` (the embedding when `first`; norm, head, MTP
+    and the loss when `last`), layers in `recompute_ids` wrapped as the trainer wraps them. `loss`:
+    'fused' (one process: the fused head + CE), 'logits' (the parallel trainer's plain logits path)."""
+    from dsv3.model.transformer import Transformer
+    from dsv3.parallel.pp import TransformerStage
+    from dsv3.parallel.recompute import apply_recompute
+    from dsv3.tools.memtrack import TensorMemory
+    from dsv3.train.loss import compute_loss, mean_ce, mtp_loss
+
+    mc, dtype = cfg.model, compute_dtype(cfg)
+    b, T = cfg.train.batch_size, cfg.data.seq_length
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.device("meta"):
+        full = Transformer(mc).to(dtype)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    _to_fake(full, fake)  # CPU-looking tensors without storage: the CPU kernels' choices (flash attention), autocast works
+    whole = first and last and len(layer_ids) == mc.num_hidden_layers
+    part = full if whole else TransformerStage(full, layer_ids, first, last)
+    apply_recompute(part, cfg.train.recompute, recompute_ids)
+    part.train()
+    embeds: list[torch.Tensor] = []
+    for m in part.modules():
+        if isinstance(m, nn.Embedding):
+            m.register_forward_hook(lambda mod, inp, out: embeds.append(out))
+    with fake:
+        tokens = torch.zeros(b, T, dtype=torch.long)
+        batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(b, T)}
+    mode = TensorMemory(meta_routing=True)
+    mode.ignore(list(part.parameters()), list(part.buffers()))
+    with fake, mode, (fused_attention() if gpu_attention else contextlib.nullcontext()):
+        h = None if first else torch.empty(b, T, mc.hidden_size, dtype=dtype, requires_grad=True)
+        mode.track(h)
+        if whole:
+            total, _ = compute_loss(part, batch, cfg.train.mtp_loss_factor, fused_ce=loss == "fused")
+        else:
+            out = part(h, tokens=tokens)
+            if last:
+                logits, mtp = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
+                total = mean_ce(logits, tokens, batch["loss_mask"])
+                if mtp:
+                    total = total + mtp_loss(mtp, tokens, batch["loss_mask"], cfg.train.mtp_loss_factor)[0]
+                del out, logits, mtp
+        act = mode.live["meta"]  # fake tensors have meta storages
+        wrt = [t for t in [h, *embeds] if t is not None and t.requires_grad]
+        if last:
+            torch.autograd.grad(total, wrt)
+            del total
+        else:  # the gradient the next stage sends back; `out` stays alive until then (the runtime keeps it)
+            torch.autograd.grad(out, wrt, grad_outputs=torch.empty_like(out))
+    return StageActivation(act_bytes=act, fwd_bwd_peak=mode.peak["meta"])
+
+
+def in_flight(dims: ParallelDims, pp_rank: int) -> int:
+    """Micro-batches whose activations a pipeline rank holds at once, per stage it holds (the
+    warm-up depth of the schedule): 1F1B pp - p, GPipe and LoopedBFS all M, interleaved
+    (v stages per rank, torch's Interleaved1F1B warm-up) ((v-1)·pp + 2(pp-1-p) + 1) / v,
+    V-shaped (ZBV, DualPipeV: ranks hold stages p and 2pp-1-p) pp + 1 (DualPipe's README)."""
+    M, pp, v = dims.micro_batch_num, dims.pp, dims.v
+    if pp == 1:
+        return 1
+    s = dims.schedule
+    if s in ("GPipe", "LoopedBFS"):
+        return M
+    if s == "1F1B":
+        return min(M, pp - pp_rank)
+    if s in ("ZBVZeroBubble", "DualPipeV"):
+        return min(M, pp + 1)
+    return min(M, -(-((v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1) // v))
+
+
+class ActivationProfile:
+    """Activation bytes of one micro-batch per pipeline stage, from `stage_activation` runs.
+
+    One process (pp 1) runs the whole model once. Under pipeline parallelism a stage is its pieces
+    in order (the embedding or the received input, its decoder layers, the head / MTP / loss), so
+    each kind of piece is run once and reused: a dense or MoE layer with or without recompute, the
+    first stage's embedding, the last stage's head (its MTP block recomputed or not). A stage keeps
+    the sum of its pieces' activations; its peak is that plus the largest piece's transient. Numbers
+    are for the whole sequence; `rank_memory` divides them by the tensor-parallel degree."""
+
+    def __init__(self, cfg, gpu_attention: bool = True):
+        self.cfg, self.gpu_attention = cfg, gpu_attention
+        mc = cfg.model
+        self.input_bytes = cfg.train.batch_size * cfg.data.seq_length * mc.hidden_size * compute_dtype(cfg).itemsize
+        self._cache: dict[tuple, StageActivation] = {}
+
+    def _run(self, key, layer_ids, first, last, rc_ids, loss="logits") -> StageActivation:
+        if key not in self._cache:
+            self._cache[key] = stage_activation(self.cfg, layer_ids, first, last, rc_ids, loss, self.gpu_attention)
+        return self._cache[key]
+
+    def layer(self, i: int, recomputed: bool) -> tuple[int, int]:
+        """(kept bytes, transient bytes) of decoder layer i (its kind: dense or MoE)."""
+        moe = self.cfg.model.is_moe_layer(i)
+        a = self._run(("layer", moe, recomputed), [i], False, False, {i} if recomputed else set())
+        return a.act_bytes - self.input_bytes, a.fwd_bwd_peak - a.act_bytes
+
+    def edge(self, first: bool, last: bool, mtp_recomputed: bool) -> tuple[int, int]:
+        """(kept, transient) of a stage's ends: the embedding (first) or received input, and the head,
+        MTP blocks and loss (last); a last stage's input is the last layer's output, not counted again."""
+        mc = self.cfg.model
+        mtp_ids = set(range(mc.num_hidden_layers, mc.num_hidden_layers + mc.num_nextn_predict_layers)) if mtp_recomputed else set()
+        a = self._run(("edge", first, last, mtp_recomputed), [], first, last, mtp_ids)
+        kept = a.act_bytes - (self.input_bytes if last and not first else 0)
+        return kept, a.fwd_bwd_peak - a.act_bytes
+
+    def stage(self, layer_ids: list[int], first: bool, last: bool, rc_ids: set[int]) -> StageActivation:
+        mc = self.cfg.model
+        mtp_rc = any(i in rc_ids for i in range(mc.num_hidden_layers, mc.num_hidden_layers + mc.num_nextn_predict_layers))
+        kept, trans = self.edge(first, last, mtp_rc)
+        if not first:
+            kept += self.input_bytes if last else 0  # the received input (a middle stage's is counted by edge(False, False))
+        for i in layer_ids:
+            k, t = self.layer(i, i in rc_ids)
+            trans = max(trans, t)
+            kept += k
+        return StageActivation(act_bytes=kept, fwd_bwd_peak=kept + trans)
+
+    def whole(self, rc_ids: set[int], loss: str) -> StageActivation:
+        """One process, or data/tensor parallel without a pipeline: the whole model in one run."""
+        L = self.cfg.model.num_hidden_layers
+        return self._run(("whole", loss, tuple(sorted(rc_ids))), list(range(L)), True, True, rc_ids, loss)
+
+
+def rank_memory(cfg, states: dict, profile: ActivationProfile, imbalance: float = 1.5) -> dict:
+    """The rank's memory report: `states` (from `rank_states`) plus activations, transients and the peak."""
+    from dsv3.parallel.layout import recompute_layer_ids, stage_layers
+
+    dims = ParallelDims.from_config(cfg.parallel)
+    mc = cfg.model
+    per_stage = stage_layers(mc, dims.n_stages, cfg.parallel.pp_layer_offset)
+    rc_ids = recompute_layer_ids(mc, cfg.train.recompute, per_stage, cfg.parallel.recompute_layers)
+    tp = dims.tp
+    if dims.pp == 1:
+        loss = "fused" if dims.world_size == 1 and cfg.train.fused_ce else "logits"
+        acts = [profile.whole(rc_ids, loss)]
+    else:
+        acts = [profile.stage(per_stage[s], s == 0, s == dims.n_stages - 1, rc_ids) for s in states["stages"]]
+    n = in_flight(dims, states["pp_stage"])
+    act_mb = sum(a.act_bytes for a in acts) // tp
+    act_total = sum(n * a.act_bytes for a in acts) // tp + max(a.fwd_bwd_peak - a.act_bytes for a in acts) // tp
+    fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
+    fsdp_buffers = (states["fsdp_gathered_all"] if dims.pp > 1 else 2 * states["fsdp_gathered_max"]) if fsdp else 0
+    grad_transient = states["fsdp_gathered_max"] if fsdp else states["largest_param_bytes"]
+    autocast = (fsdp_buffers if fsdp else states["dense_param_bytes"]) // 2 if cfg.train.precision == "bf16" else 0
+    moe_here = any(mc.is_moe_layer(i) for i in states["layers"]) or states["mtp"]
+    dispatch = 0
+    if dims.ep > 1 and moe_here:
+        rows = cfg.train.batch_size * cfg.data.seq_length // tp * mc.num_experts_per_tok
+        # received rows, their expert-sorted copy, the outputs sent back: at `imbalance` x the mean load
+        dispatch = int(3 * imbalance * rows * mc.hidden_size * compute_dtype(cfg).itemsize)
+    peak = (states["param_bytes"] + states["grad_bytes"] + states["optimizer_bytes"] + act_total + fsdp_buffers
+            + grad_transient + autocast + dispatch)
+    return {**{k: v for k, v in states.items() if not k.startswith(("fsdp_", "largest_", "dense_"))},
+            "activation_bytes": act_mb, "micro_batches_in_flight": n, "activation_in_flight_bytes": act_total,
+            "fsdp_buffer_bytes": fsdp_buffers, "grad_transient_bytes": grad_transient, "autocast_cache_bytes": autocast,
+            "moe_dispatch_bytes": dispatch, "moe_imbalance": imbalance, "peak_bytes": peak}
+
+
+def representative_ranks(dims: ParallelDims) -> list[int]:
+    """One rank per pipeline rank: (dp 0, tp 0) of it. Ranks of one pipeline rank hold equal-sized
+    pieces (tp and ep divide the split dimensions exactly, `ParallelDims.validate`; FSDP2 pads every
+    shard to the same size) and see the same activation shapes, so one stands for all dp x tp."""
+    return [p * dims.dp * dims.tp for p in range(dims.pp)]
+
+
+def layout_memory(cfg, imbalance: float = 1.5, gpu_attention: bool = True, log=None) -> list[dict]:
+    """`rank_memory` of every representative rank of `cfg`'s layout."""
+    dims = ParallelDims.from_config(cfg.parallel)
+    dims.validate(None, cfg.model, seq_len=cfg.data.seq_length)
+    profile = ActivationProfile(cfg, gpu_attention)
+    out = []
+    for r in representative_ranks(dims):
+        states = rank_states(cfg, r)
+        out.append(rank_memory(cfg, states, profile, imbalance))
+        out[-1]["represents"] = dims.dp * dims.tp
+        if log:
+            log(f"rank {r}: pipeline rank {states['pp_stage']}, layers {states['layers']}")
+    return out

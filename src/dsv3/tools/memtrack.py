@@ -1,0 +1,109 @@
+"""Tensor memory accounting by storage lifetime, for any device (meta included).
+
+`TensorMemory` is a TorchDispatchMode: every tensor an operator returns is charged with its
+storage's bytes until that storage dies (a weak reference's callback), so `live` is the bytes of
+tensors alive now and `peak` the most ever alive at once, per device. Tensor subclasses (DTensor,
+FSDP's parameters) are charged through their inner tensors. Tensors that existed before the mode was
+entered are not seen unless `track()` is called on them.
+
+Two users: `dsv3 train --report-memory` measures a real run's peak tensor memory on CPU (where torch
+has no allocator statistics), and `dsv3 dryrun` runs the model's own layers on fake tensors (torch's
+FakeTensorMode: shapes, dtypes and devices, no storage) to find what one micro-batch's forward keeps
+for backward. `meta_routing` makes the model's one data-dependent step (the MoE's `bincount` of the
+routing, read back on the host) answer as a perfectly balanced router would.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_flatten
+
+
+def _storages(t: torch.Tensor) -> list:
+    if is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        return [s for a in attrs for s in _storages(getattr(t, a))]
+    try:
+        return [t.untyped_storage()]
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, nested)
+        return []
+
+
+class TensorMemory(TorchDispatchMode):
+    """Live and peak bytes of the tensors created while the mode is active (see the module docstring)."""
+
+    def __init__(self, meta_routing: bool = False):
+        super().__init__()
+        self.meta_routing = meta_routing
+        self.live: dict[str, int] = defaultdict(int)
+        self.peak: dict[str, int] = defaultdict(int)
+        self._refs: dict[int, weakref.ref] = {}
+
+    def track(self, *tensors) -> None:
+        """Charge tensors created outside the mode (e.g. an input made before it)."""
+        for t in tree_flatten(tensors)[0]:
+            if isinstance(t, torch.Tensor):
+                for st in _storages(t):
+                    self._charge(st)
+
+    def ignore(self, *tensors) -> None:
+        """Storages never to charge (the model's parameters and buffers, counted as model states):
+        views of them (a weight's transpose, one expert's slice) are then free too."""
+        for t in tree_flatten(tensors)[0]:
+            if isinstance(t, torch.Tensor):
+                for st in _storages(t):
+                    self._charge(st, nbytes=0)
+
+    def _charge(self, st, nbytes: int | None = None) -> None:
+        key = id(st)
+        if key in self._refs and self._refs[key]() is st:
+            return
+        nbytes, dev = st.nbytes() if nbytes is None else nbytes, st.device.type
+
+        def freed(_ref, key=key, nbytes=nbytes, dev=dev):
+            if self._refs.get(key) is _ref:
+                del self._refs[key]
+                self.live[dev] -= nbytes
+
+        self._refs[key] = weakref.ref(st, freed)
+        self.live[dev] += nbytes
+        if self.live[dev] > self.peak[dev]:
+            self.peak[dev] = self.live[dev]
+
+    def reset_peak(self) -> None:
+        self.peak = defaultdict(int, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.meta_routing:
+            out = self._meta_op(func, args, kwargs)
+            if out is not NotImplemented:
+                self.track(out)
+                return out
+        out = func(*args, **kwargs)
+        self.track(out)
+        return out
+
+    def _meta_op(self, func, args, kwargs):
+        """Shapes-only execution (fake tensors): a balanced routing for the data-dependent `bincount`."""
+        if func is torch.ops.aten.bincount.default and _is_fake(args[0]):
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            n = args[0].numel()
+            bins = max(kwargs.get("minlength", 0), 1)
+            base, rem = divmod(n, bins)  # every bin the same count (the remainder to the first ones)
+            with unset_fake_temporarily():
+                counts = torch.full((bins,), base, dtype=torch.int64)
+                counts[:rem] += 1
+            return counts  # a real host tensor: `.tolist()` works; fake tensor mode lifts it where it meets fakes
+        return NotImplemented
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
