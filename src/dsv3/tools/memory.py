@@ -221,7 +221,7 @@ def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompu
                 total = mean_ce(logits, tokens, batch["loss_mask"])
                 if mtp:
                     total = total + mtp_loss(mtp, tokens, batch["loss_mask"], cfg.train.mtp_loss_factor)[0]
-                del out, logits, mtp
+                del logits, mtp  # `out` stays alive: the pipeline runtime keeps a stage's outputs until its backward
         act = mode.live["meta"]  # fake tensors have meta storages
         wrt = [t for t in [h, *embeds] if t is not None and t.requires_grad]
         if last:
@@ -331,7 +331,12 @@ def rank_memory(cfg, states: dict, profile: ActivationProfile, imbalance: float 
         rows = cfg.train.batch_size * cfg.data.seq_length // tp * mc.num_experts_per_tok
         # received rows, their expert-sorted copy, the outputs sent back: at `imbalance` x the mean load
         dispatch = int(3 * imbalance * rows * mc.hidden_size * compute_dtype(cfg).itemsize)
-    peak = (states["param_bytes"] + states["grad_bytes"] + states["optimizer_bytes"] + act_total + fsdp_buffers
+    # Gradients of this step are absent while the first micro-batches run forward (zero_grad sets them
+    # to None) and grow while the first backward frees its activations: all of them are alive at the
+    # activation peak only when later micro-batches run forward after a backward (more micro-batches
+    # than in flight), else they add what exceeds the one micro-batch's activations they replace.
+    grads = states["grad_bytes"] if dims.micro_batch_num > n else max(0, states["grad_bytes"] - act_mb)
+    peak = (states["param_bytes"] + grads + states["optimizer_bytes"] + act_total + fsdp_buffers
             + grad_transient + autocast + dispatch)
     return {**{k: v for k, v in states.items() if not k.startswith(("fsdp_", "largest_", "dense_"))},
             "activation_bytes": act_mb, "micro_batches_in_flight": n, "activation_in_flight_bytes": act_total,

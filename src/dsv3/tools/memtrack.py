@@ -26,7 +26,8 @@ from torch.utils._pytree import tree_flatten
 def _storages(t: torch.Tensor) -> list:
     if is_traceable_wrapper_subclass(t):
         attrs, _ = t.__tensor_flatten__()
-        return [s for a in attrs for s in _storages(getattr(t, a))]
+        inner = [getattr(t, a) for a in attrs]
+        return [s for x in inner if isinstance(x, torch.Tensor) for s in _storages(x)]
     try:
         return [t.untyped_storage()]
     except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, nested)
@@ -42,6 +43,9 @@ class TensorMemory(TorchDispatchMode):
         self.live: dict[str, int] = defaultdict(int)
         self.peak: dict[str, int] = defaultdict(int)
         self._refs: dict[int, weakref.ref] = {}
+        self._sizes: dict[int, int] = {}
+        self._ignored: set[int] = set()
+        self._resize = None
 
     def track(self, *tensors) -> None:
         """Charge tensors created outside the mode (e.g. an input made before it)."""
@@ -57,6 +61,7 @@ class TensorMemory(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 for st in _storages(t):
                     self._charge(st, nbytes=0)
+                    self._ignored.add(id(st))
 
     def _charge(self, st, nbytes: int | None = None) -> None:
         key = id(st)
@@ -64,15 +69,40 @@ class TensorMemory(TorchDispatchMode):
             return
         nbytes, dev = st.nbytes() if nbytes is None else nbytes, st.device.type
 
-        def freed(_ref, key=key, nbytes=nbytes, dev=dev):
+        def freed(_ref, key=key, dev=dev):
             if self._refs.get(key) is _ref:
                 del self._refs[key]
-                self.live[dev] -= nbytes
+                self._ignored.discard(key)
+                self.live[dev] -= self._sizes.pop(key)
 
         self._refs[key] = weakref.ref(st, freed)
+        self._sizes[key] = nbytes
+        self._add(dev, nbytes)
+
+    def _add(self, dev: str, nbytes: int) -> None:
         self.live[dev] += nbytes
         if self.live[dev] > self.peak[dev]:
             self.peak[dev] = self.live[dev]
+
+    def __enter__(self):
+        # FSDP2 frees and re-allocates its unsharded weights with `UntypedStorage.resize_`, which is
+        # no operator: follow it (as torch's own MemTracker does).
+        real = self._resize = torch.UntypedStorage.resize_
+
+        def resize_(st, size):
+            key = id(st)
+            out = real(st, size)
+            if key in self._refs and self._refs[key]() is st and key not in self._ignored:
+                self._add(st.device.type, size - self._sizes[key])
+                self._sizes[key] = size
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
 
     def reset_peak(self) -> None:
         self.peak = defaultdict(int, self.live)
@@ -107,3 +137,50 @@ def _is_fake(t) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor)
+
+
+class report_memory:
+    """`dsv3 train --report-memory DIR`: the run under `TensorMemory`; at the end each rank writes
+    DIR/memory-rank{RANK}.json with its peak tensor bytes (per device) and its peak resident set
+    size above the one before the run (`ru_maxrss`, the process's high-water mark)."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+
+    def __enter__(self):
+        import os
+
+        self.rss0 = _rss()
+        self.maxrss0 = _maxrss()
+        self.mode = TensorMemory()
+        self.mode.__enter__()
+        self.rank = int(os.environ.get("RANK", "0"))
+        return self.mode
+
+    def __exit__(self, *exc):
+        import json
+        import os
+        from pathlib import Path
+
+        self.mode.__exit__(*exc)
+        rec = {"rank": self.rank, "peak_tensor_bytes": dict(self.mode.peak), "rss_before_bytes": self.rss0,
+               "peak_rss_bytes": max(_maxrss(), self.maxrss0), "peak_rss_above_start_bytes": _maxrss() - self.rss0}
+        d = Path(self.dir)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".memory-rank{self.rank}.json.tmp"
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, d / f"memory-rank{self.rank}.json")
+        return False
+
+
+def _rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
