@@ -112,15 +112,30 @@ def rank_states(cfg, rank: int) -> dict:
         expert_ids = {id(p) for part in dm.parts for p in moe_params(part)[1]}
         dense_bytes = sum(t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in expert_ids)
         layers = sorted({int(k) for part in dm.parts for k in _layer_keys(part)})
+        per_layer = {}  # decoder / MTP layer id -> (local parameters, of which dense, bytes all-gathered by FSDP)
+        for part in dm.parts:
+            for idx, mod in _layer_modules(part):
+                per_layer[idx] = (sum(_local(p).numel() for p in mod.parameters()),
+                                  sum(_local(p).numel() for p in mod.parameters() if id(p) not in expert_ids),
+                                  _gathered_bytes(mod, dims.dp) if fsdp else 0)
         out = {"rank": rank, "pp_stage": meshes.pp_rank, "tp_rank": meshes.tp_rank, "dp_rank": meshes.dp_rank,
                "ep_rank": meshes.sparse.get_local_rank("ep"), "stages": [getattr(p, "stage_index", 0) for p in dm.parts],
                "layers": layers, "mtp": any(len(getattr(p.model, "mtp", None) or []) for p in dm.parts),
                "params": numel, "stage_params": held_parameters(dm)["stage_params"], "param_bytes": param_bytes, "grad_bytes": param_bytes,
                "fsdp_gathered_max": max(gathered), "fsdp_gathered_all": sum(gathered),
-               "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "dense_param_bytes": dense_bytes}
+               "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "dense_param_bytes": dense_bytes,
+               "layer_params": per_layer}
     state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
     out["optimizer_bytes"] = 2 * numel * state_bytes + 4 * len(params)  # exp_avg, exp_avg_sq, a step scalar each
     return out
+
+
+def _layer_modules(part: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer id, module) of a part's decoder layers (under any recompute wrapper) and whole MTP modules."""
+    m = part.model
+    unwrap = lambda mod: getattr(mod, "_checkpoint_wrapped_module", mod)
+    layers = list(m.layers.values()) if isinstance(m.layers, nn.ModuleDict) else list(m.layers)
+    return [(unwrap(l).layer_idx, l) for l in layers] + [(unwrap(mod.block).layer_idx, mod) for mod in getattr(m, "mtp", None) or []]
 
 
 def _layer_keys(part: nn.Module) -> list[str]:
@@ -312,12 +327,17 @@ def rank_memory(cfg, states: dict, profile: ActivationProfile, imbalance: float 
     mc = cfg.model
     per_stage = stage_layers(mc, dims.n_stages, cfg.parallel.pp_layer_offset)
     rc_ids = recompute_layer_ids(mc, cfg.train.recompute, per_stage, cfg.parallel.recompute_layers)
-    tp = dims.tp
     if dims.pp == 1:
         loss = "fused" if dims.world_size == 1 and cfg.train.fused_ce else "logits"
         acts = [profile.whole(rc_ids, loss)]
     else:
         acts = [profile.stage(per_stage[s], s == 0, s == dims.n_stages - 1, rc_ids) for s in states["stages"]]
+    return assemble(cfg, dims, states, acts, imbalance)
+
+
+def assemble(cfg, dims: ParallelDims, states: dict, acts: list[StageActivation], imbalance: float) -> dict:
+    """Model states + activations of the rank's stages (whole sequence, divided by tp here) -> the peak."""
+    mc, tp = cfg.model, dims.tp
     n = in_flight(dims, states["pp_stage"])
     act_mb = sum(a.act_bytes for a in acts) // tp
     act_total = sum(n * a.act_bytes for a in acts) // tp + max(a.fwd_bwd_peak - a.act_bytes for a in acts) // tp
@@ -338,7 +358,7 @@ def rank_memory(cfg, states: dict, profile: ActivationProfile, imbalance: float 
     grads = states["grad_bytes"] if dims.micro_batch_num > n else max(0, states["grad_bytes"] - act_mb)
     peak = (states["param_bytes"] + grads + states["optimizer_bytes"] + act_total + fsdp_buffers
             + grad_transient + autocast + dispatch)
-    return {**{k: v for k, v in states.items() if not k.startswith(("fsdp_", "largest_", "dense_"))},
+    return {**{k: v for k, v in states.items() if not k.startswith(("fsdp_", "largest_", "dense_", "layer_"))},
             "activation_bytes": act_mb, "micro_batches_in_flight": n, "activation_in_flight_bytes": act_total,
             "fsdp_buffer_bytes": fsdp_buffers, "grad_transient_bytes": grad_transient, "autocast_cache_bytes": autocast,
             "moe_dispatch_bytes": dispatch, "moe_imbalance": imbalance, "peak_bytes": peak}
