@@ -55,7 +55,6 @@ class StageCosts:
         self.L, self.D, self.S = mc.num_hidden_layers, mc.num_nextn_predict_layers, dims.pp
         self.layer: dict[int, tuple] = {}
         self.edge: dict[str, tuple] = {}
-        self.largest = 0
         for r in representative_ranks(dims):
             st = rank_states(cfg, r)
             per = st["layer_params"]
@@ -64,8 +63,7 @@ class StageCosts:
             rest = st["params"] - sum(v[0] for v in per.values())
             dense_rest = st["dense_param_bytes"] // 4 - sum(v[1] for v in per.values())
             gathered_rest = st["fsdp_gathered_all"] - sum(v[2] for v in per.values())
-            self.edge[key] = (rest, dense_rest, gathered_rest)
-            self.largest = max(self.largest, st["largest_param_bytes"])
+            self.edge[key] = (rest, dense_rest, gathered_rest, st["edge_largest_param_bytes"], st["edge_gathered_max"])
             if log:
                 log(f"built pipeline rank {st['pp_stage']} (rank {r})")
         self.state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
@@ -104,11 +102,11 @@ class StageCosts:
         edge = self.edge["first" if first else "last" if last else "middle"]
         numel = edge[0] + sum(self.layer[i][0] for i in ids)
         dense = edge[1] + sum(self.layer[i][1] for i in ids)
-        gathered = [self.layer[i][2] for i in ids] + [edge[2]]
+        gathered = [self.layer[i][2] for i in ids]
         states = {"pp_stage": s, "stages": [s], "layers": list(range(a, b)), "mtp": last and self.D > 0, "params": numel,
                   "param_bytes": 4 * numel, "grad_bytes": 4 * numel, "optimizer_bytes": 2 * self.state_bytes * numel,
-                  "fsdp_gathered_all": sum(gathered), "fsdp_gathered_max": max(gathered),
-                  "largest_param_bytes": self.largest, "dense_param_bytes": 4 * dense}
+                  "fsdp_gathered_all": sum(gathered) + edge[2], "fsdp_gathered_max": max(gathered + [edge[4]]),
+                  "largest_param_bytes": max([edge[3]] + [self.layer[i][3] for i in ids]), "dense_param_bytes": 4 * dense}
         act = self.profile.stage(list(range(a, b)), first, last, set(ids[:r]))
         return assemble(self.cfg, self.dims, states, [act], self.imbalance)
 

@@ -29,6 +29,7 @@ the all-to-all send/receive rows of one MoE layer at `imbalance` times the mean 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -112,19 +113,24 @@ def rank_states(cfg, rank: int) -> dict:
         expert_ids = {id(p) for part in dm.parts for p in moe_params(part)[1]}
         dense_bytes = sum(t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in expert_ids)
         layers = sorted({int(k) for part in dm.parts for k in _layer_keys(part)})
-        per_layer = {}  # decoder / MTP layer id -> (local parameters, of which dense, bytes all-gathered by FSDP)
+        layer_mods = {id(mod) for part in dm.parts for _, mod in _layer_modules(part)}
+        in_layers = {id(p) for part in dm.parts for _, mod in _layer_modules(part) for p in mod.parameters()}
+        per_layer = {}  # decoder / MTP layer id -> (local parameters, of which dense, bytes all-gathered by FSDP, largest local tensor's bytes)
         for part in dm.parts:
             for idx, mod in _layer_modules(part):
                 per_layer[idx] = (sum(_local(p).numel() for p in mod.parameters()),
                                   sum(_local(p).numel() for p in mod.parameters() if id(p) not in expert_ids),
-                                  _gathered_bytes(mod, dims.dp) if fsdp else 0)
+                                  _gathered_bytes(mod, dims.dp) if fsdp else 0,
+                                  max(_local(p).numel() * p.element_size() for p in mod.parameters()))
         out = {"rank": rank, "pp_stage": meshes.pp_rank, "tp_rank": meshes.tp_rank, "dp_rank": meshes.dp_rank,
                "ep_rank": meshes.sparse.get_local_rank("ep"), "stages": [getattr(p, "stage_index", 0) for p in dm.parts],
                "layers": layers, "mtp": any(len(getattr(p.model, "mtp", None) or []) for p in dm.parts),
                "params": numel, "stage_params": held_parameters(dm)["stage_params"], "param_bytes": param_bytes, "grad_bytes": param_bytes,
                "fsdp_gathered_max": max(gathered), "fsdp_gathered_all": sum(gathered),
                "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "dense_param_bytes": dense_bytes,
-               "layer_params": per_layer}
+               "layer_params": per_layer,
+               "edge_gathered_max": max([g for u, g in zip(units, gathered) if id(u) not in layer_mods] or [0]),
+               "edge_largest_param_bytes": max([t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in in_layers] or [0])}
     state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
     out["optimizer_bytes"] = 2 * numel * state_bytes + 4 * len(params)  # exp_avg, exp_avg_sq, a step scalar each
     return out
@@ -224,7 +230,8 @@ def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompu
         batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(b, T)}
     mode = TensorMemory(meta_routing=True)
     mode.ignore(list(part.parameters()), list(part.buffers()))
-    with fake, mode, (fused_attention() if gpu_attention else contextlib.nullcontext()):
+    with warnings.catch_warnings(), fake, mode, (fused_attention() if gpu_attention else contextlib.nullcontext()):
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # torch's own checks do
         h = None if first else torch.empty(b, T, mc.hidden_size, dtype=dtype, requires_grad=True)
         mode.track(h)
         if whole:
@@ -302,16 +309,25 @@ class ActivationProfile:
         return kept, a.fwd_bwd_peak - a.act_bytes
 
     def stage(self, layer_ids: list[int], first: bool, last: bool, rc_ids: set[int]) -> StageActivation:
+        """Pieces in order; backward runs them last to first, so while piece j works (its transient)
+        the pieces before it still hold their activations and the ones after it have freed theirs."""
         mc = self.cfg.model
         mtp_rc = any(i in rc_ids for i in range(mc.num_hidden_layers, mc.num_hidden_layers + mc.num_nextn_predict_layers))
         kept, trans = self.edge(first, last, mtp_rc)
-        if not first:
-            kept += self.input_bytes if last else 0  # the received input (a middle stage's is counted by edge(False, False))
-        for i in layer_ids:
-            k, t = self.layer(i, i in rc_ids)
-            trans = max(trans, t)
-            kept += k
-        return StageActivation(act_bytes=kept, fwd_bwd_peak=kept + trans)
+        if first or not last:  # the embedding, or a middle stage's received input: the first piece
+            pieces = [(kept, trans)]
+            tail = []
+        else:  # a last stage: its received input first, the head / MTP / loss after the layers
+            pieces = [(self.input_bytes, 0)]
+            tail = [(kept, trans)]
+        if first and last:  # one stage holds everything: the edge run covered the embedding and the head
+            pieces, tail = [(kept, 0)], [(0, trans)]
+        pieces += [self.layer(i, i in rc_ids) for i in layer_ids] + tail
+        total, peak = 0, 0
+        for k, t in pieces:
+            total += k
+            peak = max(peak, total + t)
+        return StageActivation(act_bytes=total, fwd_bwd_peak=max(peak, total))
 
     def whole(self, rc_ids: set[int], loss: str) -> StageActivation:
         """One process, or data/tensor parallel without a pipeline: the whole model in one run."""
@@ -358,7 +374,7 @@ def assemble(cfg, dims: ParallelDims, states: dict, acts: list[StageActivation],
     grads = states["grad_bytes"] if dims.micro_batch_num > n else max(0, states["grad_bytes"] - act_mb)
     peak = (states["param_bytes"] + grads + states["optimizer_bytes"] + act_total + fsdp_buffers
             + grad_transient + autocast + dispatch)
-    return {**{k: v for k, v in states.items() if not k.startswith(("fsdp_", "largest_", "dense_", "layer_"))},
+    return {**{k: v for k, v in states.items() if not k.startswith(("fsdp_", "largest_", "dense_", "layer_", "edge_"))},
             "activation_bytes": act_mb, "micro_batches_in_flight": n, "activation_in_flight_bytes": act_total,
             "fsdp_buffer_bytes": fsdp_buffers, "grad_transient_bytes": grad_transient, "autocast_cache_bytes": autocast,
             "moe_dispatch_bytes": dispatch, "moe_imbalance": imbalance, "peak_bytes": peak}

@@ -2,8 +2,8 @@
 
 Given L layers in order cut into S contiguous, non-empty stages, where stage s with layers [a, b)
 recomputing its first r of them takes `time(s, a, b, r)` and needs `mem(s, a, b, r)` bytes, find the
-cuts and recompute counts that minimise the slowest stage (ties: the least total time) with every
-stage within `budget`.
+cuts and recompute counts that minimise the slowest stage with every stage within `budget` (among
+equally slow plans the recursion prefers less total time, greedily: that tie-break is not exact).
 
 For a fixed cut every stage is independent, and recomputing more never makes a stage faster, so a
 stage's best count is its smallest r that fits. Over cuts, `best[s][b]` (stages 0..s covering layers
