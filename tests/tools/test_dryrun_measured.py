@@ -73,3 +73,26 @@ def test_dryrun_peak_matches_measured(name, data, tmp_path):
         errors.append(err)
         assert states < got, "model states alone must stay below the measured peak"
     assert all(abs(e) <= TOL for e in errors), errors
+
+
+@pytest.mark.gpu
+def test_dryrun_peak_matches_cuda_allocator(data, tmp_path):
+    """One process on CUDA (fp32, the CPU cases' model): the prediction against torch.cuda.max_memory_allocated."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from dsv3.config.load import dump_yaml
+    from dsv3.tools.dryrun import report
+
+    cfg = case_cfg(data, str(tmp_path / "run"), {}, "none")
+    cfg.train.device = "cuda"
+    dump_yaml(cfg, tmp_path / "cfg.yaml")
+    rep = report(cfg, 2**40)
+    proc = subprocess.run([sys.executable, "-m", "dsv3", "train", "--config", str(tmp_path / "cfg.yaml"), "--report-memory",
+                           str(tmp_path / "mem")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads((tmp_path / "mem" / "memory-rank0.json").read_text())["cuda_max_allocated_bytes"]
+    err = (rep["ranks"][0]["peak_bytes"] - got) / got
+    print(f"cuda 1proc: predicted {rep['ranks'][0]['peak_bytes'] / 2**20:.1f} MiB, max_memory_allocated {got / 2**20:.1f} MiB: {100 * err:+.1f}%")
+    assert abs(err) <= TOL

@@ -141,8 +141,9 @@ def _is_fake(t) -> bool:
 
 class report_memory:
     """`dsv3 train --report-memory DIR`: the run under `TensorMemory`; at the end each rank writes
-    DIR/memory-rank{RANK}.json with its peak tensor bytes (per device) and its peak resident set
-    size above the one before the run (`ru_maxrss`, the process's high-water mark)."""
+    DIR/memory-rank{RANK}.json with its peak tensor bytes (per device), its peak resident set size
+    above the one before the run (`ru_maxrss`, the process's high-water mark) and, on CUDA,
+    `torch.cuda.max_memory_allocated`."""
 
     def __init__(self, directory: str):
         self.dir = directory
@@ -165,6 +166,8 @@ class report_memory:
         self.mode.__exit__(*exc)
         rec = {"rank": self.rank, "peak_tensor_bytes": dict(self.mode.peak), "rss_before_bytes": self.rss0,
                "peak_rss_bytes": max(_maxrss(), self.maxrss0), "peak_rss_above_start_bytes": _maxrss() - self.rss0}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the allocator's own figure
+            rec["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         d = Path(self.dir)
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".memory-rank{self.rank}.json.tmp"
