@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from dsv3.config.load import to_dict
 from dsv3.config.train import run_config_from_dict
 
 MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=256, num_hidden_layers=4,

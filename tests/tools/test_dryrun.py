@@ -69,7 +69,7 @@ def test_impossible_layout_is_one_line(tmp_path):
 def test_stage_pieces_add_up_to_the_stage_run(tmp_path):
     """The per-piece profile (what balance sums) equals one forward/backward of the whole stage."""
     from dsv3.config.train import load_run_config
-    from dsv3.tools.memory import ActivationProfile, stage_activation
+    from dsv3.tools.activations import ActivationProfile, stage_activation
 
     cfg = load_run_config(str(write_cfg(tmp_path)))
     prof = ActivationProfile(cfg)

@@ -28,7 +28,7 @@ def brute(L, S, time, mem, budget):
     best = None
     for cuts in itertools.combinations(range(1, L), S - 1):
         bounds = [0, *cuts, L]
-        plan_r, times, mems = [], [], []
+        plan_r, times = [], []
         for s in range(S):
             a, b = bounds[s], bounds[s + 1]
             ok = [r for r in range(b - a + 1) if mem(s, a, b, r) <= budget]
