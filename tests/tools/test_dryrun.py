@@ -129,3 +129,22 @@ def test_seed_671b_dryrun_and_balance(tmp_path, capsys):
                       "--set", f"parallel.recompute_layers={b['recompute']}", "--device-memory", f"{budget}B",
                       "--json", str(tmp_path / "check.json"))
     assert json.loads((tmp_path / "check.json").read_text())["fits"]
+
+
+def test_one_rank_stands_for_its_pipeline_rank(tmp_path):
+    """Every dp x tp x ep position of a pipeline rank holds the same bytes as the one the dry-run builds."""
+    from dsv3.config.train import load_run_config
+    from dsv3.parallel.dims import ParallelDims
+    from dsv3.tools.memory import rank_states, representative_ranks
+
+    cfg = load_run_config(str(write_cfg(tmp_path, model_parallel=2, pipeline_stage=2, micro_batch_num=4, use_seq_parallel=True)))
+    dims = ParallelDims.from_config(cfg.parallel)
+    reps = representative_ranks(dims)
+    seen = {}
+    for r in range(dims.world_size):
+        st = rank_states(cfg, r)
+        key = (st["param_bytes"], st["optimizer_bytes"], st["fsdp_gathered_all"], tuple(st["layers"]))
+        seen.setdefault(st["pp_stage"], set()).add(key)
+        if r in reps:
+            assert (st["dp_rank"], st["tp_rank"]) == (0, 0)
+    assert all(len(v) == 1 for v in seen.values()), seen
