@@ -65,7 +65,8 @@ def report(cfg, device_memory: int, imbalance: float = 1.5, gpu_attention: bool 
             "fits": peak <= device_memory}
 
 
-def print_table(rep: dict, out=sys.stdout) -> None:
+def print_table(rep: dict, out=None) -> None:
+    out = out or sys.stdout
     cols = ["stage", "ranks", "layers", "params", "weights", "grads", "optim", "act/mb", "mb", "dispatch", "other", "peak"]
     rows = []
     for r in rep["ranks"]:
