@@ -24,7 +24,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("dsv3.infer.cli", "generate text from a model (CLI, interactive chat)"),
     "serve": ("dsv3.serve.cli", "OpenAI-compatible REST server"),
     "bench": ("dsv3.bench.cli", "benchmarks: serve | throughput | latency"),
-    "dryrun": ("dsv3.tools.dryrun", "memory dry-run of a parallel layout (no GPU needed)"),
+    "dryrun": ("dsv3.tools.dryrun", "per-rank memory of a parallel layout, from its real build (no devices, no data)"),
+    "balance": ("dsv3.tools.balance", "plan pipeline stage sizes and recompute counts to fit device memory"),
     "launch": ("dsv3.parallel.launch", "multi-process / multi-node launcher (msrun-style arguments)"),
     "quickstart": ("dsv3.quickstart", "tiny pretraining on WikiText-2, then generation (the README's main job)"),
 }

@@ -69,9 +69,7 @@ def account(cfg: ModelConfig, seq_len: int = 4096) -> Accounting:
             total += n
             activated += used
             mm += used if is_matmul else 0
-    H, P, R, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    ctx = (seq_len + 1) / 2
-    attn = 2 * H * (P + R) * ctx + 2 * H * V * ctx  # per layer per token
+    attn = attention_flops(cfg, seq_len)
     head = cfg.vocab_size * cfg.hidden_size
     return Accounting(
         total=total, activated=round(activated), mtp=mtp, mtp_activated=round(mtp_act),
@@ -80,6 +78,34 @@ def account(cfg: ModelConfig, seq_len: int = 4096) -> Accounting:
         mtp_flops_per_token=cfg.num_nextn_predict_layers * (attn + 2 * head) + 2 * mtp_mm,
         seq_len=seq_len,
     )
+
+
+def attention_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """Scores and weighted values of one layer, per token, at the mean causal context (naive attention)."""
+    H, P, R, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    ctx = (seq_len + 1) / 2
+    return 2 * H * (P + R) * ctx + 2 * H * V * ctx
+
+
+def layer_flops(cfg: ModelConfig, seq_len: int = 4096) -> tuple[dict[int, float], float]:
+    """Forward FLOPs per token of each decoder layer (ids 0..L-1) and MTP module (ids L..L+D-1, its
+    projection and its use of the shared head included), with `account`'s rules; and of the main head."""
+    import torch
+
+    from dsv3.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    frac = cfg.num_experts_per_tok / cfg.n_routed_experts
+    attn, head = attention_flops(cfg, seq_len), 2 * cfg.vocab_size * cfg.hidden_size
+
+    def mm(module) -> float:
+        return sum(2 * p.numel() * (frac if ".experts." in f".{n}" else 1) for n, p in module.named_parameters() if p.dim() >= 2)
+
+    out = {i: mm(layer) + attn for i, layer in enumerate(model.model.layers)}
+    for k, mod in enumerate(model.model.mtp):
+        out[cfg.num_hidden_layers + k] = mm(mod) + attn + head
+    return out, head
 
 
 def _fmt(n: float) -> str:

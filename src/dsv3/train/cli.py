@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dump-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) for SFT .json/.jsonl data; "
                    "shortcut for --set data.tokenizer=PATH (default: the train.init_from directory's)")
+    p.add_argument("--report-memory", metavar="DIR", default=None,
+                   help="measure tensor memory (peak bytes alive, per device) and peak RSS of the run; each rank writes "
+                        "DIR/memory-rank{RANK}.json (slows every operator: for checking `dsv3 dryrun`, not for long runs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +45,15 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    if args.report_memory:
+        from dsv3.tools.memtrack import report_memory
+
+        with report_memory(args.report_memory):
+            return _train(cfg)
+    return _train(cfg)
+
+
+def _train(cfg) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun / `dsv3 launch`: see docs/distributed.md
         from dsv3.parallel.trainer import run_distributed
 

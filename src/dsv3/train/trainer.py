@@ -93,8 +93,7 @@ def check_fits_one_process(cfg: RunConfig, device: torch.device) -> None:
     raise UserError(f"one process cannot hold this model: {n / 1e9:.1f}B parameters need {need / 2**30:,.0f} GiB for fp32 "
                     f"weights, gradients and AdamW state, {where} {have / 2**30:,.0f} GiB; its layout (data_parallel {p.data_parallel} "
                     f"x model_parallel {p.model_parallel} x pipeline_stage {p.pipeline_stage}) needs {world} processes: start it with "
-                    f"`dsv3 launch` on {world} devices; `dsv3 dryrun` (not yet built) will check a rank's build without devices "
-                    f"(today: python -m dsv3.parallel.fake CONFIG RANK)")
+                    f"`dsv3 launch` on {world} devices; `dsv3 dryrun --config ...` reports every rank's memory without devices")
 
 
 def build_optim(model: torch.nn.Module, cfg: RunConfig):

@@ -1,0 +1,185 @@
+"""Activation memory of one micro-batch of a pipeline stage, measured on fake tensors.
+
+`stage_activation` runs the stage's own modules (the model's layers on torch's FakeTensorMode: shapes,
+dtypes, no storage; the pipeline stage; the configured recompute wrappers; the trainer's loss)
+forward and backward under `memtrack.TensorMemory`. `act_bytes` is what the forward leaves alive for
+backward, `fwd_bwd_peak` the most alive at once during that micro-batch. Weight gradients are not
+formed here (they are model states, counted from the build); MoE routing is taken as perfectly
+balanced (`dsv3.tools.memory` adds the all-to-all buffers at a stated imbalance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+@dataclass
+class StageActivation:
+    act_bytes: int
+    """Bytes one micro-batch's forward leaves alive for its backward (stage input and output included)."""
+    fwd_bwd_peak: int
+    """Most bytes alive at once during that micro-batch's forward and backward (act_bytes included)."""
+
+
+def compute_dtype(cfg) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+def _to_fake(model: nn.Module, fake) -> None:
+    """Replace the meta parameters and buffers of `model` by fake CPU tensors of the same shapes."""
+    conv = fake.fake_tensor_converter
+    cpu = torch.device("cpu")
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = nn.Parameter(conv.from_meta_and_device(fake, p, cpu), requires_grad=p.requires_grad)
+        for name, buf in list(m._buffers.items()):
+            if buf is not None:
+                m._buffers[name] = conv.from_meta_and_device(fake, buf, cpu)
+
+
+@contextlib.contextmanager
+def fused_attention():
+    """`F.scaled_dot_product_attention` as the fused kernel a GPU runs (memory-efficient attention:
+    it keeps the output and the log-sum-exp, never the scores), whatever the device the fake tensors
+    claim. MLA's query/key (192) and value (128) head sizes differ, which CPU kernels answer with the
+    math path (scores kept); that is what a CPU run costs, not a GPU one."""
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompute_ids: set[int], loss: str,
+                     gpu_attention: bool = True) -> StageActivation:
+    """One micro-batch (train.batch_size x data.seq_length) through a stage of the single-device model
+    built on the meta device: decoder layers `layer_ids` (the embedding when `first`; norm, head, MTP
+    and the loss when `last`), layers in `recompute_ids` wrapped as the trainer wraps them. `loss`:
+    'fused' (one process: the fused head + CE), 'logits' (the parallel trainer's plain logits path)."""
+    from dsv3.model.transformer import Transformer
+    from dsv3.parallel.pp import TransformerStage
+    from dsv3.parallel.recompute import apply_recompute
+    from dsv3.tools.memtrack import TensorMemory
+    from dsv3.train.loss import compute_loss, mean_ce, mtp_loss
+
+    mc, dtype = cfg.model, compute_dtype(cfg)
+    b, T = cfg.train.batch_size, cfg.data.seq_length
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.device("meta"):
+        full = Transformer(mc).to(dtype)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # torch's own checks touch it
+    _to_fake(full, fake)  # CPU-looking tensors without storage: the CPU kernels' choices (flash attention), autocast works
+    whole = first and last and len(layer_ids) == mc.num_hidden_layers
+    part = full if whole else TransformerStage(full, layer_ids, first, last)
+    apply_recompute(part, cfg.train.recompute, recompute_ids)
+    part.train()
+    embeds: list[torch.Tensor] = []
+    for m in part.modules():
+        if isinstance(m, nn.Embedding):
+            m.register_forward_hook(lambda mod, inp, out: embeds.append(out))
+    with fake:
+        tokens = torch.zeros(b, T, dtype=torch.long)
+        batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(b, T)}
+    mode = TensorMemory(meta_routing=True)
+    mode.ignore(list(part.parameters()), list(part.buffers()))
+    with fake, mode, (fused_attention() if gpu_attention else contextlib.nullcontext()):
+        h = None if first else torch.empty(b, T, mc.hidden_size, dtype=dtype, requires_grad=True)
+        mode.track(h)
+        if whole:
+            total, _ = compute_loss(part, batch, cfg.train.mtp_loss_factor, fused_ce=loss == "fused")
+        else:
+            out = part(h, tokens=tokens)
+            if last:
+                logits, mtp = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
+                total = mean_ce(logits, tokens, batch["loss_mask"])
+                if mtp:
+                    total = total + mtp_loss(mtp, tokens, batch["loss_mask"], cfg.train.mtp_loss_factor)[0]
+                del logits, mtp  # `out` stays alive: the pipeline runtime keeps a stage's outputs until its backward
+        act = mode.live["meta"]  # fake tensors have meta storages
+        wrt = [t for t in [h, *embeds] if t is not None and t.requires_grad]
+        if last:
+            torch.autograd.grad(total, wrt)
+            del total
+        else:  # the gradient the next stage sends back; `out` stays alive until then (the runtime keeps it)
+            torch.autograd.grad(out, wrt, grad_outputs=torch.empty_like(out))
+    return StageActivation(act_bytes=act, fwd_bwd_peak=mode.peak["meta"])
+
+
+class ActivationProfile:
+    """Activation bytes of one micro-batch per pipeline stage, from `stage_activation` runs.
+
+    One process (pp 1) runs the whole model once. Under pipeline parallelism a stage is its pieces
+    in order (the embedding or the received input, its decoder layers, the head / MTP / loss), so
+    each kind of piece is run once and reused: a dense or MoE layer with or without recompute, the
+    first stage's embedding, the last stage's head (its MTP block recomputed or not). A stage keeps
+    the sum of its pieces' activations; its peak is that plus the largest piece's transient. Numbers
+    are for the whole sequence; `rank_memory` divides them by the tensor-parallel degree."""
+
+    def __init__(self, cfg, gpu_attention: bool = True):
+        self.cfg, self.gpu_attention = cfg, gpu_attention
+        mc = cfg.model
+        self.input_bytes = cfg.train.batch_size * cfg.data.seq_length * mc.hidden_size * compute_dtype(cfg).itemsize
+        self._cache: dict[tuple, StageActivation] = {}
+
+    def _run(self, key, layer_ids, first, last, rc_ids, loss="logits") -> StageActivation:
+        if key not in self._cache:
+            self._cache[key] = stage_activation(self.cfg, layer_ids, first, last, rc_ids, loss, self.gpu_attention)
+        return self._cache[key]
+
+    def layer(self, i: int, recomputed: bool) -> tuple[int, int]:
+        """(kept bytes, transient bytes) of decoder layer i (its kind: dense or MoE)."""
+        moe = self.cfg.model.is_moe_layer(i)
+        a = self._run(("layer", moe, recomputed), [i], False, False, {i} if recomputed else set())
+        return a.act_bytes - self.input_bytes, a.fwd_bwd_peak - a.act_bytes
+
+    def edge(self, first: bool, last: bool, mtp_recomputed: bool) -> tuple[int, int]:
+        """(kept, transient) of a stage's ends: the embedding (first) or received input, and the head,
+        MTP blocks and loss (last); a last stage's input is the last layer's output, not counted again."""
+        mc = self.cfg.model
+        mtp_ids = set(range(mc.num_hidden_layers, mc.num_hidden_layers + mc.num_nextn_predict_layers)) if mtp_recomputed else set()
+        a = self._run(("edge", first, last, mtp_recomputed), [], first, last, mtp_ids)
+        kept = a.act_bytes - (self.input_bytes if last and not first else 0)
+        return kept, a.fwd_bwd_peak - a.act_bytes
+
+    def stage(self, layer_ids: list[int], first: bool, last: bool, rc_ids: set[int]) -> StageActivation:
+        """Pieces in order; backward runs them last to first, so while piece j works (its transient)
+        the pieces before it still hold their activations and the ones after it have freed theirs."""
+        mc = self.cfg.model
+        mtp_rc = any(i in rc_ids for i in range(mc.num_hidden_layers, mc.num_hidden_layers + mc.num_nextn_predict_layers))
+        kept, trans = self.edge(first, last, mtp_rc)
+        if first or not last:  # the embedding, or a middle stage's received input: the first piece
+            pieces = [(kept, trans)]
+            tail = []
+        else:  # a last stage: its received input first, the head / MTP / loss after the layers
+            pieces = [(self.input_bytes, 0)]
+            tail = [(kept, trans)]
+        if first and last:  # one stage holds everything: the edge run covered the embedding and the head
+            pieces, tail = [(kept, 0)], [(0, trans)]
+        pieces += [self.layer(i, i in rc_ids) for i in layer_ids] + tail
+        total, peak = 0, 0
+        for k, t in pieces:
+            total += k
+            peak = max(peak, total + t)
+        return StageActivation(act_bytes=total, fwd_bwd_peak=max(peak, total))
+
+    def whole(self, rc_ids: set[int], loss: str) -> StageActivation:
+        """One process, or data/tensor parallel without a pipeline: the whole model in one run."""
+        L = self.cfg.model.num_hidden_layers
+        return self._run(("whole", loss, tuple(sorted(rc_ids))), list(range(L)), True, True, rc_ids, loss)
+
+

@@ -1,0 +1,189 @@
+"""`dsv3 balance --config YAML --device-memory 64GB [--set ...] [--json FILE]`: per-stage layer counts
+(MindSpore `offset`) and recompute counts (`recompute_config.recompute`) that minimise the slowest
+pipeline stage with every stage fitting in device memory.
+
+Costs of a stage holding layers [a, b) and recomputing its first r (the MTP block last, on the last
+stage):
+* time: forward FLOPs per token of each layer (`dsv3 info`'s accounting, `info.layer_flops`) x
+  (1 forward + 2 backward + 1 more forward when recomputed in full), plus the head's on the last
+  stage (the embedding is a lookup); per micro-batch per rank (tokens / tp);
+* memory: the dry-run's (`dsv3.tools.memory`): each layer's parameters, gradients and optimizer state
+  as this layout shards them (from the fake-process-group build of every pipeline rank), the
+  activations of its kind of layer (dense or MoE, recomputed or not) measured on fake tensors, the
+  schedule's micro-batches in flight for that stage, and the same transients as `dsv3 dryrun`.
+The search is exact (`dsv3.tools.plan`): dynamic programming over contiguous cuts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+from dsv3.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run YAML: ours or the seed's MindSpore pretrain_*.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--device-memory", default="64GB", help="memory of one device (default 64GB)")
+    p.add_argument("--imbalance", type=float, default=1.5, help="MoE load on the busiest rank / the mean (default 1.5)")
+    p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+
+
+class StageCosts:
+    """time(s, a, b, r) and mem(s, a, b, r) of one layout (see the module docstring)."""
+
+    def __init__(self, cfg, imbalance: float = 1.5, log=None):
+        from dsv3.parallel.dims import ParallelDims
+        from dsv3.tools.info import layer_flops
+        from dsv3.tools.memory import DTYPE_BYTES, ActivationProfile, rank_states, representative_ranks
+
+        cfg = copy.deepcopy(cfg)
+        if cfg.train.recompute == "none":
+            cfg.train.recompute = "full"  # the plan may recompute
+        cfg.parallel.recompute_layers = None
+        self.cfg, self.imbalance = cfg, imbalance
+        self.dims = dims = ParallelDims.from_config(cfg.parallel)
+        dims.validate(None, cfg.model, seq_len=cfg.data.seq_length)
+        if dims.pp < 2 or dims.v != 1:
+            raise UserError(f"dsv3 balance plans pipelines of one stage per rank: pipeline_stage {dims.pp}, schedule "
+                            f"{dims.schedule} with {dims.v} stages per rank (use pipeline_stage >= 2 and GPipe or 1F1B)")
+        mc = cfg.model
+        self.L, self.D, self.S = mc.num_hidden_layers, mc.num_nextn_predict_layers, dims.pp
+        self.layer: dict[int, tuple] = {}
+        self.edge: dict[str, tuple] = {}
+        for r in representative_ranks(dims):
+            st = rank_states(cfg, r)
+            per = st["layer_params"]
+            self.layer.update(per)
+            key = "first" if st["pp_stage"] == 0 else "last" if st["pp_stage"] == dims.pp - 1 else "middle"
+            rest = st["params"] - sum(v[0] for v in per.values())
+            dense_rest = st["dense_param_bytes"] // 4 - sum(v[1] for v in per.values())
+            gathered_rest = st["fsdp_gathered_all"] - sum(v[2] for v in per.values())
+            self.edge[key] = (rest, dense_rest, gathered_rest, st["edge_largest_param_bytes"], st["edge_gathered_max"])
+            if log:
+                log(f"built pipeline rank {st['pp_stage']} (rank {r})")
+        self.state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
+        self.profile = ActivationProfile(cfg)
+        flops, self.head_flops = layer_flops(mc, cfg.data.seq_length)
+        tokens = cfg.train.batch_size * cfg.data.seq_length / dims.tp
+        self.fwd = [flops[i] * tokens for i in range(self.L + self.D)]
+        self.head = self.head_flops * tokens
+        self.rc_factor = 1.0 if cfg.train.recompute == "full" else 0.0  # selective reruns no matrix product
+        self._mem: dict[tuple, float] = {}
+
+    def ids(self, s: int, a: int, b: int) -> list[int]:
+        """Layer ids of stage s on [a, b): decoder layers, then the MTP layers on the last stage."""
+        return list(range(a, b)) + (list(range(self.L, self.L + self.D)) if s == self.S - 1 else [])
+
+    def max_r(self, s: int, a: int, b: int) -> int:
+        return len(self.ids(s, a, b))
+
+    def time(self, s: int, a: int, b: int, r: int) -> float:
+        ids = self.ids(s, a, b)
+        t = sum(3 * self.fwd[i] for i in ids) + sum(self.rc_factor * self.fwd[i] for i in ids[:r])
+        return t + (3 * self.head if s == self.S - 1 else 0.0)
+
+    def mem(self, s: int, a: int, b: int, r: int) -> float:
+        key = (s, a, b, r)
+        if key not in self._mem:
+            self._mem[key] = self.report(s, a, b, r)["peak_bytes"]
+        return self._mem[key]
+
+    def report(self, s: int, a: int, b: int, r: int) -> dict:
+        """`dsv3 dryrun`'s rank report of stage s holding [a, b) with r recomputed layers."""
+        from dsv3.tools.memory import assemble
+
+        ids = self.ids(s, a, b)
+        first, last = s == 0, s == self.S - 1
+        edge = self.edge["first" if first else "last" if last else "middle"]
+        numel = edge[0] + sum(self.layer[i][0] for i in ids)
+        dense = edge[1] + sum(self.layer[i][1] for i in ids)
+        gathered = [self.layer[i][2] for i in ids]
+        states = {"pp_stage": s, "stages": [s], "layers": list(range(a, b)), "mtp": last and self.D > 0, "params": numel,
+                  "param_bytes": 4 * numel, "grad_bytes": 4 * numel, "optimizer_bytes": 2 * self.state_bytes * numel,
+                  "fsdp_gathered_all": sum(gathered) + edge[2], "fsdp_gathered_max": max(gathered + [edge[4]]),
+                  "largest_param_bytes": max([edge[3]] + [self.layer[i][3] for i in ids]), "dense_param_bytes": 4 * dense}
+        act = self.profile.stage(list(range(a, b)), first, last, set(ids[:r]))
+        return assemble(self.cfg, self.dims, states, [act], self.imbalance)
+
+
+def to_lists(costs: StageCosts, bounds: list[int], rec: list[int]) -> tuple[list[int], list[int]]:
+    """(MindSpore offset, recompute counts): stage i holds L // S + offset[i] layers, the last one's
+    count including its MTP layers (the seed's convention: [1 x 15, -1] for 61 + 1 on 16 stages)."""
+    base = costs.L // costs.S
+    counts = [bounds[i + 1] - bounds[i] for i in range(costs.S)]
+    counts[-1] += costs.D
+    return [c - base for c in counts], list(rec)
+
+
+def current(costs: StageCosts, cfg) -> tuple[list[int], list[int]]:
+    """The config's own cuts and recompute counts."""
+    from dsv3.parallel.layout import stage_layers
+
+    per = stage_layers(cfg.model, costs.S, cfg.parallel.pp_layer_offset)
+    bounds = [p[0] for p in per] + [costs.L]
+    if cfg.train.recompute == "none":
+        rec = [0] * costs.S
+    elif cfg.parallel.recompute_layers is None:
+        rec = [costs.max_r(s, bounds[s], bounds[s + 1]) for s in range(costs.S)]
+    else:
+        rec = list(cfg.parallel.recompute_layers)
+    return bounds, rec
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsv3.config.train import load_run_config
+    from dsv3.tools.dryrun import gib, parse_bytes
+    from dsv3.tools.plan import min_budget, plan
+
+    cfg = load_run_config(args.config, args.overrides)
+    torch.set_num_threads(1)
+    budget = parse_bytes(args.device_memory)
+    costs = StageCosts(cfg, args.imbalance)
+    before_b, before_r = current(costs, cfg)
+    before = [(costs.time(s, before_b[s], before_b[s + 1], before_r[s]), costs.mem(s, before_b[s], before_b[s + 1], before_r[s]))
+              for s in range(costs.S)]
+    best = plan(costs.L, costs.S, costs.time, costs.mem, budget, costs.max_r)
+    out = {"device_memory_bytes": budget, "stages": costs.S, "before": {
+        "offset": to_lists(costs, before_b, before_r)[0], "recompute": before_r,
+        "stage_tflop": [t / 1e12 for t, _ in before], "stage_peak_bytes": [m for _, m in before]}}
+    if best is None:
+        need = min_budget(costs.L, costs.S, costs.mem, costs.max_r)
+        out.update(fits=False, min_device_memory_bytes=need)
+        print(f"no plan fits {gib(budget)} GiB per device: this layout needs at least {gib(need)} GiB "
+              f"(every stage recomputing all its layers, cut to balance memory); add devices (pipeline_stage, "
+              f"expert_parallel, model_parallel), use optimizer.state_dtype bfloat16, or shorten data.seq_length")
+    else:
+        offset, rec = to_lists(costs, best.bounds, best.recompute)
+        mode = cfg.train.recompute if cfg.train.recompute != "none" else "full"
+        out.update(fits=True, offset=offset, recompute=rec, train_recompute=mode if any(rec) else "none",
+                   stage_tflop=[t / 1e12 for t in best.times], stage_peak_bytes=best.mems)
+        cols = f"{'stage':>5}  {'layers':>9}  {'rc':>3}  {'TFLOP/mb':>9}  {'peak GiB':>8}  |  {'before: layers':>14}  {'rc':>3}  {'TFLOP/mb':>9}  {'peak GiB':>8}"
+        print(cols)
+        for s in range(costs.S):
+            lay = f"{best.bounds[s]}-{best.bounds[s + 1] - 1}"
+            blay = f"{before_b[s]}-{before_b[s + 1] - 1}"
+            print(f"{s:>5}  {lay:>9}  {rec[s]:>3}  {best.times[s] / 1e12:>9.3f}  {gib(best.mems[s]):>8}  |  {blay:>14}  "
+                  f"{before_r[s]:>3}  {before[s][0] / 1e12:>9.3f}  {gib(before[s][1]):>8}")
+        slow_before = max(t for t, _ in before)
+        fits_before = all(m <= budget for _, m in before)
+        print(f"slowest stage {best.slowest / 1e12:.3f} TFLOP per micro-batch (before {slow_before / 1e12:.3f}, "
+              f"{'fits' if fits_before else 'does NOT fit'} in {gib(budget)} GiB); every planned stage fits")
+        print(f"MindSpore:  model.model_config.offset: {offset}    recompute_config.recompute: {rec}")
+        print(f"dsv3 YAML:  parallel.pp_layer_offset: {offset}    parallel.recompute_layers: {rec}    "
+              f"train.recompute: {out['train_recompute']}")
+        lst = lambda xs: "[" + ",".join(map(str, xs)) + "]"
+        print(f"  --set 'parallel.pp_layer_offset={lst(offset)}' --set 'parallel.recompute_layers={lst(rec)}' "
+              f"--set train.recompute={out['train_recompute']}")
+    if args.json:
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0

@@ -1,0 +1,234 @@
+"""Per-rank memory of a parallel layout, from the code that would run (`dsv3 dryrun`, `dsv3 balance`).
+
+Two measurements, no devices:
+
+* **Model states** (`rank_states`): the rank's part is built by the trainer's build path
+  (`dsv3.parallel.build.build_parallel_model`: PP stages, EP, TP, recompute, FSDP) on the meta device
+  under torch's fake process group of the layout's size; its parameters are counted as allocated
+  (storage bytes: FSDP's padded shards). Gradients have the parameters' shapes and dtype (fp32);
+  AdamW keeps two moments per parameter in `optimizer.state_dtype`.
+* **Activations** (`dsv3.tools.activations`): one micro-batch of the stage's own modules (the
+  model's layers, the pipeline stage, the configured recompute wrappers, the trainer's loss) runs
+  forward and backward on fake tensors under `memtrack.TensorMemory`, which charges every tensor by
+  its storage's lifetime.
+
+Assembled per rank (`rank_memory`):
+    peak = params + grads + optimizer + (in_flight - 1) x act + fwd_bwd_peak
+           + fsdp_buffers + grad_transient + autocast_cache + moe_dispatch
+where `grads` are all of them when micro-batches run forward after a backward, else what exceeds the
+one micro-batch's activations they replace, `in_flight` is the schedule's micro-batches alive at once on the rank (1F1B: pp - p, GPipe: M),
+activations are divided by the tensor-parallel degree (sequence parallel splits every activation of
+a layer; Korthikanti et al. 2022), `fsdp_buffers` are the all-gathered dense weights (the whole stage
+under PP, where FSDP keeps them between forward and backward; two layers otherwise), `grad_transient`
+one FSDP unit's unsharded fp32 gradient before its reduce-scatter (or the largest local gradient),
+`autocast_cache` bf16 copies of the dense weights under `train.precision: bf16`, and `moe_dispatch`
+the all-to-all send/receive rows of one MoE layer at `imbalance` times the mean tokens per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from dsv3.parallel.dims import ParallelDims
+from dsv3.tools.activations import ActivationProfile, StageActivation, compute_dtype
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@contextlib.contextmanager
+def fake_world(world: int, rank: int):
+    """torch's fake process group (collectives are no-ops) of `world` ranks, as `rank`."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    if dist.is_initialized():
+        raise RuntimeError("a fake process group needs a process without one (it is process-global)")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if id(st) not in seen:
+            seen.add(id(st))
+            total += st.nbytes()
+    return total
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _fsdp_units(part: nn.Module) -> list[nn.Module]:
+    m = part.model
+    layers = list(m.layers.values()) if isinstance(m.layers, nn.ModuleDict) else list(m.layers)
+    units = [u for u in [getattr(m, "embed_tokens", None), *layers, *(getattr(m, "mtp", None) or [])] if u is not None]
+    if getattr(part, "lm_head", None) is not None:
+        units.append(nn.ModuleList([m.norm, part.lm_head]))
+    return units
+
+
+def _gathered_bytes(unit: nn.Module, dp: int) -> int:
+    """Bytes of `unit`'s FSDP-managed weights once all-gathered over dp (fp32 masters)."""
+    from torch.distributed.tensor import DTensor
+
+    n = 0
+    for p in unit.parameters():
+        if isinstance(p, DTensor) and "dp" in (p.device_mesh.mesh_dim_names or ()):
+            n += p.to_local().numel() * dp * p.element_size()
+    return n
+
+
+def rank_states(cfg, rank: int) -> dict:
+    """Build `rank`'s part of `cfg`'s layout (meta device, fake process group) and count its model states."""
+    from dsv3.parallel.build import build_parallel_model, held_parameters
+    from dsv3.parallel.dims import build_meshes
+    from dsv3.parallel.fsdp import moe_params
+
+    dims = ParallelDims.from_config(cfg.parallel)
+    with fake_world(dims.world_size, rank):
+        meshes = build_meshes(dims, "cpu", cfg.model)
+        dm = build_parallel_model(cfg.model, dims, meshes, cfg.train.seed, mtp_lambda=cfg.train.mtp_loss_factor,
+                                  offset=cfg.parallel.pp_layer_offset, recompute=cfg.train.recompute,
+                                  recompute_layers=cfg.parallel.recompute_layers, device=None)
+        params = list(dm.parameters())
+        local = [_local(p) for p in params]
+        numel = sum(t.numel() for t in local)
+        param_bytes = _storage_bytes(local)
+        fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
+        units = [u for part in dm.parts for u in _fsdp_units(part)]
+        gathered = [_gathered_bytes(u, dims.dp) for u in units] if fsdp else [0]
+        expert_ids = {id(p) for part in dm.parts for p in moe_params(part)[1]}
+        dense_bytes = sum(t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in expert_ids)
+        layers = sorted({int(k) for part in dm.parts for k in _layer_keys(part)})
+        layer_mods = {id(mod) for part in dm.parts for _, mod in _layer_modules(part)}
+        in_layers = {id(p) for part in dm.parts for _, mod in _layer_modules(part) for p in mod.parameters()}
+        per_layer = {}  # decoder / MTP layer id -> (local parameters, of which dense, bytes all-gathered by FSDP, largest local tensor's bytes)
+        for part in dm.parts:
+            for idx, mod in _layer_modules(part):
+                per_layer[idx] = (sum(_local(p).numel() for p in mod.parameters()),
+                                  sum(_local(p).numel() for p in mod.parameters() if id(p) not in expert_ids),
+                                  _gathered_bytes(mod, dims.dp) if fsdp else 0,
+                                  max(_local(p).numel() * p.element_size() for p in mod.parameters()))
+        out = {"rank": rank, "pp_stage": meshes.pp_rank, "tp_rank": meshes.tp_rank, "dp_rank": meshes.dp_rank,
+               "ep_rank": meshes.sparse.get_local_rank("ep"), "stages": [getattr(p, "stage_index", 0) for p in dm.parts],
+               "layers": layers, "mtp": any(len(getattr(p.model, "mtp", None) or []) for p in dm.parts),
+               "params": numel, "stage_params": held_parameters(dm)["stage_params"], "param_bytes": param_bytes, "grad_bytes": param_bytes,
+               "fsdp_gathered_max": max(gathered), "fsdp_gathered_all": sum(gathered),
+               "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "dense_param_bytes": dense_bytes,
+               "layer_params": per_layer,
+               "edge_gathered_max": max([g for u, g in zip(units, gathered) if id(u) not in layer_mods] or [0]),
+               "edge_largest_param_bytes": max([t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in in_layers] or [0])}
+    state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
+    out["optimizer_bytes"] = 2 * numel * state_bytes + 4 * len(params)  # exp_avg, exp_avg_sq, a step scalar each
+    return out
+
+
+def _layer_modules(part: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer id, module) of a part's decoder layers (under any recompute wrapper) and whole MTP modules."""
+    m = part.model
+    unwrap = lambda mod: getattr(mod, "_checkpoint_wrapped_module", mod)
+    layers = list(m.layers.values()) if isinstance(m.layers, nn.ModuleDict) else list(m.layers)
+    return [(unwrap(l).layer_idx, l) for l in layers] + [(unwrap(mod.block).layer_idx, mod) for mod in getattr(m, "mtp", None) or []]
+
+
+def _layer_keys(part: nn.Module) -> list[str]:
+    layers = part.model.layers
+    if isinstance(layers, nn.ModuleDict):
+        return list(layers.keys())
+    return [str(m.layer_idx if hasattr(m, "layer_idx") else i) for i, m in enumerate(layers)]
+
+
+def in_flight(dims: ParallelDims, pp_rank: int) -> int:
+    """Micro-batches whose activations a pipeline rank holds at once, per stage it holds (the
+    warm-up depth of the schedule): 1F1B pp - p, GPipe and LoopedBFS all M, interleaved
+    (v stages per rank, torch's Interleaved1F1B warm-up) ((v-1)·pp + 2(pp-1-p) + 1) / v,
+    V-shaped (ZBV, DualPipeV: ranks hold stages p and 2pp-1-p) pp + 1 (DualPipe's README)."""
+    M, pp, v = dims.micro_batch_num, dims.pp, dims.v
+    if pp == 1:
+        return 1
+    s = dims.schedule
+    if s in ("GPipe", "LoopedBFS"):
+        return M
+    if s == "1F1B":
+        return min(M, pp - pp_rank)
+    if s in ("ZBVZeroBubble", "DualPipeV"):
+        return min(M, pp + 1)
+    return min(M, -(-((v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1) // v))
+
+
+def rank_memory(cfg, states: dict, profile: ActivationProfile, imbalance: float = 1.5) -> dict:
+    """The rank's memory report: `states` (from `rank_states`) plus activations, transients and the peak."""
+    from dsv3.parallel.layout import recompute_layer_ids, stage_layers
+
+    dims = ParallelDims.from_config(cfg.parallel)
+    mc = cfg.model
+    per_stage = stage_layers(mc, dims.n_stages, cfg.parallel.pp_layer_offset)
+    rc_ids = recompute_layer_ids(mc, cfg.train.recompute, per_stage, cfg.parallel.recompute_layers)
+    if dims.pp == 1:
+        loss = "fused" if dims.world_size == 1 and cfg.train.fused_ce else "logits"
+        acts = [profile.whole(rc_ids, loss)]
+    else:
+        acts = [profile.stage(per_stage[s], s == 0, s == dims.n_stages - 1, rc_ids) for s in states["stages"]]
+    return assemble(cfg, dims, states, acts, imbalance)
+
+
+def assemble(cfg, dims: ParallelDims, states: dict, acts: list[StageActivation], imbalance: float) -> dict:
+    """Model states + activations of the rank's stages (whole sequence, divided by tp here) -> the peak."""
+    mc, tp = cfg.model, dims.tp
+    n = in_flight(dims, states["pp_stage"])
+    act_mb = sum(a.act_bytes for a in acts) // tp
+    act_total = sum(n * a.act_bytes for a in acts) // tp + max(a.fwd_bwd_peak - a.act_bytes for a in acts) // tp
+    fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
+    fsdp_buffers = (states["fsdp_gathered_all"] if dims.pp > 1 else 2 * states["fsdp_gathered_max"]) if fsdp else 0
+    grad_transient = states["fsdp_gathered_max"] if fsdp else states["largest_param_bytes"]
+    autocast = (fsdp_buffers if fsdp else states["dense_param_bytes"]) // 2 if cfg.train.precision == "bf16" else 0
+    moe_here = any(mc.is_moe_layer(i) for i in states["layers"]) or states["mtp"]
+    dispatch = 0
+    if dims.ep > 1 and moe_here:
+        rows = cfg.train.batch_size * cfg.data.seq_length // tp * mc.num_experts_per_tok
+        # received rows, their expert-sorted copy, the outputs sent back: at `imbalance` x the mean load
+        dispatch = int(3 * imbalance * rows * mc.hidden_size * compute_dtype(cfg).itemsize)
+    # Gradients of this step are absent while the first micro-batches run forward (zero_grad sets them
+    # to None) and grow while the first backward frees its activations: all of them are alive at the
+    # activation peak only when later micro-batches run forward after a backward (more micro-batches
+    # than in flight), else they add what exceeds the one micro-batch's activations they replace.
+    grads = states["grad_bytes"] if dims.micro_batch_num > n else max(0, states["grad_bytes"] - act_mb)
+    peak = (states["param_bytes"] + grads + states["optimizer_bytes"] + act_total + fsdp_buffers
+            + grad_transient + autocast + dispatch)
+    return {**{k: v for k, v in states.items() if not k.startswith(("fsdp_", "largest_", "dense_", "layer_", "edge_"))},
+            "activation_bytes": act_mb, "micro_batches_in_flight": n, "activation_in_flight_bytes": act_total,
+            "fsdp_buffer_bytes": fsdp_buffers, "grad_transient_bytes": grad_transient, "autocast_cache_bytes": autocast,
+            "moe_dispatch_bytes": dispatch, "moe_imbalance": imbalance, "peak_bytes": peak}
+
+
+def representative_ranks(dims: ParallelDims) -> list[int]:
+    """One rank per pipeline rank: (dp 0, tp 0) of it. Ranks of one pipeline rank hold equal-sized
+    pieces (tp and ep divide the split dimensions exactly, `ParallelDims.validate`; FSDP2 pads every
+    shard to the same size) and see the same activation shapes, so one stands for all dp x tp."""
+    return [p * dims.dp * dims.tp for p in range(dims.pp)]
+
+
+def layout_memory(cfg, imbalance: float = 1.5, gpu_attention: bool = True, log=None) -> list[dict]:
+    """`rank_memory` of every representative rank of `cfg`'s layout."""
+    dims = ParallelDims.from_config(cfg.parallel)
+    dims.validate(None, cfg.model, seq_len=cfg.data.seq_length)
+    profile = ActivationProfile(cfg, gpu_attention)
+    out = []
+    for r in representative_ranks(dims):
+        states = rank_states(cfg, r)
+        out.append(rank_memory(cfg, states, profile, imbalance))
+        out[-1]["represents"] = dims.dp * dims.tp
+        if log:
+            log(f"rank {r}: pipeline rank {states['pp_stage']}, layers {states['layers']}")
+    return out
