@@ -7,6 +7,7 @@ The reference is a plain single-process Transformer stepped with the same AdamW 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -130,7 +131,8 @@ def _worker(rank: int, world: int, port: int, fn_name: str, jobs: list, out_path
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = []
-    fn = globals()[fn_name]
+    module, _, name = fn_name.rpartition(":")  # "module:function" runs another test module's job
+    fn = getattr(importlib.import_module(module), name) if module else globals()[fn_name]
     for job in jobs:
         try:
             results.append({"ok": fn(*job)})

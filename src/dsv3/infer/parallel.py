@@ -35,6 +35,7 @@ Layout over the W ranks of `group` (all ranks see the same tokens; no data paral
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,10 +68,16 @@ class ParallelContext:
     group: Any = None
     tp_size: int = 1
     ep_size: int = 1
+    rank: int | None = None
+    world: int | None = None
+    """rank / world: taken from `group` when None; given explicitly, the context only slices (no collectives
+    run), e.g. to plan or check one rank's shard from a single process."""
 
     def __post_init__(self):
-        self.world = dist.get_world_size(self.group) if dist.is_initialized() else 1
-        self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
+        if self.world is None:
+            self.world = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        if self.rank is None:
+            self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
         if self.tp_size not in (1, self.world):
             raise UserError(f"tensor_parallel_size {self.tp_size}: must equal the number of ranks ({self.world}) or be 1")
         if self.ep_size < 1 or self.world % self.ep_size:
@@ -243,14 +250,17 @@ def shard_model(model: nn.Module, ctx: ParallelContext) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module, ctx: ParallelContext) -> dict[str, int]:
-    """This rank's weight bytes: {'sharded': tensors cut by the layout, 'replicated': the rest, 'total'}."""
-    sharded = replicated = 0
+    """This rank's weight bytes: {'sharded': its slices of the tensors the layout cuts, 'replicated': the
+    rest, 'total', 'sharded_full': the full size of those cut tensors (= sharded x ranks for an even layout)}."""
+    sharded = replicated = full = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.endswith(("inv_freq", "tokens_per_expert")):
             continue
         n = t.numel() * t.element_size()
-        if ctx.cuts(name.replace(".experts.inner.", ".experts.")):
+        cuts = ctx.cuts(name.replace(".experts.inner.", ".experts."))
+        if cuts:
             sharded += n
+            full += n * math.prod(parts for _, _, parts in cuts)
         else:
             replicated += n
-    return {"sharded": sharded, "replicated": replicated, "total": sharded + replicated}
+    return {"sharded": sharded, "replicated": replicated, "total": sharded + replicated, "sharded_full": full}
