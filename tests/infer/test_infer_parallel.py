@@ -118,3 +118,15 @@ def test_sizes_that_do_not_divide_are_one_line(tiny_config):
         model = Transformer(cfg)
     with pytest.raises(UserError, match="tensor_parallel_size 3"):
         m(model, ParallelContext(rank=0, world=3, tp_size=3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL, one per rank)")
+def test_tp2_ep2_nccl_equals_single_process_on_cuda(ckpt, monkeypatch):
+    d, _, prompts = ckpt
+    engine = LLMEngine.from_pretrained(d, dtype=torch.float32, device="cuda", block_size=4, num_gpu_blocks=96, max_num_batched_tokens=16)
+    want = tp_harness.run(engine, {str(i): (p, tp_harness.greedy(32)) for i, p in enumerate(prompts)})
+    monkeypatch.setenv("DSV3_TEST_BACKEND", "nccl")
+    res = tp_harness.spawn(2, [(str(d), 2, 2, prompts, 32, False, None, "cuda")])[0]
+    assert "ok" in res, res.get("trace")
+    assert res["ok"]["greedy"] == [want[str(i)][0] for i in range(len(prompts))]

@@ -29,6 +29,9 @@ def _engine(ckpt: str, tp: int, ep: int, device: str = "cpu", **kw):
     from dsv3.infer.parallel import ParallelContext
 
     ctx = ParallelContext(None, tp_size=tp, ep_size=ep)
+    if device == "cuda":  # one GPU per rank (NCCL)
+        device = f"cuda:{ctx.rank}"
+        torch.cuda.set_device(device)
     return LLMEngine.from_pretrained(ckpt, dtype=torch.float32, device=device, parallel=ctx, block_size=4, num_gpu_blocks=96,
                                      max_num_batched_tokens=16, **kw), ctx
 
