@@ -23,10 +23,11 @@ from dsv3.parallel.init import canonical_name, materialize
 def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Meshes, seed: int, *, mtp_lambda: float = 0.3,
                          param_dtype: torch.dtype | None = None, offset: list[int] | None = None, recompute: str = "none",
                          recompute_layers: list[int] | None = None, device: torch.device | None = None) -> DistributedModel:
-    """This rank's parts of the model; `device` None leaves them on the meta device (layout checks)."""
+    """This rank's parts of the model; `device` None leaves them on the meta device (layout checks).
+    `mtp_lambda` is accepted for existing callers and unused: the loss is the trainer's."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
-    dm = parallelize(model, dims, meshes, mtp_lambda=mtp_lambda, param_dtype=param_dtype, offset=offset,
+    dm = parallelize(model, dims, meshes, param_dtype=param_dtype, offset=offset,
                      recompute=recompute, recompute_layers=recompute_layers)
     if device is not None:
         for part in dm.parts:
