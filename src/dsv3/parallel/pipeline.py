@@ -3,8 +3,8 @@
 The schedule splits the rank's concatenated micro-batches itself; the last stage computes each
 micro-batch's loss with `loss` below (main-head token-mean CE + the MTP term), which also records
 the parts for the log. Balance losses ride on the activations' backward (`ParallelMoE` under PP) and
-are summed over the stages for the log. Evaluation runs the schedule's forward-only pass on its own
-schedule (a forward-only run leaves state in the stages it runs).
+are summed over the stages for the log. Evaluation passes each micro-batch through the stages in
+order, point to point (every schedule, DualPipeV included).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from dsv3.parallel.api import DistributedModel
-from dsv3.parallel.pp import build_schedule
-from dsv3.train.loss import mean_ce, mtp_loss
+from dsv3.parallel.pp import build_schedule, stage_owners
+from dsv3.train.loss import masked_ce, mean_ce, mtp_loss
 
 
 def _stack(batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -35,7 +35,7 @@ class PipelineRunner:
         self.mtp_loss_factor = mtp_loss_factor
         self.last = self.meshes.pp_rank == self.dims.last_stage_rank
         self.device = self.meshes.device
-        self._train = self._eval = None
+        self._train = None
         self._recorded: dict[str, list[torch.Tensor]] = {"lm": [], "mtp": []}
 
     def loss(self, out, target: torch.Tensor) -> torch.Tensor:
@@ -75,22 +75,49 @@ class PipelineRunner:
         dist.all_reduce(vec, group=self.meshes.pp_group)  # lm/mtp from the last stage, balance losses from every stage
         return vec
 
+    @torch.no_grad()
     def eval_sums(self, batches: list[dict[str, torch.Tensor]], autocast) -> torch.Tensor:
-        """(CE sum, token count) of `batches` in groups of micro_batch_num (the shape the schedule was
-        built for; a short last group is padded with masked-out copies), from the last stage."""
-        if self._eval is None:
-            self._eval = self._schedule()
-        M = self.dims.micro_batch_num
+        """(CE sum, token count) of `batches` through the stages in order, without a schedule (a
+        forward-only run of the zero-bubble / DualPipeV schedules has no valid action order): each
+        stage's output goes to the next stage's rank point to point, or straight on when this rank
+        holds both; the last stage's sums are shared over the pipeline group."""
+        stages = {st.stage_index: st for st in self.dm.parts}
+        owner = stage_owners(self.dims)
+        n = self.dims.n_stages
         sums = torch.zeros(2, device=self.device)
-        for g in range(0, len(batches), M):
-            group = batches[g:g + M]
-            group = group + [{**group[0], "loss_mask": torch.zeros_like(group[0]["loss_mask"])}] * (M - len(group))
-            tokens, target, kw = _stack(group)
-            self._recorded = {"lm": [], "mtp": []}
-            with autocast():
-                self._eval.eval(tokens, target=target if self.last else None, **kw)
-            if self.last:  # one token-mean CE per micro-batch, in order: back to sums
-                counts = torch.stack([m.sum() for m in target[:, 1].tensor_split(M)]).to(self.device, torch.float32)
-                sums += torch.stack([(torch.stack(self._recorded["lm"][-M:]) * counts).sum(), counts.sum()])
+        for b in batches:
+            kw = {"tokens": b["tokens"]}
+            if "position_ids" in b:
+                kw["positions"] = b["position_ids"]
+            h = None
+            for s in range(n):
+                if s not in stages:
+                    continue
+                if s > 0 and h is None:
+                    h = self._recv(owner[s - 1])
+                with autocast():
+                    out = stages[s](h, **kw)
+                if s == n - 1:
+                    logits = out[0] if isinstance(out, tuple) else out
+                    sums += torch.stack(masked_ce(logits, b["labels"], b["loss_mask"]))
+                elif owner[s + 1] != self.meshes.pp_rank:
+                    self._send(out, owner[s + 1])
+                    h = None
+                else:
+                    h = out
         dist.all_reduce(sums, group=self.meshes.pp_group)
         return sums
+
+    def _send(self, h: torch.Tensor, pp_rank: int) -> None:
+        dst = dist.get_global_rank(self.meshes.pp_group, pp_rank)
+        head = torch.tensor([h.ndim, *h.shape, *[1] * (4 - h.ndim), int(h.dtype == torch.bfloat16)], device=h.device)
+        dist.send(head, dst)
+        dist.send(h.contiguous(), dst)
+
+    def _recv(self, pp_rank: int) -> torch.Tensor:
+        src = dist.get_global_rank(self.meshes.pp_group, pp_rank)
+        head = torch.empty(6, dtype=torch.long, device=self.device)
+        dist.recv(head, src)
+        h = torch.empty(head[1:1 + int(head[0])].tolist(), dtype=torch.bfloat16 if head[5] else torch.float32, device=self.device)
+        dist.recv(h, src)
+        return h

@@ -39,6 +39,12 @@ def stage_ids(pp_rank: int, pp: int, v: int, style: str) -> list[int]:
     return [pp_rank + k * pp for k in range(v)]
 
 
+def stage_owners(dims) -> dict[int, int]:
+    """Pipeline rank of every stage."""
+    style = "v" if dims.schedule in ("ZBVZeroBubble", "DualPipeV") else "loop"
+    return {s: r for r in range(dims.pp) for s in stage_ids(r, dims.pp, dims.v, style)}
+
+
 class _Backbone(nn.Module):
     """Holder with the Backbone's attribute names; absent parts are None."""
 
