@@ -1,7 +1,7 @@
-"""Each layout, trained by the shipped trainer on 2 CPU processes (gloo), logs the one-process
+"""Each layout, trained by the shipped trainer on 2 (or 4) CPU processes (gloo), logs the one-process
 losses of the same global batch (4 sequences per step) within 1e-5 over 3 steps, training and
-evaluation (at steps 0 and 3), with the sequence-wise balance loss on. One torchrun runs every
-layout in turn (`multi_run.py`); the one-process references run here. BF16 AdamW moments
+evaluation (at steps 0 and 3), with the sequence-wise balance loss on. One torchrun per process count runs
+every layout in turn (`multi_run.py`); the one-process references run here. BF16 AdamW moments
 (`optimizer.state_dtype`) under FSDP + EP are checked against one process with BF16 moments, and
 each rank's parameter bytes under pp2 and ep2 are about half of the model's."""
 
@@ -28,6 +28,15 @@ LAYOUTS = {  # global batch: batch_size 1 x data_parallel x micro_batch_num = 4
     "pp2-1F1B": {**PP, "pipeline_schedule": "1F1B", "pp_layer_offset": [1, -1]},
     "pp2-DualPipeV": {**PP, "pipeline_schedule": "DualPipeV"},
     "pp2-Interleaved1F1B": {**PP, "pipeline_schedule": "Interleaved1F1B"},
+    "pp2-ZBVZeroBubble": {**PP, "pipeline_schedule": "ZBVZeroBubble"},
+    "pp2-GPipe": {**PP, "pipeline_schedule": "GPipe"},
+    "tp2-nosp": {"model_parallel": 2, "micro_batch_num": 4, "use_seq_parallel": False},
+    "tp2xep2": {"model_parallel": 2, "micro_batch_num": 4, "expert_parallel": 2},
+}
+FOUR = {  # 4 processes
+    "dp2xtp2xep2": {"data_parallel": 2, "model_parallel": 2, "expert_parallel": 2, "micro_batch_num": 2},  # 2-D FSDP
+    "tp2xep2xpp2-interleaved": {"model_parallel": 2, "expert_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 4,
+                                "pipeline_schedule": "Interleaved1F1B"},
 }
 BF16 = {"ep2-bf16-state": {"data_parallel": 2, "micro_batch_num": 2, "expert_parallel": 2}}
 
@@ -41,17 +50,18 @@ def runs(tmp_path_factory):
     kw = dict(steps=STEPS, batch_size=1, save=False, eval_steps=STEPS, aux_loss_alpha=AUX)
     for name, state in (("ref", "float32"), ("ref-bf16", "bfloat16")):
         Trainer(run_cfg(prefix, tmp / name, {"data_parallel": 2, "micro_batch_num": 2}, state_dtype=state, **kw), quiet=True).fit()
-    configs = []
-    for name, par in {**LAYOUTS, **BF16}.items():
-        configs.append(tmp / f"{name}.yaml")
-        dump_yaml(run_cfg(prefix, tmp / name, par, state_dtype="bfloat16" if name in BF16 else "float32", **kw), configs[-1])
     (tmp / "held").mkdir()
-    multi_run(2, configs, tmp / "held")
+    for n, layouts in ((2, {**LAYOUTS, **BF16}), (4, FOUR)):
+        configs = []
+        for name, par in layouts.items():
+            configs.append(tmp / f"{name}.yaml")
+            dump_yaml(run_cfg(prefix, tmp / name, par, state_dtype="bfloat16" if name in BF16 else "float32", **kw), configs[-1])
+        multi_run(n, configs, tmp / "held")
     return tmp
 
 
 def _held(runs, name: str) -> list[dict]:
-    out = [json.loads((runs / "held" / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+    out = [json.loads((runs / "held" / f"{name}.rank{r}.json").read_text()) for r in range(4 if name in FOUR else 2)]
     for r in out:
         assert "error" not in r, r.get("trace")
     return [r["ok"] for r in out]
@@ -68,7 +78,7 @@ def _check(runs, name: str, ref: str) -> None:
     assert max(abs(vgot[k] - vwant[k]) for k in vwant) <= TOL, (vgot, vwant)
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", [*LAYOUTS, *FOUR])
 def test_losses_equal_one_process(runs, name):
     _check(runs, name, "ref")
 
