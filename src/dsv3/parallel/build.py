@@ -4,8 +4,8 @@ TP, recompute, FSDP) -> materialise only this rank's shards (`to_empty`) -> init
 No rank ever allocates a full copy of the model: the meta model holds no storage, the pipeline
 stages are made of its modules (not copies), and `dsv3.parallel.init` fills each shard from a
 per-parameter, per-block generator, so the weights equal a single-process init with the same seed.
-The distributed trainer, the parallel tests and the fake-process-group layout check
-(`dsv3.parallel.fake`) all build through `build_parallel_model`.
+The trainer (its strategy, under any layout of several processes) and the fake-process-group layout check
+(`dsv3.parallel.fake`) build through `build_parallel_model`.
 """
 
 from __future__ import annotations
