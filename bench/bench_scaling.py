@@ -3,8 +3,8 @@
     flock /tmp/dsv3-bench.lock python bench/bench_scaling.py            # configs/tiny.yaml, FSDP2
 
 Weak scaling: every process trains `--batch` sequences of `--seq` tokens per step (global batch
-= batch x processes), one thread per process (OMP_NUM_THREADS=1), FSDP2 over all processes
-(`dsv3.parallel`, dp = N). Step time is the median of `--steps` timed steps after `--warmup`.
+= batch x processes), one thread per process (OMP_NUM_THREADS=1), the shipped trainer with FSDP2
+over all processes (`parallel.data_parallel` = N; N = 1 is the one-process trainer). Step time is the median of `--steps` timed steps after `--warmup`.
 Scaling efficiency(N) = tokens/s(N) / (N x tokens/s(1)); it is bounded by the machine's physical
 cores (recorded in the JSON): past that, processes share cores and efficiency falls as cores/N.
 The N > 1 runs are repeated with the experts split over all processes (expert_parallel = N) to show
@@ -29,40 +29,59 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _worker(rank: int, world: int, port: int, args: dict, layout: dict, out: str) -> None:
+def _run_config(world: int, args: dict, layout: dict, data_prefix: str, out_dir: str):
+    from dsv3.config.load import to_dict
+    from dsv3.config.presets import load_model_config
+    from dsv3.config.train import run_config_from_dict
+
+    model = load_model_config(REPO / "configs" / "tiny.yaml")
+    cfg = run_config_from_dict({
+        "model": to_dict(model), "data": {"data_path": [data_prefix], "split": "100,0,0", "seq_length": args["seq"]},
+        "train": {"steps": args["warmup"] + args["steps"], "batch_size": args["batch"], "seed": 0, "device": "cpu", "threads": 1},
+        "lr_schedule": {"learning_rate": 1e-4}, "eval": {"eval_steps": 0, "eval_at_end": False},
+        "checkpoint": {"output_dir": out_dir, "save_steps": 0, "save_at_end": False, "export_hf": False},
+        "logging": {"progress_bar": False, "plots": False}, "parallel": {"micro_batch_num": 1, **layout}})
+    cfg.validate()
+    return cfg
+
+
+def _worker(rank: int, world: int, port: int, args: dict, layout: dict, data_prefix: str, out: str) -> None:
+    """One rank: the shipped trainer (`Trainer`, its strategy built from `layout`), timed step by step."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from dsv3.config.presets import load_model_config
-    from dsv3.model.transformer import Transformer
-    from dsv3.parallel import ParallelDims, build_meshes, build_optimizer, parallelize, train_step
+    from dsv3.train.trainer import Trainer
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = load_model_config(REPO / "configs" / "tiny.yaml")
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.reset_parameters()
-    dims = ParallelDims.from_config(layout)
-    dm = parallelize(model, dims, build_meshes(dims, "cpu", cfg))
-    opt = build_optimizer(dm, lr=1e-4)
-    g = torch.Generator().manual_seed(1)
-    B = args["batch"] * world
+    trainer = Trainer(_run_config(world, args, layout, data_prefix, os.path.join(os.path.dirname(out), "run")), quiet=True)
+    sync = dist.barrier if world > 1 else (lambda: None)
     times = []
     for i in range(args["warmup"] + args["steps"]):
-        window = torch.randint(0, cfg.vocab_size, (B, args["seq"] + 1), generator=g)
-        dist.barrier()
+        sync()
         t0 = time.perf_counter()
-        train_step(dm, opt, window)
-        dist.barrier()
+        trainer.train_step()
+        sync()
         if i >= args["warmup"]:
             times.append(time.perf_counter() - t0)
+    B = args["batch"] * world
     if rank == 0:
         step = statistics.median(times)
         Path(out).write_text(json.dumps({"processes": world, "layout": layout, "step_s": step,
                                          "tokens_per_s": B * args["seq"] / step, "step_times_s": times}))
-    dist.barrier()
-    dist.destroy_process_group()
+    trainer.close()
+
+
+def _write_data(prefix: str, vocab: int, n_tokens: int) -> None:
+    """Random token documents (timing only) as a .bin/.idx pair."""
+    import numpy as np
+
+    from dsv3.data.indexed_dataset import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(prefix + ".bin")
+    rng = np.random.default_rng(0)
+    for _ in range(n_tokens // 1024 + 1):
+        b.add_document(rng.integers(2, vocab, 1024), [1024])
+    b.finalize(prefix + ".idx")
 
 
 def measure(world: int, layout: dict, args: dict) -> dict:
@@ -71,10 +90,14 @@ def measure(world: int, layout: dict, args: dict) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from dsv3.config.presets import load_model_config
+
     with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "r.json")
+        out, prefix = os.path.join(d, "r.json"), os.path.join(d, "rand_text_document")
+        vocab = load_model_config(REPO / "configs" / "tiny.yaml").vocab_size
+        _write_data(prefix, vocab, 2 * (args["warmup"] + args["steps"]) * args["batch"] * world * (args["seq"] + 1))
         os.environ["OMP_NUM_THREADS"] = "1"
-        mp.spawn(_worker, args=(world, port, args, layout, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, port, args, layout, prefix, out), nprocs=world, join=True)
         return json.loads(Path(out).read_text())
 
 

@@ -1,6 +1,6 @@
 """Multi-process harness for the tensor/expert-parallel inference tests: N gloo ranks on 127.0.0.1,
 each loading its shard (`load_sharded`) and running the same `LLMEngine` in lockstep; rank 0's
-results come back (`tests/parallel/parallel_harness.py` spawns). Jobs run one after another inside one
+results come back (`tests/parallel/spawn_harness.py` spawns). Jobs run one after another inside one
 spawn (process start-up is the cost)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-from parallel_harness import spawn as _spawn  # noqa: E402
+from spawn_harness import spawn as _spawn  # noqa: E402
 
 
 def greedy(n: int):

@@ -50,3 +50,18 @@ def test_stage_split_and_rank_mapping():
     assert split_layers(5, 2) == [[0, 1, 2], [3, 4]]
     assert stage_ids(0, 2, 2, "loop") == [0, 2] and stage_ids(1, 2, 2, "loop") == [1, 3]
     assert stage_ids(0, 2, 2, "v") == [0, 3] and stage_ids(1, 2, 2, "v") == [1, 2]
+
+
+def test_run_config_parallel_keys_reach_the_layout():
+    """`parallel.dp_shard / pipeline_schedule / stages_per_rank` (YAML or --set) are what the strategy
+    builds its layout from; a value the code cannot run is one line naming the key."""
+    from dsv3.config.train import run_config_from_dict
+
+    base = {"data": {"data_path": ["unused"]}}
+    cfg = run_config_from_dict(base, ["parallel.pipeline_stage=2", "parallel.micro_batch_num=4", "parallel.dp_shard=ddp",
+                                      "parallel.pipeline_schedule=ZBVZeroBubble", "parallel.stages_per_rank=2"])
+    d = ParallelDims.from_config(cfg.parallel)
+    assert (d.pp, d.dp_shard, d.schedule, d.v, d.n_stages, d.last_stage_rank) == (2, "ddp", "ZBVZeroBubble", 2, 4, 0)
+    for override, match in (("parallel.pipeline_schedule=PipeDream", "pipeline_schedule"), ("parallel.dp_shard=hsdp", "dp_shard")):
+        with pytest.raises(UserError, match=match):
+            run_config_from_dict(base, [override])

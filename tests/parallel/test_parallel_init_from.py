@@ -18,7 +18,7 @@ from dsv3.config.train import run_config_from_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from hf_oracle import make_hf_checkpoint  # noqa: E402
-from parallel_harness import spawn  # noqa: E402
+from spawn_harness import spawn  # noqa: E402
 from test_parallel_train import launch, prefix  # noqa: E402,F401 (the synthetic token data, ids < 256)
 
 TOL = 1e-5

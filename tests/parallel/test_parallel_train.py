@@ -2,87 +2,31 @@
 micro_batch_num 4, 8 CPU processes, balance loss on, MindSpore offset [1, -1] so the stages hold 3
 and 1 layers, recompute of [2, 1] layers) and a dp2 x pp2 run (4 processes) log the single-process
 losses of the same global batch (one process: no recompute); DCP checkpoints and HF weights are
-written, and a checkpoint resumes under another layout (dp2 with FSDP, 2 processes) with the same losses."""
+written, and the dp2 x pp2 checkpoint resumes under another layout (dp2 with FSDP, 2 processes) and
+in one process with the losses of the uninterrupted run."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-from dsv3.config.load import dump_yaml, to_dict
-from dsv3.config.train import run_config_from_dict
-from parallel_harness import free_port, tiny_cfg
+from dsv3.config.load import dump_yaml
+from parallel_harness import launch, losses, run_cfg, tiny_cfg, valid_losses, write_dataset
 
 TOL = 1e-5
-
-
-def run_cfg(prefix: str, out: Path, parallel: dict, steps: int = 4, batch_size: int = 2, recompute: str = "none", **model):
-    d = {"model": to_dict(tiny_cfg(**model)),
-         "data": {"data_path": [prefix], "valid_data_path": [prefix], "split": "100,0,0", "seq_length": 32},
-         "train": {"steps": steps, "batch_size": batch_size, "seed": 0, "device": "cpu", "threads": 1, "recompute": recompute},
-         "lr_schedule": {"type": "cosine", "learning_rate": 3e-3, "warmup_steps": 1, "min_lr": 3e-4},
-         "checkpoint": {"output_dir": str(out), "save_steps": 2, "export_hf": True, "keep_last": 3},
-         "eval": {"eval_steps": 2, "eval_iters": 3, "eval_at_end": False},  # 3: a short last group under PP
-         "logging": {"progress_bar": False, "plots": False}, "parallel": parallel}
-    cfg = run_config_from_dict(d)
-    cfg.validate()
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def prefix(tmp_path_factory) -> str:
-    """A synthetic, learnable token dataset (arithmetic progressions), 300 documents of 65 tokens."""
-    from dsv3.data.indexed_dataset import IndexedDatasetBuilder
-
-    p = str(tmp_path_factory.mktemp("data") / "syn_text_document")
-    b = IndexedDatasetBuilder(p + ".bin")
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        b.add_document((rng.integers(0, 256) + rng.integers(1, 4) * np.arange(65)) % 256, [65])
-    b.finalize(p + ".idx")
-    return p
 
 
 SEED_LAYOUT = {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 2, "expert_parallel": 2, "micro_batch_num": 4,
                "use_seq_parallel": True}
 
 
-def losses(out: Path) -> list[float]:
-    return [json.loads(s)["loss"] for s in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in s]
-
-
-def valid_losses(out: Path) -> dict[int, float]:
-    recs = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in s]
-    return {r["step"]: r["valid_loss"] for r in recs}
-
-
-def launch(tmp: Path, cfg_path: Path, n: int, *extra: str) -> None:
-    log_dir = tmp / f"log-{cfg_path.stem}"
-    cmd = [sys.executable, "-m", "dsv3", "launch", f"train --config {cfg_path} {' '.join(extra)}",
-           str(n), str(n), "127.0.0.1", str(free_port()), "0", str(log_dir), "True", "300"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.communicate(timeout=60)
-        pytest.fail("dsv3 launch timed out")
-    assert proc.returncode == 0, (err, (log_dir / "worker_0.log").read_text()[-4000:])
-
-
 @pytest.fixture(scope="module")
-def runs(prefix, tmp_path_factory):
+def runs(tmp_path_factory):
     from dsv3.train.trainer import Trainer
 
     tmp = tmp_path_factory.mktemp("runs")
+    prefix = write_dataset(tmp)
     # one process, same global batch (2 replicas x 2 micro-batches accumulated)
     ref = run_cfg(prefix, tmp / "ref", {"data_parallel": 2, "micro_batch_num": 2})
     Trainer(ref, quiet=True).fit()
@@ -95,6 +39,12 @@ def runs(prefix, tmp_path_factory):
     res_cfg = tmp / "dp2.yaml"
     dump_yaml(run_cfg(prefix, tmp / "resumed", {"data_parallel": 2, "micro_batch_num": 2}), res_cfg)
     launch(tmp, res_cfg, 2, "--resume")
+    # and in one process (the trivial layout reads the DCP checkpoint)
+    (tmp / "resumed1" / "checkpoint").mkdir(parents=True)
+    shutil.copytree(tmp / "dp2pp2" / "checkpoint" / "step-2", tmp / "resumed1" / "checkpoint" / "step-2")
+    one = run_cfg(prefix, tmp / "resumed1", {"data_parallel": 2, "micro_batch_num": 2})
+    one.checkpoint.resume = True
+    Trainer(one, quiet=True).fit()
     # the seed's layout, balance loss on, against one process accumulating the same global batch
     seed_ref = run_cfg(prefix, tmp / "seedref", {"data_parallel": 2, "micro_batch_num": 4}, batch_size=1, aux_loss_alpha=1e-3)
     seed_ref.checkpoint.export_hf = False
@@ -144,4 +94,13 @@ def test_resume_under_another_layout(runs):
     assert max(abs(a - b) for a, b in zip(got, ref[2:])) <= TOL, (got, ref)
     # evaluation under FSDP (dp2; it crashed with "FSDP requires a single root module") equals one process's
     vref, vgot = valid_losses(runs / "ref"), valid_losses(runs / "resumed")
+    assert list(vgot) == [4] and abs(vgot[4] - vref[4]) <= TOL, (vgot, vref)
+
+
+def test_resume_in_one_process(runs):
+    """The dp2 x pp2 DCP checkpoint, resumed by the one-process trainer: losses and evaluation continue
+    those of the uninterrupted one-process run."""
+    ref, got = losses(runs / "ref"), losses(runs / "resumed1")
+    assert len(got) == 2 and max(abs(a - b) for a, b in zip(got, ref[2:])) <= TOL, (got, ref)
+    vref, vgot = valid_losses(runs / "ref"), valid_losses(runs / "resumed1")
     assert list(vgot) == [4] and abs(vgot[4] - vref[4]) <= TOL, (vgot, vref)

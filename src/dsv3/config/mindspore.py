@@ -35,7 +35,7 @@ _PARALLEL_MAP = {k: k for k in ("data_parallel", "model_parallel", "pipeline_sta
 _IGNORED = {
     "": {"load_ckpt_format", "src_strategy_path_or_dir", "auto_trans_ckpt", "only_save_strategy", "use_parallel",
          "micro_batch_interleave_num", "profile", "profile_start_step", "profile_stop_step", "init_start_profile",
-         "profile_communication", "profile_memory", "context", "parallel", "train_dataset_task",
+         "profile_communication", "profile_memory", "context", "train_dataset_task",
          "trainer"},
     "runner_config": {"sink_mode", "sink_size"},
     "runner_wrapper": {"type", "scale_sense"},
@@ -308,6 +308,14 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
             else:
                 raise t.err(where, f"callback type {kind!r} is not known (expected MFLossMonitor, TopkBiasBalanceCallback, CheckpointMonitor)")
 
+    def parallel_context(v, p):
+        if not isinstance(v, dict):
+            raise t.err(p, f"expected a mapping, got {v!r}")
+        if "enable_parallel_optimizer" in v:  # MindSpore's optimizer sharding over dp: FSDP here, else replicated (DDP)
+            o["parallel"]["dp_shard"] = "fsdp" if v["enable_parallel_optimizer"] else "ddp"
+        if set(v) - {"enable_parallel_optimizer"}:
+            t.ignored.append(f"{p} (the graph-mode parallel context; enable_parallel_optimizer is read as parallel.dp_shard)")
+
     def load_ckpt(v, p):
         if v:  # an HF safetensors or dsv3 checkpoint directory (MindSpore .ckpt files are refused when loading)
             o["train"]["init_from"] = str(v)
@@ -317,7 +325,7 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
         "resume_training": t.put("checkpoint", "resume"), "load_checkpoint": load_ckpt,
         "run_mode": t.expect(("train",)), "runner_config": runner, "runner_wrapper": wrapper, "optimizer": optimizer,
         "lr_schedule": lr, "train_dataset": train_dataset, "parallel_config": parallel_config, "model": model,
-        "moe_config": moe, "callbacks": callbacks, "recompute_config": recompute_config,
+        "moe_config": moe, "callbacks": callbacks, "recompute_config": recompute_config, "parallel": parallel_context,
     })
 
     # --- rules that combine several keys

@@ -187,7 +187,9 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout (MindSpore `parallel_config` names). One process uses only micro_batch_num."""
+    """Parallel layout (MindSpore `parallel_config` names), the only description of a layout: `dsv3 train`
+    under torchrun / `dsv3 launch` builds its strategy from it (docs/distributed.md). One process runs the
+    trivial layout and keeps the global batch by accumulating data_parallel x micro_batch_num micro-batches."""
 
     data_parallel: int = 1
     """Data-parallel replicas."""
@@ -200,7 +202,19 @@ class ParallelConfig:
     micro_batch_num: int = 1
     """Micro-batches per optimizer step and data-parallel replica (gradient accumulation)."""
     use_seq_parallel: bool = False
-    """Sequence parallelism alongside tensor parallelism."""
+    """Sequence parallelism alongside tensor parallelism (norms and residuals split along the sequence)."""
+    dp_shard: Literal["fsdp", "ddp", "zero1"] = "fsdp"
+    """How the dense weights are data-parallel: fsdp (FSDP2: weights, gradients and AdamW state sharded over
+    data_parallel; MindSpore `parallel.enable_parallel_optimizer: True`), ddp (replicated, gradients all-reduced;
+    `enable_parallel_optimizer: False`) or zero1 (replicated weights, AdamW state sharded; model_parallel 1 and
+    expert_parallel 1 only)."""
+    pipeline_schedule: Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
+                               "ZBVZeroBubble", "DualPipeV"] = "1F1B"
+    """torch.distributed.pipelining schedule with pipeline_stage > 1. Interleaved1F1B, LoopedBFS and
+    InterleavedZeroBubble run stages_per_rank stages per rank (loop placement); ZBVZeroBubble and DualPipeV
+    exactly 2 (V placement); GPipe and 1F1B one."""
+    stages_per_rank: int = 0
+    """Virtual pipeline stages per rank; 0: 1 for single-stage schedules, 2 for the multi-stage ones."""
     pp_layer_offset: Optional[list[int]] = None
     """Layers per pipeline stage as MindFormers' `model_config.offset`: one entry per stage, stage i holds
     num_hidden_layers // pipeline_stage + offset[i] layers; the counts add up to num_hidden_layers, or to it
@@ -214,6 +228,8 @@ class ParallelConfig:
         for name in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "micro_batch_num"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stages_per_rank < 0:
+            raise ValueError(f"stages_per_rank must be >= 0, got {self.stages_per_rank}")
 
 
 @dataclass

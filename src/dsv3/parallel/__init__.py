@@ -1,15 +1,15 @@
 """Distributed pretraining on torch.distributed: one set of meshes (dims.py), FSDP2 / DDP / ZeRO-1
 data parallel (fsdp.py), DTensor tensor + sequence parallel (tp.py), all-to-all expert parallel
-(ep.py), torch.distributed.pipelining stages and schedules (pp.py), DCP checkpoints (dcp.py), and the
-msrun-style launcher (launch.py). The model code stays single-device; all of this is applied from outside."""
+(ep.py), torch.distributed.pipelining stages and schedules (pp.py, pipeline.py), DCP checkpoints (dcp.py),
+the `Strategy` the one trainer applies (strategy.py), and the msrun-style launcher (launch.py). The model code stays single-device; all of this is applied from outside."""
 
 from __future__ import annotations
 
 from typing import Any
 
 # Exports are lazy (as in dsv3.infer): `dsv3 launch` and `dsv3 --help` import this package without torch.
-_EXPORTS = {**{n: "dsv3.parallel.api" for n in ("DistributedModel", "build_optimizer", "lm_loss", "parallelize",
-                                                 "reduce_expert_counts", "train_step", "update_expert_bias")},
+_EXPORTS = {**{n: "dsv3.parallel.api" for n in ("DistributedModel", "parallelize")},
+            "Strategy": "dsv3.parallel.strategy",
             **{n: "dsv3.parallel.dims" for n in ("Meshes", "ParallelDims", "build_meshes", "init_distributed")}}
 __all__ = sorted(_EXPORTS)
 

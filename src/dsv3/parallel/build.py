@@ -5,8 +5,8 @@ No rank ever allocates a full copy of the model: the meta model holds no storage
 stages are made of its modules (not copies), and `dsv3.parallel.init` fills each shard from a
 per-parameter, per-block generator, so the weights equal a single-process init with the same seed.
 With `init_from` the shards are filled from a checkpoint instead, each rank reading only its own
-slices (`dsv3.checkpoint.slices`). The distributed trainer, the parallel tests and the
-fake-process-group layout check (`dsv3.parallel.fake`) all build through `build_parallel_model`.
+slices (`dsv3.checkpoint.slices`). The trainer (its strategy, under any layout of several processes),
+the dry-run and the fake-process-group layout check (`dsv3.parallel.fake`) build through `build_parallel_model`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Mes
 
     `init_from` (`train.init_from`): a checkpoint directory whose weights replace the seeded init,
     each rank reading only its own slices (`dsv3.train.init_from.InitSource`); it is checked
-    against `model_cfg` (architecture, names, shapes) before anything is parallelised or allocated."""
+    against `model_cfg` (architecture, names, shapes) before anything is parallelised or allocated.
+    `mtp_lambda` is accepted for existing callers and unused: the loss is the trainer's."""
     source = None
     if init_from:
         from dsv3.train.init_from import InitSource
@@ -41,7 +42,7 @@ def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Mes
     try:
         with torch.device("meta"):
             model = Transformer(model_cfg)
-        dm = parallelize(model, dims, meshes, mtp_lambda=mtp_lambda, param_dtype=param_dtype, offset=offset,
+        dm = parallelize(model, dims, meshes, param_dtype=param_dtype, offset=offset,
                          recompute=recompute, recompute_layers=recompute_layers)
         if device is not None and source is None:
             for part in dm.parts:

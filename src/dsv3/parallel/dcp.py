@@ -26,10 +26,13 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _named_params(parts: list[nn.Module]) -> dict[str, nn.Parameter]:
+    """Parameters by single-process name (recompute wrappers removed, as state_dict() does)."""
+    from dsv3.parallel.init import canonical_name
+
     out: dict[str, nn.Parameter] = {}
     for part in parts:
         for name, p in part.named_parameters():
-            out.setdefault(name, p)
+            out.setdefault(canonical_name(name), p)
     return out
 
 
@@ -44,14 +47,25 @@ def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
 
 def optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer, init: bool = False) -> dict[str, torch.Tensor]:
     """AdamW moments of every parameter by name (views into the optimizer's state, so loading
-    into them restores it). `init` creates zero state first (a fresh optimizer before loading)."""
+    into them restores it). `init` creates zero state first (a fresh optimizer before loading), in
+    the optimizer's `state_dtype` (BF16 moments) when it has one. Under ZeRO-1 a rank holds (and
+    saves, and loads) the state of the parameters it owns only."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer = optimizer.optim  # this rank's partition
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    dtype = getattr(type(optimizer), "state_dtype", None)
     out = {}
     for name, p in _named_params(parts).items():
+        if id(p) not in owned:
+            continue
         st = optimizer.state[p]
         if init and not st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
+            fused = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")  # their step lives on the device
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
             for k in ADAM_KEYS:
-                st[k] = torch.zeros_like(p)
+                st[k] = torch.zeros_like(p, dtype=dtype)
         if st:
             out[f"optim.{name}.step"] = st["step"]
             for k in ADAM_KEYS:

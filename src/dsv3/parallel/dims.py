@@ -72,6 +72,11 @@ class ParallelDims:
             return self.stages_per_rank
         return 2 if self.pp > 1 and self.schedule in MULTI_STAGE else 1
 
+    @property
+    def last_stage_rank(self) -> int:
+        """The pipeline rank holding the last stage (rank 0 under the V placement)."""
+        return 0 if self.schedule in V_SCHEDULES and self.v == 2 else self.pp - 1
+
     @classmethod
     def from_config(cls, cfg) -> "ParallelDims":
         """From any object with the seed's parallel_config attribute names (missing ones keep defaults)."""

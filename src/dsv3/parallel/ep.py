@@ -6,9 +6,10 @@ Data path of one MoE layer on one rank (torchtitan's AllToAllTokenDispatcher, wi
     rank-major (e0,r0),(e1,r0),... to expert-major (e0,r0),(e0,r1),... -> grouped expert compute
     -> inverse reorder -> reverse all-to-all -> scale by the fp32 gate weight -> index_add into [N,D].
 
-The model's `MoE` keeps its single-device maths; `ParallelMoE` is the same module (same parameter
-names, so checkpoints map one to one) with a distributed `forward`, installed by swapping the
-instance's class. Under tensor parallelism the MoE works on this rank's slice of the sequence (the
+The model's `MoE` keeps its single-device maths; `ParallelMoE` is a subclass with the same
+parameter names (checkpoints map one to one) and a distributed `forward`. `parallelize_moe` builds one
+on the meta device in place of each `MoE` of a (meta) model, as `parallelize_module` replaces
+modules; the weights are materialised and initialised afterwards. Under tensor parallelism the MoE works on this rank's slice of the sequence (the
 SP shard), so every rank of dp x tp routes different tokens; its input/output are DTensors on the tp
 mesh and the boundary converts them.
 """
@@ -68,8 +69,9 @@ class ParallelExperts(Experts):
     """`Experts` whose weights are this rank's Shard(0) slice on the ep mesh (DTensors) and whose
     grouped forward exchanges tokens over `ep_group` (both expert paths take it)."""
 
-    ep_group = None
-    ep_size = 1
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, ep_group=None, ep_size: int = 1):
+        super().__init__(n_experts, dim, inter_dim)
+        self.ep_group, self.ep_size = ep_group, ep_size
 
     def forward_grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N,D], w [N,K] fp32, idx [N,K] global expert ids -> routed-expert output [N,D]."""
@@ -125,9 +127,14 @@ class ParallelMoE(MoE):
     balance loss is recomputed over whole sequences (its statistics summed over the tp ranks);
     `attach_aux` (pipeline parallel) routes it into the backward through the activations."""
 
-    tp_mesh = None
-    attach_aux = False
-    aux_accum = 0.0
+    def __init__(self, cfg, tp_mesh=None, attach_aux: bool = False, ep_group=None, ep_size: int = 1):
+        super().__init__(cfg)
+        self.experts = ParallelExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, ep_group, ep_size)
+        self.tp_mesh, self.attach_aux = tp_mesh, attach_aux
+        self.aux_accum = 0.0  # balance losses of the micro-batches since `reset_aux_accum` (pipeline log)
+
+    def reset_aux_accum(self) -> None:
+        self.aux_accum = 0.0
 
     def forward(self, x):
         if isinstance(x, DTensor):
@@ -166,19 +173,20 @@ class ParallelMoE(MoE):
         return self.aux_loss_alpha * (f * p).sum(-1).mean()
 
 
-def parallelize_moe(moe: MoE, meshes, enable_ep: bool = True) -> ParallelMoE:
-    """Turn `moe` into a ParallelMoE in place: experts sharded Shard(0) over the ep mesh (a DTensor,
-    so checkpoints see the global [E,I,D] tensors), TP boundary when tp > 1."""
-    moe.__class__ = ParallelMoE
-    moe.experts.__class__ = ParallelExperts
+def parallelize_moe(part: nn.Module, cfg, meshes) -> None:
+    """Replace every `MoE` of the meta-device `part` by a `ParallelMoE` (experts Shard(0) over the
+    ep mesh as DTensors, so checkpoints see the global [E,I,D] tensors; TP boundary when tp > 1)."""
     dims = meshes.dims
-    if dims.tp > 1:
-        moe.tp_mesh = meshes.tp_mesh
-    moe.attach_aux = dims.pp > 1
-    if dims.ep > 1 and enable_ep:
-        moe.experts.ep_group, moe.experts.ep_size = meshes.sparse.get_group("ep"), dims.ep
-        ep_mesh = meshes.ep_mesh
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            p = getattr(moe.experts, name)
-            setattr(moe.experts, name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)], src_data_rank=None), requires_grad=p.requires_grad))
-    return moe
+    ep = dict(ep_group=meshes.sparse.get_group("ep"), ep_size=dims.ep) if dims.ep > 1 else {}
+    for name, moe in [(n, m) for n, m in part.named_modules() if isinstance(m, MoE)]:
+        if not moe.gate.weight.is_meta:
+            raise ValueError(f"parallelize_moe: {name} is materialised; build the model on the meta device")
+        parent, _, attr = name.rpartition(".")
+        with torch.device("meta"):
+            new = ParallelMoE(cfg, tp_mesh=meshes.tp_mesh if dims.tp > 1 else None, attach_aux=dims.pp > 1, **ep)
+        if dims.ep > 1:
+            for w in ("gate_proj", "up_proj", "down_proj"):
+                p = getattr(new.experts, w)
+                setattr(new.experts, w, nn.Parameter(distribute_tensor(p.data, meshes.ep_mesh, [Shard(0)], src_data_rank=None),
+                                                     requires_grad=p.requires_grad))
+        setattr(part.get_submodule(parent) if parent else part, attr, new)

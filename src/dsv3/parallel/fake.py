@@ -35,7 +35,7 @@ def layout_rank(cfg: RunConfig, rank: int) -> dict:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         meshes = build_meshes(dims, "cpu", cfg.model)
-        dm = build_parallel_model(cfg.model, dims, meshes, cfg.train.seed, mtp_lambda=cfg.train.mtp_loss_factor,
+        dm = build_parallel_model(cfg.model, dims, meshes, cfg.train.seed, 
                                   offset=cfg.parallel.pp_layer_offset, recompute=cfg.train.recompute,
                                   recompute_layers=cfg.parallel.recompute_layers, device=None)
         assert all(p.is_meta for part in dm.parts for p in part.parameters())

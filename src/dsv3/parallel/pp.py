@@ -39,6 +39,12 @@ def stage_ids(pp_rank: int, pp: int, v: int, style: str) -> list[int]:
     return [pp_rank + k * pp for k in range(v)]
 
 
+def stage_owners(dims) -> dict[int, int]:
+    """Pipeline rank of every stage."""
+    style = "v" if dims.schedule in ("ZBVZeroBubble", "DualPipeV") else "loop"
+    return {s: r for r in range(dims.pp) for s in stage_ids(r, dims.pp, dims.v, style)}
+
+
 class _Backbone(nn.Module):
     """Holder with the Backbone's attribute names; absent parts are None."""
 
@@ -51,11 +57,12 @@ class TransformerStage(nn.Module):
     mtp_logits = Transformer.mtp_logits
     moe_layers = Transformer.moe_layers
 
-    def __init__(self, full: Transformer, layer_ids: list[int], is_first: bool, is_last: bool):
+    def __init__(self, full: Transformer, stage_index: int, layer_ids: list[int], is_first: bool, is_last: bool,
+                 tp_mesh=None, seq_placement=Replicate()):
         super().__init__()
         self.config = full.config
-        self.is_first, self.is_last = is_first, is_last
-        self.tp_mesh, self.seq_placement = None, Replicate()
+        self.stage_index, self.is_first, self.is_last = stage_index, is_first, is_last
+        self.tp_mesh, self.seq_placement = tp_mesh, seq_placement
         self._shapes_inferred = False
         m = _Backbone()
         m.embed_tokens = None
@@ -70,18 +77,19 @@ class TransformerStage(nn.Module):
         self.lm_head = full.lm_head if is_last else None
         self.rotary = full.rotary
 
+    def expect_shape_inference(self) -> None:
+        """The next call is a new schedule's shape inference: keep its routing out of the counts."""
+        self._shapes_inferred = False
+
     def forward(self, h: torch.Tensor | None = None, *, tokens: torch.Tensor, positions: torch.Tensor | None = None):
         if not self._shapes_inferred:
             # The runtime's first call infers the stage's shapes (on the first micro-batch, or on
             # uninitialised buffers after stage 0): keep its routing out of the balancing counts.
             self._shapes_inferred = True
-            moes = self.moe_layers()
-            saved = [(m.tokens_per_expert.clone(), getattr(m, "aux_accum", 0.0)) for m in moes]
-            out = self._forward(h, tokens, positions)
-            for m, (c, aux) in zip(moes, saved):
-                m.tokens_per_expert.copy_(c)
-                m.aux_accum = aux
-            return out
+            from dsv3.parallel.recompute import KeepSideEffects
+
+            with KeepSideEffects(self):
+                return self._forward(h, tokens, positions)
         return self._forward(h, tokens, positions)
 
     def _forward(self, h: torch.Tensor | None, tokens: torch.Tensor, positions: torch.Tensor | None):
@@ -116,11 +124,8 @@ def build_stages(model: Transformer, meshes, offset: list[int] | None = None) ->
     style = "v" if dims.schedule in ("ZBVZeroBubble", "DualPipeV") else "loop"
     stages = []
     for s in stage_ids(meshes.pp_rank, dims.pp, dims.v, style):
-        stage = TransformerStage(model, per_stage[s], s == 0, s == n_stages - 1)
-        stage.stage_index = s
-        if dims.tp > 1:
-            stage.tp_mesh, stage.seq_placement = meshes.tp_mesh, Shard(1) if dims.seq_parallel else Replicate()
-        stages.append(stage)
+        tp = dict(tp_mesh=meshes.tp_mesh, seq_placement=Shard(1) if dims.seq_parallel else Replicate()) if dims.tp > 1 else {}
+        stages.append(TransformerStage(model, s, per_stage[s], s == 0, s == n_stages - 1, **tp))
     return stages
 
 

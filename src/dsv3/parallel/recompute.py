@@ -27,8 +27,9 @@ from torch import nn
 
 from dsv3.model.moe import MoE
 
-class _KeepSideEffects:
-    """Recompute context: restore the MoE bookkeeping a re-run forward would add to again."""
+class KeepSideEffects:
+    """Restores the MoE bookkeeping (counts, balance losses) a forward run again (recompute) or run
+    only for shape inference (a pipeline schedule's first call) would add to."""
 
     def __init__(self, module: nn.Module):
         self.moes = [m for m in module.modules() if isinstance(m, MoE)]
@@ -61,7 +62,7 @@ def _save_ops() -> set:
 
 def _context_fn(module: nn.Module, selective: bool):
     def fn():
-        keep = _KeepSideEffects(module)
+        keep = KeepSideEffects(module)
         if not selective:
             return contextlib.nullcontext(), keep
         from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts

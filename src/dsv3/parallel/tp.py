@@ -14,13 +14,15 @@ column-parallel with the logits gathered (Replicate) so the loss is the single-d
 Without sequence parallel every "Shard(1)" above is "Replicate".
 
 Two things the plan alone cannot express, done here from outside the model:
-* `n_heads` of each MLA becomes the local head count (the model views q/kv with it).
+* each MLA becomes a `TPMLA` (built on the meta device in its place) whose `n_heads` is the local
+  head count (the model views q/kv with it).
 * the shared rope key k_pe feeds every head, so on one tp rank its gradient is only that rank's
   heads' share: `TPMLA.project_latent` marks it Partial so autograd sums it over tp.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
@@ -54,7 +56,12 @@ class ReplicateParallel(ParallelStyle):
 
 
 class TPMLA(MLA):
-    """MLA whose k_pe gradient is summed over the tp ranks (each rank holds only its heads)."""
+    """MLA over this rank's heads (its weights are built whole on the meta device and sharded by the
+    plan), whose k_pe gradient is summed over the tp ranks (each rank holds only its heads)."""
+
+    def __init__(self, cfg, tp: int):
+        super().__init__(cfg)
+        self.n_heads = cfg.num_attention_heads // tp  # the local head count the projections are viewed with
 
     def project_latent(self, x, cos, sin):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -114,13 +121,13 @@ def apply_tp(part: nn.Module, tp_mesh, sp: bool) -> None:
         top.update({f"model.mtp.{k}.enorm": norm, f"model.mtp.{k}.hnorm": norm,
                     f"model.mtp.{k}.shared_head.norm": norm, f"model.mtp.{k}.eh_proj": ReplicateParallel(seq)})
     for prefix, layer in blocks:
+        if not layer.self_attn.o_proj.weight.is_meta:
+            raise ValueError(f"apply_tp: {prefix} is materialised; build the model on the meta device")
+        with torch.device("meta"):
+            layer.self_attn = TPMLA(part.config, tp)
         for name, style in layer_plan(layer, sp, tp).items():
             top[f"{prefix}.{name}"] = style
     # src_data_rank=None: no broadcast/scatter; the model is on the meta device and `init_weights` fills the shards
     parallelize_module(part, tp_mesh, top, src_data_rank=None)
     if not sp and "model.embed_tokens" in top:
         backbone.embed_tokens.register_forward_hook(lambda mod, inp, out: out.redistribute(tp_mesh, [Replicate()]))
-    for _, layer in blocks:
-        attn = layer.self_attn
-        attn.__class__ = TPMLA
-        attn.n_heads = attn.n_heads // tp

@@ -1,4 +1,5 @@
-"""`dsv3 train --config FILE.yaml [--set k=v ...] [--resume]`: pretraining on one process.
+"""`dsv3 train --config FILE.yaml [--set k=v ...] [--resume]`: pretraining, in one process or (under
+torchrun / `dsv3 launch`, WORLD_SIZE > 1) as one rank of the `parallel` layout (docs/distributed.md).
 
 FILE is our run YAML (`configs/pretrain_*.yaml`) or the seed's MindSpore YAML (translated by
 `dsv3.config.mindspore`; keys that only mean something on Ascend are listed once as ignored).
@@ -54,23 +55,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(cfg) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun / `dsv3 launch`: see docs/distributed.md
-        from dsv3.parallel.trainer import run_distributed
-
-        return run_distributed(cfg)
     from dsv3.train.trainer import Trainer, check_fits_one_process, resolve_device
 
-    check_fits_one_process(cfg, resolve_device(cfg.train.device))  # before any allocation
-    if any(v > 1 for v in (cfg.parallel.model_parallel, cfg.parallel.pipeline_stage, cfg.parallel.expert_parallel)) or cfg.parallel.data_parallel > 1:
-        import sys
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:
+        check_fits_one_process(cfg, resolve_device(cfg.train.device))  # before any allocation
+        p = cfg.parallel
+        if p.data_parallel > 1 or any(v > 1 for v in (p.model_parallel, p.pipeline_stage, p.expert_parallel)):
+            import sys
 
-        print(f"dsv3 train: one process: parallel sizes (dp {cfg.parallel.data_parallel}, mp {cfg.parallel.model_parallel}, "
-              f"pp {cfg.parallel.pipeline_stage}, ep {cfg.parallel.expert_parallel}) are not applied; the global batch is kept "
-              f"by accumulating {cfg.micro_batches_per_step()} micro-batches per step (use `dsv3 launch` for several processes)",
-              file=sys.stderr)
+            print(f"dsv3 train: one process: parallel sizes (dp {p.data_parallel}, mp {p.model_parallel}, pp {p.pipeline_stage}, "
+                  f"ep {p.expert_parallel}) are not applied; the global batch is kept by accumulating "
+                  f"{cfg.micro_batches_per_step()} micro-batches per step (use `dsv3 launch` for several processes)", file=sys.stderr)
+    trainer = None
     try:
-        summary = Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        summary = trainer.fit()
     except MemoryError:
         raise UserError("out of memory: lower train.batch_size or data.seq_length, or use a smaller model") from None
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}))
+    finally:
+        if trainer is not None:
+            trainer.close()
+    if trainer.strategy.is_main:
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}))
     return 0

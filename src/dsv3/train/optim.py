@@ -7,6 +7,10 @@ Weight decay goes to every parameter with >= 2 dims (linear weights, embeddings,
 `optimizer.state_dtype: bfloat16` selects `AdamWBF16State`: the same AdamW with its two moments
 stored in BF16, as DeepSeek-V3 keeps them (report §3.3.3), so the optimizer costs 4 instead of 8 bytes
 per parameter; the 1B recipe needs this to fit a 24 GB machine in fp32 weights.
+
+`build_optimizer` is the one builder every layout uses (`dsv3.parallel.strategy`): over one model or
+a rank's parts (pipeline stages; FSDP / TP / EP parameters are DTensors, updated shard by shard),
+wrapped in torch's ZeroRedundancyOptimizer for `parallel.dp_shard: zero1`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dsv3.config.train import LRScheduleConfig, OptimizerConfig
 
@@ -43,6 +48,7 @@ class AdamWBF16State(torch.optim.Optimizer):
     """
 
     CHUNK = 1 << 22  # elements per fp32 working chunk (16 MiB per temporary)
+    state_dtype = torch.bfloat16  # of exp_avg / exp_avg_sq (a fresh state for a checkpoint to load into uses it)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2):
@@ -74,8 +80,9 @@ class AdamWBF16State(torch.optim.Optimizer):
                 bias_correction1 = 1 - beta1 ** step
                 bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
                 step_size = lr / bias_correction1
-                p_flat, g_flat = p.view(-1), p.grad.reshape(-1)
-                m_flat, v_flat = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+                # DTensor parameters (FSDP / TP / EP shards) and their state: this rank's shard, elementwise
+                p_flat, g_flat = _local(p).view(-1), _local(p.grad).reshape(-1)
+                m_flat, v_flat = _local(state["exp_avg"]).view(-1), _local(state["exp_avg_sq"]).view(-1)
                 for i in range(0, p_flat.numel(), self.CHUNK):
                     sl = slice(i, i + self.CHUNK)
                     g = g_flat[sl].float()
@@ -101,12 +108,31 @@ class AdamWBF16State(torch.optim.Optimizer):
                     st[k] = st[k].to(torch.bfloat16)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr_cfg: LRScheduleConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`: torch's (fused kernels where torch has them for the device) when
-    `cfg.state_dtype` is float32, `AdamWBF16State` when it is bfloat16."""
-    groups = param_groups(model, cfg.weight_decay)
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def build_optimizer(model: nn.Module | list[nn.Module], cfg: OptimizerConfig, lr_cfg: LRScheduleConfig,
+                    zero_group=None) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` of `model` (or of a rank's model parts): torch's when
+    `cfg.state_dtype` is float32 (fused kernels where torch has them, plain per-parameter updates
+    over DTensors), `AdamWBF16State` when it is bfloat16. `zero_group`: the data-parallel group over
+    which ZeroRedundancyOptimizer shards the state (ZeRO-1)."""
+    module = nn.ModuleList(model) if isinstance(model, list) else model
+    groups = param_groups(module, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    kw = dict(lr=lr_cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.state_dtype == "bfloat16":
-        return AdamWBF16State(groups, lr=lr_cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps)
-    device = next(model.parameters()).device
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr_cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+        cls = AdamWBF16State
+    else:
+        cls = torch.optim.AdamW
+        sharded = any(isinstance(p, DTensor) for p in params)
+        kw.update(fused=params[0].device.type in ("cuda", "cpu")) if not sharded else kw.update(foreach=False)
+    if zero_group is None:
+        return cls(groups, **kw)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    opt = ZeroRedundancyOptimizer(groups[0]["params"], cls, process_group=zero_group, weight_decay=groups[0]["weight_decay"], **kw)
+    opt.add_param_group({"params": groups[1]["params"], "weight_decay": 0.0})
+    return opt
+

@@ -1,11 +1,13 @@
-"""The pretraining loop. Setup is split into `build_model`, `build_optim`, `build_data`, `restore`;
-`Trainer` only runs steps, evaluates, logs and saves.
+"""The pretraining loop, one `Trainer` whatever the layout. Setup is split into `build_data` and
+`restore`; the layout (one process, or this rank's part of a parallel layout under torchrun / `dsv3
+launch`) is a `dsv3.parallel.strategy.Strategy` built from `cfg.parallel`, applied from outside:
+it builds the model parts and the optimizer, runs a step's forward/backward, reduces and clips the
+gradients, evaluates, and writes / reads checkpoints. `Trainer` only runs steps, evaluates, logs and saves.
 
-One optimizer step = `micro_batches_per_step` micro-batches, each forward/backward on loss/n so the
-gradient is the mean over the global batch; then clip, AdamW, LR schedule, and ONE bias update from
-the expert counts of all those micro-batches (`dsv3.train.balance`). A distributed run (the parallel
-package) wraps the model and passes `reduce_counts` and its data-parallel size; nothing else here
-changes.
+One optimizer step = `micro_batches_per_step` micro-batches on this rank, each forward/backward on
+loss/n so the gradient is the mean over the global batch; then clip, AdamW, LR schedule, and ONE
+bias update from the expert counts of all those micro-batches (summed over every rank that routed
+other tokens; `dsv3.train.balance`).
 """
 
 from __future__ import annotations
@@ -13,24 +15,20 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from dsv3.config.load import dump_yaml
 from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
-from dsv3.model import Transformer
+from dsv3.parallel.strategy import Strategy
 from dsv3.train import balance, checkpoint, metrics
-from dsv3.train.loss import LinearCrossEntropy, attention_mask, compute_loss
 from dsv3.train.lr_schedule import build_scheduler
-from dsv3.train.optim import build_optimizer
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -40,38 +38,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device {name!r}: CUDA is not available on this machine (use 'cpu' or 'auto')")
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None] | None = None) -> Transformer:
-    """fp32 master weights: read from train.init_from, or N(0, initializer_range) from train.seed, built
-    on the meta device, then materialised and initialised by `dsv3.parallel.init` (the rule every
-    parallel layout uses too, so one process and any layout start from the same weights)."""
-    from dsv3.parallel.init import materialize
-
-    seed_everything(cfg.train.seed)
-    if cfg.train.init_from:
-        from dsv3.train.init_from import load_init_weights
-
-        model = load_init_weights(cfg.model, cfg.train.init_from, device, log)
-    else:
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        materialize(model, device, cfg.model, cfg.train.seed)
-    if cfg.train.recompute != "none":
-        from dsv3.parallel.layout import recompute_layer_ids, stage_layers
-        from dsv3.parallel.recompute import apply_recompute
-
-        # the layers the configured pipeline stages would recompute (all of them without recompute_layers)
-        per_stage = stage_layers(cfg.model, cfg.parallel.pipeline_stage, cfg.parallel.pp_layer_offset)
-        apply_recompute(model, cfg.train.recompute,
-                        recompute_layer_ids(cfg.model, cfg.train.recompute, per_stage, cfg.parallel.recompute_layers))
-    return model.train()
 
 
 def check_fits_one_process(cfg: RunConfig, device: torch.device) -> None:
@@ -94,11 +60,6 @@ def check_fits_one_process(cfg: RunConfig, device: torch.device) -> None:
                     f"weights, gradients and AdamW state, {where} {have / 2**30:,.0f} GiB; its layout (data_parallel {p.data_parallel} "
                     f"x model_parallel {p.model_parallel} x pipeline_stage {p.pipeline_stage}) needs {world} processes: start it with "
                     f"`dsv3 launch` on {world} devices; `dsv3 dryrun --config ...` reports every rank's memory without devices")
-
-
-def build_optim(model: torch.nn.Module, cfg: RunConfig):
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr_schedule)
-    return optimizer, build_scheduler(optimizer, cfg.lr_schedule, cfg.train.steps)
 
 
 @dataclass
@@ -134,9 +95,11 @@ def check_data(cfg: RunConfig) -> None:
                 raise UserError(f"{name}: {prefix} holds {int(lengths.sum())} tokens, fewer than one sample of data.seq_length {L} + 1")
 
 
-def build_data(cfg: RunConfig, micro_batches: int, dp_rank: int = 0, dp_size: int = 1, log: Callable[[str], None] | None = None) -> Data:
+def build_data(cfg: RunConfig, micro_batches: int, dp_rank: int = 0, dp_size: int = 1, log: Callable[[str], None] | None = None,
+               pipeline: bool = False) -> Data:
     """GPTDatasets over the configured prefixes, sized for the whole run (all data-parallel ranks);
     valid from the split or its own prefixes. The loader hands rank `dp_rank` its slice of each global batch.
+    `pipeline`: the run's micro-batches go through a pipeline schedule.
     SFT data (`data.type: sft`): packed/padded sequences; `train.epochs` sets train.steps from their count."""
     from dsv3.data.gpt_dataset import build_gpt_datasets
     from dsv3.data.loader import ResumableLoader
@@ -144,7 +107,7 @@ def build_data(cfg: RunConfig, micro_batches: int, dp_rank: int = 0, dp_size: in
     if cfg.data.type == "sft":
         from dsv3.data.sft_dataset import build_sft_data
 
-        if cfg.data.sft.packing and cfg.parallel.pipeline_stage > 1 and torch.distributed.is_initialized():
+        if cfg.data.sft.packing and pipeline:
             raise UserError("data.sft.packing needs the per-sample attention mask, which the pipeline schedule does not carry: "
                             "set data.sft.packing: false (padding) or parallel.pipeline_stage: 1")
         train, valid = build_sft_data(cfg, log)
@@ -185,8 +148,8 @@ def _dataset_config(cfg: RunConfig, prefixes: list[str], split: str):
 
 
 def restore(trainer: "Trainer", path: Path) -> None:
-    """Load model, optimizer, scheduler, data position and RNG from checkpoint `path`."""
-    state = checkpoint.load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
+    """Load model, optimizer, scheduler, data position and RNG from checkpoint `path` (written under any layout)."""
+    state = trainer.strategy.restore(path, trainer.optimizer, trainer.scheduler)
     trainer.step = int(state["step"])
     try:
         trainer.data.train.load_state_dict(state["loader"])
@@ -196,40 +159,48 @@ def restore(trainer: "Trainer", path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- loop
-class Trainer:
-    """Runs `cfg.train.steps` optimizer steps of a RunConfig (see the module docstring)."""
+class _NoMetrics:
+    """Metrics sink of the ranks that do not write them (rank 0 does)."""
 
-    def __init__(self, cfg: RunConfig, data_parallel_world: int = 1, data_parallel_rank: int = 0,
-                 reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None, quiet: bool = False):
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Trainer:
+    """Runs `cfg.train.steps` optimizer steps of a RunConfig under the layout of `strategy` (default:
+    the one built from `cfg.parallel` and the launcher's environment; see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, quiet: bool = False, strategy: Strategy | None = None):
         self.cfg = cfg
-        self.quiet = quiet
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.micro_batches = cfg.micro_batches_per_step(data_parallel_world)
-        self.reduce_counts = reduce_counts
+        self.strategy = strategy or Strategy(cfg, self.device)
+        self.quiet = quiet or not self.strategy.logs
+        self.micro_batches = cfg.micro_batches_per_step(self.strategy.dp_size)
         self.run_dir = cfg.output_dir
         self.ckpt_root = checkpoint.checkpoint_root(self.run_dir)
         resume_from = self._resume_path()
-        self.data = build_data(cfg, self.micro_batches, data_parallel_rank, data_parallel_world, self.log)
-        self.build_model_and_optimizer()
+        self.data = build_data(cfg, self.micro_batches, self.strategy.dp_rank, self.strategy.dp_size, self.log,
+                               pipeline=self.strategy.dims.pp > 1)
+        self.parts, self.optimizer = self.strategy.build(self.log)
+        self.model = self.parts[0] if self.strategy.dims.pp == 1 else None  # under PP no rank holds the whole model
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, cfg.train.steps)
+        self.moe_layers = self.strategy.moe_layers()
         self.step = 0
         self._batches = None
         if resume_from is not None:
             restore(self, resume_from)
             self.log(f"resumed from {resume_from} (step {self.step})")
         self.saved_step = self.step if resume_from is not None else None  # the step of this run's last checkpoint
-        self.tokens_per_step = self.micro_batches * cfg.train.batch_size * cfg.data.seq_length
+        self.tokens_per_step = self.micro_batches * cfg.train.batch_size * cfg.data.seq_length * self.strategy.dp_size
         self.flops_per_token = metrics.train_flops_per_token(cfg.model, cfg.data.seq_length,
                                                              cfg.model.num_nextn_predict_layers if cfg.train.mtp_loss_factor > 0 else 0)
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak_flops = metrics.peak_flops(dev_name, cfg.train.precision, cfg.logging.peak_tflops)
-
-    def build_model_and_optimizer(self) -> None:
-        """Sets `model`, `optimizer`, `scheduler`, `moe_layers` (the distributed trainer builds its shards instead)."""
-        self.model = build_model(self.cfg, self.device, self.log)
-        self.optimizer, self.scheduler = build_optim(self.model, self.cfg)
-        self.moe_layers = self.model.moe_layers()
 
     def _resume_path(self) -> Path | None:
         existing = checkpoint.latest_checkpoint(self.ckpt_root)
@@ -266,29 +237,19 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `micro_batches` micro-batches; returns the step's metrics."""
-        cfg = self.cfg
-        parts_sum: dict[str, torch.Tensor] = {}
-        for _ in range(self.micro_batches):
-            batch = self._to_device(self._next_batch())
-            with self.autocast():
-                loss, parts = compute_loss(self.model, batch, cfg.train.mtp_loss_factor, cfg.train.fused_ce)
-            (loss / self.micro_batches).backward()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0) + v / self.micro_batches
-        clip = cfg.optimizer.clip_grad if cfg.optimizer.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        return self.finish_step({k: float(v) for k, v in parts_sum.items()}, grad_norm)
+        batches = [self._to_device(self._next_batch()) for _ in range(self.micro_batches)]
+        losses = self.strategy.forward_backward(batches, self.autocast)
+        clip = self.cfg.optimizer.clip_grad if self.cfg.optimizer.clip_grad > 0 else float("inf")
+        return self.finish_step(losses, self.strategy.finish_grads(clip))
 
     def finish_step(self, losses: dict[str, float], grad_norm) -> dict[str, Any]:
         """Optimizer + LR step, then the bias update from this step's expert counts; the step's record.
-
-        `losses` holds the step's mean `lm`, `mtp` and `aux` losses (shared with the distributed trainer).
-        """
+        `losses` holds the step's global mean `lm`, `mtp` and `aux` losses."""
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        counts = balance.balance_step(self.moe_layers, self.cfg.train.bias_update_rate, self.reduce_counts)
+        counts = balance.balance_step(self.moe_layers, self.cfg.train.bias_update_rate, self.strategy.reduce_counts)
         self.step += 1
         rec = {k + "_loss": v for k, v in losses.items()}
         rec["loss"] = rec["lm_loss"] + rec["mtp_loss"] + rec["aux_loss"]
@@ -298,21 +259,11 @@ class Trainer:
         rec.update(step=self.step, lr=lr, grad_norm=float(grad_norm), counts=counts)
         return rec
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
         """Token-mean main-head loss and perplexity over the first eval_iters validation batches."""
         if self.data.valid is None:
             return None
-        self.model.eval()
-        total = count = 0.0
-        for batch in self.eval_batches():
-            with self.autocast():
-                _, post = self.model.hidden_states(batch["tokens"], batch.get("position_ids"), attention_mask(batch))
-                s = LinearCrossEntropy.apply(post.flatten(0, 1), self.model.lm_head.weight, batch["labels"].flatten(),
-                                             batch["loss_mask"].flatten())
-            total += float(s)
-            count += float(batch["loss_mask"].sum())
-        self.model.train()
+        total, count = (float(v) for v in self.strategy.eval_sums(self.eval_batches(), self.autocast))
         if count == 0:
             return None
         loss = total / count
@@ -328,17 +279,18 @@ class Trainer:
         return out
 
     def save(self) -> Path:
-        return checkpoint.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,
-                                          self.data.train.state_dict(), self.cfg, self.cfg.checkpoint.keep_last)
+        return self.strategy.save(self.ckpt_root, self.step, self.optimizer, self.scheduler, self.data.train.state_dict())
 
     def fit(self) -> dict[str, Any]:
         """Train to cfg.train.steps, evaluating/saving/logging on schedule; returns a summary."""
         from tqdm import tqdm
 
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, self.run_dir / "config.resolved.yaml")
-        writer = metrics.MetricsWriter(self.run_dir, cfg.logging.tensorboard, resume_step=self.step if cfg.checkpoint.resume else None)
+        cfg, main = self.cfg, self.strategy.is_main  # the main rank writes the run directory's files
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.resolved.yaml")
+        writer = (metrics.MetricsWriter(self.run_dir, cfg.logging.tensorboard, resume_step=self.step if cfg.checkpoint.resume else None)
+                  if main else _NoMetrics())
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=self.quiet or not cfg.logging.progress_bar or not sys.stderr.isatty(), dynamic_ncols=True)
         t_start = time.perf_counter()
@@ -381,21 +333,34 @@ class Trainer:
             bar.close()
             writer.close()
         summary.update(steps=self.step, seconds=time.perf_counter() - t_start)
-        if cfg.checkpoint.export_hf:
-            from dsv3.checkpoint.io import save_pretrained
-
-            from dsv3.data.tokenizer import export_tokenizer
-
-            summary["hf_dir"] = str(save_pretrained(self.model, self.run_dir / "hf"))
-            self.log(f"exported HF weights to {summary['hf_dir']}")
-            source = cfg.data.tokenizer
-            if cfg.data.type == "sft":  # fine-tuned weights ship with the tokenizer they were tuned with (or init_from's)
-                from dsv3.data.sft_dataset import tokenizer_source
-
-                source = tokenizer_source(cfg)
-            self.log(export_tokenizer(summary["hf_dir"], source, cfg.model.vocab_size))
-        if cfg.logging.plots:
+        if cfg.checkpoint.export_hf and (hf := self.export_hf()) is not None:
+            summary["hf_dir"] = str(hf)
+        if cfg.logging.plots and main:
             from dsv3.train.plot import plots_after_training
 
             summary["plots"] = [str(p) for p in plots_after_training(self.run_dir, self.log)]
         return summary
+
+    def export_hf(self) -> Path | None:
+        """The final weights as an HF directory `run_dir/hf` with the tokenizer (the main rank's path;
+        a distributed layout exports from its final checkpoint, written now if this step has none)."""
+        saved = None
+        if self.strategy.distributed:
+            saved = self.ckpt_root / f"step-{self.step}" if self.saved_step == self.step else self.save()
+        hf = self.strategy.export_hf(self.run_dir / "hf", saved)
+        if hf is None:
+            return None
+        self.log(f"exported HF weights to {hf}")
+        from dsv3.data.tokenizer import export_tokenizer
+
+        source = self.cfg.data.tokenizer
+        if self.cfg.data.type == "sft":  # fine-tuned weights ship with the tokenizer they were tuned with (or init_from's)
+            from dsv3.data.sft_dataset import tokenizer_source
+
+            source = tokenizer_source(self.cfg)
+        self.log(export_tokenizer(hf, source, self.cfg.model.vocab_size))
+        return hf
+
+    def close(self) -> None:
+        """Release the strategy's process group (when it created one)."""
+        self.strategy.close()
