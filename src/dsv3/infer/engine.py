@@ -212,10 +212,19 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
     def stats(self) -> dict:
         """Counters since start: steps and tokens computed, prefix-cache lookups (prefix_cache_queries: tokens
         looked up, prefix_cache_hits: tokens found), speculative drafts (spec_num_draft_tokens verified,
-        spec_num_accepted_tokens accepted), preemptions, cached blocks now."""
+        spec_num_accepted_tokens accepted), preemptions, cached blocks now; with several processes `ranks`:
+        each rank's pid, weight_bytes, cache_bytes, forward_calls and requests (as of the last ping)."""
         sch = self.scheduler
-        return {**self.counters, "prefix_cache_queries": sch.prefix_queries, "prefix_cache_hits": sch.prefix_hits,
-                "num_preemptions": sch.num_preemptions, "prefix_cached_blocks": self.cache.num_cached_blocks}
+        out = {**self.counters, "prefix_cache_queries": sch.prefix_queries, "prefix_cache_hits": sch.prefix_hits,
+               "num_preemptions": sch.num_preemptions, "prefix_cached_blocks": self.cache.num_cached_blocks}
+        if hasattr(self.runner, "ranks"):
+            out["ranks"] = list(self.runner.ranks)
+        return out
+
+    def shutdown(self) -> None:
+        """Stop the follower processes of a multi-process engine (no-op for one process)."""
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()
 
     def cache_info(self) -> dict:
         """block_size, num_blocks, free_blocks, used_blocks, bytes_per_token(_per_layer)."""
@@ -243,6 +252,7 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
                     self._finish(seq, "abort")
             touched[rid] = req
         work = self.scheduler.schedule()
+        self._note_requests()
         with torch.inference_mode():
             if isinstance(work, Prefill):
                 self._run_prefill(work, touched)
@@ -251,11 +261,17 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
         for seq in self.scheduler.running:  # newly full blocks become shareable at once
             self.scheduler.register_computed(seq)
         outputs = [self._output(req) for req in touched.values()]
+        self._note_requests()
         with self._lock:
             for req in touched.values():
                 if req.finished:
                     self._requests.pop(req.request_id, None)
         return outputs
+
+    def _note_requests(self) -> None:
+        """Tell a multi-process runner (`executor.DriverRunner`) which requests hold cache now."""
+        if hasattr(self.runner, "step_requests"):
+            self.runner.step_requests = sorted({s.request_id for s in self.scheduler.running})
 
     def _run_prefill(self, work: Prefill, touched: dict) -> None:
         chunks = work.chunks
