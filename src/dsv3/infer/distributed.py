@@ -18,6 +18,7 @@ Model placement: `_load_model` is the one place that decides what each rank hold
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import os
 import signal
@@ -42,6 +43,15 @@ class EngineSpec:
     engine_kwargs: dict = field(default_factory=dict)
 
 
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size / --enable-expert-parallel (serve, bench throughput|latency, generate)."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="run the model over N processes: spawned on this machine (gloo on CPU, NCCL on GPU), or under "
+                        "torchrun / `dsv3 launch` the launched processes (default there: their number; else 1)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="place the routed experts across the tensor-parallel ranks (vLLM's flag)")
+
+
 def external_env() -> Optional[tuple[int, int, int]]:
     """(rank, world size, local rank) when launched by torchrun / `dsv3 launch` with several workers."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -54,14 +64,14 @@ def timeout_s() -> int:
     return int(os.environ.get("DSV3_DIST_TIMEOUT", "600"))
 
 
-def check_sizes(model_dir: str, tp: int, ep: bool) -> None:
+def check_sizes(model_dir: str, tp: int, ep: bool, flag: str = "tensor_parallel_size") -> None:
     """The model's heads and routed experts must split evenly over the ranks (checked before any
     process starts, from config.json)."""
     import json
     from pathlib import Path
 
     if tp < 1:
-        raise UserError(f"tensor_parallel_size must be >= 1, got {tp}")
+        raise UserError(f"{flag} must be >= 1, got {tp}")
     path = Path(model_dir) / "config.json"
     try:
         cfg = json.loads(path.read_text())
@@ -69,9 +79,9 @@ def check_sizes(model_dir: str, tp: int, ep: bool) -> None:
         raise UserError(f"{path}: cannot read the model config ({e})") from None
     heads, experts = cfg.get("num_attention_heads"), cfg.get("n_routed_experts")
     if heads and heads % tp:
-        raise UserError(f"tensor_parallel_size {tp} does not divide the model's {heads} attention heads ({path})")
+        raise UserError(f"{flag} {tp} does not divide the model's {heads} attention heads ({path})")
     if ep and experts and experts % tp:
-        raise UserError(f"expert parallel over {tp} ranks does not divide the model's {experts} routed experts ({path})")
+        raise UserError(f"{flag} {tp} with expert parallel does not divide the model's {experts} routed experts ({path})")
 
 
 def start_engine(spec: EngineSpec, tokenizer: Any = None):

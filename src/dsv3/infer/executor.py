@@ -52,9 +52,8 @@ class Ref:
 
 
 def fatal(message: str, code: int = 1) -> None:
-    """One clear line on stderr and in the log, then exit at once (other threads may be blocked in a
-    collective that will never finish, so no clean interpreter shutdown is attempted)."""
-    log.error(message)
+    """One clear line on stderr, then exit at once (other threads may be blocked in a collective that
+    will never finish, so no clean interpreter shutdown is attempted)."""
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)

@@ -9,7 +9,8 @@ same as flags) and runs `torch.distributed.run` (torchrun) with them:
     dsv3 launch "train --config configs/train_tiny.yaml" 8 8 127.0.0.1 8118 0 output/msrun_log True 600
 
 COMMAND is a dsv3 verb with its arguments, a Python script, or the seed's `run_mindformer.py
---config X` (run as `dsv3 train --config X`). Every worker writes stdout+stderr to
+--config X` (run as `dsv3 train --config X`) or `run_predict_deepseek.py --config X --input T` (run as
+`dsv3 generate --config X --input T`; rank 0's log has the output). Every worker writes stdout+stderr to
 LOG_DIR/worker_{rank}.log (the global rank, as msrun; with pipeline parallelism the loss shows in
 the last stage's log). With join False (msrun's default) the job runs in the background and the
 command returns at once; with True it waits and returns the workers' exit status.
@@ -98,6 +99,8 @@ def worker_command(command: str) -> list[str]:
         if cfg is None:
             raise UserError("run_mindformer.py needs --config PATH")
         return ["train", "--config", cfg]
+    if Path(argv[0]).name == "run_predict_deepseek.py":  # the seed's inference entry: the same flags as dsv3 generate
+        return ["generate", *argv[1:]]
     if argv[0].endswith(".py") and not Path(argv[0]).is_file():
         raise UserError(f"script {argv[0]} not found")
     return argv
