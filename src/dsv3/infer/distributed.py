@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Optional
@@ -207,7 +208,8 @@ def _join(spec: EngineSpec, rank: int, world: int, local_rank: int, tokenizer, w
 
     if workers is not None:
         workers.started = True
-    engine.runner = DriverRunner(engine.runner, group, world, on_shutdown=cleanup)
+    engine.runner = DriverRunner(engine.runner, group, world, on_shutdown=cleanup,
+                                 **({"on_fatal": workers.explain} if workers is not None else {}))
     engine.parallel = {"tensor_parallel_size": world, "enable_expert_parallel": spec.enable_expert_parallel}
     atexit.register(engine.shutdown)
     return engine
@@ -251,18 +253,37 @@ class _Workers:
     def watch(self) -> None:
         threading.Thread(target=self._watch, name="dsv3-watchdog", daemon=True).start()
 
+    def _dead(self) -> Optional[str]:
+        """The line for a follower that exited (None while all run)."""
+        for r, p in self.procs.items():
+            code = p.exitcode
+            if code is None or (code == 2 and not self.started):  # 2 at start-up: an error rank 0 reports itself
+                continue
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            return f"dsv3: worker rank {r} (pid {p.pid}) {how}; shutting down"
+        return None
+
     def _watch(self) -> None:
         from dsv3.infer.executor import fatal
 
         while not self._stopping.wait(0.2):
-            for r, p in self.procs.items():
-                code = p.exitcode
-                if code == 2 and not self.started:  # a start-up error, which rank 0 reports itself
-                    continue
-                if code is not None and not self._stopping.is_set():
-                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                    self._terminate()
-                    fatal(f"dsv3: worker rank {r} (pid {p.pid}) {how}; shutting down")
+            line = self._dead()
+            if line is not None and not self._stopping.is_set():
+                self._terminate()
+                fatal(line)
+
+    def explain(self, message: str) -> None:
+        """A collective failed: name the worker that died if one did (it may take a moment to be reaped)."""
+        from dsv3.infer.executor import fatal
+
+        for _ in range(20):
+            line = self._dead()
+            if line is not None:
+                self._terminate()
+                fatal(line)
+            time.sleep(0.1)
+        self._terminate()
+        fatal(message)
 
     def _terminate(self) -> None:
         for p in self.procs.values():

@@ -19,9 +19,10 @@ Arguments that are results of an earlier call on the same rank (the packed prefi
 hidden states the MTP drafter takes) are sent as references and resolved on each follower to its
 own copy, so no tensor crosses the control group.
 
-Liveness: with no forward to send for `heartbeat_s`, rank 0 sends a ping and gathers each rank's
-counters (which requests it last computed for, forward calls, weight and cache bytes) — so an idle
-server never trips the followers' receive timeout, and `engine.stats()["ranks"]` is fresh. A failed
+Liveness: every `heartbeat_s` rank 0 sends a ping (between forwards) and gathers each rank's
+counters (the requests it holds cache for, forward calls, weight and cache bytes) — so an idle
+server never trips the followers' receive timeout, and `engine.stats()["ranks"]` is at most one
+heartbeat old. A failed
 or timed-out collective is fatal on either side: one log line, non-zero exit, never a hang.
 """
 
@@ -31,7 +32,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -57,6 +57,12 @@ def fatal(message: str, code: int = 1) -> None:
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)
+
+
+def _brief(e: BaseException) -> str:
+    """An exception as a short one-liner (gloo's messages run long)."""
+    text = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
 
 
 def rank_info(runner, rank: int) -> dict:
@@ -105,7 +111,6 @@ class DriverRunner:
         self._results = _Results()
         self._calls = 0
         self._lock = threading.Lock()
-        self._last_send = time.monotonic()
         self._closed = False
         self._on_fatal = on_fatal
         self._on_shutdown = on_shutdown
@@ -123,10 +128,8 @@ class DriverRunner:
         try:
             dist.broadcast_object_list([msg], src=0, group=self.group)
         except Exception as e:  # a follower died or timed out: nothing more can be computed
-            self._on_fatal(f"dsv3: rank 0 lost contact with the follower ranks ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); shutting down")
+            self._on_fatal(f"dsv3: rank 0 lost contact with the follower ranks ({_brief(e)}); shutting down")
             raise
-        self._last_send = time.monotonic()
 
     def _forward(self, method: str, *args):
         with self._lock:
@@ -162,18 +165,17 @@ class DriverRunner:
             try:
                 dist.all_gather_object(got, mine, group=self.group)
             except Exception as e:
-                self._on_fatal(f"dsv3: rank 0 lost contact with the follower ranks during a ping ({type(e).__name__}); shutting down")
+                self._on_fatal(f"dsv3: rank 0 lost contact with the follower ranks ({_brief(e)}); shutting down")
                 raise
             self.ranks = got
             return got
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(min(1.0, self._heartbeat_s)):
-            if time.monotonic() - self._last_send >= self._heartbeat_s:
-                try:
-                    self.ping()
-                except Exception:
-                    return
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                self.ping()
+            except Exception:
+                return
 
     def shutdown(self) -> None:
         """Tell the followers to exit (idempotent); then the launcher's cleanup (join workers, destroy the group)."""
@@ -201,8 +203,7 @@ def follow(runner, group, rank: int) -> None:
         try:
             dist.broadcast_object_list(box, src=0, group=group)
         except Exception as e:
-            fatal(f"dsv3: rank {rank} lost contact with rank 0 ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''}); exiting")
+            fatal(f"dsv3: rank {rank} lost contact with rank 0 ({_brief(e)}); exiting")
         msg = box[0]
         kind = msg[0]
         if kind == "stop":
