@@ -10,7 +10,7 @@ import torch
 from infer_helpers import GREEDY, LLMEngine, SamplingParams, engine_greedy, tiny_model
 
 from dsv3.config.presets import load_model_config
-from dsv3.infer.runner import absorbed_decode
+from dsv3.model.mla import absorbed_attention as absorbed_decode
 from dsv3.model.transformer import Transformer
 
 

@@ -7,6 +7,7 @@ The reference is a plain single-process Transformer stepped with the same AdamW 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -130,7 +131,8 @@ def _worker(rank: int, world: int, port: int, fn_name: str, jobs: list, out_path
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = []
-    fn = globals()[fn_name]
+    module, _, name = fn_name.rpartition(":")  # "module:function" runs another test module's job
+    fn = getattr(importlib.import_module(module), name) if module else globals()[fn_name]
     for job in jobs:
         try:
             results.append({"ok": fn(*job)})
@@ -191,3 +193,85 @@ def dcp_roundtrip_job(cfg: ModelConfig, ckpt: str) -> dict:
     saved = dcp_save_job(cfg, {"data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}, ckpt)
     loaded = dcp_load_job(cfg, {"data_parallel": 4}, ckpt)
     return {"saved": saved, "loaded": loaded}
+
+
+def init_from_slices_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[dict]:
+    """`build_parallel_model(init_from=ckpt)` under `par`, with safetensors' `safe_open` wrapped to count
+    what is read: per rank, bytes read, get_tensor calls, stored tensors read whole although this rank
+    holds only a shard of their parameter (for stacked experts: any expert it does not hold), and the
+    largest difference from the checkpoint's boxes."""
+    import safetensors
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from dsv3.checkpoint.io import from_pretrained
+    from dsv3.checkpoint.slices import SliceReader
+    from dsv3.parallel import ParallelDims, build_meshes
+    from dsv3.parallel.build import build_parallel_model
+    from dsv3.parallel.init import canonical_name, local_box
+
+    log = {"bytes": 0, "get_tensor": 0, "full": set(), "read": set()}
+    real_open = safetensors.safe_open
+
+    class Slice:
+        def __init__(self, sl, name):
+            self.sl, self.name = sl, name
+
+        def __getattr__(self, k):
+            return getattr(self.sl, k)
+
+        def __getitem__(self, box):
+            t = self.sl[box]
+            log["bytes"] += t.numel() * t.element_size()
+            log["read"].add(self.name)
+            if list(t.shape) == list(self.sl.get_shape()):
+                log["full"].add(self.name)
+            return t
+
+    class Handle:
+        def __init__(self, *a, **kw):
+            self.h = real_open(*a, **kw)
+
+        def keys(self):
+            return self.h.keys()
+
+        def get_slice(self, name):
+            return Slice(self.h.get_slice(name), name)
+
+        def get_tensor(self, name):
+            log["get_tensor"] += 1
+            return self.h.get_tensor(name)
+
+    dims = ParallelDims.from_config(par)
+    meshes = build_meshes(dims, "cpu", cfg)
+    safetensors.safe_open = Handle
+    try:
+        dm = build_parallel_model(cfg, dims, meshes, 0, device=torch.device("cpu"), init_from=ckpt)
+    finally:
+        safetensors.safe_open = real_open
+    ref = from_pretrained(ckpt, dtype="float32").state_dict()
+    sources = SliceReader(ckpt, cfg).sources
+    diff, local_bytes, sharded_stored, other_experts, seen = 0.0, 0, set(), set(), set()
+    for part in dm.parts:
+        for name, t in list(part.named_parameters()) + list(part.named_buffers()):
+            name = canonical_name(name)
+            if name not in ref or id(t) in seen:
+                continue
+            seen.add(id(t))
+            local, offset, shape = local_box(t)
+            box = tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
+            diff = max(diff, float((local.detach() - ref[name][box]).abs().max()) if local.numel() else 0.0)
+            local_bytes += local.numel() * 4
+            if isinstance(t, DTensor) and local.numel() < t.numel():
+                src = sources[name]
+                if src[0] == "expert":
+                    other_experts |= {n for e, n in src[1].items() if not offset[0] <= e < offset[0] + local.shape[0]}
+                else:
+                    sharded_stored.add(src[1])
+    full = sorted((log["full"] & sharded_stored) | (log["read"] & other_experts))
+    mine = {"bytes_read": log["bytes"], "get_tensor_calls": log["get_tensor"], "full_reads_of_sharded": full,
+            "sharded_checked": len(sharded_stored) + len(other_experts),
+            "local_bytes": local_bytes, "max_abs_diff": diff, "model_bytes": sum(v.numel() * 4 for v in ref.values())}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone

@@ -68,14 +68,20 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
     block drafts one token, the next decode step verifies it: greedy output identical to plain greedy,
     sampled output distributed exactly as without it, by rejection sampling). enable_prefix_caching:
     reuse the cached latents of full blocks whose token prefix was seen before (`kv_cache.py`).
+    parallel: a `dsv3.infer.parallel.ParallelContext` to run this rank's share of a tensor/expert-parallel
+    model (a full model is cut to the rank's slices here; give `num_gpu_blocks` equal on every rank).
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
                  block_size: int = 16, num_gpu_blocks: Optional[int] = None, cache_bytes: Optional[int] = None,
                  max_num_batched_tokens: int = 2048, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, speculative: bool = False, quantization=None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, parallel=None):
         cfg: ModelConfig = model.config
+        if parallel is not None and getattr(model, "parallel", None) is None:
+            from dsv3.infer.parallel import shard_model
+
+            shard_model(model, parallel)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else next(model.parameters()).dtype
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -105,7 +111,7 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
         if max_model_len is not None and max_model_len > capacity:
             raise ValueError(f"max_model_len {max_model_len} exceeds the KV cache capacity of {capacity} tokens "
                              f"({num_gpu_blocks} blocks of {block_size}); give more cache (num_gpu_blocks / cache_bytes)")
-        self.runner = ModelRunner(self.model, self.cache)
+        self.runner = ModelRunner(self.model, self.cache, parallel=parallel)
         # speculation writes one position past the last token (the draft): decode reserves that slot
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, lookahead=1 if speculative else 0)
         self.eos_ids = {cfg.eos_token_id}
@@ -131,7 +137,15 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
         dev = torch.device(device) if device is not None else default_device()
         dt = resolve_dtype(dtype, dev)
         quantization = engine_kwargs.pop("quantization", None)
-        model = load_model(model_dir, dt, dev, mtp=bool(engine_kwargs.get("speculative")), quantization=quantization)
+        mtp = bool(engine_kwargs.get("speculative"))
+        parallel = engine_kwargs.get("parallel")
+        if parallel is not None and parallel.world > 1:  # each rank reads only its slices; quantised after
+            from dsv3.infer.parallel_load import load_sharded
+
+            model = load_sharded(model_dir, parallel, dt, dev, mtp=True if mtp else False)
+            engine_kwargs["quantization"] = quantization
+        else:
+            model = load_model(model_dir, dt, dev, mtp=mtp, quantization=quantization)
         return cls(model, load_tokenizer_for(model_dir, tokenizer), device=dev, dtype=dt, **engine_kwargs)
 
     # ---- requests

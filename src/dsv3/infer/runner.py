@@ -1,9 +1,17 @@
 """Model execution over the paged latent cache: naive-attention prefill, absorbed-attention decode.
 
-The runner walks the model's own modules (`model.model.layers[i].self_attn.project_q` etc.), so
-there is no second copy of the model maths; what it adds is where the latents live (the paged
-cache) and the batched absorbed decode (`absorbed_decode`), whose readable references are
-`MLA.attend_absorbed` and `MLA.attend_naive` (tests/infer/test_infer_engine.py compares them).
+The runner calls the model's own modules: each decoder layer (and the MTP module) runs its own
+`forward`, with an attention backend (`PagedPrefill` / `PagedDecode`) passed where the model takes
+a KV cache. `MLA.forward` hands the attention to the backend, which writes the new latents into the
+paged cache and attends over the sequence's whole context: naive attention (`MLA.attend_naive`) for
+prefill, the batched absorbed form (`dsv3.model.mla.absorbed_attention`, reference
+`MLA.attend_absorbed`, tests/infer compare them) for decode. So a change to the model's blocks,
+MLP/MoE or MTP reaches the engine, and the tensor/expert-parallel sharding of `dsv3.infer.parallel`
+(which works on those modules) applies unchanged.
+
+Parallel execution: built with a `ParallelContext` (`dsv3.infer.parallel`), the runner installs the
+collectives on its (already sharded) model, and every rank that calls `prefill` / `decode` /
+`mtp_*` with the same arguments gets the same full-vocabulary logits back.
 
 Cache layer i < num_hidden_layers belongs to decoder layer i; with MTP speculative decoding the
 MTP block has its own cache layer num_hidden_layers (it attends over the sequence like any layer).
@@ -17,26 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.infer.kv_cache import PagedLatentCache
+from dsv3.model.mla import MLA, absorbed_attention
 from dsv3.model.transformer import Transformer
-
-
-def absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, valid: torch.Tensor,
-                    w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float) -> torch.Tensor:
-    """T query tokens per row over the row's cached latents, MQA-style with a single 576-wide KV head.
-
-    q_nope [B,T,H,P], q_pe [B,T,H,R], latent [B,S,C+R] = [c_kv | k_pe], valid [B,T,S] bool (False =
-    padding or future), w_uk [H,P,C], w_uv_t [H,C,V] -> [B,T,H*V]. Scores and softmax in fp32.
-    """
-    B, T, H, P = q_nope.shape
-    C = w_uk.shape[-1]
-    q_lat = torch.bmm(q_nope.reshape(B * T, H, P).transpose(0, 1), w_uk)  # [H,BT,C]: W_UK folded into the query
-    q = torch.cat([q_lat.transpose(0, 1).reshape(B, T * H, C), q_pe.reshape(B, T * H, -1)], dim=-1).float()  # [B,TH,C+R]
-    lat = latent.float()
-    scores = torch.bmm(q, lat.transpose(1, 2)).mul_(scale)  # [B,TH,S]
-    scores.masked_fill_(~valid[:, :, None, :].expand(B, T, H, -1).reshape(B, T * H, -1), float("-inf"))
-    o_lat = torch.bmm(scores.softmax(-1), lat[..., :C])  # [B,TH,C]: values are the latent itself
-    o = torch.bmm(o_lat.to(w_uv_t.dtype).view(B * T, H, C).transpose(0, 1), w_uv_t)  # [H,BT,V]: W_UV after the sum
-    return o.transpose(0, 1).reshape(B, T, -1)
 
 
 def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -59,12 +49,49 @@ class Packed:
     rows: list[list[int]]  # per chunk, the rows of N whose logits are wanted
 
 
-class ModelRunner:
-    """Runs packed prefills and decode batches of a `Transformer` against a `PagedLatentCache`."""
+class PagedPrefill:
+    """Attention backend of a packed prefill for cache layer `layer`: store the new latents, then naive
+    attention over every sequence's cached + new latents under the packed mask."""
 
-    def __init__(self, model: Transformer, cache: PagedLatentCache):
+    def __init__(self, cache: PagedLatentCache, layer: int, pk: Packed):
+        self.cache, self.layer, self.pk = cache, layer, pk
+
+    def attend(self, attn: MLA, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        C = c_kv.shape[-1]
+        self.cache.write(self.layer, self.pk.new_slots, c_kv[0], k_pe[0])
+        lat = self.cache.gather(self.layer, self.pk.k_slots[None])  # [1,S,C+R]: every sequence's context
+        return attn.attend_naive(q_nope, q_pe, lat[..., :C], lat[..., C:], self.pk.mask)
+
+
+class PagedDecode:
+    """Attention backend of a decode batch for cache layer `layer`: store the new latents, then absorbed
+    attention over each row's latents (w_uk / w_uv_t: that layer's absorbed weights, computed once)."""
+
+    def __init__(self, cache: PagedLatentCache, layer: int, new_slots, k_slots, valid, w_uk, w_uv_t):
+        self.cache, self.layer = cache, layer
+        self.new_slots, self.k_slots, self.valid, self.w_uk, self.w_uv_t = new_slots, k_slots, valid, w_uk, w_uv_t
+
+    def attend(self, attn: MLA, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        self.cache.write(self.layer, self.new_slots, c_kv.flatten(0, 1), k_pe.flatten(0, 1))
+        lat = self.cache.gather(self.layer, self.k_slots)  # [B,S,C+R]
+        return absorbed_attention(q_nope, q_pe, lat, self.valid, self.w_uk, self.w_uv_t, attn.softmax_scale)
+
+
+class ModelRunner:
+    """Runs packed prefills and decode batches of a `Transformer` against a `PagedLatentCache`.
+
+    parallel: a `dsv3.infer.parallel.ParallelContext` when `model` holds this rank's shard (see
+    `dsv3.infer.parallel.shard_model` / `load_sharded`); the runner installs the collectives (after
+    any quantisation, which replaces modules) and gathers the vocab-parallel head, so every rank
+    returns the same full logits for the same call. None: one process.
+    """
+
+    def __init__(self, model: Transformer, cache: PagedLatentCache, parallel=None):
         self.model = model
         self.cache = cache
+        self.parallel = parallel
+        if parallel is not None:
+            parallel.install(model)
         self.device = cache.data.device
         self.kv_lora_rank = model.config.kv_lora_rank
         self.n_main = model.config.num_hidden_layers
@@ -79,34 +106,18 @@ class ModelRunner:
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """Output head on rows x [N,D]; a quantised head (dsv3.quant) runs its own kernel."""
         head = self.model.lm_head
-        return head_matmul(x, head.weight) if isinstance(head, torch.nn.Linear) else head(x)
+        logits = head_matmul(x, head.weight) if isinstance(head, torch.nn.Linear) else head(x)
+        return logits if self.parallel is None else self.parallel.gather_vocab(logits)
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
-    # ---- one block (decoder layer or MTP block) over the paged cache
-    def _block_prefill(self, i: int, h: torch.Tensor, cos, sin, pk: Packed) -> torch.Tensor:
-        block = self.blocks[i]
-        attn, C = block.self_attn, self.kv_lora_rank
-        x = block.input_layernorm(h)
-        q_nope, q_pe = attn.project_q(x, cos, sin)
-        c_kv, k_pe = attn.project_latent(x, cos, sin)
-        self.cache.write(i, pk.new_slots, c_kv[0], k_pe[0])
-        lat = self.cache.gather(i, pk.k_slots[None])  # [1,S,C+R]: every sequence's context, new tokens included
-        h = h + attn.o_proj(attn.attend_naive(q_nope, q_pe, lat[..., :C], lat[..., C:], pk.mask))
-        return h + block.mlp(block.post_attention_layernorm(h))
+    # ---- attention backends of one step, per cache layer
+    def _prefill_backend(self, i: int, pk: Packed) -> PagedPrefill:
+        return PagedPrefill(self.cache, i, pk)
 
-    def _block_decode(self, i: int, h: torch.Tensor, cos, sin, new_slots, k_slots, valid) -> torch.Tensor:
-        block = self.blocks[i]
-        attn = block.self_attn
-        x = block.input_layernorm(h)
-        q_nope, q_pe = attn.project_q(x, cos, sin)  # [B,T,H,*]
-        c_kv, k_pe = attn.project_latent(x, cos, sin)  # [B,T,C], [B,T,R]
-        self.cache.write(i, new_slots, c_kv.flatten(0, 1), k_pe.flatten(0, 1))
-        lat = self.cache.gather(i, k_slots)  # [B,S,C+R]
-        o = absorbed_decode(q_nope, q_pe, lat, valid, self.w_uk[i], self.w_uv_t[i], attn.softmax_scale)
-        h = h + attn.o_proj(o)
-        return h + block.mlp(block.post_attention_layernorm(h))
+    def _decode_backend(self, i: int, new_slots, k_slots, valid) -> PagedDecode:
+        return PagedDecode(self.cache, i, new_slots, k_slots, valid, self.w_uk[i], self.w_uv_t[i])
 
     # ---- addressing
     def pack(self, chunks: list[tuple[list[int], int, list[int]]], all_logits: list[bool]) -> Packed:
@@ -160,7 +171,7 @@ class ModelRunner:
         cos, sin = m.rope(pk.q_pos)  # [1,N,R/2]
         h = m.model.embed_tokens(self._tensor([[t for c in chunks for t in c[0]]]))  # [1,N,D]
         for i in range(self.n_main):
-            h = self._block_prefill(i, h, cos, sin, pk)
+            h = self.blocks[i](h, cos, sin, None, self._prefill_backend(i, pk))
         post = m.model.norm(h[0])
         flat = [r for rs in pk.rows for r in rs]
         logits = list(self._head(post[self._tensor(flat)]).float().split([len(r) for r in pk.rows]))  # head only where needed
@@ -176,16 +187,12 @@ class ModelRunner:
         cos, sin = m.rope(pos)  # [B,T,R/2]
         h = m.model.embed_tokens(self._tensor(token_ids))  # [B,T,D]
         for i in range(self.n_main):
-            h = self._block_decode(i, h, cos, sin, new_slots, k_slots, valid)
+            h = self.blocks[i](h, cos, sin, None, self._decode_backend(i, new_slots, k_slots, valid))
         post = m.model.norm(h)
         logits = self._head(post.flatten(0, 1)).view(*post.shape[:2], -1).float()
         return (logits, self._mtp_input(h, post)) if return_hidden else logits
 
-    # ---- MTP depth 1 as a drafter: z = block(eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)])) at position i
-    def _mtp_embed(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
-        mod = self.model.model.mtp[0]
-        return mod.eh_proj(torch.cat([mod.enorm(self.model.model.embed_tokens(next_ids)), mod.hnorm(hidden)], dim=-1))
-
+    # ---- MTP depth 1 as a drafter: the model's MTPModule at position i takes (h_i, emb(t_{i+1}))
     def _mtp_logits(self, z: torch.Tensor) -> torch.Tensor:
         z = self.model.model.mtp[0].shared_head.norm(z)
         return self._head(z.flatten(0, -2)).view(*z.shape[:-1], -1).float()
@@ -194,14 +201,18 @@ class ModelRunner:
     def mtp_prefill(self, pk: Packed, hidden: torch.Tensor, next_ids: list[int]) -> torch.Tensor:
         """MTP over the packed positions of a prefill (hidden [N,D], next_ids = token at position+1 per row).
         -> fp32 MTP logits at each chunk's last row [chunks, V]."""
-        cos, sin = self.model.rope(pk.q_pos)
-        z = self._block_prefill(self.n_main, self._mtp_embed(hidden, self._tensor(next_ids))[None], cos, sin, pk)
+        m = self.model
+        cos, sin = m.rope(pk.q_pos)
+        emb = m.model.embed_tokens(self._tensor([next_ids]))  # [1,N,D]
+        z = m.model.mtp[0](hidden[None], emb, cos, sin, None, self._prefill_backend(self.n_main, pk))
         return self._mtp_logits(z[0, self._tensor([rs[-1] for rs in pk.rows])])
 
     @torch.inference_mode()
     def mtp_decode(self, hidden: torch.Tensor, next_ids: list[list[int]], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
         """MTP at positions[b] .. +T-1 of each row (hidden [B,T,D]) -> fp32 MTP logits [B,T,V]."""
+        m = self.model
         pos, new_slots, k_slots, valid = self.decode_addressing(positions, tables, len(next_ids[0]))
-        cos, sin = self.model.rope(pos)
-        z = self._block_decode(self.n_main, self._mtp_embed(hidden, self._tensor(next_ids)), cos, sin, new_slots, k_slots, valid)
+        cos, sin = m.rope(pos)
+        emb = m.model.embed_tokens(self._tensor(next_ids))  # [B,T,D]
+        z = m.model.mtp[0](hidden, emb, cos, sin, None, self._decode_backend(self.n_main, new_slots, k_slots, valid))
         return self._mtp_logits(z)

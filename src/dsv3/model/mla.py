@@ -9,7 +9,14 @@ P qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank, D hidden, 
   half into the output, and attend directly over the cached latent [c_kv | k_pe] (C + R values per
   token, shared by all heads).
 
-Both use the same softmax scale: (P+R)^-0.5 times mscale² under YaRN.
+Both use the same softmax scale: (P+R)^-0.5 times mscale² under YaRN. `MLA.attend_absorbed` is the
+readable einsum form of the absorbed path; `absorbed_attention` is its batched-bmm fast form (what
+the inference engine decodes with; tests/infer compare the two).
+
+Attention backends: `MLA.forward(..., kv_cache=backend)` with an object that has
+`attend(mla, q_nope, q_pe, c_kv, k_pe) -> [B,T,H*V]` hands the attention itself to the backend (the
+inference engine's paged latent cache: it stores the new latents and attends over the sequence's
+whole context). The projections, the RoPE and o_proj stay here, so the engine runs this module.
 """
 
 from __future__ import annotations
@@ -37,6 +44,26 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         scores = scores.masked_fill(~mask, float("-inf"))
     p = scores.softmax(-1)
     return torch.einsum("bhts,bhsv->bhtv", p, v.float()).to(q.dtype)
+
+
+def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, valid: torch.Tensor,
+                       w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """Fast absorbed attention: T queries per row over the row's latents, MQA-style with one 576-wide KV head.
+
+    q_nope [B,T,H,P], q_pe [B,T,H,R], latent [B,S,C+R] = [c_kv | k_pe], valid [B,T,S] bool (False =
+    padding or future), w_uk [H,P,C], w_uv_t [H,C,V] (contiguous, from `MLA.absorbed_weights`) ->
+    [B,T,H*V]. Scores and softmax in fp32. Reference: `MLA.attend_absorbed`.
+    """
+    B, T, H, P = q_nope.shape
+    C = w_uk.shape[-1]
+    q_lat = torch.bmm(q_nope.reshape(B * T, H, P).transpose(0, 1), w_uk)  # [H,BT,C]: W_UK folded into the query
+    q = torch.cat([q_lat.transpose(0, 1).reshape(B, T * H, C), q_pe.reshape(B, T * H, -1)], dim=-1).float()  # [B,TH,C+R]
+    lat = latent.float()
+    scores = torch.bmm(q, lat.transpose(1, 2)).mul_(scale)  # [B,TH,S]
+    scores.masked_fill_(~valid[:, :, None, :].expand(B, T, H, -1).reshape(B, T * H, -1), float("-inf"))
+    o_lat = torch.bmm(scores.softmax(-1), lat[..., :C])  # [B,TH,C]: values are the latent itself
+    o = torch.bmm(o_lat.to(w_uv_t.dtype).view(B * T, H, C).transpose(0, 1), w_uv_t)  # [H,BT,V]: W_UV after the sum
+    return o.transpose(0, 1).reshape(B, T, -1)
 
 
 class MLA(nn.Module):
@@ -127,10 +154,13 @@ class MLA(nn.Module):
         Without `kv_cache`, attention is causal over x itself (or follows `mask`, bool, True = may
         attend). With `kv_cache`, the new latents are appended through `kv_cache.update(c_kv, k_pe)`,
         which returns the full latents [B,S,C], [B,S,R]; `mask` must then cover [T, S] (default:
-        causal, the new tokens being the last T).
+        causal, the new tokens being the last T). A `kv_cache` with `attend` is an attention backend
+        (module docstring): it does the attention, `mask` is then unused.
         """
         q_nope, q_pe = self.project_q(x, cos, sin)
         c_kv, k_pe = self.project_latent(x, cos, sin)
+        if hasattr(kv_cache, "attend"):
+            return self.o_proj(kv_cache.attend(self, q_nope, q_pe, c_kv, k_pe))
         T = x.shape[1]
         if kv_cache is not None:
             c_kv, k_pe = kv_cache.update(c_kv, k_pe)

@@ -10,6 +10,9 @@ The distributed trainer, the parallel tests and the fake-process-group layout ch
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -17,20 +20,42 @@ from dsv3.config.schema import ModelConfig
 from dsv3.model.transformer import Transformer
 from dsv3.parallel.api import DistributedModel, parallelize
 from dsv3.parallel.dims import Meshes, ParallelDims
-from dsv3.parallel.init import canonical_name, materialize
+from dsv3.parallel.init import canonical_name, init_buffers, materialize
 
 
 def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Meshes, seed: int, *, mtp_lambda: float = 0.3,
                          param_dtype: torch.dtype | None = None, offset: list[int] | None = None, recompute: str = "none",
-                         recompute_layers: list[int] | None = None, device: torch.device | None = None) -> DistributedModel:
-    """This rank's parts of the model; `device` None leaves them on the meta device (layout checks)."""
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    dm = parallelize(model, dims, meshes, mtp_lambda=mtp_lambda, param_dtype=param_dtype, offset=offset,
-                     recompute=recompute, recompute_layers=recompute_layers)
-    if device is not None:
-        for part in dm.parts:
-            materialize(part, device, model_cfg, seed)
+                         recompute_layers: list[int] | None = None, device: torch.device | None = None,
+                         init_from: str | Path | None = None, log: Callable[[str], None] | None = None) -> DistributedModel:
+    """This rank's parts of the model; `device` None leaves them on the meta device (layout checks).
+
+    `init_from` (`train.init_from`): a checkpoint directory whose weights replace the seeded init,
+    each rank reading only its own slices (`dsv3.train.init_from.InitSource`); it is checked
+    against `model_cfg` (architecture, names, shapes) before anything is parallelised or allocated."""
+    source = None
+    if init_from:
+        from dsv3.train.init_from import InitSource
+
+        source = InitSource(model_cfg, init_from)
+    try:
+        with torch.device("meta"):
+            model = Transformer(model_cfg)
+        dm = parallelize(model, dims, meshes, mtp_lambda=mtp_lambda, param_dtype=param_dtype, offset=offset,
+                         recompute=recompute, recompute_layers=recompute_layers)
+        if device is not None and source is None:
+            for part in dm.parts:
+                materialize(part, device, model_cfg, seed)
+        elif device is not None:
+            for part in dm.parts:
+                part.to_empty(device=device)
+                init_buffers(part, model_cfg)
+            source.fill(dm.parts)
+            if log is not None:
+                read = source.bytes_read
+                log(source.describe() + ("" if read is None else f"; {read:,} bytes read (this rank's slices)"))
+    finally:
+        if source is not None:
+            source.close()
     return dm
 
 

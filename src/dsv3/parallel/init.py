@@ -99,6 +99,14 @@ def init_weights(module: nn.Module, cfg: ModelConfig, seed: int, std: float | No
                 normal_slice_(local, offset, shape, std, seed, name)
             else:
                 raise RuntimeError(f"init_weights: no init rule for parameter {name} {tuple(shape)}")
+    init_buffers(module, cfg)
+
+
+@torch.no_grad()
+def init_buffers(module: nn.Module, cfg: ModelConfig) -> None:
+    """RoPE frequencies recomputed; routing bias and expert counts zeroed (a checkpoint load then
+    overwrites the persistent ones)."""
+    for mod_name, mod in module.named_modules():
         for bname, buf in mod.named_buffers(recurse=False):
             if buf is None:
                 continue
@@ -107,7 +115,7 @@ def init_weights(module: nn.Module, cfg: ModelConfig, seed: int, std: float | No
             elif isinstance(mod, (Gate, MoE)):  # e_score_correction_bias, tokens_per_expert
                 buf.zero_()
             else:
-                raise RuntimeError(f"init_weights: no init rule for buffer {canonical_name(mod_name)}.{bname}")
+                raise RuntimeError(f"init_buffers: no init rule for buffer {canonical_name(mod_name)}.{bname}")
 
 
 def materialize(module: nn.Module, device: torch.device, cfg: ModelConfig, seed: int) -> nn.Module:

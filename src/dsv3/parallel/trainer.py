@@ -68,13 +68,11 @@ class DistributedTrainer(Trainer):
     def build_model_and_optimizer(self) -> None:
         """This rank's shards only: meta device -> parallelize -> materialise -> init (`parallel.build`)."""
         cfg = self.cfg
-        if cfg.train.init_from:
-            raise UserError(f"train.init_from {cfg.train.init_from}: starting a parallel layout from weights (each rank reading "
-                            f"its slices) is not built yet; run it in one process, or start from the seeded init")
         seed_everything(cfg.train.seed)
         self.dm = build_parallel_model(cfg.model, self.dims, self.meshes, cfg.train.seed, mtp_lambda=cfg.train.mtp_loss_factor,
                                        offset=cfg.parallel.pp_layer_offset, recompute=cfg.train.recompute,
-                                       recompute_layers=cfg.parallel.recompute_layers, device=self.device)
+                                       recompute_layers=cfg.parallel.recompute_layers, device=self.device,
+                                       init_from=cfg.train.init_from, log=self.log)
         self.parts = self.dm.parts
         self.model = self.parts[0] if self.dims.pp == 1 else None  # under PP there is no whole model on any rank
         opt = cfg.optimizer

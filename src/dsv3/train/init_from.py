@@ -11,8 +11,9 @@ The checkpoint's architecture must equal the run's `model` section (runtime swit
 factors aside); otherwise one line names every differing field. MTP: the run may train with the
 checkpoint's MTP depth or without MTP (its MTP layers are then skipped).
 
-The distributed trainer calls this before sharding (each rank loads the whole model, then
-parallelises it); a per-rank loader would pass its slice plan to `load_checkpoint_into` instead.
+`InitSource` checks a checkpoint against the run and fills any layout's parts with each rank's own
+slices (`dsv3.checkpoint.slices`); `dsv3.parallel.build.build_parallel_model(init_from=...)` uses it
+after materialising a rank's shards, and `load_init_weights` is its one-process case.
 """
 
 from __future__ import annotations
@@ -58,32 +59,107 @@ def architecture_diff(ckpt: ModelConfig, run: ModelConfig) -> list[str]:
     return out
 
 
-def load_init_weights(cfg: ModelConfig, path: str | Path, device: torch.device | str,
-                      log: Callable[[str], None] | None = None) -> torch.nn.Module:
-    """A `Transformer(cfg)` in train mode with fp32 weights read from `path` (see the module docstring)."""
-    from dsv3.checkpoint.io import CheckpointReader, count_mtp_layers, load_checkpoint_into, load_dir_config
-    from dsv3.model.transformer import Transformer
+class InitSource:
+    """The weights `train.init_from` names, checked against the run's model and ready to fill any
+    layout's parts: `fill(parts)` gives every rank only its own slices.
 
-    d = resolve_init_dir(path)
-    reader = CheckpointReader(d)
-    try:
+    * safetensors (an HF directory, FP8 or not; a single-process `dsv3 train` checkpoint): each
+      parameter's local box is read with `dsv3.checkpoint.slices` (get_slice, never a whole tensor
+      a rank keeps a shard of);
+    * a distributed run's DCP checkpoint (`.metadata`): DCP reads each rank's shards (model only).
+    Names and shapes are checked from the file headers when opening, before anything is allocated.
+    """
+
+    def __init__(self, cfg: ModelConfig, path: str | Path):
+        from dsv3.checkpoint.io import load_dir_config
+
+        self.dir = d = resolve_init_dir(path)
+        self.cfg = cfg
         ckpt_cfg = load_dir_config(d)[0]
         diff = architecture_diff(ckpt_cfg, cfg)
         if diff:
             raise UserError(f"train.init_from {d}: the checkpoint's architecture differs from the run's model config: "
                             + "; ".join(diff))
-        have, want = count_mtp_layers(reader, ckpt_cfg), cfg.num_nextn_predict_layers
+        self.dcp = (d / ".metadata").is_file() and not any(d.glob("*.safetensors"))
+        self.reader = None
+        if self.dcp:
+            have = _dcp_mtp_layers(d)
+        else:
+            from dsv3.checkpoint.io import CheckpointReader, count_mtp_layers
+
+            files = CheckpointReader(d)
+            have = count_mtp_layers(files, ckpt_cfg)
+        want = cfg.num_nextn_predict_layers
         if want not in (0, have):
             raise UserError(f"train.init_from {d}: model.num_nextn_predict_layers is {want} but the checkpoint holds "
                             f"{have} MTP layer(s); set it to {have} (train them) or 0 (no MTP)")
+        self.skipped_mtp = have - want
+        if not self.dcp:
+            from dsv3.checkpoint.io import load_checkpoint_into
+            from dsv3.checkpoint.slices import SliceReader
+            from dsv3.model.transformer import Transformer
+
+            with torch.device("meta"):
+                meta = Transformer(cfg)
+            # missing / unexpected / mis-shaped tensors: one line, from the headers only
+            load_checkpoint_into(meta, files, torch.float32, "meta", skip_mtp_layers=self.skipped_mtp, dry_run=True)
+            self.reader = SliceReader(files, cfg, skip_mtp_layers=self.skipped_mtp)
+
+    def fill(self, parts: list[torch.nn.Module]) -> None:
+        """Copy this rank's slices into its materialised `parts` (a Transformer or pipeline stages,
+        any parallelism applied). Collective for a DCP checkpoint under a process group."""
+        if self.dcp:
+            from dsv3.parallel import dcp as pdcp
+
+            pdcp.load(self.dir, parts)
+        else:
+            from dsv3.checkpoint.slices import fill_module
+
+            for part in parts:
+                fill_module(part, self.reader)
+
+    @property
+    def bytes_read(self) -> int | None:
+        """Bytes read from the safetensors shards so far (None for DCP)."""
+        return None if self.reader is None else self.reader.bytes_read
+
+    def describe(self) -> str:
+        return f"init_from {self.dir}{'; its MTP layers skipped' if self.skipped_mtp else ''}; fresh optimizer, step 0"
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
+def _dcp_mtp_layers(d: Path) -> int:
+    """MTP modules (`model.mtp.{k}.`) a DCP checkpoint holds, from its metadata."""
+    import re
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(str(d)).read_metadata().state_dict_metadata
+    except Exception as e:  # a damaged .metadata
+        raise UserError(f"train.init_from {d}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+    return len({m.group(1) for k in keys if (m := re.match(r"model\.mtp\.(\d+)\.", k))})
+
+
+def load_init_weights(cfg: ModelConfig, path: str | Path, device: torch.device | str,
+                      log: Callable[[str], None] | None = None) -> torch.nn.Module:
+    """A `Transformer(cfg)` in train mode with fp32 weights read from `path` (see the module docstring):
+    the trivial layout of `InitSource` (one process, every box the whole tensor)."""
+    from dsv3.model.transformer import Transformer
+
+    source = InitSource(cfg, path)
+    try:
         with torch.device("meta"):
             model = Transformer(cfg)
-        load_checkpoint_into(model, reader, torch.float32, device, skip_mtp_layers=have - want)
+        model.to_empty(device=device)
+        model.init_non_persistent_buffers(device)
+        source.fill([model])
     finally:
-        reader.close()
-    model.init_non_persistent_buffers(device)
+        source.close()
     if log is not None:
         n = sum(p.numel() for p in model.parameters())
-        log(f"init_from {d}: {n:,} parameters loaded (fp32 master weights){'; its MTP layers skipped' if have > want else ''}; "
-            f"fresh optimizer, step 0")
+        log(f"{source.describe()}: {n:,} parameters loaded (fp32 master weights)")
     return model.train()
