@@ -13,7 +13,9 @@ runner wrapped in `executor.DriverRunner`), the others run `executor.follow` and
 errors on any rank (a bad checkpoint, a size that does not divide) are gathered, so rank 0 raises
 the first one as one `UserError` line and every process exits 2, never a hang.
 
-Model placement: `_load_model` is the one place that decides what each rank holds.
+Model placement: `_load_model`: each rank reads only its slices of the checkpoint and holds its shard
+(`dsv3.infer.parallel`: heads, vocab and MLP widths split over the ranks, routed experts placed across
+them with expert parallel); the runner's collectives give every rank the same full logits.
 """
 
 from __future__ import annotations
@@ -66,23 +68,34 @@ def timeout_s() -> int:
 
 
 def check_sizes(model_dir: str, tp: int, ep: bool, flag: str = "tensor_parallel_size") -> None:
-    """The model's heads and routed experts must split evenly over the ranks (checked before any
-    process starts, from config.json)."""
-    import json
+    """Before any process starts: the layout's one-line size errors (`ParallelContext.validate`, the
+    check every rank repeats when it loads its shard), from config.json alone."""
     from pathlib import Path
+
+    from dsv3.config.hf import load_hf_config
 
     if tp < 1:
         raise UserError(f"{flag} must be >= 1, got {tp}")
     path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: not a model directory (no config.json)")
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the model config ({e})") from None
-    heads, experts = cfg.get("num_attention_heads"), cfg.get("n_routed_experts")
-    if heads and heads % tp:
-        raise UserError(f"{flag} {tp} does not divide the model's {heads} attention heads ({path})")
-    if ep and experts and experts % tp:
-        raise UserError(f"{flag} {tp} with expert parallel does not divide the model's {experts} routed experts ({path})")
+        cfg = load_hf_config(path)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    try:
+        _context(tp, ep, rank=0).validate(cfg)
+    except UserError as e:
+        raise UserError(f"{flag} {tp}{' with expert parallel' if ep else ''}: {e}") from None
+
+
+def _context(world: int, ep: bool, rank=None):
+    """The inference layout of `world` ranks: heads and vocab split over all of them; routed experts
+    whole per rank with expert parallel, else each expert split over all ranks."""
+    from dsv3.infer.parallel import ParallelContext
+
+    return ParallelContext(None, tp_size=world, ep_size=world if ep else 1,
+                           **({"rank": rank, "world": world} if rank is not None else {}))
 
 
 def start_engine(spec: EngineSpec, tokenizer: Any = None):
@@ -134,12 +147,13 @@ def _free_port() -> int:
 
 
 def _load_model(spec: EngineSpec, device, dtype, rank: int, world: int):
-    """This rank's model. Today every rank holds the whole (replicated) model and computes the whole
-    forward; the sharded loading of the TP/EP plan replaces this one function."""
-    from dsv3.infer.loading import load_model
+    """(this rank's shard of the model, its ParallelContext): each rank reads only its slices of the
+    checkpoint (`dsv3.infer.parallel_load.load_sharded`)."""
+    from dsv3.infer.parallel_load import load_sharded
 
-    kw = spec.engine_kwargs
-    return load_model(spec.model_dir, dtype, device, mtp=bool(kw.get("speculative")), quantization=kw.get("quantization"))
+    ctx = _context(world, spec.enable_expert_parallel)
+    model = load_sharded(spec.model_dir, ctx, dtype, device, mtp=True if spec.engine_kwargs.get("speculative") else False)
+    return model, ctx
 
 
 def _gather_errors(group, rank: int, world: int, err: Optional[str], extra: Any = None) -> list:
@@ -181,13 +195,15 @@ def _join(spec: EngineSpec, rank: int, world: int, local_rank: int, tokenizer, w
         torch.cuda.set_device(device)
     dtype = resolve_dtype(spec.dtype, device)
     try:
-        model, err = _attempt(lambda: _load_model(spec, device, dtype, rank, world))
+        loaded, err = _attempt(lambda: _load_model(spec, device, dtype, rank, world))
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" and err is None else 0
         frees = _gather_errors(group, rank, world, err, free)
-        kw = {k: v for k, v in spec.engine_kwargs.items() if k != "quantization"}
+        model, ctx = loaded
+        kw = dict(spec.engine_kwargs)  # quantization: applied by the engine, after sharding
         if device.type == "cuda" and kw.get("num_gpu_blocks") is None and kw.get("cache_bytes") is None:
             kw["cache_bytes"] = int(min(frees) * DEFAULT_GPU_CACHE_FRACTION)  # the same cache on every rank
-        engine, err = _attempt(lambda: LLMEngine(model, tokenizer if rank == 0 else None, device=device, dtype=dtype, **kw))
+        engine, err = _attempt(lambda: LLMEngine(model, tokenizer if rank == 0 else None, device=device, dtype=dtype,
+                                                 parallel=ctx, **kw))
         _gather_errors(group, rank, world, err)
     except UserError:
         if workers is not None:

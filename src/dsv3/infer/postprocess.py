@@ -1,5 +1,6 @@
-"""Turning engine state into outputs (a mixin of `LLMEngine`): incremental detokenisation, prompt
-logprobs and the `RequestOutput` of a request."""
+"""What `LLMEngine` does after a forward (a mixin): logits processing (min_tokens / grammar masks,
+penalties) and sampling with logprobs, incremental detokenisation, prompt logprobs and the
+`RequestOutput` of a request."""
 
 from __future__ import annotations
 
@@ -8,11 +9,68 @@ from typing import Optional
 import torch
 
 from dsv3.infer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from dsv3.infer.sampling import topn_logprobs
+from dsv3.infer import guided
+from dsv3.infer.sampling import add_penalties, apply_penalties, make_batch, sample, token_counts, topn_logprobs
 from dsv3.infer.scheduler import Chunk, Sequence, Status
 
 
 class PostprocessMixin:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """logits [B,V] fp32 of the last position of each sequence -> one token each (logprobs recorded;
+        the caller appends, after anything that still needs the sequences' blocks)."""
+        raw = logits
+        logits, batch = self._process(seqs, logits)
+        next_ids = sample(logits, batch)
+        n_lp = [s.params.logprobs for s in seqs]
+        lp_rows = None
+        if any(n is not None for n in n_lp):
+            top = max(n or 0 for n in n_lp)
+            chosen_lp, rank, top_ids, top_lp = topn_logprobs(raw.log_softmax(-1), next_ids, top)
+            lp_rows = (chosen_lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist())
+        tokens = next_ids.tolist()  # the step's one host sync
+        for r, (s, tok) in enumerate(zip(seqs, tokens)):
+            if lp_rows is not None and s.logprobs is not None:
+                entry = {tid: Logprob(lp, i + 1, self._token_text(tid))
+                         for i, (tid, lp) in enumerate(zip(lp_rows[2][r][: s.params.logprobs], lp_rows[3][r][: s.params.logprobs]))}
+                entry.setdefault(tok, Logprob(lp_rows[0][r], lp_rows[1][r], self._token_text(tok)))
+                s.logprobs.append(entry)
+                s.cumulative_logprob += lp_rows[0][r]
+        return tokens
+
+    def _process(self, seqs: list[Sequence], logits: torch.Tensor, drafted: Optional[list[int]] = None):
+        """Logits [B,V] -> (masked and penalised logits, SamplingBatch): everything before temperature.
+        `drafted`: one token proposed past each sequence's end (it counts as generated)."""
+        params = [s.params for s in seqs]
+        vocab = logits.shape[-1]
+        logits = self._mask_logits(seqs, logits, 0 if drafted is None else 1)
+        batch = make_batch(params, [s.generator for s in seqs], vocab, logits.device)
+        if add_penalties(batch, params, logits.device):
+            prompt_counts = token_counts([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, logits.device)
+            outputs = [s.output_ids + ([drafted[i]] if drafted is not None else []) for i, s in enumerate(seqs)]
+            logits = apply_penalties(logits, batch, prompt_counts, token_counts(outputs, vocab, logits.device))
+        return logits, batch
+
+    def _mask_logits(self, seqs: list[Sequence], logits: torch.Tensor, ahead: int = 0) -> torch.Tensor:
+        """-inf where a token may not come next: stop ids before min_tokens, and what a grammar forbids.
+        `ahead`: tokens already proposed past each sequence's end (speculative verification)."""
+        rows, cols, g_rows, g_matchers, g_bans = [], [], [], [], []
+        for r, s in enumerate(seqs):
+            stops = self._stop_ids(s) if s.num_output + ahead < s.params.min_tokens else []  # eos may not end it yet
+            if s.guide is not None:
+                g_rows.append(r), g_matchers.append(s.guide), g_bans.append(stops)
+            elif stops:
+                rows += [r] * len(stops)
+                cols += stops
+        if rows:
+            logits = logits.clone()
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        if g_rows:
+            logits = guided.mask_rows(logits, g_rows, g_matchers, g_bans)
+        return logits
+
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        return sorted(set(seq.params.stop_token_ids or []) | (set() if seq.params.ignore_eos else self.eos_ids))
+
     def _detokenize(self, seq: Sequence, tok: int) -> None:
         if self.tokenizer is None:
             return
