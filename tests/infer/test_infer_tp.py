@@ -147,3 +147,21 @@ def test_world_size_not_matching_the_yaml(model_dir, tmp_path, monkeypatch, caps
     (logs / "worker_1.log").write_text(line + "\n")
     assert _user_error(logs, {0: start, 1: 0}) == line
     assert _user_error(logs, {0: (logs / "worker_0.log").stat().st_size}) is None
+
+
+@pytest.mark.gpu
+def test_llm_tp2_nccl_equals_one_gpu(model_dir):
+    """The same on CUDA: NCCL for the model's collectives (rank r on cuda:r), gloo for the control group."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    from dsv3 import LLM
+
+    kw = dict(device="cuda", dtype="float32", max_num_seqs=4, num_gpu_blocks=64)
+    ref = _outputs(LLM(str(model_dir), **kw))
+    llm = LLM(str(model_dir), tensor_parallel_size=2, **kw)
+    try:
+        assert _outputs(llm) == ref
+    finally:
+        llm.shutdown()
