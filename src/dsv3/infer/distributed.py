@@ -117,10 +117,10 @@ def start_engine(spec: EngineSpec, tokenizer: Any = None):
         rank, world, local_rank = 0, tp, 0
         port = _free_port()
         workers = _Workers(spec, port)
+        workers.watch()  # from now on: a worker that dies (even before the rendezvous) is one line, exit 1
         _set_threads(spec, world)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
                                 timeout=timedelta(seconds=timeout_s()))
-        workers.watch()
     return _join(spec, rank, world, local_rank, tokenizer, workers)
 
 
