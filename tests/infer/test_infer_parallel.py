@@ -49,9 +49,18 @@ def test_tp_ep_layouts_equal_single_process_and_transformers(ckpt):
     want_sampled = tp_harness.run(engine, {"s": (prompts[0], SamplingParams(**tp_harness.SAMPLED))})["s"]
     full = weight_bytes(engine.model, ParallelContext(rank=0, world=1))["total"]
 
+    int8 = LLMEngine.from_pretrained(d, dtype=torch.float32, device="cpu", block_size=4, num_gpu_blocks=96, quantization="int8")
+    want_int8 = tp_harness.run(int8, {"q": (prompts[0], tp_harness.greedy(16))})["q"][0]
+
     layouts = {2: [(2, 1, False), (1, 2, False), (2, 2, True)], 4: [(4, 2, False)]}  # (4, 2): tp 4, experts 2 x 2
     for world, jobs in layouts.items():
-        results = tp_harness.spawn(world, [(str(d), tp, ep, prompts, N_NEW, spec) for tp, ep, spec in jobs])
+        quant_job = [(str(d), 2, 2, prompts[:1], 16, False, "int8")] if world == 2 else []
+        results = tp_harness.spawn(world, [(str(d), tp, ep, prompts, N_NEW, spec) for tp, ep, spec in jobs] + quant_job)
+        if quant_job:
+            # each rank quantises its own shard (row-parallel layers' per-channel scales over the shard): the
+            # same tokens as the single-process int8 engine on this prompt, not bit-equal weights in general
+            assert "ok" in results[-1], results[-1].get("trace")
+            assert results.pop()["ok"]["greedy"][0] == want_int8
         for (tp, ep, spec), res in zip(jobs, results):
             assert "ok" in res, res.get("trace")
             got = res["ok"]
@@ -109,3 +118,15 @@ def test_sizes_that_do_not_divide_are_one_line(tiny_config):
         model = Transformer(cfg)
     with pytest.raises(UserError, match="tensor_parallel_size 3"):
         m(model, ParallelContext(rank=0, world=3, tp_size=3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL, one per rank)")
+def test_tp2_ep2_nccl_equals_single_process_on_cuda(ckpt, monkeypatch):
+    d, _, prompts = ckpt
+    engine = LLMEngine.from_pretrained(d, dtype=torch.float32, device="cuda", block_size=4, num_gpu_blocks=96, max_num_batched_tokens=16)
+    want = tp_harness.run(engine, {str(i): (p, tp_harness.greedy(32)) for i, p in enumerate(prompts)})
+    monkeypatch.setenv("DSV3_TEST_BACKEND", "nccl")
+    res = tp_harness.spawn(2, [(str(d), 2, 2, prompts, 32, False, None, "cuda")])[0]
+    assert "ok" in res, res.get("trace")
+    assert res["ok"]["greedy"] == [want[str(i)][0] for i in range(len(prompts))]

@@ -24,21 +24,25 @@ SAMPLED = dict(temperature=0.9, top_p=0.9, max_tokens=16, min_tokens=16, seed=7,
 """The seeded sampled request every layout runs (n=2: two seeded generators)."""
 
 
-def _engine(ckpt: str, tp: int, ep: int, **kw):
+def _engine(ckpt: str, tp: int, ep: int, device: str = "cpu", **kw):
     from dsv3.infer.engine import LLMEngine
     from dsv3.infer.parallel import ParallelContext
 
     ctx = ParallelContext(None, tp_size=tp, ep_size=ep)
-    return LLMEngine.from_pretrained(ckpt, dtype=torch.float32, device="cpu", parallel=ctx, block_size=4, num_gpu_blocks=96,
+    if device == "cuda":  # one GPU per rank (NCCL)
+        device = f"cuda:{ctx.rank}"
+        torch.cuda.set_device(device)
+    return LLMEngine.from_pretrained(ckpt, dtype=torch.float32, device=device, parallel=ctx, block_size=4, num_gpu_blocks=96,
                                      max_num_batched_tokens=16, **kw), ctx
 
 
-def generate_job(ckpt: str, tp: int, ep: int, prompts: list[list[int]], n: int, speculative: bool = False) -> dict:
+def generate_job(ckpt: str, tp: int, ep: int, prompts: list[list[int]], n: int, speculative: bool = False,
+                 quantization: str | None = None, device: str = "cpu") -> dict:
     """Greedy n tokens for every prompt (one batch), then a seeded sampled request; weight/cache bytes."""
     from dsv3.infer.parallel import weight_bytes
     from dsv3.infer.sampling import SamplingParams
 
-    engine, ctx = _engine(ckpt, tp, ep, speculative=speculative)
+    engine, ctx = _engine(ckpt, tp, ep, device, speculative=speculative, quantization=quantization)
     out = run(engine, {str(i): (p, greedy(n)) for i, p in enumerate(prompts)})
     sampled = run(engine, {"s": (prompts[0], SamplingParams(**SAMPLED))})
     return {"greedy": [out[str(i)][0] for i in range(len(prompts))], "sampled": sampled["s"],

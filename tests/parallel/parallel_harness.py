@@ -129,7 +129,7 @@ def _worker(rank: int, world: int, port: int, fn_name: str, jobs: list, out_path
 
     faulthandler.dump_traceback_later(float(os.environ.get("DSV3_TEST_HANG_S", "170")), exit=True)  # a hang prints stacks
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(os.environ.get("DSV3_TEST_BACKEND", "gloo"), rank=rank, world_size=world)  # nccl: GPU tests
     results = []
     module, _, name = fn_name.rpartition(":")  # "module:function" runs another test module's job
     fn = getattr(importlib.import_module(module), name) if module else globals()[fn_name]

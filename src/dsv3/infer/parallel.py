@@ -243,8 +243,10 @@ def shard_model(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, MoE):
             mod.experts.n_experts = cfg.n_routed_experts // ctx.ep_size
-        if isinstance(mod, nn.Embedding) and ctx.tp_size > 1:
-            mod.num_embeddings = cfg.vocab_size // ctx.tp_size
+        if isinstance(mod, nn.Embedding):
+            mod.num_embeddings = mod.weight.shape[0]
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
     model.parallel = ctx
     return model
 
