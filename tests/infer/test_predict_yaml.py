@@ -44,6 +44,7 @@ def test_seed_w8a8_predict_yaml_lists_what_it_does_not_apply(ckpt, data_dir, tmp
     d["load_checkpoint"] = str(ckpt / "model.safetensors")
     d["processor"]["tokenizer"]["tokenizer_file"] = d["processor"]["tokenizer"]["vocab_file"] = str(ckpt / "tokenizer.json")
     d["model"]["model_config"]["max_decode_length"] = 3
+    d["use_parallel"] = False  # one process: parallel_config (model_parallel 16) is then listed as not applied
     cfg = tmp_path / "predict.yaml"
     cfg.write_text(yaml.safe_dump(d, allow_unicode=True), encoding="utf-8")
     rc = cli_main(["generate", "--config", str(cfg), "--input", "hello", "--raw", "--ignore-eos", "--quiet", "--num-blocks", "32"])

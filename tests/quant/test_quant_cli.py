@@ -38,6 +38,7 @@ def test_seed_w8a8_predict_yaml_generates_with_w8a8(tok_ckpt, data_dir, tmp_path
     data["load_checkpoint"] = str(tok_ckpt)
     data["processor"]["tokenizer"]["tokenizer_file"] = str(tok_ckpt / "tokenizer.json")
     data["processor"]["tokenizer"]["vocab_file"] = str(tok_ckpt / "tokenizer.json")
+    data["use_parallel"] = False  # one process (with True, parallel_config model_parallel 16 would start 16)
     cfg = tmp_path / "predict_w8a8.yaml"
     cfg.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     rc = main(["generate", "--config", str(cfg), "--input", "hello", "--raw", "--max-tokens", "4", "--ignore-eos",

@@ -400,8 +400,9 @@ _PREDICT_SAMPLING = ("max_decode_length", "do_sample", "top_k", "top_p", "repeti
 _PREDICT_WHY = {
     "block_size": "the KV cache is set by --block-size / --num-blocks",
     "num_blocks": "the KV cache is set by --block-size / --num-blocks",
-    "parallel_config": "one process",
+    "parallel_config": "use_parallel is not True: one process",
 }
+_PREDICT_PARALLEL = ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel")  # -> tp / ep (dsv3 generate)
 _PREDICT_OPEN = ("model", "model.model_config", "processor", "processor.tokenizer")  # sections listed key by key
 
 
@@ -429,7 +430,13 @@ def predict_settings(data: dict, source: str = "config", quiet: bool = False) ->
     if mc.get("quantization_config"):  # applied by `dsv3 generate` (dsv3.quant.QuantConfig.from_mindformers)
         out["quantization_config"] = mc["quantization_config"]
     used = {"model.model_config.quantization_config", "load_checkpoint", "seed", "processor.tokenizer.tokenizer_file", "processor.tokenizer.vocab_file",
-            "model.arch", *(f"model.model_config.{k}" for k in _PREDICT_SAMPLING)}
+            "model.arch", "use_parallel", *(f"model.model_config.{k}" for k in _PREDICT_SAMPLING)}
+    open_sections = _PREDICT_OPEN
+    if data.get("use_parallel") and isinstance(data.get("parallel_config"), dict):  # MindFormers: else one device
+        pc = data["parallel_config"]
+        out["parallel"] = {k: int(pc.get(k) or 1) for k in _PREDICT_PARALLEL}
+        used |= {f"parallel_config.{k}" for k in _PREDICT_PARALLEL}
+        open_sections = (*_PREDICT_OPEN, "parallel_config")
     unused: list[str] = []
 
     def visit(node: dict, where: str) -> None:
@@ -437,7 +444,7 @@ def predict_settings(data: dict, source: str = "config", quiet: bool = False) ->
             path = f"{where}.{key}" if where else str(key)
             if path in used:
                 continue
-            if path in _PREDICT_OPEN and isinstance(value, dict):
+            if path in open_sections and isinstance(value, dict):
                 visit(value, path)
             else:
                 unused.append(path + (f" ({_PREDICT_WHY[key]})" if key in _PREDICT_WHY else ""))

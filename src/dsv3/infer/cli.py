@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dsv3.errors import UserError
+from dsv3.infer.distributed import add_parallel_arguments, external_env
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="recompute every prompt (prefix caching is on by default)")
     e.add_argument("--quiet", action="store_true", help="no cache/speed report on stderr")
+    add_parallel_arguments(e)  # the predict YAML's parallel_config (with use_parallel: True) gives the defaults
 
 
 def _predict_yaml(path: str) -> dict[str, Any]:
@@ -87,11 +89,34 @@ def _settings(args) -> dict[str, Any]:
         mp = mp.parent
     if not mp.is_dir():
         raise UserError(f"--model {model}: no such checkpoint directory")
-    return dict(model=mp, tokenizer=pick(args.tokenizer, "tokenizer"), seed=pick(args.seed, "seed"),
+    tp, ep = _parallel(args, cfg.get("parallel"))
+    return dict(model=mp, tp=tp, ep=ep, tokenizer=pick(args.tokenizer, "tokenizer"), seed=pick(args.seed, "seed"),
                 max_tokens=pick(args.max_tokens, "max_tokens", 256), temperature=pick(args.temperature, "temperature", 0.0),
                 top_p=pick(args.top_p, "top_p", 1.0), top_k=pick(args.top_k, "top_k", 0),
                 repetition_penalty=pick(args.repetition_penalty, "repetition_penalty", 1.0),
                 quantization=pick(args.quantization, "quantization"))
+
+
+def _parallel(args, par: Optional[dict]) -> tuple[Optional[int], bool]:
+    """(tensor_parallel_size, enable_expert_parallel): the flags over the predict YAML's parallel_config
+    (model_parallel -> tp; expert_parallel > 1 -> experts across the tp ranks). None: 1, or the
+    world size under torchrun / dsv3 launch."""
+    tp, ep = args.tensor_parallel_size, args.enable_expert_parallel
+    if not par:
+        return tp, ep
+    dp, mp, pp, yep = (par[k] for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel"))
+    where = f"{args.config}: parallel_config"
+    if dp != 1 or pp != 1:
+        raise UserError(f"{where} data_parallel {dp}, pipeline_stage {pp}: dsv3 inference runs one engine over "
+                        "model_parallel ranks; set both to 1")
+    if yep not in (1, mp):
+        raise UserError(f"{where} expert_parallel {yep}: must be 1 or model_parallel ({mp}); the routed experts are "
+                        "placed across the model_parallel ranks")
+    env = external_env()
+    if env is not None and env[1] != dp * mp * pp:
+        raise UserError(f"{where} data_parallel {dp} x model_parallel {mp} x pipeline_stage {pp} = {dp * mp * pp} "
+                        f"processes, but {env[1]} were launched (dsv3 launch WORKER_NUM)")
+    return (tp if tp is not None else mp), (ep or yep > 1)
 
 
 def _sampling(args, st: dict):
@@ -168,7 +193,8 @@ def run(args) -> int:
         llm = LLM(st["model"], tokenizer=st["tokenizer"], dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                   max_model_len=args.max_model_len, block_size=args.block_size, num_gpu_blocks=args.num_blocks,
                   speculative=args.speculative, quantization=st["quantization"],
-                  enable_prefix_caching=args.enable_prefix_caching)
+                  enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=st["tp"],
+                  enable_expert_parallel=st["ep"])
     except ValueError as e:
         raise UserError(str(e)) from None
     if not args.quiet:
@@ -178,7 +204,9 @@ def run(args) -> int:
     engine = llm.engine
     if not args.quiet:
         c = engine.cache_info()
-        print(f"[model {st['model']} on {engine.device} ({str(engine.dtype).replace('torch.', '')}); KV cache {c['num_blocks']} "
+        tp = getattr(engine, "parallel", {}).get("tensor_parallel_size", 1)
+        print(f"[model {st['model']} on {engine.device} ({str(engine.dtype).replace('torch.', '')})"
+              f"{f' x {tp} processes' if tp > 1 else ''}; KV cache {c['num_blocks']} "
               f"blocks x {c['block_size']} tokens, {c['bytes_per_token']} B/token; max_model_len {engine.max_model_len}]",
               file=sys.stderr)
     try:
@@ -200,6 +228,7 @@ def run(args) -> int:
             _chat_loop(llm, sp, args)
     except ValueError as e:  # a prompt the engine refuses (too long, ...)
         raise UserError(str(e)) from None
+    llm.shutdown()  # the worker processes of a multi-process engine
     return 0
 
 

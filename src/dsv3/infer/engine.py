@@ -17,39 +17,24 @@ from __future__ import annotations
 import itertools
 import threading
 from pathlib import Path
-from typing import Any, Optional, Sequence as Seq
+from typing import Optional, Sequence as Seq
 
 import torch
-import torch.nn.functional as F
 
 from dsv3.config.schema import ModelConfig
 from dsv3.infer import guided
 from dsv3.infer.kv_cache import PagedLatentCache
-from dsv3.infer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from dsv3.infer.loading import (default_device, encode_text, load_model, load_tokenizer_for,  # noqa: F401 (re-exported)
+                                quantize_once, resolve_dtype)
+from dsv3.infer.outputs import RequestOutput
+from dsv3.infer.postprocess import PostprocessMixin
 from dsv3.infer.runner import ModelRunner
-from dsv3.infer.sampling import (SamplingParams, add_penalties, apply_penalties, distribution, make_batch, race,
-                                 rejection_sample, sample, token_counts, topn_logprobs)
-from dsv3.infer.scheduler import Chunk, Decode, Prefill, Scheduler, Sequence, Status
+from dsv3.infer.sampling import SamplingParams
+from dsv3.infer.scheduler import Decode, Prefill, Scheduler, Sequence, Status
+from dsv3.infer.speculation import SpeculativeMixin
 
 DEFAULT_CPU_CACHE_BYTES = 1 << 30  # CPU: 1 GiB of latents unless told otherwise
 DEFAULT_GPU_CACHE_FRACTION = 0.5  # CUDA: this share of the free memory after loading the model
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None -> bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slower than fp32 on most machines)."""
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
-    return table[dtype]
 
 
 class _Request:
@@ -68,7 +53,7 @@ class _Request:
         return all(s.status is Status.FINISHED for s in self.seqs)
 
 
-class LLMEngine:
+class LLMEngine(SpeculativeMixin, PostprocessMixin):
     """Continuous-batching engine over a paged latent (absorbed-MLA) KV cache.
 
     model: a `dsv3.model.Transformer` (already on `device`, in `dtype`). tokenizer: anything with
@@ -241,10 +226,19 @@ class LLMEngine:
     def stats(self) -> dict:
         """Counters since start: steps and tokens computed, prefix-cache lookups (prefix_cache_queries: tokens
         looked up, prefix_cache_hits: tokens found), speculative drafts (spec_num_draft_tokens verified,
-        spec_num_accepted_tokens accepted), preemptions, cached blocks now."""
+        spec_num_accepted_tokens accepted), preemptions, cached blocks now; with several processes `ranks`:
+        each rank's pid, weight_bytes, cache_bytes, forward_calls and requests (as of the last ping)."""
         sch = self.scheduler
-        return {**self.counters, "prefix_cache_queries": sch.prefix_queries, "prefix_cache_hits": sch.prefix_hits,
-                "num_preemptions": sch.num_preemptions, "prefix_cached_blocks": self.cache.num_cached_blocks}
+        out = {**self.counters, "prefix_cache_queries": sch.prefix_queries, "prefix_cache_hits": sch.prefix_hits,
+               "num_preemptions": sch.num_preemptions, "prefix_cached_blocks": self.cache.num_cached_blocks}
+        if hasattr(self.runner, "ranks"):
+            out["ranks"] = list(self.runner.ranks)
+        return out
+
+    def shutdown(self) -> None:
+        """Stop the follower processes of a multi-process engine (no-op for one process)."""
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()
 
     def cache_info(self) -> dict:
         """block_size, num_blocks, free_blocks, used_blocks, bytes_per_token(_per_layer)."""
@@ -272,6 +266,7 @@ class LLMEngine:
                     self._finish(seq, "abort")
             touched[rid] = req
         work = self.scheduler.schedule()
+        self._note_requests()
         with torch.inference_mode():
             if isinstance(work, Prefill):
                 self._run_prefill(work, touched)
@@ -280,11 +275,17 @@ class LLMEngine:
         for seq in self.scheduler.running:  # newly full blocks become shareable at once
             self.scheduler.register_computed(seq)
         outputs = [self._output(req) for req in touched.values()]
+        self._note_requests()
         with self._lock:
             for req in touched.values():
                 if req.finished:
                     self._requests.pop(req.request_id, None)
         return outputs
+
+    def _note_requests(self) -> None:
+        """Tell a multi-process runner (`executor.DriverRunner`) which requests hold cache now."""
+        if hasattr(self.runner, "step_requests"):
+            self.runner.step_requests = sorted({s.request_id for s in self.scheduler.running})
 
     def _run_prefill(self, work: Prefill, touched: dict) -> None:
         chunks = work.chunks
@@ -319,10 +320,6 @@ class LLMEngine:
             rows = [j for j, c in enumerate(chunks) if c.seq.seq_id in new]
             self._draft([chunks[j].seq for j in rows], mtp[rows] if rows else mtp[:0])
 
-    def _spec_ready(self, seq: Sequence) -> bool:
-        """Rows the verify step can take: a draft exists (not for guided or logprobs requests)."""
-        return seq.draft is not None and seq.params.logprobs is None and seq.guide is None
-
     def _run_decode(self, work: Decode, touched: dict) -> None:
         seqs = work.seqs
         positions, tables = [len(s.token_ids) - 1 for s in seqs], [s.block_table for s in seqs]
@@ -345,120 +342,6 @@ class LLMEngine:
             self.counters["decode_tokens"] += len(seqs)
         for s in seqs:
             touched[s.request_id] = self._requests[s.request_id]
-
-    def _draft(self, seqs: list[Sequence], mtp_logits: torch.Tensor) -> None:
-        """Draw each live sequence's draft from q, the MTP logits processed exactly as the target's will be
-        (masks, penalties, temperature, top-k/p, min-p; greedy rows: one-hot argmax), and keep q."""
-        live = [r for r, s in enumerate(seqs) if s.status is not Status.FINISHED and s.guide is None and s.params.logprobs is None]
-        for s in seqs:
-            s.draft, s.draft_q = None, None
-        if not live:
-            return
-        seqs = [seqs[r] for r in live]
-        logits, batch = self._process(seqs, mtp_logits[live])
-        if batch.all_greedy:  # greedy verification needs only the draft (q is one-hot at it)
-            for s, d in zip(seqs, logits.argmax(-1).tolist()):
-                s.draft = d
-            return
-        q = distribution(logits, batch)
-        for s, d, row in zip(seqs, race(q, batch.generators).tolist(), q):
-            s.draft, s.draft_q = d, row
-
-    def _run_speculative(self, seqs: list[Sequence], positions: list[int], tables: list[list[int]]) -> None:
-        """MTP speculation: verify [last token, draft] in one forward. The draft is kept by rejection
-        sampling (greedy rows: iff it is the argmax), the second position then gives one more token; a
-        rejected draft is replaced by a draw from the residual. Each token is distributed exactly as
-        without speculation (greedy: identical)."""
-        drafts = [s.draft for s in seqs]
-        logits, hidden = self.runner.decode([[s.token_ids[-1], d] for s, d in zip(seqs, drafts)], positions, tables, return_hidden=True)
-        l1, batch = self._process(seqs, logits[:, 0])
-        l2, _ = self._process(seqs, logits[:, 1], drafted=drafts)
-        draft_t = torch.tensor(drafts, device=l1.device)
-        if batch.all_greedy:  # rejection sampling with one-hot p and q: keep the draft iff it is the argmax
-            first, bonus = l1.argmax(-1), l2.argmax(-1)
-            accepted = first == draft_t
-        else:
-            p1, p2 = distribution(l1, batch), distribution(l2, batch)
-            q = torch.stack([s.draft_q if s.draft_q is not None else F.one_hot(draft_t[b], p1.shape[-1]).to(p1.dtype)
-                             for b, s in enumerate(seqs)])
-            accepted, first = rejection_sample(p1, q, draft_t, batch.generators)
-            bonus = race(p2, batch.generators)
-        rows = torch.stack([accepted.long(), first, bonus], dim=1).tolist()  # the step's one host sync
-        # MTP at both positions (the second row is garbage when the draft was rejected, and is
-        # overwritten next step); the next draft comes from the last accepted position.
-        mtp = self.runner.mtp_decode(hidden, [[t1, t2 if a else 0] for a, t1, t2 in rows], positions, tables)
-        self.counters["spec_steps"] += 1
-        self.counters["spec_num_draft_tokens"] += len(seqs)
-        for s, (a, t1, t2) in zip(seqs, rows):
-            s.spec_drafts += 1
-            s.spec_accepted += a
-            s.num_computed += 1
-            self._append(s, t1)
-            self.counters["decode_tokens"] += 1
-            if a:
-                self.counters["spec_num_accepted_tokens"] += 1
-                if s.status is not Status.FINISHED:
-                    s.num_computed += 1
-                    self._append(s, t2)
-                    self.counters["decode_tokens"] += 1
-        self._draft(seqs, mtp[torch.arange(len(seqs)), torch.tensor([a for a, _, _ in rows])])
-
-    # ---- sampling and post-processing
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """logits [B,V] fp32 of the last position of each sequence -> one token each (logprobs recorded;
-        the caller appends, after anything that still needs the sequences' blocks)."""
-        raw = logits
-        logits, batch = self._process(seqs, logits)
-        next_ids = sample(logits, batch)
-        n_lp = [s.params.logprobs for s in seqs]
-        lp_rows = None
-        if any(n is not None for n in n_lp):
-            top = max(n or 0 for n in n_lp)
-            chosen_lp, rank, top_ids, top_lp = topn_logprobs(raw.log_softmax(-1), next_ids, top)
-            lp_rows = (chosen_lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist())
-        tokens = next_ids.tolist()  # the step's one host sync
-        for r, (s, tok) in enumerate(zip(seqs, tokens)):
-            if lp_rows is not None and s.logprobs is not None:
-                entry = {tid: Logprob(lp, i + 1, self._token_text(tid))
-                         for i, (tid, lp) in enumerate(zip(lp_rows[2][r][: s.params.logprobs], lp_rows[3][r][: s.params.logprobs]))}
-                entry.setdefault(tok, Logprob(lp_rows[0][r], lp_rows[1][r], self._token_text(tok)))
-                s.logprobs.append(entry)
-                s.cumulative_logprob += lp_rows[0][r]
-        return tokens
-
-    def _process(self, seqs: list[Sequence], logits: torch.Tensor, drafted: Optional[list[int]] = None):
-        """Logits [B,V] -> (masked and penalised logits, SamplingBatch): everything before temperature.
-        `drafted`: one token proposed past each sequence's end (it counts as generated)."""
-        params = [s.params for s in seqs]
-        vocab = logits.shape[-1]
-        logits = self._mask_logits(seqs, logits, 0 if drafted is None else 1)
-        batch = make_batch(params, [s.generator for s in seqs], vocab, logits.device)
-        if add_penalties(batch, params, logits.device):
-            prompt_counts = token_counts([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, logits.device)
-            outputs = [s.output_ids + ([drafted[i]] if drafted is not None else []) for i, s in enumerate(seqs)]
-            logits = apply_penalties(logits, batch, prompt_counts, token_counts(outputs, vocab, logits.device))
-        return logits, batch
-
-    def _mask_logits(self, seqs: list[Sequence], logits: torch.Tensor, ahead: int = 0) -> torch.Tensor:
-        """-inf where a token may not come next: stop ids before min_tokens, and what a grammar forbids.
-        `ahead`: tokens already proposed past each sequence's end (speculative verification)."""
-        rows, cols, g_rows, g_matchers, g_bans = [], [], [], [], []
-        for r, s in enumerate(seqs):
-            stops = self._stop_ids(s) if s.num_output + ahead < s.params.min_tokens else []  # eos may not end it yet
-            if s.guide is not None:
-                g_rows.append(r), g_matchers.append(s.guide), g_bans.append(stops)
-            elif stops:
-                rows += [r] * len(stops)
-                cols += stops
-        if rows:
-            logits = logits.clone()
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
-        if g_rows:
-            logits = guided.mask_rows(logits, g_rows, g_matchers, g_bans)
-        return logits
-
-    def _stop_ids(self, seq: Sequence) -> list[int]:
-        return sorted(set(seq.params.stop_token_ids or []) | (set() if seq.params.ignore_eos else self.eos_ids))
 
     def _append(self, seq: Sequence, tok: int) -> None:
         p = seq.params
@@ -483,22 +366,6 @@ class LLMEngine:
         if seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length")
 
-    def _detokenize(self, seq: Sequence, tok: int) -> None:
-        if self.tokenizer is None:
-            return
-        if seq.detok is not None:
-            piece = seq.detok.step(tok)
-        else:  # a tokenizer without a streaming decoder: decode everything (simple, quadratic)
-            full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
-            piece = full[len(seq.text):] if not full.endswith("\ufffd") else ""
-        seq.text += piece
-        seq.new_text_len = len(piece)  # the stop-string search only looks at text this token could complete
-
-    def _token_text(self, tok: int) -> Optional[str]:
-        if self.tokenizer is None:
-            return None
-        return self.tokenizer.decode([tok], skip_special_tokens=False)
-
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         if seq.status is Status.FINISHED:
             return
@@ -509,75 +376,3 @@ class LLMEngine:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
-
-    def _prompt_logprobs(self, req: _Request, seq: Sequence, work: Chunk, logits: torch.Tensor) -> None:
-        """Logits at positions start..start+T-1 predict tokens start+1..start+T (the last one, if past the
-        prompt, is a generated token and is not a prompt logprob)."""
-        if req.prompt_logprobs is None:
-            req.prompt_logprobs = [None]
-        n_prompt = seq.num_prompt_tokens
-        targets = seq.token_ids[work.start + 1 : min(work.start + work.num_tokens + 1, n_prompt)]
-        if not targets:
-            return
-        lp = logits[: len(targets)].log_softmax(-1)
-        tgt = torch.tensor(targets, device=lp.device)
-        chosen_lp, rank, top_ids, top_lp = topn_logprobs(lp, tgt, req.params.prompt_logprobs)
-        for t, c, r, ids, lps in zip(targets, chosen_lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist()):
-            entry = {tid: Logprob(v, i + 1, self._token_text(tid)) for i, (tid, v) in enumerate(zip(ids, lps))}
-            entry.setdefault(t, Logprob(c, r, self._token_text(t)))
-            req.prompt_logprobs.append(entry)
-        if len(req.prompt_logprobs) >= n_prompt:
-            seq.want_prompt_logprobs = False
-
-    def _output(self, req: _Request) -> RequestOutput:
-        outs = []
-        for s in req.seqs:
-            text = s.text
-            if s.status is not Status.FINISHED and s.params.stop:
-                # Hold back a possible stop-string prefix so cumulative text never shrinks.
-                hold = max(len(x) for x in s.params.stop) - 1
-                text = text[: max(0, len(text) - hold)]
-            outs.append(CompletionOutput(
-                index=s.index, text=text, token_ids=list(s.output_ids),
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                cumulative_logprob=s.cumulative_logprob))
-        plp = list(req.prompt_logprobs) if req.prompt_logprobs is not None else None
-        return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished,
-                             num_cached_tokens=req.seqs[0].num_cached_tokens or 0,
-                             metrics=RequestMetrics(sum(s.spec_drafts for s in req.seqs), sum(s.spec_accepted for s in req.seqs)))
-
-
-# ---- helpers shared with llm.py / cli.py
-def encode_text(tokenizer: Any, text: str, add_bos: bool) -> list[int]:
-    """Encode with either the dsv3 tokenizer (`encode(text, add_bos=)`) or a transformers one."""
-    try:
-        return list(tokenizer.encode(text, add_bos=add_bos))
-    except TypeError:
-        return list(tokenizer.encode(text, add_special_tokens=add_bos))
-
-
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, mtp: bool = False, quantization=None):
-    """A `Transformer` from a checkpoint directory, via the checkpoint package's loader (the MTP
-    modules only when speculative decoding uses them; quantised once at load when asked)."""
-    import dsv3
-
-    return dsv3.from_pretrained(model_dir, dtype=dtype, device=device, mtp=True if mtp else False, quantization=quantization)
-
-
-def quantize_once(model, quantization):
-    """Quantise a model handed to the engine (a loaded one already is: `dsv3.from_pretrained(quantization=)`)."""
-    if quantization is None or quantization == "none":
-        return getattr(model, "quant_report", None)
-    from dsv3.quant import quantize_model, resolve
-
-    if getattr(model, "quantization", None) is not None:
-        raise ValueError("the model is already quantised; pass quantization only once")
-    return quantize_model(model, resolve(quantization))
-
-
-def load_tokenizer_for(model_dir: str | Path | None, tokenizer: Any = None):
-    """The tokenizer for `model_dir` by the one rule every entry point uses (`dsv3.data.tokenizer.resolve_tokenizer`)."""
-    from dsv3.data.tokenizer import resolve_tokenizer
-
-    return resolve_tokenizer(tokenizer, model_dir)

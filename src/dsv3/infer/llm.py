@@ -25,10 +25,28 @@ class LLM:
 
     `quantization="w8a8" | "int8" | "int4" | "fp8" | "none"` (an engine keyword) quantises once at load
     (`dsv3.quant`); by default a quantised checkpoint runs as stored (FP8 stays FP8).
+
+    `tensor_parallel_size=N` (a checkpoint directory only) runs the model over N processes: this one is
+    rank 0 and spawns the others (`dsv3.infer.distributed`; guard your script with
+    `if __name__ == "__main__":`), or, under torchrun / `dsv3 launch`, N must equal the world size (the
+    default there) and on ranks > 0 the constructor follows rank 0 and exits the process when rank 0
+    shuts down. `enable_expert_parallel=True` places the routed experts across those ranks.
     """
 
-    def __init__(self, model_dir_or_model, tokenizer=None, dtype=None, device=None, **engine_kwargs):
-        if isinstance(model_dir_or_model, (str, Path)):
+    def __init__(self, model_dir_or_model, tokenizer=None, dtype=None, device=None, tensor_parallel_size: Optional[int] = None,
+                 enable_expert_parallel: bool = False, **engine_kwargs):
+        from dsv3.infer.distributed import EngineSpec, external_env, start_engine
+
+        env = external_env()
+        tp = tensor_parallel_size if tensor_parallel_size is not None else (env[1] if env else 1)
+        if tp != 1 or env is not None:
+            if not isinstance(model_dir_or_model, (str, Path)):
+                raise ValueError("tensor_parallel_size > 1 needs a checkpoint directory (each rank loads its own part)")
+            from dsv3.infer.loading import load_tokenizer_for
+
+            spec = EngineSpec(str(model_dir_or_model), tp, enable_expert_parallel, dtype, device, engine_kwargs)
+            self.engine = start_engine(spec, load_tokenizer_for(model_dir_or_model, tokenizer))
+        elif isinstance(model_dir_or_model, (str, Path)):
             self.engine = LLMEngine.from_pretrained(model_dir_or_model, tokenizer, dtype=dtype, device=device, **engine_kwargs)
         else:
             from dsv3.data.tokenizer import resolve_tokenizer
@@ -36,6 +54,10 @@ class LLM:
             tok = resolve_tokenizer(tokenizer, None, getattr(getattr(model_dir_or_model, "config", None), "vocab_size", None))
             self.engine = LLMEngine(model_dir_or_model, tok, dtype=dtype, device=device, **engine_kwargs)
         self._counter = 0
+
+    def shutdown(self) -> None:
+        """Stop the worker processes (also done at exit)."""
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

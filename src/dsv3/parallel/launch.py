@@ -9,7 +9,8 @@ same as flags) and runs `torch.distributed.run` (torchrun) with them:
     dsv3 launch "train --config configs/train_tiny.yaml" 8 8 127.0.0.1 8118 0 output/msrun_log True 600
 
 COMMAND is a dsv3 verb with its arguments, a Python script, or the seed's `run_mindformer.py
---config X` (run as `dsv3 train --config X`). Every worker writes stdout+stderr to
+--config X` (run as `dsv3 train --config X`) or `run_predict_deepseek.py --config X --input T` (run as
+`dsv3 generate --config X --input T`; rank 0's log has the output). Every worker writes stdout+stderr to
 LOG_DIR/worker_{rank}.log (the global rank, as msrun; with pipeline parallelism the loss shows in
 the last stage's log). With join False (msrun's default) the job runs in the background and the
 command returns at once; with True it waits and returns the workers' exit status.
@@ -98,6 +99,8 @@ def worker_command(command: str) -> list[str]:
         if cfg is None:
             raise UserError("run_mindformer.py needs --config PATH")
         return ["train", "--config", cfg]
+    if Path(argv[0]).name == "run_predict_deepseek.py":  # the seed's inference entry: the same flags as dsv3 generate
+        return ["generate", *argv[1:]]
     if argv[0].endswith(".py") and not Path(argv[0]).is_file():
         raise UserError(f"script {argv[0]} not found")
     return argv
@@ -125,12 +128,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"started {conf['local_worker_num']} workers (node {conf['node_rank']} of {conf['nodes']}, pid {proc.pid}); logs: {logs}")
         return 0
     print(f"running {conf['local_worker_num']} workers (node {conf['node_rank']} of {conf['nodes']}); logs: {logs}", flush=True)
+    ranks = range(first, first + conf["local_worker_num"])
+    starts = {r: (log_dir / f"worker_{r}.log").stat().st_size if (log_dir / f"worker_{r}.log").exists() else 0 for r in ranks}
     proc = subprocess.Popen(argv, env=env, stdout=launcher_log, stderr=subprocess.STDOUT)
     # Ctrl-C / SIGTERM reach torchrun, which stops every worker (none is left behind).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
     rc = proc.wait()
     if rc:
+        user_error = _user_error(log_dir, starts)
+        if user_error:  # a bad argument or config, the same on every worker: its one line, exit 2 as the verb
+            print(user_error, file=sys.stderr)
+            return 2
         print(f"dsv3 launch: workers failed (exit {rc}); see {log_dir}/launcher_node{conf['node_rank']}.log and the worker logs",
               file=sys.stderr)
     return rc
+
+
+def _user_error(log_dir: Path, starts: dict[int, int]) -> str | None:
+    """The first worker's `dsv3 VERB: error: ...` line (a UserError) written by this run, if any."""
+    for rank, start in starts.items():
+        try:
+            with open(log_dir / f"worker_{rank}.log", "rb") as f:
+                f.seek(start)
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            continue
+        hit = next((ln for ln in reversed(lines) if ln.startswith("dsv3 ") and ": error: " in ln), None)
+        if hit:
+            return hit
+    return None

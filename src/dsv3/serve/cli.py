@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from dsv3.errors import UserError
+from dsv3.infer.distributed import add_parallel_arguments
 from dsv3.serve import limits
 
 
@@ -51,8 +52,7 @@ def add_vllm_compat_arguments(p: argparse.ArgumentParser) -> None:
     """vLLM flags that the seed's command lines pass; `vllm_compat_notes` says what they mean here."""
     p.add_argument("--trust-remote-code", action="store_true", help="accepted (dsv3 runs no remote code)")
     p.add_argument("--enforce-eager", action="store_true", help="accepted (the dsv3 engine always runs eagerly)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="accepted for vLLM command lines; the dsv3 engine runs on one device, so only 1")
+    add_parallel_arguments(p)  # --tensor-parallel-size, --enable-expert-parallel
 
 
 def vllm_compat_notes(args) -> None:
@@ -72,14 +72,11 @@ def vllm_compat_notes(args) -> None:
     if getattr(args, "enable_auto_tool_choice", False):
         print("note: --enable-auto-tool-choice accepted; requests with `tools` always get tool_choice 'auto' "
               "with the deepseek_v3 tool-call parser", flush=True)
-    tp = getattr(args, "tensor_parallel_size", 1)
-    if tp != 1:
-        raise UserError(f"--tensor-parallel-size {tp}: the dsv3 inference engine runs on one device; use 1 "
-                        "(the seed's multi-device lines run with it shrunk to 1)")
 
 
 def load_engine(args):
     """Build the `LLMEngine` from the common flags (shared with `dsv3 bench throughput|latency`)."""
+    from dsv3.infer.distributed import start_engine
     from dsv3.infer.engine import LLMEngine
 
     model_dir = Path(args.model)
@@ -103,9 +100,28 @@ def load_engine(args):
     if getattr(args, "speculative", False) or _speculative_config(getattr(args, "speculative_config", None)):
         kw["speculative"] = True
     try:
+        spec = parallel_spec(args, model_dir, kw)
+        if spec is not None:  # several processes: this one is rank 0 (a follower never returns)
+            return start_engine(spec, tokenizer)
         return LLMEngine.from_pretrained(str(model_dir), **kw)
     except ValueError as e:
         raise UserError(f"{model_dir}: {e}") from None
+
+
+def parallel_spec(args, model_dir, kw: dict):
+    """The multi-process `EngineSpec` of --tensor-parallel-size / a torchrun launch, or None for one process.
+    `kw`: the engine keywords (tokenizer, dtype and device are taken out of it)."""
+    from dsv3.infer.distributed import EngineSpec, check_sizes, external_env
+
+    env = external_env()
+    tp = getattr(args, "tensor_parallel_size", None)
+    tp = tp if tp is not None else (env[1] if env else 1)
+    if tp == 1 and env is None:
+        return None
+    ep = bool(getattr(args, "enable_expert_parallel", False))
+    check_sizes(str(model_dir), tp, ep, flag="--tensor-parallel-size")
+    engine_kw = {k: v for k, v in kw.items() if k not in ("tokenizer", "dtype", "device")}
+    return EngineSpec(str(model_dir), tp, ep, kw.get("dtype"), kw.get("device"), engine_kw)
 
 
 def _speculative_config(text: str | None) -> bool:
@@ -139,14 +155,23 @@ def run(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     vllm_compat_notes(args)
-    sock = bind_socket(args.host, args.port)  # bind first: a busy port fails at once, in one line
-    engine = load_engine(args)
+    from dsv3.infer.distributed import external_env
+
+    env = external_env()
+    # bind first: a busy port fails at once, in one line (only rank 0 of a torchrun launch serves HTTP)
+    sock = bind_socket(args.host, args.port) if env is None or env[0] == 0 else None
+    engine = load_engine(args)  # a follower rank runs here until rank 0 stops, then exits
     name = args.served_model_name or args.model
     app = build_app(engine, name, api_key=args.api_key, limits=server_limits, reasoning_parser=args.reasoning_parser)
+    tp = getattr(engine, "parallel", {}).get("tensor_parallel_size", 1)
     print(f"dsv3 serve: model {name!r} on http://{args.host}:{args.port}/v1 "
-          f"(max_model_len {engine.max_model_len}{', API key required' if args.api_key else ''})", flush=True)
+          f"(max_model_len {engine.max_model_len}{f', tensor parallel {tp} processes' if tp > 1 else ''}"
+          f"{', API key required' if args.api_key else ''})", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.shutdown()  # stops the follower ranks
     return 0
 
 

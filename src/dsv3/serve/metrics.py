@@ -28,6 +28,12 @@ ENGINE_COUNTERS = (
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
 
 
+RANK_GAUGES = (("forward_calls", "gauge", "Forward calls each rank has run."),
+               ("requests", "gauge", "Requests each rank holds KV cache for."),
+               ("weight_bytes", "gauge", "Model weight bytes resident on each rank."),
+               ("cache_bytes", "gauge", "KV-cache bytes allocated on each rank."))
+
+
 def _labels(labels: dict[str, str]) -> str:
     if not labels:
         return ""
@@ -139,6 +145,12 @@ class ServerMetrics:
                 out.append(f"# HELP {name}_total {help_}")
                 out.append(f"# TYPE {name}_total counter")
                 out.append(f"{name}_total{_labels(L)} {_num(engine_stats[key])}")
+        ranks = (engine_stats or {}).get("ranks") or []
+        for key, kind, help_ in RANK_GAUGES:  # a multi-process engine: each rank's view (as of the last heartbeat)
+            if ranks:
+                n = head(f"rank_{key}", kind, help_)
+                out.extend(f"{n}{_labels({**L, 'rank': str(r['rank'])})} {_num(len(r[key]) if key == 'requests' else r[key])}"
+                           for r in ranks)
         total, free = cache.get("num_blocks"), cache.get("free_blocks")
         if total:
             used = cache.get("used_blocks", total - (free or 0))
