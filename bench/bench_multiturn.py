@@ -13,9 +13,14 @@ tokens/s and requests/s over the whole run, the share of prompt tokens served fr
 the on/off ratios. Prompts are random token ids (the cache sees only ids, so any text would do).
 
 spec: one prompt at a time (batch 1), `--output-tokens` new tokens, greedy and sampled (temperature
-`--temperature`), with and without MTP speculation; reported: decode tokens/s of each, the speed-up
-and the draft acceptance rate. Needs a checkpoint with MTP weights for a meaningful acceptance (a
-random model's MTP head guesses at random).
+`--temperature`), with and without MTP speculation; reported: decode tokens/s of each, the speed-up,
+the draft acceptance rate (after the warm-up) and whether greedy outputs are identical. Prompts:
+`--prompt` texts through the model folder's tokenizer (default PROMPTS below), else random ids.
+Needs a checkpoint with trained MTP weights for a meaningful acceptance (a random model's MTP head
+guesses at random); one trained on WikiText-2 (docs/inference.md):
+
+    dsv3 quickstart --config configs/pretrain_mtp_cpu.yaml --out runs/mtp        # -> runs/mtp/run1/hf
+    flock /tmp/dsv3-bench.lock python bench/bench_multiturn.py --mode spec --model runs/mtp/run1/hf --output-tokens 128
 
 Timings on a loaded machine mean nothing; the lead runs this on a quiet one. Writes
 bench/results/multiturn.json or bench/results/mtp_spec.json (temporary name, then renamed).
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,8 +127,13 @@ def bench_prefix(args) -> dict:
             "throughput_ratio_on_over_off": on["output_throughput_tok_s"] / off["output_throughput_tok_s"]}
 
 
-def decode_rate(eng: LLMEngine, prompt: list[int], sp: SamplingParams) -> tuple[float, list[int]]:
-    """Decode tokens/s of one request (time after its first token; the prefill is excluded)."""
+PROMPTS = ("The history of the city", "In 1998 , the band released", "The game 's plot follows",
+           "= Early life =\n\nHe was born in")  # WikiText-2-like openings (spec mode, with a tokenizer)
+
+
+def decode_rate(eng: LLMEngine, prompt: list[int], sp: SamplingParams) -> tuple[int, float, list[int]]:
+    """(decode tokens, decode seconds, output ids) of one request: time after its first token (the
+    prefill is excluded)."""
     eng.add_request("s", None, prompt, sp)
     t_first, out = None, None
     while eng.has_unfinished_requests():
@@ -131,34 +142,59 @@ def decode_rate(eng: LLMEngine, prompt: list[int], sp: SamplingParams) -> tuple[
                 t_first, n_first = time.perf_counter(), len(o.outputs[0].token_ids)
             out = o
     toks = out.outputs[0].token_ids
-    return (len(toks) - n_first) / max(time.perf_counter() - t_first, 1e-9), toks
+    return len(toks) - n_first, time.perf_counter() - t_first, toks
+
+
+def spec_prompts(args, vocab: int) -> tuple[list[list[int]], str]:
+    """Prompt ids: `--prompt` texts (default PROMPTS) through the model folder's tokenizer, else random ids."""
+    if args.model:
+        from dsv3.data.tokenizer import load_tokenizer
+        from dsv3.errors import UserError
+
+        try:
+            tok = load_tokenizer(args.model)
+        except UserError:
+            tok = None
+        if tok is not None:
+            texts = args.prompt or list(PROMPTS)
+            return [tok.encode(t, add_bos=True) for t in texts], "text"
+    g = torch.Generator().manual_seed(0)
+    return [ids(args.user_tokens, vocab, g) for _ in range(args.num_prompts)], "random ids"
 
 
 def bench_spec(args) -> dict:
     model, source = load(args, mtp=True)
-    g = torch.Generator().manual_seed(0)
-    prompt = ids(args.user_tokens, model.config.vocab_size, g)
+    prompts, kind = spec_prompts(args, model.config.vocab_size)
     n = args.output_tokens
-    res = {"model": source, "prompt_tokens": len(prompt), "output_tokens": n, "threads": torch.get_num_threads()}
+    res = {"model": source, "prompts": kind, "num_prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
+           "output_tokens": n, "threads": torch.get_num_threads()}
     for name, sp in (("greedy", SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)),
                      ("sampled", SamplingParams(temperature=args.temperature, seed=0, max_tokens=n, min_tokens=n, ignore_eos=True))):
-        row = {}
+        row, outs = {}, {}
         for label, spec in (("plain", False), ("speculative", True)):
-            eng = LLMEngine(model, None, max_num_seqs=1, block_size=args.block_size, speculative=spec,
-                            max_model_len=len(prompt) + n + 8)
-            decode_rate(eng, prompt[:8], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
-            rate, toks = decode_rate(eng, prompt, sp)
-            row[f"{label}_decode_tok_s"] = rate
+            need = max(map(len, prompts)) + n + 8
+            eng = LLMEngine(model, None, max_num_seqs=1, block_size=args.block_size, speculative=spec, max_model_len=need,
+                            num_gpu_blocks=-(-need // args.block_size) + 2)
+            decode_rate(eng, prompts[0][:8], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up (not counted)
+            before = eng.stats()
+            runs = [decode_rate(eng, p, sp) for p in prompts]
+            row[f"{label}_decode_tok_s"] = sum(r[0] for r in runs) / max(sum(r[1] for r in runs), 1e-9)
+            outs[label] = [r[2] for r in runs]
             if spec:
                 st = eng.stats()
-                row["acceptance_rate"] = st["spec_num_accepted_tokens"] / max(st["spec_num_draft_tokens"], 1)
-                row["drafts"] = st["spec_num_draft_tokens"]  # the warm-up's included (a few)
-            else:
-                plain_toks = toks
+                drafts = st["spec_num_draft_tokens"] - before["spec_num_draft_tokens"]
+                row["acceptance_rate"] = (st["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]) / max(drafts, 1)
+                row["drafts"] = drafts
+                row["spec_steps"] = st["spec_steps"] - before["spec_steps"]
         row["speedup"] = row["speculative_decode_tok_s"] / row["plain_decode_tok_s"]
-        if name == "greedy":
-            row["outputs_identical"] = toks == plain_toks
+        if name == "greedy":  # greedy speculation must not change a single token
+            row["outputs_identical"] = outs["speculative"] == outs["plain"]
+            greedy_out = outs["plain"][0]
         res[name] = row
+    if res["prompts"] == "text":  # what the model writes (acceptance depends on it)
+        from dsv3.data.tokenizer import load_tokenizer
+
+        res["greedy_text_of_prompt_1"] = load_tokenizer(args.model).decode(greedy_out)
     return res
 
 
@@ -175,13 +211,20 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--temperature", type=float, default=0.7, help="spec mode: temperature of the sampled run")
+    ap.add_argument("--prompt", action="append", help="spec mode: prompt text (repeatable; default: a few WikiText-like openings; "
+                    "needs the model folder's tokenizer, else random ids)")
+    ap.add_argument("--num-prompts", type=int, default=4, help="spec mode without a tokenizer: random-id prompts of --user-tokens")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--out", help="result JSON (default bench/results/multiturn.json or mtp_spec.json)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     with torch.inference_mode():
         result = bench_prefix(args) if args.mode == "prefix" else bench_spec(args)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    result.update(command="python bench/bench_multiturn.py " + " ".join(sys.argv[1:]), git_commit=commit, torch=torch.__version__,
+                  load_avg_1_5_15_before=list(load_before), load_avg_1_5_15_after=list(os.getloadavg()))
     out = Path(args.out or REPO / "bench" / "results" / ("multiturn.json" if args.mode == "prefix" else "mtp_spec.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

@@ -187,7 +187,7 @@ def test_bf16_cast_keeps_rope_frequencies_fp32(tiny_config):
     assert eng.model.rotary.inv_freq.dtype == torch.float32 and torch.equal(eng.model.rotary.inv_freq, ref)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13])
 def test_head_matmul_equals_linear(rows):
     from dsv3.infer.runner import head_matmul
 

@@ -43,12 +43,10 @@ SMALL = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    import os
-
+def tokenizer(data_dir):
     from dsv3.data.tokenizer import load_tokenizer
 
-    d = Path(os.environ.get("DSV3_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data") / "deepseek_v3_tokenizer"
+    d = data_dir / "deepseek_v3_tokenizer"
     if not d.is_dir():
         pytest.skip(f"the DeepSeek-V3 tokenizer is not at {d} (set DSV3_DATA_DIR)")
     return load_tokenizer(d)

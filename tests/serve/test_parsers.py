@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import lzma
-import os
-from pathlib import Path
 
 import pytest
 
@@ -149,11 +147,10 @@ def test_tool_choice_plans():
 
 # ------------------------------------------------------- the rendered prompt vs transformers' template
 @pytest.fixture(scope="module")
-def hf_v3_tokenizer(tmp_path_factory):
+def hf_v3_tokenizer(tmp_path_factory, data_dir):
     """transformers' tokenizer built from the shared DeepSeek-V3 tokenizer files (skip when absent)."""
     transformers = pytest.importorskip("transformers")
-    data = os.environ.get("DSV3_DATA_DIR") or str(Path(__file__).resolve().parents[3] / "shared" / "data")
-    src = Path(data) / "deepseek_v3_tokenizer"
+    src = data_dir / "deepseek_v3_tokenizer"
     if not (src / "tokenizer.json.xz").is_file():
         pytest.skip("needs the shared DeepSeek-V3 tokenizer (DSV3_DATA_DIR or ../shared/data)")
     d = tmp_path_factory.mktemp("hf_v3_tok")

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLE_LEN = 64  # the data is stitched into 65-token sequences: data.seq_length may be at most 64
 
 
-def _shared() -> Path | None:
-    env = os.environ.get("DSV3_DATA_DIR")
-    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
-        if cand.is_dir():
-            return cand
-    return None
-
-
 @pytest.fixture(scope="session")
-def wiki_prefix(tmp_path_factory) -> str:
-    """Prefix of WikiText-2 valid tokenised with the DeepSeek-V3 tokenizer (stitched at SAMPLE_LEN)."""
-    shared = _shared()
-    if shared is None:
-        pytest.skip("shared data not found: set DSV3_DATA_DIR or place it at ../shared/data")
+def wiki_prefix(tmp_path_factory, data_dir) -> str:
+    """Prefix of WikiText-2 valid tokenised with the DeepSeek-V3 tokenizer (stitched at SAMPLE_LEN);
+    `data_dir` (tests/conftest.py) skips when the shared data is absent."""
     from dsv3.data.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("wiki")
-    res = preprocess(shared / "wikitext-2" / "wiki.valid.tokens", str(out / "wiki_valid"),
-                     vocab_file=str(shared / "deepseek_v3_tokenizer" / "tokenizer.json.xz"),
+    res = preprocess(data_dir / "wikitext-2" / "wiki.valid.tokens", str(out / "wiki_valid"),
+                     vocab_file=str(data_dir / "deepseek_v3_tokenizer" / "tokenizer.json.xz"),
                      seq_length=SAMPLE_LEN, workers=2, progress=False)
     return res.prefixes["text"]
 

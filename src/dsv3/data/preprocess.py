@@ -40,8 +40,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from dsv3.data.preprocess_io import (MAX_DOC_CHARS, encode_bounded, ordered_bounded, remove_stale_temps, reset_sigterm,
-                                     sigterm_exits, stream_lines, temp_prefix, text_problem)
+from dsv3.data.preprocess_io import (MAX_DOC_CHARS, encode_bounded, input_format, ordered_bounded, read_documents,
+                                     remove_stale_temps, reset_sigterm, sigterm_exits, temp_prefix, text_problem)
 from dsv3.errors import UserError
 
 MODES = ("stitch", "pad", "document")
@@ -79,61 +79,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(same ids), so memory stays bounded: about the longest input line plus one piece's "
                         "tokenizer memory per worker (default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading input
-
-
-def _decode_utf8(data: bytes, path: str, line_no: int | None = None) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if line_no is None:
-            line_no = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}: not valid UTF-8 (byte 0x{data[e.start]:02x} on line {line_no})") from None
-
-
-def _read_bytes(path: Path) -> bytes:
-    if path.suffix == ".xz":
-        import lzma
-
-        try:
-            with lzma.open(path, "rb") as f:
-                return f.read()
-        except (lzma.LZMAError, EOFError) as e:  # EOFError: truncated stream
-            raise UserError(f"{path}: truncated or corrupt .xz ({e})") from None
-    return path.read_bytes()
-
-
-def input_format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    name = path.name[:-3] if path.name.endswith(".xz") else path.name
-    return "jsonl" if name.endswith((".json", ".jsonl")) else "wikitext"
-
-
-def read_documents(path: Path, fmt: str) -> Iterator[tuple[int, str]]:
-    """Yield (line number, raw item): WikiText paragraphs (already cleaned), or raw JSON lines
-    (streamed: one line in memory at a time)."""
-    from dsv3.data.wikitext import wikitext_documents
-
-    if not path.is_file():
-        raise UserError(f"{path}: input file not found")
-    if fmt == "wikitext":
-        data = _read_bytes(path)
-        if not data.strip():
-            raise UserError(f"{path}: input is empty")
-        for i, doc in enumerate(wikitext_documents(_decode_utf8(data, str(path)))):
-            yield i, doc
-        return
-    empty = True
-    for i, line in stream_lines(path):
-        if line.strip():
-            empty = False
-            yield i, _decode_utf8(line, str(path), i)
-    if empty:
-        raise UserError(f"{path}: input is empty")
 
 
 # ---------------------------------------------------------------------------------------------

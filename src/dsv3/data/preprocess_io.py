@@ -1,6 +1,9 @@
-"""Input and temp-file hygiene of `dsv3 preprocess`: streamed lines, bounded document pieces,
-one-line errors, and no `.PREFIX.tmp-PID.*` file left behind.
+"""Input and temp-file hygiene of `dsv3 preprocess`: reading the input, streamed lines, bounded
+document pieces, one-line errors, and no `.PREFIX.tmp-PID.*` file left behind.
 
+* `read_documents(path, fmt)` yields (line number, raw item): WikiText paragraphs (`fmt`
+  "wikitext", the whole file read and cleaned) or JSON lines (streamed); `input_format` picks the
+  format from the file name. Non-UTF-8 input or an empty file is a one-line UserError.
 * `stream_lines(path)` yields (line number, bytes) one line at a time (`.xz` decompressed on the
   fly): memory holds one line, not the file. A truncated or corrupt `.xz` is a one-line UserError
   naming the file and the line reached.
@@ -146,3 +149,58 @@ def remove_stale_temps(final_prefix: str) -> list[str]:
                 os.unlink(p)
                 removed.append(p)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading input (WikiText paragraphs or JSON lines)
+
+
+def _decode_utf8(data: bytes, path: str, line_no: int | None = None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if line_no is None:
+            line_no = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}: not valid UTF-8 (byte 0x{data[e.start]:02x} on line {line_no})") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    if path.suffix == ".xz":
+        import lzma
+
+        try:
+            with lzma.open(path, "rb") as f:
+                return f.read()
+        except (lzma.LZMAError, EOFError) as e:  # EOFError: truncated stream
+            raise UserError(f"{path}: truncated or corrupt .xz ({e})") from None
+    return path.read_bytes()
+
+
+def input_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.name[:-3] if path.name.endswith(".xz") else path.name
+    return "jsonl" if name.endswith((".json", ".jsonl")) else "wikitext"
+
+
+def read_documents(path: Path, fmt: str) -> Iterator[tuple[int, str]]:
+    """Yield (line number, raw item): WikiText paragraphs (already cleaned), or raw JSON lines
+    (streamed: one line in memory at a time)."""
+    from dsv3.data.wikitext import wikitext_documents
+
+    if not path.is_file():
+        raise UserError(f"{path}: input file not found")
+    if fmt == "wikitext":
+        data = _read_bytes(path)
+        if not data.strip():
+            raise UserError(f"{path}: input is empty")
+        for i, doc in enumerate(wikitext_documents(_decode_utf8(data, str(path)))):
+            yield i, doc
+        return
+    empty = True
+    for i, line in stream_lines(path):
+        if line.strip():
+            empty = False
+            yield i, _decode_utf8(line, str(path), i)
+    if empty:
+        raise UserError(f"{path}: input is empty")

@@ -30,10 +30,11 @@ from dsv3.model.transformer import Transformer
 
 
 def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, D] @ weight[V, D]^T. Same as F.linear; on CPU with 8+ rows the product is taken as
-    (W @ x^T)^T, which MKL runs ~1.5x faster for a tall 129k-row head and a few rows (measured:
-    bench/bench_decode.py, docs/inference.md); fewer rows keep F.linear (a GEMV, faster that way)."""
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= 8:
+    """x [M, D] @ weight[V, D]^T. Same as F.linear; on CPU with 2+ rows the product is taken as
+    (W @ x^T)^T, which MKL runs ~1.5x faster for a tall 129k-row head at 8 rows and 3-6x faster at
+    2-4 rows (F.linear packs the whole head there: the speculative verify step's 2 rows paid it;
+    bench/bench_decode.py, docs/inference.md); one row keeps F.linear (a GEMV, as fast)."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= 2:
         return (weight @ x.T).T
     return F.linear(x, weight)
 
