@@ -190,3 +190,18 @@ def test_grouped_swiglu_with_no_rows_still_reaches_every_weight():
     assert y.shape == (0, 6) and y.grad_fn is not None
     y.sum().backward()
     assert all(w.grad is not None and (w.grad == 0).all() for w in ws) and xs.grad.shape == (0, 6)
+
+
+@pytest.mark.parametrize("layout", ["x@wT", "x@w", "xT@w"])
+def test_onednn_matmul_equals_torch_mm(layout):
+    """`mm_nt`'s oneDNN path (CPU fp32) equals the torch.mm reference for the layouts the kernels use:
+    x Wᵀ (forward), g W (input gradient, W passed as a transposed view), gᵀ h (weight gradient, both views)."""
+    from dsv3.model.matmul import mm_nt, onednn_matmul_supported
+
+    if not onednn_matmul_supported():
+        pytest.skip("this torch build has no oneDNN fp32 linear op")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 50, generator=g) if layout != "xT@w" else torch.randn(50, 37, generator=g).t()
+    w = torch.randn(29, 50, generator=g) if layout == "x@wT" else torch.randn(50, 29, generator=g).t()
+    fast, ref = mm_nt(x, w), mm_nt(x, w, reference=True)
+    assert fast.shape == ref.shape == (37, 29) and (fast - ref).abs().max() <= TOL * ref.abs().max()

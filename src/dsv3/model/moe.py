@@ -21,6 +21,7 @@ from torch import nn
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model.layers import MLP
+from dsv3.model.matmul import mm_nt
 
 
 class Gate(nn.Module):
@@ -159,7 +160,8 @@ def grouped_swiglu(xs: torch.Tensor, counts: list[int], gate_w: torch.Tensor, up
 class GroupedSwiGLU(torch.autograd.Function):
     """Fast path of the per-expert loop `y_e = down_e(silu(gate_e(x_e)) · up_e(x_e))` over sorted slices.
 
-    Same matmuls and elementwise ops as autograd runs for the loop, but the backward writes each
+    Same matmuls (`mm_nt`: oneDNN on CPU fp32) and elementwise ops as autograd runs for the loop,
+    but the backward writes each
     expert's weight gradient straight into its row of the stacked [E, ...] gradients. Autograd through
     `W[e]` would instead build a zero-filled full-size gradient per expert and projection and add them
     up (SelectBackward: O(E²) memory traffic, a third of a 1B-model CPU step). Saves xs and the
@@ -172,9 +174,9 @@ class GroupedSwiGLU(torch.autograd.Function):
         gate, up = xs.new_empty(M, I), xs.new_empty(M, I)
         ys = xs.new_empty(M, down_w.shape[1])
         for e, sl in _slices(counts):
-            torch.mm(xs[sl], gate_w[e].t(), out=gate[sl])
-            torch.mm(xs[sl], up_w[e].t(), out=up[sl])
-            torch.mm(F.silu(gate[sl]) * up[sl], down_w[e].t(), out=ys[sl])
+            gate[sl] = mm_nt(xs[sl], gate_w[e])
+            up[sl] = mm_nt(xs[sl], up_w[e])
+            ys[sl] = mm_nt(F.silu(gate[sl]) * up[sl], down_w[e])
         ctx.save_for_backward(xs, gate_w, up_w, down_w, gate, up)
         ctx.counts = counts
         return ys
@@ -192,7 +194,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             sg = F.silu(g)
             if need_d:
                 torch.mm(d.t(), sg * u, out=dd_w[e])
-            dh = d.mm(down_w[e])  # [n, I]
+            dh = mm_nt(d, down_w[e].t())  # [n, I]
             dg = torch.ops.aten.silu_backward(dh * u, g)
             du = dh * sg
             if need_g:
@@ -200,7 +202,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             if need_u:
                 torch.mm(du.t(), x, out=du_w[e])
             if need_x:
-                torch.mm(dg, gate_w[e], out=dx[sl]).add_(du.mm(up_w[e]))
+                dx[sl] = mm_nt(dg, gate_w[e].t()).add_(mm_nt(du, up_w[e].t()))
         return dx, dg_w, du_w, dd_w, None
 
 
