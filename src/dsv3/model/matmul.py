@@ -1,7 +1,8 @@
 """`mm_nt(x, w) = x @ wᵀ` for the hand-written training kernels (fused head + cross-entropy, grouped experts).
 
 Fast path: on CPU in fp32, oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, the op torch's
-inductor uses for CPU linears), which reads strided operands (transposed views) without copying.
+inductor uses for CPU linears). It reads a transposed view as `w` without copying, but copies a
+transposed `x` first, so weight gradients (gᵀ h) stay on `torch.mm`.
 torch's own fp32 `mm` calls MKL, which on AMD CPUs takes its generic code path: on the 2-core AMD EPYC
 (AVX-512) development VM, per-core throughput measured 67 vs 101 GFLOP/s (CPU time, loaded machine)
 for the head's [256, 2048] x [2048, V] product. Reference path: `torch.mm` (`reference=True`, and
@@ -17,7 +18,7 @@ import torch
 
 
 def mm_nt(x: torch.Tensor, w: torch.Tensor, reference: bool = False) -> torch.Tensor:
-    """x [M, K] @ w [N, K]ᵀ -> [M, N]; either operand may be a strided (transposed) view."""
+    """x [M, K] @ w [N, K]ᵀ -> [M, N]; w may be a transposed view (x @ W == mm_nt(x, W.t()))."""
     if (not reference and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and onednn_matmul_supported()):
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")

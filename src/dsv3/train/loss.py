@@ -90,7 +90,7 @@ def accumulate_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) ->
     """acc + a @ b in fp32 (the product itself when acc is None). In place with one GEMM when the
     product is fp32 anyway; under autocast the product is formed in the autocast dtype, then added."""
     if acc is None:
-        return mm_nt(a, b.t()).float()
+        return (a @ b).float()  # torch.mm: oneDNN would first copy the transposed [V, n] operand
     if not torch.is_autocast_enabled(acc.device.type) and a.dtype == b.dtype == acc.dtype:
         return acc.addmm_(a, b)
     return acc.add_((a @ b).float())
