@@ -1,15 +1,24 @@
-"""Training speed of dsv3 vs transformers' DeepseekV3ForCausalLM, same config, same AdamW, same run.
+"""Training speed of dsv3 vs transformers' DeepseekV3ForCausalLM: same config, same weights, same batches,
+same AdamW, same run, interleaved repetitions.
 
-    flock /tmp/dsv3-bench.lock python bench/bench_train.py            # seed 1B config, seq 256, batch 1, fp32, CPU
+    flock /tmp/dsv3-bench.lock python bench/bench_train.py        # seed 1B config, seq 256, batch 1, fp32, CPU
+    python bench/bench_train.py --config configs/tiny.yaml --seq 32 --steps 2 --rounds 1 --out /tmp/t.json  # smoke
 
-One optimizer step = forward, cross-entropy (dsv3: its trainer's fused head + cross-entropy;
-transformers: `model(x).logits` then the same fp32 cross-entropy), backward, grad-norm clip (1.0), AdamW step
-(β 0.9/0.95, eps 1e-8, wd 0.1 on matrices; `dsv3.train.optim.build_optimizer` for both models),
-zero_grad; dsv3 also does its aux-loss-free bias update. MTP is off in both (transformers has no MTP
-module), as is the sequence-wise aux loss. Each implementation runs in its own subprocess (a 1B model
-with AdamW states takes ~16 GB in fp32, two would not fit) on the same token batches;
-`--warmup` steps are excluded; tokens/s is taken from the median step (mean and best are recorded too).
-Writes bench/results/train.json.
+The parent builds the dsv3 model once (seed 0) and writes it with `save_pretrained` to a temporary
+directory; every child loads those weights (dsv3 `from_pretrained`, transformers `from_pretrained`) and
+times `--warmup` + `--steps` optimizer steps on the same token batches. A 1B model with AdamW states
+takes ~16 GB in fp32, so the two implementations run in separate subprocesses, `--rounds` times,
+alternating which goes first (step times on a shared VM swing ±30%: compare best steps).
+
+One optimizer step = forward, cross-entropy (dsv3: the trainer's `compute_loss`, fused head +
+cross-entropy; transformers: `model(x).logits` then the same fp32 cross-entropy), backward, grad-norm
+clip (1.0), AdamW step (`dsv3.train.optim.build_optimizer` for both: β 0.9/0.95, eps 1e-8, wd 0.1 on
+matrices, torch's fused kernel), zero_grad; dsv3 also does its aux-loss-free bias update. MTP and the
+sequence-wise aux loss are off in both (transformers has no MTP module). The first step's loss of both
+is recorded: same weights and batch, so they must agree (`first_loss_abs_diff`).
+
+Writes bench/results/train.json: tokens/s by best and by median step of each implementation, the
+speedups, every step time, the command, commit, versions, and the load average before and after.
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,46 +41,48 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def model_config(args):
+def model_config(config: str):
     from dsv3.config.presets import load_model_config
 
-    cfg = load_model_config(args.config)
+    cfg = load_model_config(config)
     return dataclasses.replace(cfg, num_nextn_predict_layers=0, aux_loss_alpha=0.0)
 
 
-def build(impl: str, cfg):
+def write_weights(args, path: Path) -> None:
+    """The shared weights: dsv3's own init (seed 0), saved in HF format."""
+    from dsv3.model import Transformer
+
     torch.manual_seed(0)
+    model = Transformer(model_config(args.config))
+    model.reset_parameters()
+    model.save_pretrained(path)
+
+
+def load(impl: str, path: str):
     if impl == "dsv3":
-        from dsv3.model import Transformer
+        import dsv3
 
-        model = Transformer(cfg)
-        model.reset_parameters()
-        return model.train()
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+        return dsv3.from_pretrained(path, dtype=torch.float32).train()
+    from transformers import DeepseekV3ForCausalLM
 
-    from dsv3.config.hf import to_hf_dict
-
-    hf_cfg = DeepseekV3Config(**{k: v for k, v in to_hf_dict(cfg).items() if k not in ("architectures", "model_type")})
-    hf_cfg.torch_dtype = torch.float32
-    model = DeepseekV3ForCausalLM(hf_cfg).float()
-    return model.train()
+    return DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).train()
 
 
 def child(args) -> dict:
-    """Time `args.steps` training steps of one implementation; prints one JSON line."""
+    """Time `args.warmup + args.steps` training steps of one implementation; prints one JSON line."""
     from dsv3.config.train import LRScheduleConfig, OptimizerConfig
     from dsv3.train.balance import balance_step
     from dsv3.train.loss import compute_loss, mean_ce
     from dsv3.train.optim import build_optimizer
 
-    cfg = model_config(args)
-    model = build(args.impl, cfg)
+    model = load(args.impl, args.weights)
     opt = build_optimizer(model, OptimizerConfig(), LRScheduleConfig())
     moe = model.moe_layers() if args.impl == "dsv3" else []
+    vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1234)
-    batches = [torch.randint(2, 128000, (args.batch, args.seq + 1), generator=gen) for _ in range(args.warmup + args.steps)]
+    batches = [torch.randint(2, vocab, (args.batch, args.seq + 1), generator=gen) for _ in range(args.warmup + args.steps)]
     losses, times = [], []
-    for i, b in enumerate(batches):
+    for b in batches:
         t0 = time.perf_counter()
         x, y = b[:, :-1], b[:, 1:]
         mask = torch.ones_like(y, dtype=torch.float32)
@@ -83,14 +96,18 @@ def child(args) -> dict:
         opt.zero_grad(set_to_none=True)
         balance_step(moe, 0.001)
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
-    measured = times[args.warmup:]
-    n_params = sum(p.numel() for p in model.parameters())
-    tokens = args.batch * args.seq
-    # the median step: the machine is shared, and a step slowed by another process is not this code's time
-    return {"impl": args.impl, "params": n_params, "step_seconds": measured, "losses": losses,
-            "tokens_per_s": tokens / statistics.median(measured), "tokens_per_s_mean": tokens * len(measured) / sum(measured),
-            "tokens_per_s_best": tokens / min(measured)}
+        losses.append(float(loss.detach()))
+    extra = {"experts_implementation": getattr(model.config, "_experts_implementation", None),
+             "attn_implementation": getattr(model.config, "_attn_implementation", None)} if args.impl == "hf" else {
+        "moe_impl": model.config.moe_impl, "attn_impl": model.config.attn_impl}
+    return {"impl": args.impl, "params": sum(p.numel() for p in model.parameters()), "step_seconds": times[args.warmup:],
+            "warmup_seconds": times[: args.warmup], "losses": losses, **extra}
+
+
+def summary(runs: list[dict], tokens: int) -> dict:
+    steps = [s for r in runs for s in r["step_seconds"]]
+    return {"best_step_s": min(steps), "median_step_s": statistics.median(steps), "tokens_per_s_best": tokens / min(steps),
+            "tokens_per_s_median": tokens / statistics.median(steps), "steps": len(steps)}
 
 
 def main() -> int:
@@ -98,40 +115,58 @@ def main() -> int:
     p.add_argument("--config", default=str(REPO / "configs" / "deepseek_v3_1b.yaml"))
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4, help="measured steps per child")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per child")
+    p.add_argument("--rounds", type=int, default=3, help="children per implementation, alternating order")
     p.add_argument("--impl", choices=("dsv3", "hf"), default=None, help="(internal) run one implementation and print JSON")
+    p.add_argument("--weights", default=None, help="(internal) the shared HF-format weights directory")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     args = p.parse_args()
     if args.impl:
         print(json.dumps(child(args)))
         return 0
-    results = {}
-    for impl in ("hf", "dsv3"):
-        cmd = [sys.executable, __file__, "--impl", impl, "--config", args.config, "--seq", str(args.seq),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
-            return out.returncode
-        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{impl}: {results[impl]['tokens_per_s']:.2f} tokens/s  (steps {['%.2f' % s for s in results[impl]['step_seconds']]} s)", flush=True)
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {"hf": [], "dsv3": []}
+    with tempfile.TemporaryDirectory(prefix="dsv3-bench-train-") as weights:
+        write_weights(args, Path(weights))
+        for r in range(args.rounds):
+            for impl in (("hf", "dsv3") if r % 2 == 0 else ("dsv3", "hf")):
+                cmd = [sys.executable, __file__, "--impl", impl, "--weights", weights, "--seq", str(args.seq),
+                       "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(out.stderr[-3000:], file=sys.stderr)
+                    return out.returncode
+                runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"round {r} {impl}: steps {['%.2f' % s for s in runs[impl][-1]['step_seconds']]} s", flush=True)
+    tokens = args.batch * args.seq
+    hf, ds = summary(runs["hf"], tokens), summary(runs["dsv3"], tokens)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                                cwd=REPO).stdout.strip())
+    import transformers
+
     report = {
-        "benchmark": "train_step", "config": os.path.relpath(args.config, REPO), "seq": args.seq, "batch": args.batch,
-        "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "commit": commit, "warmup_steps": args.warmup, "measured_steps": args.steps,
+        "benchmark": "train_step", "command": shlex.join([Path(sys.executable).name] + sys.argv),
+        "commit": commit + ("-dirty" if dirty else ""), "config": os.path.relpath(args.config, REPO), "seq": args.seq,
+        "batch": args.batch, "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "rounds": args.rounds, "warmup_steps": args.warmup, "measured_steps_per_round": args.steps,
         "mtp": False, "optimizer": "AdamW(0.9, 0.95, eps 1e-8, wd 0.1 on matrices, fused), clip 1.0",
-        "dsv3_tokens_per_s": results["dsv3"]["tokens_per_s"], "hf_tokens_per_s": results["hf"]["tokens_per_s"],
-        "speedup": results["dsv3"]["tokens_per_s"] / results["hf"]["tokens_per_s"],
-        "speedup_best_step": results["dsv3"]["tokens_per_s_best"] / results["hf"]["tokens_per_s_best"],
-        "load_average_after": os.getloadavg(), "runs": results,
+        "dsv3": ds, "hf": hf,
+        "speedup_best_step": ds["tokens_per_s_best"] / hf["tokens_per_s_best"],
+        "speedup_median_step": ds["tokens_per_s_median"] / hf["tokens_per_s_median"],
+        "first_loss": {"dsv3": runs["dsv3"][0]["losses"][0], "hf": runs["hf"][0]["losses"][0]},
+        "first_loss_abs_diff": abs(runs["dsv3"][0]["losses"][0] - runs["hf"][0]["losses"][0]),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "runs": runs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     tmp.replace(args.out)
-    print(f"speedup {report['speedup']:.2f}x -> {args.out}")
+    print(f"dsv3 {ds['tokens_per_s_best']:.2f} tok/s best, {ds['tokens_per_s_median']:.2f} median; transformers "
+          f"{hf['tokens_per_s_best']:.2f} / {hf['tokens_per_s_median']:.2f}; speedup {report['speedup_best_step']:.2f}x best, "
+          f"{report['speedup_median_step']:.2f}x median; first-step loss |diff| {report['first_loss_abs_diff']:.2e} -> {args.out}")
     return 0
 
 

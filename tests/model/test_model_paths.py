@@ -157,3 +157,51 @@ def test_grouped_experts_under_bf16_autocast():
         h = torch.nn.functional.linear(x, torch.eye(16))  # bf16 activations, as after an autocast linear
         grouped, loop = ex.forward_grouped(h, w, idx), ex.forward_loop(h, w, idx)
     assert grouped.dtype == torch.bfloat16 and torch.equal(grouped, loop)
+
+
+def test_grouped_swiglu_gradients_under_bf16_autocast_match_the_loop():
+    """The fast experts path casts like F.linear under autocast and its gradients reach the fp32 weights."""
+    torch.manual_seed(1)
+    ex = Experts(n_experts=4, dim=16, inter_dim=8)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    idx, w = torch.stack([torch.randperm(4)[:2] for _ in range(12)]), torch.rand(12, 2)
+    idx[idx == 3] = 2  # expert 3 idle
+    grads = []
+    for fn in (ex.forward_loop, ex.forward_grouped):
+        x = torch.randn(12, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(torch.nn.functional.linear(x, torch.eye(16)), w, idx)
+        y.float().sum().backward()
+        grads.append([y.detach().float(), x.grad] + [p.grad for p in ex.parameters()])
+        ex.zero_grad(set_to_none=True)
+    assert grads[1][2].dtype == torch.float32 and (grads[1][2][3] == 0).all()  # idle expert: zero gradient
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-3)
+
+
+def test_grouped_swiglu_with_no_rows_still_reaches_every_weight():
+    """Zero rows (an EP rank that received no tokens): empty output, zero gradients, backward still runs."""
+    from dsv3.model.moe import grouped_swiglu
+
+    ws = [torch.randn(3, 8, 6, requires_grad=True), torch.randn(3, 8, 6, requires_grad=True), torch.randn(3, 6, 8, requires_grad=True)]
+    xs = torch.zeros(0, 6, requires_grad=True)
+    y = grouped_swiglu(xs, [0, 0, 0], *ws)
+    assert y.shape == (0, 6) and y.grad_fn is not None
+    y.sum().backward()
+    assert all(w.grad is not None and (w.grad == 0).all() for w in ws) and xs.grad.shape == (0, 6)
+
+
+@pytest.mark.parametrize("layout", ["x@wT", "x@w", "xT@w"])
+def test_onednn_matmul_equals_torch_mm(layout):
+    """`mm_nt`'s oneDNN path (CPU fp32) equals the torch.mm reference for the layouts the kernels use:
+    x Wᵀ (forward), g W (input gradient, W passed as a transposed view), gᵀ h (weight gradient, both views)."""
+    from dsv3.model.matmul import mm_nt, onednn_matmul_supported
+
+    if not onednn_matmul_supported():
+        pytest.skip("this torch build has no oneDNN fp32 linear op")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 50, generator=g) if layout != "xT@w" else torch.randn(50, 37, generator=g).t()
+    w = torch.randn(29, 50, generator=g) if layout == "x@wT" else torch.randn(50, 29, generator=g).t()
+    fast, ref = mm_nt(x, w), mm_nt(x, w, reference=True)
+    assert fast.shape == ref.shape == (37, 29) and (fast - ref).abs().max() <= TOL * ref.abs().max()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import torch
 
 from dsv3.model import Transformer
@@ -141,3 +143,26 @@ def test_fused_head_cross_entropy_equals_the_plain_path(tiny_config, monkeypatch
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fused_head_cross_entropy_under_bf16_autocast_and_single_backward(monkeypatch):
+    """Under autocast the fused head forms its products in bf16 like the plain path; its saved
+    gradients are scaled in place, so a second backward through the same graph is refused."""
+    from dsv3.train import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CE_CHUNK", 4)  # accumulate over chunks through the autocast branch
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 7, 16, generator=g), torch.randn(50, 16, generator=g) * 0.3
+    labels, mask = torch.randint(0, 50, (2, 7), generator=g), (torch.rand(2, 7, generator=g) > 0.2).float()
+    grads = []
+    for fused in (False, True):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_mod.linear_ce(hh, ww, labels, mask, fused=fused)
+        loss.backward(retain_graph=True)
+        grads.append((loss.detach(), hh.grad, ww.grad))
+        if fused:
+            with pytest.raises(RuntimeError, match="backward ran twice"):
+                loss.backward()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3)

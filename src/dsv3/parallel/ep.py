@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
-from dsv3.model.moe import Experts, MoE
+from dsv3.model.moe import Experts, MoE, grouped_swiglu
 
 
 class _AllToAll(torch.autograd.Function):
@@ -53,21 +53,11 @@ def _local_experts(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     return tuple(w.to_local() if isinstance(w, DTensor) else w for w in ws)
 
 
-def grouped_expert_compute(xs: torch.Tensor, counts: list[int], gate_w, up_w, down_w) -> torch.Tensor:
-    """xs [M,D] sorted by local expert, counts[e] rows each -> SwiGLU of each expert on its slice.
-
-    Every expert runs, even on zero rows, so the output always depends on xs and the weights: a rank
-    that received no tokens must still run the backward all-to-all its peers run."""
-    outs = []
-    for e, x in enumerate(xs.split(counts)):
-        h = torch.nn.functional.silu(x @ gate_w[e].t()) * (x @ up_w[e].t())
-        outs.append(h @ down_w[e].t())
-    return torch.cat(outs)
-
-
 class ParallelExperts(Experts):
     """`Experts` whose weights are this rank's Shard(0) slice on the ep mesh (DTensors) and whose
-    grouped forward exchanges tokens over `ep_group` (both expert paths take it)."""
+    grouped forward exchanges tokens over `ep_group` (both expert paths take it). `grouped_swiglu`
+    always connects xs and every local weight to the output, even with zero rows: a rank that
+    received no tokens still runs the backward all-to-all its peers run."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, ep_group=None, ep_size: int = 1):
         super().__init__(n_experts, dim, inter_dim)
@@ -84,7 +74,7 @@ class ParallelExperts(Experts):
         xs = x[tok]  # [N·K, D] sorted by expert id
         counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
         if self.ep_size == 1:
-            ys = grouped_expert_compute(xs, counts.tolist(), gate_w, up_w, down_w)
+            ys = grouped_swiglu(xs, counts.tolist(), gate_w, up_w, down_w)
         else:
             # recv[r, l] = rows rank r sends to my local expert l
             recv = torch.empty_like(counts)
@@ -96,7 +86,7 @@ class ParallelExperts(Experts):
             # rank-major -> expert-major: a stable sort of the received rows by local expert
             local_e = torch.repeat_interleave(torch.arange(L, device=x.device).repeat(self.ep_size), recv.flatten())
             perm = local_e.argsort(stable=True)
-            ys_sorted = grouped_expert_compute(got[perm], recv.sum(0).tolist(), gate_w, up_w, down_w)
+            ys_sorted = grouped_swiglu(got[perm], recv.sum(0).tolist(), gate_w, up_w, down_w)
             ys_back = torch.empty_like(ys_sorted).index_copy(0, perm, ys_sorted)  # undo the reorder
             ys = all_to_all(ys_back, in_splits, out_splits, self.ep_group)
         ys = ys.float() * w.flatten()[order, None]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv3.model.matmul import mm_nt
+
 CE_CHUNK = 1024
 """Tokens per chunk of the fused head + cross-entropy (a [chunk, vocab] fp32 block at a time)."""
 
@@ -41,7 +43,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     Fast path of `masked_ce(h @ W.T, ...)`: chunk by chunk, the logits are formed, turned into
     their own gradient in place (softmax − one-hot, times the mask) and multiplied straight into
     dL/dh and dL/dW, all during the forward. Same matmuls as the plain path (one forward, two
-    backward), a fraction of its memory traffic; the backward only scales by the incoming gradient.
+    backward; `mm_nt`: oneDNN on CPU fp32), a fraction of its memory traffic; the backward only
+    scales the saved gradients by the incoming one.
     Matmuls follow autocast (bf16 on request); softmax and accumulation are fp32.
     """
 
@@ -51,10 +54,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need else None
+        grad_w = None  # fp32 [V, D], the first chunk's product (no zero-filled buffer)
         for s in range(0, N, CE_CHUNK):
             hc, yc, mc = h[s : s + CE_CHUNK], labels[s : s + CE_CHUNK], mask[s : s + CE_CHUNK].float()
-            logits = (hc @ w.t()).float()  # [n, V]
+            logits = mm_nt(hc, w).float()  # [n, V]
             target = logits.gather(1, yc[:, None]).squeeze(1)  # [n]
             # log-sum-exp with the exponentials kept: they become the softmax (5 passes over [n, V])
             mx = logits.amax(dim=-1)  # [n]
@@ -64,16 +67,33 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need:
                 g = p.mul_((mc / se)[:, None])  # mask · softmax
                 g[torch.arange(g.shape[0], device=g.device), yc] -= mc  # − mask · one-hot: dL/dlogits [n, V]
-                grad_h[s : s + CE_CHUNK] = (g @ w).float()
-                grad_w += (g.t() @ hc).float()
+                grad_h[s : s + CE_CHUNK] = mm_nt(g, w.t()).float()
+                grad_w = accumulate_mm(grad_w, g.t(), hc)
+        if need and grad_w is None:  # no tokens at all
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, w.dtype)
+        ctx.done = False
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.done:  # the saved gradients were scaled in place by the first call
+            raise RuntimeError("LinearCrossEntropy: backward ran twice through the same graph (retain_graph is not supported)")
+        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out).to(ctx.dtypes[0]), (grad_w * grad_out).to(ctx.dtypes[1]), None, None
+        # in place: the [V, D] head gradient is the largest tensor of the step; no second copy
+        return grad_h.mul_(grad_out).to(ctx.dtypes[0]), grad_w.mul_(grad_out).to(ctx.dtypes[1]), None, None
+
+
+def accumulate_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b in fp32 (the product itself when acc is None). In place with one GEMM when the
+    product is fp32 anyway; under autocast the product is formed in the autocast dtype, then added."""
+    if acc is None:
+        return (a @ b).float()  # torch.mm: oneDNN would first copy the transposed [V, n] operand
+    if not torch.is_autocast_enabled(acc.device.type) and a.dtype == b.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    return acc.add_((a @ b).float())
 
 
 def linear_ce(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, fused: bool = True) -> torch.Tensor:
