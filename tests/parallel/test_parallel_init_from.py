@@ -19,10 +19,16 @@ from dsv3.config.train import run_config_from_dict
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from hf_oracle import make_hf_checkpoint  # noqa: E402
 from spawn_harness import spawn  # noqa: E402
-from test_parallel_train import launch, prefix  # noqa: E402,F401 (the synthetic token data, ids < 256)
+from parallel_harness import launch, write_dataset  # noqa: E402
 
 TOL = 1e-5
 M, DP, BS = 2, 2, 1  # micro-batches per replica, replicas, sequences per micro-batch
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory) -> str:
+    """The synthetic token data (ids < 256)."""
+    return write_dataset(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
