@@ -109,7 +109,7 @@ def sync_grads(parts: list[nn.Module], meshes, fsdp: bool) -> None:
     if dims.shard_experts:
         # FSDP's reduce-scatter averaged over edp; the step gradient is the sum over edp / dp
         for p in exp:
-            if p.grad is not None:
+            if p.grad is not None and dims.edp != dims.dp:
                 _local(p.grad).mul_(dims.edp / dims.dp)
     elif dims.edp > 1:
         _all_reduce_grads(exp, meshes.edp_group, dims.dp)
