@@ -35,6 +35,8 @@ LAYOUTS = {  # global batch: batch_size 1 x data_parallel x micro_batch_num = 4
 }
 FOUR = {  # 4 processes
     "dp2xtp2xep2": {"data_parallel": 2, "model_parallel": 2, "expert_parallel": 2, "micro_batch_num": 2},  # 2-D FSDP
+    # experts FSDP-sharded over edp 2 < dp 4: the step gradient is the edp sum / dp, not FSDP's edp mean
+    "dp4xep2": {"data_parallel": 4, "expert_parallel": 2, "micro_batch_num": 1},
     "tp2xep2xpp2-interleaved": {"model_parallel": 2, "expert_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 4,
                                 "pipeline_schedule": "Interleaved1F1B"},
 }

@@ -5,7 +5,7 @@ Rank layout (tensor parallel fastest, as in Megatron and torchtitan):
 
 Three meshes over the same ranks:
     dense  [pp, dp, tp]        attention, dense MLP, embeddings, head: FSDP/DDP over dp, DTensor TP over tp
-    sparse [pp, edp, ep]       routed experts: split over ep, replicated over edp = dp·tp / ep
+    sparse [pp, edp, ep]       routed experts: split over ep, and over edp = dp·tp / ep (FSDP) or replicated
     tokens [pp, dptp]          every rank of one stage that routes different tokens (balancing counts)
 
 Expert parallelism "borrows" data- and tensor-parallel ranks (torchtitan, MindSpore): ep must
@@ -61,6 +61,11 @@ class ParallelDims:
     @property
     def edp(self) -> int:
         return self.dp * self.tp // self.ep
+
+    @property
+    def shard_experts(self) -> bool:
+        """Routed experts FSDP-sharded over edp (dense FSDP and edp > 1), else replicated over edp."""
+        return self.dp_shard == "fsdp" and self.dp > 1 and self.edp > 1
 
     @property
     def n_stages(self) -> int:
@@ -166,6 +171,10 @@ class Meshes:
     @property
     def ep_mesh(self) -> DeviceMesh:
         return self.sparse["ep"]
+
+    @property
+    def edp_mesh(self) -> DeviceMesh:
+        return self.sparse["edp"]
 
     @property
     def edp_group(self) -> dist.ProcessGroup:

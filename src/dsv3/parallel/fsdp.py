@@ -2,9 +2,12 @@
 
 FSDP2 wraps (torchtitan's recipe) the embedding, every decoder layer, every MTP module, [norm,
 lm_head], then the root, on the dp mesh (2-D with TP: parameters are DTensors on [dp, tp]). MoE
-parameters are left out (`ignored_params`): their replica groups differ from the dense ones (routed
-experts are replicated over edp, gate and shared experts over dp x tp because under TP every tp rank
-routes a different slice of the sequence), so `sync_grads` all-reduces them itself.
+parameters are left out of those units (`ignored_params`): their replica groups differ from the
+dense ones. Routed experts (EP-local, Shard(0) over ep) get their own FSDP unit per MoE on the edp
+mesh (torchtitan's `dp_shard_mod_ep`), sharded along dim 1 (I of gate/up, D of down), so every rank
+keeps 1/edp of its experts and their gradients are reduce-scattered over edp; gate and shared
+experts are replicated over dp x tp (under TP every tp rank routes a different slice of the
+sequence), so `sync_grads` all-reduces them itself (and routed experts when they are not sharded).
 
 Gradient convention: each data-parallel replica's loss is the mean over its own batch, and the step
 gradient is the mean over replicas (FSDP's default reduce-scatter average; the manual all-reduces
@@ -16,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Shard
 
 from dsv3.model.moe import MoE
 
@@ -34,10 +37,28 @@ def moe_params(part: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]
     return rep, exp
 
 
-def apply_fsdp(part: nn.Module, dp_mesh, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> None:
-    """fully_shard the dense modules of a Transformer / TransformerStage over `dp_mesh`."""
+def shard_experts(part: nn.Module, edp_mesh) -> None:
+    """fully_shard each MoE's routed experts over `edp_mesh` (dim 1; dim 0 is ep's). Before the
+    dense units, which then leave them alone. Weights keep their stored dtype (the MoE computes in
+    its gate's, which FSDP does not cast) and are resharded after forward, also under PP: a stage's
+    gathered experts would not fit. MoE calls `forward_grouped` / `forward_loop`, not `forward`."""
+    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    for m in part.modules():
+        if isinstance(m, MoE):
+            fully_shard(m.experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=True,
+                        shard_placement_fn=lambda p: Shard(1))
+            for method in ("forward_grouped", "forward_loop"):
+                register_fsdp_forward_method(m.experts, method)
+
+
+def apply_fsdp(part: nn.Module, dp_mesh, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
+               edp_mesh=None) -> None:
+    """fully_shard the dense modules of a Transformer / TransformerStage over `dp_mesh` (and the
+    routed experts over `edp_mesh` when given)."""
     rep, exp = moe_params(part)
     ignored = set(rep) | set(exp)
+    if edp_mesh is not None:
+        shard_experts(part, edp_mesh)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     kw = dict(mesh=dp_mesh, mp_policy=mp, ignored_params=ignored)
     backbone = part.model
@@ -85,7 +106,12 @@ def sync_grads(parts: list[nn.Module], meshes, fsdp: bool) -> None:
         exp += e
     if dims.dp * dims.tp > 1:
         _all_reduce_grads(rep, meshes.tokens_group, dims.dp)
-    if dims.edp > 1:
+    if dims.shard_experts:
+        # FSDP's reduce-scatter averaged over edp; the step gradient is the sum over edp / dp
+        for p in exp:
+            if p.grad is not None and dims.edp != dims.dp:
+                _local(p.grad).mul_(dims.edp / dims.dp)
+    elif dims.edp > 1:
         _all_reduce_grads(exp, meshes.edp_group, dims.dp)
     elif dims.dp > 1:
         # ep = dp x tp: the all-to-all already summed every replica's tokens into the one copy; a sum

@@ -124,9 +124,9 @@ class Strategy:
 
             seed_everything(cfg.train.seed)
             kw = {"init_from": cfg.train.init_from} if cfg.train.init_from else {}
-            self.dm = build_parallel_model(cfg.model, self.dims, self.meshes, cfg.train.seed, 
+            self.dm = build_parallel_model(cfg.model, self.dims, self.meshes, cfg.train.seed,
                                            offset=cfg.parallel.pp_layer_offset, recompute=cfg.train.recompute,
-                                           recompute_layers=cfg.parallel.recompute_layers, device=self.device, **kw)
+                                           recompute_layers=cfg.parallel.recompute_layers, device=self.device, log=log, **kw)
             parts = self.dm.parts
             if self.dims.pp > 1:
                 from dsv3.parallel.pipeline import PipelineRunner

@@ -85,7 +85,7 @@ def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompu
     warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # torch's own checks touch it
     _to_fake(full, fake)  # CPU-looking tensors without storage: the CPU kernels' choices (flash attention), autocast works
     whole = first and last and len(layer_ids) == mc.num_hidden_layers
-    part = full if whole else TransformerStage(full, layer_ids, first, last)
+    part = full if whole else TransformerStage(full, 0, layer_ids, first, last)
     apply_recompute(part, cfg.train.recompute, recompute_ids)
     part.train()
     embeds: list[torch.Tensor] = []

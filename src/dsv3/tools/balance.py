@@ -106,6 +106,7 @@ class StageCosts:
         states = {"pp_stage": s, "stages": [s], "layers": list(range(a, b)), "mtp": last and self.D > 0, "params": numel,
                   "param_bytes": 4 * numel, "grad_bytes": 4 * numel, "optimizer_bytes": 2 * self.state_bytes * numel,
                   "fsdp_gathered_all": sum(gathered) + edge[2], "fsdp_gathered_max": max(gathered + [edge[4]]),
+                  "fsdp_expert_gathered_max": max([0] + [self.layer[i][4] for i in ids]),
                   "largest_param_bytes": max([edge[3]] + [self.layer[i][3] for i in ids]), "dense_param_bytes": 4 * dense}
         act = self.profile.stage(list(range(a, b)), first, last, set(ids[:r]))
         return assemble(self.cfg, self.dims, states, [act], self.imbalance)

@@ -19,7 +19,9 @@ where `grads` are all of them when micro-batches run forward after a backward, e
 one micro-batch's activations they replace, `in_flight` is the schedule's micro-batches alive at once on the rank (1F1B: pp - p, GPipe: M),
 activations are divided by the tensor-parallel degree (sequence parallel splits every activation of
 a layer; Korthikanti et al. 2022), `fsdp_buffers` are the all-gathered dense weights (the whole stage
-under PP, where FSDP keeps them between forward and backward; two layers otherwise), `grad_transient`
+under PP, where FSDP keeps them between forward and backward; two layers otherwise) plus, when the
+routed experts are FSDP-sharded over edp (`ParallelDims.shard_experts`), two MoE layers' experts
+gathered over edp (resharded after forward, also under PP), `grad_transient`
 one FSDP unit's unsharded fp32 gradient before its reduce-scatter (or the largest local gradient),
 `autocast_cache` bf16 copies of the dense weights under `train.precision: bf16`, and `moe_dispatch`
 the all-to-all send/receive rows of one MoE layer at `imbalance` times the mean tokens per rank.
@@ -113,18 +115,23 @@ def rank_states(cfg, rank: int) -> dict:
         layers = sorted({int(k) for part in dm.parts for k in _layer_keys(part)})
         layer_mods = {id(mod) for part in dm.parts for _, mod in _layer_modules(part)}
         in_layers = {id(p) for part in dm.parts for _, mod in _layer_modules(part) for p in mod.parameters()}
-        per_layer = {}  # decoder / MTP layer id -> (local parameters, of which dense, bytes all-gathered by FSDP, largest local tensor's bytes)
+        # decoder / MTP layer id -> (local parameters, of which dense, dense bytes all-gathered by FSDP,
+        # largest local tensor's bytes, routed-expert bytes all-gathered over edp)
+        per_layer = {}
         for part in dm.parts:
             for idx, mod in _layer_modules(part):
                 per_layer[idx] = (sum(_local(p).numel() for p in mod.parameters()),
                                   sum(_local(p).numel() for p in mod.parameters() if id(p) not in expert_ids),
                                   _gathered_bytes(mod, dims.dp) if fsdp else 0,
-                                  max(_local(p).numel() * p.element_size() for p in mod.parameters()))
+                                  max(_local(p).numel() * p.element_size() for p in mod.parameters()),
+                                  dims.edp * sum(_local(p).numel() * p.element_size() for p in mod.parameters()
+                                                 if id(p) in expert_ids) if dims.shard_experts else 0)
         out = {"rank": rank, "pp_stage": meshes.pp_rank, "tp_rank": meshes.tp_rank, "dp_rank": meshes.dp_rank,
                "ep_rank": meshes.sparse.get_local_rank("ep"), "stages": [getattr(p, "stage_index", 0) for p in dm.parts],
                "layers": layers, "mtp": any(len(getattr(p.model, "mtp", None) or []) for p in dm.parts),
                "params": numel, "stage_params": held_parameters(dm)["stage_params"], "param_bytes": param_bytes, "grad_bytes": param_bytes,
                "fsdp_gathered_max": max(gathered), "fsdp_gathered_all": sum(gathered),
+               "fsdp_expert_gathered_max": max([v[4] for v in per_layer.values()] or [0]),
                "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "dense_param_bytes": dense_bytes,
                "layer_params": per_layer,
                "edge_gathered_max": max([g for u, g in zip(units, gathered) if id(u) not in layer_mods] or [0]),
@@ -193,6 +200,10 @@ def assemble(cfg, dims: ParallelDims, states: dict, acts: list[StageActivation],
     fsdp_buffers = (states["fsdp_gathered_all"] if dims.pp > 1 else 2 * states["fsdp_gathered_max"]) if fsdp else 0
     grad_transient = states["fsdp_gathered_max"] if fsdp else states["largest_param_bytes"]
     autocast = (fsdp_buffers if fsdp else states["dense_param_bytes"]) // 2 if cfg.train.precision == "bf16" else 0
+    experts = states["fsdp_expert_gathered_max"]  # one MoE's routed experts gathered over edp
+    # resharded after forward also under PP: one layer's in use and the next one's prefetched
+    fsdp_buffers += 2 * experts
+    grad_transient = max(grad_transient, experts)
     moe_here = any(mc.is_moe_layer(i) for i in states["layers"]) or states["mtp"]
     dispatch = 0
     if dims.ep > 1 and moe_here:
