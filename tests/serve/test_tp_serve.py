@@ -59,7 +59,7 @@ def test_serve_tp2_openai_client_abort_and_worker_death(tiny_model_dir, tmp_path
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", str(tiny_model_dir), "--tensor-parallel-size", "2",
                              "--port", str(port), "--api-key", KEY, "--dtype", "float32", "--device", "cpu",
-                             "--max-model-len", "512", "--served-model-name", "tiny", "--log-level", "warning"],
+                             "--max-model-len", "4096", "--served-model-name", "tiny", "--log-level", "warning"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     root = f"http://127.0.0.1:{port}"
     try:
@@ -116,7 +116,8 @@ def test_serve_tp2_openai_client_abort_and_worker_death(tiny_model_dir, tmp_path
 
         # a worker killed in the middle of a request: one line, non-zero exit, no hang
         (worker,) = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
-        with httpx.stream("POST", root + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+        long = {**body, "max_tokens": 4000}  # cannot finish before the watchdog sees the death, even on a quiet machine
+        with httpx.stream("POST", root + "/v1/completions", json=long, headers={"Authorization": f"Bearer {KEY}"},
                           timeout=120) as r:
             lines = r.iter_lines()
             next(lines)

@@ -137,7 +137,13 @@ class DriverRunner:
                 raise RuntimeError("the multi-process engine was shut down")
             self._send(("call", method, self._results.to_refs(args), list(self.step_requests)))
             self._calls += 1
-        result = getattr(self.local, method)(*args)
+        try:
+            result = getattr(self.local, method)(*args)
+        except RuntimeError as e:  # a collective inside the forward lost a follower: the same one line
+            if not (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
+                raise  # a fault of this step (the engine attributes it to a request)
+            self._on_fatal(f"dsv3: rank 0 lost contact with the follower ranks ({_brief(e)}); shutting down")
+            raise
         self._results.keep(method, result)
         return result
 
