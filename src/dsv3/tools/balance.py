@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 
 from dsv3.errors import UserError
 
@@ -140,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dsv3.config.train import load_run_config
-    from dsv3.tools.dryrun import gib, parse_bytes
+    from dsv3.tools.dryrun import gib, parse_bytes, write_json
     from dsv3.tools.plan import min_budget, plan
 
     cfg = load_run_config(args.config, args.overrides)
@@ -183,8 +181,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  --set 'parallel.pp_layer_offset={lst(offset)}' --set 'parallel.recompute_layers={lst(rec)}' "
               f"--set train.recompute={out['train_recompute']}")
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, out)
     return 0

@@ -105,8 +105,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print_table(rep)
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(rep, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, rep)
     return 0
+
+
+def write_json(path: str, obj) -> None:
+    """`--json FILE` of dryrun and balance: written under a temporary name, then renamed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
