@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     ap.add_argument("step_dir", help="RUN/checkpoint/step-N (holds model.safetensors and config.resolved.yaml)")
     ap.add_argument("out", help="HF folder to write (config.json, model.safetensors, tokenizer files)")
     args = ap.parse_args(argv)
-    from dsv3.checkpoint.io import save_pretrained
+    from dsv3.checkpoint.save import save_pretrained
     from dsv3.config.train import load_run_config
     from dsv3.data.tokenizer import export_tokenizer
     from dsv3.model.transformer import Transformer

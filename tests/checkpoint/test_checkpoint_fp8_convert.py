@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import dsv3
 from dsv3.checkpoint.convert import convert
 from dsv3.checkpoint.fp8 import weight_dequant, weight_dequant_reference, weight_quant
-from dsv3.checkpoint.io import CheckpointReader
+from dsv3.checkpoint.reader import CheckpointReader
 from dsv3.cli import main
 from hf_oracle import add_mtp_layer, make_hf_checkpoint
 

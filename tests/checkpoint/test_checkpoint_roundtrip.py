@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.checkpoint.io import CheckpointReader, parse_size
+from dsv3.checkpoint.reader import CheckpointReader
+from dsv3.checkpoint.save import parse_size
 from hf_oracle import add_mtp_layer, make_hf_checkpoint
 
 
@@ -96,17 +97,17 @@ def test_fused_v5_expert_names_are_accepted(tmp_path):
 
 def test_loads_on_meta_then_assigns(tmp_path, monkeypatch):
     """No tensor is allocated twice: every parameter the loader hands over is the one the model keeps."""
-    import dsv3.checkpoint.io as io
+    import dsv3.checkpoint.load as load
 
     make_hf_checkpoint(tmp_path)
     assigned = {}
-    real = io._assign
+    real = load._assign
 
     def spy(model, name, t):
         assigned[name] = t.data_ptr()
         real(model, name, t)
 
-    monkeypatch.setattr(io, "_assign", spy)
+    monkeypatch.setattr(load, "_assign", spy)
     model = dsv3.from_pretrained(tmp_path, dtype=torch.float32)
     for name, t in model.state_dict().items():
         assert t.device.type == "cpu"

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import dsv3
 from dsv3.checkpoint.fp8 import weight_dequant_reference, weight_quant
-from dsv3.checkpoint.io import load_dir_config
+from dsv3.checkpoint.reader import load_dir_config
 from dsv3.checkpoint.slices import SliceReader
 from test_checkpoint_fp8_convert import make_fp8_checkpoint
 

@@ -83,7 +83,7 @@ def test_sharded_fp8_load_reads_only_slices(ckpt, tmp_path, monkeypatch):
     make_fp8_checkpoint(d, tmp_path / "fp8")
     full = dsv3.from_pretrained(tmp_path / "fp8", dtype=torch.float32, quantization="none", mtp=True)
     sd_full = full.state_dict()
-    from dsv3.checkpoint.io import CheckpointReader
+    from dsv3.checkpoint.reader import CheckpointReader
 
     def no_full_reads(self, name):
         raise AssertionError(f"read the whole of {name}")

@@ -40,7 +40,7 @@ def hf(tmp_path_factory):
 
 
 def run_cfg(hf_dir: Path, prefix: str, out: Path, parallel: dict, steps: int = 1):
-    from dsv3.checkpoint.io import load_dir_config
+    from dsv3.checkpoint.reader import load_dir_config
 
     d = {"model": to_dict(load_dir_config(hf_dir)[0]),
          "data": {"data_path": [prefix], "split": "100,0,0", "seq_length": 32},
@@ -103,7 +103,7 @@ def test_each_rank_reads_only_its_slices(hf):
     """dp2 x pp2 (FSDP) and dp2 x tp2 with ep2 (4 ranks): every rank's shards equal the checkpoint's
     boxes, it read exactly its shards' bytes (no get_tensor at all), and never the whole stored tensor
     of a parameter it holds a shard of."""
-    from dsv3.checkpoint.io import load_dir_config
+    from dsv3.checkpoint.reader import load_dir_config
 
     cfg = load_dir_config(hf[0])[0]
     jobs = [(cfg, {"data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}, str(hf[0])),

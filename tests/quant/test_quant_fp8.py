@@ -11,7 +11,7 @@ import torch
 
 import dsv3
 from dsv3 import LLM, SamplingParams
-from dsv3.checkpoint.io import CheckpointReader
+from dsv3.checkpoint.reader import CheckpointReader
 from dsv3.cli import main
 from dsv3.quant import QuantExperts, QuantLinear, quant_bytes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from dsv3.checkpoint.io import load_dir_config
+from dsv3.checkpoint.reader import load_dir_config
 from dsv3.cli import main
 from dsv3.tools.info import account
 

@@ -83,7 +83,7 @@ def test_masked_tokens_have_exactly_zero_gradient(fused):
 
 
 def test_loss_equals_transformers_with_minus_100_labels(tmp_path):
-    from dsv3.checkpoint.io import load_dir_config
+    from dsv3.checkpoint.reader import load_dir_config
     from dsv3.train.init_from import load_init_weights
 
     hf = make_hf_checkpoint(tmp_path, rope_scaling=None)

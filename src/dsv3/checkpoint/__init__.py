@@ -1,4 +1,5 @@
-"""HF-format checkpoints: one name table (`hf_map`), streaming load/save (`io`), FP8 (`fp8`), `dsv3 convert`.
+"""HF-format checkpoints: one name table (`hf_map`), a lazy reader (`reader`), streaming `load` / `save`
+(public entry points re-exported by `io`), FP8 (`fp8`), `dsv3 convert`.
 
 `from_pretrained` / `save_pretrained` are imported on first use, so the `dsv3 convert` command line
 (`convert_cli`) can parse its arguments without importing torch."""

@@ -29,8 +29,9 @@ from typing import Iterator
 import torch
 
 from dsv3.checkpoint import hf_map
-from dsv3.checkpoint.io import (INDEX_NAME, KEEP_FP32, SINGLE_NAME, CheckpointReader, _install, check_checkpoint,
-                                load_dir_config, parse_dtype, parse_size, read_weight)
+from dsv3.checkpoint.load import KEEP_FP32, check_checkpoint, parse_dtype
+from dsv3.checkpoint.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader, load_dir_config, read_weight
+from dsv3.checkpoint.save import _install, parse_size
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 

@@ -26,7 +26,7 @@ API:
         (a Transformer, a pipeline stage, any parallelism applied, materialised) gets its local box
     reader.bytes_read / reader.reads: what was read (for accounting and tests); reader.close()
 The names and shapes are checked against the model beforehand from the file headers alone
-(`dsv3.checkpoint.io.load_checkpoint_into(..., dry_run=True)` on the meta model); `fill_module`
+(`dsv3.checkpoint.load.load_checkpoint_into(..., dry_run=True)` on the meta model); `fill_module`
 still reports, in one line, any tensor it finds no source for.
 """
 
@@ -39,7 +39,7 @@ from torch import nn
 
 from dsv3.checkpoint import hf_map
 from dsv3.checkpoint.fp8 import BLOCK
-from dsv3.checkpoint.io import CheckpointReader, _few
+from dsv3.checkpoint.reader import CheckpointReader, _few
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 

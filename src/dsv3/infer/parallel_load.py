@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from dsv3.checkpoint.io import _DTYPES, KEEP_FP32, CheckpointReader, load_checkpoint_into, parse_dtype, resolve_config
+from dsv3.checkpoint.load import _DTYPES, KEEP_FP32, load_checkpoint_into, parse_dtype, resolve_config
+from dsv3.checkpoint.reader import CheckpointReader
 from dsv3.checkpoint.slices import SliceReader
 from dsv3.infer.parallel import ParallelContext, shard_model
 
@@ -45,7 +46,7 @@ def load_sharded(model_dir: str | Path, ctx: ParallelContext, dtype: str | torch
                  device: str | torch.device = "cpu", mtp: bool | None = None, **runtime):
     """This rank's shard of an HF-format DeepSeek-V3 directory (a `Transformer` in eval mode, weights
     cut per `ctx`; give it to `LLMEngine(..., parallel=ctx)`). dtype / mtp / runtime as
-    `dsv3.checkpoint.io.from_pretrained`; FP8 and int8 checkpoints are dequantised (per slice)."""
+    `dsv3.checkpoint.load.from_pretrained`; FP8 and int8 checkpoints are dequantised (per slice)."""
     from dsv3.model.transformer import Transformer
 
     path = Path(model_dir)

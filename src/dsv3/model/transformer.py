@@ -125,14 +125,14 @@ class Transformer(nn.Module):
     # ---- checkpoints (HF format; see dsv3.checkpoint)
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", **kwargs) -> "Transformer":
-        """Load an HF-format directory; see `dsv3.checkpoint.io.from_pretrained`."""
-        from dsv3.checkpoint.io import from_pretrained
+        """Load an HF-format directory; see `dsv3.checkpoint.load.from_pretrained`."""
+        from dsv3.checkpoint.load import from_pretrained
 
         return from_pretrained(path, dtype=dtype, device=device, **kwargs)
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB", mtp_copies: bool = True):
-        """Write this model as an HF-format directory; see `dsv3.checkpoint.io.save_pretrained`."""
-        from dsv3.checkpoint.io import save_pretrained
+        """Write this model as an HF-format directory; see `dsv3.checkpoint.save.save_pretrained`."""
+        from dsv3.checkpoint.save import save_pretrained
 
         return save_pretrained(self, path, max_shard_size=max_shard_size, mtp_copies=mtp_copies)
 

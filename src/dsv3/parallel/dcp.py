@@ -107,8 +107,8 @@ def load(path: str | Path, parts: list[nn.Module], optimizer: torch.optim.Optimi
 
 def export_hf(path: str | Path, model_cfg, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Single process: read the DCP checkpoint `path` into a plain Transformer and write it as an HF
-    directory (`dsv3.checkpoint.io.save_pretrained`). Run after training, or on rank 0 after a barrier."""
-    from dsv3.checkpoint.io import save_pretrained
+    directory (`dsv3.checkpoint.save.save_pretrained`). Run after training, or on rank 0 after a barrier."""
+    from dsv3.checkpoint.save import save_pretrained
     from dsv3.model.transformer import Transformer
 
     with torch.device("meta"):

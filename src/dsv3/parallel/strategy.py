@@ -248,7 +248,7 @@ class Strategy:
         """HF safetensors of the final weights: straight from the model in one process; from the
         final DCP checkpoint `saved` on rank 0 otherwise. Returns the directory on the main rank."""
         if not self.distributed:
-            from dsv3.checkpoint.io import save_pretrained
+            from dsv3.checkpoint.save import save_pretrained
 
             return save_pretrained(self.parts[0], out)
         from dsv3.parallel import dcp as pdcp

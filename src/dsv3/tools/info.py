@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     checked, bound = "", {}
     if args.model:
-        from dsv3.checkpoint.io import check_checkpoint
+        from dsv3.checkpoint.load import check_checkpoint
 
         cfg, reader = check_checkpoint(args.model)
         checked = f"{len(reader.meta)} tensors in {len(reader.files)} file(s): names and shapes match config.json"
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _decode_bound(args, cfg, reader) -> dict:
     """Bytes per weight and the batch-1 decode bound (`dsv3.tools.decode_bound`)."""
-    from dsv3.checkpoint.io import parse_dtype
+    from dsv3.checkpoint.load import parse_dtype
     from dsv3.tools.decode_bound import measure_bandwidth, planned_bytes, stored_bytes
 
     if args.quantization:

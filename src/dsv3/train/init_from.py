@@ -1,7 +1,7 @@
 """`train.init_from` (MindSpore `load_checkpoint`): start a run from existing weights.
 
 One function, `load_init_weights`: the model is built on the meta device and every tensor streamed
-straight into place by the HF loader (`dsv3.checkpoint.io.load_checkpoint_into`: FP8 dequantised,
+straight into place by the HF loader (`dsv3.checkpoint.load.load_checkpoint_into`: FP8 dequantised,
 expert tensors stacked, names/shapes checked), as fp32 master weights. Accepted directories:
 * an HF safetensors directory (config.json + model*.safetensors, BF16 or FP8);
 * a `dsv3 train` checkpoint `step-N` (model.safetensors + config.resolved.yaml) or a run directory
@@ -71,7 +71,7 @@ class InitSource:
     """
 
     def __init__(self, cfg: ModelConfig, path: str | Path):
-        from dsv3.checkpoint.io import load_dir_config
+        from dsv3.checkpoint.reader import load_dir_config
 
         self.dir = d = resolve_init_dir(path)
         self.cfg = cfg
@@ -83,7 +83,7 @@ class InitSource:
         self.dcp = (d / ".metadata").is_file() and not any(d.glob("*.safetensors"))
         self.reader = None
         if not self.dcp:
-            from dsv3.checkpoint.io import CheckpointReader, count_mtp_layers
+            from dsv3.checkpoint.reader import CheckpointReader, count_mtp_layers
 
             files = CheckpointReader(d)
             try:
@@ -105,7 +105,7 @@ class InitSource:
 
     def _slice_reader(self, files):
         """Missing / unexpected / mis-shaped tensors: one line, from the headers only; then the reader."""
-        from dsv3.checkpoint.io import load_checkpoint_into
+        from dsv3.checkpoint.load import load_checkpoint_into
         from dsv3.checkpoint.slices import SliceReader
         from dsv3.model.transformer import Transformer
 
