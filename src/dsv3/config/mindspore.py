@@ -1,117 +1,21 @@
 """MindSpore Transformers YAML (the seed's `pretrain_deepseek3_*.yaml`) -> our run-config dict.
 
-Every key of the seed's files is in exactly one of three places below:
-* a map to one of our fields (honoured),
-* a rule (a key whose value we check or translate, e.g. `aux_loss_factors`),
-* the IGNORED table: keys that only mean something to MindSpore/Ascend (graph mode, fused ops,
-  strategy files, ...). They are reported once, on one line.
+Every key of the seed's files is in exactly one of three places:
+* a map to one of our fields (honoured; the tables in `dsv3.config.mindspore_keys`),
+* a rule below (a key whose value we check or translate, e.g. `aux_loss_factors`),
+* the IGNORED table (`dsv3.config.mindspore_keys`): keys that only mean something to MindSpore/Ascend
+  (graph mode, fused ops, strategy files, ...). They are reported once, on one line.
 Any other key is an error naming it, so a misspelt key never passes silently.
+Predict YAMLs (`dsv3 generate --config`) are read by `dsv3.config.mindspore_predict`.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any
 
+from dsv3.config.mindspore_keys import _MODEL_MAP, _MOE_MAP, _PARALLEL_MAP, _Translator, _group
 from dsv3.errors import UserError
-
-# MindSpore model_config key -> ModelConfig field (value copied as is).
-_MODEL_MAP = {
-    "hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-    "max_position_embeddings": "max_position_embeddings", "intermediate_size": "intermediate_size",
-    "kv_lora_rank": "kv_lora_rank", "q_lora_rank": "q_lora_rank", "qk_rope_head_dim": "qk_rope_head_dim",
-    "v_head_dim": "v_head_dim", "qk_nope_head_dim": "qk_nope_head_dim", "vocab_size": "vocab_size",
-    "rms_norm_eps": "rms_norm_eps", "theta": "rope_theta", "mtp_depth": "num_nextn_predict_layers",
-}
-_MOE_MAP = {
-    "expert_num": "n_routed_experts", "num_experts_chosen": "num_experts_per_tok", "shared_expert_num": "n_shared_experts",
-    "routed_scaling_factor": "routed_scaling_factor", "norm_topk_prob": "norm_topk_prob",
-    "first_k_dense_replace": "first_k_dense_replace", "moe_intermediate_size": "moe_intermediate_size",
-    "topk_group": "topk_group", "n_group": "n_group",
-}
-_PARALLEL_MAP = {k: k for k in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "micro_batch_num", "use_seq_parallel")}
-
-# Keys with no meaning for a PyTorch run, and why (shown once when a file uses them).
-_IGNORED = {
-    "": {"load_ckpt_format", "src_strategy_path_or_dir", "auto_trans_ckpt", "only_save_strategy", "use_parallel",
-         "micro_batch_interleave_num", "profile", "profile_start_step", "profile_stop_step", "init_start_profile",
-         "profile_communication", "profile_memory", "context", "train_dataset_task",
-         "trainer"},
-    "runner_config": {"sink_mode", "sink_size"},
-    "runner_wrapper": {"type", "scale_sense"},
-    "optimizer": {"learning_rate"},
-    "model.model_config": {
-        "type", "auto_register", "batch_size", "n_kv_heads", "multiple_of", "bos_token_id", "eos_token_id",
-        "pad_token_id", "ignore_token_id", "layernorm_compute_type", "softmax_compute_type", "rotary_dtype",
-        "router_dense_type", "param_init_type", "use_past", "use_flash_attention", "use_fused_swiglu",
-        "use_fused_rope", "input_sliced_sig", "checkpoint_name_or_path", "return_extra_loss", "qkv_concat"},
-    "moe_config": {"expert_group_size", "capacity_factor", "aux_loss_factor", "routing_policy", "enable_sdrop",
-                   "use_fused_ops_topkrouter", "group_wise_a2a", "expert_model_parallel", "callback_moe_droprate",
-                   "use_gmm", "use_fused_ops_permute", "enable_gmm_safe_tokens"},
-    "parallel_config": {"vocab_emb_dp", "gradient_aggregation_group"},
-    "recompute_config": {"parallel_optimizer_comm_recompute", "mp_comm_recompute", "recompute_slice_activation"},
-    "train_dataset": {"input_columns", "construct_args_key", "num_parallel_workers", "python_multiprocessing",
-                      "drop_remainder", "repeat", "numa_enable", "prefetch_size"},
-    "train_dataset.data_loader": {"datasets_type", "shuffle"},
-    "train_dataset.data_loader.config": {"num_dataset_builder_threads", "create_attention_mask"},
-}
-# Why some ignored keys are safe to ignore (the rest are Ascend graph/fusion/strategy options).
-_WHY = {
-    "capacity_factor": "DeepSeek-V3 never drops tokens",
-    "bos_token_id": "ids come from the tokenizer: bos 0, eos 1",
-    "n_kv_heads": "MLA has no separate KV heads",
-    "aux_loss_factor": "superseded by aux_loss_factors",
-    "auto_trans_ckpt": "train.init_from always reads each rank's own slices, whatever the layout",
-}
-
-
-class _Translator:
-    def __init__(self, source: str):
-        self.source = source
-        self.out: dict[str, dict[str, Any]] = {k: {} for k in ("model", "data", "train", "optimizer", "lr_schedule",
-                                                                "checkpoint", "eval", "logging", "parallel")}
-        self.ignored: list[str] = []
-
-    def err(self, where: str, msg: str) -> UserError:
-        return UserError(f"{self.source}: {where}: {msg}")
-
-    def walk(self, section: dict, where: str, handlers: dict[str, Callable[[Any, str], None]]) -> None:
-        """Dispatch every key of `section` to its handler; ignored keys are recorded; others are errors."""
-        if not isinstance(section, dict):
-            raise self.err(where or "top level", f"expected a mapping, got {section!r}")
-        ignored = _IGNORED.get(where, set())
-        for key, value in section.items():
-            path = f"{where}.{key}" if where else key
-            if key in handlers:
-                handlers[key](value, path)
-            elif key in ignored:
-                self.ignored.append(path + (f" ({_WHY[key]})" if key in _WHY else ""))
-            else:
-                valid = sorted(set(handlers) | ignored)
-                raise self.err(path, f"unknown key in a MindSpore config; valid keys here: {', '.join(valid)}")
-
-    def put(self, section: str, field: str) -> Callable[[Any, str], None]:
-        def h(value: Any, path: str) -> None:
-            self.out[section][field] = value
-        return h
-
-    def expect(self, allowed: tuple, then: Callable[[Any, str], None] | None = None) -> Callable[[Any, str], None]:
-        def h(value: Any, path: str) -> None:
-            if value not in allowed:
-                raise self.err(path, f"{value!r} is not supported (expected one of {list(allowed)})")
-            if then:
-                then(value, path)
-        return h
-
-
-def _group(paths: list[str]) -> str:
-    """'a.b.c', 'a.b.d', 'e' -> 'a.b: c, d; e' (one readable line)."""
-    groups: dict[str, list[str]] = {}
-    for p in paths:
-        head, _, tail = p.partition(" ")
-        sec, _, key = head.rpartition(".")
-        groups.setdefault(sec, []).append(key + (" " + tail if tail else ""))
-    return "; ".join((f"{sec}: " if sec else "") + ", ".join(keys) for sec, keys in groups.items())
 
 
 def _mindformers_recompute_counts(o: dict) -> str | None:
@@ -393,64 +297,3 @@ def _sft_dataset(t: _Translator, extra: dict, source: str, quiet: bool) -> None:
         print(f"{source}: train_dataset.data_loader MindDataset -> data.type sft, data.sft.path {path} (read as dsv3 SFT "
               f"data: a `dsv3 preprocess --dataset-type qa|chat` prefix or an Alpaca/chat .json/.jsonl; MindRecord files are not read)",
               file=sys.stderr)
-
-
-# ---- predict YAML (`dsv3 generate --config predict_*.yaml`)
-_PREDICT_SAMPLING = ("max_decode_length", "do_sample", "top_k", "top_p", "repetition_penalty")
-_PREDICT_WHY = {
-    "block_size": "the KV cache is set by --block-size / --num-blocks",
-    "num_blocks": "the KV cache is set by --block-size / --num-blocks",
-    "parallel_config": "use_parallel is not True: one process",
-}
-_PREDICT_PARALLEL = ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel")  # -> tp / ep (dsv3 generate)
-_PREDICT_OPEN = ("model", "model.model_config", "processor", "processor.tokenizer")  # sections listed key by key
-
-
-def predict_settings(data: dict, source: str = "config", quiet: bool = False) -> dict[str, Any]:
-    """The fields of a MindFormers predict YAML that `dsv3 generate` applies (checkpoint, tokenizer,
-    seed, sampling). Every other key is listed once on stderr as not applied, never dropped silently."""
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: expected a mapping at the top level")
-    mc = (data.get("model") or {}).get("model_config") or {}
-    tok = (data.get("processor") or {}).get("tokenizer") or {}
-    out: dict[str, Any] = {"model": data.get("load_checkpoint"), "tokenizer": tok.get("tokenizer_file") or tok.get("vocab_file"),
-                           "seed": data.get("seed")}
-    if mc.get("max_decode_length"):
-        out["max_tokens"] = int(mc["max_decode_length"])
-    if mc.get("do_sample"):
-        out["temperature"] = 1.0
-        if mc.get("top_k") not in (None, 0):
-            out["top_k"] = int(mc["top_k"])
-        if mc.get("top_p") not in (None, 1):
-            out["top_p"] = float(mc["top_p"])
-    if mc.get("repetition_penalty") not in (None, 1):
-        out["repetition_penalty"] = float(mc["repetition_penalty"])
-    if not out["model"]:
-        raise UserError(f"{source}: no load_checkpoint (the checkpoint directory or file)")
-    if mc.get("quantization_config"):  # applied by `dsv3 generate` (dsv3.quant.QuantConfig.from_mindformers)
-        out["quantization_config"] = mc["quantization_config"]
-    used = {"model.model_config.quantization_config", "load_checkpoint", "seed", "processor.tokenizer.tokenizer_file", "processor.tokenizer.vocab_file",
-            "model.arch", "use_parallel", *(f"model.model_config.{k}" for k in _PREDICT_SAMPLING)}
-    open_sections = _PREDICT_OPEN
-    if data.get("use_parallel") and isinstance(data.get("parallel_config"), dict):  # MindFormers: else one device
-        pc = data["parallel_config"]
-        out["parallel"] = {k: int(pc.get(k) or 1) for k in _PREDICT_PARALLEL}
-        used |= {f"parallel_config.{k}" for k in _PREDICT_PARALLEL}
-        open_sections = (*_PREDICT_OPEN, "parallel_config")
-    unused: list[str] = []
-
-    def visit(node: dict, where: str) -> None:
-        for key, value in node.items():
-            path = f"{where}.{key}" if where else str(key)
-            if path in used:
-                continue
-            if path in open_sections and isinstance(value, dict):
-                visit(value, path)
-            else:
-                unused.append(path + (f" ({_PREDICT_WHY[key]})" if key in _PREDICT_WHY else ""))
-
-    visit(data, "")
-    if unused and not quiet:
-        print(f"{source}: not applied by dsv3 generate (the model's architecture comes from the checkpoint's config.json, "
-              f"the rest is MindSpore/Ascend-only): {_group(unused)}", file=sys.stderr)
-    return out

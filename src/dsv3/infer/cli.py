@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _predict_yaml(path: str) -> dict[str, Any]:
     """The fields of a MindFormers predict YAML that mean something here (the rest is listed once)."""
     from dsv3.config.load import read_yaml
-    from dsv3.config.mindspore import predict_settings
+    from dsv3.config.mindspore_predict import predict_settings
 
     out = predict_settings(read_yaml(path), path)
     qc = out.pop("quantization_config", None)
