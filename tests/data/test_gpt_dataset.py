@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsv3.data.gpt_dataset import (GPTDatasetConfig, build_gpt_datasets, build_sample_index,
-                                   build_sample_index_reference, parse_data_path, split_bookends)
+from dsv3.data.gpt_dataset import GPTDatasetConfig, build_gpt_datasets
+from dsv3.data.gpt_indices import build_sample_index, build_sample_index_reference, parse_data_path, split_bookends
 from dsv3.data.indexed_dataset import IndexedDatasetBuilder
 
 EOD = 1

@@ -7,6 +7,7 @@ Modules (import what you need; nothing heavy is imported here):
   indexed_dataset IndexedDatasetBuilder / IndexedDataset (Megatron MMIDIDX v1, byte-exact)
   preprocess     the `dsv3 preprocess` verb and `preprocess(...)`
   gpt_dataset    GPTDatasetConfig, build_gpt_datasets(cfg, num_samples) -> (train, valid, test)
+  gpt_indices    split parsing and the document/sample/shuffle indices of gpt_dataset (and their cache)
   blended        weighted blending (BlendedDataset)
   loader         ResumableLoader (in-order batches, state_dict/load_state_dict)
   wikitext       find_wikitext(path) and the WikiText -> paragraph documents conversion

@@ -73,7 +73,7 @@ class Data:
 def check_data(cfg: RunConfig) -> None:
     """Clear errors before any work: missing or inconsistent .bin/.idx, token ids outside the model's
     vocabulary, or seq_length beyond the preprocessed sample length."""
-    from dsv3.data.gpt_dataset import parse_data_path
+    from dsv3.data.gpt_indices import parse_data_path
     from dsv3.data.indexed_dataset import IndexedDataset, exists
 
     L = cfg.data.seq_length
