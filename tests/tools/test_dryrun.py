@@ -151,3 +151,20 @@ def test_one_rank_stands_for_its_pipeline_rank(tmp_path):
         if r in reps:
             assert (st["dp_rank"], st["tp_rank"]) == (0, 0)
     assert all(len(v) == 1 for v in seen.values()), seen
+
+
+def test_meta_routing_is_balanced_over_every_expert():
+    """The fake run's MoE routing (`bincount(..., minlength=E)`, as the model calls it): every expert
+    gets its share; the dispatcher passes minlength positionally (once read as 1 bin: all tokens on
+    one expert, and the grouped-expert backward's per-expert temporaries counted at full size)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dsv3.tools.memtrack import TensorMemory
+
+    fake = FakeTensorMode()
+    with fake:
+        idx = torch.zeros(1001, 2, dtype=torch.long)
+    with fake, TensorMemory(meta_routing=True):
+        counts = torch.bincount(idx.flatten(), minlength=8).tolist()
+    assert counts == [251, 251, 250, 250, 250, 250, 250, 250]
