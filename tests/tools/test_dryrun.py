@@ -151,3 +151,37 @@ def test_one_rank_stands_for_its_pipeline_rank(tmp_path):
         if r in reps:
             assert (st["dp_rank"], st["tp_rank"]) == (0, 0)
     assert all(len(v) == 1 for v in seen.values()), seen
+
+
+def test_meta_routing_is_balanced_over_every_expert():
+    """The fake run's MoE routing (`bincount(..., minlength=E)`, as the model calls it): every expert
+    gets its share; the dispatcher passes minlength positionally (once read as 1 bin: all tokens on
+    one expert, and the grouped-expert backward's per-expert temporaries counted at full size)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dsv3.tools.memtrack import TensorMemory
+
+    fake = FakeTensorMode()
+    with fake:
+        idx = torch.zeros(1001, 2, dtype=torch.long)
+    with fake, TensorMemory(meta_routing=True):
+        counts = torch.bincount(idx.flatten(), minlength=8).tolist()
+    assert counts == [251, 251, 250, 250, 250, 250, 250, 250]
+
+
+def test_moe_layer_transient_has_no_expert_weight_gradients():
+    """The fake run counts activations only: the grouped experts' hand-written backward must not form
+    the stacked [E, I, D] weight gradients there (model states, counted from the build). With 64
+    experts one stack (16 MiB) outweighs the layer's activations at batch 1 x 64 tokens."""
+    from memory_cases import case_cfg
+
+    from dsv3.tools.activations import ActivationProfile
+
+    cfg = case_cfg("/nonexistent/never_read_text_document", "/nonexistent/out", {}, batch_size=1, seq=64)
+    cfg.model.n_routed_experts = 64
+    mc = cfg.model
+    stack = mc.n_routed_experts * mc.moe_intermediate_size * mc.hidden_size * 4
+    for recomputed in (False, True):
+        kept, transient = ActivationProfile(cfg).layer(1, recomputed)
+        assert kept + transient < stack, (recomputed, kept, transient, stack)

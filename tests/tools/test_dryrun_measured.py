@@ -58,10 +58,7 @@ def measure(tmp, name: str, data: str) -> tuple[dict, dict]:
 CI = ("1proc", "dp2pp2ep2_rc")
 
 
-# After the grouped-expert backward (GroupedSwiGLU) was merged, the fake-tensor activation run over-predicts
-# the first pipeline stage's peak under full recompute: +22.3% (96.0 vs 78.4 MiB measured; +5.3% before it).
-# Not yet understood; the other cases hold. Not strict, so the fix shows as XPASS.
-KNOWN = {"dp2pp2ep2_rc": "first stage under full recompute over-predicted by 22% since GroupedSwiGLU (see comment)"}
+KNOWN: dict[str, str] = {}  # case -> reason, for a case known to miss the tolerance (a non-strict xfail)
 
 
 def _marks(c: str) -> list:

@@ -4,7 +4,8 @@
 dtypes, no storage; the pipeline stage; the configured recompute wrappers; the trainer's loss)
 forward and backward under `memtrack.TensorMemory`. `act_bytes` is what the forward leaves alive for
 backward, `fwd_bwd_peak` the most alive at once during that micro-batch. Weight gradients are not
-formed here (they are model states, counted from the build); MoE routing is taken as perfectly
+formed here (they are model states, counted from the build; `expert_weight_grads_off` keeps the
+grouped experts' hand-written backward from forming them); MoE routing is taken as perfectly
 balanced (`dsv3.tools.memory` adds the all-to-all buffers at a stated imbalance).
 """
 
@@ -63,6 +64,28 @@ def fused_attention():
         F.scaled_dot_product_attention = real
 
 
+@contextlib.contextmanager
+def expert_weight_grads_off():
+    """The grouped experts (`moe.GroupedSwiGLU`) without their weight gradients, as autograd's own
+    formulas skip the gradients `torch.autograd.grad` was not asked for. The hand-written backward
+    decides by `ctx.needs_input_grad`, fixed in the forward, so here it would form the stacked [E, ...]
+    gradients of every routed expert (all E of the single-device model, not a rank's E/ep) inside the
+    layer's transient, on top of the gradients counted as model states. The weights enter detached:
+    the forward and what it saves are unchanged (the weights' storages are ignored either way)."""
+    from dsv3.model import moe
+
+    real = moe.grouped_swiglu
+
+    def grouped(xs, counts, gate_w, up_w, down_w):
+        return real(xs, counts, gate_w.detach(), up_w.detach(), down_w.detach())
+
+    moe.grouped_swiglu = grouped
+    try:
+        yield
+    finally:
+        moe.grouped_swiglu = real
+
+
 def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompute_ids: set[int], loss: str,
                      gpu_attention: bool = True) -> StageActivation:
     """One micro-batch (train.batch_size x data.seq_length) through a stage of the single-device model
@@ -97,7 +120,7 @@ def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompu
         batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(b, T)}
     mode = TensorMemory(meta_routing=True)
     mode.ignore(list(part.parameters()), list(part.buffers()))
-    with fake, mode, (fused_attention() if gpu_attention else contextlib.nullcontext()):
+    with fake, mode, expert_weight_grads_off(), (fused_attention() if gpu_attention else contextlib.nullcontext()):
         h = None if first else torch.empty(b, T, mc.hidden_size, dtype=dtype, requires_grad=True)
         mode.track(h)
         if whole:

@@ -124,7 +124,10 @@ class TensorMemory(TorchDispatchMode):
             from torch._subclasses.fake_tensor import unset_fake_temporarily
 
             n = args[0].numel()
-            bins = max(kwargs.get("minlength", 0), 1)
+            # aten's schema bincount(self, weights=None, minlength=0): the dispatcher passes minlength
+            # positionally, so a keyword-only read would put every token on one expert
+            minlength = args[2] if len(args) > 2 else kwargs.get("minlength", 0)
+            bins = max(int(minlength), 1)
             base, rem = divmod(n, bins)  # every bin the same count (the remainder to the first ones)
             with unset_fake_temporarily():
                 counts = torch.full((bins,), base, dtype=torch.int64)
