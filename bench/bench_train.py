@@ -4,18 +4,20 @@ same AdamW, same run, interleaved repetitions.
     flock /tmp/dsv3-bench.lock python bench/bench_train.py        # seed 1B config, seq 256, batch 1, fp32, CPU
     python bench/bench_train.py --config configs/tiny.yaml --seq 32 --steps 2 --rounds 1 --out /tmp/t.json  # smoke
 
-The parent builds the dsv3 model once (seed 0) and writes it with `save_pretrained` to a temporary
-directory; every child loads those weights (dsv3 `from_pretrained`, transformers `from_pretrained`) and
-times `--warmup` + `--steps` optimizer steps on the same token batches. A 1B model with AdamW states
-takes ~16 GB in fp32, so the two implementations run in separate subprocesses, `--rounds` times,
-alternating which goes first (step times on a shared VM swing ±30%: compare best steps).
+The parent builds the dsv3 model once (seed 0), writes it with `save_pretrained` to a temporary
+directory beside a random-token dataset (`.bin/.idx`); every child loads those weights and times
+`--warmup` + `--steps` optimizer steps on the same batches from the same loader. A 1B model with AdamW
+states takes ~16 GB in fp32, so the two implementations run in separate subprocesses, `--rounds`
+times, alternating which goes first (step times on a shared VM swing ±30%: compare best steps).
 
-One optimizer step = forward, cross-entropy (dsv3: the trainer's `compute_loss`, fused head +
-cross-entropy; transformers: `model(x).logits` then the same fp32 cross-entropy), backward, grad-norm
-clip (1.0), AdamW step (`dsv3.train.optim.build_optimizer` for both: β 0.9/0.95, eps 1e-8, wd 0.1 on
-matrices, torch's fused kernel), zero_grad; dsv3 also does its aux-loss-free bias update. MTP and the
-sequence-wise aux loss are off in both (transformers has no MTP module). The first step's loss of both
-is recorded: same weights and batch, so they must agree (`first_loss_abs_diff`).
+One optimizer step, dsv3: `Trainer.train_step`, exactly what `dsv3 train` runs (weights through
+`train.init_from`; fused head + cross-entropy; the clip folded into the fused AdamW; the aux-loss-free
+bias update; `train.cpu_allocator` cache, which `--cpu-allocator system` turns off).
+transformers: `model(x).logits`, the same fp32 cross-entropy, backward, torch's `clip_grad_norm_`
+(1.0), the same AdamW (`dsv3.train.optim.build_optimizer`: β 0.9/0.95, eps 1e-8, wd 0.1 on matrices,
+torch's fused kernel), zero_grad. MTP and the sequence-wise aux loss are off in both (transformers
+has no MTP module). The first step's loss of both is recorded: same weights and batch, so they must
+agree (`first_loss_abs_diff`).
 
 Writes bench/results/train.json: tokens/s by best and by median step of each implementation, the
 speedups, every step time, the command, commit, versions, and the load average before and after.
@@ -58,50 +60,77 @@ def write_weights(args, path: Path) -> None:
     model.save_pretrained(path)
 
 
-def load(impl: str, path: str):
-    if impl == "dsv3":
-        import dsv3
+def run_config(args):
+    """The run both children train: the benchmark's model, the shared weights (`train.init_from`), the
+    token dataset the parent wrote, batch x seq, no MTP, no evaluation; torch's fused AdamW (fp32 states)."""
+    from dsv3.config.train import CheckpointConfig, DataConfig, EvalConfig, RunConfig, TrainConfig
 
-        return dsv3.from_pretrained(path, dtype=torch.float32).train()
-    from transformers import DeepseekV3ForCausalLM
-
-    return DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    cfg = RunConfig(model=model_config(args.config),
+                    data=DataConfig(data_path=[args.data], split="100,0,0", seq_length=args.seq),
+                    train=TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch, init_from=args.weights,
+                                      device="cpu", precision="fp32", mtp_loss_factor=0.0, bias_update_rate=0.001,
+                                      cpu_allocator=args.cpu_allocator),
+                    checkpoint=CheckpointConfig(output_dir=str(Path(args.data).parent / f"run-{os.getpid()}")),
+                    eval=EvalConfig(eval_steps=0, eval_at_end=False))
+    cfg.validate()
+    return cfg
 
 
 def child(args) -> dict:
-    """Time `args.warmup + args.steps` training steps of one implementation; prints one JSON line."""
-    from dsv3.config.train import LRScheduleConfig, OptimizerConfig
-    from dsv3.train.balance import balance_step
-    from dsv3.train.loss import compute_loss, mean_ce
-    from dsv3.train.optim import build_optimizer
+    """Time `args.warmup + args.steps` training steps of one implementation; prints one JSON line.
 
-    model = load(args.impl, args.weights)
-    opt = build_optimizer(model, OptimizerConfig(), LRScheduleConfig())
-    moe = model.moe_layers() if args.impl == "dsv3" else []
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(1234)
-    batches = [torch.randint(2, vocab, (args.batch, args.seq + 1), generator=gen) for _ in range(args.warmup + args.steps)]
+    dsv3: `Trainer.train_step`, the step `dsv3 train` runs (data loader, fused head + cross-entropy,
+    clip folded into the fused AdamW, aux-loss-free bias update, `train.cpu_allocator`).
+    transformers: the same batches from the same loader, `model(x).logits`, the same fp32
+    cross-entropy, torch's `clip_grad_norm_`, the same AdamW (`dsv3.train.optim.build_optimizer`)."""
+    from dsv3.train.loss import mean_ce
+    from dsv3.train.optim import build_optimizer
+    from dsv3.train.trainer import Trainer, build_data
+
+    cfg = run_config(args)
     losses, times = [], []
-    for b in batches:
-        t0 = time.perf_counter()
-        x, y = b[:, :-1], b[:, 1:]
-        mask = torch.ones_like(y, dtype=torch.float32)
-        if args.impl == "dsv3":  # the trainer's step: fused head + cross-entropy
-            loss, _ = compute_loss(model, {"tokens": x, "labels": y, "loss_mask": mask}, mtp_loss_factor=0.0)
-        else:
-            loss = mean_ce(model(x).logits, y, mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        balance_step(moe, 0.001)
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
-    extra = {"experts_implementation": getattr(model.config, "_experts_implementation", None),
-             "attn_implementation": getattr(model.config, "_attn_implementation", None)} if args.impl == "hf" else {
-        "moe_impl": model.config.moe_impl, "attn_impl": model.config.attn_impl}
+    if args.impl == "dsv3":
+        trainer = Trainer(cfg, quiet=True)
+        model = trainer.model
+        for _ in range(cfg.train.steps):
+            t0 = time.perf_counter()
+            rec = trainer.train_step()
+            times.append(time.perf_counter() - t0)
+            losses.append(rec["lm_loss"])
+        extra = {"moe_impl": model.config.moe_impl, "attn_impl": model.config.attn_impl,
+                 "cpu_allocator": cfg.train.cpu_allocator}
+    else:
+        from transformers import DeepseekV3ForCausalLM
+
+        model = DeepseekV3ForCausalLM.from_pretrained(args.weights, dtype=torch.float32).train()
+        opt = build_optimizer(model, cfg.optimizer, cfg.lr_schedule)
+        batches = iter(build_data(cfg, 1).train)
+        for _ in range(cfg.train.steps):
+            b = next(batches)
+            t0 = time.perf_counter()
+            loss = mean_ce(model(b["tokens"]).logits, b["labels"], b["loss_mask"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss.detach()))
+        extra = {"experts_implementation": getattr(model.config, "_experts_implementation", None),
+                 "attn_implementation": getattr(model.config, "_attn_implementation", None)}
     return {"impl": args.impl, "params": sum(p.numel() for p in model.parameters()), "step_seconds": times[args.warmup:],
             "warmup_seconds": times[: args.warmup], "losses": losses, **extra}
+
+
+def write_tokens(args, prefix: str) -> None:
+    """Random token documents of seq + 1 tokens, enough for every step (both children read the same)."""
+    from dsv3.data.indexed_dataset import IndexedDatasetBuilder
+
+    gen = torch.Generator().manual_seed(1234)
+    vocab = model_config(args.config).vocab_size
+    b = IndexedDatasetBuilder(prefix + ".bin")
+    for _ in range((args.warmup + args.steps) * args.batch + 2):
+        b.add_document(torch.randint(2, vocab, (args.seq + 1,), generator=gen).numpy(), [args.seq + 1])
+    b.finalize(prefix + ".idx")
 
 
 def summary(runs: list[dict], tokens: int) -> dict:
@@ -120,6 +149,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="children per implementation, alternating order")
     p.add_argument("--impl", choices=("dsv3", "hf"), default=None, help="(internal) run one implementation and print JSON")
     p.add_argument("--weights", default=None, help="(internal) the shared HF-format weights directory")
+    p.add_argument("--data", default=None, help="(internal) the shared token dataset prefix")
+    p.add_argument("--cpu-allocator", choices=("cache", "system"), default="cache",
+                   help="dsv3's train.cpu_allocator (default: cache, as `dsv3 train`)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     args = p.parse_args()
     if args.impl:
@@ -129,9 +161,12 @@ def main() -> int:
     runs: dict[str, list[dict]] = {"hf": [], "dsv3": []}
     with tempfile.TemporaryDirectory(prefix="dsv3-bench-train-") as weights:
         write_weights(args, Path(weights))
+        data = str(Path(weights) / "tokens_text_document")
+        write_tokens(args, data)
         for r in range(args.rounds):
             for impl in (("hf", "dsv3") if r % 2 == 0 else ("dsv3", "hf")):
-                cmd = [sys.executable, __file__, "--impl", impl, "--weights", weights, "--seq", str(args.seq),
+                cmd = [sys.executable, __file__, "--impl", impl, "--weights", weights, "--data", data, "--seq", str(args.seq),
+                       "--cpu-allocator", args.cpu_allocator, "--config", args.config,
                        "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
@@ -152,7 +187,7 @@ def main() -> int:
         "batch": args.batch, "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "transformers": transformers.__version__,
         "rounds": args.rounds, "warmup_steps": args.warmup, "measured_steps_per_round": args.steps,
-        "mtp": False, "optimizer": "AdamW(0.9, 0.95, eps 1e-8, wd 0.1 on matrices, fused), clip 1.0",
+        "mtp": False, "cpu_allocator": args.cpu_allocator, "optimizer": "AdamW(0.9, 0.95, eps 1e-8, wd 0.1 on matrices, fused), clip 1.0",
         "dsv3": ds, "hf": hf,
         "speedup_best_step": ds["tokens_per_s_best"] / hf["tokens_per_s_best"],
         "speedup_median_step": ds["tokens_per_s_median"] / hf["tokens_per_s_median"],

@@ -87,6 +87,10 @@ class TrainConfig:
     """Fused, chunked head + cross-entropy (never materialises [tokens, vocab] logits); False: plain logits path."""
     threads: Optional[int] = None
     """torch CPU threads; None: torch's default."""
+    cpu_allocator: Literal["cache", "system"] = "cache"
+    """CPU runs: cache keeps freed host memory in the process for the next step's tensors (glibc malloc serves
+    large blocks from its heap and never trims it; `dsv3.train.host_memory`), system leaves the C library's
+    defaults (memory is returned to the OS between steps, and faulted in again)."""
     recompute: Literal["none", "full", "selective"] = "none"
     """Activation recompute of decoder blocks: none; full (a block keeps only its input and runs its forward
     again in backward); selective (as full, but matrix-product and attention outputs are kept). Which blocks:

@@ -103,29 +103,21 @@ def parallelize(model: Transformer, dims: ParallelDims, meshes: Meshes, param_dt
 
 
 @torch.no_grad()
-def clip_grad_norm_(dm: DistributedModel, max_norm: float) -> torch.Tensor:
-    """Global gradient 2-norm over every rank's parameters, each counted once; scales the grads
-    to `max_norm` when above it. DTensor grads (FSDP, TP, EP shards) reduce over their own mesh;
-    plain grads are already identical on their replicas (after `finalize_grads`); stages add up
-    over the pipeline group (the last stage's embedding copy is stage 0's, not counted again)."""
+def grad_norm(dm: DistributedModel) -> torch.Tensor:
+    """Global gradient 2-norm over every rank's parameters, each counted once (the grads are not
+    changed; `dsv3.train.optim.step_with_clip` applies the clip). DTensor grads (FSDP, TP, EP shards)
+    reduce over their own mesh; plain grads are already identical on their replicas (after
+    `finalize_grads`); stages add up over the pipeline group (the last stage's embedding copy is
+    stage 0's, not counted again)."""
     dev = dm.meshes.device
     total = torch.zeros((), dtype=torch.float32, device=dev)
-    grads = []
     for part in dm.parts:
         copy = getattr(part, "is_last", False) and not getattr(part, "is_first", True)
         for name, p in part.named_parameters():
-            if p.grad is None:
-                continue
-            grads.append(p.grad)
-            if copy and name == "model.embed_tokens.weight":
+            if p.grad is None or (copy and name == "model.embed_tokens.weight"):
                 continue
             n = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
             total += (n.full_tensor() if isinstance(n, DTensor) else n) ** 2
     if dm.dims.pp > 1:
         dist.all_reduce(total, group=dm.meshes.pp_group)
-    norm = total.sqrt()
-    coef = max_norm / (norm + 1e-6)
-    if coef < 1:
-        for g in grads:
-            g.mul_(coef)
-    return norm
+    return total.sqrt()

@@ -156,14 +156,15 @@ class Strategy:
             vec /= self.dims.dp
         return {k: float(v) for k, v in zip(LOSS_PARTS, vec)}
 
-    def finish_grads(self, max_norm: float) -> torch.Tensor:
-        """Gradient reductions FSDP does not do, then the global-norm clip; returns the norm."""
+    def finish_grads(self) -> torch.Tensor:
+        """Gradient reductions FSDP does not do, then the global gradient norm (the clip itself is
+        applied inside the optimizer step: `dsv3.train.optim.step_with_clip`)."""
         if not self.distributed:
-            return torch.nn.utils.clip_grad_norm_(self.parts[0].parameters(), max_norm)
-        from dsv3.parallel.api import clip_grad_norm_
+            return torch.nn.utils.get_total_norm([p.grad for p in self.parts[0].parameters() if p.grad is not None])
+        from dsv3.parallel.api import grad_norm
 
         self.dm.finalize_grads()
-        return clip_grad_norm_(self.dm, max_norm)
+        return grad_norm(self.dm)
 
     def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Expert counts summed over every rank that routed other tokens (the bias update's input)."""

@@ -136,3 +136,36 @@ def build_optimizer(model: nn.Module | list[nn.Module], cfg: OptimizerConfig, lr
     opt.add_param_group({"params": groups[1]["params"], "weight_decay": 0.0})
     return opt
 
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> float:
+    """The factor global-norm clipping scales every gradient by (torch's `clip_grad_norm_` rule,
+    `max_norm / (norm + 1e-6)` clamped to 1); 1.0 means no clipping."""
+    return min(1.0, max_norm / (float(norm) + 1e-6))
+
+
+def step_with_clip(optimizer: torch.optim.Optimizer, coef: float) -> None:
+    """`optimizer.step()` on the gradients scaled by `coef` (`clip_coefficient`).
+
+    Fast path: torch's fused AdamW divides each gradient by its `grad_scale` input inside the update
+    kernel (the hook `torch.amp.GradScaler` uses), so clipping costs no extra pass over the gradients;
+    the gradients are left scaled, as after `clip_grad_norm_`. Reference path (every other optimizer,
+    DTensor shards, ZeRO-1): multiply the gradients in place, then step. `test_optim` compares them.
+    """
+    if coef >= 1.0:
+        optimizer.step()
+        return
+    if isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused"):
+        dev = optimizer.param_groups[0]["params"][0].device
+        optimizer.grad_scale = torch.tensor(1.0 / coef, dtype=torch.float32, device=dev)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    optimizer.step()

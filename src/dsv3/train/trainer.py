@@ -28,7 +28,9 @@ from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
 from dsv3.parallel.strategy import Strategy
 from dsv3.train import balance, checkpoint, metrics
+from dsv3.train.host_memory import keep_freed_memory
 from dsv3.train.lr_schedule import build_scheduler
+from dsv3.train.optim import clip_coefficient, step_with_clip
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -180,6 +182,10 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.strategy = strategy or Strategy(cfg, self.device)
         self.quiet = quiet or not self.strategy.logs
+        if self.device.type == "cpu" and cfg.train.cpu_allocator == "cache":
+            note = keep_freed_memory()
+            if note:
+                self.log(note)
         self.micro_batches = cfg.micro_batches_per_step(self.strategy.dp_size)
         self.run_dir = cfg.output_dir
         self.ckpt_root = checkpoint.checkpoint_root(self.run_dir)
@@ -239,14 +245,14 @@ class Trainer:
         """One optimizer step over `micro_batches` micro-batches; returns the step's metrics."""
         batches = [self._to_device(self._next_batch()) for _ in range(self.micro_batches)]
         losses = self.strategy.forward_backward(batches, self.autocast)
-        clip = self.cfg.optimizer.clip_grad if self.cfg.optimizer.clip_grad > 0 else float("inf")
-        return self.finish_step(losses, self.strategy.finish_grads(clip))
+        return self.finish_step(losses, self.strategy.finish_grads())
 
     def finish_step(self, losses: dict[str, float], grad_norm) -> dict[str, Any]:
         """Optimizer + LR step, then the bias update from this step's expert counts; the step's record.
         `losses` holds the step's global mean `lm`, `mtp` and `aux` losses."""
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        clip = self.cfg.optimizer.clip_grad
+        step_with_clip(self.optimizer, clip_coefficient(grad_norm, clip) if clip > 0 else 1.0)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         counts = balance.balance_step(self.moe_layers, self.cfg.train.bias_update_rate, self.strategy.reduce_counts)
