@@ -205,3 +205,29 @@ def test_onednn_matmul_equals_torch_mm(layout):
     w = torch.randn(29, 50, generator=g) if layout == "x@wT" else torch.randn(50, 29, generator=g).t()
     fast, ref = mm_nt(x, w), mm_nt(x, w, reference=True)
     assert fast.shape == ref.shape == (37, 29) and (fast - ref).abs().max() <= TOL * ref.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (5, 24), (2, 7, 24)], ids=["gemv", "2d", "3d"])
+def test_linear_onednn_path_equals_nn_linear(shape):
+    """The model's `Linear` (oneDNN forward, input and weight gradients) against `nn.Linear.forward`
+    (`reference = True`) on the same weights: outputs and both gradients; and under no_grad (decode)."""
+    from dsv3.model.matmul import Linear, LinearNT, onednn_matmul_supported
+
+    if not onednn_matmul_supported():
+        pytest.skip("this torch build has no oneDNN fp32 linear op")
+    torch.manual_seed(0)
+    fast, ref = Linear(24, 40, bias=False), Linear(24, 40, bias=False)
+    ref.load_state_dict(fast.state_dict())
+    ref.reference = True
+    x = torch.randn(*shape)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yf, yr = fast(xf), ref(xr)
+    assert yf.grad_fn is not None and LinearNT.__name__ in type(yf.grad_fn).__name__  # the fast path ran
+    assert LinearNT.__name__ not in type(yr.grad_fn).__name__
+    dy = torch.randn_like(yr)
+    (yf * dy).sum().backward()
+    (yr * dy).sum().backward()
+    for a, b in ((yf, yr), (xf.grad, xr.grad), (fast.weight.grad, ref.weight.grad)):
+        assert a.shape == b.shape and (a - b).abs().max() <= TOL * b.abs().max()
+    with torch.no_grad():
+        assert (fast(x) - ref(x)).abs().max() <= TOL * yr.abs().max()

@@ -21,7 +21,7 @@ from torch import nn
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model.layers import MLP
-from dsv3.model.matmul import mm_nt
+from dsv3.model.matmul import mm_nt, mm_tn_into
 
 
 class Gate(nn.Module):
@@ -193,14 +193,14 @@ class GroupedSwiGLU(torch.autograd.Function):
             g, u, x, d = gate[sl], up[sl], xs[sl], dy[sl]
             sg = F.silu(g)
             if need_d:
-                torch.mm(d.t(), sg * u, out=dd_w[e])
+                mm_tn_into(dd_w[e], d, sg * u)
             dh = mm_nt(d, down_w[e].t())  # [n, I]
             dg = torch.ops.aten.silu_backward(dh * u, g)
             du = dh * sg
             if need_g:
-                torch.mm(dg.t(), x, out=dg_w[e])
+                mm_tn_into(dg_w[e], dg, x)
             if need_u:
-                torch.mm(du.t(), x, out=du_w[e])
+                mm_tn_into(du_w[e], du, x)
             if need_x:
                 dx[sl] = mm_nt(dg, gate_w[e].t()).add_(mm_nt(du, up_w[e].t()))
         return dx, dg_w, du_w, dd_w, None

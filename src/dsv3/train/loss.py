@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.model.matmul import mm_nt
+from dsv3.model.matmul import mm_nt, uses_onednn
 
 CE_CHUNK = 1024
 """Tokens per chunk of the fused head + cross-entropy (a [chunk, vocab] fp32 block at a time)."""
@@ -89,8 +89,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 def accumulate_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """acc + a @ b in fp32 (the product itself when acc is None). In place with one GEMM when the
     product is fp32 anyway; under autocast the product is formed in the autocast dtype, then added."""
+    if uses_onednn(a, b):  # oneDNN reads both transposed views; faster than MKL's in-place addmm_ even with the add
+        prod = mm_nt(a, b.t())
+        return prod if acc is None else acc.add_(prod)
     if acc is None:
-        return (a @ b).float()  # torch.mm: oneDNN would first copy the transposed [V, n] operand
+        return (a @ b).float()
     if not torch.is_autocast_enabled(acc.device.type) and a.dtype == b.dtype == acc.dtype:
         return acc.addmm_(a, b)
     return acc.add_((a @ b).float())
