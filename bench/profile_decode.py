@@ -22,6 +22,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rows", type=int, default=25, help="operators to list")
+    ap.add_argument("--shapes", action="store_true", help="group operators by input shape")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -46,10 +47,10 @@ def main() -> int:
     engine.step()  # prefill(s)
     while engine.stats()["decode_steps"] < 1:
         engine.step()  # one warm decode step
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         for _ in range(args.steps):
             engine.step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0
 
 
