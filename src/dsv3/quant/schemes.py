@@ -14,8 +14,9 @@ Schemes:
 * `int4`  weight-only, group-wise asymmetric along K (gpt-fast / torchao: w = (q - 8)·scale + zero),
   storage in the CPU tinygemm layout of `torch._convert_weight_to_int4pack_for_cpu` (0.5 B/weight),
   s = scales_and_zeros [K/group, N, 2]; `torch._weight_int4pack_mm_for_cpu`.
-* `fp8`   DeepSeek's float8_e4m3fn with 128x128 block scales (s [ceil(N/128), ceil(K/128)]), computed
-  by dequantising a chunk of 128-row blocks at a time (never the whole matrix).
+* `fp8`   DeepSeek's float8_e4m3fn with 128x128 block scales (s [ceil(N/128), ceil(K/128)]): on
+  Hopper-class CUDA a block-scaled FP8 GEMM with per-token FP8 activations (`dsv3.quant.fp8_gemm`),
+  elsewhere dequantising a chunk of 128-row blocks at a time (never the whole matrix).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.checkpoint.fp8 import BLOCK, weight_dequant, weight_quant
+from dsv3.quant.fp8_gemm import fp8_block_linear, fp8_gemm_supported, shape_eligible
 
 INT8_MAX = 127.0
 KERNEL_ROWS = 16
@@ -228,9 +230,12 @@ class Fp8Block(Scheme):
         return weight_dequant(q, s, dtype=torch.float32)
 
     def linear(self, x, q, s, k):
-        """Dequantise FP8_CHUNK_ROWS output rows at a time into x's dtype and multiply: the largest
-        dense copy held is one chunk, never the whole matrix."""
+        """CUDA (Hopper-class): block-scaled FP8 GEMM (`dsv3.quant.fp8_gemm`). Elsewhere dequantise
+        FP8_CHUNK_ROWS output rows at a time into x's dtype and multiply: the largest dense copy held
+        is one chunk, never the whole matrix."""
         n = q.shape[0]
+        if x.is_cuda and shape_eligible(n, k) and fp8_gemm_supported(x.device):
+            return fp8_block_linear(x, q, s)
         if n <= FP8_CHUNK_ROWS:
             return F.linear(x, weight_dequant(q, s, dtype=x.dtype))
         rb = FP8_CHUNK_ROWS // BLOCK
