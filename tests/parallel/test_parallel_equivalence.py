@@ -37,6 +37,7 @@ FOUR = {  # 4 processes
     "dp2xtp2xep2": {"data_parallel": 2, "model_parallel": 2, "expert_parallel": 2, "micro_batch_num": 2},  # 2-D FSDP
     # experts FSDP-sharded over edp 2 < dp 4: the step gradient is the edp sum / dp, not FSDP's edp mean
     "dp4xep2": {"data_parallel": 4, "expert_parallel": 2, "micro_batch_num": 1},
+    "dp4-hsdp2": {"data_parallel": 4, "dp_replicate": 2, "micro_batch_num": 1},  # FSDP over 2, replicated twice
     "tp2xep2xpp2-interleaved": {"model_parallel": 2, "expert_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 4,
                                 "pipeline_schedule": "Interleaved1F1B"},
 }
@@ -107,3 +108,14 @@ def test_each_rank_holds_about_half(runs, name):
         assert 0.4 * total_bytes < r["local_bytes"] < 0.6 * total_bytes, (r, total_bytes)
     if name == "pp2-1F1B":
         assert sum(r["stage_params"] for r in held) == total
+
+
+def test_hsdp_shards_over_the_group_and_replicates_across(runs):
+    """dp4 with dp_replicate 2: each rank holds about half of the dense weights (sharded over 2, not 4),
+    and ranks r and r+2 (the two replicas of one shard) hold the same amount."""
+    model = make_model(tiny_cfg(aux_loss_alpha=AUX))
+    total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    held = _held(runs, "dp4-hsdp2")
+    for r in held:
+        assert 0.4 * total_bytes < r["local_bytes"] < 0.6 * total_bytes, (r, total_bytes)
+    assert held[0]["local_bytes"] == held[2]["local_bytes"] and held[1]["local_bytes"] == held[3]["local_bytes"]

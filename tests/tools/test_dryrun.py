@@ -185,3 +185,17 @@ def test_moe_layer_transient_has_no_expert_weight_gradients():
     for recomputed in (False, True):
         kept, transient = ActivationProfile(cfg).layer(1, recomputed)
         assert kept + transient < stack, (recomputed, kept, transient, stack)
+
+
+def test_hsdp_replicas_hold_twice_the_shard(tmp_path, capsys):
+    """dp4 sharded over all 4 vs HSDP dp_replicate 2 (sharded over 2): the dense model states per rank
+    grow (each shard is twice as large), the routed experts' (edp-sharded) do not change."""
+    cfg_path = write_cfg(tmp_path, data_parallel=4, pipeline_stage=2, expert_parallel=1, micro_batch_num=4)
+    reps = {}
+    for r in (1, 2):
+        rc, _, _ = dryrun(capsys, "--config", str(cfg_path), "--set", f"parallel.dp_replicate={r}", "--json", str(tmp_path / f"{r}.json"))
+        assert rc == 0
+        reps[r] = json.loads((tmp_path / f"{r}.json").read_text())
+    for a, b in zip(reps[1]["ranks"], reps[2]["ranks"]):
+        assert a["params"] < b["params"] < 2 * a["params"], (a["params"], b["params"])
+    assert dryrun(capsys, "--config", str(cfg_path), "--set", "parallel.dp_replicate=3")[0] != 0  # must divide dp

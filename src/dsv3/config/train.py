@@ -212,6 +212,11 @@ class ParallelConfig:
     data_parallel; MindSpore `parallel.enable_parallel_optimizer: True`), ddp (replicated, gradients all-reduced;
     `enable_parallel_optimizer: False`) or zero1 (replicated weights, AdamW state sharded; model_parallel 1 and
     expert_parallel 1 only)."""
+    dp_replicate: int = 1
+    """HSDP with dp_shard fsdp: the data_parallel ranks form dp_replicate groups of data_parallel /
+    dp_replicate ranks; FSDP shards within a group and replicates across groups (gradients all-reduced
+    between them), so intra-node sharding can pair with inter-node replication. 1: FSDP over all of
+    data_parallel."""
     pipeline_schedule: Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
                                "ZBVZeroBubble", "DualPipeV"] = "1F1B"
     """torch.distributed.pipelining schedule with pipeline_stage > 1. Interleaved1F1B, LoopedBFS and
@@ -229,7 +234,7 @@ class ParallelConfig:
     recomputed, one entry per stage (MindSpore `recompute_config.recompute` as a list). None: all layers."""
 
     def __post_init__(self) -> None:
-        for name in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "micro_batch_num"):
+        for name in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "micro_batch_num", "dp_replicate"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.stages_per_rank < 0:

@@ -66,7 +66,7 @@ def _embed_groups(meshes: Meshes, last_rank: int) -> dist.ProcessGroup | None:
     if last_rank == 0:
         return None
     mine = None
-    mesh = meshes.dense.mesh  # [pp, dp, tp]
+    mesh = meshes.dense.mesh.reshape(dims.pp, dims.dp, dims.tp)  # [pp, dp, tp] (HSDP's [pp, rep, shard, tp] flattened)
     for d in range(dims.dp):
         for t in range(dims.tp):
             ranks = sorted({int(mesh[0, d, t]), int(mesh[last_rank, d, t])})
@@ -96,7 +96,7 @@ def parallelize(model: Transformer, dims: ParallelDims, meshes: Meshes, param_dt
             apply_tp(part, meshes.tp_mesh, dims.seq_parallel)
         apply_recompute(part, recompute, recompute_ids)
         if dims.dp_shard == "fsdp" and dims.dp > 1:
-            apply_fsdp(part, meshes.dp_mesh, param_dtype, reshard_after_forward=dims.pp == 1,
+            apply_fsdp(part, meshes.fsdp_mesh, param_dtype, reshard_after_forward=dims.pp == 1,
                        edp_mesh=meshes.edp_mesh if dims.shard_experts else None)
     embed_group = _embed_groups(meshes, dims.last_stage_rank) if dims.pp > 1 and cfg.num_nextn_predict_layers else None
     return DistributedModel(parts, meshes, embed_group)

@@ -49,6 +49,8 @@ class ParallelDims:
     dp_shard: str = "fsdp"
     """How dense weights are data-parallel: 'fsdp' (FSDP2 fully_shard), 'zero1' (replicated weights,
     optimizer state sharded), 'ddp' (replicated weights and optimizer state)."""
+    dp_replicate: int = 1
+    """HSDP: FSDP shards over dp / dp_replicate ranks and replicates over dp_replicate groups of them."""
     schedule: str = "1F1B"
     """Pipeline schedule name (torch.distributed.pipelining)."""
     stages_per_rank: int = 0
@@ -91,6 +93,7 @@ class ParallelDims:
             ep=int(get("expert_parallel", 1)), micro_batch_num=int(get("micro_batch_num", 1)),
             seq_parallel=bool(get("use_seq_parallel", True)), dp_shard=str(get("dp_shard", "fsdp")),
             schedule=str(get("pipeline_schedule", "1F1B")), stages_per_rank=int(get("stages_per_rank", 0)),
+            dp_replicate=int(get("dp_replicate", 1)),
         )
 
     def validate(self, world_size: int | None = None, model_cfg=None, seq_len: int | None = None, batch_size: int | None = None) -> None:
@@ -108,6 +111,11 @@ class ParallelDims:
                             f"{self.dp * self.tp} (expert-parallel ranks are carved out of them)")
         if self.dp_shard not in ("fsdp", "zero1", "ddp"):
             raise UserError(f"parallel_config.dp_shard = {self.dp_shard!r}: expected fsdp, zero1 or ddp")
+        if self.dp_replicate < 1 or self.dp % self.dp_replicate:
+            raise UserError(f"parallel_config.dp_replicate = {self.dp_replicate} must divide data_parallel = {self.dp} "
+                            f"(HSDP: replica groups of equal size)")
+        if self.dp_replicate > 1 and self.dp_shard != "fsdp":
+            raise UserError(f"parallel_config.dp_replicate = {self.dp_replicate} (HSDP) needs dp_shard 'fsdp', got {self.dp_shard!r}")
         if self.dp_shard == "zero1" and (self.tp > 1 or self.ep > 1):
             raise UserError("parallel_config.dp_shard = 'zero1' works with model_parallel 1 and expert_parallel 1 only; use 'fsdp'")
         if self.pp > 1:
@@ -159,6 +167,11 @@ class Meshes:
     @property
     def dp_mesh(self) -> DeviceMesh:
         return self.dense["dp"]
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The mesh dense FSDP units shard over: dp, or (dp_replicate, dp_shard) under HSDP."""
+        return self.dense["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.dense["dp"]
 
     @property
     def tp_mesh(self) -> DeviceMesh:
@@ -223,7 +236,12 @@ def build_meshes(dims: ParallelDims, device_type: str = "cpu", model_cfg=None) -
     if not dist.is_initialized():
         raise UserError("build_meshes needs an initialised process group (torchrun / dsv3 launch)")
     ranks = torch.arange(world)
-    dense = DeviceMesh(device_type, ranks.view(dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
+    if dims.dp_replicate > 1:  # HSDP: dp split into (replicate, shard); "dp" is their flattening (same rank order)
+        dense = DeviceMesh(device_type, ranks.view(dims.pp, dims.dp_replicate, dims.dp // dims.dp_replicate, dims.tp),
+                           mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+        dense["dp_replicate", "dp_shard"]._flatten("dp")
+    else:
+        dense = DeviceMesh(device_type, ranks.view(dims.pp, dims.dp, dims.tp), mesh_dim_names=("pp", "dp", "tp"))
     sparse = DeviceMesh(device_type, ranks.view(dims.pp, dims.edp, dims.ep), mesh_dim_names=("pp", "edp", "ep"))
     tokens = DeviceMesh(device_type, ranks.view(dims.pp, dims.dp * dims.tp), mesh_dim_names=("pp", "dptp"))
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
