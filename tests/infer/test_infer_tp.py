@@ -18,19 +18,8 @@ from dsv3.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[2]
 
-def _serve_fixtures():
-    """tests/serve/conftest.py (its tiny checkpoint writer with the real tokenizer, free_port), by path:
-    the name `conftest` is taken by tests/conftest.py here."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("serve_conftest", REPO / "tests" / "serve" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_sc = _serve_fixtures()
-free_port, write_tiny_model = _sc.free_port, _sc.write_tiny_model
+sys.path.insert(0, str(REPO / "tests" / "serve"))
+from serve_helpers import free_port, write_tiny_model  # noqa: E402  (the server tests' tiny checkpoint writer)
 
 PROMPTS = ["Hello", "The capital of France is a city that", "a b c d e f g h i j k l m n o p"]
 

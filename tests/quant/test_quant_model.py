@@ -14,7 +14,7 @@ from dsv3.cli import main
 from dsv3.errors import UserError
 from dsv3.quant import QuantConfig, QuantExperts, QuantLinear, quantize_model, set_reference
 
-from conftest import greedy, small_model
+from quant_helpers import greedy, small_model
 
 SEED_W8A8 = {  # model.model_config.quantization_config of the seed's predict_deepseek3_671b_w8a8.yaml
     "quant_method": "ptq", "weight_dtype": "int8", "activation_dtype": "int8", "kvcache_dtype": "none",

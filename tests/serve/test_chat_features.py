@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, MODEL_NAME, ServerThread
+from serve_helpers import API_KEY, MODEL_NAME, ServerThread
 
 BEGIN, END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL = "<｜tool▁call▁begin｜>function<｜tool▁sep｜>{}\n```json\n{}\n```<｜tool▁call▁end｜>"

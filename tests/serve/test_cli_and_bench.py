@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, free_port
+from serve_helpers import API_KEY, free_port
 from dsv3.cli import main
 
 

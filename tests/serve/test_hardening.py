@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from conftest import API_KEY, MODEL_NAME, free_port
+from serve_helpers import API_KEY, MODEL_NAME, free_port
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 

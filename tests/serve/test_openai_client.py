@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 
-from conftest import API_KEY, MODEL_NAME
+from serve_helpers import API_KEY, MODEL_NAME
 
 
 @pytest.fixture(scope="module")

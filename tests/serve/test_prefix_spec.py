@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, MODEL_NAME, ServerThread
+from serve_helpers import API_KEY, MODEL_NAME, ServerThread
 
 SYSTEM = ("You are a careful assistant. " * 40).strip()  # a long shared prefix (~240 tokens)
 

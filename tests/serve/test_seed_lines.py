@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import ServerThread, free_port
+from serve_helpers import ServerThread, free_port
 from dsv3.bench.datasets import SONNET_LINES
 from dsv3.cli import main
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from serve_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-tp"

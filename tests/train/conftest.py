@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-SAMPLE_LEN = 64  # the data is stitched into 65-token sequences: data.seq_length may be at most 64
+from run_config import SAMPLE_LEN
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dsv3.config.train import RunConfig, run_config_from_dict
 
+SAMPLE_LEN = 64  # the data is stitched into 65-token sequences: data.seq_length may be at most 64
+
 MODEL = dict(
     vocab_size=129280, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
     first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,

@@ -20,7 +20,7 @@ from dsv3.train import checkpoint
 from dsv3.train.metrics import read_metrics
 from dsv3.train.trainer import Trainer
 
-from conftest import SAMPLE_LEN
+from run_config import SAMPLE_LEN
 from run_config import small_run, steps_then_resume, train_losses
 
 HERE = Path(__file__).resolve().parent
