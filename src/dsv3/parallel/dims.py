@@ -65,6 +65,11 @@ class ParallelDims:
         return self.dp * self.tp // self.ep
 
     @property
+    def fsdp_size(self) -> int:
+        """Ranks one dense FSDP shard group spans: dp, or dp / dp_replicate under HSDP."""
+        return self.dp // self.dp_replicate
+
+    @property
     def shard_experts(self) -> bool:
         """Routed experts FSDP-sharded over edp (dense FSDP and edp > 1), else replicated over edp."""
         return self.dp_shard == "fsdp" and self.dp > 1 and self.edp > 1
@@ -237,7 +242,7 @@ def build_meshes(dims: ParallelDims, device_type: str = "cpu", model_cfg=None) -
         raise UserError("build_meshes needs an initialised process group (torchrun / dsv3 launch)")
     ranks = torch.arange(world)
     if dims.dp_replicate > 1:  # HSDP: dp split into (replicate, shard); "dp" is their flattening (same rank order)
-        dense = DeviceMesh(device_type, ranks.view(dims.pp, dims.dp_replicate, dims.dp // dims.dp_replicate, dims.tp),
+        dense = DeviceMesh(device_type, ranks.view(dims.pp, dims.dp_replicate, dims.fsdp_size, dims.tp),
                            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
         dense["dp_replicate", "dp_shard"]._flatten("dp")
     else:

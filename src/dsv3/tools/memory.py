@@ -109,7 +109,7 @@ def rank_states(cfg, rank: int) -> dict:
         param_bytes = _storage_bytes(local)
         fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
         units = [u for part in dm.parts for u in _fsdp_units(part)]
-        gathered = [_gathered_bytes(u, dims.dp // dims.dp_replicate) for u in units] if fsdp else [0]
+        gathered = [_gathered_bytes(u, dims.fsdp_size) for u in units] if fsdp else [0]
         expert_ids = {id(p) for part in dm.parts for p in moe_params(part)[1]}
         dense_bytes = sum(t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in expert_ids)
         layers = sorted({int(k) for part in dm.parts for k in _layer_keys(part)})
@@ -122,7 +122,7 @@ def rank_states(cfg, rank: int) -> dict:
             for idx, mod in _layer_modules(part):
                 per_layer[idx] = (sum(_local(p).numel() for p in mod.parameters()),
                                   sum(_local(p).numel() for p in mod.parameters() if id(p) not in expert_ids),
-                                  _gathered_bytes(mod, dims.dp // dims.dp_replicate) if fsdp else 0,
+                                  _gathered_bytes(mod, dims.fsdp_size) if fsdp else 0,
                                   max(_local(p).numel() * p.element_size() for p in mod.parameters()),
                                   dims.edp * sum(_local(p).numel() * p.element_size() for p in mod.parameters()
                                                  if id(p) in expert_ids) if dims.shard_experts else 0)
