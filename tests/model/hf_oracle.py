@@ -54,8 +54,12 @@ def make_hf_checkpoint(path: Path, max_shard_size: str = "40KB", seed: int = 0, 
     """Random transformers model saved with its own save_pretrained (sharded). Returns the model (eval)."""
     from transformers import DeepseekV3ForCausalLM
 
+    return _save_random(DeepseekV3ForCausalLM, hf_config(**overrides), path, max_shard_size, seed)
+
+
+def _save_random(model_cls, cfg, path: Path, max_shard_size: str, seed: int):
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(hf_config(**overrides)).float()
+    model = model_cls(cfg).float()
     randomize_(model, seed=seed)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return model.eval()
@@ -102,3 +106,30 @@ def add_mtp_layer(path: Path, hf_model, seed: int = 1) -> dict[str, torch.Tensor
     conf["num_nextn_predict_layers"] = 1
     (path / "config.json").write_text(json.dumps(conf))
     return tensors
+
+
+V32_INDEX = dict(index_topk=8, index_n_heads=8, index_head_dim=16)
+"""A tiny DeepSeek Sparse Attention indexer: 8 keys per query, so sequences of 40+ tokens are sparse."""
+
+
+def hf_v32_config(**overrides):
+    """transformers' DeepseekV32Config for BASE (+ V32_INDEX) with the overrides (legacy `rope_scaling`
+    dicts are turned into v5 `rope_parameters`)."""
+    from transformers import DeepseekV32Config
+
+    kw = {**BASE, **V32_INDEX, **overrides}
+    rs = kw.pop("rope_scaling")
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rs is not None:
+        rope = {**{k: v for k, v in rs.items() if k != "type"}, "rope_type": "yarn", "rope_theta": 10000.0}
+    kw.pop("num_nextn_predict_layers", None)
+    cfg = DeepseekV32Config(**kw, rope_parameters=rope)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def make_hf_v32_checkpoint(path: Path, max_shard_size: str = "40KB", seed: int = 0, **overrides):
+    """Random transformers `DeepseekV32ForCausalLM` saved with its own save_pretrained. Returns the model (eval)."""
+    from transformers import DeepseekV32ForCausalLM
+
+    return _save_random(DeepseekV32ForCausalLM, hf_v32_config(**overrides), path, max_shard_size, seed)

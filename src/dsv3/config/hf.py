@@ -16,8 +16,10 @@ from dsv3.config.load import from_dict
 from dsv3.config.schema import ModelConfig, RopeScaling
 from dsv3.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
-SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2")
+SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "DeepseekV2ForCausalLM")
+V32_INDEX_DEFAULTS = {"index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128}
+"""transformers' DeepseekV32Config defaults, applied when a deepseek_v32 config.json omits them."""
 
 # HF keys with no meaning for our model maths (accepted and dropped).
 _IGNORED_HF_KEYS = {
@@ -28,6 +30,7 @@ _IGNORED_HF_KEYS = {
     "output_hidden_states", "output_attentions", "torchscript", "use_return_dict", "id2label",
     "label2id", "problem_type", "tie_encoder_decoder", "is_encoder_decoder", "chunk_size_feed_forward",
     "tokenizer_class", "generation_config", "num_local_experts", "n_local_experts",
+    "layer_types", "mlp_bias",
 }
 _ARCH_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"attn_impl", "moe_impl", "mtp_hidden"}
 _ROPE_KEYS = {f.name for f in dataclasses.fields(RopeScaling)}
@@ -89,6 +92,13 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json") -> ModelConfig
             kwargs[k] = v
     if "dtype" in hf and "torch_dtype" not in hf and hf["dtype"]:
         kwargs["torch_dtype"] = str(hf["dtype"]).replace("torch.", "")
+    is_v32 = mtype == "deepseek_v32" or "DeepseekV32ForCausalLM" in archs
+    if is_v32:
+        for k, v in V32_INDEX_DEFAULTS.items():
+            kwargs.setdefault(k, v)
+    elif kwargs.get("index_topk"):
+        raise UserError(f"{source}: index_topk is set but model_type is {mtype!r} (sparse attention is deepseek_v32)")
+    _check_mlp_layer_types(hf, source)
     if isinstance(kwargs.get("eos_token_id"), list):
         kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
     for k in ("routed_scaling_factor", "rms_norm_eps", "initializer_range", "aux_loss_alpha"):
@@ -117,6 +127,21 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json") -> ModelConfig
         raise UserError(f"{source}: {e}") from None
 
 
+def _check_mlp_layer_types(hf: dict, source: str) -> None:
+    """transformers' V3.2 config may spell the dense/MoE pattern out; it must be the one
+    `first_k_dense_replace` (and `moe_layer_freq`) describe, since that is what the model builds."""
+    types = hf.get("mlp_layer_types")
+    if types is None:
+        return
+    n, k, freq = hf.get("num_hidden_layers"), hf.get("first_k_dense_replace", 3), hf.get("moe_layer_freq", 1) or 1
+    if not isinstance(n, int) or not isinstance(k, int) or not isinstance(freq, int):
+        return  # the dataclass check reports the bad size itself
+    want = ["sparse" if i >= k and i % freq == 0 else "dense" for i in range(n)]
+    if types != want:
+        raise UserError(f"{source}: mlp_layer_types {types} does not match first_k_dense_replace {k} "
+                        f"(expected {want})")
+
+
 def load_hf_config(path: str | Path) -> ModelConfig:
     """Read `config.json` (a file or a checkpoint directory)."""
     p = Path(path)
@@ -134,10 +159,15 @@ def load_hf_config(path: str | Path) -> ModelConfig:
 
 
 def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """ModelConfig -> HF DeepseekV3 `config.json` dict (loadable by transformers)."""
-    out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    """ModelConfig -> HF `config.json` dict (loadable by transformers): DeepseekV3, or DeepseekV32 with sparse attention."""
+    if cfg.sparse_attention:
+        out: dict[str, Any] = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"}
+    else:
+        out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
     for f in dataclasses.fields(cfg):
         if f.name in ("attn_impl", "moe_impl", "mtp_hidden", "rope_scaling"):
+            continue
+        if f.name.startswith("index_") and not cfg.sparse_attention:
             continue
         out[f.name] = getattr(cfg, f.name)
     out["num_key_value_heads"] = cfg.num_attention_heads

@@ -33,6 +33,9 @@ LIMITS: dict[str, tuple[int, int]] = {
     "n_shared_experts": (0, 64),
     "n_group": (1, 1 << 14),
     "num_nextn_predict_layers": (0, 16),
+    "index_topk": (0, MAX_POSITIONS),
+    "index_n_heads": (1, 1024),
+    "index_head_dim": (2, 4096),
 }
 """field -> (min, max) accepted by ModelConfig (checked in `__post_init__`, so by every loader)."""
 
@@ -118,6 +121,13 @@ class ModelConfig:
     """YaRN parameters; None means plain RoPE and no mscale² softmax correction."""
     max_position_embeddings: int = 163840
     """Longest context the model supports (V3: 4096 x 40)."""
+    # --- DeepSeek Sparse Attention (V3.2; dsv3.model.dsa)
+    index_topk: int = 0
+    """Keys each query attends to, chosen by the lightning indexer (V3.2: 2048); 0 = dense MLA (V3, V3.1)."""
+    index_n_heads: int = 64
+    """Indexer heads (V3.2: 64); used only when index_topk > 0."""
+    index_head_dim: int = 128
+    """Indexer query/key width (V3.2: 128); its first qk_rope_head_dim dims carry (half-split) RoPE."""
     # --- MoE
     n_routed_experts: int = 256
     """Routed experts per MoE layer."""
@@ -177,6 +187,10 @@ class ModelConfig:
             (self.moe_layer_freq >= 1, "moe_layer_freq must be >= 1"),
             (self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0"),
         ]
+        if self.index_topk > 0:
+            checks.append((self.q_lora_rank is not None, "index_topk > 0 (sparse attention) needs q_lora_rank (the indexer reads the query latent)"))
+            checks.append((self.index_head_dim >= self.qk_rope_head_dim,
+                           f"index_head_dim {self.index_head_dim} must be >= qk_rope_head_dim {self.qk_rope_head_dim}"))
         if self.topk_method == "noaux_tc" and self.n_group > 1:
             checks.append(((self.n_routed_experts // self.n_group) >= 2, "noaux_tc group scores need >= 2 experts per group"))
         for ok, msg in checks:
@@ -221,6 +235,11 @@ class ModelConfig:
     def is_moe_layer(self, idx: int) -> bool:
         """Whether decoder layer `idx` (MTP layers included) uses MoE."""
         return idx >= self.first_k_dense_replace and idx % self.moe_layer_freq == 0
+
+    @property
+    def sparse_attention(self) -> bool:
+        """DeepSeek Sparse Attention (V3.2) is on."""
+        return self.index_topk > 0
 
     @property
     def latent_dim(self) -> int:

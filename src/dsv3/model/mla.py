@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config.schema import ModelConfig
+from dsv3.model.dsa import Indexer
 from dsv3.model.layers import RMSNorm
 from dsv3.model.matmul import Linear
 from dsv3.model.rope import apply_rope
@@ -92,14 +93,18 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(H * self.v_dim, D, bias=False)
+        self.indexer = Indexer(cfg) if cfg.index_topk > 0 else None
+        """DeepSeek Sparse Attention (V3.2): picks the keys each query attends to; None for dense MLA."""
 
     # ---- projections shared by both paths
-    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B,T,D] -> q_nope [B,T,H,P], q_pe [B,T,H,R] (rotated). cos/sin [B or 1, T, R/2]."""
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  q_latent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,T,D] -> q_nope [B,T,H,P], q_pe [B,T,H,R] (rotated). cos/sin [B or 1, T, R/2].
+        `q_latent`: `q_a_layernorm(q_a_proj(x))` when the caller already has it (the DSA indexer reads it too)."""
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)) if q_latent is None else q_latent)
         q = q.view(*x.shape[:-1], self.n_heads, self.qk_dim)  # [B,T,H,P+R]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))
@@ -158,6 +163,8 @@ class MLA(nn.Module):
         causal, the new tokens being the last T). A `kv_cache` with `attend` is an attention backend
         (module docstring): it does the attention, `mask` is then unused.
         """
+        if self.indexer is not None:
+            return self._forward_sparse(x, cos, sin, mask, kv_cache)
         q_nope, q_pe = self.project_q(x, cos, sin)
         c_kv, k_pe = self.project_latent(x, cos, sin)
         if hasattr(kv_cache, "attend"):
@@ -175,4 +182,24 @@ class MLA(nn.Module):
             if causal and S != T:
                 mask, causal = causal_mask(T, S, x.device), False
             o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask, is_causal=causal)
+        return self.o_proj(o)
+
+    def _forward_sparse(self, x, cos, sin, mask, kv_cache) -> torch.Tensor:
+        """DSA (V3.2): the indexer narrows the causal (or given) mask to its top-k keys per query,
+        then the configured path attends under that mask."""
+        if kv_cache is not None:
+            raise NotImplementedError("DeepSeek Sparse Attention (index_topk > 0) with a KV cache is not "
+                                      "implemented yet: run full-sequence forwards")
+        q_latent = self.q_a_layernorm(self.q_a_proj(x))
+        q_nope, q_pe = self.project_q(x, cos, sin, q_latent)
+        c_kv, k_pe = self.project_latent(x, cos, sin)
+        T = x.shape[1]
+        visible = causal_mask(T, T, x.device) if mask is None else mask
+        if visible.dim() == 4:  # [B|1, 1, T, S] as the callers pass head-broadcast masks
+            visible = visible[:, 0]
+        sparse = self.indexer(x, q_latent, cos, sin, visible)[:, None]  # [B,1,T,T]
+        if self.impl == "absorb":
+            o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, sparse)
+        else:
+            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, sparse)
         return self.o_proj(o)

@@ -96,13 +96,15 @@ class Transformer(nn.Module):
     # ---- init
     @torch.no_grad()
     def reset_parameters(self, std: float | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias."""
+        """Normal(0, initializer_range) for every matrix, ones for norms (LayerNorm biases zero), zeros for the routing bias."""
         std = self.config.initializer_range if std is None else std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+            elif isinstance(m, nn.LayerNorm):  # the DSA indexer's k_norm
+                m.reset_parameters()
             elif isinstance(m, Gate):
                 nn.init.normal_(m.weight, 0.0, std)
                 if m.e_score_correction_bias is not None:

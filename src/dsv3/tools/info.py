@@ -80,11 +80,35 @@ def account(cfg: ModelConfig, seq_len: int = 4096) -> Accounting:
     )
 
 
-def attention_flops(cfg: ModelConfig, seq_len: int) -> float:
-    """Scores and weighted values of one layer, per token, at the mean causal context (naive attention)."""
+def attention_flops(cfg: ModelConfig, seq_len: int, dense: bool = False) -> float:
+    """Scores and weighted values of one layer, per token, at the mean causal context (naive attention).
+
+    With sparse attention (V3.2; `dense=False`) each query attends to at most `index_topk` keys, and
+    the indexer scores every visible key: 2·G·E·s for q·k per indexer head plus G·s for the weighting.
+    """
     H, P, R, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     ctx = (seq_len + 1) / 2
-    return 2 * H * (P + R) * ctx + 2 * H * V * ctx
+    if not cfg.sparse_attention or dense:
+        return 2 * H * (P + R) * ctx + 2 * H * V * ctx
+    # mean over positions 1..L of min(position, k)
+    k = min(cfg.index_topk, seq_len)
+    keys = (k * (k + 1) / 2 + (seq_len - k) * k) / seq_len
+    G, E = cfg.index_n_heads, cfg.index_head_dim
+    return 2 * H * (P + R) * keys + 2 * H * V * keys + 2 * G * E * ctx + G * ctx
+
+
+def cache_values_per_token(cfg: ModelConfig) -> int:
+    """Values cached per token over all main layers: the absorbed latent, plus the indexer key with DSA."""
+    return (cfg.latent_dim + (cfg.index_head_dim if cfg.sparse_attention else 0)) * cfg.num_hidden_layers
+
+
+def family(cfg: ModelConfig) -> str:
+    """One line naming the architecture variant a config describes."""
+    attn = (f"DeepSeek-V3.2 sparse attention (indexer: {cfg.index_n_heads} heads x {cfg.index_head_dim}, top-{cfg.index_topk} keys)"
+            if cfg.sparse_attention else "dense MLA (DeepSeek-V3 / V3.1)")
+    routing = (f"{cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}, {cfg.scoring_func} scores, "
+               + (f"{cfg.n_group} groups keep {cfg.topk_group}" if cfg.n_group > 1 else "no group limit"))
+    return f"{attn}; {routing}; {cfg.n_shared_experts} shared expert(s)"
 
 
 def layer_flops(cfg: ModelConfig, seq_len: int = 4096) -> tuple[dict[int, float], float]:
@@ -143,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_model_config(args.config, [s if s.startswith("model.") else f"model.{s}" for s in args.set])
     acc = account(cfg, args.seq_len)
     if args.json:
-        print(json.dumps({**asdict(acc), "checkpoint": checked or None, **({"decode": bound} if bound else {})}, indent=2))
+        print(json.dumps({**asdict(acc), "architecture": family(cfg), "cache_values_per_token": cache_values_per_token(cfg),
+                          "checkpoint": checked or None, **({"decode": bound} if bound else {})}, indent=2))
         return 0
     rows = [
         ("parameters (main, total)", _fmt(acc.total)),
@@ -154,8 +179,15 @@ def run(args: argparse.Namespace) -> int:
         (f"forward FLOPs per token (seq {acc.seq_len})", _fmt(acc.flops_per_token)),
         ("training FLOPs per token (~3x forward)", _fmt(3 * acc.flops_per_token)),
         ("MTP forward FLOPs per token", _fmt(acc.mtp_flops_per_token)),
-        ("KV cache per token (absorbed latent, all layers)", f"{cfg.latent_dim * cfg.num_hidden_layers} values"),
+        ("KV cache per token (absorbed latent" + (" + indexer key" if cfg.sparse_attention else "") + ", all layers)",
+         f"{cache_values_per_token(cfg)} values"),
     ]
+    if cfg.sparse_attention:
+        for L in sorted({acc.seq_len, 32768, 131072}):
+            sp, de = attention_flops(cfg, L), attention_flops(cfg, L, dense=True)
+            rows.append((f"attention FLOPs per token per layer at {L} tokens: sparse vs dense MLA",
+                         f"{_fmt(sp)} vs {_fmt(de)} ({de / sp:.1f}x fewer)"))
+    rows.insert(0, ("architecture", family(cfg)))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

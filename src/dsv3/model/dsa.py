@@ -1,0 +1,97 @@
+"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2): the lightning indexer that picks, for every query,
+the `index_topk` past tokens MLA attends to.
+
+Shape legend: B batch, T query tokens, S key tokens, G indexer heads, E index_head_dim,
+R qk_rope_head_dim, Q q_lora_rank, D hidden.
+
+The indexer has its own small projections (names as in the published checkpoints and transformers'
+`DeepseekV32Indexer`):
+
+* `wq_b` [G·E, Q]: indexer queries from MLA's normalised query latent (`q_a_layernorm(q_a_proj(x))`);
+* `wk` [E, D] then `k_norm` (a LayerNorm with bias): ONE key per token, shared by all indexer heads
+  (what an engine caches beside the latent);
+* `weights_proj` [G, D]: a per-token weight for each head.
+
+RoPE rotates the first R dims of queries and keys in the half-split (NOT interleaved) layout, unlike
+MLA's interleaved pairs. The score of key s for query t is
+
+    I[t, s] = sum_g w[t, g] · G^-1/2 · relu(q[t, g] · k[s]) · E^-1/2
+
+and query t keeps the `index_topk` highest-scoring keys among those it may see (causal, plus any
+caller mask). The choice is discrete, so the indexer takes no gradient from the language-model
+loss (it is trained by its own loss; see the V3.2 report).
+
+Precision: this is the plain path (fp32 scores). DeepSeek's reference rotates q and k by a Hadamard
+transform and scores in FP8; the rotation is orthogonal (q·k unchanged), the FP8 rounding is a
+precision choice that this module does not make.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3.config.schema import ModelConfig
+from dsv3.model.matmul import Linear
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the last dim of x [..., R] in the half-split layout (x[:R/2], x[R/2:] pair up, as
+    transformers' `rotate_half`) with cos/sin broadcastable to [..., R/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Indexer(nn.Module):
+    """The lightning indexer of one DSA layer (module docstring)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.q_lora_rank is None:
+            raise ValueError("DeepSeek Sparse Attention needs q_lora_rank (the indexer reads the query latent)")
+        self.n_heads = cfg.index_n_heads
+        self.head_dim = cfg.index_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.topk = cfg.index_topk
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.softmax_scale = self.head_dim ** -0.5
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([apply_rope_half(rot, cos, sin), rest], dim=-1)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B,T,D] -> the rotated indexer keys [B,T,E] (one per token; what a cache would store)."""
+        return self._rope(self.k_norm(self.wk(x)), cos, sin)
+
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor) -> torch.Tensor:
+        """Index scores I [B,T,S] in fp32 for queries x [B,T,D] (q_latent [B,T,Q]) over keys [B,S,E]."""
+        B, T, _ = x.shape
+        q = self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim)
+        q = self._rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))  # [B,T,G,E]
+        s = torch.einsum("btge,bse->btgs", q.float(), keys.float()).mul_(self.softmax_scale).relu_()
+        w = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B,T,G]
+        return torch.einsum("btg,btgs->bts", w, s)
+
+    def select(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Bool [B,T,S]: True at the top-k keys of each query among the `visible` ones (bool, broadcastable)."""
+        scores = scores.masked_fill(~visible, float("-inf"))
+        k = min(self.topk, scores.shape[-1])
+        idx = scores.topk(k, dim=-1).indices
+        chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, idx, True)
+        return chosen & visible  # a row with fewer than k visible keys keeps exactly its visible ones
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                visible: torch.Tensor) -> torch.Tensor:
+        """Sparse attention mask over x itself: bool [B,T,T], True where query t attends key s.
+
+        `visible` (bool, broadcastable to [B,T,T]) is what the query may see without sparsity
+        (causal and padding); the result is a subset of it with at most `index_topk` keys per row.
+        """
+        return self.select(self.scores(x, q_latent, cos, sin, self.keys(x, cos, sin)), visible)
