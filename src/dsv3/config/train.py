@@ -85,6 +85,11 @@ class TrainConfig:
     """gamma of the aux-loss-free bias update b += gamma * sign(mean - count) per optimizer step; 0 disables it."""
     fused_ce: bool = True
     """Fused, chunked head + cross-entropy (never materialises [tokens, vocab] logits); False: plain logits path."""
+    indexer_stage: Literal["sparse", "dense_warmup"] = "sparse"
+    """DeepSeek-V3.2 sparse-attention models (model.index_topk > 0), the V3.2 report's two stages:
+    dense_warmup: attention stays dense, only the lightning indexer trains (its KL loss to the attention
+    distribution is the whole loss; every other weight and the routing bias stay fixed); sparse: top-k
+    attention, every weight trains, the indexer (on detached inputs) by its KL loss over the selected keys."""
     threads: Optional[int] = None
     """torch CPU threads; None: torch's default."""
     cpu_allocator: Literal["cache", "system"] = "cache"
@@ -279,6 +284,11 @@ class RunConfig:
             raise UserError(f"train.bias_update_rate {t.bias_update_rate} needs model.topk_method 'noaux_tc' (the routing bias), got {m.topk_method!r}")
         if t.bias_update_rate < 0 or t.mtp_loss_factor < 0:
             raise UserError("train.bias_update_rate and train.mtp_loss_factor must be >= 0")
+        if t.indexer_stage == "dense_warmup" and not m.sparse_attention:
+            raise UserError("train.indexer_stage 'dense_warmup' trains a sparse-attention indexer: model.index_topk must be > 0")
+        if m.sparse_attention and max(self.parallel.model_parallel, 1) > 1:
+            raise UserError("sparse attention (model.index_topk > 0) trains without tensor parallelism for now "
+                            f"(the indexer's target sums every head); got parallel.model_parallel {self.parallel.model_parallel}")
         if t.epochs is not None and t.epochs < 1:
             raise UserError(f"train.epochs must be >= 1, got {t.epochs}")
         if self.data.type == "sft":

@@ -21,6 +21,12 @@ and query t keeps the `index_topk` highest-scoring keys among those it may see (
 caller mask). The choice is discrete, so the indexer takes no gradient from the language-model
 loss (it is trained by its own loss; see the V3.2 report).
 
+Training (V3.2 report): `indexer_kl` is the indexer's loss, the KL divergence from the main
+attention's distribution (summed over heads, L1-normalised) to the softmax of the index scores.
+In the dense warm-up stage attention stays dense and only the indexer learns; in the sparse stage
+both are restricted to the selected keys, and the indexer reads detached inputs, so the language
+model's loss and the indexer's loss train disjoint parameters (`dsv3.model.mla.MLA`).
+
 Precision: this is the plain path (fp32 scores). DeepSeek's reference rotates q and k by a Hadamard
 transform and scores in FP8; the rotation is orthogonal (q·k unchanged), the FP8 rounding is a
 precision choice that this module does not make.
@@ -95,3 +101,19 @@ class Indexer(nn.Module):
         (causal and padding); the result is a subset of it with at most `index_topk` keys per row.
         """
         return self.select(self.scores(x, q_latent, cos, sin, self.keys(x, cos, sin)), visible)
+
+
+def indexer_kl(scores: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(p_t || softmax(I_t)) over the keys in `keep`.
+
+    scores I [B,T,S] (the indexer's, with grad), target [B,T,S] the main attention weights summed
+    over heads (no grad; L1-normalised here), keep bool [B,T,S] (the keys attention used). Rows
+    with no kept key add nothing.
+    """
+    keep = keep.expand_as(scores)
+    p = target.float().masked_fill(~keep, 0.0)
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+    log_q = scores.float().masked_fill(~keep, float("-inf")).log_softmax(-1).masked_fill(~keep, 0.0)
+    terms = torch.where(p > 0, p * (p.clamp(min=1e-30).log() - log_q), torch.zeros_like(p))
+    rows = keep.any(-1)
+    return terms.sum(-1).masked_fill(~rows, 0.0).sum() / rows.sum().clamp(min=1)

@@ -35,3 +35,20 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class AttachLoss(torch.autograd.Function):
+    """Identity on y whose backward also feeds gradient 1 into `loss` (Megatron's
+    MoEAuxLossAutoScaler): under pipeline parallelism an auxiliary loss computed on an inner stage
+    (MoE balance, DSA indexer) cannot join the last stage's loss, so it rides on the activations'
+    backward instead (the schedule scales every gradient by 1/micro-batches, as it does the main loss)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.loss_meta
+        return grad, torch.ones(shape, dtype=dtype, device=device)

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config.schema import ModelConfig
-from dsv3.model.dsa import Indexer
-from dsv3.model.layers import RMSNorm
+from dsv3.model.dsa import Indexer, indexer_kl
+from dsv3.model.layers import AttachLoss, RMSNorm
 from dsv3.model.matmul import Linear
 from dsv3.model.rope import apply_rope
 
@@ -95,6 +95,15 @@ class MLA(nn.Module):
         self.o_proj = Linear(H * self.v_dim, D, bias=False)
         self.indexer = Indexer(cfg) if cfg.index_topk > 0 else None
         """DeepSeek Sparse Attention (V3.2): picks the keys each query attends to; None for dense MLA."""
+        self.indexer_stage: str | None = None
+        """Training of the indexer (set from outside, `set_indexer_stage`): None (no indexer loss),
+        'dense_warmup' (dense attention; the indexer learns the attention distribution) or 'sparse'."""
+        self.indexer_loss: torch.Tensor | None = None
+        """The indexer's KL loss of the last training forward (`dsv3.model.dsa.indexer_kl`)."""
+        self.attach_indexer_loss = False
+        """Pipeline parallel: the loss rides on this module's output's backward (`AttachLoss`)."""
+        self.indexer_accum = 0.0
+        """With `attach_indexer_loss`: the detached losses since the pipeline's last reset (for the log)."""
 
     # ---- projections shared by both paths
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -141,15 +150,21 @@ class MLA(nn.Module):
         w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
-    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention over the latent cache: scores = (q_nope·W_UK)·c_kv + q_pe·k_pe; out = W_UV·(p·c_kv)."""
-        w_uk, w_uv = self.absorbed_weights()
+    def attention_probs(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None, w_uk: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax attention weights [B,H,T,S] (fp32) in the absorbed form: (q_nope·W_UK)·c_kv + q_pe·k_pe."""
+        if w_uk is None:
+            w_uk = self.absorbed_weights()[0]
         q_lat = torch.einsum("bthp,hpc->bthc", q_nope, w_uk)  # [B,T,H,C]
         scores = (torch.einsum("bthc,bsc->bhts", q_lat.float(), c_kv.float())
                   + torch.einsum("bthr,bsr->bhts", q_pe.float(), k_pe.float())) * self.softmax_scale
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        p = scores.softmax(-1)  # [B,H,T,S] fp32
+        return scores.softmax(-1)
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over the latent cache: scores = (q_nope·W_UK)·c_kv + q_pe·k_pe; out = W_UV·(p·c_kv)."""
+        w_uk, w_uv = self.absorbed_weights()
+        p = self.attention_probs(q_nope, q_pe, c_kv, k_pe, mask, w_uk)  # [B,H,T,S] fp32
         o_lat = torch.einsum("bhts,bsc->bthc", p, c_kv.float()).to(q_nope.dtype)  # [B,T,H,C]
         o = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B,T,H,V]
         return o.flatten(2)
@@ -186,7 +201,11 @@ class MLA(nn.Module):
 
     def _forward_sparse(self, x, cos, sin, mask, kv_cache) -> torch.Tensor:
         """DSA (V3.2): the indexer narrows the causal (or given) mask to its top-k keys per query,
-        then the configured path attends under that mask."""
+        then the configured path attends under that mask ('dense_warmup' keeps the full mask).
+
+        Training (`indexer_stage` set, grad on): the indexer scores detached inputs, so its only
+        gradient is its KL loss to this layer's attention distribution (`indexer_kl`), kept in
+        `indexer_loss` (and attached to the output under pipeline parallelism)."""
         if kv_cache is not None:
             raise NotImplementedError("DeepSeek Sparse Attention (index_topk > 0) with a KV cache is not "
                                       "implemented yet: run full-sequence forwards")
@@ -197,9 +216,35 @@ class MLA(nn.Module):
         visible = causal_mask(T, T, x.device) if mask is None else mask
         if visible.dim() == 4:  # [B|1, 1, T, S] as the callers pass head-broadcast masks
             visible = visible[:, 0]
-        sparse = self.indexer(x, q_latent, cos, sin, visible)[:, None]  # [B,1,T,T]
-        if self.impl == "absorb":
-            o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, sparse)
+        learn = self.training and self.indexer_stage is not None and torch.is_grad_enabled()
+        if learn:
+            xd, qd = x.detach(), q_latent.detach()
+            scores = self.indexer.scores(xd, qd, cos, sin, self.indexer.keys(xd, cos, sin))
+            chosen = self.indexer.select(scores.detach(), visible)
         else:
-            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, sparse)
-        return self.o_proj(o)
+            chosen = self.indexer(x, q_latent, cos, sin, visible)
+        keep = (visible.expand_as(chosen) if self.indexer_stage == "dense_warmup" else chosen)[:, None]  # [B,1,T,T]
+        if self.impl == "absorb":
+            o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, keep)
+        else:
+            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, keep)
+        out = self.o_proj(o)
+        if learn:
+            with torch.no_grad():
+                target = self.attention_probs(q_nope, q_pe, c_kv, k_pe, keep).sum(1)  # [B,T,S], rows sum to H
+            self.indexer_loss = indexer_kl(scores, target, keep[:, 0])
+            if self.attach_indexer_loss:
+                out = AttachLoss.apply(out, self.indexer_loss)
+                self.indexer_accum = self.indexer_accum + self.indexer_loss.detach()
+        return out
+
+
+def set_indexer_stage(module: nn.Module, stage: str | None, attach: bool = False) -> int:
+    """Switch the DSA indexers' training in `module` (a model or a pipeline stage): None, 'dense_warmup'
+    or 'sparse' (`MLA.indexer_stage`); `attach` under pipeline parallelism. Returns the layers switched."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, MLA) and m.indexer is not None:
+            m.indexer_stage, m.attach_indexer_loss, m.indexer_loss = stage, attach, None
+            n += 1
+    return n

@@ -189,6 +189,11 @@ class Transformer(nn.Module):
         """Every MoE module, main layers first, then MTP blocks."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    def indexer_loss(self) -> torch.Tensor | None:
+        """Sum of the DSA indexers' KL losses of the last training forward (None without sparse attention training)."""
+        losses = [m.indexer_loss for m in self.modules() if isinstance(m, MLA) and m.indexer_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the sequence-wise balance losses of the last training forward (None if disabled)."""
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
+from dsv3.model.layers import AttachLoss
 from dsv3.model.moe import Experts, MoE, grouped_swiglu
 
 
@@ -95,22 +96,6 @@ class ParallelExperts(Experts):
     forward_loop = forward_grouped
 
 
-class _AttachAux(torch.autograd.Function):
-    """Identity on y whose backward also feeds gradient 1 into `aux` (Megatron's
-    MoEAuxLossAutoScaler): under pipeline parallelism a stage's balance loss cannot join the last
-    stage's loss, so it rides on the activations' backward instead."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        shape, dtype, device = ctx.aux_meta
-        return grad, torch.ones(shape, dtype=dtype, device=device)
-
-
 class ParallelMoE(MoE):
     """`MoE` working on this rank's sequence shard under TP (input/output DTensors on `tp_mesh`);
     the routing, counts and shared experts are the model's own code. Under TP the sequence-wise
@@ -138,7 +123,7 @@ class ParallelMoE(MoE):
         else:
             y = self._forward_in_param_dtype(x)
         if self.attach_aux and self.training and self.aux_loss_alpha > 0 and torch.is_grad_enabled():
-            y = _AttachAux.apply(y, self.aux_loss)
+            y = AttachLoss.apply(y, self.aux_loss)
             self.aux_accum = self.aux_accum + self.aux_loss.detach()  # for reporting: summed over micro-batches
         return y
 

@@ -4,7 +4,7 @@ every parallel layout, while each rank generates only the shards it holds.
 Rule (what `init_weights` computes for a parameter with fully-qualified name NAME, global shape
 [d0, d1, ...], in the single-process model's names):
 * matrices (Linear / Embedding weights, the router weight, stacked experts): N(0, std);
-* RMSNorm gains: ones; buffers: routing bias and expert counts zeros, RoPE frequencies recomputed.
+* RMSNorm and LayerNorm gains: ones, LayerNorm biases zeros; buffers: routing bias and expert counts zeros, RoPE frequencies recomputed.
 The normal draws come in blocks of whole rows along dim 0 (`rows_per_block` = max(1, 2^20 //
 (d1·d2·...)) rows, so about a million values), block b from its own generator seeded by
 hash(seed, NAME, b). A rank holding a slice (FSDP / TP / EP shard: a DTensor) draws only the blocks
@@ -93,8 +93,10 @@ def init_weights(module: nn.Module, cfg: ModelConfig, seed: int, std: float | No
             done.add(id(p))
             name = canonical_name(f"{mod_name}.{pname}" if mod_name else pname)
             local, offset, shape = local_box(p)
-            if isinstance(mod, RMSNorm):
+            if isinstance(mod, RMSNorm) or (isinstance(mod, nn.LayerNorm) and pname == "weight"):
                 local.fill_(1.0)
+            elif isinstance(mod, nn.LayerNorm):  # its bias (the DSA indexer's k_norm)
+                local.zero_()
             elif p.ndim >= 2:
                 normal_slice_(local, offset, shape, std, seed, name)
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dsv3.model.mla import MLA
 from dsv3.parallel.api import DistributedModel
 from dsv3.parallel.pp import build_schedule, stage_owners
 from dsv3.train.loss import masked_ce, mean_ce, mtp_loss
@@ -30,9 +31,9 @@ def _stack(batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.
 class PipelineRunner:
     """This rank's pipeline stages (`dm.parts`) stepped by the configured schedule."""
 
-    def __init__(self, dm: DistributedModel, mtp_loss_factor: float):
+    def __init__(self, dm: DistributedModel, mtp_loss_factor: float, main_weight: float = 1.0):
         self.dm, self.meshes, self.dims = dm, dm.meshes, dm.dims
-        self.mtp_loss_factor = mtp_loss_factor
+        self.mtp_loss_factor, self.main_weight = mtp_loss_factor, main_weight
         self.last = self.meshes.pp_rank == self.dims.last_stage_rank
         self.device = self.meshes.device
         self._train = None
@@ -46,7 +47,7 @@ class PipelineRunner:
         mtp = mtp_loss(mtp_logits, labels, mask, self.mtp_loss_factor)[0] if mtp_logits else torch.zeros((), device=lm.device)
         self._recorded["lm"].append(lm.detach())
         self._recorded["mtp"].append(mtp.detach())
-        return lm + mtp
+        return self.main_weight * (lm + mtp)  # 0 in DSA's dense warm-up: the indexer losses ride on the activations
 
     def _schedule(self):
         """A new schedule over the stages; its first run is the runtime's shape inference, which the
@@ -63,15 +64,19 @@ class PipelineRunner:
         tokens, target, kw = _stack(batches)
         self._recorded = {"lm": [], "mtp": []}
         moes = [m for p in self.dm.parts for m in p.moe_layers()]
+        attns = [m for p in self.dm.parts for m in p.modules() if isinstance(m, MLA) and m.attach_indexer_loss]
         for m in moes:
             m.reset_aux_accum()
+        for m in attns:
+            m.indexer_accum = 0.0
         with autocast():
             self._train.step(tokens, target=target if self.last else None, **kw)
         # the last M records are this step's micro-batches (the first step also has the shape-inference call)
         rec = [torch.stack(self._recorded[k][-M:]).mean() if self._recorded[k] else torch.zeros((), device=self.device)
                for k in ("lm", "mtp")]
         aux = torch.as_tensor(sum(m.aux_accum for m in moes) / M, dtype=torch.float32, device=self.device)
-        vec = torch.stack(rec + [aux])
+        idx = torch.as_tensor(sum(m.indexer_accum for m in attns) / M, dtype=torch.float32, device=self.device)
+        vec = torch.stack(rec + [aux, idx])
         dist.all_reduce(vec, group=self.meshes.pp_group)  # lm/mtp from the last stage, balance losses from every stage
         return vec
 

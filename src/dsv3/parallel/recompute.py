@@ -25,6 +25,7 @@ import contextlib
 import torch
 from torch import nn
 
+from dsv3.model.mla import MLA
 from dsv3.model.moe import MoE
 
 class KeepSideEffects:
@@ -33,9 +34,11 @@ class KeepSideEffects:
 
     def __init__(self, module: nn.Module):
         self.moes = [m for m in module.modules() if isinstance(m, MoE)]
+        self.attns = [m for m in module.modules() if isinstance(m, MLA) and m.indexer is not None]
 
     def __enter__(self):
         self.saved = [(m.tokens_per_expert.clone(), getattr(m, "aux_accum", None), m.aux_loss) for m in self.moes]
+        self.saved_idx = [(m.indexer_accum, m.indexer_loss) for m in self.attns]
         return self
 
     def __exit__(self, *exc):
@@ -44,6 +47,8 @@ class KeepSideEffects:
             if accum is not None:
                 m.aux_accum = accum
             m.aux_loss = aux
+        for m, (accum, loss) in zip(self.attns, self.saved_idx):
+            m.indexer_accum, m.indexer_loss = accum, loss
         return False
 
 

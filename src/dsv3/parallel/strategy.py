@@ -30,12 +30,13 @@ from torch import nn
 from dsv3.config.load import dump_yaml
 from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
+from dsv3.model.mla import set_indexer_stage
 from dsv3.parallel.dims import ParallelDims, build_meshes, init_distributed
 from dsv3.train import checkpoint
 from dsv3.train.loss import LinearCrossEntropy, attention_mask, compute_loss, masked_ce
 from dsv3.train.optim import build_optimizer
 
-LOSS_PARTS = ("lm", "mtp", "aux")
+LOSS_PARTS = ("lm", "mtp", "aux", "indexer")
 
 
 def seed_everything(seed: int) -> None:
@@ -89,6 +90,9 @@ class Strategy:
         self.fsdp = self.dims.dp_shard == "fsdp" and self.dims.dp > 1
         # FSDP and TP act on module calls, which the fused head + cross-entropy bypasses
         self.fused_ce = cfg.train.fused_ce and not self.fsdp and self.dims.tp == 1
+        # DSA's dense warm-up: only the indexers learn (their KL loss is the whole objective)
+        self.indexer_warmup = cfg.model.sparse_attention and cfg.train.indexer_stage == "dense_warmup"
+        self.main_loss_weight = 0.0 if self.indexer_warmup else 1.0
 
     # ---- roles
     @property
@@ -131,10 +135,17 @@ class Strategy:
             if self.dims.pp > 1:
                 from dsv3.parallel.pipeline import PipelineRunner
 
-                self.pipeline = PipelineRunner(self.dm, cfg.train.mtp_loss_factor)
+                self.pipeline = PipelineRunner(self.dm, cfg.train.mtp_loss_factor, self.main_loss_weight)
         zero = self.meshes.dense.get_group("dp") if self.dims.dp_shard == "zero1" and self.dims.dp > 1 else None
         self.parts = parts
-        return parts, build_optimizer(parts, cfg.optimizer, cfg.lr_schedule, zero_group=zero)
+        trainable = None
+        if cfg.model.sparse_attention:
+            for p in parts:
+                set_indexer_stage(p, cfg.train.indexer_stage, attach=self.dims.pp > 1)
+            if self.indexer_warmup:
+                trainable = lambda name: ".indexer." in name  # noqa: E731
+                log("DSA dense warm-up: attention dense, only the lightning indexers train (KL to the attention)")
+        return parts, build_optimizer(parts, cfg.optimizer, cfg.lr_schedule, zero_group=zero, trainable=trainable)
 
     # ---- one step
     def forward_backward(self, batches: list[dict[str, torch.Tensor]], autocast) -> dict[str, float]:
@@ -147,7 +158,7 @@ class Strategy:
             model, sums = self.parts[0], torch.zeros(len(LOSS_PARTS), device=self.device)
             for b in batches:
                 with autocast():
-                    loss, p = compute_loss(model, b, self.cfg.train.mtp_loss_factor, self.fused_ce)
+                    loss, p = compute_loss(model, b, self.cfg.train.mtp_loss_factor, self.fused_ce, self.main_loss_weight)
                 (loss / M).backward()
                 sums += torch.stack([torch.as_tensor(p[k], dtype=torch.float32, device=self.device).detach() for k in LOSS_PARTS])
             vec = sums / M

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.model.matmul import mm_nt, uses_onednn
+from dsv3.model.mla import MLA
 
 CE_CHUNK = 1024
 """Tokens per chunk of the fused head + cross-entropy (a [chunk, vocab] fp32 block at a time)."""
@@ -140,18 +141,23 @@ def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, mask: torch.T
     return factor / len(per_depth) * torch.stack(per_depth).sum(), per_depth
 
 
-def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float, fused_ce: bool = True
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward one micro-batch and return (total loss, detached parts {lm, mtp, aux}).
+def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float, fused_ce: bool = True,
+                 main_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward one micro-batch and return (total loss, detached parts {lm, mtp, aux, indexer}).
 
     The model's pieces are called directly (hidden states, MTP chain, shared head norm) so the head
     and the loss can be fused; `fused_ce=False` is the plain logits path (`model(..., return_mtp=True)`).
+    total = main_weight·(lm + mtp + aux) + indexer (the DSA indexers' KL losses; main_weight 0 in
+    the dense warm-up stage, where only the indexers learn).
     """
     tokens, labels, mask, pos = batch["tokens"], batch["labels"], batch["loss_mask"], batch.get("position_ids")
     docs, attn = batch.get("doc_ids"), attention_mask(batch)
     use_mtp = mtp_loss_factor > 0 and len(model.model.mtp) > 0
     for moe in model.moe_layers():
         moe.aux_loss = None  # only this forward's balance losses count
+    for m in model.modules():
+        if isinstance(m, MLA):
+            m.indexer_loss = None  # nor do only this forward's indexer losses
     if not fused_ce:
         out = model(tokens, positions=pos, mask=attn, return_mtp=use_mtp)
         logits, mtp_logits = out if use_mtp else (out, [])
@@ -170,6 +176,9 @@ def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float, 
                          for k, (mod, h) in enumerate(zip(model.model.mtp, hs), start=1)]
             mtp = mtp_loss_factor / len(per_depth) * torch.stack(per_depth).sum()
     aux = model.aux_loss() if model.training else None
-    total = lm + mtp + (aux if aux is not None else 0.0)
-    parts = {"lm": lm.detach(), "mtp": mtp.detach(), "aux": aux.detach() if aux is not None else torch.zeros((), device=lm.device)}
+    idx = model.indexer_loss() if model.training else None
+    zero = torch.zeros((), device=lm.device)
+    total = main_weight * (lm + mtp + (aux if aux is not None else 0.0)) + (idx if idx is not None else 0.0)
+    parts = {"lm": lm.detach(), "mtp": mtp.detach(), "aux": aux.detach() if aux is not None else zero,
+             "indexer": idx.detach() if idx is not None else zero}
     return total, parts

@@ -63,6 +63,8 @@ def format_line(r: dict[str, Any]) -> str:
     """One human line per logged step."""
     parts = [f"step {r['step']}", f"loss {r['loss']:.4f} (lm {r['lm_loss']:.4f} mtp {r['mtp_loss']:.4f} aux {r['aux_loss']:.2e})",
              f"lr {r['lr']:.3e}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:.0f} tok/s"]
+    if r.get("indexer_loss"):
+        parts.insert(2, f"indexer KL {r['indexer_loss']:.4f}")
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if r.get("expert_load"):

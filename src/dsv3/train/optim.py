@@ -16,6 +16,7 @@ wrapped in torch's ZeroRedundancyOptimizer for `parallel.dp_shard: zero1`.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,11 +25,12 @@ from torch.distributed.tensor import DTensor
 from dsv3.config.train import LRScheduleConfig, OptimizerConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices (decayed) and 1-D parameters (not decayed); names kept for inspection."""
+def param_groups(model: nn.Module, weight_decay: float, trainable: Callable[[str], bool] | None = None) -> list[dict]:
+    """Two groups: matrices (decayed) and 1-D parameters (not decayed); names kept for inspection.
+    `trainable(name)` False leaves a parameter out (it keeps its value; e.g. DSA's dense warm-up)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or (trainable is not None and not trainable(name)):
             continue
         (decay if p.ndim >= 2 else no_decay).append((name, p))
     return [
@@ -113,13 +115,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def build_optimizer(model: nn.Module | list[nn.Module], cfg: OptimizerConfig, lr_cfg: LRScheduleConfig,
-                    zero_group=None) -> torch.optim.Optimizer:
+                    zero_group=None, trainable: Callable[[str], bool] | None = None) -> torch.optim.Optimizer:
     """AdamW over `param_groups` of `model` (or of a rank's model parts): torch's when
     `cfg.state_dtype` is float32 (fused kernels where torch has them, plain per-parameter updates
     over DTensors), `AdamWBF16State` when it is bfloat16. `zero_group`: the data-parallel group over
     which ZeroRedundancyOptimizer shards the state (ZeRO-1)."""
     module = nn.ModuleList(model) if isinstance(model, list) else model
-    groups = param_groups(module, cfg.weight_decay)
+    groups = param_groups(module, cfg.weight_decay, trainable)
     params = [p for g in groups for p in g["params"]]
     kw = dict(lr=lr_cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.state_dtype == "bfloat16":

@@ -249,16 +249,17 @@ class Trainer:
 
     def finish_step(self, losses: dict[str, float], grad_norm) -> dict[str, Any]:
         """Optimizer + LR step, then the bias update from this step's expert counts; the step's record.
-        `losses` holds the step's global mean `lm`, `mtp` and `aux` losses."""
+        `losses` holds the step's global mean `lm`, `mtp`, `aux` and `indexer` losses."""
         lr = self.scheduler.get_last_lr()[0]
         clip = self.cfg.optimizer.clip_grad
         step_with_clip(self.optimizer, clip_coefficient(grad_norm, clip) if clip > 0 else 1.0)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        counts = balance.balance_step(self.moe_layers, self.cfg.train.bias_update_rate, self.strategy.reduce_counts)
+        warmup = self.strategy.indexer_warmup  # DSA dense warm-up: the routing bias stays fixed too
+        counts = balance.balance_step(self.moe_layers, 0.0 if warmup else self.cfg.train.bias_update_rate, self.strategy.reduce_counts)
         self.step += 1
         rec = {k + "_loss": v for k, v in losses.items()}
-        rec["loss"] = rec["lm_loss"] + rec["mtp_loss"] + rec["aux_loss"]
+        rec["loss"] = self.strategy.main_loss_weight * (rec["lm_loss"] + rec["mtp_loss"] + rec["aux_loss"]) + rec["indexer_loss"]
         if not math.isfinite(rec["loss"]):
             raise UserError(f"loss is {rec['loss']} at step {self.step}: training diverged (lower lr_schedule.learning_rate "
                             f"or check the data); the last checkpoint is intact")
