@@ -50,14 +50,29 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, block: int = BLOCK, dtype: 
     return x.view(Mb * block, Nb * block)[:M, :N].to(dtype)
 
 
-def weight_quant(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-quantise w [M,N] to (float8_e4m3fn [M,N], fp32 scale_inv [Mb,Nb]) with amax/448 scales.
+SCALE_FMTS = (None, "ue8m0")
+"""Block-scale formats: None (any fp32 amax/448, V3) or "ue8m0" (powers of two, V3.1's
+`quantization_config.scale_fmt`: an 8-bit exponent with no mantissa, what DeepGEMM's UE8M0 kernels read)."""
 
-    The inverse of `weight_dequant` up to FP8 rounding; used to make FP8 test checkpoints.
+
+def ue8m0(s: torch.Tensor) -> torch.Tensor:
+    """Round positive scales UP to the next power of two (so |w| / s still fits the e4m3 range)."""
+    return torch.exp2(torch.ceil(torch.log2(s)))
+
+
+def weight_quant(w: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantise w [M,N] to (float8_e4m3fn [M,N], fp32 scale_inv [Mb,Nb]) with amax/448 scales
+    (rounded up to powers of two with `scale_fmt="ue8m0"`).
+
+    The inverse of `weight_dequant` up to FP8 rounding; used by `dsv3 convert --to fp8`.
     """
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt {scale_fmt!r}: expected one of {SCALE_FMTS}")
     M, N = w.shape
     Mb, Nb = -(-M // block), -(-N // block)
     x = F.pad(w.float(), (0, Nb * block - N, 0, Mb * block - M)).view(Mb, block, Nb, block)
     s = x.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # [Mb,Nb]
+    if scale_fmt == "ue8m0":
+        s = ue8m0(s)
     q = (x / s[:, None, :, None]).view(Mb * block, Nb * block)[:M, :N].to(torch.float8_e4m3fn)
     return q.contiguous(), s

@@ -132,6 +132,12 @@ class Tokenizer:
         )
         # Real DeepSeek-V3 prompts start with BOS (see module docstring); `encode` itself adds nothing.
         self.add_bos_token = True
+        from dsv3.data.chat_v31 import is_v31_template
+
+        template = self.config.get("chat_template")
+        self.chat_format = "deepseek_v31" if is_v31_template(template if isinstance(template, str) else None) else "deepseek_v3"
+        """Which chat format `apply_chat_template` renders: V3's, or V3.1's hybrid thinking (chosen by
+        the tokenizer_config.json template the checkpoint ships)."""
 
     def _require(self, token: str) -> int:
         i = self._tok.token_to_id(token)
@@ -179,14 +185,23 @@ class Tokenizer:
 
     # ---- chat ---------------------------------------------------------------------------------
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False,
+        tools: Sequence[dict[str, Any]] | None = None, thinking: bool = False,
     ) -> str | list[int]:
-        """Render `messages` with the V3 chat template. The string already starts with the BOS
-        token, so `tokenize=True` encodes it without adding another BOS."""
-        from dsv3.data.chat_template import render_chat
+        """Render `messages` with the checkpoint's chat format (`chat_format`): V3's template, or V3.1's,
+        where `thinking` opens the reply with `<think>` and `tools` are described in the system prompt
+        (V3's template has no tool description: the server adds one, `dsv3.serve.tools`). The string
+        already starts with the BOS token, so `tokenize=True` encodes it without adding another BOS."""
+        if self.chat_format == "deepseek_v31":
+            from dsv3.data.chat_v31 import render_chat_v31
 
-        text = render_chat(messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
-                           eos_token=self.eos_token)
+            text = render_chat_v31(messages, add_generation_prompt=add_generation_prompt, thinking=thinking, tools=tools,
+                                   bos_token=self.bos_token, eos_token=self.eos_token)
+        else:
+            from dsv3.data.chat_template import render_chat
+
+            text = render_chat(messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+                               eos_token=self.eos_token)
         return self.encode(text, add_bos=False) if tokenize else text
 
     @property
@@ -273,8 +288,10 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> list[Path]:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in tok.config.items() if k != "chat_template"}
+    # a V3.1 checkpoint keeps its own (hybrid-thinking) template; otherwise the V3 template we render
+    template = tok.config["chat_template"] if tok.chat_format == "deepseek_v31" else chat_template_jinja()
     config.update(bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.id_to_token(tok.pad_id),
-                  add_bos_token=tok.add_bos_token, add_eos_token=False, chat_template=chat_template_jinja())
+                  add_bos_token=tok.add_bos_token, add_eos_token=False, chat_template=template)
     config.setdefault("tokenizer_class", "LlamaTokenizerFast")
     config.setdefault("model_max_length", 131072)
     out = []

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dsv3.checkpoint import hf_map
+from dsv3.checkpoint.fp8 import SCALE_FMTS, weight_quant
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 from dsv3.model.moe import Experts
@@ -39,16 +40,19 @@ def stored_method(hf_config: dict) -> str | None:
     if qc.get("quant_method") == "fp8":
         if qc.get("weight_block_size", [128, 128]) != [128, 128] or qc.get("fmt", "e4m3") != "e4m3":
             raise UserError(f"quantization_config {qc}: only e4m3 FP8 with 128x128 blocks is supported")
+        if qc.get("scale_fmt") not in SCALE_FMTS:  # V3.1: "ue8m0" (power-of-two scales, read as any fp32 scale)
+            raise UserError(f"quantization_config scale_fmt {qc.get('scale_fmt')!r}: expected 'ue8m0' or none")
         return "fp8"
     if qc.get("quant_method") == "dsv3" and qc.get("scheme") in ("w8a8", "int8"):
         return qc["scheme"]
     raise UserError(f"config.json quantization_config {qc}: unsupported (fp8, or dsv3 w8a8/int8)")
 
 
-def stored_config(method: str, qc: QuantConfig) -> dict:
-    """config.json `quantization_config` for a checkpoint written with `method`."""
+def stored_config(method: str, qc: QuantConfig, scale_fmt: str | None = None) -> dict:
+    """config.json `quantization_config` for a checkpoint written with `method` (FP8 block scales in
+    `scale_fmt`: None, or "ue8m0" as DeepSeek-V3.1 writes it)."""
     if method == "fp8":
-        return dict(FP8_CONFIG)
+        return {**FP8_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {})}
     return {"quant_method": "dsv3", "scheme": method, "weight_dtype": "int8", "weight_quant_granularity": "per_channel",
             "activation_dtype": "int8" if method == "w8a8" else "none",
             "act_quant_granularity": "per_token" if method == "w8a8" else None,
@@ -105,10 +109,16 @@ def convert_target(hf_name: str, cfg: ModelConfig, qc: QuantConfig) -> str | Non
     return qc.method_for(tgt.name.rpartition(".")[0])
 
 
-def quantize_tensor(method: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One weight [out, in] -> (stored weight, fp32 `_scale_inv`) in the on-disk format of `method`."""
+def quantize_tensor(method: str, w: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight [out, in] -> (stored weight, fp32 `_scale_inv`) in the on-disk format of `method`
+    (`scale_fmt` "ue8m0": FP8 block scales rounded up to powers of two)."""
     if method == "int4":
         raise UserError("int4 is not a checkpoint format (its packing is the CPU kernel's); quantise at load instead")
+    if scale_fmt is not None:
+        if method != "fp8":
+            raise UserError(f"scale_fmt {scale_fmt!r} applies to fp8 only, not {method}")
+        q, s = weight_quant(w.float(), scale_fmt=scale_fmt)
+        return q, s.float()
     q, s = make_scheme(method).quantize(w.float())
     return q, s.float()
 
