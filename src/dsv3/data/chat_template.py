@@ -72,6 +72,18 @@ def _tool_call(call: Any, where: str) -> str:
     return f"{CALL_BEGIN}{call.get('type', 'function')}{SEP}{name}\n```json\n{args}\n```{CALL_END}"
 
 
+def system_prompt(messages: Sequence[dict[str, Any]]) -> str:
+    """Every system message's content joined by a blank line (both V3 and V3.1 put it right after
+    BOS, with no role tag); also checks that each message is an object with a role."""
+    system = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise UserError(f"messages[{i}]: expected an object with a 'role'")
+        if m["role"] == "system":
+            system.append(content_text(m.get("content"), f"messages[{i}]"))
+    return "\n\n".join(system)
+
+
 def render_chat(
     messages: Sequence[dict[str, Any]],
     add_generation_prompt: bool = True,
@@ -79,13 +91,7 @@ def render_chat(
     eos_token: str = "<｜end▁of▁sentence｜>",
 ) -> str:
     """Render a conversation as the DeepSeek-V3 prompt string (starts with `bos_token`)."""
-    system = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise UserError(f"messages[{i}]: expected an object with a 'role'")
-        if m["role"] == "system":
-            system.append(content_text(m.get("content"), f"messages[{i}]"))
-    out = [bos_token, "\n\n".join(system)]
+    out = [bos_token, system_prompt(messages)]
     after_tool = False  # previous message was a tool output
     for i, m in enumerate(messages):
         role, where = m["role"], f"messages[{i}]"

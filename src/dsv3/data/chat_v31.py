@@ -21,7 +21,7 @@ import json
 from typing import Any, Sequence
 
 from dsv3.data.chat_template import (ASSISTANT, CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, OUTPUT_BEGIN, OUTPUT_END,
-                                     SEP, USER, content_text)
+                                     SEP, USER, content_text, system_prompt)
 from dsv3.errors import UserError
 
 THINK, END_THINK = "<think>", "</think>"
@@ -61,13 +61,7 @@ def render_chat_v31(messages: Sequence[dict[str, Any]], add_generation_prompt: b
                     tools: Sequence[dict[str, Any]] | None = None, bos_token: str = "<｜begin▁of▁sentence｜>",
                     eos_token: str = "<｜end▁of▁sentence｜>") -> str:
     """Render a conversation as the DeepSeek-V3.1 prompt string (module docstring)."""
-    system = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise UserError(f"messages[{i}]: expected an object with a 'role'")
-        if m["role"] == "system":
-            system.append(content_text(m.get("content"), f"messages[{i}]"))
-    sys_prompt = "\n\n".join(system)
+    sys_prompt = system_prompt(messages)
     if tools:
         sys_prompt += "\n\n" + tool_description(tools)
     out = [bos_token, sys_prompt]
