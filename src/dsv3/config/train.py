@@ -85,6 +85,10 @@ class TrainConfig:
     """gamma of the aux-loss-free bias update b += gamma * sign(mean - count) per optimizer step; 0 disables it."""
     fused_ce: bool = True
     """Fused, chunked head + cross-entropy (never materialises [tokens, vocab] logits); False: plain logits path."""
+    fp8: bool = False
+    """FP8 training as DeepSeek-V3 describes it, emulated (`dsv3.train.fp8`): the linear layers' GEMMs on e4m3
+    operands (1x128 activation/gradient tiles, 128x128 weight blocks), fp32 accumulation and master weights;
+    embedding, head, router, attention and the routed experts stay in `precision`. Not with model_parallel > 1."""
     indexer_stage: Literal["sparse", "dense_warmup"] = "sparse"
     """DeepSeek-V3.2 sparse-attention models (model.index_topk > 0), the V3.2 report's two stages:
     dense_warmup: attention stays dense, only the lightning indexer trains (its KL loss to the attention
@@ -284,6 +288,9 @@ class RunConfig:
             raise UserError(f"train.bias_update_rate {t.bias_update_rate} needs model.topk_method 'noaux_tc' (the routing bias), got {m.topk_method!r}")
         if t.bias_update_rate < 0 or t.mtp_loss_factor < 0:
             raise UserError("train.bias_update_rate and train.mtp_loss_factor must be >= 0")
+        if t.fp8 and max(self.parallel.model_parallel, 1) > 1:
+            raise UserError(f"train.fp8 runs without tensor parallelism for now (model_parallel {self.parallel.model_parallel}): "
+                            "its weight blocks would be quantised per shard")
         if t.indexer_stage == "dense_warmup" and not m.sparse_attention:
             raise UserError("train.indexer_stage 'dense_warmup' trains a sparse-attention indexer: model.index_topk must be > 0")
         if m.sparse_attention and max(self.parallel.model_parallel, 1) > 1:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dsv3.config.schema import ModelConfig
@@ -27,13 +28,15 @@ from dsv3.parallel.init import canonical_name, init_buffers, materialize
 def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Meshes, seed: int, *, mtp_lambda: float = 0.3,
                          param_dtype: torch.dtype | None = None, offset: list[int] | None = None, recompute: str = "none",
                          recompute_layers: list[int] | None = None, device: torch.device | None = None,
-                         init_from: str | Path | None = None, log: Callable[[str], None] | None = None) -> DistributedModel:
+                         init_from: str | Path | None = None, log: Callable[[str], None] | None = None,
+                         prepare: Callable[[nn.Module], object] | None = None) -> DistributedModel:
     """This rank's parts of the model; `device` None leaves them on the meta device (layout checks).
 
     `init_from` (`train.init_from`): a checkpoint directory whose weights replace the seeded init,
     each rank reading only its own slices (`dsv3.train.init_from.InitSource`); it is checked
     against `model_cfg` (architecture, names, shapes) before anything is parallelised or allocated.
-    `mtp_lambda` is accepted for existing callers and unused: the loss is the trainer's."""
+    `prepare(model)` runs on the meta-device model before any parallelism (e.g. swapping modules for
+    FP8 training). `mtp_lambda` is accepted for existing callers and unused: the loss is the trainer's."""
     source = None
     if init_from:
         from dsv3.train.init_from import InitSource
@@ -42,6 +45,8 @@ def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Mes
     try:
         with torch.device("meta"):
             model = Transformer(model_cfg)
+        if prepare is not None:
+            prepare(model)
         dm = parallelize(model, dims, meshes, param_dtype=param_dtype, offset=offset,
                          recompute=recompute, recompute_layers=recompute_layers)
         if device is not None and source is None:

@@ -63,11 +63,22 @@ def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None]
         with torch.device("meta"):
             model = Transformer(cfg.model)
         materialize(model, device, cfg.model, cfg.train.seed)
+    if cfg.train.fp8:
+        _enable_fp8(model, log)
     # the layers the configured pipeline stages would recompute (all of them without recompute_layers)
     per_stage = stage_layers(cfg.model, cfg.parallel.pipeline_stage, cfg.parallel.pp_layer_offset)
     apply_recompute(model, cfg.train.recompute,
                     recompute_layer_ids(cfg.model, cfg.train.recompute, per_stage, cfg.parallel.recompute_layers))
     return model.train()
+
+
+def _enable_fp8(model: nn.Module, log: Callable[[str], None] | None) -> None:
+    from dsv3.train.fp8 import enable_fp8_training
+
+    n = enable_fp8_training(model)
+    if log is not None:
+        log(f"FP8 training (emulated e4m3, 1x128 / 128x128 scaling): {n} linear layers; head, embedding, router, "
+            "attention and routed experts in the run's precision")
 
 
 class Strategy:
@@ -130,7 +141,8 @@ class Strategy:
             kw = {"init_from": cfg.train.init_from} if cfg.train.init_from else {}
             self.dm = build_parallel_model(cfg.model, self.dims, self.meshes, cfg.train.seed,
                                            offset=cfg.parallel.pp_layer_offset, recompute=cfg.train.recompute,
-                                           recompute_layers=cfg.parallel.recompute_layers, device=self.device, log=log, **kw)
+                                           recompute_layers=cfg.parallel.recompute_layers, device=self.device, log=log,
+                                           prepare=(lambda m: _enable_fp8(m, log)) if cfg.train.fp8 else None, **kw)
             parts = self.dm.parts
             if self.dims.pp > 1:
                 from dsv3.parallel.pipeline import PipelineRunner
