@@ -86,7 +86,8 @@ class TrainConfig:
     fused_ce: bool = True
     """Fused, chunked head + cross-entropy (never materialises [tokens, vocab] logits); False: plain logits path."""
     threads: Optional[int] = None
-    """torch CPU threads; None: torch's default."""
+    """torch CPU threads; None: the CLI's choice (`dsv3.threads`: the CPUs other work leaves free). --threads and
+    $DSV3_NUM_THREADS win over it."""
     cpu_allocator: Literal["cache", "system"] = "cache"
     """CPU runs: cache keeps freed host memory in the process for the next step's tensors (glibc malloc serves
     large blocks from its heap and never trims it; `dsv3.train.host_memory`), system leaves the C library's
