@@ -89,3 +89,30 @@ def test_cli_under_real_load_takes_one_thread_and_says_why(tmp_path):
     assert busy >= cpus + 1, auto  # the spinning processes were seen
     assert explicit == ["dsv3: 2 torch threads (--threads)"]
     assert _generate(model, env_extra={threads.ENV: "3"}) == ["dsv3: 3 torch threads ($DSV3_NUM_THREADS)"]
+
+
+def test_train_logs_its_count_and_the_flag_beats_the_yaml(tmp_path):
+    """`dsv3 train`: the YAML's train.threads (2 here) applies unless --threads says otherwise; the trainer logs it."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "tests" / "train"))
+    from run_config import small_run
+
+    from dsv3.config.load import dump_yaml
+    from dsv3.data.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "ok_text_document")
+    b = IndexedDatasetBuilder(f"{prefix}.bin", np.int32)
+    for row in np.random.default_rng(0).integers(2, 1000, size=(40, 33)):
+        b.add_document(row, [len(row)])
+    b.finalize(f"{prefix}.idx")
+    lines = []
+    for pre in ([], ["--threads", "1"]):
+        dump_yaml(small_run(prefix, tmp_path / f"out{len(pre)}", train={"steps": 1}), tmp_path / "run.yaml")
+        env = {k: v for k, v in os.environ.items() if k not in (threads.ENV, "OMP_NUM_THREADS")}
+        env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
+        r = subprocess.run([sys.executable, "-m", "dsv3", "train", *pre, "--config", str(tmp_path / "run.yaml")], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        lines.append([ln for ln in r.stderr.splitlines() if "torch thread" in ln])
+    assert lines == [["dsv3: 2 torch threads (train.threads)"], ["dsv3: 1 torch thread (--threads)"]]
