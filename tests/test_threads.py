@@ -116,3 +116,9 @@ def test_train_logs_its_count_and_the_flag_beats_the_yaml(tmp_path):
         assert r.returncode == 0, r.stderr
         lines.append([ln for ln in r.stderr.splitlines() if "torch thread" in ln])
     assert lines == [["dsv3: 2 torch threads (train.threads)"], ["dsv3: 1 torch thread (--threads)"]]
+
+
+def test_cap_at_torchs_default_on_a_quiet_machine(clean_env):
+    c = threads.choose(cpus=16, busy=0.0, cap=8)  # 16 hyperthreads, torch's default one per physical core
+    assert c == threads.Choice(8, "auto: 16 CPUs, 0.0 busy with other work, at most torch's default 8")
+    assert threads.choose(cpus=16, busy=10.0, cap=8).threads == 6

@@ -89,10 +89,25 @@ def _from_env(name: str) -> Optional[int]:
     return n
 
 
+_torch_default: Optional[int] = None
+
+
+def torch_default() -> int:
+    """torch's own count (one thread per physical core, or $OMP_NUM_THREADS), read before dsv3 sets one."""
+    global _torch_default
+    if _torch_default is None:
+        import torch
+
+        _torch_default = torch.get_num_threads()
+    return _torch_default
+
+
 def choose(requested: Optional[int] = None, local_ranks: Optional[int] = None, flag: str = "--threads",
-           cpus: Optional[int] = None, busy: Optional[float] = None) -> Choice:
+           cpus: Optional[int] = None, busy: Optional[float] = None, cap: Optional[int] = None) -> Choice:
     """The thread count for one process of a job of `local_ranks` processes on this machine (default:
-    $LOCAL_WORLD_SIZE, set by torchrun / `dsv3 launch`, else 1). `cpus` / `busy` replace the readings."""
+    $LOCAL_WORLD_SIZE, set by torchrun / `dsv3 launch`, else 1). `cpus` / `busy` replace the readings;
+    `cap`: the most threads worth running (with the real readings: torch's default, so hyperthreads are
+    not counted as cores)."""
     if requested is not None:
         if requested < 1:
             raise UserError(f"{flag} must be >= 1, got {requested}")
@@ -102,12 +117,16 @@ def choose(requested: Optional[int] = None, local_ranks: Optional[int] = None, f
         if n is not None:
             return Choice(n, f"${name}")
     local = local_ranks if local_ranks is not None else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    cpus = cpu_count() if cpus is None else cpus
+    if cpus is None:
+        cpus, cap = cpu_count(), cap or torch_default()
     busy = busy_cpus(local - 1) if busy is None else busy
     free = max(1, cpus - round(busy))
     n = max(1, free // local)
     why = f"auto: {cpus} CPU{'s' if cpus != 1 else ''}, {busy:.1f} busy with other work"
-    return Choice(n, why + (f", {free} shared by {local} processes" if local > 1 else ""))
+    why += f", {free} shared by {local} processes" if local > 1 else ""
+    if cap is not None and n > cap:
+        n, why = cap, why + f", at most torch's default {cap}"
+    return Choice(n, why)
 
 
 _current: Optional[Choice] = None

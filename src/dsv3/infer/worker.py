@@ -1,7 +1,7 @@
 """The follower ranks of a spawned multi-process engine (`LLM(..., tensor_parallel_size=N)` on one machine).
 
-Each follower is a fresh interpreter, `python -m dsv3.infer.worker RANK WORLD PORT`, not a
-multiprocessing child: multiprocessing's spawn re-imports the parent's `__main__`, so a plain
+Each follower is a fresh interpreter, `python -m dsv3.infer.worker RANK WORLD PORT PARENT_PID`, not
+a multiprocessing child: multiprocessing's spawn re-imports the parent's `__main__`, so a plain
 top-level script (no `if __name__ == "__main__":`) would run again in every worker and build its
 own engine (Python's "start a new process before the current process has finished its
 bootstrapping phase" error). A worker started here imports only dsv3 and never the user's script.
@@ -42,11 +42,14 @@ class Workers:
         world = spec.tensor_parallel_size
         self.procs: dict[int, subprocess.Popen] = {}
         for r in range(1, world):
-            p = subprocess.Popen([sys.executable, "-m", "dsv3.infer.worker", str(r), str(world), str(port)],
-                                 stdin=subprocess.PIPE, env=env)
-            p.stdin.write(payload)
-            p.stdin.close()
+            argv = [sys.executable, "-m", "dsv3.infer.worker", str(r), str(world), str(port), str(os.getpid())]
+            p = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env)
             self.procs[r] = p
+            try:
+                p.stdin.write(payload)
+                p.stdin.close()
+            except BrokenPipeError:  # it died at once: the watchdog reports its exit code
+                pass
         self._stopping = threading.Event()
         self.started = False  # set once every rank built its engine
 
@@ -111,13 +114,15 @@ def main(argv: list[str]) -> None:
 
     from dsv3.infer.distributed import _device_type, _join, set_rank_threads, timeout_s
 
-    rank, world, port = (int(a) for a in argv)
+    rank, world, port, parent = (int(a) for a in argv)
     try:  # SIGTERM when the parent (rank 0) dies, however it dies
         import ctypes
 
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent:  # it died before the request above
+        os._exit(1)
     spec = pickle.loads(sys.stdin.buffer.read())
     set_rank_threads(spec, world)
     dist.init_process_group("nccl" if _device_type(spec) == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
