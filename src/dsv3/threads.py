@@ -1,14 +1,16 @@
 """How many torch CPU threads a dsv3 process computes with, and why.
 
 Order: an explicit count (`dsv3 --threads N <verb>` or the verb's own `--threads N`), then
-`$DSV3_NUM_THREADS`, then `$OMP_NUM_THREADS` (torch's own variable; torchrun sets it to 1), then an
-automatic choice: the CPUs this process may run on (its affinity mask) minus the CPUs other work
-keeps busy, split over the processes of one job on this machine, at least 1.
+`$DSV3_NUM_THREADS` (the CLI exports an explicit count there, for the processes it starts), then
+a training YAML's `train.threads` (the trainer applies it), then `$OMP_NUM_THREADS` (torch's own
+variable; torchrun sets it to 1, `dsv3 launch` to its per-worker choice), then an automatic choice:
+the CPUs this process may run on (its affinity mask) minus the CPUs other work keeps busy, split
+over the processes of one job on this machine, at least 1, at most torch's default.
 
 Why not torch's default (one thread per physical core): on a machine other jobs already load,
 OpenMP threads that cannot all run at once wait at every parallel region's barrier for the one that
-was descheduled. On a 2-core VM at load 5-8, 2 threads trained 3x slower than 1 and decoded 10-15x
-slower; on a quiet machine the automatic choice is every CPU, as before.
+was descheduled. On a 2-core VM at load 5-8 (issue 25's report), 2 threads trained 3x slower than 1
+and decoded 10-15x slower; on a quiet machine the automatic choice is torch's own count, as before.
 
 "Busy" is the larger of the 1-minute load average and the tasks runnable right now (the median of
 a few readings of /proc/loadavg over ~40 ms, this process and its sibling ranks not counted): the
