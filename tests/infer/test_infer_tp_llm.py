@@ -42,8 +42,9 @@ def odd_vocab_dir(tmp_path_factory) -> Path:
     return path
 
 
-def _python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _python(args: list[str], cwd: Path, **env_extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.update(env_extra)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -95,12 +96,14 @@ def run(llm):
 one = run(LLM("{model}", device="cpu", dtype="float32"))
 with LLM("{model}", tensor_parallel_size=2, device="cpu", dtype="float32") as llm:
     two = run(llm)
-print(json.dumps({{"one": one, "two": two}}))
+    threads = [r["threads"] for r in llm.engine.runner.ping()]
+print(json.dumps({{"one": one, "two": two, "threads": threads}}))
 """
 
 
 def test_python_c_with_a_vocabulary_tp_does_not_divide(odd_vocab_dir, tmp_path):
-    res = _result(_python(["-c", ODD.format(mark=MARK, model=odd_vocab_dir)], tmp_path))
+    res = _result(_python(["-c", ODD.format(mark=MARK, model=odd_vocab_dir)], tmp_path, DSV3_NUM_THREADS="2"))
+    assert res["threads"] == [2, 2]  # $DSV3_NUM_THREADS applies to every rank
     for (ids1, lp1), (ids2, lp2) in zip(res["one"], res["two"]):
         assert ids1 == ids2 and len(ids1) == 6
         for a, b in zip(lp1, lp2):  # the same top-5 tokens, logprobs (log-softmax over 515 logits) close
