@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "launch": ("dsv3.parallel.launch", "multi-process / multi-node launcher (msrun-style arguments)"),
     "quickstart": ("dsv3.quickstart", "tiny pretraining on WikiText-2, then generation (the README's main job)"),
 }
+THREADED = ("train", "generate", "serve", "bench", "convert", "quickstart")
+"""Verbs that compute with torch on the CPU: they take --threads (bench on its throughput / latency runs)."""
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -40,19 +43,50 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def build_parser(verbs: dict[str, tuple[str, str]], only: str | None = None) -> argparse.ArgumentParser:
+    from dsv3 import threads
+
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
+    threads.add_argument(parser, dest="threads_global")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
     for verb, (mod, help_) in verbs.items():
         p = sub.add_parser(verb, help=help_, description=help_)
         if verb == only:
+            if verb in THREADED and verb != "bench":
+                threads.add_argument(p)
             importlib.import_module(mod).add_arguments(p)
     return parser
+
+
+def _threads(args: argparse.Namespace) -> None:
+    """Apply the torch thread count before the verb runs (`dsv3.threads`); the verb logs it once its
+    input is checked. An explicit count is exported as $DSV3_NUM_THREADS, so the processes a verb
+    starts (tensor-parallel ranks, `dsv3 launch` workers) use it too."""
+    from dsv3 import threads
+
+    requested = getattr(args, "threads", None)
+    requested = requested if requested is not None else args.threads_global
+    if requested is not None:
+        threads.choose(requested)  # a bad count is one line
+        os.environ[threads.ENV] = str(requested)
+    if args.verb in THREADED:
+        threads.setup(requested)
+
+
+def _verb_of(argv: list[str]) -> str | None:
+    """The first word that is neither an option nor the value of the global `--threads N`."""
+    words = iter(argv)
+    for a in words:
+        if a == "--threads":
+            next(words, None)
+        elif not a.startswith("-"):
+            return a
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbs = _available()
-    verb = next((a for a in argv if not a.startswith("-")), None)
+    verb = _verb_of(argv)
     if verb is not None and verb not in verbs:
         print(f"dsv3: error: unknown verb {verb!r}; choose from {', '.join(verbs)}", file=sys.stderr)
         return 2
@@ -63,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     module = importlib.import_module(verbs[args.verb][0])
     try:
+        _threads(args)
         rc = module.run(args)
     except UserError as e:
         print(f"dsv3 {args.verb}: error: {e}", file=sys.stderr)

@@ -115,7 +115,7 @@ def test_serve_tp2_openai_client_abort_and_worker_death(tiny_model_dir, tmp_path
         assert m[("forward_calls", "1")] < calls_before + 300  # it stopped long before max_tokens 400
 
         # a worker killed in the middle of a request: one line, non-zero exit, no hang
-        (worker,) = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        (worker,) = [p for p in _children(proc.pid) if "dsv3.infer.worker" in Path(f"/proc/{p}/cmdline").read_text()]
         long = {**body, "max_tokens": 4000}  # cannot finish before the watchdog sees the death, even on a quiet machine
         with httpx.stream("POST", root + "/v1/completions", json=long, headers={"Authorization": f"Bearer {KEY}"},
                           timeout=120) as r:

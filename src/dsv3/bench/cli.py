@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from dsv3 import threads
 from dsv3.errors import UserError
 
 
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         ("latency", "offline engine latency of one batch")):
         q = sub.add_parser(name, help=help_)
         q.add_argument("--model", required=True, help="HF-format model directory")
+        threads.add_argument(q)
         q.add_argument("--tokenizer", default=None)
         q.add_argument("--dtype", default="auto")
         q.add_argument("--device", default="auto")
@@ -157,6 +159,7 @@ def run(args) -> int:
 
     vllm_compat_notes(args)
     engine = load_engine(args)
+    threads.announce()
     if args.bench == "throughput":
         requests = make_requests(args, engine.tokenizer)
         check_context(requests, engine.max_model_len, "--max-model-len / the model's context", bos=1)

@@ -95,7 +95,8 @@ class TrainConfig:
     distribution is the whole loss; every other weight and the routing bias stay fixed); sparse: top-k
     attention, every weight trains, the indexer (on detached inputs) by its KL loss over the selected keys."""
     threads: Optional[int] = None
-    """torch CPU threads; None: torch's default."""
+    """torch CPU threads; None: the CLI's choice (`dsv3.threads`: the CPUs other work leaves free). --threads and
+    $DSV3_NUM_THREADS win over it."""
     cpu_allocator: Literal["cache", "system"] = "cache"
     """CPU runs: cache keeps freed host memory in the process for the next step's tensors (glibc malloc serves
     large blocks from its heap and never trims it; `dsv3.train.host_memory`), system leaves the C library's

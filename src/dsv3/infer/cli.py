@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from dsv3 import threads
 from dsv3.errors import UserError
 from dsv3.infer.distributed import add_parallel_arguments, external_env
 
@@ -31,7 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--quantization", default=None,
                      help="w8a8 | int8 | int4[:GROUP] | fp8 | none: quantise the weights once at load (default: as stored; "
                           "FP8 checkpoints stay FP8; the predict YAML's quantization_config applies)")
-    src.add_argument("--threads", type=int, default=None, help="torch CPU threads (on a busy machine 1 can beat 2)")
     io = p.add_argument_group("input")
     io.add_argument("--input", action="append", help="prompt text (repeat for a batch)")
     io.add_argument("--interactive", action="store_true", help="multi-turn chat keeping history (/clear, /exit)")
@@ -181,12 +181,6 @@ def run(args) -> int:
 
     st = _settings(args)
     sp = _sampling(args, st)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     if not args.input and not args.interactive:
         raise UserError("give --input TEXT (repeatable) or --interactive")
     try:
@@ -203,6 +197,7 @@ def run(args) -> int:
         raise UserError(f"{st['model']}: no tokenizer.json there and none installed that fits the model: pass --tokenizer PATH")
     engine = llm.engine
     if not args.quiet:
+        threads.announce()
         c = engine.cache_info()
         tp = getattr(engine, "parallel", {}).get("tensor_parallel_size", 1)
         print(f"[model {st['model']} on {engine.device} ({str(engine.dtype).replace('torch.', '')})"

@@ -2,8 +2,11 @@
 
 Two launch shapes, one code path (`start_engine`):
 - **spawned** (one machine, as vLLM): the calling process becomes rank 0 and starts ranks 1..N-1
-  with torch.multiprocessing (spawn), rendezvous on 127.0.0.1 at a free port; gloo on CPU, NCCL on
-  CUDA (device cuda:RANK). A watchdog thread turns a worker's death into one log line and exit 1.
+  as fresh interpreters (`dsv3.infer.worker`: they never re-run the caller's script, so a plain
+  top-level script or `python -c` works without a main guard), rendezvous on 127.0.0.1 at a free
+  port; gloo on CPU, NCCL on CUDA (device cuda:RANK). A watchdog thread turns a worker's death into
+  one log line and exit 1. `shutdown()` joins the workers and destroys the process group, so the
+  same process can start another engine.
 - **external** (torchrun / `dsv3 launch`, any number of machines): every process runs the same
   verb; RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR come from the launcher, which stops the job when
   a worker dies.
@@ -23,10 +26,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
-import signal
 import socket
-import threading
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Optional
@@ -44,6 +44,8 @@ class EngineSpec:
     dtype: Optional[str] = None
     device: Optional[str] = None
     engine_kwargs: dict = field(default_factory=dict)
+    threads: Optional[int] = None
+    """torch CPU threads of each rank (set by rank 0 before it starts the others)."""
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,13 +116,21 @@ def start_engine(spec: EngineSpec, tokenizer: Any = None):
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
         workers = None
     else:
+        from dsv3.infer.worker import Workers
+
+        if dist.is_initialized():
+            raise UserError("tensor_parallel_size > 1: this process already has a torch.distributed process group "
+                            "(another engine not shut down, or the script's own): call shutdown() on it first")
         rank, world, local_rank = 0, tp, 0
         port = _free_port()
-        workers = _Workers(spec, port)
+        workers = Workers(spec, port, restore_threads=set_rank_threads(spec, world))
         workers.watch()  # from now on: a worker that dies (even before the rendezvous) is one line, exit 1
-        _set_threads(spec, world)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
-                                timeout=timedelta(seconds=timeout_s()))
+        try:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
+                                    timeout=timedelta(seconds=timeout_s()))
+        except Exception:
+            _teardown(workers)
+            raise
     return _join(spec, rank, world, local_rank, tokenizer, workers)
 
 
@@ -132,12 +142,21 @@ def _device_type(spec: EngineSpec) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _set_threads(spec: EngineSpec, world: int) -> None:
-    """N CPU processes share the cores (unless OMP_NUM_THREADS says otherwise)."""
-    if _device_type(spec) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        import torch
+def set_rank_threads(spec: EngineSpec, world: int) -> Optional[int]:
+    """CPU ranks of a spawned engine share the machine's free cores (`dsv3.threads`: $DSV3_NUM_THREADS /
+    $OMP_NUM_THREADS / --threads exported by the CLI apply to each rank as given). Rank 0 chooses once
+    and records the count in `spec` for the others; returns its previous count (restored at shutdown)."""
+    if _device_type(spec) != "cpu":
+        return None
+    import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    from dsv3 import threads
+
+    before = torch.get_num_threads()
+    if spec.threads is None:  # rank 0: its choice is the one `dsv3.threads.announce` logs
+        spec.threads = threads.apply(threads.choose(local_ranks=world)).threads
+    torch.set_num_threads(spec.threads)
+    return before
 
 
 def _free_port() -> int:
@@ -181,7 +200,20 @@ def _attempt(fn):
         return None, f"{type(e).__name__}: {e}"
 
 
-def _join(spec: EngineSpec, rank: int, world: int, local_rank: int, tokenizer, workers: Optional["_Workers"]):
+def _teardown(workers) -> None:
+    """Rank 0: join the spawned followers (if any), restore its thread count, destroy the process group."""
+    import torch
+    import torch.distributed as dist
+
+    if workers is not None:
+        workers.stop()
+        if workers.restore_threads is not None:
+            torch.set_num_threads(workers.restore_threads)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _join(spec: EngineSpec, rank: int, world: int, local_rank: int, tokenizer, workers):
     import torch
     import torch.distributed as dist
 
@@ -206,10 +238,7 @@ def _join(spec: EngineSpec, rank: int, world: int, local_rank: int, tokenizer, w
                                                  parallel=ctx, **kw))
         _gather_errors(group, rank, world, err)
     except UserError:
-        if workers is not None:
-            workers.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _teardown(workers)
         raise
     if rank != 0:
         follow(engine.runner, group, rank)
@@ -217,10 +246,10 @@ def _join(spec: EngineSpec, rank: int, world: int, local_rank: int, tokenizer, w
         raise SystemExit(0)
 
     def cleanup() -> None:
-        if workers is not None:
-            workers.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Join the followers, destroy the process group, restore the thread count: the process can
+        build another multi-process engine (a second `LLM(..., tensor_parallel_size=N)`)."""
+        atexit.unregister(engine.shutdown)
+        _teardown(workers)
 
     if workers is not None:
         workers.started = True
@@ -229,86 +258,3 @@ def _join(spec: EngineSpec, rank: int, world: int, local_rank: int, tokenizer, w
     engine.parallel = {"tensor_parallel_size": world, "enable_expert_parallel": spec.enable_expert_parallel}
     atexit.register(engine.shutdown)
     return engine
-
-
-def _worker_main(rank: int, world: int, port: int, spec: EngineSpec) -> None:
-    """A spawned follower: dies with its parent, joins the group, follows rank 0."""
-    import torch.distributed as dist
-
-    try:  # SIGTERM when the parent (rank 0) dies, however it dies
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    _set_threads(spec, world)
-    dist.init_process_group("nccl" if _device_type(spec) == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s()))
-    try:
-        _join(spec, rank, world, rank, None, None)
-    except UserError:  # rank 0 reports it
-        os._exit(2)
-    except SystemExit as e:
-        os._exit(int(e.code or 0))
-
-
-class _Workers:
-    """Rank 0's spawned followers, and the watchdog that turns a death into a clean exit."""
-
-    def __init__(self, spec: EngineSpec, port: int):
-        import torch.multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.procs = {r: ctx.Process(target=_worker_main, args=(r, spec.tensor_parallel_size, port, spec),
-                                     name=f"dsv3-rank{r}", daemon=True) for r in range(1, spec.tensor_parallel_size)}
-        self._stopping = threading.Event()
-        self.started = False  # set once every rank built its engine
-        for p in self.procs.values():
-            p.start()
-
-    def watch(self) -> None:
-        threading.Thread(target=self._watch, name="dsv3-watchdog", daemon=True).start()
-
-    def _dead(self) -> Optional[str]:
-        """The line for a follower that exited (None while all run)."""
-        for r, p in self.procs.items():
-            code = p.exitcode
-            if code is None or (code == 2 and not self.started):  # 2 at start-up: an error rank 0 reports itself
-                continue
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            return f"dsv3: worker rank {r} (pid {p.pid}) {how}; shutting down"
-        return None
-
-    def _watch(self) -> None:
-        from dsv3.infer.executor import fatal
-
-        while not self._stopping.wait(0.2):
-            line = self._dead()
-            if line is not None and not self._stopping.is_set():
-                self._terminate()
-                fatal(line)
-
-    def explain(self, message: str) -> None:
-        """A collective failed: name the worker that died if one did (it may take a moment to be reaped)."""
-        from dsv3.infer.executor import fatal
-
-        for _ in range(20):
-            line = self._dead()
-            if line is not None:
-                self._terminate()
-                fatal(line)
-            time.sleep(0.1)
-        self._terminate()
-        fatal(message)
-
-    def _terminate(self) -> None:
-        for p in self.procs.values():
-            if p.exitcode is None:
-                p.terminate()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Wait for the followers to exit (they were told to stop), then terminate what is left."""
-        self._stopping.set()
-        for p in self.procs.values():
-            p.join(timeout)
-        self._terminate()

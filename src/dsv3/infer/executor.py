@@ -66,10 +66,11 @@ def _brief(e: BaseException) -> str:
 
 
 def rank_info(runner, rank: int) -> dict:
-    """This rank's resident bytes: model weights (parameters + buffers) and the KV cache."""
+    """This rank's resident bytes (model weights: parameters + buffers; the KV cache) and torch CPU threads."""
     model = runner.model
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return {"rank": rank, "pid": os.getpid(), "weight_bytes": int(weights), "cache_bytes": int(runner.cache.data.nbytes)}
+    return {"rank": rank, "pid": os.getpid(), "weight_bytes": int(weights), "cache_bytes": int(runner.cache.data.nbytes),
+            "threads": torch.get_num_threads()}
 
 
 class _Results:

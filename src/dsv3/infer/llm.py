@@ -27,10 +27,13 @@ class LLM:
     (`dsv3.quant`); by default a quantised checkpoint runs as stored (FP8 stays FP8).
 
     `tensor_parallel_size=N` (a checkpoint directory only) runs the model over N processes: this one is
-    rank 0 and spawns the others (`dsv3.infer.distributed`; guard your script with
-    `if __name__ == "__main__":`), or, under torchrun / `dsv3 launch`, N must equal the world size (the
-    default there) and on ranks > 0 the constructor follows rank 0 and exits the process when rank 0
-    shuts down. `enable_expert_parallel=True` places the routed experts across those ranks.
+    rank 0 and starts the others as fresh interpreters (`dsv3.infer.worker`: they never re-run your
+    script, so no `if __name__ == "__main__":` guard is needed), or, under torchrun / `dsv3 launch`, N
+    must equal the world size (the default there) and on ranks > 0 the constructor follows rank 0 and
+    exits the process when rank 0 shuts down. `enable_expert_parallel=True` places the routed experts
+    across those ranks. A vocabulary that N does not divide is padded (vLLM's way; the padding never
+    reaches the logits). `shutdown()`, `del llm` or leaving `with LLM(...) as llm:` stops the workers
+    and frees the process group, so another multi-process `LLM` can follow in the same process.
     """
 
     def __init__(self, model_dir_or_model, tokenizer=None, dtype=None, device=None, tensor_parallel_size: Optional[int] = None,
@@ -56,8 +59,20 @@ class LLM:
         self._counter = 0
 
     def shutdown(self) -> None:
-        """Stop the worker processes (also done at exit)."""
-        self.engine.shutdown()
+        """Stop the worker processes and free the process group (idempotent; also done by `del`, at the
+        end of a `with` block and at exit)."""
+        engine = getattr(self, "engine", None)  # None: the constructor failed
+        if engine is not None:
+            engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

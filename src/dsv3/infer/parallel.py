@@ -97,7 +97,6 @@ class ParallelContext:
         """One UserError line for a layout the model's sizes do not allow."""
         W, tp, ep = self.world, self.tp_size, self.ep_size
         checks = [(cfg.num_attention_heads, tp, "num_attention_heads", "tensor_parallel_size"),
-                  (cfg.vocab_size, tp, "vocab_size", "tensor_parallel_size"),
                   (cfg.intermediate_size, W, "intermediate_size", "the number of ranks"),
                   (cfg.moe_intermediate_size * cfg.n_shared_experts, W, "the shared experts' width", "the number of ranks"),
                   (cfg.n_routed_experts, ep, "n_routed_experts", "the expert parallel size"),
@@ -126,12 +125,22 @@ class ParallelContext:
         return []
 
     def local_index(self, name: str, shape: tuple[int, ...]) -> tuple[slice, ...]:
-        """The slice of a full tensor of `shape` this rank keeps."""
+        """The slice of a full tensor of `shape` this rank keeps (the last ranks' part of a vocabulary
+        that tp does not divide is short, or empty: `local_shape` pads it)."""
         idx = [slice(None)] * len(shape)
         for dim, i, n in self.cuts(name):
-            step = shape[dim] // n
-            idx[dim] = slice(i * step, (i + 1) * step)
+            step = -(-shape[dim] // n)
+            idx[dim] = slice(min(i * step, shape[dim]), min((i + 1) * step, shape[dim]))
         return tuple(idx)
+
+    def local_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """This rank's shape of a full tensor of `shape`: every part ceil(size / parts) long. Only the
+        vocabulary may not divide (`validate`): as in vLLM, it is padded to a multiple of tp with zero
+        rows (ids past the vocabulary never occur; `gather_vocab` drops their logits)."""
+        out = list(shape)
+        for dim, _, n in self.cuts(name):
+            out[dim] = -(-shape[dim] // n)
+        return tuple(out)
 
     # ---- collectives
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,13 +148,14 @@ class ParallelContext:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """[..., V/tp] on each rank -> [..., V] on every rank."""
+    def gather_vocab(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """[..., ceil(V/tp)] on each rank -> [..., V] on every rank (the padding rows' logits dropped)."""
         if self.tp_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
         dist.all_gather(parts, logits.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        full = torch.cat(parts, dim=-1)
+        return full if full.shape[-1] == vocab_size else full[..., :vocab_size].contiguous()
 
     # ---- the model
     def install(self, model: nn.Module) -> None:
@@ -235,7 +245,7 @@ def shard_model(model: nn.Module, ctx: ParallelContext) -> nn.Module:
         if ctx.cuts(name):
             mod_name, _, attr = name.rpartition(".")
             mod = model.get_submodule(mod_name)
-            local = p.data[ctx.local_index(name, tuple(p.shape))]
+            local = pad_local(p.data[ctx.local_index(name, tuple(p.shape))], ctx.local_shape(name, tuple(p.shape)))
             mod._parameters[attr] = nn.Parameter(local.clone() if local.device.type != "meta" else local,
                                                  requires_grad=p.requires_grad)
     for block in _blocks(model):
@@ -249,6 +259,16 @@ def shard_model(model: nn.Module, ctx: ParallelContext) -> nn.Module:
             mod.out_features, mod.in_features = mod.weight.shape
     model.parallel = ctx
     return model
+
+
+def pad_local(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`t` (a rank's slice) zero-padded at the end of each dim to `shape` (ParallelContext.local_shape)."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    if t.device.type != "meta":
+        out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
 
 
 def weight_bytes(model: nn.Module, ctx: ParallelContext) -> dict[str, int]:

@@ -19,7 +19,7 @@ import torch
 from dsv3.checkpoint.load import _DTYPES, KEEP_FP32, load_checkpoint_into, parse_dtype, resolve_config
 from dsv3.checkpoint.reader import CheckpointReader
 from dsv3.checkpoint.slices import SliceReader
-from dsv3.infer.parallel import ParallelContext, shard_model
+from dsv3.infer.parallel import ParallelContext, pad_local, shard_model
 
 
 @torch.no_grad()
@@ -31,6 +31,7 @@ def _fill(model, reader: SliceReader, ctx: ParallelContext, full_shapes: dict[st
         box = ctx.local_index(name, full_shapes[name])
         src = name if name in reader else "model.embed_tokens.weight"  # a tied head reads the embedding
         local = reader.read(src, box).to(device=device, dtype=torch.float32 if name.endswith(KEEP_FP32) else dtype)
+        local = pad_local(local, tuple(t.shape))  # a vocabulary tp does not divide: zero rows
         mod_name, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_name)
         if attr in mod._parameters:

@@ -111,7 +111,7 @@ class ModelRunner:
         """Output head on rows x [N,D]; a quantised head (dsv3.quant) runs its own kernel."""
         head = self.model.lm_head
         logits = head_matmul(x, head.weight) if isinstance(head, torch.nn.Linear) else head(x)
-        return logits if self.parallel is None else self.parallel.gather_vocab(logits)
+        return logits if self.parallel is None else self.parallel.gather_vocab(logits, self.model.config.vocab_size)
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dsv3 import threads
 from dsv3.errors import UserError
 
 MSRUN_DEFAULTS = {"worker_num": 8, "local_worker_num": 8, "master_addr": "127.0.0.1", "master_port": 8118,
@@ -119,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     log_dir = Path(conf["log_dir"])
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DSV3_DIST_TIMEOUT=str(conf["cluster_time_out"]))
-    env.setdefault("OMP_NUM_THREADS", "1")
+    choice = threads.choose(local_ranks=conf["local_worker_num"])  # the free CPUs split over this node's workers
+    env["OMP_NUM_THREADS"] = str(choice.threads)
     first = conf["node_rank"] * conf["local_worker_num"]
     logs = f"{log_dir}/worker_{first}.log .. worker_{first + conf['local_worker_num'] - 1}.log"
     launcher_log = open(log_dir / f"launcher_node{conf['node_rank']}.log", "ab")
@@ -127,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         proc = subprocess.Popen(argv, env=env, stdout=launcher_log, stderr=subprocess.STDOUT, start_new_session=True)
         print(f"started {conf['local_worker_num']} workers (node {conf['node_rank']} of {conf['nodes']}, pid {proc.pid}); logs: {logs}")
         return 0
-    print(f"running {conf['local_worker_num']} workers (node {conf['node_rank']} of {conf['nodes']}); logs: {logs}", flush=True)
+    print(f"running {conf['local_worker_num']} workers (node {conf['node_rank']} of {conf['nodes']}; "
+          f"{choice.line().removeprefix('dsv3: ')} each); logs: {logs}", flush=True)
     ranks = range(first, first + conf["local_worker_num"])
     starts = {r: (log_dir / f"worker_{r}.log").stat().st_size if (log_dir / f"worker_{r}.log").exists() else 0 for r in ranks}
     proc = subprocess.Popen(argv, env=env, stdout=launcher_log, stderr=subprocess.STDOUT)

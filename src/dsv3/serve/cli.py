@@ -8,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+from dsv3 import threads
 from dsv3.errors import UserError
 from dsv3.infer.distributed import add_parallel_arguments
 from dsv3.serve import limits
@@ -161,6 +162,7 @@ def run(args) -> int:
     # bind first: a busy port fails at once, in one line (only rank 0 of a torchrun launch serves HTTP)
     sock = bind_socket(args.host, args.port) if env is None or env[0] == 0 else None
     engine = load_engine(args)  # a follower rank runs here until rank 0 stops, then exits
+    threads.announce()
     name = args.served_model_name or args.model
     app = build_app(engine, name, api_key=args.api_key, limits=server_limits, reasoning_parser=args.reasoning_parser)
     tp = getattr(engine, "parallel", {}).get("tensor_parallel_size", 1)

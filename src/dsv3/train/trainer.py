@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from dsv3 import threads
 from dsv3.config.load import dump_yaml
 from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
@@ -178,8 +179,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, quiet: bool = False, strategy: Strategy | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.threads and threads.ENV not in os.environ:  # --threads / $DSV3_NUM_THREADS win over the YAML
+            threads.apply(threads.Choice(cfg.train.threads, "train.threads"))
         self.strategy = strategy or Strategy(cfg, self.device)
         self.quiet = quiet or not self.strategy.logs
         if self.device.type == "cpu" and cfg.train.cpu_allocator == "cache":
@@ -193,6 +194,8 @@ class Trainer:
         self.data = build_data(cfg, self.micro_batches, self.strategy.dp_rank, self.strategy.dp_size, self.log,
                                pipeline=self.strategy.dims.pp > 1)
         self.parts, self.optimizer = self.strategy.build(self.log)
+        if self.device.type == "cpu" and threads.current() is not None:
+            self.log(threads.current().line())
         self.model = self.parts[0] if self.strategy.dims.pp == 1 else None  # under PP no rank holds the whole model
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, cfg.train.steps)
         self.moe_layers = self.strategy.moe_layers()
