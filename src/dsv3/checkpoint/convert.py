@@ -164,7 +164,7 @@ def fix_config(hf: dict, dtype: torch.dtype | None, fallback: str) -> dict:
 
 
 def quantize_stream(stream: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig, method: str,
-                    dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+                    dtype: torch.dtype | None, scale_fmt: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-layout tensors (source precision) -> the quantised checkpoint format of `method` (`dsv3.quant.stored`):
     each selected matrix as its quantised weight plus `<name>_scale_inv`; the rest cast to `dtype`."""
     from dsv3.quant import QuantConfig
@@ -175,24 +175,27 @@ def quantize_stream(stream: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig
         if convert_target(name, cfg, qc) is None:
             yield name, _cast(name, t, dtype)
         else:
-            q, s = quantize_tensor(method, t)
+            q, s = quantize_tensor(method, t, scale_fmt)
             yield name, q
             yield name + hf_map.SCALE_SUFFIX, s
 
 
 def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None = None, max_shard_size: str | int = "5GB",
-            quantize: str | None = None) -> Path:
+            quantize: str | None = None, scale_fmt: str | None = None) -> Path:
     """Convert checkpoint directory `src` into `dst` (see the module docstring). Returns `dst`.
 
     to="fp8" (same as quantize="fp8"): DeepSeek's FP8 format (e4m3 weights, 128x128 block scales;
     embedding, lm_head, norms, router and MTP eh_proj kept, in bf16 unless `dtype`). quantize="w8a8" |
-    "int8": int8 weights per output channel (`dsv3.quant.stored`), loadable by `dsv3.from_pretrained`."""
+    "int8": int8 weights per output channel (`dsv3.quant.stored`), loadable by `dsv3.from_pretrained`.
+    scale_fmt="ue8m0" (FP8 only): block scales rounded up to powers of two, as DeepSeek-V3.1 ships them."""
     if to == "fp8":
         if quantize not in (None, "fp8"):
             raise UserError(f"--to fp8 and --quantize {quantize} contradict each other")
         to, quantize = "hf", "fp8"
     if quantize is not None and to != "hf":
         raise UserError("--quantize writes the HF hub layout only (drop --to dsv3)")
+    if scale_fmt is not None and quantize != "fp8":
+        raise UserError(f"--scale-fmt {scale_fmt} applies to FP8 output only (add --to fp8)")
     if quantize is not None and quantize not in ("fp8", "w8a8", "int8"):
         raise UserError(f"--quantize {quantize!r}: expected fp8, w8a8 or int8 (int4 is applied at load: --quantization int4)")
     src, dst = Path(src), Path(dst)
@@ -214,7 +217,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         stream = iter_hf(reader, cfg, out_dtype) if to == "hf" else iter_dsv3(reader, cfg, out_dtype)
         if quantize is not None:
-            stream = quantize_stream(iter_hf(reader, cfg, None), cfg, quantize, out_dtype)
+            stream = quantize_stream(iter_hf(reader, cfg, None), cfg, quantize, out_dtype, scale_fmt)
         for name, t in stream:
             writer.add(name, t)
         writer.finish()
@@ -224,7 +227,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
             from dsv3.quant import QuantConfig
             from dsv3.quant.stored import stored_config
 
-            conf["quantization_config"] = stored_config(quantize, QuantConfig.preset(quantize))
+            conf["quantization_config"] = stored_config(quantize, QuantConfig.preset(quantize), scale_fmt)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         for f in COPY_FILES:
             if (src / f).is_file():

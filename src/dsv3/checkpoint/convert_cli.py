@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "format: e4m3 weights with 128x128 block scales, as the published checkpoints)")
     p.add_argument("--quantize", choices=["fp8", "w8a8", "int8"], default=None,
                    help="write quantised weights (HF layout): fp8 = --to fp8; w8a8 / int8: int8 per output channel")
+    p.add_argument("--scale-fmt", choices=["float", "ue8m0"], default="float",
+                   help="FP8 block scales: any fp32 value (V3, default) or ue8m0 = rounded up to powers of two "
+                        "(DeepSeek-V3.1's quantization_config.scale_fmt)")
     p.add_argument("--dtype", default=None, help="output dtype: bfloat16 | float32 | float16 | keep (default: keep; FP8 -> bfloat16)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
 
@@ -21,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsv3.checkpoint.convert import convert
 
-    out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size, quantize=args.quantize)
+    out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size, quantize=args.quantize,
+                  scale_fmt=None if args.scale_fmt == "float" else args.scale_fmt)
     print(f"wrote {out}")
     return 0
