@@ -264,15 +264,36 @@ def _partial_len(text: str, tag: str) -> int:
 
 
 def calls_from_json(text: str, plan: ToolPlan) -> list[dict] | None:
-    """Guided output of tool_choice required / named -> tool calls (None if it does not parse)."""
+    """Guided output of tool_choice required / named -> tool calls (None if it does not parse).
+    "required": an array cut short (max_tokens: a weak model repeats calls until then) gives its
+    complete calls, as a client would otherwise get none of them."""
     try:
         obj = json.loads(text)
     except ValueError:
-        return None
+        if plan.mode == "named":
+            return None
+        obj = _complete_items(text)
     if plan.mode == "named":  # the arguments exactly as generated (streamed piece by piece)
         return [tool_call(plan.name, text)]
     if not isinstance(obj, list):
         return None
     calls = [tool_call(c["name"], json.dumps(c.get("parameters", {}), ensure_ascii=False))
              for c in obj if isinstance(c, dict) and isinstance(c.get("name"), str)]
-    return calls[: None if plan.parallel else 1]
+    return calls[: None if plan.parallel else 1] if calls else None
+
+
+def _complete_items(text: str) -> list | None:
+    """The complete items at the start of a JSON array whose text was cut off (None: not an array)."""
+    decoder, items = json.JSONDecoder(), []
+    i = len(text) - len(text.lstrip())
+    if not text.startswith("[", i):
+        return None
+    i += 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except (ValueError, RecursionError):
+            return items
+        items.append(item)
