@@ -1,5 +1,5 @@
 """Issue 25 S5 / S7 over real HTTP: oversized inputs are refused with a 400 naming the field and the cap
-before anything is compiled or queued, while /health answers within 1 s and a request in flight is
+before anything is compiled or queued, while /health answers within HEALTH_S and a request in flight is
 unaffected; the heavy work a request may legitimately cause (schema checks, grammar compilation,
 adding it to the engine) runs off the event loop; schemas sent as JSON strings and regexes in
 schemas are held to the same depth limit; tool_choice "required" cut by max_tokens keeps its calls."""
@@ -17,6 +17,9 @@ from test_hardening import _Background, _HealthProbe, _alone, _assert_error, _po
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 CMPL = {"model": MODEL_NAME, "prompt": "hello", "max_tokens": 2}
 DEEP = "(" * 5000 + "a" + ")" * 5000
+# /health bound: 1 s on a quiet machine; 2 s here because the tests share 2 cores with other jobs (load 8-12
+# seen). The cases guarded against stalled it for 4.4 s (the tool-call regex) to minutes (an anyOf of 10,000).
+HEALTH_S = 2.0
 
 
 def _nested_schema(depth: int) -> str:
@@ -67,7 +70,7 @@ def test_oversized_inputs_are_400_naming_the_cap(server, name, path, fields, par
     assert err["param"] == param, err
     assert "panic" not in err["message"].lower() and "Traceback" not in err["message"], err
     assert took < 20, took  # refused from its size (anyOf 10,000 used to compile for minutes)
-    assert not probe.failures and probe.worst < 1.0, (probe.worst, probe.failures)
+    assert not probe.failures and probe.worst < HEALTH_S, (probe.worst, probe.failures)
 
 
 def test_oversized_requests_do_not_hurt_a_stream_in_flight(server):
@@ -77,7 +80,7 @@ def test_oversized_requests_do_not_hurt_a_stream_in_flight(server):
             body = {**(CHAT if path.endswith("chat/completions") else CMPL), **fields}
             assert _post(server, path, body, timeout=60).status_code == 400
     bg.check(want)
-    assert not probe.failures and probe.worst < 1.0, (probe.worst, probe.failures)
+    assert not probe.failures and probe.worst < HEALTH_S, (probe.worst, probe.failures)
 
 
 def test_caps_leave_ordinary_requests_alone(server):
@@ -94,20 +97,20 @@ def test_caps_leave_ordinary_requests_alone(server):
 
 
 def test_grammar_compilation_and_add_request_run_off_the_event_loop(server, monkeypatch):
-    """A slow schema check / grammar compile / engine hand-over (simulated: 2 s each) stalls only its own
-    request: /health keeps answering within 1 s (they ran on the event loop: 2-6 s stalls)."""
+    """A slow schema check / grammar compile / engine hand-over (simulated: 4 s each) stalls only its own
+    request: /health keeps answering within HEALTH_S (they ran on the event loop: 4-8 s stalls)."""
     from dsv3.infer.sampling import SamplingParams
 
     engine = server.app.state.engine.engine
     real_add, real_validate = engine.add_request, SamplingParams.validate
 
     def slow_add(*a, **k):
-        time.sleep(2)
+        time.sleep(4)
         return real_add(*a, **k)
 
     def slow_validate(self, *a, **k):
         if self.guided_decoding is not None:
-            time.sleep(2)
+            time.sleep(4)
         return real_validate(self, *a, **k)
 
     monkeypatch.setattr(engine, "add_request", slow_add)
@@ -116,7 +119,7 @@ def test_grammar_compilation_and_add_request_run_off_the_event_loop(server, monk
     with _HealthProbe(server) as probe:
         r = _post(server, "/v1/completions", body, timeout=60)
         assert r.status_code == 200, r.text
-    assert probe.count >= 5 and not probe.failures and probe.worst < 1.0, (probe.worst, probe.count)
+    assert probe.count >= 5 and not probe.failures and probe.worst < HEALTH_S, (probe.worst, probe.count)
 
 
 def test_required_tool_calls_cut_by_max_tokens_keep_the_complete_calls(server):
@@ -146,3 +149,23 @@ def test_required_tool_calls_cut_by_max_tokens_keep_the_complete_calls(server):
                 for c in json.loads(line[6:])["choices"]:
                     streamed += c["delta"].get("tool_calls", [])
     assert [c["function"] for c in streamed] == [c["function"] for c in calls]
+
+
+def test_tool_marker_flood_in_the_output_does_not_freeze_the_server(server):
+    """S4 through the server: 8 choices whose output (forced with guided_regex) is 50 call-begin, 50 separator
+    and 50 json-fence markers, none completing a call. The tool-call parser used a regex with three lazy
+    groups: ~0.4 s per choice here, 8 choices parsed back to back on the event loop (and re-parsed per delta
+    when streamed). A linear scan: /health answers within HEALTH_S, the text is returned as content."""
+    from dsv3.data.chat_template import CALL_BEGIN, CALLS_BEGIN, SEP
+
+    n = 50
+    regex = CALLS_BEGIN + f"({CALL_BEGIN}){{{n}}}({SEP}){{{n}}}(\n```json\n){{{n}}}"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    body = {**CHAT, "tools": tools, "guided_regex": regex, "n": 8, "max_tokens": 320, "temperature": 0}
+    with _HealthProbe(server) as probe:
+        r = _post(server, "/v1/chat/completions", body, timeout=600)
+    assert r.status_code == 200, r.text[:500]
+    for choice in r.json()["choices"]:
+        text = choice["message"]["content"]
+        assert text.count(CALL_BEGIN) == n and text.count(SEP) == n and choice["message"]["tool_calls"] == []
+    assert not probe.failures and probe.worst < HEALTH_S, (probe.worst, probe.failures)

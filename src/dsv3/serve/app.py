@@ -109,6 +109,7 @@ def build_app(engine, model_name: str, api_key: str | None = None, limits: Serve
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await asyncio.to_thread(aengine.prepare_guided)
         aengine.start()
         try:
             yield

@@ -104,6 +104,21 @@ class AsyncEngine:
     def start(self) -> None:
         self._thread.start()
 
+    def prepare_guided(self) -> None:
+        """Build the engine's llguidance view of the tokenizer now, before serving: building it holds the
+        GIL for 1-2 s (a Rust constructor over the 129k-token vocabulary), which stalled every request,
+        /health included, when the first guided request did it. Without llguidance there is nothing to
+        build (guided requests then answer with the install hint)."""
+        try:
+            import llguidance  # noqa: F401
+        except ImportError:
+            return
+        if getattr(self.engine, "tokenizer", None) is None:
+            return
+        from dsv3.infer.sampling import GuidedDecodingParams, SamplingParams
+
+        self.engine._grammar_matcher(SamplingParams(guided_decoding=GuidedDecodingParams(choice=["a"])))
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
