@@ -124,7 +124,8 @@ def test_grammar_compilation_and_add_request_run_off_the_event_loop(server, monk
 
 def test_required_tool_calls_cut_by_max_tokens_keep_the_complete_calls(server):
     """A weak model under tool_choice "required" repeats calls until max_tokens: the complete calls are
-    returned (they were dropped: tool_calls [] and the cut JSON as content), streamed and not."""
+    returned (they were dropped: tool_calls [] and the cut JSON as content), streamed and not. The cut
+    array itself: tests/serve/test_parsers.py::test_required_calls_of_a_cut_array."""
     tools = [{"type": "function", "function": {"name": "now", "parameters": {
         "type": "object", "properties": {}, "additionalProperties": False}}}]
     body = {**CHAT, "tools": tools, "tool_choice": "required", "max_tokens": 40, "temperature": 0}
@@ -132,7 +133,8 @@ def test_required_tool_calls_cut_by_max_tokens_keep_the_complete_calls(server):
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     calls = choice["message"]["tool_calls"]
-    assert r.json()["usage"]["completion_tokens"] == 40  # cut by max_tokens inside the array
+    # Here the weak model's array is cut by max_tokens (40 tokens); with the guided-JSON token budget
+    # (infer/json_budget.py) it closes before the limit instead: either way the calls come back.
     assert choice["finish_reason"] == "tool_calls" and calls, choice
     assert all(c["function"] == {"name": "now", "arguments": "{}"} for c in calls), calls
     assert choice["message"]["content"] is None

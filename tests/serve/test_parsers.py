@@ -275,3 +275,17 @@ def test_tool_parser_is_linear_on_repeated_markers():
     assert r.returncode == 0, r.stderr
     t200, t2000 = json.loads(r.stdout)
     assert t2000 < 2.0, (t200, t2000)  # linear: a few ms for 2000 (80,000 characters, 11,000 deltas)
+
+
+def test_required_calls_of_a_cut_array():
+    """tool_choice "required" output cut by max_tokens inside its JSON array: the complete calls are returned
+    (a client got none: tool_calls [] and the cut text as content); nothing complete: not parsed."""
+    plan = plan_tools(TOOLS, "required", None)
+    one, two = '{"name": "now", "parameters": {}}', '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    for text, want in [("[" + one + ", " + two + ", " + '{"name": "now", "param', ["now", "get_weather"]),
+                       (" [" + one + ",\n" + two, ["now", "get_weather"]),
+                       ("[" + one, ["now"]),
+                       ('[{"name": "no', None), ("[", None), ("", None), ('{"name": "now"', None)]:
+        calls = calls_from_json(text, plan)
+        assert (None if calls is None else [c["function"]["name"] for c in calls]) == want, text
+    assert _plain(calls_from_json("[" + one + ", " + two, plan_tools(TOOLS, "required", False))) == [("now", "{}")]

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 from dsv3.errors import UserError
 from dsv3.serve.async_engine import AsyncEngine, RequestStream
-from dsv3.serve.caps import check_request
+from dsv3.serve.caps import check_request, check_schema
 from dsv3.serve.limits import ServerLimits
 from dsv3.serve.metrics import ServerMetrics
 from dsv3.serve.protocol import APIError, random_id
@@ -128,14 +128,20 @@ class OpenAIServing:
             raise APIError(f"n must be an integer in [1, {self.limits.max_n}], got {_short(req.n)}", param="n")
         if req.max_tokens is not None and req.max_tokens < 1 and not getattr(req, "echo", False):
             raise APIError("max_tokens must be at least 1", param="max_tokens")
-        check_request(req, self.limits)
 
     async def guided(self, req, tool_schema: dict | None = None) -> dict | None:
-        """The request's output constraint (`structured.guided_spec`: a schema check), off the event loop."""
+        """The request's size caps (`caps.py`: up to 128 tool schemas of 5000 values), then its output
+        constraint (`structured.guided_spec`: a jsonschema check), off the event loop."""
         from dsv3.serve.structured import guided_spec
 
+        def check() -> dict | None:
+            check_request(req, self.limits)
+            if tool_schema is not None:  # tool_choice required / named: the schema built from the tools
+                check_schema(tool_schema, "tools", self.limits)
+            return guided_spec(req, tool_schema)
+
         try:
-            return await asyncio.to_thread(guided_spec, req, tool_schema)
+            return await asyncio.to_thread(check)
         except RecursionError:  # a schema the size caps let through but jsonschema's recursion cannot walk
             raise APIError(f"the output constraint nests deeper than this server can check (at most "
                            f"{self.limits.max_json_depth} levels)") from None

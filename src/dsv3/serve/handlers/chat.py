@@ -12,7 +12,6 @@ from dsv3.serve.protocol import (
     ChatTokenLogprob, TopLogprob, Usage, random_id,
 )
 from dsv3.serve.reasoning import get_reasoning_parser
-from dsv3.serve.caps import check_schema
 from dsv3.serve.tools import ToolError, plan_tools, with_tool_prompt
 
 
@@ -29,10 +28,7 @@ class OpenAIServingChat(OpenAIServing):
             plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         except ToolError as e:
             raise APIError(str(e), param=e.param) from None
-        tool_schema = plan.guided_json()
-        if tool_schema is not None:
-            check_schema(tool_schema, "tools", self.limits)
-        guided = await self.guided(req, tool_schema)
+        guided = await self.guided(req, plan.guided_json())
         messages = with_tool_prompt([m.model_dump(exclude_none=True) for m in req.messages], plan)
         ids = await self.chat_ids(messages, req.add_generation_prompt)
         prompt = Prompt(None, ids)
