@@ -6,14 +6,19 @@ within 1 s, and the server's memory stays flat after warm-up.
 
 Well-formed prompts are random with lengths spread +-90 % around --input-len / --output-len, half
 to /v1/completions and half to /v1/chat/completions, all streamed. Every --malicious-every-th
-request (default 20; 0 = none) is instead one of MALICIOUS (in turn): sampling fields the engine
-cannot hold (top_k 2**63, seed 2**64, n 20000, logprobs 10000 with echo), a 10 MB body, lone
-surrogates, 100,000-deep JSON, an empty prompt list / message list, a prompt longer than the
-context can hold, an out-of-vocabulary token id. A thread polls /health every 0.1 s for the whole
+request (default 20; 0 = none) is instead one of `malicious_bodies` (in turn). Issue 10's: sampling
+fields the engine cannot hold (top_k 2**63, seed 2**64, n 20000, logprobs 10000 with echo), a 10 MB
+body, lone surrogates, 100,000-deep JSON, an empty prompt list / message list, a prompt longer than
+the context can hold, an out-of-vocabulary token id; each must get a 4xx. Issue 25's (S2-S7): a
+grammar that fails in llguidance (`(a{1000}){1003}`) and a tool-call marker flood forced into the
+output (these may be answered or refused; what counts is that nobody else fails), an anyOf of
+10,000, a guided_choice of 100,000, 300,000 stop strings, n x prompts = 128 x 256, a schema sent
+as a 4000-deep JSON string, a 5000-deep regex `pattern` (each a 4xx), and a connection that never
+finishes its headers (the server must close it). A thread polls /health every 0.1 s for the whole
 run (its own connection per probe), after 100 probes of the idle server that show what the
 machine alone costs (`idle_health_max_s`). The server's RSS is sampled every 0.25 s; "flat" compares the
 peak RSS of the last quarter of the run with the peak of the second quarter (after warm-up).
-Writes bench/results/serve_load.json with the command line, the commit and the machine's load.
+Writes --out (bench/results/serve_load.json) with the command line, the commit and the machine's load.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ def main(argv=None) -> int:
     p.add_argument("--malicious-every", type=int, default=20, help="every Nth request is malicious (0: none)")
     p.add_argument("--max-health-s", type=float, default=1.0, help="slowest /health answer allowed")
     p.add_argument("--idle-health-probes", type=int, default=100, help="/health probes of the idle server first")
+    p.add_argument("--slow-headers-wait", type=float, default=30.0,
+                   help="seconds a stalled-headers connection may stay open (the server's --header-timeout is 10)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_load.json"), help="result JSON")
     args = p.parse_args(argv)
 
     import aiohttp
@@ -96,15 +104,21 @@ def main(argv=None) -> int:
             connector = aiohttp.TCPConnector(limit=args.concurrency)
             async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as client:
                 async def attack(k: int):
-                    kind, path, body = attacks[k % len(attacks)]
+                    kind, path, body, expect = attacks[k % len(attacks)]
                     t = time.perf_counter()
-                    try:
-                        async with client.post(server.root + path, data=body,
-                                               headers={"Content-Type": "application/json"}) as resp:
-                            status, text = resp.status, (await resp.read()).decode("utf-8", "replace")
-                    except aiohttp.ClientError as e:
-                        status, text = None, repr(e)
-                    ok = status is not None and 400 <= status < 500 and '"error"' in text
+                    if expect == "closed":
+                        status, text = await stalled_headers(server.port, args.slow_headers_wait)
+                        ok = status == "closed"
+                    else:
+                        try:
+                            async with client.post(server.root + path, data=body,
+                                                   headers={"Content-Type": "application/json"}) as resp:
+                                status, text = resp.status, (await resp.read()).decode("utf-8", "replace")
+                        except aiohttp.ClientError as e:
+                            status, text = None, repr(e)
+                        refused = status is not None and 400 <= status < 500 and '"error"' in text
+                        ok = refused or (expect == "answered" and status is not None)
+                        ok = ok and "panic" not in text.lower()
                     malicious.append({"kind": kind, "status": status, "ok": ok, "seconds": time.perf_counter() - t,
                                       **({} if ok else {"body": text[:300]})})
 
@@ -145,16 +159,16 @@ def main(argv=None) -> int:
     used = [line for line in metrics_text.splitlines() if line.startswith("dsv3:kv_cache_blocks") and "used" in line]
     by_kind: dict[str, dict] = {}
     for a in malicious:
-        k = by_kind.setdefault(a["kind"], {"sent": 0, "4xx": 0, "statuses": []})
+        k = by_kind.setdefault(a["kind"], {"sent": 0, "ok": 0, "statuses": []})
         k["sent"] += 1
-        k["4xx"] += a["ok"]
+        k["ok"] += a["ok"]
         if a["status"] not in k["statuses"]:
             k["statuses"].append(a["status"])
     result = {
         **provenance(), "command": " ".join([sys.executable, *sys.argv]),
         "load_avg_1_5_15_before": list(load_before), "load_avg_1_5_15_after": list(os.getloadavg()),
         "model": args.model, "num_prompts": args.num_prompts, "concurrency": args.concurrency,
-        "well_formed": len(reqs), "malicious": len(malicious), "malicious_4xx": sum(a["ok"] for a in malicious),
+        "well_formed": len(reqs), "malicious": len(malicious), "malicious_ok": sum(a["ok"] for a in malicious),
         "malicious_by_kind": by_kind, "malicious_failures": [a for a in malicious if not a["ok"]][:5],
         "health_probes": len(health_s), "health_max_s": max(health_s, default=float("nan")),
         "health_p99_s": sorted(health_s)[int(0.99 * (len(health_s) - 1))] if health_s else float("nan"),
@@ -172,20 +186,39 @@ def main(argv=None) -> int:
         "rss_mb_samples": [[round(t, 2), round(r, 1)] for t, r in run_samples[:: max(1, len(run_samples) // 200)]],
     }
     result["pass"] = (not errors and wrong_len == 0 and health == 200 and result["rss_growth_mb"] <= args.max_growth_mb
-                      and result["malicious_4xx"] == len(malicious) == len(bad_at) and not health_bad
+                      and result["malicious_ok"] == len(malicious) == len(bad_at) and not health_bad
                       and result["health_max_s"] < args.max_health_s)
-    out = REPO / "bench" / "results" / "serve_load.json"
+    out = Path(args.out)
     write_json_atomic(out, result)
     print({k: result[k] for k in ("well_formed", "completed", "errors", "wrong_output_lengths", "malicious",
-                                  "malicious_4xx", "health_probes", "health_max_s", "idle_health_max_s",
+                                  "malicious_ok", "health_probes", "health_max_s", "idle_health_max_s",
                                   "rss_mb_peak_second_quarter",
                                   "rss_mb_peak_last_quarter", "rss_growth_mb", "kv_cache_used_blocks_after", "pass")})
     print(f"saved {out}")
     return 0 if result["pass"] else 1
 
 
-def malicious_bodies(max_model_len: int) -> list[tuple[str, str, bytes]]:
-    """(kind, path, raw body) of each malicious request kind (issue 10's list)."""
+async def stalled_headers(port: int, wait_s: float) -> tuple[str, str]:
+    """Open a connection, send half a request's headers, and wait for the server to close it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(1 << 16), timeout=wait_s)
+        return ("closed", "") if data == b"" else ("answered", data[:300].decode("latin-1"))
+    except asyncio.TimeoutError:
+        return "held", f"still open after {wait_s} s"
+    except ConnectionError as e:
+        return "closed", repr(e)
+    finally:
+        writer.close()
+
+
+def malicious_bodies(max_model_len: int) -> list[tuple[str, str | None, bytes, str]]:
+    """(kind, path, raw body, expected answer) of each malicious request kind: issue 10's list, then
+    issue 25's (S2-S7). Expected: "4xx" a refusal; "answered" any HTTP answer (a 4xx, or a 200 when the
+    server can serve it: what matters is that the other requests do not fail); "closed" the server
+    closes the connection."""
     m = '"model": "dsv3"'
 
     def cmpl(extra: str) -> bytes:
@@ -193,7 +226,7 @@ def malicious_bodies(max_model_len: int) -> list[tuple[str, str, bytes]]:
 
     chat_hi = '"messages": [{"role": "user", "content": "hi"}]'
     deep = 100_000
-    return [
+    issue10 = [
         ("top_k_2**63", "/v1/completions", cmpl(f'"top_k": {2**63}, "temperature": 1.0')),
         ("huge_body_10MB", "/v1/chat/completions",
          ('{%s, "messages": [{"role": "user", "content": "%s"}]}' % (m, "a" * (10 << 20))).encode()),
@@ -209,6 +242,40 @@ def malicious_bodies(max_model_len: int) -> list[tuple[str, str, bytes]]:
         ("lone_surrogate_model", "/v1/chat/completions", ('{"model": "\\udfff", %s}' % chat_hi).encode()),
         ("empty_messages", "/v1/chat/completions", ('{%s, "messages": []}' % m).encode()),
         ("token_id_out_of_vocab", "/v1/completions", ('{%s, "prompt": [1, 10000000000], "max_tokens": 4}' % m).encode()),
+    ]
+    return [(kind, path, body, "4xx") for kind, path, body in issue10] + issue25_bodies()
+
+
+def issue25_bodies() -> list[tuple[str, str | None, bytes, str]]:
+    import json
+
+    from dsv3.data.chat_template import CALL_BEGIN, CALLS_BEGIN, SEP
+
+    def chat(**fields) -> bytes:
+        return json.dumps({"model": "dsv3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                           **fields}).encode()
+
+    def cmpl(**fields) -> bytes:
+        return json.dumps({"model": "dsv3", "prompt": "hello", "max_tokens": 4, **fields}).encode()
+
+    flood = CALLS_BEGIN + f"({CALL_BEGIN}{SEP}\n```json\n)+"
+    tool = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    deep_pattern = "(" * 5000 + "a" + ")" * 5000
+    return [
+        ("S2_failing_grammar", "/v1/completions", cmpl(guided_regex="(a{1000}){1003}"), "answered"),
+        ("S4_tool_marker_flood", "/v1/chat/completions",
+         chat(tools=tool, guided_regex=flood, max_tokens=48, temperature=0), "answered"),
+        ("S5_anyOf_10000", "/v1/chat/completions",
+         chat(guided_json={"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "string"}}}
+                                     for i in range(10_000)]}), "4xx"),
+        ("S5_guided_choice_100000", "/v1/completions", cmpl(guided_choice=[f"c{i}" for i in range(100_000)]), "4xx"),
+        ("S5_stop_300000", "/v1/completions", cmpl(stop=["a"] * 300_000), "4xx"),
+        ("S5_n_x_prompts_32768", "/v1/completions", cmpl(n=128, prompt=["hi"] * 256), "4xx"),
+        ("S7_string_schema_4000_deep", "/v1/chat/completions",
+         chat(guided_json='{"anyOf": [' * 4000 + "{}" + "]}" * 4000), "4xx"),
+        ("S7_pattern_5000_deep", "/v1/chat/completions",
+         chat(guided_json={"type": "string", "pattern": deep_pattern}), "4xx"),
+        ("S7_stalled_headers", None, b"", "closed"),
     ]
 
 

@@ -125,7 +125,7 @@ def test_bench_serve_defaults_fit_the_server_context(server, tmp_path, capsys):
 def test_bench_serve_unreachable(capsys):
     rc = main(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", "--model", "m",
                "--num-prompts", "2", "--random-input-len", "4", "--random-output-len", "2", "--disable-tqdm"])
-    assert rc == 2 and "test request to" in capsys.readouterr().err
+    assert rc == 2 and "no server is reachable at http://127.0.0.1:" in capsys.readouterr().err
 
 
 def test_bench_throughput_and_latency(tiny_model_dir, tmp_path, capsys):

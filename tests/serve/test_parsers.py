@@ -224,3 +224,68 @@ def test_chat_choice_streamed_equals_full(choice, text):
     assert want_finish == ("tool_calls" if called and plan.mode in ("auto", "required") else "stop")
     if plan.mode == "named":
         assert json.loads(full["tool_calls"][0]["function"]["arguments"]) == {"city": "Lima"}
+
+
+# ------------------------------------------------------------------ tool-call parser: linear (issue 25, S4)
+_PIECES = [BEGIN, END, "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>", "\n```json\n", "\n```",
+           "f", "{}", "\n"]
+
+
+def _regex_extract(text: str):
+    """The parser as it was (three lazy groups): the reference for which calls a text holds."""
+    import re
+
+    call_re = re.compile(re.escape(_PIECES[2]) + r"(?P<type>.*?)" + re.escape(_PIECES[4]) + r"(?P<name>.*?)"
+                         r"\n```json\n(?P<args>.*?)\n```" + re.escape(_PIECES[3]), re.DOTALL)
+    head, sep, rest = text.partition(BEGIN)
+    calls = [(m["name"], m["args"]) for m in call_re.finditer(rest.split(END)[0])] if sep else []
+    return (head or None, calls) if calls else (text or None, [])
+
+
+def test_tool_parser_finds_what_the_regex_found():
+    """Random texts made of the markers and a little text: the linear scan finds the same calls as the
+    regular expression it replaces, streamed (in random pieces) or not."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = BEGIN * (rng.random() < 0.8) + "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 14)))
+        want = _regex_extract(text)
+        got = DeepSeekV3ToolParser().extract(text)
+        assert (got[0], _plain(got[1])) == want, text
+        cuts = sorted(rng.sample(range(1, len(text)), min(4, len(text) - 1))) if len(text) > 1 else []
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        assert _stream_tools(pieces)[:2] == want, pieces
+
+
+def test_tool_parser_is_linear_on_repeated_markers():
+    """200 and 2000 repeated call markers (no call ever completes), parsed whole and streamed in 7-character
+    deltas: the regex took ~40 s for 200 (and ~4 s at 100, growing as n^4). In a subprocess so that a
+    regression fails by its timeout instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    unit = "<｜tool▁call▁begin｜>f<｜tool▁sep｜>x\n```json\n"
+    code = ("import time\nfrom dsv3.serve.tools import DeepSeekV3ToolParser\nout = []\n"
+            f"for n in (200, 2000):\n    text = {BEGIN!r} + {unit!r} * n\n    t0 = time.perf_counter()\n"
+            "    DeepSeekV3ToolParser().extract(text)\n    st = DeepSeekV3ToolParser().stream()\n"
+            "    for i in range(7, len(text) + 7, 7):\n        st.feed(text[:i], i >= len(text))\n"
+            "    out.append(time.perf_counter() - t0)\nprint(out)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    t200, t2000 = json.loads(r.stdout)
+    assert t2000 < 2.0, (t200, t2000)  # linear: a few ms for 2000 (80,000 characters, 11,000 deltas)
+
+
+def test_required_calls_of_a_cut_array():
+    """tool_choice "required" output cut by max_tokens inside its JSON array: the complete calls are returned
+    (a client got none: tool_calls [] and the cut text as content); nothing complete: not parsed."""
+    plan = plan_tools(TOOLS, "required", None)
+    one, two = '{"name": "now", "parameters": {}}', '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    for text, want in [("[" + one + ", " + two + ", " + '{"name": "now", "param', ["now", "get_weather"]),
+                       (" [" + one + ",\n" + two, ["now", "get_weather"]),
+                       ("[" + one, ["now"]),
+                       ('[{"name": "no', None), ("[", None), ("", None), ('{"name": "now"', None)]:
+        calls = calls_from_json(text, plan)
+        assert (None if calls is None else [c["function"]["name"] for c in calls]) == want, text
+    assert _plain(calls_from_json("[" + one + ", " + two, plan_tools(TOOLS, "required", False))) == [("now", "{}")]

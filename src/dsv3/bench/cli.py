@@ -139,6 +139,9 @@ def run(args) -> int:
     from dsv3.data.tokenizer import load_tokenizer
 
     if args.bench == "serve":
+        from dsv3.serve.cli import need_extra
+
+        need_extra("dsv3 bench serve", "aiohttp", "httpx")
         from dsv3.bench import serve
 
         tokenizer = load_tokenizer(args.tokenizer or _model_tokenizer(args.model))

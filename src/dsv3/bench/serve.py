@@ -225,6 +225,9 @@ def server_model(base_url: str, api_key: str | None, model: str | None) -> tuple
         r = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
         r.raise_for_status()
         cards = r.json()["data"]
+    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+        raise UserError(f"no server is reachable at {base_url} ({e}); start one (dsv3 serve MODEL_DIR) or "
+                        f"give its address with --base-url / --host / --port") from None
     except Exception as e:
         if model is not None:
             return model, None

@@ -45,19 +45,29 @@ async def _parse(request: Request, model, limits: ServerLimits):
 
 
 async def _until_disconnect(request: Request, coro):
-    """Run `coro`; cancel it if the client disconnects first (its engine requests get aborted)."""
+    """Run `coro`; cancel it if the client disconnects first (its engine requests get aborted), log one
+    line and return None (no traceback: a client that goes away is not a server fault)."""
     task = asyncio.ensure_future(coro)
+    gone = asyncio.Event()
 
     async def watch() -> None:
         while True:
             msg = await request.receive()
             if msg["type"] == "http.disconnect":
+                gone.set()
                 task.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if not gone.is_set() or asyncio.current_task().cancelling():  # this handler itself is cancelled
+            raise
+        client = request.client.host if request.client else "?"
+        log.info("%s %s: the client (%s) disconnected before the response; its request was aborted",
+                 request.method, request.url.path, client)
+        return None
     finally:
         watcher.cancel()
 
@@ -79,6 +89,8 @@ async def _generate(request: Request, coro, stream: bool) -> Response:
 
 
 def _respond(result: Any) -> Response:
+    if result is None:  # the client went away (`_until_disconnect`): 499, nginx's "client closed request"
+        return Response(status_code=499)
     if isinstance(result, dict):
         return JSONResponse(result)
     return StreamingResponse(result, media_type="text/event-stream",
@@ -97,6 +109,7 @@ def build_app(engine, model_name: str, api_key: str | None = None, limits: Serve
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await asyncio.to_thread(aengine.prepare_guided)
         aengine.start()
         try:
             yield

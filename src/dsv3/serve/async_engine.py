@@ -2,9 +2,10 @@
 
 One background thread calls `engine.step()` while there is work and hands each `RequestOutput`
 to the asyncio queue of its request (`loop.call_soon_threadsafe`), so the event loop never blocks
-on a model forward. `engine.add_request` / `abort_request` are thread-safe and cheap (validation
-and a locked hand-over; the step thread picks them up), so the event loop calls them directly and
-a bad request fails at once with its ValueError. `step()` and `cache_info()` run only in the
+on a model forward. `engine.add_request` / `abort_request` are thread-safe (validation and a locked
+hand-over; the step thread picks them up). `abort_request` is cheap and runs on the event loop;
+`add_request` may compile a grammar (seconds for a large schema) and runs in a worker thread, and a
+bad request fails with its ValueError. `step()` and `cache_info()` run only in the
 stepping thread; /metrics reads the snapshot taken after each step.
 
 A request's async generator aborts the request in its `finally` block, so a cancelled handler
@@ -103,6 +104,21 @@ class AsyncEngine:
     def start(self) -> None:
         self._thread.start()
 
+    def prepare_guided(self) -> None:
+        """Build the engine's llguidance view of the tokenizer now, before serving: building it holds the
+        GIL for 1-2 s (a Rust constructor over the 129k-token vocabulary), which stalled every request,
+        /health included, when the first guided request did it. Without llguidance there is nothing to
+        build (guided requests then answer with the install hint)."""
+        try:
+            import llguidance  # noqa: F401
+        except ImportError:
+            return
+        if getattr(self.engine, "tokenizer", None) is None:
+            return
+        from dsv3.infer.sampling import GuidedDecodingParams, SamplingParams
+
+        self.engine._grammar_matcher(SamplingParams(guided_decoding=GuidedDecodingParams(choice=["a"])))
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
@@ -122,10 +138,17 @@ class AsyncEngine:
         EngineDeadError when the stepping thread is gone."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running (the server log has the details)")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params)
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), params)
         self._streams[request_id] = stream
+        # in a worker thread: it builds the request's grammar matcher (seconds for a large schema)
+        added = loop.run_in_executor(None, self.engine.add_request, request_id, prompt, prompt_token_ids, params)
         try:
-            self.engine.add_request(request_id, prompt, prompt_token_ids, params)
+            await asyncio.shield(added)
+        except asyncio.CancelledError:  # the caller went away; the request may still be added: abort it then
+            self._streams.pop(request_id, None)
+            added.add_done_callback(lambda f: f.cancelled() or f.exception() or self.abort(request_id))
+            raise
         except BaseException:
             self._streams.pop(request_id, None)
             raise

@@ -144,7 +144,22 @@ def _speculative_config(text: str | None) -> bool:
     return True
 
 
+def need_extra(verb: str, *modules: str, extra: str = "serve") -> None:
+    """One line naming the extra to install when a module of it cannot be imported (a base install)."""
+    import importlib
+
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UserError(f"{verb} needs {', '.join(missing)}, not installed here: pip install 'dsv3[{extra}]'")
+
+
 def run(args) -> int:
+    need_extra("dsv3 serve", "fastapi", "uvicorn")
     if args.api_key is not None and not args.api_key.strip():  # an empty key would check nothing
         raise UserError("--api-key is empty: give a non-empty key, or leave --api-key and $DSV3_API_KEY unset "
                         "to serve without one")
@@ -153,6 +168,7 @@ def run(args) -> int:
     import uvicorn
 
     from dsv3.serve.app import build_app
+    from dsv3.serve.connection import uvicorn_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     vllm_compat_notes(args)
@@ -169,7 +185,7 @@ def run(args) -> int:
     print(f"dsv3 serve: model {name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_model_len {engine.max_model_len}{f', tensor parallel {tp} processes' if tp > 1 else ''}"
           f"{', API key required' if args.api_key else ''})", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, args.log_level, server_limits.header_timeout)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

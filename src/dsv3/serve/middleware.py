@@ -1,8 +1,9 @@
 """Pure ASGI middleware of `dsv3 serve` (not BaseHTTPMiddleware, which would interfere with the
 disconnect detection of streams).
 
-- `AuthAndCount` (outermost): the bearer-key check on `/v1/*` (vLLM's rule: the tokenizer routes,
-  /health and /metrics stay open) and the per-endpoint status counts for /metrics.
+- `AuthAndCount` (outermost): the bearer-key check on `/v1/*` and on the API description (`/docs`,
+  `/redoc`, `/openapi.json`: it lists every route and field); as vLLM, the tokenizer routes, /health
+  and /metrics stay open. Also the per-endpoint status counts for /metrics.
 - `BodyLimit`: reads a request body up to `max_request_bytes`, then answers 413 in the OpenAI shape;
   a bigger body is never held in memory (the rest is read and dropped, so the client gets the 413
   instead of a reset connection). The handlers get the body already read.
@@ -19,6 +20,7 @@ from dsv3.serve.protocol import APIError
 
 ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
           "/tokenizer_info", "/health", "/metrics"}
+_DESCRIPTION = ("/docs", "/redoc", "/openapi.json")  # FastAPI's API description (and /docs/oauth2-redirect)
 _DRAIN_BYTES = 256 << 20  # past this much of an oversized body, stop reading it and close the connection
 
 
@@ -35,7 +37,7 @@ class AuthAndCount:
             return await self.app(scope, receive, send)
         path = scope["path"]
         endpoint = path if path in ROUTES else "other"  # bounded label set
-        if self.api_key and path.startswith("/v1"):
+        if self.api_key and (path.startswith("/v1") or path.startswith(_DESCRIPTION)):
             auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(given.encode("utf-8", "replace"), self.api_key.encode()):

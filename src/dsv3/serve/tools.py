@@ -28,15 +28,11 @@ results are the same structure.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from dsv3.data.chat_template import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
-
-_CALL_RE = re.compile(re.escape(CALL_BEGIN) + r"(?P<type>.*?)" + re.escape(SEP) + r"(?P<name>.*?)\n```json\n"
-                      r"(?P<args>.*?)\n```" + re.escape(CALL_END), re.DOTALL)
 
 
 class ToolError(ValueError):
@@ -149,18 +145,57 @@ def with_tool_prompt(messages: list[dict], plan: ToolPlan) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- output side
+_JSON_OPEN, _ARGS_CLOSE = "\n```json\n", "\n```" + CALL_END
+_MARKERS = (CALL_BEGIN, SEP, _JSON_OPEN, _ARGS_CLOSE)  # the parts of one call, in order
+
+
+class _CallScanner:
+    """Complete calls in a growing calls block, found with `str.find` from a cursor that only moves
+    forward: each character is looked at a bounded number of times however the text arrives (a
+    regular expression with lazy groups backtracks: 200 repeated markers took ~100 s).
+
+    A call is CALL_BEGIN TYPE SEP NAME JSON_OPEN ARGS ARGS_CLOSE, each part ending at the first
+    marker after it, as the lazy regex matched: a later start could only find later markers, so
+    while one marker is missing no call can complete, and the search resumes where it stopped."""
+
+    def __init__(self, start: int) -> None:
+        self.stage = 0  # index in _MARKERS of the marker looked for next
+        self.pos = start  # where to look for it
+        self.part = start  # where the current part (type, name, args) starts
+        self.name = ""
+        self.calls: list[tuple[str, str]] = []  # (name, arguments) of every complete call
+
+    def scan(self, text: str, end: int) -> None:
+        """Find the calls completed in `text[:end]` (the block so far; `text` only grows)."""
+        while True:
+            marker = _MARKERS[self.stage]
+            i = text.find(marker, self.pos, end)
+            if i < 0:  # a partial marker may end the block: look again from where it could start
+                self.pos = max(self.pos, end - len(marker) + 1)
+                return
+            if self.stage == 2:
+                self.name = text[self.part:i]
+            elif self.stage == 3:
+                self.calls.append((self.name, text[self.part:i]))
+            self.pos = self.part = i + len(marker)
+            self.stage = (self.stage + 1) % len(_MARKERS)
+
+
 class DeepSeekV3ToolParser:
     """V3 tool-call tokens in generated text -> OpenAI tool calls."""
 
     def extract(self, text: str, parallel: bool = True) -> tuple[str | None, list[dict]]:
         """-> (content or None, tool calls). No well-formed call: (text, [])."""
-        head, sep, rest = text.partition(CALLS_BEGIN)
-        if not sep:
+        i = text.find(CALLS_BEGIN)
+        if i < 0:
             return text or None, []
-        calls = [tool_call(m["name"], m["args"]) for m in _CALL_RE.finditer(rest.split(CALLS_END)[0])]
-        if not calls:
+        start = i + len(CALLS_BEGIN)
+        end = text.find(CALLS_END, start)
+        scanner = _CallScanner(start)
+        scanner.scan(text, len(text) if end < 0 else end)
+        if not scanner.calls:
             return text or None, []
-        return head or None, calls[: None if parallel else 1]
+        return text[:i] or None, [tool_call(name, args) for name, args in scanner.calls[: None if parallel else 1]]
 
     def stream(self, parallel: bool = True) -> "ToolCallStream":
         return ToolCallStream(parallel)
@@ -169,36 +204,55 @@ class DeepSeekV3ToolParser:
 class ToolCallStream:
     """Per-choice streaming: content until the calls block, then one delta per completed call.
     If the block ends (or the output finishes) with no well-formed call, the held text is sent as
-    content, matching `extract`."""
+    content, matching `extract`. Incremental: each `feed` searches only text it has not searched
+    before (the block's start and end markers and each call's markers are found from cursors)."""
 
     def __init__(self, parallel: bool = True):
         self.parallel = parallel
         self.sent_content = 0
         self.sent_calls = 0
+        self._begin_pos = 0  # where to look for CALLS_BEGIN next
+        self._head = -1  # where CALLS_BEGIN is (set with the scanner)
+        self._end_pos = 0  # where to look for CALLS_END next
+        self._block_end = -1  # where CALLS_END is, -1 before it is seen
+        self._scanner: _CallScanner | None = None
 
     @property
     def called(self) -> bool:
         return self.sent_calls > 0
 
     def feed(self, text: str, finished: bool) -> tuple[str, list[dict]]:
-        """`text`: cumulative content so far. -> (content delta, new tool-call deltas)."""
-        head, sep, rest = text.partition(CALLS_BEGIN)
-        if not sep:
-            keep = len(text) if finished else len(text) - _partial_len(text, CALLS_BEGIN)
-            return self._content(text[:keep]), []
-        content = self._content(head)
-        block = rest.split(CALLS_END)[0]
-        matches = list(_CALL_RE.finditer(block))
-        limit = len(matches) if self.parallel else min(len(matches), 1)
-        new = [tool_call(m["name"], m["args"], index=i) for i, m in enumerate(matches[:limit]) if i >= self.sent_calls]
+        """`text`: cumulative content so far (it only grows). -> (content delta, new tool-call deltas)."""
+        if self._scanner is None:
+            i = text.find(CALLS_BEGIN, self._begin_pos)
+            if i < 0:
+                self._begin_pos = max(self._begin_pos, len(text) - len(CALLS_BEGIN) + 1)
+                keep = len(text) if finished else len(text) - _partial_len(text, CALLS_BEGIN)
+                return self._content(text, keep), []
+            self._head, self._end_pos = i, i + len(CALLS_BEGIN)
+            self._scanner = _CallScanner(self._end_pos)
+        content = self._content(text, self._head)
+        if self._block_end < 0:
+            j = text.find(CALLS_END, self._end_pos)
+            if j >= 0:
+                self._block_end = j
+            else:
+                self._end_pos = max(self._end_pos, len(text) - len(CALLS_END) + 1)
+        calls = self._scanner.calls
+        if self.parallel or not calls:  # parallel_tool_calls=false needs only the first call
+            end = self._block_end if self._block_end >= 0 else len(text) - _partial_len(text, CALLS_END)
+            self._scanner.scan(text, end)
+        limit = len(calls) if self.parallel else min(len(calls), 1)
+        new = [tool_call(name, args, index=i)
+               for i, (name, args) in enumerate(calls[self.sent_calls:limit], start=self.sent_calls)]
         self.sent_calls = max(self.sent_calls, limit)
-        if finished and not matches:  # malformed: everything is content, as in extract()
-            content += self._content(text)
+        if finished and not calls:  # malformed: everything is content, as in extract()
+            content += self._content(text, len(text))
         return content, new
 
-    def _content(self, upto: str) -> str:
-        piece = upto[self.sent_content:]
-        self.sent_content = max(self.sent_content, len(upto))
+    def _content(self, text: str, end: int) -> str:
+        piece = text[self.sent_content:end]
+        self.sent_content = max(self.sent_content, end)
         return piece
 
 
@@ -210,15 +264,36 @@ def _partial_len(text: str, tag: str) -> int:
 
 
 def calls_from_json(text: str, plan: ToolPlan) -> list[dict] | None:
-    """Guided output of tool_choice required / named -> tool calls (None if it does not parse)."""
+    """Guided output of tool_choice required / named -> tool calls (None if it does not parse).
+    "required": an array cut short (max_tokens: a weak model repeats calls until then) gives its
+    complete calls, as a client would otherwise get none of them."""
     try:
         obj = json.loads(text)
     except ValueError:
-        return None
+        if plan.mode == "named":
+            return None
+        obj = _complete_items(text)
     if plan.mode == "named":  # the arguments exactly as generated (streamed piece by piece)
         return [tool_call(plan.name, text)]
     if not isinstance(obj, list):
         return None
     calls = [tool_call(c["name"], json.dumps(c.get("parameters", {}), ensure_ascii=False))
              for c in obj if isinstance(c, dict) and isinstance(c.get("name"), str)]
-    return calls[: None if plan.parallel else 1]
+    return calls[: None if plan.parallel else 1] if calls else None
+
+
+def _complete_items(text: str) -> list | None:
+    """The complete items at the start of a JSON array whose text was cut off (None: not an array)."""
+    decoder, items = json.JSONDecoder(), []
+    i = len(text) - len(text.lstrip())
+    if not text.startswith("[", i):
+        return None
+    i += 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except (ValueError, RecursionError):
+            return items
+        items.append(item)

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 
 from dsv3.errors import UserError
 from dsv3.serve.async_engine import AsyncEngine, RequestStream
+from dsv3.serve.caps import check_request, check_schema
 from dsv3.serve.limits import ServerLimits
 from dsv3.serve.metrics import ServerMetrics
 from dsv3.serve.protocol import APIError, random_id
@@ -128,14 +129,33 @@ class OpenAIServing:
         if req.max_tokens is not None and req.max_tokens < 1 and not getattr(req, "echo", False):
             raise APIError("max_tokens must be at least 1", param="max_tokens")
 
+    async def guided(self, req, tool_schema: dict | None = None) -> dict | None:
+        """The request's size caps (`caps.py`: up to 128 tool schemas of 5000 values), then its output
+        constraint (`structured.guided_spec`: a jsonschema check), off the event loop."""
+        from dsv3.serve.structured import guided_spec
+
+        def check() -> dict | None:
+            check_request(req, self.limits)
+            if tool_schema is not None:  # tool_choice required / named: the schema built from the tools
+                check_schema(tool_schema, "tools", self.limits)
+            return guided_spec(req, tool_schema)
+
+        try:
+            return await asyncio.to_thread(check)
+        except RecursionError:  # a schema the size caps let through but jsonschema's recursion cannot walk
+            raise APIError(f"the output constraint nests deeper than this server can check (at most "
+                           f"{self.limits.max_json_depth} levels)") from None
+
     # ------------------------------------------------------------------ engine fan-out
     async def _start(self, prompts: list[Prompt], make_params) -> list[tuple[int, Prompt, RequestStream]]:
-        """Add every (prompt, sample) request; on any failure abort the ones already added."""
+        """Check every (prompt, sample) request's parameters, then add them; on any failure abort the ones
+        already added. Checking compiles a grammar (llguidance, seconds for a large schema): off the loop."""
+        plans = await asyncio.to_thread(lambda: [make_params(p) for p in prompts])
         base = random_id("req")
         started: list[tuple[int, Prompt, RequestStream]] = []
         try:
-            for i, p in enumerate(prompts):
-                for j, params in enumerate(make_params(p)):
+            for p, samples in zip(prompts, plans):
+                for params in samples:
                     index = len(started)
                     s = await self.engine.add_request(f"{base}-{index}", p.text, p.ids, params)
                     started.append((index, p, s))

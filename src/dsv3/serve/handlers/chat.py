@@ -12,7 +12,6 @@ from dsv3.serve.protocol import (
     ChatTokenLogprob, TopLogprob, Usage, random_id,
 )
 from dsv3.serve.reasoning import get_reasoning_parser
-from dsv3.serve.structured import guided_spec
 from dsv3.serve.tools import ToolError, plan_tools, with_tool_prompt
 
 
@@ -29,7 +28,7 @@ class OpenAIServingChat(OpenAIServing):
             plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         except ToolError as e:
             raise APIError(str(e), param=e.param) from None
-        guided = guided_spec(req, plan.guided_json())
+        guided = await self.guided(req, plan.guided_json())
         messages = with_tool_prompt([m.model_dump(exclude_none=True) for m in req.messages], plan)
         ids = await self.chat_ids(messages, req.add_generation_prompt)
         prompt = Prompt(None, ids)
@@ -39,7 +38,6 @@ class OpenAIServingChat(OpenAIServing):
         def make_params(p: Prompt):
             return [self._params(req, len(p.ids), max_tokens, k, None, j, guided) for j in range(req.n)]
 
-        make_params(prompt)
         started = await self._start([prompt], make_params)
         request_id = random_id("chatcmpl")
         # a grammar constrains the output from its first token: tool arguments have no reasoning part, and

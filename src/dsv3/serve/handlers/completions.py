@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator
 
 from dsv3.serve.handlers.base import OpenAIServing, Prompt
@@ -9,7 +10,7 @@ from dsv3.serve.handlers.streaming import Chunks, TextState, cached_tokens, erro
 from dsv3.serve.protocol import (
     APIError, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, random_id,
 )
-from dsv3.serve.structured import guided_spec
+from dsv3.serve.caps import check_fanout
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -21,18 +22,16 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.best_of is not None and req.best_of != req.n:
             raise APIError("'best_of' other than n is not supported (each of the n samples is returned)",
                            param="best_of")
-        prompts = await self._completion_prompts(req.prompt)
+        prompts = await self._completion_prompts(req.prompt, req.n)
         k = req.logprobs
         want_prompt_lp = req.echo and k is not None
 
-        guided = guided_spec(req)
+        guided = await self.guided(req)
 
         def make_params(p: Prompt):
             return [self._params(req, len(p.ids), req.max_tokens, k, k if want_prompt_lp else None, j, guided)
                     for j in range(req.n)]
 
-        for p in prompts:  # validate everything before the first request is added
-            make_params(p)
         started = await self._start(prompts, make_params)
         request_id = random_id("cmpl")
         prompt_tokens = sum(len(p.ids) for p in prompts)
@@ -40,8 +39,9 @@ class OpenAIServingCompletion(OpenAIServing):
             return self._completion_stream(req, request_id, started, prompt_tokens)
         return await self._completion_full(req, request_id, started, prompt_tokens)
 
-    async def _completion_prompts(self, prompt: Any) -> list[Prompt]:
-        """str | list[str] | list[int] | list[list[int]] -> prompts (strings get BOS, as V3 does)."""
+    async def _completion_prompts(self, prompt: Any, n: int) -> list[Prompt]:
+        """str | list[str] | list[int] | list[list[int]] -> prompts (strings get BOS, as V3 does); each
+        is checked (off the event loop: up to a million token ids) before any is tokenised."""
         bad = APIError("'prompt' must be a string, a list of strings, a list of token ids, "
                        "or a list of token-id lists", param="prompt")
         if isinstance(prompt, str):
@@ -53,15 +53,19 @@ class OpenAIServingCompletion(OpenAIServing):
         if len(prompt) > self.limits.max_prompts:
             raise APIError(f"{len(prompt)} prompts in one request; at most {self.limits.max_prompts} "
                            f"(the server's --max-prompts)", param="prompt")
-        for p in prompt:  # check them all before tokenising any
+        check_fanout(n, len(prompt), self.limits)
+        await asyncio.to_thread(self._check_prompts, prompt, bad)
+        return [Prompt(p, await self.encode(p, self.tok.add_bos_token)) if isinstance(p, str) else Prompt(None, list(p))
+                for p in prompt]
+
+    def _check_prompts(self, prompt: list, bad: APIError) -> None:
+        for p in prompt:
             if isinstance(p, str):
                 self._check_chars(len(p), "prompt")
             elif isinstance(p, list) and p:
                 self._check_ids(p, "prompt")
             else:
                 raise bad
-        return [Prompt(p, await self.encode(p, self.tok.add_bos_token)) if isinstance(p, str) else Prompt(None, list(p))
-                for p in prompt]
 
     def _prompt_text(self, p: Prompt) -> str:
         return p.text if p.text is not None else self.tok.decode(p.ids, skip_special_tokens=False)
