@@ -90,14 +90,6 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
         assert (back(ids).logits - model(ids)).abs().max().item() <= 1e-4
 
 
-def test_engine_refuses_v32_in_one_line(tmp_path):
-    from dsv3 import LLM
-
-    make_hf_v32_checkpoint(tmp_path)
-    with pytest.raises(UserError, match="DeepSeek-V3.2 model .*does not run its indexer yet"):
-        LLM(str(tmp_path))
-
-
 def _hf(**kw):
     base = {k: v for k, v in BASE.items() if k != "rope_scaling"}
     return {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], **base, **kw}

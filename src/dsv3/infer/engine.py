@@ -25,7 +25,7 @@ from dsv3.config.schema import ModelConfig
 from dsv3.infer import guided
 from dsv3.infer.kv_cache import PagedLatentCache
 from dsv3.infer.loading import (default_device, encode_text, load_model, load_tokenizer_for,  # noqa: F401 (re-exported)
-                                quantize_once, require_engine_support, resolve_dtype)
+                                quantize_once, resolve_dtype)
 from dsv3.infer.outputs import RequestOutput
 from dsv3.infer.postprocess import PostprocessMixin
 from dsv3.infer.runner import ModelRunner
@@ -78,7 +78,6 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
                  dtype: str | torch.dtype | None = None, speculative: bool = False, quantization=None,
                  enable_prefix_caching: bool = True, parallel=None):
         cfg: ModelConfig = model.config
-        require_engine_support(cfg)
         if parallel is not None and getattr(model, "parallel", None) is None:
             from dsv3.infer.parallel import shard_model
 

@@ -100,7 +100,9 @@ class CacheInfo:
 
 
 class PagedLatentCache:
-    """Block pool of latents: `data[l, block, slot] = [c_kv (C) | k_pe (R)]`."""
+    """Block pool of latents: `data[l, block, slot] = [c_kv (C) | k_pe (R)]`; with DeepSeek Sparse
+    Attention (V3.2) also `index[l, slot]`, the lightning indexer's key of each token (same slots,
+    so prefix caching shares them with the latents)."""
 
     def __init__(self, cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  prefix_caching: bool = False):
@@ -111,12 +113,16 @@ class PagedLatentCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.data = torch.zeros(num_layers, num_blocks * block_size, self.width, dtype=dtype, device=device)
+        self.index_width = cfg.index_head_dim if cfg.sparse_attention else 0
+        self.index = (torch.zeros(num_layers, num_blocks * block_size, self.index_width, dtype=dtype, device=device)
+                      if self.index_width else None)
         self.allocator = BlockAllocator(num_blocks)
         self.prefix_caching = prefix_caching
 
     @staticmethod
     def bytes_per_token_per_layer(cfg: ModelConfig, dtype: torch.dtype) -> int:
-        return cfg.latent_dim * torch.empty((), dtype=dtype).element_size()
+        width = cfg.latent_dim + (cfg.index_head_dim if cfg.sparse_attention else 0)
+        return width * torch.empty((), dtype=dtype).element_size()
 
     # ---- per-sequence bookkeeping (host)
     def blocks_needed(self, num_tokens: int, have: int) -> int:
@@ -184,8 +190,16 @@ class PagedLatentCache:
         """Latents at slots [B, S] -> [B, S, C+R] (a copy; padded rows point at any valid slot)."""
         return self.data[layer][slots]
 
+    def write_index(self, layer: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Store new indexer keys (DSA). slots [N], keys [N, E]."""
+        self.index[layer].index_copy_(0, slots, keys.to(self.index.dtype))
+
+    def gather_index(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """Indexer keys at slots [B, S] -> [B, S, E]."""
+        return self.index[layer][slots]
+
     def info(self) -> CacheInfo:
-        per_layer = self.width * self.data.element_size()
+        per_layer = (self.width + self.index_width) * self.data.element_size()
         return CacheInfo(
             block_size=self.block_size,
             num_blocks=self.num_blocks,

@@ -106,21 +106,24 @@ class LLM:
                 self.engine.step()
 
     # ---- chat
-    def chat_prompt(self, messages: Conversation, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered with the V3 chat template (the template supplies BOS)."""
+    def chat_prompt(self, messages: Conversation, add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None) -> list[int]:
+        """Token ids of a conversation rendered with the checkpoint's chat template (it supplies BOS);
+        `chat_template_kwargs` as vLLM's (DeepSeek-V3.1: {"thinking": True}, tools=[...])."""
         tok = self.engine.tokenizer
         if tok is None or not hasattr(tok, "apply_chat_template"):
             raise ValueError("chat needs a tokenizer with a chat template")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                      **(chat_template_kwargs or {}))
         if not isinstance(ids, list):  # transformers may return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
 
     def chat(self, messages: Conversation | Sequence[Conversation], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """One conversation (a list of {role, content}) or a list of them."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        ids = [self.chat_prompt(c, add_generation_prompt) for c in convs]
+        ids = [self.chat_prompt(c, add_generation_prompt, chat_template_kwargs) for c in convs]
         return self._run([(None, i) for i in ids], self._params(sampling_params, len(ids)))
 
     # ---- internals

@@ -34,23 +34,10 @@ def encode_text(tokenizer: Any, text: str, add_bos: bool) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=add_bos))
 
 
-def require_engine_support(cfg) -> None:
-    """Refuse, in one line, a model the engine cannot serve faithfully (rather than serving it wrongly)."""
-    from dsv3.errors import UserError
-
-    if cfg.sparse_attention:
-        raise UserError("this is a DeepSeek-V3.2 model (sparse attention, index_topk "
-                        f"{cfg.index_topk}): the inference engine does not run its indexer yet; use "
-                        "dsv3.from_pretrained(...) for full-sequence forwards")
-
-
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, mtp: bool = False, quantization=None):
     """A `Transformer` from a checkpoint directory, via the checkpoint package's loader (the MTP
     modules only when speculative decoding uses them; quantised once at load when asked)."""
     import dsv3
-    from dsv3.config.hf import load_hf_config
-
-    require_engine_support(load_hf_config(model_dir))  # before reading any weight
 
     return dsv3.from_pretrained(model_dir, dtype=dtype, device=device, mtp=True if mtp else False, quantization=quantization)
 

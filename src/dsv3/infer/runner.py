@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from dsv3.infer.kv_cache import PagedLatentCache
 from dsv3.model.matmul import mm_nt, uses_onednn
-from dsv3.model.mla import MLA, absorbed_attention
+from dsv3.model.mla import MLA, SparseInputs, absorbed_attention
 from dsv3.model.transformer import Transformer
 
 
@@ -53,6 +53,18 @@ class Packed:
     rows: list[list[int]]  # per chunk, the rows of N whose logits are wanted
 
 
+def select_keys(cache: PagedLatentCache, layer: int, attn: MLA, sparse: SparseInputs, new_slots: torch.Tensor,
+                k_slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """DeepSeek Sparse Attention over the paged cache: store the new tokens' indexer keys, score every
+    visible cached key with the layer's indexer and keep each query's top `index_topk`.
+    new_slots [N], k_slots [B,S], visible bool [B,T,S] -> bool [B,T,S]."""
+    ix = attn.indexer
+    keys = ix.keys(sparse.x, sparse.cos, sparse.sin)  # [B,T,E]
+    cache.write_index(layer, new_slots, keys.flatten(0, 1))
+    scores = ix.scores(sparse.x, sparse.q_latent, sparse.cos, sparse.sin, cache.gather_index(layer, k_slots))
+    return ix.select(scores, visible)
+
+
 class PagedPrefill:
     """Attention backend of a packed prefill for cache layer `layer`: store the new latents, then naive
     attention over every sequence's cached + new latents under the packed mask."""
@@ -60,11 +72,14 @@ class PagedPrefill:
     def __init__(self, cache: PagedLatentCache, layer: int, pk: Packed):
         self.cache, self.layer, self.pk = cache, layer, pk
 
-    def attend(self, attn: MLA, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+    def attend(self, attn: MLA, q_nope, q_pe, c_kv, k_pe, sparse: SparseInputs | None = None) -> torch.Tensor:
         C = c_kv.shape[-1]
         self.cache.write(self.layer, self.pk.new_slots, c_kv[0], k_pe[0])
         lat = self.cache.gather(self.layer, self.pk.k_slots[None])  # [1,S,C+R]: every sequence's context
-        return attn.attend_naive(q_nope, q_pe, lat[..., :C], lat[..., C:], self.pk.mask)
+        mask = self.pk.mask
+        if sparse is not None:
+            mask = select_keys(self.cache, self.layer, attn, sparse, self.pk.new_slots, self.pk.k_slots[None], mask[None])[:, None]
+        return attn.attend_naive(q_nope, q_pe, lat[..., :C], lat[..., C:], mask)
 
 
 class PagedDecode:
@@ -75,10 +90,13 @@ class PagedDecode:
         self.cache, self.layer = cache, layer
         self.new_slots, self.k_slots, self.valid, self.w_uk, self.w_uv_t = new_slots, k_slots, valid, w_uk, w_uv_t
 
-    def attend(self, attn: MLA, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+    def attend(self, attn: MLA, q_nope, q_pe, c_kv, k_pe, sparse: SparseInputs | None = None) -> torch.Tensor:
         self.cache.write(self.layer, self.new_slots, c_kv.flatten(0, 1), k_pe.flatten(0, 1))
         lat = self.cache.gather(self.layer, self.k_slots)  # [B,S,C+R]
-        return absorbed_attention(q_nope, q_pe, lat, self.valid, self.w_uk, self.w_uv_t, attn.softmax_scale)
+        valid = self.valid
+        if sparse is not None:
+            valid = select_keys(self.cache, self.layer, attn, sparse, self.new_slots, self.k_slots, valid)
+        return absorbed_attention(q_nope, q_pe, lat, valid, self.w_uk, self.w_uv_t, attn.softmax_scale)
 
 
 class ModelRunner:

@@ -14,12 +14,16 @@ readable einsum form of the absorbed path; `absorbed_attention` is its batched-b
 the inference engine decodes with; tests/infer compare the two).
 
 Attention backends: `MLA.forward(..., kv_cache=backend)` with an object that has
-`attend(mla, q_nope, q_pe, c_kv, k_pe) -> [B,T,H*V]` hands the attention itself to the backend (the
+`attend(mla, q_nope, q_pe, c_kv, k_pe[, sparse]) -> [B,T,H*V]` hands the attention itself to the backend (the
 inference engine's paged latent cache: it stores the new latents and attends over the sequence's
 whole context). The projections, the RoPE and o_proj stay here, so the engine runs this module.
+With DeepSeek Sparse Attention the backend also gets `sparse` (`SparseInputs`): it stores the new
+tokens' indexer keys beside the latents and attends only to each query's selected keys.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +70,16 @@ def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.T
     o_lat = torch.bmm(scores.softmax(-1), lat[..., :C])  # [B,TH,C]: values are the latent itself
     o = torch.bmm(o_lat.to(w_uv_t.dtype).view(B * T, H, C).transpose(0, 1), w_uv_t)  # [H,BT,V]: W_UV after the sum
     return o.transpose(0, 1).reshape(B, T, -1)
+
+
+class SparseInputs(NamedTuple):
+    """What an attention backend needs to run the DSA indexer of a layer: its input x [B,T,D], the
+    query latent [B,T,Q] and the RoPE cos/sin of the new tokens."""
+
+    x: torch.Tensor
+    q_latent: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 class MLA(nn.Module):
@@ -206,12 +220,14 @@ class MLA(nn.Module):
         Training (`indexer_stage` set, grad on): the indexer scores detached inputs, so its only
         gradient is its KL loss to this layer's attention distribution (`indexer_kl`), kept in
         `indexer_loss` (and attached to the output under pipeline parallelism)."""
-        if kv_cache is not None:
-            raise NotImplementedError("DeepSeek Sparse Attention (index_topk > 0) with a KV cache is not "
-                                      "implemented yet: run full-sequence forwards")
         q_latent = self.q_a_layernorm(self.q_a_proj(x))
         q_nope, q_pe = self.project_q(x, cos, sin, q_latent)
         c_kv, k_pe = self.project_latent(x, cos, sin)
+        if hasattr(kv_cache, "attend"):  # an attention backend (the engine's paged cache) selects over its keys
+            return self.o_proj(kv_cache.attend(self, q_nope, q_pe, c_kv, k_pe, sparse=SparseInputs(x, q_latent, cos, sin)))
+        if kv_cache is not None:
+            raise NotImplementedError("DeepSeek Sparse Attention (index_topk > 0) with an `update` KV cache: use "
+                                      "full-sequence forwards or the engine's paged cache")
         T = x.shape[1]
         visible = causal_mask(T, T, x.device) if mask is None else mask
         if visible.dim() == 4:  # [B|1, 1, T, S] as the callers pass head-broadcast masks
