@@ -98,7 +98,7 @@ def _respond(result: Any) -> Response:
 
 
 def build_app(engine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None,
-              reasoning_parser: str | None = None) -> FastAPI:
+              reasoning_parser: str | None = None, tool_call_parser: str | None = None) -> FastAPI:
     """`api_key` None: no key; an empty key is refused (it would look like auth and check nothing)."""
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty: give a non-empty key, or leave --api-key and $DSV3_API_KEY unset "
@@ -118,7 +118,7 @@ def build_app(engine, model_name: str, api_key: str | None = None, limits: Serve
 
     app = FastAPI(title="dsv3 OpenAI-compatible server", lifespan=lifespan)
     args = (aengine, model_name, metrics, limits)
-    chat_h = OpenAIServingChat(*args, reasoning_parser=reasoning_parser)
+    chat_h = OpenAIServingChat(*args, reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser)
     completion_h = OpenAIServingCompletion(*args)
     models_h, tokenize_h = OpenAIServingModels(*args), OpenAIServingTokenization(*args)
     app.state.engine, app.state.metrics = aengine, metrics

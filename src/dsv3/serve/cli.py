@@ -34,10 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, help="w8a8 | int8 | int4[:GROUP] | fp8 | none (default: as stored; FP8 stays FP8)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_vllm_compat_arguments(p)
-    p.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1"],
-                   help="split <think>...</think> into message.reasoning_content (DeepSeek-R1 style output)")
-    p.add_argument("--tool-call-parser", default="deepseek_v3", choices=["deepseek_v3"],
-                   help="tool-call format parsed from the output (DeepSeek-V3's tokens; always on with `tools`)")
+    p.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "deepseek_v3"],
+                   help="split <think>...</think> into message.reasoning_content: deepseek_r1 (R1-style output) or "
+                        "deepseek_v3 (V3.1 hybrid thinking: only for requests with chat_template_kwargs thinking true)")
+    p.add_argument("--tool-call-parser", default=None, choices=["deepseek_v3", "deepseek_v31"],
+                   help="tool-call format parsed from the output (always on with `tools`); default: the checkpoint's "
+                        "chat format (V3, or V3.1 when its tokenizer_config template is V3.1's)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines; tool_choice 'auto' is always available")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
@@ -180,7 +182,8 @@ def run(args) -> int:
     engine = load_engine(args)  # a follower rank runs here until rank 0 stops, then exits
     threads.announce()
     name = args.served_model_name or args.model
-    app = build_app(engine, name, api_key=args.api_key, limits=server_limits, reasoning_parser=args.reasoning_parser)
+    app = build_app(engine, name, api_key=args.api_key, limits=server_limits, reasoning_parser=args.reasoning_parser,
+                    tool_call_parser=args.tool_call_parser)
     tp = getattr(engine, "parallel", {}).get("tensor_parallel_size", 1)
     print(f"dsv3 serve: model {name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_model_len {engine.max_model_len}{f', tensor parallel {tp} processes' if tp > 1 else ''}"

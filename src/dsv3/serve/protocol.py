@@ -92,6 +92,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: {"thinking": true} for DeepSeek-V3.1
 
 
 # ---------------------------------------------------------------- responses ----------------------------------

@@ -92,10 +92,21 @@ def _partial_tag_len(text: str) -> int:
     return 0
 
 
-PARSERS = {"deepseek_r1": DeepSeekR1ReasoningParser}
+class DeepSeekV3ReasoningParser:
+    """`--reasoning-parser deepseek_v3` (vLLM's name; DeepSeek-V3.1 hybrid thinking): per request, the R1
+    rule when the request asked for thinking (`chat_template_kwargs: {"thinking": true}`: the prompt
+    ends with `<think>`, so the output starts inside the reasoning), else no split (all content)."""
+
+    name = "deepseek_v3"
+
+    def for_request(self, thinking: bool) -> DeepSeekR1ReasoningParser | None:
+        return DeepSeekR1ReasoningParser() if thinking else None
 
 
-def get_reasoning_parser(name: str | None) -> DeepSeekR1ReasoningParser | None:
+PARSERS = {"deepseek_r1": DeepSeekR1ReasoningParser, "deepseek_v3": DeepSeekV3ReasoningParser}
+
+
+def get_reasoning_parser(name: str | None):
     if name is None:
         return None
     try:
@@ -104,3 +115,8 @@ def get_reasoning_parser(name: str | None) -> DeepSeekR1ReasoningParser | None:
         from dsv3.errors import UserError
 
         raise UserError(f"--reasoning-parser {name!r}: unknown; choose from {', '.join(PARSERS)}") from None
+
+
+def for_request(parser, thinking: bool) -> DeepSeekR1ReasoningParser | None:
+    """The splitter one chat request uses: deepseek_v3's depends on the request's thinking switch."""
+    return parser.for_request(thinking) if isinstance(parser, DeepSeekV3ReasoningParser) else parser

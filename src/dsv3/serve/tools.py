@@ -145,8 +145,23 @@ def with_tool_prompt(messages: list[dict], plan: ToolPlan) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- output side
-_JSON_OPEN, _ARGS_CLOSE = "\n```json\n", "\n```" + CALL_END
-_MARKERS = (CALL_BEGIN, SEP, _JSON_OPEN, _ARGS_CLOSE)  # the parts of one call, in order
+@dataclass(frozen=True)
+class CallFormat:
+    """How one call inside `<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>` is written: its markers in
+    order, and after which marker (its index) the text since the previous marker is the name / the
+    arguments."""
+
+    markers: tuple[str, ...]
+    name_at: int
+    args_at: int
+
+
+V3_CALL = CallFormat((CALL_BEGIN, SEP, "\n```json\n", "\n```" + CALL_END), name_at=2, args_at=3)
+"""V3: CALL_BEGIN TYPE SEP NAME \n```json\n ARGS \n``` CALL_END."""
+V31_CALL = CallFormat((CALL_BEGIN, SEP, CALL_END), name_at=1, args_at=2)
+"""V3.1: CALL_BEGIN NAME SEP ARGS CALL_END (no type, no fence)."""
+CALL_FORMATS = {"deepseek_v3": V3_CALL, "deepseek_v31": V31_CALL}
+"""`--tool-call-parser` names (vLLM's) -> call format."""
 
 
 class _CallScanner:
@@ -154,11 +169,13 @@ class _CallScanner:
     forward: each character is looked at a bounded number of times however the text arrives (a
     regular expression with lazy groups backtracks: 200 repeated markers took ~100 s).
 
-    A call is CALL_BEGIN TYPE SEP NAME JSON_OPEN ARGS ARGS_CLOSE, each part ending at the first
-    marker after it, as the lazy regex matched: a later start could only find later markers, so
-    while one marker is missing no call can complete, and the search resumes where it stopped."""
+    A call is its format's markers in order (V3: CALL_BEGIN TYPE SEP NAME JSON_OPEN ARGS ARGS_CLOSE),
+    each part ending at the first marker after it, as the lazy regex matched: a later start could only
+    find later markers, so while one marker is missing no call can complete, and the search resumes
+    where it stopped."""
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, fmt: CallFormat = V3_CALL) -> None:
+        self.fmt = fmt
         self.stage = 0  # index in _MARKERS of the marker looked for next
         self.pos = start  # where to look for it
         self.part = start  # where the current part (type, name, args) starts
@@ -167,22 +184,26 @@ class _CallScanner:
 
     def scan(self, text: str, end: int) -> None:
         """Find the calls completed in `text[:end]` (the block so far; `text` only grows)."""
+        markers = self.fmt.markers
         while True:
-            marker = _MARKERS[self.stage]
+            marker = markers[self.stage]
             i = text.find(marker, self.pos, end)
             if i < 0:  # a partial marker may end the block: look again from where it could start
                 self.pos = max(self.pos, end - len(marker) + 1)
                 return
-            if self.stage == 2:
+            if self.stage == self.fmt.name_at:
                 self.name = text[self.part:i]
-            elif self.stage == 3:
+            elif self.stage == self.fmt.args_at:
                 self.calls.append((self.name, text[self.part:i]))
             self.pos = self.part = i + len(marker)
-            self.stage = (self.stage + 1) % len(_MARKERS)
+            self.stage = (self.stage + 1) % len(markers)
 
 
 class DeepSeekV3ToolParser:
-    """V3 tool-call tokens in generated text -> OpenAI tool calls."""
+    """V3 (or, with `fmt=V31_CALL`, V3.1) tool-call tokens in generated text -> OpenAI tool calls."""
+
+    def __init__(self, fmt: CallFormat = V3_CALL):
+        self.fmt = fmt
 
     def extract(self, text: str, parallel: bool = True) -> tuple[str | None, list[dict]]:
         """-> (content or None, tool calls). No well-formed call: (text, [])."""
@@ -191,14 +212,14 @@ class DeepSeekV3ToolParser:
             return text or None, []
         start = i + len(CALLS_BEGIN)
         end = text.find(CALLS_END, start)
-        scanner = _CallScanner(start)
+        scanner = _CallScanner(start, self.fmt)
         scanner.scan(text, len(text) if end < 0 else end)
         if not scanner.calls:
             return text or None, []
         return text[:i] or None, [tool_call(name, args) for name, args in scanner.calls[: None if parallel else 1]]
 
     def stream(self, parallel: bool = True) -> "ToolCallStream":
-        return ToolCallStream(parallel)
+        return ToolCallStream(parallel, self.fmt)
 
 
 class ToolCallStream:
@@ -207,8 +228,8 @@ class ToolCallStream:
     content, matching `extract`. Incremental: each `feed` searches only text it has not searched
     before (the block's start and end markers and each call's markers are found from cursors)."""
 
-    def __init__(self, parallel: bool = True):
-        self.parallel = parallel
+    def __init__(self, parallel: bool = True, fmt: CallFormat = V3_CALL):
+        self.parallel, self.fmt = parallel, fmt
         self.sent_content = 0
         self.sent_calls = 0
         self._begin_pos = 0  # where to look for CALLS_BEGIN next
@@ -230,7 +251,7 @@ class ToolCallStream:
                 keep = len(text) if finished else len(text) - _partial_len(text, CALLS_BEGIN)
                 return self._content(text, keep), []
             self._head, self._end_pos = i, i + len(CALLS_BEGIN)
-            self._scanner = _CallScanner(self._end_pos)
+            self._scanner = _CallScanner(self._end_pos, self.fmt)
         content = self._content(text, self._head)
         if self._block_end < 0:
             j = text.find(CALLS_END, self._end_pos)

@@ -74,15 +74,17 @@ class OpenAIServing:
         self._check_chars(len(text), param)
         return await asyncio.to_thread(self.tok.encode, text, add_bos=add_bos)
 
-    async def chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    async def chat_ids(self, messages: list[dict], add_generation_prompt: bool, **template_kw) -> list[int]:
         """Messages -> the chat template's ids, off the event loop (template text only adds characters,
-        so the characters of the messages bound the prompt from below)."""
+        so the characters of the messages bound the prompt from below). `template_kw`: what the chat
+        format reads besides the messages (V3.1: thinking, tools), passed only when set."""
         if not messages:
             raise APIError("'messages' must not be empty", param="messages")
         self._check_chars(_text_chars(messages), "messages")
         try:
+            kw = {k: v for k, v in template_kw.items() if v}
             return list(await asyncio.to_thread(self.tok.apply_chat_template, messages,
-                                                add_generation_prompt=add_generation_prompt, tokenize=True))
+                                                add_generation_prompt=add_generation_prompt, tokenize=True, **kw))
         except UserError as e:
             raise APIError(str(e), param="messages") from None
 

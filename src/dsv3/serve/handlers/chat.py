@@ -11,14 +11,33 @@ from dsv3.serve.protocol import (
     APIError, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatResponseMessage,
     ChatTokenLogprob, TopLogprob, Usage, random_id,
 )
-from dsv3.serve.reasoning import get_reasoning_parser
-from dsv3.serve.tools import ToolError, plan_tools, with_tool_prompt
+from dsv3.serve.reasoning import for_request, get_reasoning_parser
+from dsv3.serve.tools import CALL_FORMATS, ToolError, plan_tools, with_tool_prompt
+
+TEMPLATE_KWARGS = {"thinking": bool}
+"""chat_template_kwargs the chat formats read (V3.1: `thinking`); any other key is refused, not ignored."""
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, *args, reasoning_parser: str | None = None, **kw):
+    def __init__(self, *args, reasoning_parser: str | None = None, tool_call_parser: str | None = None, **kw):
         super().__init__(*args, **kw)
         self.reasoning_parser = get_reasoning_parser(reasoning_parser)
+        # the checkpoint's chat format: V3.1 renders tools and thinking itself and calls tools its own way
+        self.v31 = getattr(self.tok, "chat_format", None) == "deepseek_v31"
+        self.call_format = CALL_FORMATS[tool_call_parser or ("deepseek_v31" if self.v31 else "deepseek_v3")]
+
+    def _template_kwargs(self, req: ChatCompletionRequest) -> dict:
+        kw = dict(req.chat_template_kwargs or {})
+        for key, value in kw.items():
+            if key not in TEMPLATE_KWARGS:
+                raise APIError(f"chat_template_kwargs: {key!r} is not read by this model's chat template "
+                               f"(known: {', '.join(TEMPLATE_KWARGS)})", param="chat_template_kwargs")
+            if not isinstance(value, TEMPLATE_KWARGS[key]):
+                raise APIError(f"chat_template_kwargs.{key} must be a boolean", param="chat_template_kwargs")
+        if kw.get("thinking") and not self.v31:
+            raise APIError("chat_template_kwargs.thinking: this model's chat template (DeepSeek-V3) has no thinking "
+                           "mode (DeepSeek-V3.1 checkpoints do)", param="chat_template_kwargs")
+        return kw
 
     async def chat(self, req: ChatCompletionRequest):
         self._check_common(req)
@@ -28,9 +47,14 @@ class OpenAIServingChat(OpenAIServing):
             plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         except ToolError as e:
             raise APIError(str(e), param=e.param) from None
+        template_kw = self._template_kwargs(req)
         guided = await self.guided(req, plan.guided_json())
-        messages = with_tool_prompt([m.model_dump(exclude_none=True) for m in req.messages], plan)
-        ids = await self.chat_ids(messages, req.add_generation_prompt)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        if self.v31:  # V3.1's template describes the tools itself
+            template_kw["tools"] = plan.tools if plan.describe else None
+        else:
+            messages = with_tool_prompt(messages, plan)
+        ids = await self.chat_ids(messages, req.add_generation_prompt, **template_kw)
         prompt = Prompt(None, ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         k = (req.top_logprobs or 0) if req.logprobs else None
@@ -42,10 +66,10 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         # a grammar constrains the output from its first token: tool arguments have no reasoning part, and
         # other constrained output has one only if it opens with <think> itself (docs/serving.md)
-        reasoning = self.reasoning_parser
+        reasoning = for_request(self.reasoning_parser, bool(template_kw.get("thinking")))
         if reasoning is not None and guided is not None:
             reasoning = None if plan.guided_json() is not None else reasoning.constrained()
-        parsers = {index: ChatChoiceParser(reasoning, plan) for index, _, _ in started}
+        parsers = {index: ChatChoiceParser(reasoning, plan, self.call_format) for index, _, _ in started}
         if req.stream:
             return self._chat_stream(req, request_id, started, len(ids), k, parsers)
         return await self._chat_full(req, request_id, started, len(ids), k, parsers)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsv3.serve.tools import DeepSeekV3ToolParser, ToolPlan, calls_from_json, tool_call
+from dsv3.serve.tools import V3_CALL, CallFormat, DeepSeekV3ToolParser, ToolPlan, calls_from_json, tool_call
 
 
 class ChatChoiceParser:
-    def __init__(self, reasoning_parser, plan: ToolPlan):
+    def __init__(self, reasoning_parser, plan: ToolPlan, call_format: CallFormat = V3_CALL):
         self.reasoning = reasoning_parser
         self.plan = plan
-        self.tools = DeepSeekV3ToolParser()
+        self.tools = DeepSeekV3ToolParser(call_format)
         # streaming state
         self._rstream = reasoning_parser.stream() if reasoning_parser is not None else None
         self._tstream = self.tools.stream(plan.parallel) if plan.mode == "auto" else None
