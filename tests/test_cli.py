@@ -67,3 +67,15 @@ def test_info_table_and_set(capsys):
     assert main(["info", "--config", "tiny", "--set", "model.num_hidden_layers=2"]) == 0
     out = capsys.readouterr().out
     assert "parameters activated per token" in out and "MTP parameters" in out
+
+
+@pytest.mark.parametrize("flags", [[], ["-q"]], ids=["plain", "-q"])
+def test_pytest_prints_its_summary_line(tmp_path, flags):
+    """The project's pytest settings: `pytest` and `pytest -q` both end with the "N passed" line."""
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    (tmp_path / "test_one.py").write_text("def test_ok():\n    pass\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", *flags, "-p", "no:cacheprovider", "-c", str(pyproject),
+                        "--rootdir", str(tmp_path), str(tmp_path / "test_one.py")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "1 passed" in r.stdout.strip().splitlines()[-1], r.stdout
