@@ -79,3 +79,10 @@ def test_pytest_prints_its_summary_line(tmp_path, flags):
     r = subprocess.run([sys.executable, "-m", "pytest", *flags, "-p", "no:cacheprovider", "-c", str(pyproject),
                         "--rootdir", str(tmp_path), str(tmp_path / "test_one.py")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "1 passed" in r.stdout.strip().splitlines()[-1], r.stdout
+
+
+def test_version():
+    import dsv3
+
+    out = subprocess.run([sys.executable, "-m", "dsv3", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"dsv3 {dsv3.__version__}", (out.stdout, out.stderr)

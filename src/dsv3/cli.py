@@ -40,7 +40,10 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def build_parser(verbs: dict[str, tuple[str, str]], only: str | None = None) -> argparse.ArgumentParser:
+    from dsv3 import __version__
+
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
+    parser.add_argument("--version", action="version", version=f"dsv3 {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
     for verb, (mod, help_) in verbs.items():
         p = sub.add_parser(verb, help=help_, description=help_)
