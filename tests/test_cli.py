@@ -86,3 +86,18 @@ def test_version():
 
     out = subprocess.run([sys.executable, "-m", "dsv3", "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == f"dsv3 {dsv3.__version__}", (out.stdout, out.stderr)
+
+
+@pytest.mark.parametrize("value,expect", [
+    ("/no/such/ckpt", "{y}: load_checkpoint /no/such/ckpt: no such checkpoint directory"),
+    ("[a, b]", "{y}: load_checkpoint is a list, expected a path (the checkpoint directory or file)"),
+], ids=["missing-dir", "not-a-path"])
+def test_predict_yaml_bad_load_checkpoint_names_the_key_and_file(tmp_path, value, expect):
+    """`dsv3 generate --config predict.yaml`: a bad load_checkpoint is reported as that YAML key of that
+    file (it was reported as --model, which the user never passed), in one line."""
+    y = tmp_path / "predict.yaml"
+    y.write_text(f"load_checkpoint: {value}\nseed: 0\n")
+    r = subprocess.run([sys.executable, "-m", "dsv3", "generate", "--config", str(y), "--input", "hi"],
+                       capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0] == f"dsv3 generate: error: {expect.format(y=y)}", r.stderr
