@@ -169,3 +169,24 @@ def test_convert_cli_says_what_it_converted(good, tmp_path):
     biases = sum("e_score_correction_bias" in n for n in CheckpointReader(good).meta)
     assert written["bfloat16"] and written["float32"] == biases > 0  # the router biases stay fp32
     assert re.search(rf", {nbytes / 1e3:.3g} kB, in \d+\.\d s$", out), (out, nbytes)
+
+
+def test_save_pretrained_writes_the_tokenizer(tiny_tok_ckpt, tmp_path):
+    """`model.save_pretrained(dir)` ships the tokenizer, as `dsv3 train`'s export does: by default the
+    one of the directory the model was loaded from; `tokenizer=` names another; None writes none."""
+    from dsv3.data.tokenizer import load_tokenizer, resolve_tokenizer
+    from dsv3.model.transformer import Transformer
+
+    model = dsv3.from_pretrained(tiny_tok_ckpt, dtype="float32")
+    model.save_pretrained(tmp_path / "auto")
+    assert (tmp_path / "auto" / "tokenizer.json").read_bytes() == (tiny_tok_ckpt / "tokenizer.json").read_bytes()
+    assert resolve_tokenizer(None, tmp_path / "auto").encode("hello world") == load_tokenizer(tiny_tok_ckpt).encode("hello world")
+
+    fresh = Transformer(model.config)  # built in Python: nothing to copy unless told
+    fresh.save_pretrained(tmp_path / "none-known")
+    assert not list((tmp_path / "none-known").glob("tokenizer*"))
+    fresh.save_pretrained(tmp_path / "given", tokenizer=tiny_tok_ckpt / "tokenizer.json")
+    conf = json.loads((tmp_path / "given" / "tokenizer_config.json").read_text())
+    assert (tmp_path / "given" / "tokenizer.json").is_file() and "chat_template" in conf
+    model.save_pretrained(tmp_path / "off", tokenizer=None)
+    assert not list((tmp_path / "off").glob("tokenizer*"))
