@@ -67,3 +67,37 @@ def test_info_table_and_set(capsys):
     assert main(["info", "--config", "tiny", "--set", "model.num_hidden_layers=2"]) == 0
     out = capsys.readouterr().out
     assert "parameters activated per token" in out and "MTP parameters" in out
+
+
+@pytest.mark.parametrize("flags", [[], ["-q"]], ids=["plain", "-q"])
+def test_pytest_prints_its_summary_line(tmp_path, flags):
+    """The project's pytest settings: `pytest` and `pytest -q` both end with the "N passed" line."""
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    (tmp_path / "test_one.py").write_text("def test_ok():\n    pass\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", *flags, "-p", "no:cacheprovider", "-c", str(pyproject),
+                        "--rootdir", str(tmp_path), str(tmp_path / "test_one.py")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "1 passed" in r.stdout.strip().splitlines()[-1], r.stdout
+
+
+def test_version():
+    import dsv3
+
+    out = subprocess.run([sys.executable, "-m", "dsv3", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"dsv3 {dsv3.__version__}", (out.stdout, out.stderr)
+
+
+@pytest.mark.parametrize("value,expect", [
+    ("/no/such/ckpt", "{y}: load_checkpoint /no/such/ckpt: no such checkpoint directory"),
+    ("[a, b]", "{y}: load_checkpoint is a list, expected a path (the checkpoint directory or file)"),
+], ids=["missing-dir", "not-a-path"])
+def test_predict_yaml_bad_load_checkpoint_names_the_key_and_file(tmp_path, value, expect):
+    """`dsv3 generate --config predict.yaml`: a bad load_checkpoint is reported as that YAML key of that
+    file (it was reported as --model, which the user never passed), in one line."""
+    y = tmp_path / "predict.yaml"
+    y.write_text(f"load_checkpoint: {value}\nseed: 0\n")
+    r = subprocess.run([sys.executable, "-m", "dsv3", "generate", "--config", str(y), "--input", "hi"],
+                       capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0] == f"dsv3 generate: error: {expect.format(y=y)}", r.stderr

@@ -43,9 +43,10 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def build_parser(verbs: dict[str, tuple[str, str]], only: str | None = None) -> argparse.ArgumentParser:
-    from dsv3 import threads
+    from dsv3 import __version__, threads
 
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
+    parser.add_argument("--version", action="version", version=f"dsv3 {__version__}")
     threads.add_argument(parser, dest="threads_global")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
     for verb, (mod, help_) in verbs.items():

@@ -137,3 +137,56 @@ def test_mtp_loading_choices(tmp_path):
     make_hf_checkpoint(tmp_path / "declared", num_nextn_predict_layers=1)
     with pytest.warns(UserWarning, match="no MTP weights"):
         assert dsv3.from_pretrained(tmp_path / "declared").config.num_nextn_predict_layers == 0
+
+
+def test_convert_cli_says_what_it_converted(good, tmp_path):
+    """`dsv3 convert` prints tensors by dtype read and written, shards, bytes and time (it printed only
+    "wrote DIR"); every figure equals what the output files hold."""
+    import re
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    dst = tmp_path / "bf16"
+    r = subprocess.run([sys.executable, "-m", "dsv3", "convert", str(good), str(dst), "--dtype", "bfloat16",
+                        "--max-shard-size", "60KB"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    shards = sorted(dst.glob("*.safetensors"))
+    written, nbytes = Counter(), 0
+    for f in shards:
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                t = sf.get_tensor(k)
+                written[str(t.dtype).removeprefix("torch.")] += 1
+                nbytes += t.numel() * t.element_size()
+    n_src = len(CheckpointReader(good).meta)
+    out = r.stdout.strip()
+    assert out.startswith(f"converted {good}: {n_src:,} tensors ("), out
+    listed = ", ".join(f"{k} x {v:,}" for k, v in written.most_common())
+    assert f" -> {dst} (hf): {sum(written.values()):,} tensors ({listed}), {len(shards)} shards, " in out, out
+    biases = sum("e_score_correction_bias" in n for n in CheckpointReader(good).meta)
+    assert written["bfloat16"] and written["float32"] == biases > 0  # the router biases stay fp32
+    assert re.search(rf", {nbytes / 1e3:.3g} kB, in \d+\.\d s$", out), (out, nbytes)
+
+
+def test_save_pretrained_writes_the_tokenizer(tiny_tok_ckpt, tmp_path):
+    """`model.save_pretrained(dir)` ships the tokenizer, as `dsv3 train`'s export does: by default the
+    one of the directory the model was loaded from; `tokenizer=` names another; None writes none."""
+    from dsv3.data.tokenizer import load_tokenizer, resolve_tokenizer
+    from dsv3.model.transformer import Transformer
+
+    model = dsv3.from_pretrained(tiny_tok_ckpt, dtype="float32")
+    model.save_pretrained(tmp_path / "auto")
+    assert (tmp_path / "auto" / "tokenizer.json").read_bytes() == (tiny_tok_ckpt / "tokenizer.json").read_bytes()
+    assert resolve_tokenizer(None, tmp_path / "auto").encode("hello world") == load_tokenizer(tiny_tok_ckpt).encode("hello world")
+
+    fresh = Transformer(model.config)  # built in Python: nothing to copy unless told
+    fresh.save_pretrained(tmp_path / "none-known")
+    assert not list((tmp_path / "none-known").glob("tokenizer*"))
+    fresh.save_pretrained(tmp_path / "given", tokenizer=tiny_tok_ckpt / "tokenizer.json")
+    conf = json.loads((tmp_path / "given" / "tokenizer_config.json").read_text())
+    assert (tmp_path / "given" / "tokenizer.json").is_file() and "chat_template" in conf
+    model.save_pretrained(tmp_path / "off", tokenizer=None)
+    assert not list((tmp_path / "off").glob("tokenizer*"))

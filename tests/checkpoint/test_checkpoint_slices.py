@@ -74,10 +74,12 @@ def test_init_from_fp8_is_its_dequantisation(good, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_init_from_a_dcp_checkpoint(good, tmp_path, tiny_config):
-    """A distributed run's step-N (DCP + config.resolved.yaml), read in one process: its weights."""
+    """A distributed run's step-N (DCP + trainer_state.pt + config.resolved.yaml + manifest, as
+    `dsv3 train` writes it), read in one process: its weights."""
     from dsv3.config.load import dump_yaml, to_dict
     from dsv3.config.train import run_config_from_dict
     from dsv3.parallel import dcp as pdcp
+    from dsv3.train.checkpoint import write_manifest
     from dsv3.train.init_from import load_init_weights
 
     cfg = dataclasses.replace(load_dir_config(good)[0], num_nextn_predict_layers=0)
@@ -85,6 +87,8 @@ def test_init_from_a_dcp_checkpoint(good, tmp_path, tiny_config):
     step = tmp_path / "run" / "checkpoint" / "step-3"
     pdcp.save(step, [src])
     dump_yaml(run_config_from_dict({"model": to_dict(cfg)}), step / "config.resolved.yaml")
+    torch.save({"step": 3}, step / "trainer_state.pt")
+    write_manifest(step, 3)
     model = load_init_weights(cfg, tmp_path / "run", "cpu")  # the run directory -> its latest checkpoint
     ref, got = src.state_dict(), model.state_dict()
     assert all(torch.equal(got[k], ref[k]) for k in ref)

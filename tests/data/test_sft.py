@@ -78,6 +78,44 @@ def test_bad_records_one_line_nothing_written(tokenizer_dir, tmp_path, capsys, r
     assert sorted(p.name for p in tmp_path.iterdir()) == [f.name]  # nothing half-written
 
 
+_S = '"\\ud800"'  # a JSON string holding a lone surrogate
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("name,text,expect", [
+    ("out.jsonl", '{"instruction": "a", "output": %s}\n' % _S, "line 1: field output holds a lone surrogate ('\\ud800')"),
+    ("sys.json", '[{"instruction": "a", "output": "b"},\n {"instruction": "a", "system": %s, "output": "b"}]' % _S,
+     "line 2: field system holds a lone surrogate"),
+    ("chat.jsonl", '{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}, '
+     '{"role": "assistant", "content": "b"}]}\n' % _S, "line 1: field messages[0].content[0].text holds a lone surrogate"),
+    ("args.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"type": "function", '
+     '"function": {"name": "f", "arguments": {"k": %s}}}]}]}\n' % _S,
+     "line 1: field messages[1].tool_calls[0].function.arguments.k holds a lone surrogate"),
+    ("key.jsonl", '{%s: 1, "instruction": "a", "output": "b"}\n' % _S, "line 1: a key of the record holds a lone surrogate"),
+    ("deep.jsonl", '{"instruction": "a", "output": "b"}\n' + _DEEP + "\n", "line 2: JSON nested too deeply"),
+    ("deep.json", "[\n" + _DEEP + "]", "line 2: JSON nested too deeply"),
+], ids=["output", "system", "content-part", "tool-arguments", "key", "deep-jsonl", "deep-json"])
+def test_hostile_json_one_line_nothing_written(tokenizer_dir, tmp_path, capsys, name, text, expect):
+    """Lone surrogates (any field, keys too) and 100k-deep nesting: one line naming file, line and
+    field, never a traceback (issue 25 S7)."""
+    f = tmp_path / name
+    f.write_text(text, encoding="utf-8")
+    rc = main(["preprocess", "--dataset-type", "chat" if "messages" in text else "qa", "--input", str(f),
+               "--output-prefix", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and f"{f}: {expect}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f.name]  # nothing half-written
+
+
+@pytest.mark.parametrize("array", [False, True], ids=["jsonl", "json"])
+def test_utf8_bom_is_skipped(tokenizer, tmp_path, array):
+    plain = _write(tmp_path / f"plain.{'json' if array else 'jsonl'}", QA, array)
+    bom = tmp_path / f"bom{plain.suffix}"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    got, want = list(encode_file(bom, tokenizer)), list(encode_file(plain, tokenizer))
+    assert len(got) == 2 and all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(got, want))
+
+
 def test_bad_json_names_the_line(tokenizer, tmp_path):
     f = tmp_path / "x.jsonl"
     f.write_text(json.dumps(QA[0]) + "\n{oops\n", encoding="utf-8")

@@ -62,7 +62,7 @@ def test_seed_layout_8_processes(runs):
     assert max(abs(a - b) for a, b in zip(got, ref)) <= TOL, (got, ref)
     logs = sorted(p.name for p in (runs / "log-seed").glob("worker_*.log"))
     assert logs == [f"worker_{r}.log" for r in range(8)]
-    assert "step 4 | loss" in (runs / "log-seed" / "worker_7.log").read_text()  # the last stage's log, as in the seed
+    assert "step 4/4 | loss" in (runs / "log-seed" / "worker_7.log").read_text()  # the last stage's log, as in the seed
     # evaluation under dp2 mp2 pp2 ep2 (the pipeline's forward-only pass) equals one process's
     vref, vgot = valid_losses(runs / "seedref"), valid_losses(runs / "seed")
     assert sorted(vgot) == sorted(vref) == [0, 2, 4]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import yaml
 
 from dsv3.cli import main as cli_main
@@ -61,3 +62,31 @@ def test_pruning_keeps_the_new_checkpoint_below_a_skipped_newer_one(tmp_path):
         (root / f"step-{s}").mkdir(parents=True)
     checkpoint.prune(root, keep_last=1, step=6)
     assert [s for s, _ in checkpoint.list_checkpoints(root)] == [6, 99]
+
+
+def _list_only_config(step_dir):
+    m = json.loads((step_dir / checkpoint.MANIFEST).read_text())
+    m["files"] = {"config.resolved.yaml": m["files"]["config.resolved.yaml"]}
+    (step_dir / checkpoint.MANIFEST).write_text(json.dumps(m))
+    return "model.safetensors, optimizer.pt, trainer_state.pt not listed in manifest.json"
+
+
+def _add_unlisted_file(step_dir):
+    (step_dir / "extra.pt").write_bytes(b"not written by dsv3")
+    return "extra.pt not listed in manifest.json"
+
+
+@pytest.mark.parametrize("tamper", [_list_only_config, _add_unlisted_file], ids=["partial-manifest", "unlisted-file"])
+def test_manifest_must_cover_every_file(reference, tmp_path, capsys, tamper):
+    """A manifest listing only some files (the others then never checked), or a file it does not
+    list, fails verification: `--resume` says so in one line and takes step-3."""
+    run = tmp_path / "run"
+    conf = _copy_run(reference, run)
+    root = checkpoint.checkpoint_root(run)
+    why = tamper(root / "step-6")
+    assert checkpoint.verify_checkpoint(root / "step-6") == f"fails verification ({why})"
+    rc = cli_main(["train", "--config", str(conf), "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0, err
+    assert [ln for ln in err if "verif" in ln] == [
+        f"checkpoint step-6 fails verification ({why}): resuming from step-3, the newest one that verifies"]

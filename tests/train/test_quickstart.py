@@ -70,3 +70,14 @@ def test_quickstart_with_the_packaged_tokenizer_only(data_dir, tmp_path, capsys,
     # the exported folder is self-contained: `dsv3 generate --model hf` finds the tokenizer there
     monkeypatch.setenv("DSV3_TOKENIZER", str(tmp_path / "nonexistent.json"))
     assert cli_main(["generate", "--model", str(hf), "--input", "hi", "--max-tokens", "2", "--ignore-eos", "--quiet"]) == 0
+
+
+def test_dsv3_data_dir_pointing_nowhere_is_one_line(tmp_path, capsys, monkeypatch):
+    """`DSV3_DATA_DIR` set to a missing folder is named in one line (it was skipped silently: the
+    run went on to the download cache or a download)."""
+    missing = tmp_path / "no-such-folder"
+    monkeypatch.setenv("DSV3_DATA_DIR", str(missing))
+    rc = cli_main(["quickstart", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"DSV3_DATA_DIR={missing}: no such folder" in err[0], err
+    assert not (tmp_path / "out").exists()

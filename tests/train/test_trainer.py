@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,3 +191,22 @@ def test_bad_input_gives_one_line_and_loses_nothing(reference, wiki_prefix, tmp_
     assert "step-6 fails verification (model.safetensors is" in err[0] and "step-3 is incomplete (optimizer.pt is missing)" in err[0]
     assert (run / "metrics.jsonl").read_bytes() == metrics_before and w.is_file()
     assert snapshot == {p: p.stat().st_mtime_ns for p in old.rglob("*")}
+
+
+def test_log_lines_show_step_of_total_and_eta_and_layers_are_named(wiki_prefix, tmp_path, capsys):
+    """`dsv3 train`: every log line reads "step N/total ... | ETA H:MM:SS"; the expert load is recorded
+    per named MoE layer, the MTP block's as "MTP 0" (the plot once called it "MoE layer 1")."""
+    from dsv3.config.load import dump_yaml
+    from dsv3.train.plot import expert_load_series
+
+    cfg = small_run(wiki_prefix, tmp_path / "out", train={"steps": 3}, checkpoint={"save_steps": 0, "save_at_end": False})
+    conf = tmp_path / "run.yaml"
+    dump_yaml(cfg, conf)
+    rc, err = _run_cli(capsys, "--config", str(conf))
+    assert rc == 0, err
+    lines = [ln for ln in err if ln.startswith("step ") and "loss" in ln and "valid" not in ln]
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 1/3", "step 2/3", "step 3/3"], err
+    assert all(re.search(r" \| ETA \d+:\d\d:\d\d$", ln) for ln in lines) and lines[-1].endswith("ETA 0:00:00"), lines
+    recs = [r for r in read_metrics(tmp_path / "out") if r.get("kind") == "train"]
+    assert recs[-1]["expert_load_layers"] == ["layer 1", "MTP 0"]  # first_k_dense_replace 1 of 2 layers, one MTP block
+    assert [label for label, _ in expert_load_series(recs)] == ["layer 1", "MTP 0"]

@@ -11,7 +11,8 @@ per-expert names (FP8 with `weight_scale_inv` block scales, or bf16/fp32), trans
 experts, or ours -- including a `dsv3 train` checkpoint (`OUTPUT/checkpoint/step-N`: model.safetensors
 in our layout plus config.resolved.yaml, whose `model:` section becomes config.json). FP8 weights
 are dequantised with the pure-torch `fp8.weight_dequant`, needing no GPU and about one shard of
-memory (plus, for `--to dsv3`, one layer's experts). config.json is rewritten consistently: `quantization_config` removed, `torch_dtype` set (transformers otherwise
+memory (plus, for `--to dsv3`, one layer's experts). It ends with one line: the tensors read and
+written by dtype, the shards, bytes and seconds (`ConvertResult.describe`). config.json is rewritten consistently: `quantization_config` removed, `torch_dtype` set (transformers otherwise
 still treats a dequantised checkpoint as FP8, `inference.md` §i-2). The output is written to a
 temporary directory and renamed into place.
 """
@@ -22,7 +23,10 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -109,6 +113,7 @@ class ShardWriter:
         self.dir, self.max_bytes = directory, max_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.size, self.files, self.weight_map, self.total = 0, [], {}, 0
+        self.dtypes: Counter[str] = Counter()  # tensors written, by dtype
 
     def add(self, name: str, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()
@@ -121,6 +126,7 @@ class ShardWriter:
             t = t.clone()
         self.pending[name] = t
         self.size += nbytes
+        self.dtypes[str(t.dtype).removeprefix("torch.")] += 1
 
     def _overlaps(self, t: torch.Tensor) -> bool:
         """Whether `t`'s bytes overlap a pending tensor's (tied weights read twice share storage)."""
@@ -153,6 +159,29 @@ class ShardWriter:
             (self.dir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": wm}, indent=2) + "\n")
 
 
+@dataclass(frozen=True)
+class ConvertResult:
+    """What `convert` read and wrote (`describe()`: the line `dsv3 convert` prints)."""
+
+    src: Path
+    dst: Path
+    layout: str  # "hf", "dsv3", or the quantisation method
+    source_dtypes: Counter  # tensors read, by safetensors dtype
+    dtypes: Counter  # tensors written, by torch dtype
+    shards: int
+    bytes: int
+    seconds: float
+
+    def describe(self) -> str:
+        def counts(c: Counter) -> str:
+            return f"{sum(c.values()):,} tensors (" + ", ".join(f"{k} x {v:,}" for k, v in c.most_common()) + ")"
+
+        div, unit = next(((d, u) for d, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")) if self.bytes >= d), (1, "bytes"))
+        size = f"{self.bytes / div:.3g} {unit}"
+        return (f"converted {self.src}: {counts(self.source_dtypes)} -> {self.dst} ({self.layout}): {counts(self.dtypes)}, "
+                f"{self.shards} shard{'s' if self.shards != 1 else ''}, {size}, in {self.seconds:.1f} s")
+
+
 def fix_config(hf: dict, dtype: torch.dtype | None, fallback: str) -> dict:
     """config.json for the converted weights: no quantization_config, the real storage dtype."""
     out = {k: v for k, v in hf.items() if k != "quantization_config"}
@@ -181,8 +210,9 @@ def quantize_stream(stream: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig
 
 
 def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None = None, max_shard_size: str | int = "5GB",
-            quantize: str | None = None, scale_fmt: str | None = None) -> Path:
-    """Convert checkpoint directory `src` into `dst` (see the module docstring). Returns `dst`.
+            quantize: str | None = None, scale_fmt: str | None = None) -> ConvertResult:
+    """Convert checkpoint directory `src` into `dst` (see the module docstring). Returns what was
+    read and written (tensors by dtype, shards, bytes, time).
 
     to="fp8" (same as quantize="fp8"): DeepSeek's FP8 format (e4m3 weights, 128x128 block scales;
     embedding, lm_head, norms, router and MTP eh_proj kept, in bf16 unless `dtype`). quantize="w8a8" |
@@ -198,6 +228,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
         raise UserError(f"--scale-fmt {scale_fmt} applies to FP8 output only (add --to fp8)")
     if quantize is not None and quantize not in ("fp8", "w8a8", "int8"):
         raise UserError(f"--quantize {quantize!r}: expected fp8, w8a8 or int8 (int4 is applied at load: --quantization int4)")
+    t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"output directory {dst} exists and is not empty")
@@ -242,5 +273,6 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
         raise
     finally:
         reader.close()
-    return dst
+    return ConvertResult(src, dst, quantize or to, Counter(d for _, _, d in reader.meta.values()), writer.dtypes,
+                         len(writer.files), writer.total, time.perf_counter() - t0)
 

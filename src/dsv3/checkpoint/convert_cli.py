@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsv3.checkpoint.convert import convert
 
-    out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size, quantize=args.quantize,
-                  scale_fmt=None if args.scale_fmt == "float" else args.scale_fmt)
-    print(f"wrote {out}")
+    result = convert(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size, quantize=args.quantize,
+                     scale_fmt=None if args.scale_fmt == "float" else args.scale_fmt)
+    print(result.describe())
     return 0

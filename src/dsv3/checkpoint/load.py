@@ -232,6 +232,7 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
         reader.close()
     model.init_non_persistent_buffers(device)
     model.config = dataclasses.replace(cfg, torch_dtype=str(torch_dtype).replace("torch.", ""))
+    model.name_or_path = str(path)  # as transformers records it: save_pretrained copies this directory's tokenizer
     if post is not None:
         from dsv3.quant import quantize_model
 

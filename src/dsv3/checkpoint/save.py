@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -100,11 +100,43 @@ def _install(tmp: Path, dest: Path) -> None:
     tmp.rmdir()
 
 
-def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB", mtp_copies: bool = True) -> Path:
-    """Write `model` as an HF-format directory (config.json, safetensors shards, index).
+SIDE_FILES = ("tokenizer.json", "tokenizer.json.xz", "tokenizer_config.json", "special_tokens_map.json",
+                        "generation_config.json")
+"""Files `tokenizer="auto"` copies from the directory the model was loaded from."""
+
+
+def _write_tokenizer(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """The tokenizer files of an HF directory being written (see `save_pretrained`)."""
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, str) and tokenizer == "auto":
+        src = getattr(model, "name_or_path", None)
+        for name in SIDE_FILES if src is not None else ():
+            if (Path(src) / name).is_file():
+                shutil.copy2(Path(src) / name, directory / name)
+        return
+    from dsv3.data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    if isinstance(tok, Tokenizer):
+        save_tokenizer(tok, directory)
+    elif callable(getattr(tok, "save_pretrained", None)):  # a transformers tokenizer
+        tok.save_pretrained(str(directory))
+    else:
+        raise TypeError(f"tokenizer must be 'auto', None, a path, a dsv3 Tokenizer or have save_pretrained(); got {type(tok).__name__}")
+
+
+def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB", mtp_copies: bool = True,
+                    tokenizer: Any = "auto") -> Path:
+    """Write `model` as an HF-format directory (config.json, safetensors shards, index, tokenizer).
 
     Tensors keep their dtypes (the router bias stays fp32). `mtp_copies` writes the MTP layer's
-    copies of the embedding and head that the hub format carries. Returns the directory.
+    copies of the embedding and head that the hub format carries. `tokenizer`: "auto" copies the
+    tokenizer files of the directory the model was loaded from (`from_pretrained` records it as
+    `model.name_or_path`; a model built in Python has none, so none is written); a path or a
+    tokenizer object (`dsv3.data.tokenizer.Tokenizer`, or one with `save_pretrained`, e.g.
+    transformers') writes that one, as `dsv3 train`'s export does; None writes no tokenizer.
+    Everything is written to a temporary directory first. Returns the directory.
     """
     from safetensors.torch import save_file
 
@@ -134,6 +166,7 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | st
         dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
         hf = to_hf_dict(dataclasses.replace(cfg, torch_dtype=dtype))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        _write_tokenizer(model, tokenizer, tmp)
         _install(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

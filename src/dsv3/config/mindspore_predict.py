@@ -39,6 +39,8 @@ def predict_settings(data: dict, source: str = "config", quiet: bool = False) ->
         out["repetition_penalty"] = float(mc["repetition_penalty"])
     if not out["model"]:
         raise UserError(f"{source}: no load_checkpoint (the checkpoint directory or file)")
+    if not isinstance(out["model"], str):
+        raise UserError(f"{source}: load_checkpoint is a {type(out['model']).__name__}, expected a path (the checkpoint directory or file)")
     if mc.get("quantization_config"):  # applied by `dsv3 generate` (dsv3.quant.QuantConfig.from_mindformers)
         out["quantization_config"] = mc["quantization_config"]
     used = {"model.model_config.quantization_config", "load_checkpoint", "seed", "processor.tokenizer.tokenizer_file", "processor.tokenizer.vocab_file",

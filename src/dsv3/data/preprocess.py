@@ -147,16 +147,15 @@ def encode_items(tok, spec: EncodeSpec, items: list[tuple[int, str]]) -> dict[st
     out = {}
     for k, docs in texts.items():
         ids = encode_bounded(tok, docs, spec.max_doc_chars)
+        docs.clear()  # the texts are no longer needed while the ids are assembled
+        bos = np.asarray([tok.bos_id] if spec.add_bos else [], np.int32)
+        eod = np.asarray([tok.eod_id] if spec.append_eod else [], np.int32)
         pieces, lengths = [], np.zeros(len(ids), np.int64)
         for j, doc in enumerate(ids):
-            if not doc:
+            if not len(doc):
                 continue  # empty text: no BOS/EOD either, the document is dropped
-            if spec.add_bos:
-                doc = [tok.bos_id, *doc]
-            if spec.append_eod:
-                doc = [*doc, tok.eod_id]
-            pieces.append(np.asarray(doc, np.int32))
-            lengths[j] = len(doc)
+            pieces += [bos, doc, eod]
+            lengths[j] = len(bos) + len(doc) + len(eod)
         out[k] = (np.concatenate(pieces) if pieces else np.zeros(0, np.int32), lengths)
     return out
 

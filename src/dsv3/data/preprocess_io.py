@@ -7,16 +7,17 @@ document pieces, one-line errors, and no `.PREFIX.tmp-PID.*` file left behind.
 * `stream_lines(path)` yields (line number, bytes) one line at a time (`.xz` decompressed on the
   fly): memory holds one line, not the file. A truncated or corrupt `.xz` is a one-line UserError
   naming the file and the line reached.
-* `split_long(text, max_chars)` cuts a document longer than `max_chars` characters into pieces of
+* `iter_pieces(text, max_chars)` (`split_long`: as a list) cuts a document longer than `max_chars` characters into pieces of
   at most `max_chars`, each cut just before a single space that follows a non-space character and
   precedes one. The DeepSeek-V3 pre-tokenizer always starts a pre-token at such a space (its
   patterns can begin with a space but never contain one after another character), so encoding the
   pieces and concatenating the ids gives exactly the ids of the whole document; the tokenizer's
   memory is bounded by the piece. A piece with no such space in it (e.g. a long run of CJK text)
   is cut at `max_chars` hard; only there may the ids differ from an unsplit encode.
-* The bound: peak memory is about the tokenizer itself + ~10 bytes per character of the longest
-  input line + per worker one work item and the tokenizer's working set for one piece (~15 MB at
-  the default 100,000 characters), whatever the file or document size (docs/data.md).
+* The bound: peak memory is about the tokenizer itself + a few bytes per character of the longest
+  input line (its bytes, its text, the JSON value, and its ids as int32 arrays, never as Python
+  lists) + per worker one work item and the tokenizer's working set for one piece (~15 MB at the
+  default 100,000 characters), whatever the file or document size (docs/data.md).
 * `text_problem(text)` finds lone surrogates (`"\\ud800"` in JSON), which are not Unicode text.
 * `sigterm_exits()` turns SIGTERM into SystemExit so the caller's cleanup runs;
   `remove_stale_temps(prefix)` deletes temp files of earlier runs whose process is gone.
@@ -33,6 +34,8 @@ import threading
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+import numpy as np
 
 from dsv3.errors import UserError
 
@@ -56,12 +59,10 @@ def stream_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise UserError(f"{path}: truncated or corrupt .xz after line {line_no} ({e})") from None
 
 
-def split_long(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+def iter_pieces(text: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[str]:
     """`text` as pieces of at most `max_chars` characters, cut before a space where one allows it
-    (see the module docstring); a text within the bound is returned whole."""
-    if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
+    (see the module docstring), one at a time; a text within the bound comes whole."""
+    start = 0
     while len(text) - start > max_chars:
         window_end = start + max_chars
         cut = None
@@ -69,18 +70,28 @@ def split_long(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
             cut = m.start()  # the last allowed space inside the window
         if cut is None or cut <= start:
             cut = window_end
-        pieces.append(text[start:cut])
+        yield text[start:cut]
         start = cut
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:] if start else text
 
 
-def encode_bounded(tok, docs: list[str], max_chars: int) -> list[list[int]]:
-    """`tok.encode_batch(docs)`, with documents longer than `max_chars` encoded piece by piece (and
-    their ids concatenated) so the tokenizer never sees more than `max_chars` characters at once."""
+def split_long(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """The pieces of `iter_pieces` as a list."""
+    return list(iter_pieces(text, max_chars))
+
+
+def encode_bounded(tok, docs: list[str], max_chars: int) -> list[np.ndarray]:
+    """The ids of each document as an int32 array: `tok.encode_batch(docs)`, with documents longer
+    than `max_chars` encoded piece by piece, each piece's ids made an array at once (a Python list
+    of ids costs ~36 bytes a token, an array 4), so the tokenizer never sees more than `max_chars`
+    characters and a long document costs ~2 arrays of its ids, not lists."""
     if all(len(d) <= max_chars for d in docs):
-        return tok.encode_batch(docs)
-    return [[i for piece in split_long(d, max_chars) for i in tok.encode_batch([piece])[0]] for d in docs]
+        return [np.asarray(ids, np.int32) for ids in tok.encode_batch(docs)]
+    out = []
+    for d in docs:
+        parts = [np.asarray(tok.encode_batch([piece])[0], np.int32) for piece in iter_pieces(d, max_chars)]
+        out.append(np.concatenate(parts) if len(parts) > 1 else parts[0])
+    return out
 
 
 def ordered_bounded(pool, fn: Callable, work: Iterable, window: int) -> Iterator:

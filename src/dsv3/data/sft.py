@@ -27,7 +27,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -39,6 +39,37 @@ IDS_SUFFIX, MASK_SUFFIX = "_input_ids", "_loss_mask"
 
 
 # ---------------------------------------------------------------------------------------- reading
+def _lone_surrogate(obj: Any) -> tuple[str, str] | None:
+    """(where, the surrogate) of the first string (value or key) in `obj` holding a lone UTF-16
+    surrogate (JSON allows the escape `\\ud800`; no tokenizer can encode it). Iterative: any depth."""
+    stack: list[tuple[str, bool, Any]] = [("", False, obj)]  # (field path, is a key, value)
+    while stack:
+        field, key, v = stack.pop()
+        if isinstance(v, dict):
+            for k, x in reversed(v.items()):
+                stack += [(f"{field}.{k}" if field else str(k), False, x), (field, True, k)]
+        elif isinstance(v, list):
+            stack += [(f"{field}[{i}]", False, x) for i, x in reversed(list(enumerate(v)))]
+        elif isinstance(v, str) and (bad := next((c for c in v if "\ud800" <= c <= "\udfff"), None)) is not None:
+            where = f"field {field}" if field else "the record"
+            return (f"a key of {where}" if key else where), bad
+    return None
+
+
+def _decoded(decode: Callable[[], Any], path: Path, line: int, line_of: Callable[[int], int]):
+    """`decode()`, a JSON decode of the record starting on `line` (`line_of` maps an error position
+    to its line), with nesting beyond the parser's depth and lone surrogates refused in one line each."""
+    try:
+        out = decode()
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {line_of(e.pos)}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: line {line}: JSON nested too deeply (over {sys.getrecursionlimit()} levels)") from None
+    if (bad := _lone_surrogate(out[0] if isinstance(out, tuple) else out)) is not None:
+        raise UserError(f"{path}: line {line}: {bad[0]} holds a lone surrogate ({ascii(bad[1])}), which is not valid Unicode")
+    return out
+
+
 def _json_array(text: str, path: Path) -> Iterator[tuple[int, Any]]:
     """Elements of a top-level JSON array with the line each starts on."""
     dec = json.JSONDecoder()
@@ -52,20 +83,18 @@ def _json_array(text: str, path: Path) -> Iterator[tuple[int, Any]]:
         if text[i] == "]":
             return
         line = text.count("\n", 0, i) + 1
-        try:
-            obj, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {text.count(chr(10), 0, e.pos) + 1}: not valid JSON ({e.msg})") from None
+        obj, i = _decoded(lambda: dec.raw_decode(text, i), path, line, lambda pos: text.count("\n", 0, pos) + 1)
         yield line, obj
 
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line number, record) of a `.json` array or a JSON-lines file (blank lines skipped)."""
+    """(line number, record) of a `.json` array or a JSON-lines file (blank lines skipped; a UTF-8
+    byte-order mark at the start skipped)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: SFT data file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
     if text.lstrip().startswith("["):
@@ -74,10 +103,7 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     for no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            yield no, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {no}: not valid JSON ({e.msg})") from None
+        yield no, _decoded(lambda: json.loads(line), path, no, lambda pos: no)
 
 
 def detect_format(record: Any) -> str | None:

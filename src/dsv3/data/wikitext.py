@@ -44,9 +44,10 @@ def find_wikitext(path: str | os.PathLike | None = None, urls: tuple[str, ...] =
                   cache_dir: Path | None = None) -> Path:
     """Directory holding `wiki.train.tokens[.xz]` (and `wiki.valid.tokens[.xz]`).
 
-    Looks at `path`, then `$DSV3_DATA_DIR` (the folder itself or its `wikitext-2/`), then the
-    download cache; otherwise downloads `wikitext-2-v1.zip` from `urls`, checks each file's sha256
-    and keeps it in the cache. Offline with nothing local -> UserError saying what to provide.
+    Looks at `path`, then `$DSV3_DATA_DIR` (the folder itself or its `wikitext-2/`; when set, it
+    must hold the files: a missing folder is an error, not skipped), then the download cache;
+    otherwise downloads `wikitext-2-v1.zip` from `urls`, checks each file's sha256 and keeps it in
+    the cache. Offline with nothing local -> UserError saying what to provide.
     """
     if path is not None:
         p = Path(path)
@@ -59,6 +60,8 @@ def find_wikitext(path: str | os.PathLike | None = None, urls: tuple[str, ...] =
         for cand in (Path(env) / "wikitext-2", Path(env)):
             if cand.is_dir() and _has_train(cand):
                 return cand
+        what = "no wiki.train.tokens[.xz] there or in its wikitext-2/" if Path(env).is_dir() else "no such folder"
+        raise UserError(f"DSV3_DATA_DIR={env}: {what} (point it to the folder holding wikitext-2/, or unset it)")
     cache = Path(cache_dir) if cache_dir is not None else CACHE_DIR
     if all((cache / n).is_file() for n in SHA256):
         return cache

@@ -84,11 +84,12 @@ def _settings(args) -> dict[str, Any]:
     model = args.model or cfg.get("model")
     if not model:
         raise UserError("give --model DIR (or --config with load_checkpoint)")
+    where = "--model" if args.model else f"{args.config}: load_checkpoint"  # errors name what the user wrote
     mp = Path(model)
     if mp.is_file():  # the seed's load_checkpoint may name model.safetensors itself
         mp = mp.parent
     if not mp.is_dir():
-        raise UserError(f"--model {model}: no such checkpoint directory")
+        raise UserError(f"{where} {model}: no such checkpoint directory")
     tp, ep = _parallel(args, cfg.get("parallel"))
     return dict(model=mp, tp=tp, ep=ep, tokenizer=pick(args.tokenizer, "tokenizer"), seed=pick(args.seed, "seed"),
                 max_tokens=pick(args.max_tokens, "max_tokens", 256), temperature=pick(args.temperature, "temperature", 0.0),

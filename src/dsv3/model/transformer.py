@@ -133,11 +133,12 @@ class Transformer(nn.Module):
 
         return from_pretrained(path, dtype=dtype, device=device, **kwargs)
 
-    def save_pretrained(self, path, max_shard_size: int | str = "5GB", mtp_copies: bool = True):
-        """Write this model as an HF-format directory; see `dsv3.checkpoint.save.save_pretrained`."""
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB", mtp_copies: bool = True, tokenizer="auto"):
+        """Write this model as an HF-format directory with its tokenizer ("auto": the one of the directory
+        it was loaded from; or a path / tokenizer object; None: none); see `dsv3.checkpoint.save.save_pretrained`."""
         from dsv3.checkpoint.save import save_pretrained
 
-        return save_pretrained(self, path, max_shard_size=max_shard_size, mtp_copies=mtp_copies)
+        return save_pretrained(self, path, max_shard_size=max_shard_size, mtp_copies=mtp_copies, tokenizer=tokenizer)
 
     # ---- pieces the engine and trainer use
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,10 +8,16 @@ same values, and DCP writes one of them.
 
 Optimizer state (AdamW) is saved per parameter under `optim.<name>.{step,exp_avg,exp_avg_sq}`
 with the parameter's own layout, so it reshards the same way.
+
+A checkpoint's `.metadata` is a pickle, and torch's reader unpickles it with `pickle.load`: any
+file there could run code. Every read here goes through `read_metadata`, which admits only the
+classes DCP writes for tensors (`_ALLOWED`) and refuses a non-tensor entry (DCP would `torch.load`
+its bytes with `weights_only=False`) or a storage path outside the checkpoint directory.
 """
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -19,10 +25,69 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from dsv3.errors import UserError
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {
+    (_DCP_METADATA, "Metadata"), (_DCP_METADATA, "TensorStorageMetadata"), (_DCP_METADATA, "ChunkStorageMetadata"),
+    (_DCP_METADATA, "TensorProperties"), (_DCP_METADATA, "MetadataIndex"), (_DCP_METADATA, "StorageMeta"),
+    (_DCP_METADATA, "_MEM_FORMAT_ENCODING"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+}
+"""(module, name) of every global a tensor-only DCP `.metadata` refers to; torch dtypes are admitted by type."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """`pickle.Unpickler` that resolves only the globals of `_ALLOWED` (and `torch.<dtype>`)."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a DCP checkpoint's metadata never holds")
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    """The `.metadata` of DCP checkpoint `path`, unpickled with the allow-list and checked: tensor
+    entries only, storage files inside `path`. UserError (one line) otherwise."""
+    f = Path(path, ".metadata")
+    try:
+        with open(f, "rb") as fh:
+            md = _MetadataUnpickler(fh).load()
+    except Exception as e:  # refused globals, truncated or damaged pickles surface as many exception types
+        raise UserError(f"{f}: unreadable DCP metadata ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) or not isinstance(md.storage_data, dict):
+        raise UserError(f"{f}: not DCP metadata (holds a {type(md).__name__})")
+    for key, entry in md.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise UserError(f"{f}: entry {str(key)[:100]!r} is a {type(entry).__name__}, not a tensor")
+    for info in md.storage_data.values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
+            raise UserError(f"{f}: storage entry {str(rel)[:100]!r} is not a file name inside the checkpoint")
+    return md
+
+
+class _CheckedReader(FileSystemReader):
+    """torch's FileSystemReader over metadata already read by `read_metadata` (no `.metadata`
+    unpickling of its own, and no fallback to per-rank metadata files)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(str(path))
+        self._metadata = read_metadata(path)
+
+    def read_metadata(self) -> Metadata:
+        md = self._metadata
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
 
 
 def _named_params(parts: list[nn.Module]) -> dict[str, nn.Parameter]:
@@ -90,13 +155,14 @@ def load(path: str | Path, parts: list[nn.Module], optimizer: torch.optim.Optimi
         single_process = not dist.is_initialized()
     if not Path(path, ".metadata").is_file():
         raise UserError(f"{path}: not a DCP checkpoint (no .metadata file)")
+    reader = _CheckedReader(path)
     state = model_state(parts)
     if optimizer is not None:
         state.update(optimizer_state(parts, optimizer, init=True))
     try:
         with warnings.catch_warnings():  # single process is intended here, not a fallback
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path), no_dist=single_process)
+            dcp.load(state, storage_reader=reader, no_dist=single_process)
     except Exception as e:  # DCP reports missing keys / shape mismatches in a CheckpointException
         raise UserError(f"{path}: cannot load into this model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     for part in parts:

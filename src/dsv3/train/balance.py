@@ -12,6 +12,7 @@ different tokens, so all ranks apply the same update to identical biases.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -53,3 +54,15 @@ def load_ratio(counts: torch.Tensor) -> list[float]:
         return []
     mean = counts.mean(dim=1).clamp(min=1e-9)
     return (counts.max(dim=1).values / mean).tolist()
+
+
+def layer_labels(parts: list[torch.nn.Module]) -> list[str]:
+    """Names of the MoE layers of `parts`, in `moe_layers()` order (module order): "layer N" for
+    decoder layer N, "MTP k" for the k-th multi-token-prediction block."""
+    out = []
+    for part in parts:
+        for name, m in part.named_modules():
+            if isinstance(m, MoE):
+                mtp, layer = re.search(r"(?:^|\.)mtp\.(\d+)\.", name), re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+                out.append(f"MTP {mtp.group(1)}" if mtp else f"layer {layer.group(1)}" if layer else name)
+    return out

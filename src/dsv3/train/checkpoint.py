@@ -82,11 +82,17 @@ def _hash_files(directory: Path, names: list[str]) -> dict[str, str]:
         return dict(zip(names, ex.map(lambda n: _sha256(directory / n), names)))
 
 
+def _present_files(directory: Path) -> list[str]:
+    """Every file under `directory` but the manifest (links and other non-directories included), relative, sorted."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if not p.is_dir() and p.relative_to(directory).as_posix() != MANIFEST)
+
+
 def write_manifest(directory: str | Path, step: int) -> None:
     """Write `manifest.json` (size + sha256 of every file under `directory`) and fsync it. Called on
     the temporary directory, after its files are written and before the rename to step-N."""
     directory = Path(directory)
-    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    names = _present_files(directory)
     digests = _hash_files(directory, names)
     files = {n: {"bytes": (directory / n).stat().st_size, "sha256": digests[n]} for n in names}
     (directory / MANIFEST).write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=1) + "\n")
@@ -94,8 +100,8 @@ def write_manifest(directory: str | Path, step: int) -> None:
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
-    """None when `path` holds every file of its manifest with the recorded size and sha256;
-    otherwise why not, as a phrase ("is incomplete (...)" / "fails verification (...)")."""
+    """None when `path` holds exactly the files of its manifest (none missing, none unlisted) with the
+    recorded sizes and sha256; otherwise why not, as a phrase ("is incomplete (...)" / "fails verification (...)")."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         empty = not any(path.iterdir())
@@ -108,6 +114,10 @@ def verify_checkpoint(path: str | Path) -> str | None:
         return f"fails verification (unreadable {MANIFEST})"
     if not sizes or any(Path(n).is_absolute() or ".." in Path(n).parts for n in sizes):
         return f"fails verification (invalid {MANIFEST})"
+    unlisted = [n for n in _present_files(path) if n not in sizes]
+    if unlisted:
+        more = f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else ""
+        return f"fails verification ({', '.join(unlisted[:3])}{more} not listed in {MANIFEST})"
     for name, size in sizes.items():
         f = path / name
         if not f.is_file():

@@ -66,7 +66,8 @@ class InitSource:
     * safetensors (an HF directory, FP8 or not; a single-process `dsv3 train` checkpoint): each
       parameter's local box is read with `dsv3.checkpoint.slices` (get_slice, never a whole tensor
       a rank keeps a shard of);
-    * a distributed run's DCP checkpoint (`.metadata`): DCP reads each rank's shards (model only).
+    * a distributed `dsv3 train` checkpoint (`.metadata` with our manifest, verified; its pickle read
+      through the allow-list of `dsv3.parallel.dcp.read_metadata`): DCP reads each rank's shards (model only).
     Names and shapes are checked from the file headers when opening, before anything is allocated.
     """
 
@@ -80,7 +81,7 @@ class InitSource:
         if diff:
             raise UserError(f"train.init_from {d}: the checkpoint's architecture differs from the run's model config: "
                             + "; ".join(diff))
-        self.dcp = (d / ".metadata").is_file() and not any(d.glob("*.safetensors"))
+        self.dcp = _is_dsv3_dcp(d)
         self.reader = None
         if not self.dcp:
             from dsv3.checkpoint.reader import CheckpointReader, count_mtp_layers
@@ -140,16 +141,33 @@ class InitSource:
             self.reader.files.close()
 
 
+def _is_dsv3_dcp(d: Path) -> bool:
+    """Whether `d` is a distributed `dsv3 train` checkpoint: a DCP `.metadata` with the manifest and
+    trainer files dsv3 writes beside it, every file verifying against the manifest. A `.metadata`
+    anywhere else (e.g. beside an HF config.json) is refused: it is a pickle, read only from our layout."""
+    from dsv3.train.checkpoint import MANIFEST, verify_checkpoint
+
+    if not (d / ".metadata").is_file() or any(d.glob("*.safetensors")):
+        return False
+    missing = [f for f in (MANIFEST, "trainer_state.pt", "config.resolved.yaml") if not (d / f).is_file()]
+    if missing:
+        raise UserError(f"train.init_from {d}: holds a DCP .metadata but is not a checkpoint written by `dsv3 train` "
+                        f"(no {', '.join(missing)}); only dsv3's own distributed checkpoints are read")
+    if (why := verify_checkpoint(d)) is not None:
+        raise UserError(f"train.init_from {d}: the checkpoint {why}")
+    return True
+
+
 def _dcp_mtp_layers(d: Path) -> int:
-    """MTP modules (`model.mtp.{k}.`) a DCP checkpoint holds, from its metadata."""
+    """MTP modules (`model.mtp.{k}.`) a DCP checkpoint holds, from its metadata (allow-listed unpickling)."""
     import re
 
-    from torch.distributed.checkpoint import FileSystemReader
+    from dsv3.parallel.dcp import read_metadata
 
     try:
-        keys = FileSystemReader(str(d)).read_metadata().state_dict_metadata
-    except Exception as e:  # a damaged .metadata
-        raise UserError(f"train.init_from {d}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
+        keys = read_metadata(d).state_dict_metadata
+    except UserError as e:
+        raise UserError(f"train.init_from {e}") from None
     return len({m.group(1) for k in keys if (m := re.match(r"model\.mtp\.(\d+)\.", k))})
 
 

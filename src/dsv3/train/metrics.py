@@ -60,8 +60,8 @@ def peak_flops(device_name: str, precision: str, override_tflops: float | None) 
 
 
 def format_line(r: dict[str, Any]) -> str:
-    """One human line per logged step."""
-    parts = [f"step {r['step']}", f"loss {r['loss']:.4f} (lm {r['lm_loss']:.4f} mtp {r['mtp_loss']:.4f} aux {r['aux_loss']:.2e})",
+    """One human line per logged step: step N/total, losses, lr, ..., expert load per MoE layer, ETA."""
+    parts = [f"step {r['step']}/{r['total_steps']}" if "total_steps" in r else f"step {r['step']}", f"loss {r['loss']:.4f} (lm {r['lm_loss']:.4f} mtp {r['mtp_loss']:.4f} aux {r['aux_loss']:.2e})",
              f"lr {r['lr']:.3e}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:.0f} tok/s"]
     if r.get("indexer_loss"):
         parts.insert(2, f"indexer KL {r['indexer_loss']:.4f}")
@@ -69,6 +69,9 @@ def format_line(r: dict[str, Any]) -> str:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if r.get("expert_load"):
         parts.append("load max/mean " + " ".join(f"{x:.2f}" for x in r["expert_load"]))
+    if r.get("eta_s") is not None:
+        s = round(r["eta_s"])
+        parts.append(f"ETA {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}")
     return " | ".join(parts)
 
 
@@ -107,7 +110,7 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
-                elif isinstance(v, list):
+                elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
                     for i, x in enumerate(v):
                         self.tb.add_scalar(f"{k}/layer{i}", x, record["step"])
 

@@ -1,7 +1,8 @@
 """`dsv3 plot RUN_DIR`: PNG plots of a run's metrics.jsonl (also written at the end of training).
 
 * loss.png: training loss and its parts (main, MTP, balance) and the validation loss over steps.
-* expert_load.png: max/mean expert load of every MoE layer over steps (1.0 = perfectly balanced).
+* expert_load.png: max/mean expert load of every MoE layer over steps (1.0 = perfectly balanced),
+  each named as the run logged it ("layer N", "MTP k").
 * lr.png: the learning rate.
 """
 
@@ -82,8 +83,8 @@ def write_plots(run_dir: str | Path, out: str | Path | None = None) -> list[Path
     loads = [r for r in train if r.get("expert_load")]
     if loads:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for i in range(len(loads[0]["expert_load"])):
-            ax.plot([r["step"] for r in loads], [r["expert_load"][i] for r in loads], label=f"MoE layer {i}", lw=1)
+        for label, ys in expert_load_series(loads):
+            ax.plot([r["step"] for r in loads], ys, label=label, lw=1)
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set_xlabel("step")
         ax.set_ylabel("max / mean expert load")
@@ -101,6 +102,15 @@ def write_plots(run_dir: str | Path, out: str | Path | None = None) -> list[Path
         paths.append(_save(fig, out_dir / "lr.png"))
         plt.close(fig)
     return paths
+
+
+def expert_load_series(loads: list[dict]) -> list[tuple[str, list[float]]]:
+    """(legend label, max/mean load per record) of every MoE layer: the run's own layer names
+    ("layer N", "MTP k"); metrics written before they were recorded name the position only."""
+    n = len(loads[0]["expert_load"])
+    named = (r["expert_load_layers"] for r in reversed(loads) if len(r.get("expert_load_layers") or ()) == n)
+    labels = next(named, None) or [f"MoE module #{i}" for i in range(n)]
+    return [(labels[i], [r["expert_load"][i] for r in loads]) for i in range(n)]
 
 
 def run(args: argparse.Namespace) -> int:

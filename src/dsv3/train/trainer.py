@@ -199,6 +199,7 @@ class Trainer:
         self.model = self.parts[0] if self.strategy.dims.pp == 1 else None  # under PP no rank holds the whole model
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, cfg.train.steps)
         self.moe_layers = self.strategy.moe_layers()
+        self.moe_labels = balance.layer_labels(self.strategy.parts)  # "layer N" / "MTP k", for the log and plots
         self.step = 0
         self._batches = None
         if resume_from is not None:
@@ -319,7 +320,10 @@ class Trainer:
                 if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.steps:
                     now = time.perf_counter()
                     tps = self.tokens_per_step * (self.step - step_last) / max(now - t_last, 1e-9)
+                    per_step = (now - t_start) / (self.step - summary["start_step"])  # this run's steps so far, evals included
                     rec.update(kind="train", tokens_per_s=tps, expert_load=balance.load_ratio(counts_acc),
+                               expert_load_layers=self.moe_labels, total_steps=cfg.train.steps,
+                               eta_s=per_step * (cfg.train.steps - self.step),
                                mfu=tps * self.flops_per_token / self.peak_flops if self.peak_flops else None)
                     writer.write(rec)
                     self.log(metrics.format_line(rec))
