@@ -10,21 +10,30 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from dsv3.cli import main
 from memory_cases import MODEL
 
 SEED_YAML = Path(__file__).resolve().parents[2].parent / "shared" / "mindformers-configs" / "pretrain_deepseek3_671b.yaml"
 
 
-def dsv3(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsv3", *args], capture_output=True, text=True, timeout=600)
+@pytest.fixture
+def dsv3(capsys):
+    """`dsv3 ARGS` through the CLI's entry point in this process (the subprocess test below covers the
+    console path): (exit status, stdout, stderr)."""
+    def run(*args: str) -> SimpleNamespace:
+        rc = main(list(args))
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+    return run
 
 
 def layout_yaml(tmp: Path) -> Path:
-    d = {"model": {**MODEL, "num_hidden_layers": 6}, "data": {"data_path": ["/nonexistent/never_read_text_document"], "seq_length": 128},
+    d = {"model": {**MODEL, "num_hidden_layers": 4}, "data": {"data_path": ["/nonexistent/never_read_text_document"], "seq_length": 128},
          "train": {"batch_size": 2, "recompute": "full"}, "optimizer": {"state_dtype": "bfloat16"},
          "parallel": {"data_parallel": 2, "pipeline_stage": 2, "expert_parallel": 2, "micro_batch_num": 4}}
     p = tmp / "layout.yaml"
@@ -32,7 +41,7 @@ def layout_yaml(tmp: Path) -> Path:
     return p
 
 
-def test_dryrun_fits_only_within_the_headroom(tmp_path):
+def test_dryrun_fits_only_within_the_headroom(tmp_path, dsv3):
     cfg = str(layout_yaml(tmp_path))
     p = dsv3("dryrun", "--config", cfg, "--device-memory", "64GB", "--headroom", "0", "--json", str(tmp_path / "a.json"))
     assert p.returncode == 0, p.stderr
@@ -55,7 +64,7 @@ def test_dryrun_fits_only_within_the_headroom(tmp_path):
         "dsv3 dryrun: error: --headroom 1.2: expected a fraction of the device memory in [0, 1), e.g. 0.15"], p.stderr
 
 
-def test_balance_plans_within_the_headroom(tmp_path):
+def test_balance_plans_within_the_headroom(tmp_path, dsv3):
     cfg = str(layout_yaml(tmp_path))
     p = dsv3("balance", "--config", cfg, "--device-memory", "1GB", "--json", str(tmp_path / "plan.json"))
     assert p.returncode == 0, p.stderr
@@ -95,7 +104,7 @@ def shrunk_seed(tmp: Path) -> Path:
     return p
 
 
-def test_seed_yaml_device_memory_and_ignored_keys(tmp_path):
+def test_seed_yaml_device_memory_and_ignored_keys(tmp_path, dsv3):
     cfg = str(shrunk_seed(tmp_path))
     p = dsv3("dryrun", "--config", cfg, "--json", str(tmp_path / "r.json"))
     assert p.returncode == 0, p.stderr
@@ -110,6 +119,7 @@ def test_seed_yaml_device_memory_and_ignored_keys(tmp_path):
     bad = yaml.safe_load(Path(cfg).read_text())
     bad["context"]["max_device_memory"] = "lots"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    p = dsv3("balance", "--config", str(tmp_path / "bad.yaml"))
+    p = subprocess.run([sys.executable, "-m", "dsv3", "balance", "--config", str(tmp_path / "bad.yaml")],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "context.max_device_memory 'lots': expected a size" in p.stderr
