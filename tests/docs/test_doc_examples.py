@@ -46,13 +46,16 @@ class DocRunner:
 
     def stop_all(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = []
             for pgid in self.groups:
                 try:
                     os.killpg(pgid, sig)
+                    alive.append(pgid)
                 except ProcessLookupError:
                     pass
-            if sig == signal.SIGTERM and self.groups:
-                time.sleep(2)
+            self.groups = alive
+            if sig == signal.SIGTERM and alive:
+                time.sleep(2)  # a server's graceful shutdown
         self.groups = []
 
     def run(self, block: Block, tmp: Path, timeout: float = 600) -> tuple[int, str]:
