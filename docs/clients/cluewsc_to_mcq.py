@@ -1,6 +1,6 @@
 """Convert CLUEWSC (FewCLUE json lines) into evalscope's `general_mcq` JSONL (also read by lm-eval).
 
-    python docs/clients/cluewsc_to_mcq.py ../shared/data/cluewsc/dev_few_all.json OUT_DIR
+    python docs/clients/cluewsc_to_mcq.py CLUEWSC.json OUT_DIR   # FewCLUE's cluewsc/dev_few_all.json
 writes OUT_DIR/cluewsc_val.jsonl with one record per line:
     {"id", "question": "<text>\\n在这句话中，“<span2>”指的是“<span1>”吗？", "A": "是", "B": "否", "answer": "A"|"B"}
 (label "true" -> A). evalscope finds `{subset}_val.jsonl` for subset "cluewsc" in `local_path`.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # evalscope eval (general_mcq on a local CLUEWSC file), offline against `dsv3 serve`.
 # usage: evalscope_eval.sh MODEL_DIR CLUEWSC_JSON [OUT_DIR]   env: VENV (default /tmp/venv-evalscope), PORT (18432)
-# CLUEWSC_JSON: e.g. ../shared/data/cluewsc/dev_few_all.json (FewCLUE format); converted to
+# CLUEWSC_JSON: e.g. FewCLUE's cluewsc/dev_few_all.json (github.com/CLUEbenchmark/FewCLUE); converted to
 # OUT_DIR/data/cluewsc_val.jsonl by cluewsc_to_mcq.py (evalscope reads {subset}_val.jsonl).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)

@@ -46,8 +46,10 @@ def _mindformers_recompute_counts(o: dict) -> str | None:
             f"at most the stage's {sizes} layers): parallel.recompute_layers {new}")
 
 
-def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
-    """Translate a MindSpore-style run YAML into our RunConfig dict (see the module docstring)."""
+def translate(data: dict, source: str = "config", quiet: bool = False, list_ignored: bool = True) -> dict:
+    """Translate a MindSpore-style run YAML into our RunConfig dict (see the module docstring).
+    The ignored keys go to stderr on one line: listed, or only counted with `list_ignored=False`
+    (`dsv3 dryrun` / `balance` without `--verbose`)."""
     t = _Translator(source)
     o = t.out
     extra: dict[str, Any] = {}
@@ -271,7 +273,8 @@ def translate(data: dict, source: str = "config", quiet: bool = False) -> dict:
     if len(sizes) > 1 and sizes[1] > 0:
         o["eval"]["eval_iters"] = sizes[1]
     if t.ignored and not quiet:
-        print(f"{source}: ignored (MindSpore/Ascend-only): {_group(t.ignored)}", file=sys.stderr)
+        listed = _group(t.ignored) if list_ignored else f"{len(t.ignored)} keys (--verbose lists them)"
+        print(f"{source}: ignored (MindSpore/Ascend-only): {listed}", file=sys.stderr)
     return {k: v for k, v in o.items() if v}
 
 

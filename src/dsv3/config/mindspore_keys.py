@@ -58,6 +58,7 @@ _WHY = {
     "n_kv_heads": "MLA has no separate KV heads",
     "aux_loss_factor": "superseded by aux_loss_factors",
     "auto_trans_ckpt": "train.init_from always reads each rank's own slices, whatever the layout",
+    "context": "Ascend graph-mode settings; dsv3 dryrun and balance read its max_device_memory",
 }
 
 

@@ -101,50 +101,57 @@ class ParallelDims:
             dp_replicate=int(get("dp_replicate", 1)),
         )
 
+    def _world_fix(self, world_size: int) -> str:
+        """What to change when the launcher started `world_size` processes for a layout of another size."""
+        rest = self.tp * self.pp
+        dp = f" (e.g. --set parallel.data_parallel={world_size // rest})" if world_size % rest == 0 else ""
+        return f"make the product {world_size}{dp} or start {self.world_size} worker{'s' if self.world_size > 1 else ''}"
+
     def validate(self, world_size: int | None = None, model_cfg=None, seq_len: int | None = None, batch_size: int | None = None) -> None:
-        """Raise UserError naming the parallel_config field and the expected value."""
+        """Raise UserError naming the field (`parallel.<key>` of our YAML; the same key of a MindSpore
+        YAML's `parallel_config`) and the expected value."""
         for name, v in (("data_parallel", self.dp), ("model_parallel", self.tp), ("pipeline_stage", self.pp),
                         ("expert_parallel", self.ep), ("micro_batch_num", self.micro_batch_num)):
             if v < 1:
-                raise UserError(f"parallel_config.{name} = {v}: must be >= 1")
+                raise UserError(f"parallel.{name} = {v}: must be >= 1")
         if world_size is not None and world_size != self.world_size:
-            raise UserError(f"parallel_config: data_parallel {self.dp} x model_parallel {self.tp} x pipeline_stage {self.pp} "
+            raise UserError(f"parallel (MindSpore: parallel_config): data_parallel {self.dp} x model_parallel {self.tp} x pipeline_stage {self.pp} "
                             f"= {self.world_size} processes, but the launcher started {world_size} (WORLD_SIZE); "
-                            f"change the degrees or the number of workers")
+                            f"{self._world_fix(world_size)}")
         if (self.dp * self.tp) % self.ep:
-            raise UserError(f"parallel_config.expert_parallel = {self.ep} must divide data_parallel x model_parallel = "
+            raise UserError(f"parallel.expert_parallel = {self.ep} must divide data_parallel x model_parallel = "
                             f"{self.dp * self.tp} (expert-parallel ranks are carved out of them)")
         if self.dp_shard not in ("fsdp", "zero1", "ddp"):
-            raise UserError(f"parallel_config.dp_shard = {self.dp_shard!r}: expected fsdp, zero1 or ddp")
+            raise UserError(f"parallel.dp_shard = {self.dp_shard!r}: expected fsdp, zero1 or ddp")
         if self.dp_replicate < 1 or self.dp % self.dp_replicate:
-            raise UserError(f"parallel_config.dp_replicate = {self.dp_replicate} must divide data_parallel = {self.dp} "
+            raise UserError(f"parallel.dp_replicate = {self.dp_replicate} must divide data_parallel = {self.dp} "
                             f"(HSDP: replica groups of equal size)")
         if self.dp_replicate > 1 and self.dp_shard != "fsdp":
-            raise UserError(f"parallel_config.dp_replicate = {self.dp_replicate} (HSDP) needs dp_shard 'fsdp', got {self.dp_shard!r}")
+            raise UserError(f"parallel.dp_replicate = {self.dp_replicate} (HSDP) needs dp_shard 'fsdp', got {self.dp_shard!r}")
         if self.dp_shard == "zero1" and (self.tp > 1 or self.ep > 1):
-            raise UserError("parallel_config.dp_shard = 'zero1' works with model_parallel 1 and expert_parallel 1 only; use 'fsdp'")
+            raise UserError("parallel.dp_shard = 'zero1' works with model_parallel 1 and expert_parallel 1 only; use 'fsdp'")
         if self.pp > 1:
             if self.schedule not in SCHEDULES:
-                raise UserError(f"parallel_config.pipeline_schedule = {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+                raise UserError(f"parallel.pipeline_schedule = {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
             if self.schedule in V_SCHEDULES and self.v != 2:
                 raise UserError(f"pipeline schedule {self.schedule} needs exactly 2 stages per rank, got stages_per_rank {self.v}")
             if self.schedule not in MULTI_STAGE and self.v != 1:
                 raise UserError(f"pipeline schedule {self.schedule} runs one stage per rank, got stages_per_rank {self.v}")
             if self.micro_batch_num < self.n_stages:
-                raise UserError(f"parallel_config.micro_batch_num = {self.micro_batch_num} is fewer than the {self.n_stages} pipeline "
+                raise UserError(f"parallel.micro_batch_num = {self.micro_batch_num} is fewer than the {self.n_stages} pipeline "
                                 f"stages ({self.pp} ranks x {self.v} stages each); use micro_batch_num >= {self.n_stages}")
             if self.schedule == "DualPipeV" and self.micro_batch_num < 2 * self.pp:
                 raise UserError(f"DualPipeV needs micro_batch_num >= 2 x pipeline_stage = {2 * self.pp}, got {self.micro_batch_num}")
         if model_cfg is not None:
             if model_cfg.n_routed_experts % self.ep:
-                raise UserError(f"parallel_config.expert_parallel = {self.ep} does not divide n_routed_experts = "
+                raise UserError(f"parallel.expert_parallel = {self.ep} does not divide n_routed_experts = "
                                 f"{model_cfg.n_routed_experts}; pick a divisor of the expert count")
             if model_cfg.num_attention_heads % self.tp:
-                raise UserError(f"parallel_config.model_parallel = {self.tp} does not divide num_attention_heads = "
+                raise UserError(f"parallel.model_parallel = {self.tp} does not divide num_attention_heads = "
                                 f"{model_cfg.num_attention_heads}")
             for name in ("intermediate_size", "moe_intermediate_size", "vocab_size"):
                 if getattr(model_cfg, name) % self.tp:
-                    raise UserError(f"parallel_config.model_parallel = {self.tp} does not divide {name} = {getattr(model_cfg, name)}")
+                    raise UserError(f"parallel.model_parallel = {self.tp} does not divide {name} = {getattr(model_cfg, name)}")
             if self.n_stages > 1 and model_cfg.num_hidden_layers < self.n_stages:
                 raise UserError(f"{model_cfg.num_hidden_layers} layers cannot fill {self.n_stages} pipeline stages "
                                 f"(pipeline_stage {self.pp} x {self.v} stages per rank)")

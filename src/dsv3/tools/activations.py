@@ -143,6 +143,16 @@ def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompu
     return StageActivation(act_bytes=act, fwd_bwd_peak=mode.peak["meta"])
 
 
+def _describe(key: tuple) -> str:
+    """A profile cache key in words, for progress lines."""
+    if key[0] == "layer":
+        return f"{'MoE' if key[1] else 'dense'} layer{', recomputed' if key[2] else ''}"
+    if key[0] == "edge":
+        ends = [e for e, on in (("embedding", key[1]), ("head + MTP + loss", key[2])) if on] or ["received input"]
+        return " and ".join(ends) + (", MTP recomputed" if key[3] else "")
+    return f"whole model ({key[1]} loss)"
+
+
 class ActivationProfile:
     """Activation bytes of one micro-batch per pipeline stage, from `stage_activation` runs.
 
@@ -153,8 +163,8 @@ class ActivationProfile:
     the sum of its pieces' activations; its peak is that plus the largest piece's transient. Numbers
     are for the whole sequence; `rank_memory` divides them by the tensor-parallel degree."""
 
-    def __init__(self, cfg, gpu_attention: bool = True):
-        self.cfg, self.gpu_attention = cfg, gpu_attention
+    def __init__(self, cfg, gpu_attention: bool = True, log=None):
+        self.cfg, self.gpu_attention, self.log = cfg, gpu_attention, log
         mc = cfg.model
         self.input_bytes = cfg.train.batch_size * cfg.data.seq_length * mc.hidden_size * compute_dtype(cfg).itemsize
         self._cache: dict[tuple, StageActivation] = {}
@@ -162,6 +172,8 @@ class ActivationProfile:
     def _run(self, key, layer_ids, first, last, rc_ids, loss="logits") -> StageActivation:
         if key not in self._cache:
             self._cache[key] = stage_activation(self.cfg, layer_ids, first, last, rc_ids, loss, self.gpu_attention)
+            if self.log:
+                self.log(f"profiled activations: {_describe(key)}")
         return self._cache[key]
 
     def layer(self, i: int, recomputed: bool) -> tuple[int, int]:

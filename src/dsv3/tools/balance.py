@@ -1,6 +1,8 @@
-"""`dsv3 balance --config YAML --device-memory 64GB [--set ...] [--json FILE]`: per-stage layer counts
-(MindSpore `offset`) and recompute counts (`recompute_config.recompute`) that minimise the slowest
-pipeline stage with every stage fitting in device memory.
+"""`dsv3 balance --config YAML --device-memory 64GB [--headroom 0.15] [--set ...] [--json FILE]`: per-stage
+layer counts (MindSpore `offset`) and recompute counts (`recompute_config.recompute`) that minimise the
+slowest pipeline stage with every stage fitting in device memory less the headroom (`dsv3 dryrun`'s
+rule and defaults). Progress goes to stderr: one line per pipeline rank built and per kind of layer
+profiled.
 
 Costs of a stage holding layers [a, b) and recomputing its first r (the MTP block last, on the last
 stage):
@@ -23,11 +25,9 @@ from dsv3.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="run YAML: ours or the seed's MindSpore pretrain_*.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--device-memory", default="64GB", help="memory of one device (default 64GB)")
-    p.add_argument("--imbalance", type=float, default=1.5, help="MoE load on the busiest rank / the mean (default 1.5)")
+    from dsv3.tools.dryrun import add_layout_arguments
+
+    add_layout_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
 
 
@@ -63,9 +63,9 @@ class StageCosts:
             gathered_rest = st["fsdp_gathered_all"] - sum(v[2] for v in per.values())
             self.edge[key] = (rest, dense_rest, gathered_rest, st["edge_largest_param_bytes"], st["edge_gathered_max"])
             if log:
-                log(f"built pipeline rank {st['pp_stage']} (rank {r})")
+                log(f"built pipeline rank {st['pp_stage'] + 1} of {dims.pp} (rank {r})")
         self.state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
-        self.profile = ActivationProfile(cfg)
+        self.profile = ActivationProfile(cfg, log=log)
         flops, self.head_flops = layer_flops(mc, cfg.data.seq_length)
         tokens = cfg.train.batch_size * cfg.data.seq_length / dims.tp
         self.fwd = [flops[i] * tokens for i in range(self.L + self.D)]
@@ -137,49 +137,62 @@ def current(costs: StageCosts, cfg) -> tuple[list[int], list[int]]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dsv3.config.train import load_run_config
-    from dsv3.tools.dryrun import gib, parse_bytes, write_json
+    from dsv3.tools.dryrun import gib, load_layout, needed, progress, usable, write_json
     from dsv3.tools.plan import min_budget, plan
 
-    cfg = load_run_config(args.config, args.overrides)
+    cfg, device_memory, source = load_layout(args)
     torch.set_num_threads(1)
-    budget = parse_bytes(args.device_memory)
-    costs = StageCosts(cfg, args.imbalance)
+    budget = usable(device_memory, args.headroom)
+    log = lambda m: progress(f"balance: {m}")
+    costs = StageCosts(cfg, args.imbalance, log)
     before_b, before_r = current(costs, cfg)
     before = [(costs.time(s, before_b[s], before_b[s + 1], before_r[s]), costs.mem(s, before_b[s], before_b[s + 1], before_r[s]))
               for s in range(costs.S)]
+    log(f"searching cuts of {costs.L} layers into {costs.S} stages x recompute counts")
     best = plan(costs.L, costs.S, costs.time, costs.mem, budget, costs.max_r)
-    out = {"device_memory_bytes": budget, "stages": costs.S, "before": {
-        "offset": to_lists(costs, before_b, before_r)[0], "recompute": before_r,
-        "stage_tflop": [t / 1e12 for t, _ in before], "stage_peak_bytes": [m for _, m in before]}}
+    limit = f"{gib(budget)} GiB usable = {gib(device_memory)} GiB ({source}) less {args.headroom:.0%} headroom"
+    out = {"device_memory_bytes": device_memory, "device_memory_source": source, "headroom": args.headroom,
+           "usable_bytes": int(budget), "stages": costs.S, "before": {
+               "offset": to_lists(costs, before_b, before_r)[0], "recompute": before_r,
+               "stage_tflop": [t / 1e12 for t, _ in before], "stage_peak_bytes": [m for _, m in before]}}
     if best is None:
-        need = min_budget(costs.L, costs.S, costs.mem, costs.max_r)
+        least = min_budget(costs.L, costs.S, costs.mem, costs.max_r)
+        need = needed(least, args.headroom)
         out.update(fits=False, min_device_memory_bytes=need)
-        print(f"no plan fits {gib(budget)} GiB per device: this layout needs at least {gib(need)} GiB "
-              f"(every stage recomputing all its layers, cut to balance memory); add devices (pipeline_stage, "
-              f"expert_parallel, model_parallel), use optimizer.state_dtype bfloat16, or shorten data.seq_length")
+        print(f"no plan fits {limit}: this layout needs at least {gib(need)} GiB per device ({gib(least)} GiB peak with "
+              f"every stage recomputing all its layers, cut to balance memory, plus the headroom); add devices "
+              f"(pipeline_stage, expert_parallel, model_parallel), use optimizer.state_dtype bfloat16, or shorten data.seq_length")
     else:
-        offset, rec = to_lists(costs, best.bounds, best.recompute)
-        mode = cfg.train.recompute if cfg.train.recompute != "none" else "full"
-        out.update(fits=True, offset=offset, recompute=rec, train_recompute=mode if any(rec) else "none",
-                   stage_tflop=[t / 1e12 for t in best.times], stage_peak_bytes=best.mems)
-        cols = f"{'stage':>5}  {'layers':>9}  {'rc':>3}  {'TFLOP/mb':>9}  {'peak GiB':>8}  |  {'before: layers':>14}  {'rc':>3}  {'TFLOP/mb':>9}  {'peak GiB':>8}"
-        print(cols)
-        for s in range(costs.S):
-            lay = f"{best.bounds[s]}-{best.bounds[s + 1] - 1}"
-            blay = f"{before_b[s]}-{before_b[s + 1] - 1}"
-            print(f"{s:>5}  {lay:>9}  {rec[s]:>3}  {best.times[s] / 1e12:>9.3f}  {gib(best.mems[s]):>8}  |  {blay:>14}  "
-                  f"{before_r[s]:>3}  {before[s][0] / 1e12:>9.3f}  {gib(before[s][1]):>8}")
-        slow_before = max(t for t, _ in before)
-        fits_before = all(m <= budget for _, m in before)
-        print(f"slowest stage {best.slowest / 1e12:.3f} TFLOP per micro-batch (before {slow_before / 1e12:.3f}, "
-              f"{'fits' if fits_before else 'does NOT fit'} in {gib(budget)} GiB); every planned stage fits")
-        print(f"MindSpore:  model.model_config.offset: {offset}    recompute_config.recompute: {rec}")
-        print(f"dsv3 YAML:  parallel.pp_layer_offset: {offset}    parallel.recompute_layers: {rec}    "
-              f"train.recompute: {out['train_recompute']}")
-        lst = lambda xs: "[" + ",".join(map(str, xs)) + "]"
-        print(f"  --set 'parallel.pp_layer_offset={lst(offset)}' --set 'parallel.recompute_layers={lst(rec)}' "
-              f"--set train.recompute={out['train_recompute']}")
+        print_plan(costs, cfg, best, before_b, before_r, before, budget, limit, out)
     if args.json:
         write_json(args.json, out)
     return 0
+
+
+def print_plan(costs: StageCosts, cfg, best, before_b, before_r, before, budget: float, limit: str, out: dict) -> None:
+    from dsv3.tools.dryrun import gib
+
+    offset, rec = to_lists(costs, best.bounds, best.recompute)
+    mode = cfg.train.recompute if cfg.train.recompute != "none" else "full"
+    out.update(fits=True, offset=offset, recompute=rec, train_recompute=mode if any(rec) else "none",
+               stage_tflop=[t / 1e12 for t in best.times], stage_peak_bytes=best.mems)
+    cols = f"{'stage':>5}  {'layers':>9}  {'rc':>3}  {'TFLOP/mb':>9}  {'peak GiB':>8}  |  {'before: layers':>14}  {'rc':>3}  {'TFLOP/mb':>9}  {'peak GiB':>8}"
+    print(cols)
+    for s in range(costs.S):
+        lay = f"{best.bounds[s]}-{best.bounds[s + 1] - 1}"
+        blay = f"{before_b[s]}-{before_b[s + 1] - 1}"
+        print(f"{s:>5}  {lay:>9}  {rec[s]:>3}  {best.times[s] / 1e12:>9.3f}  {gib(best.mems[s]):>8}  |  {blay:>14}  "
+              f"{before_r[s]:>3}  {before[s][0] / 1e12:>9.3f}  {gib(before[s][1]):>8}")
+    print(f"(layers: the stage's decoder layers, the last stage also holds the MTP block; rc: how many of its first "
+          f"layers (MTP last) are recomputed ({mode}) in backward, MindSpore recompute_config.recompute; TFLOP/mb: "
+          f"forward + backward + recompute per micro-batch per rank; peak GiB: the dry-run's peak of the stage)")
+    slow_before = max(t for t, _ in before)
+    fits_before = all(m <= budget for _, m in before)
+    print(f"slowest stage {best.slowest / 1e12:.3f} TFLOP per micro-batch (before {slow_before / 1e12:.3f}, "
+          f"{'fits' if fits_before else 'does NOT fit'}); every planned stage fits {limit}")
+    print(f"MindSpore:  model.model_config.offset: {offset}    recompute_config.recompute: {rec}")
+    print(f"dsv3 YAML:  parallel.pp_layer_offset: {offset}    parallel.recompute_layers: {rec}    "
+          f"train.recompute: {out['train_recompute']}")
+    lst = lambda xs: "[" + ",".join(map(str, xs)) + "]"
+    print(f"  --set 'parallel.pp_layer_offset={lst(offset)}' --set 'parallel.recompute_layers={lst(rec)}' "
+          f"--set train.recompute={out['train_recompute']}")

@@ -1,19 +1,23 @@
-"""`dsv3 dryrun --config YAML [--set k=v ...] [--device-memory 64GB] [--json FILE]`: the memory of every
-rank of a parallel layout, without devices or data.
+"""`dsv3 dryrun --config YAML [--set k=v ...] [--device-memory 64GB] [--headroom 0.15] [--json FILE]`: the
+memory of every rank of a parallel layout, without devices or data.
 
 Each pipeline rank's part is built by the trainer's own build path on the meta device under a fake
 process group of the layout's size, and one micro-batch of its layers runs forward and backward on
 fake tensors (`dsv3.tools.memory`). Printed per pipeline stage: parameters, fp32 weights and
 gradients, AdamW state (in `optimizer.state_dtype`), activations of one micro-batch (configured
 sequence length and recompute), micro-batches in flight for the schedule, MoE all-to-all buffers at a
-stated imbalance, and the peak; then the largest rank and whether it fits `--device-memory`.
-Exit 0 whether or not it fits; a layout that cannot exist is one line (exit 2).
+stated imbalance, and the peak; then the largest rank and whether it fits: within the device memory
+less `--headroom` (default 15%: the dry-run's measured error reaches 12%, and the allocator's caching
+and communication buffers are not modelled). The device memory is `--device-memory`, else a
+MindSpore YAML's `context.max_device_memory`, else 64 GB. Progress goes to stderr, one line per
+pipeline rank. Exit 0 whether or not it fits; a layout that cannot exist is one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -24,37 +28,99 @@ UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB":
          "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
 
 
-def parse_bytes(text: str) -> int:
+DEFAULT_DEVICE_MEMORY = "64GB"  # the seed's Ascend 910B
+DEFAULT_HEADROOM = 0.15
+
+
+def parse_bytes(text: str, what: str = "--device-memory") -> int:
     """'64GB' / '64GiB' / '80G' -> bytes (binary units: device memory is quoted so, a 64 GB HBM is 64 GiB)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in UNITS:
-        raise UserError(f"--device-memory {text!r}: expected a size such as 64GB, 80GiB or 24G")
+        raise UserError(f"{what} {text!r}: expected a size such as 64GB, 80GiB or 24G")
     return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+def usable(device_memory: int, headroom: float) -> float:
+    """Bytes a plan may use: the device memory less the headroom kept for what the dry-run misses."""
+    return device_memory * (1 - headroom)
+
+
+def needed(peak: float, headroom: float) -> int:
+    """The smallest device memory whose usable part holds `peak` bytes."""
+    n = math.ceil(peak / (1 - headroom))
+    while usable(n, headroom) < peak:  # float rounding
+        n += 1
+    return n
 
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_layout_arguments(p: argparse.ArgumentParser) -> None:
+    """The options dryrun and balance share."""
     p.add_argument("--config", required=True, help="run YAML: ours or the seed's MindSpore pretrain_*.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set parallel.recompute_layers=[4,4,2,0] (repeatable)")
-    p.add_argument("--device-memory", default="64GB", help="memory of one device (default 64GB, the seed's Ascend 910B)")
+    p.add_argument("--device-memory", default=None,
+                   help=f"memory of one device (default: a MindSpore YAML's context.max_device_memory, else "
+                        f"{DEFAULT_DEVICE_MEMORY}, the seed's Ascend 910B)")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                   help=f"fraction of the device memory kept free (default {DEFAULT_HEADROOM}: the dry-run's error "
+                        f"measured up to 12%%; allocator caching and communication buffers are not modelled)")
     p.add_argument("--imbalance", type=float, default=1.5,
                    help="MoE load on the busiest expert-parallel rank / the mean, for the all-to-all buffers (default 1.5)")
+    p.add_argument("--verbose", action="store_true", help="list every ignored MindSpore key (default: their count)")
+
+
+def load_layout(args: argparse.Namespace):
+    """(run config, device memory bytes, where that figure came from) of `--config`, `--set` and
+    `--device-memory`; checks `--headroom` and `--imbalance`."""
+    from dsv3.config.load import read_yaml
+    from dsv3.config.presets import resolve_preset
+    from dsv3.config.train import is_mindspore_yaml, run_config_from_dict
+
+    if not 0 <= args.headroom < 1:
+        raise UserError(f"--headroom {args.headroom}: expected a fraction of the device memory in [0, 1), e.g. 0.15")
+    if args.imbalance < 1:
+        raise UserError(f"--imbalance {args.imbalance}: the busiest rank carries at least the mean load (>= 1)")
+    path = resolve_preset(args.config)
+    data = read_yaml(path)
+    memory, source = args.device_memory, "--device-memory"
+    if is_mindspore_yaml(data):
+        from dsv3.config.mindspore import translate
+
+        ctx = data.get("context")
+        if memory is None and isinstance(ctx, dict) and ctx.get("max_device_memory") is not None:
+            memory, source = ctx["max_device_memory"], "context.max_device_memory"
+            memory = parse_bytes(memory, f"{path}: context.max_device_memory")
+        data = translate(data, str(path), list_ignored=args.verbose)
+    if memory is None:
+        memory, source = DEFAULT_DEVICE_MEMORY, "the default"
+    cfg = run_config_from_dict(data, args.overrides, str(path))
+    cfg.validate()
+    return cfg, parse_bytes(memory) if isinstance(memory, str) else memory, source
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_layout_arguments(p)
     p.add_argument("--cpu-attention", action="store_true",
                    help="attention as CPU kernels run it (scores kept when head sizes differ); default: a GPU's fused kernel")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-' for stdout instead of the table)")
 
 
-def report(cfg, device_memory: int, imbalance: float = 1.5, gpu_attention: bool = True) -> dict:
-    """The dry-run report of `cfg` (the --json schema)."""
+def report(cfg, device_memory: int, imbalance: float = 1.5, gpu_attention: bool = True,
+           headroom: float = DEFAULT_HEADROOM, log=None) -> dict:
+    """The dry-run report of `cfg` (the --json schema); `log` gets one line per pipeline rank."""
     from dsv3.parallel.dims import ParallelDims
     from dsv3.tools.memory import layout_memory
 
     dims = ParallelDims.from_config(cfg.parallel)
-    ranks = layout_memory(cfg, imbalance, gpu_attention)
+    ranks = layout_memory(cfg, imbalance, gpu_attention, log)
     peak = max(r["peak_bytes"] for r in ranks)
     return {"world_size": dims.world_size, "device_memory_bytes": device_memory, "micro_batch_num": dims.micro_batch_num,
             "schedule": dims.schedule if dims.pp > 1 else None, "seq_length": cfg.data.seq_length,
@@ -62,7 +128,8 @@ def report(cfg, device_memory: int, imbalance: float = 1.5, gpu_attention: bool 
             "recompute_layers": cfg.parallel.recompute_layers, "pp_layer_offset": cfg.parallel.pp_layer_offset,
             "optimizer_state_dtype": cfg.optimizer.state_dtype, "precision": cfg.train.precision,
             "model_params": sum(r["stage_params"] for r in ranks), "ranks": ranks, "max_peak_bytes": peak, "max_peak_rank": max(ranks, key=lambda r: r["peak_bytes"])["rank"],
-            "fits": peak <= device_memory}
+            "headroom": headroom, "usable_bytes": int(usable(device_memory, headroom)),
+            "fits": peak <= usable(device_memory, headroom)}
 
 
 def print_table(rep: dict, out=None) -> None:
@@ -85,21 +152,24 @@ def print_table(rep: dict, out=None) -> None:
           f"({rep['schedule'] or 'no pipeline'}); 'act/mb' one micro-batch, seq {rep['seq_length']} x {rep['micro_batch_size']}, "
           f"recompute {rep['recompute']} {rep['recompute_layers'] or ''}; 'dispatch' MoE all-to-all at {rep['ranks'][0]['moe_imbalance']}x "
           f"the mean load; 'other' FSDP gathered weights, a gradient before its reduce, bf16 weight copies)", file=out)
-    verdict = "fits" if rep["fits"] else "does NOT fit"
-    print(f"largest rank {rep['max_peak_rank']}: peak {gib(rep['max_peak_bytes'])} GiB of {gib(rep['device_memory_bytes'])} GiB "
-          f"-> {verdict} ({rep['world_size']} ranks; the stages hold {rep['model_params'] / 1e9:.1f}B parameters)", file=out)
+    if rep["fits"]:
+        verdict = "fits"
+    elif rep["max_peak_bytes"] <= rep["device_memory_bytes"]:
+        verdict = "does NOT fit within the headroom (use --headroom 0 to accept a plan without margin: the dry-run's error reaches 12%)"
+    else:
+        verdict = "does NOT fit"
+    print(f"largest rank {rep['max_peak_rank']}: peak {gib(rep['max_peak_bytes'])} GiB of {gib(rep['usable_bytes'])} GiB usable "
+          f"= {gib(rep['device_memory_bytes'])} GiB ({rep.get('device_memory_source', '--device-memory')}) less "
+          f"{rep['headroom']:.0%} headroom -> {verdict} ({rep['world_size']} ranks; the stages hold {rep['model_params'] / 1e9:.1f}B parameters)", file=out)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dsv3.config.train import load_run_config
-
-    cfg = load_run_config(args.config, args.overrides)
+    cfg, memory, source = load_layout(args)
     torch.set_num_threads(1)
-    if args.imbalance < 1:
-        raise UserError(f"--imbalance {args.imbalance}: the busiest rank carries at least the mean load (>= 1)")
-    rep = report(cfg, parse_bytes(args.device_memory), args.imbalance, not args.cpu_attention)
+    rep = report(cfg, memory, args.imbalance, not args.cpu_attention, args.headroom, lambda m: progress(f"dryrun: {m}"))
+    rep["device_memory_source"] = source
     if args.json == "-":
         print(json.dumps(rep, indent=1))
         return 0

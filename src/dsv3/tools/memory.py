@@ -241,5 +241,7 @@ def layout_memory(cfg, imbalance: float = 1.5, gpu_attention: bool = True, log=N
         out.append(rank_memory(cfg, states, profile, imbalance))
         out[-1]["represents"] = dims.dp * dims.tp
         if log:
-            log(f"rank {r}: pipeline rank {states['pp_stage']}, layers {states['layers']}")
+            lay = states["layers"]
+            log(f"pipeline rank {states['pp_stage'] + 1} of {dims.pp} measured (rank {r}, "
+                f"layers {f'{lay[0]}-{lay[-1]}' if lay else 'none'}{' + MTP' if states['mtp'] else ''})")
     return out
