@@ -23,7 +23,7 @@ import torch
 
 from dsv3.config.schema import ModelConfig
 from dsv3.infer import guided
-from dsv3.infer.kv_cache import PagedLatentCache
+from dsv3.infer.kv_cache import PagedLatentCache, salt_digest
 from dsv3.infer.loading import (default_device, encode_text, load_model, load_tokenizer_for,  # noqa: F401 (re-exported)
                                 quantize_once, resolve_dtype)
 from dsv3.infer.outputs import RequestOutput
@@ -156,11 +156,14 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
         return encode_text(self.tokenizer, text, add_bos)
 
     def add_request(self, request_id: str, prompt: Optional[str] = None, prompt_token_ids: Optional[list[int]] = None,
-                    params: Optional[SamplingParams] = None) -> None:
-        """Queue a request. Raises ValueError (for this request only) on bad input."""
+                    params: Optional[SamplingParams] = None, cache_salt: Optional[str] = None) -> None:
+        """Queue a request. Raises ValueError (for this request only) on bad input. `cache_salt` (vLLM's
+        name): the request shares prefix-cache blocks only with requests of the same salt."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be None or a non-empty string, got {cache_salt!r:.60}")
         vocab = self.model_config.vocab_size
         params.validate(vocab)
         if prompt_token_ids is None:
@@ -178,12 +181,13 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
             raise ValueError(f"prompt has {len(ids)} tokens; this engine's max_model_len is {self.max_model_len} "
                              f"(prompt + at least one new token must fit)")
         req = _Request(request_id, prompt, ids, params)
+        salt = salt_digest(cache_salt)
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(params.seed + i)
-            seq = Sequence(next(self._seq_ids), request_id, i, params, list(ids), len(ids), gen)
+            seq = Sequence(next(self._seq_ids), request_id, i, params, list(ids), len(ids), gen, cache_salt=salt)
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
             seq.want_prompt_logprobs = params.prompt_logprobs is not None and i == 0

@@ -115,7 +115,7 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- asyncio side
     async def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                          params) -> "RequestStream":
+                          params, cache_salt: str | None = None) -> "RequestStream":
         """Add a request; return its output stream once the engine accepted it.
 
         Raises ValueError (from `engine.add_request`) for input the engine rejects, and
@@ -125,7 +125,7 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params)
         self._streams[request_id] = stream
         try:
-            self.engine.add_request(request_id, prompt, prompt_token_ids, params)
+            self.engine.add_request(request_id, prompt, prompt_token_ids, params, cache_salt=cache_salt)
         except BaseException:
             self._streams.pop(request_id, None)
             raise

@@ -33,7 +33,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
         for p in prompts:  # validate everything before the first request is added
             make_params(p)
-        started = await self._start(prompts, make_params)
+        started = await self._start(prompts, make_params, req.cache_salt)
         request_id = random_id("cmpl")
         prompt_tokens = sum(len(p.ids) for p in prompts)
         if req.stream:
