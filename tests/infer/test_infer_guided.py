@@ -163,3 +163,18 @@ def test_missing_llguidance_is_one_install_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import fails as if not installed
     with pytest.raises(ValueError, match=r"pip install dsv3\[serve\]"):
         SamplingParams(guided_decoding=GuidedDecodingParams(regex="a+")).validate()
+
+
+def test_failing_grammar_ends_its_sequence_only(engine):
+    """Same batch: the grammar that hits llguidance's lexer limit ends its own sequence with 'error'
+    (one line, nothing of the grammar); the sequence beside it runs to max_tokens; the failed template
+    left the cache, so the same grammar fails the same way again (never a silent empty output)."""
+    bad = GuidedDecodingParams(regex="(a{1000}){1003}")
+    for _ in range(2):
+        outs = _run(engine, ["innocent", "attacker"], [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                                       SamplingParams(temperature=0, max_tokens=12, guided_decoding=bad)])
+        (ok,), (failed,) = outs
+        assert ok.finish_reason == "length" and len(ok.token_ids) == 12 and ok.error is None
+        assert failed.finish_reason == "error" and len(failed.token_ids) < 12 and set(failed.text) <= {"a"}
+        assert failed.error.startswith("guided decoding failed") and "\n" not in failed.error and "1003" not in failed.error
+    assert engine.cache_info()["used_blocks"] == 0

@@ -349,8 +349,16 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
 
     def _append(self, seq: Sequence, tok: int) -> None:
         p = seq.params
+        grammar_done = False
+        if seq.guide is not None and seq.error is None:
+            try:
+                grammar_done = guided.advance(seq.guide, tok)
+            except guided.GuidanceError as e:
+                seq.error = str(e)
+        if seq.error is not None:  # this sequence's grammar failed: it alone ends, without the token
+            self._grammars.forget(p.guided_decoding)
+            return self._finish(seq, "error")
         seq.token_ids.append(tok)
-        grammar_done = seq.guide is not None and guided.advance(seq.guide, tok)
         # (before min_tokens these ids were masked out of the logits, so they cannot appear here)
         is_stop_id = (tok in self.eos_ids and not p.ignore_eos) or tok in (p.stop_token_ids or ())
         if not is_stop_id or p.include_stop_str_in_output:

@@ -62,6 +62,7 @@ class Sequence:
     draft_q: Any = None  # the distribution [V] the draft was drawn from (rejection sampling needs it)
     want_prompt_logprobs: bool = False
     guide: Any = None  # the grammar matcher of a guided-decoding request (dsv3.infer.guided)
+    error: Optional[str] = None  # set when this sequence alone failed (its grammar); it then finishes with 'error'
     # prefix caching: the first block's parent digest (`kv_cache.salt_digest` of the request's cache
     # salt), content digests of the full blocks, how many of the table's blocks are registered, and
     # the prompt tokens the first admission found in the cache (None before it is admitted)

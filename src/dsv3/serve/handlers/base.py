@@ -160,6 +160,8 @@ class OpenAIServing:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 last = out
+                if out.outputs and out.outputs[0].finish_reason == "error":  # this request alone failed
+                    raise APIError(out.outputs[0].error or "this request failed while decoding", 400)
                 yield out
         finally:
             stream.close()
