@@ -192,7 +192,7 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
             seq.want_prompt_logprobs = params.prompt_logprobs is not None and i == 0
             if params.guided_decoding is not None:
-                seq.guide = self._grammar_matcher(params)
+                seq.guide = self._grammar_matcher(params, self._guide_budget(params, len(ids)))
             if self.tokenizer is not None and hasattr(self.tokenizer, "incremental_decoder"):
                 seq.detok = self.tokenizer.incremental_decoder(params.skip_special_tokens)
             req.seqs.append(seq)
@@ -201,11 +201,15 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._new.append(req)
 
-    def _grammar_matcher(self, params: SamplingParams):
-        """A fresh matcher of the request's grammar (compiled once per grammar, then copied)."""
+    def _grammar_matcher(self, params: SamplingParams, budget: Optional[int] = None):
+        """A fresh matcher of the request's grammar (compiled once per grammar and budget, then copied)."""
         if self._grammars is None:
             self._grammars = guided.GrammarCompiler(self.tokenizer, self.model_config.vocab_size, list(self.eos_ids))
-        return self._grammars.matcher(params.guided_decoding)
+        return self._grammars.matcher(params.guided_decoding, budget)
+
+    def _guide_budget(self, params: SamplingParams, num_prompt_tokens: int) -> int:
+        """Tokens a sequence may write: guided JSON is narrowed to close within them."""
+        return min(params.max_tokens, self.max_model_len - num_prompt_tokens)
 
     def abort_request(self, request_id: str | Seq[str]) -> None:
         """Stop a request; its blocks are freed at the start of the next step, which reports it as 'abort'."""
@@ -356,7 +360,7 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
             except guided.GuidanceError as e:
                 seq.error = str(e)
         if seq.error is not None:  # this sequence's grammar failed: it alone ends, without the token
-            self._grammars.forget(p.guided_decoding)
+            self._grammars.forget(p.guided_decoding, self._guide_budget(p, seq.num_prompt_tokens))
             return self._finish(seq, "error")
         seq.token_ids.append(tok)
         # (before min_tokens these ids were masked out of the logits, so they cannot appear here)

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from dsv3.infer import json_budget
+
 INSTALL_HINT = "guided decoding (structured output) needs the llguidance package: pip install dsv3[serve]"
 JSON_DEFAULTS = {"whitespace_flexible": False}
 _CACHE_SIZE = 128
@@ -216,15 +218,16 @@ class GrammarCompiler:
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()  # add_request may run in several threads
 
-    def matcher(self, g: Any):
+    def matcher(self, g: Any, budget: int | None = None):
+        """A fresh matcher of `g`; with `budget` (the tokens the sequence may still write) a JSON
+        grammar is narrowed so that every output closes within it (`json_budget.bound_schema`)."""
         with self._lock:
-            return self._matcher(g)
+            return self._matcher(_budgeted_key(g, budget))
 
-    def _matcher(self, g: Any):
+    def _matcher(self, key: tuple[str, str]):
         llg = _llguidance()
         if self._lltok is None:
             self._lltok = ll_tokenizer(self._tokenizer, self.vocab_size, self.eos_ids)
-        key = grammar_key(g)
         template = self._compiled.get(key)
         if template is None:
             template = llg.LLMatcher(self._lltok, grammar_text(*key), log_level=0, limits=_limits())
@@ -237,10 +240,29 @@ class GrammarCompiler:
             self._compiled.move_to_end(key)
         return template.deep_copy()
 
-    def forget(self, g: Any) -> None:
+    def forget(self, g: Any, budget: int | None = None) -> None:
         """Drop a grammar whose matcher failed while decoding: the next request compiles it afresh."""
         with self._lock:
-            self._compiled.pop(grammar_key(g), None)
+            self._compiled.pop(_budgeted_key(g, budget), None)
+
+
+def _budgeted_key(g: Any, budget: int | None) -> tuple[str, str]:
+    """The grammar key, a JSON schema (or json_object) narrowed to close within `budget` tokens,
+    rounded down to 2**k or 1.5 * 2**k so that many budgets share each compiled grammar."""
+    kind, text = grammar_key(g)
+    if budget is None or budget < 1 or kind not in ("json", "json_object"):
+        return kind, text
+    q = 1 << (budget.bit_length() - 1)
+    q += q // 2 if budget >= q + q // 2 else 0
+    return "json", _bounded_text(text if kind == "json" else '{"type": "object"}', q)
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _bounded_text(text: str, budget: int) -> str:
+    try:
+        return json.dumps(json_budget.bound_schema(json.loads(text), budget))
+    except json_budget.Unbounded:  # documented: such a schema may still end at max_tokens ("length")
+        return text
 
 
 _BITS = torch.tensor([[(byte >> b) & 1 for b in range(8)] for byte in range(256)], dtype=torch.bool)  # byte -> its 8 bits
