@@ -178,3 +178,12 @@ def test_failing_grammar_ends_its_sequence_only(engine):
         assert failed.finish_reason == "error" and len(failed.token_ids) < 12 and set(failed.text) <= {"a"}
         assert failed.error.startswith("guided decoding failed") and "\n" not in failed.error and "1003" not in failed.error
     assert engine.cache_info()["used_blocks"] == 0
+
+
+def test_choice_over_the_parsers_row_limit(engine):
+    """5000 strings (llguidance allows 2000 items per parser row: as rule alternatives they failed on
+    the first token) decode as one terminal."""
+    choices = [f"c{i}" for i in range(5000)]
+    (c,), = _run(engine, ["pick:"], [SamplingParams(temperature=1.0, seed=0, max_tokens=8,
+                                                    guided_decoding=GuidedDecodingParams(choice=choices))])
+    assert c.finish_reason == "stop" and c.text in choices

@@ -67,10 +67,7 @@ def test_failing_grammar_fails_alone_and_again_the_same_way(server):
     assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) == 6, ok.text
 
 
-def test_many_choices_decode_and_too_many_are_one_line(server):
-    choices = [f"c{i}" for i in range(5000)]  # over the parser's 2000 items per row: one terminal now
-    r = _post(server, {"prompt": "x", "max_tokens": 8, "guided_choice": choices})
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] in choices, r.text
+def test_too_many_choices_is_one_line_without_panic_text(server):
     r = _post(server, {"prompt": "x", "max_tokens": 2, "guided_choice": [f"c{i}" for i in range(20_000)]})
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
