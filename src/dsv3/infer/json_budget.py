@@ -33,6 +33,7 @@ _UNSUPPORTED = ("$ref", "allOf", "not", "if", "then", "else", "prefixItems", "ad
                 "patternProperties", "propertyNames", "minProperties", "x-guidance")
 _CHAR_BYTES = 6  # a JSON string character: up to 4 bytes of UTF-8, or a 6-byte \u00XX escape
 _KEY_PATTERN, _KEY_CHARS = "^[A-Za-z0-9_]{1,16}$", 16
+_SHAPED_CHARS = 64  # the least maxLength of a string with a pattern or format (a date-time, a uuid)
 _NUMBER_STEP = 0.25  # exact in binary floating point, so jsonschema's multipleOf check is exact too
 
 
@@ -111,8 +112,9 @@ def _implied_type(s: dict) -> Any:
 def _bound_type(s: dict, kind: Any, caps: Caps, depth: int) -> tuple[dict, int]:
     out = dict(s)
     if kind == "string":
-        lo = int(s.get("minLength", 0))
-        out["maxLength"] = max(lo, min(int(s.get("maxLength", caps.chars)), caps.chars))
+        # a pattern or format may need some characters: never fewer than _SHAPED_CHARS for those
+        cap = max(caps.chars, _SHAPED_CHARS if "pattern" in s or "format" in s else 0)
+        out["maxLength"] = max(int(s.get("minLength", 0)), min(int(s.get("maxLength", cap)), cap))
         return out, 2 + _CHAR_BYTES * out["maxLength"]
     if kind in ("integer", "number"):
         limit = 10 ** caps.digits - 1
@@ -146,6 +148,9 @@ def _bound_object(s: dict, out: dict, caps: Caps, depth: int) -> tuple[dict, int
     props = s.get("properties") or {}
     if not isinstance(props, dict):
         raise Unbounded("properties must be an object")
+    missing = set(s.get("required") or ()) - set(props)
+    if missing:
+        raise Unbounded(f"required properties without a schema: {sorted(missing)[:3]}")
     sizes = []
     out["properties"] = {}
     for name, sub in props.items():
