@@ -221,24 +221,23 @@ class GrammarCompiler:
     def matcher(self, g: Any, budget: int | None = None):
         """A fresh matcher of `g`; with `budget` (the tokens the sequence may still write) a JSON
         grammar is narrowed so that every output closes within it (`json_budget.bound_schema`)."""
+        key = _budgeted_key(g, budget)
         with self._lock:
-            return self._matcher(_budgeted_key(g, budget))
-
-    def _matcher(self, key: tuple[str, str]):
-        llg = _llguidance()
-        if self._lltok is None:
-            self._lltok = ll_tokenizer(self._tokenizer, self.vocab_size, self.eos_ids)
-        template = self._compiled.get(key)
-        if template is None:
-            template = llg.LLMatcher(self._lltok, grammar_text(*key), log_level=0, limits=_limits())
-            if template.is_error():
-                raise ValueError(f"guided_decoding.{key[0]}: {_one_line(template.get_error())}")
+            if self._lltok is None:
+                self._lltok = ll_tokenizer(self._tokenizer, self.vocab_size, self.eos_ids)
+            lltok, template = self._lltok, self._compiled.get(key)
+            if template is not None:
+                self._compiled.move_to_end(key)
+                return template.deep_copy()
+        # compiled outside the lock: a slow grammar (seconds) does not hold up other requests' cache hits
+        template = _llguidance().LLMatcher(lltok, grammar_text(*key), log_level=0, limits=_limits())
+        if template.is_error():
+            raise ValueError(f"guided_decoding.{key[0]}: {_one_line(template.get_error())}")
+        with self._lock:
             self._compiled[key] = template
             if len(self._compiled) > _CACHE_SIZE:
                 self._compiled.popitem(last=False)
-        else:
-            self._compiled.move_to_end(key)
-        return template.deep_copy()
+            return template.deep_copy()
 
     def forget(self, g: Any, budget: int | None = None) -> None:
         """Drop a grammar whose matcher failed while decoding: the next request compiles it afresh."""
