@@ -8,7 +8,7 @@ whose instances all validate against `schema` (it only narrows) and are at most 
 compact form the grammar generates:
 
 - strings get a `maxLength`, arrays a `maxItems`, integers and numbers bounds (numbers also
-  `multipleOf: 0.25` when they have none: a fraction with finitely many digits);
+  `multipleOf: 0.01` when they have none: at most two decimals);
 - objects with declared properties get `additionalProperties: false`; an object with none (as
   `{"type": "object"}`) keeps up to a few extra properties with short `[A-Za-z0-9_]` names and scalar
   values; any value (`{}` / `true`) becomes a short scalar;
@@ -34,7 +34,7 @@ _UNSUPPORTED = ("$ref", "allOf", "not", "if", "then", "else", "prefixItems", "ad
 _CHAR_BYTES = 6  # a JSON string character: up to 4 bytes of UTF-8, or a 6-byte \u00XX escape
 _KEY_PATTERN, _KEY_CHARS = "^[A-Za-z0-9_]{1,16}$", 16
 _SHAPED_CHARS = 64  # the least maxLength of a string with a pattern or format (a date-time, a uuid)
-_NUMBER_STEP = 0.25  # exact in binary floating point, so jsonschema's multipleOf check is exact too
+_NUMBER_STEP = 0.01  # llguidance checks multipleOf in decimal: at most 2 decimals, no trailing zero
 
 
 class Unbounded(ValueError):
@@ -128,7 +128,7 @@ def _bound_type(s: dict, kind: Any, caps: Caps, depth: int) -> tuple[dict, int]:
         step = repr(float(out["multipleOf"]))
         if "e" in step:
             raise Unbounded(f"multipleOf {out['multipleOf']} has too many decimals")
-        return out, whole + 1 + len(step.split(".")[1]) + 2  # point, decimals, slack for a trailing 0
+        return out, whole + 1 + len(step.split(".")[1])  # the point and the decimals
     if kind == "boolean":
         return out, 5
     if kind == "null":
