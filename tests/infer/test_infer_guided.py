@@ -163,3 +163,49 @@ def test_missing_llguidance_is_one_install_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import fails as if not installed
     with pytest.raises(ValueError, match=r"pip install dsv3\[serve\]"):
         SamplingParams(guided_decoding=GuidedDecodingParams(regex="a+")).validate()
+
+
+def test_failing_grammar_ends_its_sequence_only(engine):
+    """Same batch: the grammar that hits llguidance's lexer limit ends its own sequence with 'error'
+    (one line, nothing of the grammar); the sequence beside it runs to max_tokens; the failed template
+    left the cache, so the same grammar fails the same way again (never a silent empty output)."""
+    bad = GuidedDecodingParams(regex="(a{1000}){1003}")
+    for _ in range(2):
+        outs = _run(engine, ["innocent", "attacker"], [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                                       SamplingParams(temperature=0, max_tokens=12, guided_decoding=bad)])
+        (ok,), (failed,) = outs
+        assert ok.finish_reason == "length" and len(ok.token_ids) == 12 and ok.error is None
+        assert failed.finish_reason == "error" and len(failed.token_ids) < 12 and set(failed.text) <= {"a"}
+        assert failed.error.startswith("guided decoding failed") and "\n" not in failed.error and "1003" not in failed.error
+    assert engine.cache_info()["used_blocks"] == 0
+
+
+def test_choice_over_the_parsers_row_limit(engine):
+    """5000 strings (llguidance allows 2000 items per parser row: as rule alternatives they failed on
+    the first token) decode as one terminal."""
+    choices = [f"c{i}" for i in range(5000)]
+    (c,), = _run(engine, ["pick:"], [SamplingParams(temperature=1.0, seed=0, max_tokens=8,
+                                                    guided_decoding=GuidedDecodingParams(choice=choices))])
+    assert c.finish_reason == "stop" and c.text in choices
+
+
+OPEN_SCHEMAS = [
+    {"type": "object", "properties": {"when": {"type": "string", "format": "date"}, "note": {"type": "string"}},
+     "required": ["when"]},
+    {"type": "array", "items": {"type": "object", "properties": {"k": {"enum": ["a", "b"]}, "v": {"type": "number"}},
+                                "required": ["k", "v"]}, "minItems": 1},
+    {"type": "object", "properties": {"meta": {"type": "object"}, "ids": {"type": "array", "items": {"type": "integer"}}},
+     "required": ["meta", "ids"]},
+    {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"x": {"type": ["string", "null"]}}}]},
+]
+
+
+@pytest.mark.parametrize("schema", OPEN_SCHEMAS)
+def test_open_schemas_close_within_max_tokens(engine, schema):
+    """Whatever a schema leaves open, sampled output of a random model closes within max_tokens and validates."""
+    g = GuidedDecodingParams(json=schema)
+    outs = _run(engine, ["data:"] * 4, [SamplingParams(temperature=1.0, seed=i, max_tokens=64, guided_decoding=g)
+                                        for i in range(4)])
+    for (c,) in outs:
+        assert c.finish_reason == "stop", c.text
+        jsonschema.validate(json.loads(c.text), schema)

@@ -23,7 +23,7 @@ import torch
 
 from dsv3.config.schema import ModelConfig
 from dsv3.infer import guided
-from dsv3.infer.kv_cache import PagedLatentCache
+from dsv3.infer.kv_cache import PagedLatentCache, salt_digest
 from dsv3.infer.loading import (default_device, encode_text, load_model, load_tokenizer_for,  # noqa: F401 (re-exported)
                                 quantize_once, resolve_dtype)
 from dsv3.infer.outputs import RequestOutput
@@ -156,11 +156,14 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
         return encode_text(self.tokenizer, text, add_bos)
 
     def add_request(self, request_id: str, prompt: Optional[str] = None, prompt_token_ids: Optional[list[int]] = None,
-                    params: Optional[SamplingParams] = None) -> None:
-        """Queue a request. Raises ValueError (for this request only) on bad input."""
+                    params: Optional[SamplingParams] = None, cache_salt: Optional[str] = None) -> None:
+        """Queue a request. Raises ValueError (for this request only) on bad input. `cache_salt` (vLLM's
+        name): the request shares prefix-cache blocks only with requests of the same salt."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be None or a non-empty string, got {cache_salt!r:.60}")
         vocab = self.model_config.vocab_size
         params.validate(vocab)
         if prompt_token_ids is None:
@@ -178,17 +181,18 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
             raise ValueError(f"prompt has {len(ids)} tokens; this engine's max_model_len is {self.max_model_len} "
                              f"(prompt + at least one new token must fit)")
         req = _Request(request_id, prompt, ids, params)
+        salt = salt_digest(cache_salt)
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(params.seed + i)
-            seq = Sequence(next(self._seq_ids), request_id, i, params, list(ids), len(ids), gen)
+            seq = Sequence(next(self._seq_ids), request_id, i, params, list(ids), len(ids), gen, cache_salt=salt)
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
             seq.want_prompt_logprobs = params.prompt_logprobs is not None and i == 0
             if params.guided_decoding is not None:
-                seq.guide = self._grammar_matcher(params)
+                seq.guide = self._grammar_matcher(params, self._guide_budget(params, len(ids)))
             if self.tokenizer is not None and hasattr(self.tokenizer, "incremental_decoder"):
                 seq.detok = self.tokenizer.incremental_decoder(params.skip_special_tokens)
             req.seqs.append(seq)
@@ -197,11 +201,15 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._new.append(req)
 
-    def _grammar_matcher(self, params: SamplingParams):
-        """A fresh matcher of the request's grammar (compiled once per grammar, then copied)."""
+    def _grammar_matcher(self, params: SamplingParams, budget: Optional[int] = None):
+        """A fresh matcher of the request's grammar (compiled once per grammar and budget, then copied)."""
         if self._grammars is None:
             self._grammars = guided.GrammarCompiler(self.tokenizer, self.model_config.vocab_size, list(self.eos_ids))
-        return self._grammars.matcher(params.guided_decoding)
+        return self._grammars.matcher(params.guided_decoding, budget)
+
+    def _guide_budget(self, params: SamplingParams, num_prompt_tokens: int) -> int:
+        """Tokens a sequence may write: guided JSON is narrowed to close within them."""
+        return min(params.max_tokens, self.max_model_len - num_prompt_tokens)
 
     def abort_request(self, request_id: str | Seq[str]) -> None:
         """Stop a request; its blocks are freed at the start of the next step, which reports it as 'abort'."""
@@ -345,8 +353,16 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
 
     def _append(self, seq: Sequence, tok: int) -> None:
         p = seq.params
+        grammar_done = False
+        if seq.guide is not None and seq.error is None:
+            try:
+                grammar_done = guided.advance(seq.guide, tok)
+            except guided.GuidanceError as e:
+                seq.error = str(e)
+        if seq.error is not None:  # this sequence's grammar failed: it alone ends, without the token
+            self._grammars.forget(p.guided_decoding, self._guide_budget(p, seq.num_prompt_tokens))
+            return self._finish(seq, "error")
         seq.token_ids.append(tok)
-        grammar_done = seq.guide is not None and guided.advance(seq.guide, tok)
         # (before min_tokens these ids were masked out of the logits, so they cannot appear here)
         is_stop_id = (tok in self.eos_ids and not p.ignore_eos) or tok in (p.stop_token_ids or ())
         if not is_stop_id or p.include_stop_str_in_output:

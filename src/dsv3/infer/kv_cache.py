@@ -9,6 +9,9 @@ any length share the pool without padding, and a finished or preempted sequence 
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
@@ -21,8 +24,9 @@ from dsv3.config.schema import ModelConfig
 class BlockAllocator:
     """Reference-counted block ids with an automatic prefix cache. Host-side only; the tensors never move.
 
-    A full block whose latents are computed can be registered under its content hash (a hash of the
-    parent block's hash and the block's token ids, so it names the whole prefix up to the block's end).
+    A full block whose latents are computed can be registered under its content digest (`block_digest`:
+    a keyed BLAKE2b of the parent block's digest and the block's token ids, so it names the whole prefix
+    up to the block's end, and a request cannot craft another prefix with the same key).
     When its last user releases it, a registered block stays in the free queue with its contents
     intact: a later sequence with the same prefix takes it back (`share`) instead of recomputing it.
     Allocation takes free blocks from the front of the queue: never-registered blocks first, then
@@ -32,8 +36,8 @@ class BlockAllocator:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self.refs = [0] * num_blocks
-        self.block_hash: list[Optional[int]] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # content hash -> block id
+        self.block_hash: list[Optional[bytes]] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # content digest -> block id
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # eviction order
 
     @property
@@ -70,7 +74,7 @@ class BlockAllocator:
                 del self._free[b]
             self.refs[b] += 1
 
-    def lookup(self, hashes: list[int]) -> list[int]:
+    def lookup(self, hashes: list[bytes]) -> list[int]:
         """The cached blocks of the longest prefix of `hashes` (consecutive hits from the start)."""
         out = []
         for h in hashes:
@@ -80,10 +84,28 @@ class BlockAllocator:
             out.append(b)
         return out
 
-    def register(self, block: int, h: int) -> None:
+    def register(self, block: int, h: bytes) -> None:
         if h not in self.cached and self.block_hash[block] is None:
             self.cached[h] = block
             self.block_hash[block] = h
+
+
+_DIGEST_KEY = os.urandom(32)  # per process: digests cannot be computed (or searched for collisions) offline
+
+
+def salt_digest(salt: Optional[str]) -> bytes:
+    """The parent digest of a sequence's first block: a fixed root, or one per cache salt (a request's
+    `cache_salt`, the server's per-API-key scope), so prefixes under different salts never share a block."""
+    if salt is None:
+        return bytes(32)
+    return hashlib.blake2b(b"salt\0" + salt.encode("utf-8", "surrogatepass"), digest_size=32, key=_DIGEST_KEY).digest()
+
+
+def block_digest(parent: bytes, tokens: list[int]) -> bytes:
+    """The prefix-cache key of a full block: keyed BLAKE2b-256 over the parent digest (32 bytes) and the
+    block's token ids as int64. Python's `hash` of a tuple was searchable for collisions in CPU-minutes
+    (vLLM's CVE-2025-25183): two prompts with one key would share latents and continuations."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=32, key=_DIGEST_KEY).digest()
 
 
 @dataclass
@@ -140,21 +162,23 @@ class PagedLatentCache:
         self.allocator.free(table)
         table.clear()
 
-    # ---- automatic prefix caching (full blocks by content hash)
-    def block_hashes(self, token_ids: list[int], hashes: list[int], num_blocks: int) -> list[int]:
-        """Extend `hashes` (the sequence's, kept across steps) to its first `num_blocks` full blocks."""
+    # ---- automatic prefix caching (full blocks by content digest)
+    def block_hashes(self, token_ids: list[int], hashes: list[bytes], num_blocks: int, salt: bytes = bytes(32)) -> list[bytes]:
+        """Extend `hashes` (the sequence's, kept across steps) to its first `num_blocks` full blocks;
+        `salt` (`salt_digest`) is the first block's parent."""
         bs = self.block_size
         for i in range(len(hashes), num_blocks):
-            hashes.append(hash((hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs]))))
+            hashes.append(block_digest(hashes[-1] if hashes else salt, token_ids[i * bs : (i + 1) * bs]))
         return hashes[:num_blocks]
 
-    def admit(self, token_ids: list[int], table: list[int], hashes: list[int], use_cache: bool) -> Optional[int]:
+    def admit(self, token_ids: list[int], table: list[int], hashes: list[bytes], use_cache: bool,
+              salt: bytes = bytes(32)) -> Optional[int]:
         """Blocks for a sequence that (re)starts: its cached prefix blocks, then fresh ones for the rest.
         -> tokens already in the cache (their latents need no compute), or None if it does not fit now.
         The last token is never taken from the cache: its logits are what the sequence needs next."""
         hits: list[int] = []
         if use_cache and self.prefix_caching:
-            hits = self.allocator.lookup(self.block_hashes(token_ids, hashes, (len(token_ids) - 1) // self.block_size))
+            hits = self.allocator.lookup(self.block_hashes(token_ids, hashes, (len(token_ids) - 1) // self.block_size, salt))
         need = self.blocks_needed(len(token_ids), len(hits))
         if need > self.allocator.num_free - sum(1 for b in hits if self.allocator.refs[b] == 0):
             return None
@@ -163,12 +187,13 @@ class PagedLatentCache:
         table.extend(self.allocator.allocate(need))
         return len(hits) * self.block_size
 
-    def register(self, token_ids: list[int], table: list[int], hashes: list[int], first: int, num_computed: int) -> int:
+    def register(self, token_ids: list[int], table: list[int], hashes: list[bytes], first: int, num_computed: int,
+                 salt: bytes = bytes(32)) -> int:
         """Register the sequence's full, computed blocks from block `first` on -> the new count registered."""
         if not self.prefix_caching:
             return first
         n = num_computed // self.block_size
-        for i, h in enumerate(self.block_hashes(token_ids, hashes, n)[first:], start=first):
+        for i, h in enumerate(self.block_hashes(token_ids, hashes, n, salt)[first:], start=first):
             self.allocator.register(table[i], h)
         return max(first, n)
 

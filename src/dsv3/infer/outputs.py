@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass
@@ -42,11 +42,14 @@ class CompletionOutput:
     logprobs: Optional[SampleLogprobs] = None
     """Per generated token, top-n logprobs plus the chosen token; None when not requested."""
     finish_reason: Optional[FinishReason] = None
-    """'stop' (eos / stop id / stop string), 'length' (max_tokens or context), 'abort', or None while running."""
+    """'stop' (eos / stop id / stop string), 'length' (max_tokens or context), 'abort', 'error' (this
+    completion alone failed: its grammar hit a limit; see `error`), or None while running."""
     stop_reason: int | str | None = None
     """The stop string or stop token id that ended it (None for eos, length, running)."""
     cumulative_logprob: Optional[float] = None
     """Sum of the chosen tokens' logprobs (only when logprobs were requested)."""
+    error: Optional[str] = None
+    """Why a completion finished with 'error' (one line about this request only)."""
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -65,7 +65,9 @@ class PostprocessMixin:
             logits = logits.clone()
             logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
         if g_rows:
-            logits = guided.mask_rows(logits, g_rows, g_matchers, g_bans)
+            logits, failed = guided.mask_rows(logits, g_rows, g_matchers, g_bans)
+            for i, message in failed.items():  # `_append` ends these sequences (nothing else in the batch)
+                seqs[g_rows[i]].error = message
         return logits
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
@@ -118,7 +120,7 @@ class PostprocessMixin:
                 index=s.index, text=text, token_ids=list(s.output_ids),
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                cumulative_logprob=s.cumulative_logprob))
+                cumulative_logprob=s.cumulative_logprob, error=s.error))
         plp = list(req.prompt_logprobs) if req.prompt_logprobs is not None else None
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished,
                              num_cached_tokens=req.seqs[0].num_cached_tokens or 0,

@@ -62,9 +62,12 @@ class Sequence:
     draft_q: Any = None  # the distribution [V] the draft was drawn from (rejection sampling needs it)
     want_prompt_logprobs: bool = False
     guide: Any = None  # the grammar matcher of a guided-decoding request (dsv3.infer.guided)
-    # prefix caching: content hashes of the full blocks, how many of the table's blocks are registered,
-    # and the prompt tokens the first admission found in the cache (None before it is admitted)
-    block_hashes: list[int] = field(default_factory=list)
+    error: Optional[str] = None  # set when this sequence alone failed (its grammar); it then finishes with 'error'
+    # prefix caching: the first block's parent digest (`kv_cache.salt_digest` of the request's cache
+    # salt), content digests of the full blocks, how many of the table's blocks are registered, and
+    # the prompt tokens the first admission found in the cache (None before it is admitted)
+    cache_salt: bytes = bytes(32)
+    block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0
     num_cached_tokens: Optional[int] = None
     # speculative decoding: this sequence's drafts verified and accepted
@@ -140,13 +143,13 @@ class Scheduler:
         after every step for the running sequences, so concurrent requests share a prefix early)."""
         if seq.block_table:
             seq.num_registered = self.cache.register(seq.token_ids, seq.block_table, seq.block_hashes,
-                                                     seq.num_registered, seq.num_computed)
+                                                     seq.num_registered, seq.num_computed, seq.cache_salt)
 
     def _admit(self, seq: Sequence) -> bool:
         """Blocks for a waiting sequence, cached prefix blocks first; False if it does not fit yet.
         A request that wants prompt logprobs computes its whole prompt (it needs every position's logits)."""
         use_cache = self.cache.prefix_caching and not seq.want_prompt_logprobs
-        cached = self.cache.admit(seq.token_ids, seq.block_table, seq.block_hashes, use_cache)
+        cached = self.cache.admit(seq.token_ids, seq.block_table, seq.block_hashes, use_cache, seq.cache_salt)
         if cached is None:
             return False
         seq.num_computed = cached

@@ -20,6 +20,7 @@ when no request explains the failure (a real engine fault) do all in-flight requ
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -131,7 +132,7 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- asyncio side
     async def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                          params) -> "RequestStream":
+                          params, cache_salt: str | None = None) -> "RequestStream":
         """Add a request; return its output stream once the engine accepted it.
 
         Raises ValueError (from `engine.add_request`) for input the engine rejects, and
@@ -142,7 +143,8 @@ class AsyncEngine:
         stream = _Stream(loop, asyncio.Queue(), params)
         self._streams[request_id] = stream
         # in a worker thread: it builds the request's grammar matcher (seconds for a large schema)
-        added = loop.run_in_executor(None, self.engine.add_request, request_id, prompt, prompt_token_ids, params)
+        added = loop.run_in_executor(None, functools.partial(self.engine.add_request, request_id, prompt, prompt_token_ids,
+                                                             params, cache_salt=cache_salt))
         try:
             await asyncio.shield(added)
         except asyncio.CancelledError:  # the caller went away; the request may still be added: abort it then

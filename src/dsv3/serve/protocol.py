@@ -64,6 +64,7 @@ class _SamplingFields(_Request):
     guided_json: Any = None  # a JSON schema (object, or a JSON string)
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    cache_salt: str | None = None  # vLLM's: shares prefix-cache blocks only with requests of the same salt
 
 
 class CompletionRequest(_SamplingFields):

@@ -25,6 +25,7 @@ from dsv3.serve.metrics import ServerMetrics
 from dsv3.serve.protocol import APIError, random_id
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+MAX_CACHE_SALT_CHARS = 1024
 
 
 @dataclass
@@ -128,6 +129,9 @@ class OpenAIServing:
         self.check_model(req.model)
         if not 1 <= req.n <= self.limits.max_n:
             raise APIError(f"n must be an integer in [1, {self.limits.max_n}], got {_short(req.n)}", param="n")
+        if req.cache_salt is not None and not 1 <= len(req.cache_salt) <= MAX_CACHE_SALT_CHARS:
+            raise APIError(f"cache_salt must be a string of 1 to {MAX_CACHE_SALT_CHARS} characters, got "
+                           f"{len(req.cache_salt)}", param="cache_salt")
         if req.max_tokens is not None and req.max_tokens < 1 and not getattr(req, "echo", False):
             raise APIError("max_tokens must be at least 1", param="max_tokens")
 
@@ -149,7 +153,8 @@ class OpenAIServing:
                            f"{self.limits.max_json_depth} levels)") from None
 
     # ------------------------------------------------------------------ engine fan-out
-    async def _start(self, prompts: list[Prompt], make_params) -> list[tuple[int, Prompt, RequestStream]]:
+    async def _start(self, prompts: list[Prompt], make_params,
+                     cache_salt: str | None = None) -> list[tuple[int, Prompt, RequestStream]]:
         """Check every (prompt, sample) request's parameters, then add them; on any failure abort the ones
         already added. Checking compiles a grammar (llguidance, seconds for a large schema): off the loop."""
         plans = await asyncio.to_thread(lambda: [make_params(p) for p in prompts])
@@ -159,7 +164,7 @@ class OpenAIServing:
             for p, samples in zip(prompts, plans):
                 for params in samples:
                     index = len(started)
-                    s = await self.engine.add_request(f"{base}-{index}", p.text, p.ids, params)
+                    s = await self.engine.add_request(f"{base}-{index}", p.text, p.ids, params, cache_salt=cache_salt)
                     started.append((index, p, s))
         except BaseException as e:
             for _, _, s in started:
@@ -177,6 +182,8 @@ class OpenAIServing:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 last = out
+                if out.outputs and out.outputs[0].finish_reason == "error":  # this request alone failed
+                    raise APIError(out.outputs[0].error or "this request failed while decoding", 400)
                 yield out
         finally:
             stream.close()

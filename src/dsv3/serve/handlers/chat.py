@@ -62,7 +62,7 @@ class OpenAIServingChat(OpenAIServing):
         def make_params(p: Prompt):
             return [self._params(req, len(p.ids), max_tokens, k, None, j, guided) for j in range(req.n)]
 
-        started = await self._start([prompt], make_params)
+        started = await self._start([prompt], make_params, req.cache_salt)
         request_id = random_id("chatcmpl")
         # a grammar constrains the output from its first token: tool arguments have no reasoning part, and
         # other constrained output has one only if it opens with <think> itself (docs/serving.md)

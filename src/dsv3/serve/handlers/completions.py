@@ -32,7 +32,7 @@ class OpenAIServingCompletion(OpenAIServing):
             return [self._params(req, len(p.ids), req.max_tokens, k, k if want_prompt_lp else None, j, guided)
                     for j in range(req.n)]
 
-        started = await self._start(prompts, make_params)
+        started = await self._start(prompts, make_params, req.cache_salt)
         request_id = random_id("cmpl")
         prompt_tokens = sum(len(p.ids) for p in prompts)
         if req.stream:
