@@ -75,3 +75,16 @@ def test_tensor_parallel_2_equals_one_process_and_transformers(pair, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["one"] == res["two"] == [hf_greedy(hf, p, 40) for p in prompts]
+
+
+def test_hadamard_fp8_indexer_in_the_engine_equals_its_full_forward(pair):
+    """The engine caches the rotated, FP8-rounded keys: its greedy tokens equal a full-sequence greedy loop."""
+    _, _, d = pair
+    model = dsv3.from_pretrained(d, dtype=torch.float32, index_impl="hadamard_fp8")
+    prompt = _prompts([15], seed=5)[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(24):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    engine = LLMEngine(model, None, block_size=4, num_gpu_blocks=64, max_num_batched_tokens=8)
+    assert engine_greedy(engine, [prompt], 24)[0] == ids[len(prompt):]

@@ -127,10 +127,53 @@ def test_info_reports_sparse_attention(tmp_path, capsys):
     make_hf_v32_checkpoint(tmp_path)
     assert main(["info", "--model", str(tmp_path), "--bandwidth", "10"]) == 0
     out = capsys.readouterr().out
-    assert "DeepSeek-V3.2 sparse attention (indexer: 8 heads x 16, top-8 keys)" in out
+    assert "DeepSeek-V3.2 sparse attention (indexer: 8 heads x 16, top-8 keys, plain fp32 scores)" in out
     assert "names and shapes match config.json" in out  # the indexer tensors are checked too
     # latent (24 + 8) + indexer key 16, for 3 layers
     assert "KV cache per token (absorbed latent + indexer key, all layers)" in out and "144 values" in out
     assert main(["info", "--config", "deepseek_v3_671b", "--set", "index_topk=2048", "--seq-len", "131072"]) == 0
     out = capsys.readouterr().out
     assert "at 131072 tokens: sparse vs dense MLA  1.24B vs 5.37B (4.3x fewer)" in out
+
+
+def test_hadamard_is_an_orthonormal_rotation():
+    from dsv3.model.qdq import hadamard
+
+    x, y = torch.randn(5, 3, 128, dtype=torch.float64), torch.randn(5, 3, 128, dtype=torch.float64)
+    assert torch.allclose(hadamard(hadamard(x)), x, atol=1e-5)  # computed in fp32
+    assert torch.allclose((hadamard(x) * hadamard(y)).sum(-1), (x * y).sum(-1), atol=1e-4)
+    h = hadamard(torch.eye(8, dtype=torch.float64))
+    assert torch.allclose(h.abs(), torch.full((8, 8), 8 ** -0.5, dtype=torch.float64), atol=1e-7)
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard(torch.randn(2, 24))
+
+
+def test_hadamard_fp8_indexer_scores(tmp_path, capsys):
+    """DeepSeek's reference precision: FP8 values of the rotated q and k; the same keys as the plain path
+    except near-ties, logits close to transformers' (plain) ones, and `dsv3 info` says which path runs."""
+    from dsv3.cli import main
+
+    hf = make_hf_v32_checkpoint(tmp_path, index_head_dim=16)
+    plain = dsv3.from_pretrained(tmp_path, dtype=torch.float32)
+    fp8 = dsv3.from_pretrained(tmp_path, dtype=torch.float32, index_impl="hadamard_fp8")
+    assert fp8.config.index_impl == "hadamard_fp8" and plain.config.index_impl == "plain"
+    ids = torch.randint(0, hf.config.vocab_size, (2, 64))
+    got = {}
+    plain.model.layers[0].self_attn.indexer.register_forward_hook(lambda m, a, o: got.update(args=a))
+    with torch.no_grad():
+        assert (plain(ids) - hf(ids).logits).abs().max() <= 1e-4
+        x, q_lat, cos, sin, visible = got["args"]  # layer 0's inputs: the same for both paths
+        scores = {}
+        for name, m in (("plain", plain), ("fp8", fp8)):
+            ix = m.model.layers[0].self_attn.indexer
+            scores[name] = ix.scores(x, q_lat, cos, sin, ix.keys(x, cos, sin)).masked_fill(~visible, 0.0)
+            got[name] = ix.select(scores[name], visible)
+    rel = ((scores["fp8"] - scores["plain"]).norm() / scores["plain"].norm()).item()
+    overlap = ((got["fp8"] & got["plain"])[:, 8:].sum(-1).float() / 8).mean().item()  # rows with > 8 keys
+    print(f"hadamard_fp8 vs plain: scores rel err {rel:.4f}, keys shared {overlap:.3f}")
+    assert 0 < rel < 0.1 and 0.85 < overlap < 1.0  # FP8 values (not a no-op), most keys the same
+    fp8.save_pretrained(tmp_path / "out", mtp_copies=False, tokenizer=None)
+    assert "index_impl" not in json.loads((tmp_path / "out" / "config.json").read_text())  # a runtime switch
+    capsys.readouterr()
+    assert main(["info", "--model", str(tmp_path), "--bandwidth", "10"]) == 0
+    assert "plain fp32 scores" in capsys.readouterr().out

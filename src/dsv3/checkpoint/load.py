@@ -203,14 +203,16 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
 
     dtype: None uses config.json's dtype (FP8 checkpoints: bfloat16); the router bias stays fp32.
     mtp: None loads the MTP modules when the checkpoint has them; False skips them (less memory);
-    True requires them. `runtime` sets runtime switches of ModelConfig (attn_impl, moe_impl, mtp_hidden).
+    True requires them. `runtime` sets runtime switches of ModelConfig (attn_impl, moe_impl, mtp_hidden, index_impl).
     quantization (`dsv3.quant`): None/"auto" keeps a quantised checkpoint as stored (FP8 stays FP8,
     1 byte per weight) and loads others dense; "none" dequantises; "w8a8" | "int8" | "int4" | "fp8"
     (or a QuantConfig / MindFormers quantization_config dict) quantises once at load.
     """
     from dsv3.model.transformer import Transformer
 
-    bad = set(runtime) - {"attn_impl", "moe_impl", "mtp_hidden"}
+    from dsv3.config.hf import RUNTIME_FIELDS
+
+    bad = set(runtime) - set(RUNTIME_FIELDS)
     if bad:
         raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(bad)}")
     path = Path(path)

@@ -32,7 +32,9 @@ _IGNORED_HF_KEYS = {
     "tokenizer_class", "generation_config", "num_local_experts", "n_local_experts",
     "layer_types", "mlp_bias",
 }
-_ARCH_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"attn_impl", "moe_impl", "mtp_hidden"}
+RUNTIME_FIELDS = ("attn_impl", "moe_impl", "mtp_hidden", "index_impl")
+"""ModelConfig switches that are not architecture (never read from or written to config.json)."""
+_ARCH_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - set(RUNTIME_FIELDS)
 _ROPE_KEYS = {f.name for f in dataclasses.fields(RopeScaling)}
 
 
@@ -165,9 +167,9 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     else:
         out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
     for f in dataclasses.fields(cfg):
-        if f.name in ("attn_impl", "moe_impl", "mtp_hidden", "rope_scaling"):
+        if f.name in RUNTIME_FIELDS or f.name == "rope_scaling":
             continue
-        if f.name.startswith("index_") and not cfg.sparse_attention:
+        if f.name.startswith("index_") and not cfg.sparse_attention:  # (index_impl: a runtime switch, above)
             continue
         out[f.name] = getattr(cfg, f.name)
     out["num_key_value_heads"] = cfg.num_attention_heads

@@ -171,6 +171,9 @@ class ModelConfig:
     """Attention path for full-sequence forwards: expanded K/V ('naive') or absorbed latent ('absorb')."""
     moe_impl: Literal["grouped", "loop"] = "grouped"
     """Expert path: sort-by-expert grouped compute, or the per-expert reference loop."""
+    index_impl: Literal["plain", "hadamard_fp8"] = "plain"
+    """DSA indexer scores: plain fp32, or as DeepSeek's reference kernel computes them (q and k rotated by a
+    Hadamard transform, then quantised to FP8 per 128 values; needs a power-of-two index_head_dim)."""
     mtp_hidden: Literal["post_norm", "pre_norm"] = "post_norm"
     """Main-model hidden fed to MTP depth 1: after the final norm (vLLM/SGLang/Megatron) or before it (torchtitan)."""
 

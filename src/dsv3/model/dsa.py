@@ -27,9 +27,11 @@ In the dense warm-up stage attention stays dense and only the indexer learns; in
 both are restricted to the selected keys, and the indexer reads detached inputs, so the language
 model's loss and the indexer's loss train disjoint parameters (`dsv3.model.mla.MLA`).
 
-Precision: this is the plain path (fp32 scores). DeepSeek's reference rotates q and k by a Hadamard
-transform and scores in FP8; the rotation is orthogonal (q·k unchanged), the FP8 rounding is a
-precision choice that this module does not make.
+Precision (`index_impl`): "plain" scores in fp32 (transformers' choice). "hadamard_fp8" computes the
+scores as DeepSeek's reference kernel does: q and k rotated by a Hadamard transform (orthogonal, so
+q·k is unchanged but outliers spread over all dims), then rounded to FP8 e4m3 per 128 values
+(`dsv3.model.qdq`; the product itself runs in fp32 on the FP8 values). The two choose the same keys
+except where FP8 rounding reorders near-ties.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch import nn
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model.matmul import Linear
+from dsv3.model.qdq import hadamard, qdq_tiles
 
 
 def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -65,10 +68,14 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim ** -0.5
+        self.fp8 = cfg.index_impl == "hadamard_fp8"
+        if self.fp8 and self.head_dim & (self.head_dim - 1):
+            raise ValueError(f"index_impl 'hadamard_fp8' needs a power-of-two index_head_dim, got {self.head_dim}")
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
-        return torch.cat([apply_rope_half(rot, cos, sin), rest], dim=-1)
+        x = torch.cat([apply_rope_half(rot, cos, sin), rest], dim=-1)
+        return qdq_tiles(hadamard(x)) if self.fp8 else x
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B,T,D] -> the rotated indexer keys [B,T,E] (one per token; what a cache would store)."""

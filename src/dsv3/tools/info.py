@@ -104,7 +104,9 @@ def cache_values_per_token(cfg: ModelConfig) -> int:
 
 def family(cfg: ModelConfig) -> str:
     """One line naming the architecture variant a config describes."""
-    attn = (f"DeepSeek-V3.2 sparse attention (indexer: {cfg.index_n_heads} heads x {cfg.index_head_dim}, top-{cfg.index_topk} keys)"
+    scores = "Hadamard + FP8 scores" if cfg.index_impl == "hadamard_fp8" else "plain fp32 scores"
+    attn = (f"DeepSeek-V3.2 sparse attention (indexer: {cfg.index_n_heads} heads x {cfg.index_head_dim}, "
+            f"top-{cfg.index_topk} keys, {scores})"
             if cfg.sparse_attention else "dense MLA (DeepSeek-V3 / V3.1)")
     routing = (f"{cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}, {cfg.scoring_func} scores, "
                + (f"{cfg.n_group} groups keep {cfg.topk_group}" if cfg.n_group > 1 else "no group limit"))

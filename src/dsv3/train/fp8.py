@@ -26,21 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.checkpoint.fp8 import BLOCK, FP8_MAX
+from dsv3.checkpoint.fp8 import BLOCK
 from dsv3.model.matmul import Linear
+from dsv3.model.qdq import qdq_tiles
 
 KEEP = ("lm_head", "eh_proj", "gate")
 """Module leaf names kept in the run's precision (the report's exceptions that are linear layers)."""
-
-
-def qdq_tiles(x: torch.Tensor, tile: int = BLOCK) -> torch.Tensor:
-    """Quantise x [..., K] to e4m3 per 1 x `tile` group of its last dim (amax / 448 scales) and back."""
-    K = x.shape[-1]
-    pad = (-K) % tile
-    xf = F.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, tile)
-    s = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    q = (xf / s).to(torch.float8_e4m3fn).float() * s
-    return q.reshape(*x.shape[:-1], K + pad)[..., :K].to(x.dtype)
 
 
 def qdq_blocks(w: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
