@@ -88,3 +88,25 @@ def test_hadamard_fp8_indexer_in_the_engine_equals_its_full_forward(pair):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     engine = LLMEngine(model, None, block_size=4, num_gpu_blocks=64, max_num_batched_tokens=8)
     assert engine_greedy(engine, [prompt], 24)[0] == ids[len(prompt):]
+
+
+def test_int8_weights_quantise_the_indexer_projections_and_decode(pair):
+    """Quantised weights (int8 per channel): MLA, experts and the indexer's projections quantised, its
+    per-head weights (weights_proj) left dense; the engine decodes with them and its first greedy tokens
+    equal the quantised model's own full-sequence ones (later ones may differ by int8 rounding between
+    a 1-row and a many-row product, as for V3)."""
+    from dsv3.quant.modules import QuantLinear
+
+    _, _, d = pair
+    model = dsv3.from_pretrained(d, dtype=torch.float32, quantization="int8")
+    attn = model.model.layers[1].self_attn
+    assert isinstance(attn.q_b_proj, QuantLinear) and isinstance(attn.indexer.wq_b, QuantLinear)
+    assert not isinstance(attn.indexer.weights_proj, QuantLinear)
+    prompt = _prompts([13], seed=6)[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(4):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    engine = LLMEngine(model, None, block_size=4, num_gpu_blocks=64)
+    out = engine_greedy(engine, [prompt], 20)[0]
+    assert len(out) == 20 and out[:4] == ids[len(prompt):]

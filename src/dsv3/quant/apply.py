@@ -9,7 +9,9 @@ modules, matched against any component of the dotted module name) and `layer_pol
 overrides for the modules whose name matches; MindFormers names are translated through
 `hf_map.MINDFORMERS_MODULES`, e.g. `.*\\.feed_forward\\..*` -> `.*\\.mlp\\..*`, `w2` -> `down_proj`).
 Only modules with a `weight` [out, in] and no bias are candidates: `nn.Linear` and the routed
-experts. The embedding, norms and the router (gate + bias) are never quantised.
+experts. The embedding, norms, the router (gate + bias) and the DSA indexer's per-head weights
+(`indexer.weights_proj`, which transformers keeps in fp32: it scales every index score) are never
+quantised.
 """
 
 from __future__ import annotations
@@ -177,6 +179,8 @@ def quantize_model(model: nn.Module, qc: QuantConfig) -> QuantReport:
     report = QuantReport()
     schemes = {}
     for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name.endswith("indexer.weights_proj"):
+            continue  # never a candidate (module docstring)
         if isinstance(mod, nn.Linear):
             method = qc.method_for(name)
             shape = (mod.out_features, mod.in_features)
