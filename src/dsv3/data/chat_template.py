@@ -59,7 +59,9 @@ def content_text(content: Any, where: str = "message") -> str:
     raise UserError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
 
 
-def _tool_call(call: Any, where: str) -> str:
+def call_parts(call: Any, where: str) -> tuple[str, str]:
+    """An OpenAI tool call -> (function name, arguments string). The stock templates insert the
+    arguments string raw; dicts are serialised as JSON first."""
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise UserError(f"{where}: each tool call needs a 'function' object with 'name' and 'arguments'")
     fn = call["function"]
@@ -67,8 +69,11 @@ def _tool_call(call: Any, where: str) -> str:
     if not isinstance(name, str):
         raise UserError(f"{where}: tool call function has no 'name'")
     args = fn.get("arguments", "")
-    # The stock template inserts the arguments string raw; dicts are serialised as JSON first.
-    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return name, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+
+
+def _tool_call(call: Any, where: str) -> str:
+    name, args = call_parts(call, where)
     return f"{CALL_BEGIN}{call.get('type', 'function')}{SEP}{name}\n```json\n{args}\n```{CALL_END}"
 
 

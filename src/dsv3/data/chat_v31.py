@@ -21,7 +21,7 @@ import json
 from typing import Any, Sequence
 
 from dsv3.data.chat_template import (ASSISTANT, CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, OUTPUT_BEGIN, OUTPUT_END,
-                                     SEP, USER, content_text, system_prompt)
+                                     SEP, USER, call_parts, content_text, system_prompt)
 from dsv3.errors import UserError
 
 THINK, END_THINK = "<think>", "</think>"
@@ -49,12 +49,8 @@ def tool_description(tools: Sequence[dict[str, Any]]) -> str:
 
 
 def _call(call: Any, where: str) -> str:
-    fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise UserError(f"{where}: each tool call needs a 'function' object with 'name' and 'arguments'")
-    args = fn.get("arguments", "")
-    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return f"{CALL_BEGIN}{fn['name']}{SEP}{args}{CALL_END}"
+    name, args = call_parts(call, where)
+    return f"{CALL_BEGIN}{name}{SEP}{args}{CALL_END}"
 
 
 def render_chat_v31(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, thinking: bool = False,
@@ -65,14 +61,14 @@ def render_chat_v31(messages: Sequence[dict[str, Any]], add_generation_prompt: b
     if tools:
         sys_prompt += "\n\n" + tool_description(tools)
     out = [bos_token, sys_prompt]
-    last_user = after_tool = False
+    last_user = False  # the previous message was the user's: an assistant turn opens with its tag
     for i, m in enumerate(messages):
         role, where = m["role"], f"messages[{i}]"
         if role == "system":
             continue
         if role == "user":
             out += [USER, content_text(m.get("content"), where)]
-            last_user, after_tool = True, False
+            last_user = True
         elif role == "assistant":
             text = content_text(m.get("content"), where)
             if last_user:
@@ -84,10 +80,10 @@ def render_chat_v31(messages: Sequence[dict[str, Any]], add_generation_prompt: b
                 out += [text, CALLS_BEGIN, *(_call(c, where) for c in calls), CALLS_END, eos_token]
             else:
                 out += [text, eos_token]
-            last_user = after_tool = False
+            last_user = False
         elif role == "tool":
             out += [OUTPUT_BEGIN, content_text(m.get("content"), where), OUTPUT_END]
-            last_user, after_tool = False, True
+            last_user = False
         else:
             raise UserError(f"{where}: unknown role {role!r} (expected system, user, assistant or tool)")
     if add_generation_prompt and last_user:

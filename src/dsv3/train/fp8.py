@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.checkpoint.fp8 import BLOCK
+from dsv3.checkpoint.fp8 import BLOCK, weight_dequant, weight_quant
 from dsv3.model.matmul import Linear
 from dsv3.model.qdq import qdq_tiles
 
@@ -36,8 +36,6 @@ KEEP = ("lm_head", "eh_proj", "gate")
 
 def qdq_blocks(w: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """Quantise w [N, K] to e4m3 per `block` x `block` block and back (DeepSeek's weight format)."""
-    from dsv3.checkpoint.fp8 import weight_dequant, weight_quant
-
     q, s = weight_quant(w, block)
     return weight_dequant(q, s, block, dtype=w.dtype)
 

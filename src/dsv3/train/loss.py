@@ -155,9 +155,10 @@ def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float, 
     use_mtp = mtp_loss_factor > 0 and len(model.model.mtp) > 0
     for moe in model.moe_layers():
         moe.aux_loss = None  # only this forward's balance losses count
-    for m in model.modules():
-        if isinstance(m, MLA):
-            m.indexer_loss = None  # nor do only this forward's indexer losses
+    if model.config.sparse_attention:  # nor do only this forward's indexer losses
+        for m in model.modules():
+            if isinstance(m, MLA):
+                m.indexer_loss = None
     if not fused_ce:
         out = model(tokens, positions=pos, mask=attn, return_mtp=use_mtp)
         logits, mtp_logits = out if use_mtp else (out, [])
@@ -176,7 +177,7 @@ def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float, 
                          for k, (mod, h) in enumerate(zip(model.model.mtp, hs), start=1)]
             mtp = mtp_loss_factor / len(per_depth) * torch.stack(per_depth).sum()
     aux = model.aux_loss() if model.training else None
-    idx = model.indexer_loss() if model.training else None
+    idx = model.indexer_loss() if model.training and model.config.sparse_attention else None
     zero = torch.zeros((), device=lm.device)
     total = main_weight * (lm + mtp + (aux if aux is not None else 0.0)) + (idx if idx is not None else 0.0)
     parts = {"lm": lm.detach(), "mtp": mtp.detach(), "aux": aux.detach() if aux is not None else zero,
