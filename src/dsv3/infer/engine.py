@@ -201,11 +201,18 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._new.append(req)
 
-    def _grammar_matcher(self, params: SamplingParams, budget: Optional[int] = None):
-        """A fresh matcher of the request's grammar (compiled once per grammar and budget, then copied)."""
+    def _grammar_compiler(self) -> guided.GrammarCompiler:
         if self._grammars is None:
             self._grammars = guided.GrammarCompiler(self.tokenizer, self.model_config.vocab_size, list(self.eos_ids))
-        return self._grammars.matcher(params.guided_decoding, budget)
+        return self._grammars
+
+    def _grammar_matcher(self, params: SamplingParams, budget: Optional[int] = None):
+        """A fresh matcher of the request's grammar (compiled once per grammar and budget, then copied)."""
+        return self._grammar_compiler().matcher(params.guided_decoding, budget)
+
+    def prepare_guided(self) -> None:
+        """Build what guided decoding needs before the first guided request (`GrammarCompiler.prepare`)."""
+        self._grammar_compiler().prepare()
 
     def _guide_budget(self, params: SamplingParams, num_prompt_tokens: int) -> int:
         """Tokens a sequence may write: guided JSON is narrowed to close within them."""

@@ -218,14 +218,23 @@ class GrammarCompiler:
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()  # add_request may run in several threads
 
+    def prepare(self) -> None:
+        """Build the llguidance view of the tokenizer now (it holds the GIL for 1-2 s on V3's vocabulary;
+        a server does it before serving rather than inside the first guided request)."""
+        with self._lock:
+            self._view()
+
+    def _view(self):  # under self._lock
+        if self._lltok is None:
+            self._lltok = ll_tokenizer(self._tokenizer, self.vocab_size, self.eos_ids)
+        return self._lltok
+
     def matcher(self, g: Any, budget: int | None = None):
         """A fresh matcher of `g`; with `budget` (the tokens the sequence may still write) a JSON
         grammar is narrowed so that every output closes within it (`json_budget.bound_schema`)."""
         key = _budgeted_key(g, budget)
         with self._lock:
-            if self._lltok is None:
-                self._lltok = ll_tokenizer(self._tokenizer, self.vocab_size, self.eos_ids)
-            lltok, template = self._lltok, self._compiled.get(key)
+            lltok, template = self._view(), self._compiled.get(key)
             if template is not None:
                 self._compiled.move_to_end(key)
                 return template.deep_copy()

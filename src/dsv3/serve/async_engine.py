@@ -116,9 +116,7 @@ class AsyncEngine:
             return
         if getattr(self.engine, "tokenizer", None) is None:
             return
-        from dsv3.infer.sampling import GuidedDecodingParams, SamplingParams
-
-        self.engine._grammar_matcher(SamplingParams(guided_decoding=GuidedDecodingParams(choice=["a"])))
+        self.engine.prepare_guided()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
