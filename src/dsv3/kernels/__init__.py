@@ -1,0 +1,3 @@
+"""Speed paths kept out of the model's maths (`style.md`): native CPU kernels with runtime ISA dispatch
+(`dsv3.kernels.native`) and the torch-level fast paths the trainer and the engine swap into a model
+built from plain `nn.Linear` and the reference expert loop."""
