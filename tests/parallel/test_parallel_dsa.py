@@ -1,7 +1,10 @@
 """DeepSeek-V3.2 sparse attention trained by the shipped trainer, in the V3.2 report's two indexer
-stages: one process and dp2 x pp2 (4 CPU processes, gloo) log the same losses within 1e-5 over 20
-steps, training and evaluation. The dense warm-up changes only the indexers (and lowers their KL
-loss); in the sparse stage the language-model loss and the indexer loss train disjoint weights.
+stages: one process and every layout family (dp2 x pp2; tp2 with and without sequence parallel; tp2 x
+ep2; dp2 x tp2, FSDP over dp: 2 or 4 CPU processes, gloo) log the same losses within 1e-5 over 20
+steps, training and evaluation. Under tp the indexer is replicated and its KL target (the attention
+summed over all heads) is all-reduced over the tp ranks (`dsv3.parallel.tp.indexer_plan`). The dense
+warm-up changes only the indexers (and lowers their KL loss); in the sparse stage the language-model
+loss and the indexer loss train disjoint weights.
 
 The tiny model has index_topk 8 on 32-token sequences (sparsity bites) and a wide init (std 0.1),
 so attention is far from uniform and the indexer has something to learn."""
@@ -21,7 +24,14 @@ STEPS = 20
 DSA = dict(index_topk=8, index_n_heads=4, index_head_dim=16, initializer_range=0.1)
 STAGES = ("dense_warmup", "sparse")
 REF = {"data_parallel": 2, "micro_batch_num": 2}  # global batch 4, one process accumulates
-LAYOUT = {"data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}
+TP = {"model_parallel": 2, "micro_batch_num": 4}
+LAYOUTS = {  # name: (processes, parallel); global batch 4 in each
+    "dp2pp2": (4, {"data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2}),
+    "dp2xtp2": (4, {"data_parallel": 2, "model_parallel": 2, "micro_batch_num": 2}),
+    "tp2-sp": (2, {**TP, "use_seq_parallel": True}),
+    "tp2-nosp": (2, {**TP, "use_seq_parallel": False}),
+    "tp2xep2": (2, {**TP, "expert_parallel": 2}),
+}
 
 
 def _cfg(prefix, out, parallel, stage):
@@ -44,11 +54,12 @@ def runs(tmp_path_factory):
         trained[stage] = {k: v.detach().clone() for k, v in t.strategy.parts[0].state_dict().items()}
         t.close()
     (tmp / "held").mkdir()
-    configs = []
-    for stage in STAGES:
-        configs.append(tmp / f"dp2pp2-{stage}.yaml")
-        dump_yaml(_cfg(prefix, tmp / f"dp2pp2-{stage}", LAYOUT, stage), configs[-1])
-    multi_run(4, configs, tmp / "held")
+    for n in (2, 4):
+        configs = []
+        for name, stage in ((name, stage) for name, (procs, _) in LAYOUTS.items() if procs == n for stage in STAGES):
+            configs.append(tmp / f"{name}-{stage}.yaml")
+            dump_yaml(_cfg(prefix, tmp / f"{name}-{stage}", LAYOUTS[name][1], stage), configs[-1])
+        multi_run(n, configs, tmp / "held")
     return tmp, trained
 
 
@@ -58,17 +69,18 @@ def _records(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
-def test_dp2_pp2_equals_one_process(runs, stage):
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_equals_one_process(runs, name, stage):
     tmp, _ = runs
-    for r in range(4):
-        held = json.loads((tmp / "held" / f"dp2pp2-{stage}.rank{r}.json").read_text())
+    for r in range(LAYOUTS[name][0]):
+        held = json.loads((tmp / "held" / f"{name}-{stage}.rank{r}.json").read_text())
         assert "error" not in held, held.get("trace")
-    ref, got = _records(tmp / f"ref-{stage}"), _records(tmp / f"dp2pp2-{stage}")
+    ref, got = _records(tmp / f"ref-{stage}"), _records(tmp / f"{name}-{stage}")
     assert len(ref) == len(got) == STEPS
     for key in ("loss", "lm_loss", "indexer_loss"):
         assert max(abs(a[key] - b[key]) for a, b in zip(ref, got)) <= TOL, key
     assert min(r["indexer_loss"] for r in ref) > 0.01  # the indexer loss is really there
-    vref, vgot = valid_losses(tmp / f"ref-{stage}"), valid_losses(tmp / f"dp2pp2-{stage}")
+    vref, vgot = valid_losses(tmp / f"ref-{stage}"), valid_losses(tmp / f"{name}-{stage}")
     assert sorted(vref) == sorted(vgot) == [0, STEPS]
     assert max(abs(vref[k] - vgot[k]) for k in vref) <= TOL
 

@@ -294,9 +294,6 @@ class RunConfig:
                             "its weight blocks would be quantised per shard")
         if t.indexer_stage == "dense_warmup" and not m.sparse_attention:
             raise UserError("train.indexer_stage 'dense_warmup' trains a sparse-attention indexer: model.index_topk must be > 0")
-        if m.sparse_attention and max(self.parallel.model_parallel, 1) > 1:
-            raise UserError("sparse attention (model.index_topk > 0) trains without tensor parallelism for now "
-                            f"(the indexer's target sums every head); got parallel.model_parallel {self.parallel.model_parallel}")
         if t.epochs is not None and t.epochs < 1:
             raise UserError(f"train.epochs must be >= 1, got {t.epochs}")
         if self.data.type == "sft":

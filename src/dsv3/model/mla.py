@@ -213,6 +213,12 @@ class MLA(nn.Module):
             o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask, is_causal=causal)
         return self.o_proj(o)
 
+    @torch.no_grad()
+    def indexer_target(self, q_nope, q_pe, c_kv, k_pe, keep: torch.Tensor) -> torch.Tensor:
+        """The indexer's KL target: this layer's attention weights summed over ALL heads [B,T,S] (rows sum
+        to H; no grad). Tensor parallelism overrides it (`dsv3.parallel.tp.TPMLA`: a sum over tp ranks)."""
+        return self.attention_probs(q_nope, q_pe, c_kv, k_pe, keep).sum(1)
+
     def _forward_sparse(self, x, cos, sin, mask, kv_cache) -> torch.Tensor:
         """DSA (V3.2): the indexer narrows the causal (or given) mask to its top-k keys per query,
         then the configured path attends under that mask ('dense_warmup' keeps the full mask).
@@ -246,9 +252,7 @@ class MLA(nn.Module):
             o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, keep)
         out = self.o_proj(o)
         if learn:
-            with torch.no_grad():
-                target = self.attention_probs(q_nope, q_pe, c_kv, k_pe, keep).sum(1)  # [B,T,S], rows sum to H
-            self.indexer_loss = indexer_kl(scores, target, keep[:, 0])
+            self.indexer_loss = indexer_kl(scores, self.indexer_target(q_nope, q_pe, c_kv, k_pe, keep), keep[:, 0])
             if self.attach_indexer_loss:
                 out = AttachLoss.apply(out, self.indexer_loss)
                 self.indexer_accum = self.indexer_accum + self.indexer_loss.detach()

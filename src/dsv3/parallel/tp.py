@@ -7,6 +7,7 @@ Per decoder layer (Megatron's MLA recipe, torchtitan's plan):
                                                 replicated (low-rank down-projections, small)
     q_b_proj, kv_b_proj                         column-parallel: heads split over tp
     o_proj                                      row-parallel, output reduce-scattered to Shard(1)
+    self_attn.indexer (DSA, V3.2)               replicated, its KL target all-reduced (`indexer_plan`)
     dense MLP                                   gate/up column-parallel, down row-parallel
     MoE                                         works on the local sequence shard (see ep.py)
 Top level: embedding row-parallel (vocab split) -> Shard(1); final norm SequenceParallel; lm_head
@@ -68,6 +69,42 @@ class TPMLA(MLA):
         k_pe = k_pe.to_local(grad_placements=[Partial()])  # [B,T,R], full on every rank
         return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
 
+    @torch.no_grad()
+    def indexer_target(self, q_nope, q_pe, c_kv, k_pe, keep):
+        """DSA's KL target sums the attention weights over ALL heads: this rank's heads' sum, all-reduced
+        over tp (no grad: the target is detached). Every rank then holds the one-process target."""
+        w = self.kv_b_proj.weight  # Shard(0) over tp: this rank's heads
+        w_uk = w.to_local().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)[:, : self.nope_dim]
+        c_kv = c_kv.to_local() if isinstance(c_kv, DTensor) else c_kv
+        part = self.attention_probs(q_nope, q_pe, c_kv, k_pe, keep, w_uk).sum(1)  # [B,T,S]
+        return DTensor.from_local(part, w.device_mesh, [Partial()], run_check=False).full_tensor()
+
+
+class LocalReplicateParallel(ReplicateParallel):
+    """`ReplicateParallel` whose output is handed on as this rank's plain tensor, its gradient taken
+    as Replicate (the same on every rank: the consumer computes the same thing everywhere)."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        module = super()._apply(module, device_mesh)
+        module.register_forward_hook(lambda mod, inp, out: out.to_local(grad_placements=[Replicate()]))
+        return module
+
+
+def indexer_plan(layer: nn.Module) -> dict[str, ParallelStyle]:
+    """DSA's lightning indexer (V3.2) under tp: replicated, not sharded over its heads.
+
+    Its input is the attention's, already whole on every rank (gathered from the sequence shards
+    under sequence parallelism), so every rank computes the same scores, the same top-k and, with the
+    all-reduced target (`TPMLA.indexer_target`), the same KL loss: each rank's weight gradient is
+    the whole gradient and needs no reduction (Replicate). Sharding its G heads would need the
+    head-weighted scores [B,T,S] all-reduced in the forward (the top-k reads them whole) and again in
+    the backward, for weights of (Q·G·E + D·E + D·G) values, small beside MLA's; replicating keeps
+    the selection exactly the one-process selection. The indexer's math runs on plain tensors
+    (`LocalReplicateParallel`)."""
+    if layer.self_attn.indexer is None:
+        return {}
+    return {f"self_attn.indexer.{n}": LocalReplicateParallel() for n in ("wq_b", "wk", "k_norm", "weights_proj")}
+
 
 def _seq(sp: bool):
     return Shard(1) if sp else Replicate()
@@ -92,6 +129,7 @@ def layer_plan(layer: nn.Module, sp: bool, tp: int) -> dict[str, ParallelStyle]:
     else:
         plan.update({"self_attn.q_a_proj": ReplicateParallel(), "self_attn.q_a_layernorm": ReplicateParallel(),
                      "self_attn.q_b_proj": ColwiseParallel()})
+        plan.update(indexer_plan(layer))
     if isinstance(layer.mlp, MLP):
         plan.update({"mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
                      "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
