@@ -108,6 +108,8 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json") -> ModelConfig
             kwargs[k] = float(kwargs[k])
     if mtype == "deepseek_v2" and "topk_method" not in hf:
         kwargs["topk_method"] = "greedy"
+    if mtype == "deepseek_v2" and hf.get("scoring_func") is None:  # V2 routes by softmax (transformers omits the key)
+        kwargs["scoring_func"] = "softmax"
     if kwargs.get("topk_method") == "noaux_tc" and "scoring_func" not in hf:
         kwargs["scoring_func"] = "sigmoid"
     if kwargs.get("num_nextn_predict_layers") is None:

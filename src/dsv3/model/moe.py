@@ -7,7 +7,7 @@ Routing (all in fp32, `inference.md` §c / `training.md` §b.1):
     s = sigmoid(x W_gᵀ)                      affinities (softmax for V2 configs)
     c = s + bias                             bias (aux-loss-free balancing) only chooses experts
     group score = sum of top-2 of c per group (max per group when there is no bias)
-    drop all but topk_group groups with -inf, take top-K of c
+    drop all but topk_group groups with -inf, take top-K of c (topk_method "greedy": no groups)
     w = s[idx] (unbiased), renormalised if norm_topk_prob, times routed_scaling_factor
 """
 
@@ -31,7 +31,7 @@ class Gate(nn.Module):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
         self.n_experts = cfg.n_routed_experts
-        self.n_group = cfg.n_group
+        self.n_group = 1 if cfg.topk_method == "greedy" else cfg.n_group  # V2's "greedy": top-k over all experts
         self.topk_group = cfg.topk_group
         self.scoring_func = cfg.scoring_func
         self.norm_topk_prob = cfg.norm_topk_prob
