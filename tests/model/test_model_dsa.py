@@ -102,6 +102,11 @@ def test_config_family():
     kimi = from_hf_dict(_hf(model_type="kimi_k2", n_routed_experts=384, n_group=1, topk_group=1, num_experts_per_tok=8))
     assert (kimi.n_routed_experts, kimi.n_group) == (384, 1)
     assert from_hf_dict(_hf(n_routed_experts=64, n_group=1, topk_group=1)).n_routed_experts == 64  # Moonlight-style
+    from dsv3.tools.info import family
+
+    greedy = from_hf_dict(_hf(topk_method="greedy", scoring_func="softmax", n_group=2, topk_group=1))
+    assert "no group limit" in family(greedy)  # V2's greedy routes over all experts whatever n_group says
+    assert "2 groups keep 1" in family(from_hf_dict(_hf(n_group=2, topk_group=1)))
     with pytest.raises(UserError, match="model_type 'llama'"):
         from_hf_dict(_hf(model_type="llama", architectures=["LlamaForCausalLM"]))
     with pytest.raises(UserError, match="index_topk is set but model_type is 'deepseek_v3'"):

@@ -109,7 +109,8 @@ def family(cfg: ModelConfig) -> str:
             f"top-{cfg.index_topk} keys, {scores})"
             if cfg.sparse_attention else "dense MLA (DeepSeek-V3 / V3.1)")
     routing = (f"{cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}, {cfg.scoring_func} scores, "
-               + (f"{cfg.n_group} groups keep {cfg.topk_group}" if cfg.n_group > 1 else "no group limit"))
+               + (f"{cfg.n_group} groups keep {cfg.topk_group}" if cfg.n_group > 1 and cfg.topk_method != "greedy"
+                  else "no group limit"))
     return f"{attn}; {routing}; {cfg.n_shared_experts} shared expert(s)"
 
 
