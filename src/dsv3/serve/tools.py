@@ -13,7 +13,8 @@ The model calls tools with (one token each for the `<｜...｜>` markers)
 `content`; malformed calls leave the whole text as content, as vLLM does). The streamed form
 (`ToolCallStream`) sends the text before `<｜tool▁calls▁begin｜>` as content deltas and each call as
 one `delta.tool_calls` entry when its `<｜tool▁call▁end｜>` arrives, so streamed and non-streamed
-results are the same structure.
+results are the same structure. V3.1's and V3.2's (DSML) call formats (`CALL_FORMATS`, vLLM's
+`--tool-call-parser` names) go through the same scanner.
 
 `tool_choice`:
   "auto" (default with tools)  the model decides; its output is parsed as above;
