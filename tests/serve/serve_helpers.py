@@ -45,6 +45,16 @@ def write_tiny_model(path: Path, max_position_embeddings: int = 512) -> Path:
     return path
 
 
+def named_tool_call(client, tools: list[dict], question: str, **kw):
+    """The first tool's call for `question`, forced with a named tool_choice (a random model calls no tool by
+    itself): the ChatCompletionMessageToolCall the `openai` client returns."""
+    name = tools[0]["function"]["name"]
+    first = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": question}], tools=tools, max_tokens=40,
+        tool_choice={"type": "function", "function": {"name": name}}, temperature=0, **kw)
+    return first.choices[0].message.tool_calls[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

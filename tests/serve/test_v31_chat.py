@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_helpers import API_KEY, MODEL_NAME, ServerThread, write_tiny_model
+from serve_helpers import API_KEY, MODEL_NAME, ServerThread, named_tool_call, write_tiny_model
 
 V31_TEMPLATE = "{% if not thinking is defined %}{% set thinking = false %}{% endif %}<｜Assistant｜></think><｜tool▁sep｜>"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",
@@ -67,10 +67,7 @@ def test_thinking_switch_reaches_prompt_and_reasoning_parser(v31):
 
 def test_v31_tool_call_round_trip(v31):
     client, engine, _ = v31
-    first = client.chat.completions.create(
-        model=MODEL_NAME, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, max_tokens=40,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0)
-    call = first.choices[0].message.tool_calls[0]
+    call = named_tool_call(client, TOOLS, "Weather in Paris?")
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
     history = [{"role": "user", "content": "Weather in Paris?"},
                {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},

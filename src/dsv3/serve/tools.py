@@ -13,7 +13,8 @@ The model calls tools with (one token each for the `<｜...｜>` markers)
 `content`; malformed calls leave the whole text as content, as vLLM does). The streamed form
 (`ToolCallStream`) sends the text before `<｜tool▁calls▁begin｜>` as content deltas and each call as
 one `delta.tool_calls` entry when its `<｜tool▁call▁end｜>` arrives, so streamed and non-streamed
-results are the same structure.
+results are the same structure. V3.1's and V3.2's (DSML) call formats (`CALL_FORMATS`, vLLM's
+`--tool-call-parser` names) go through the same scanner.
 
 `tool_choice`:
   "auto" (default with tools)  the model decides; its output is parsed as above;
@@ -30,9 +31,10 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from dsv3.data.chat_template import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
+from dsv3.data.chat_v32 import CALLS_CLOSE, CALLS_START, INVOKE_CLOSE, INVOKE_OPEN, decode_invoke
 
 
 class ToolError(ValueError):
@@ -154,13 +156,21 @@ class CallFormat:
     markers: tuple[str, ...]
     name_at: int
     args_at: int
+    begin: str = CALLS_BEGIN
+    end: str = CALLS_END
+    decode: Callable[[str, str], tuple[str, str] | None] | None = None
+    """(name part, arguments part) -> (name, arguments JSON), None when the call is malformed; None: as is."""
 
 
 V3_CALL = CallFormat((CALL_BEGIN, SEP, "\n```json\n", "\n```" + CALL_END), name_at=2, args_at=3)
 """V3: CALL_BEGIN TYPE SEP NAME \n```json\n ARGS \n``` CALL_END."""
 V31_CALL = CallFormat((CALL_BEGIN, SEP, CALL_END), name_at=1, args_at=2)
 """V3.1: CALL_BEGIN NAME SEP ARGS CALL_END (no type, no fence)."""
-CALL_FORMATS = {"deepseek_v3": V3_CALL, "deepseek_v31": V31_CALL}
+V32_CALL = CallFormat((INVOKE_OPEN, '">', INVOKE_CLOSE), name_at=1, args_at=2, begin=CALLS_START, end=CALLS_CLOSE,
+                      decode=decode_invoke)
+"""V3.2 (DSML): "\n\n<｜DSML｜function_calls>", then per call `<｜DSML｜invoke name="NAME">` + typed parameters +
+`</｜DSML｜invoke>` (`dsv3.data.chat_v32`); the parameters become the arguments JSON."""
+CALL_FORMATS = {"deepseek_v3": V3_CALL, "deepseek_v31": V31_CALL, "deepseek_v32": V32_CALL}
 """`--tool-call-parser` names (vLLM's) -> call format."""
 
 
@@ -181,20 +191,29 @@ class _CallScanner:
         self.part = start  # where the current part (type, name, args) starts
         self.name = ""
         self.calls: list[tuple[str, str]] = []  # (name, arguments) of every complete call
+        self.call_start = start  # where the call being read starts
+        self.failed_at: int | None = None  # start of the first malformed call (`fmt.decode`): no call after it
 
     def scan(self, text: str, end: int) -> None:
         """Find the calls completed in `text[:end]` (the block so far; `text` only grows)."""
         markers = self.fmt.markers
-        while True:
+        while self.failed_at is None:
             marker = markers[self.stage]
             i = text.find(marker, self.pos, end)
             if i < 0:  # a partial marker may end the block: look again from where it could start
                 self.pos = max(self.pos, end - len(marker) + 1)
                 return
+            if self.stage == 0:
+                self.call_start = i
             if self.stage == self.fmt.name_at:
                 self.name = text[self.part:i]
             elif self.stage == self.fmt.args_at:
-                self.calls.append((self.name, text[self.part:i]))
+                call = (self.name, text[self.part:i])
+                call = self.fmt.decode(*call) if self.fmt.decode is not None else call
+                if call is None:
+                    self.failed_at = self.call_start
+                    return
+                self.calls.append(call)
             self.pos = self.part = i + len(marker)
             self.stage = (self.stage + 1) % len(markers)
 
@@ -206,17 +225,20 @@ class DeepSeekV3ToolParser:
         self.fmt = fmt
 
     def extract(self, text: str, parallel: bool = True) -> tuple[str | None, list[dict]]:
-        """-> (content or None, tool calls). No well-formed call: (text, [])."""
-        i = text.find(CALLS_BEGIN)
+        """-> (content or None, tool calls). No well-formed call: (text, []). A malformed call after
+        well-formed ones ends the calls: the text from it on is content (after the text before the block)."""
+        i = text.find(self.fmt.begin)
         if i < 0:
             return text or None, []
-        start = i + len(CALLS_BEGIN)
-        end = text.find(CALLS_END, start)
+        start = i + len(self.fmt.begin)
+        end = text.find(self.fmt.end, start)
         scanner = _CallScanner(start, self.fmt)
         scanner.scan(text, len(text) if end < 0 else end)
         if not scanner.calls:
             return text or None, []
-        return text[:i] or None, [tool_call(name, args) for name, args in scanner.calls[: None if parallel else 1]]
+        # (parallel_tool_calls=false reads only the first call, as the stream does)
+        content = text[:i] + (text[scanner.failed_at:] if scanner.failed_at is not None and parallel else "")
+        return content or None, [tool_call(name, args) for name, args in scanner.calls[: None if parallel else 1]]
 
     def stream(self, parallel: bool = True) -> "ToolCallStream":
         return ToolCallStream(parallel, self.fmt)
@@ -232,10 +254,10 @@ class ToolCallStream:
         self.parallel, self.fmt = parallel, fmt
         self.sent_content = 0
         self.sent_calls = 0
-        self._begin_pos = 0  # where to look for CALLS_BEGIN next
-        self._head = -1  # where CALLS_BEGIN is (set with the scanner)
-        self._end_pos = 0  # where to look for CALLS_END next
-        self._block_end = -1  # where CALLS_END is, -1 before it is seen
+        self._begin_pos = 0  # where to look for the block's start marker (fmt.begin) next
+        self._head = -1  # where the block starts (set with the scanner)
+        self._end_pos = 0  # where to look for its end marker (fmt.end) next
+        self._block_end = -1  # where the end marker is, -1 before it is seen
         self._scanner: _CallScanner | None = None
 
     @property
@@ -244,24 +266,25 @@ class ToolCallStream:
 
     def feed(self, text: str, finished: bool) -> tuple[str, list[dict]]:
         """`text`: cumulative content so far (it only grows). -> (content delta, new tool-call deltas)."""
+        begin, block_end = self.fmt.begin, self.fmt.end
         if self._scanner is None:
-            i = text.find(CALLS_BEGIN, self._begin_pos)
+            i = text.find(begin, self._begin_pos)
             if i < 0:
-                self._begin_pos = max(self._begin_pos, len(text) - len(CALLS_BEGIN) + 1)
-                keep = len(text) if finished else len(text) - _partial_len(text, CALLS_BEGIN)
+                self._begin_pos = max(self._begin_pos, len(text) - len(begin) + 1)
+                keep = len(text) if finished else len(text) - _partial_len(text, begin)
                 return self._content(text, keep), []
-            self._head, self._end_pos = i, i + len(CALLS_BEGIN)
+            self._head, self._end_pos = i, i + len(begin)
             self._scanner = _CallScanner(self._end_pos, self.fmt)
         content = self._content(text, self._head)
         if self._block_end < 0:
-            j = text.find(CALLS_END, self._end_pos)
+            j = text.find(block_end, self._end_pos)
             if j >= 0:
                 self._block_end = j
             else:
-                self._end_pos = max(self._end_pos, len(text) - len(CALLS_END) + 1)
+                self._end_pos = max(self._end_pos, len(text) - len(block_end) + 1)
         calls = self._scanner.calls
         if self.parallel or not calls:  # parallel_tool_calls=false needs only the first call
-            end = self._block_end if self._block_end >= 0 else len(text) - _partial_len(text, CALLS_END)
+            end = self._block_end if self._block_end >= 0 else len(text) - _partial_len(text, block_end)
             self._scanner.scan(text, end)
         limit = len(calls) if self.parallel else min(len(calls), 1)
         new = [tool_call(name, args, index=i)
@@ -269,6 +292,8 @@ class ToolCallStream:
         self.sent_calls = max(self.sent_calls, limit)
         if finished and not calls:  # malformed: everything is content, as in extract()
             content += self._content(text, len(text))
+        elif finished and self._scanner.failed_at is not None:  # the malformed rest, as in extract()
+            content += text[self._scanner.failed_at:]
         return content, new
 
     def _content(self, text: str, end: int) -> str:

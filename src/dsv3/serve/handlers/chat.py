@@ -22,9 +22,11 @@ class OpenAIServingChat(OpenAIServing):
     def __init__(self, *args, reasoning_parser: str | None = None, tool_call_parser: str | None = None, **kw):
         super().__init__(*args, **kw)
         self.reasoning_parser = get_reasoning_parser(reasoning_parser)
-        # the checkpoint's chat format: V3.1 renders tools and thinking itself and calls tools its own way
-        self.v31 = getattr(self.tok, "chat_format", None) == "deepseek_v31"
-        self.call_format = CALL_FORMATS[tool_call_parser or ("deepseek_v31" if self.v31 else "deepseek_v3")]
+        # the checkpoint's chat format: V3.1's and V3.2's render tools and thinking themselves and call
+        # tools their own way
+        chat_format = getattr(self.tok, "chat_format", None)
+        self.v31 = chat_format in ("deepseek_v31", "deepseek_v32")
+        self.call_format = CALL_FORMATS[tool_call_parser or (chat_format if self.v31 else "deepseek_v3")]
 
     def _template_kwargs(self, req: ChatCompletionRequest) -> dict:
         kw = dict(req.chat_template_kwargs or {})
@@ -36,7 +38,7 @@ class OpenAIServingChat(OpenAIServing):
                 raise APIError(f"chat_template_kwargs.{key} must be a boolean", param="chat_template_kwargs")
         if kw.get("thinking") and not self.v31:
             raise APIError("chat_template_kwargs.thinking: this model's chat template (DeepSeek-V3) has no thinking "
-                           "mode (DeepSeek-V3.1 checkpoints do)", param="chat_template_kwargs")
+                           "mode (DeepSeek-V3.1 and V3.2 checkpoints do)", param="chat_template_kwargs")
         return kw
 
     async def chat(self, req: ChatCompletionRequest):
@@ -50,7 +52,7 @@ class OpenAIServingChat(OpenAIServing):
         template_kw = self._template_kwargs(req)
         guided = await self.guided(req, plan.guided_json())
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        if self.v31:  # V3.1's template describes the tools itself
+        if self.v31:  # V3.1's template (V3.2's encoding) describes the tools itself
             template_kw["tools"] = plan.tools if plan.describe else None
         else:
             messages = with_tool_prompt(messages, plan)
