@@ -98,8 +98,8 @@ def test_only_rank_0_writes_the_run_directory(runs):
 @pytest.mark.parametrize("name", ["pp2-1F1B", "ep2"])
 def test_each_rank_holds_about_half(runs, name):
     """Each rank allocates only its part: pp2's stages together are the model (the last stage's
-    embedding copy counted once), ep2 splits the experts and FSDP-shards the dense weights (the
-    small router gates and shared experts are replicated)."""
+    embedding copy counted once), ep2 splits the experts and FSDP-shards the dense weights, the shared
+    experts and the routers."""
     model = make_model(tiny_cfg(aux_loss_alpha=AUX))
     total = sum(p.numel() for p in model.parameters())
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -254,6 +254,13 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B,T,D] -> [B,T,D]."""
+        y = self.routed(x)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """The router and routed experts alone: x [B,T,D] -> [B,T,D]; accumulates the counts and sets `aux_loss`."""
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         w, idx, s = self.gate(xf)
@@ -261,12 +268,13 @@ class MoE(nn.Module):
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.tokens_per_expert.numel()).float()
         if self.training and self.aux_loss_alpha > 0:
-            self.aux_loss = sequence_balance_loss(s.view(*shape[:-1], -1), self.top_k, self.aux_loss_alpha)
+            self.aux_loss = self.balance_loss(s.view(*shape[:-1], -1))
         y = self.experts.forward_loop(xf, w, idx) if self.impl == "loop" else self.experts.forward_grouped(xf, w, idx)
-        y = y.view(shape)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        return y.view(shape)
+
+    def balance_loss(self, s: torch.Tensor) -> torch.Tensor:
+        """The sequence-wise balance loss of affinities s [B,T,E] (`sequence_balance_loss`)."""
+        return sequence_balance_loss(s, self.top_k, self.aux_loss_alpha)
 
 
 def sequence_balance_loss(s: torch.Tensor, top_k: int, alpha: float) -> torch.Tensor:

@@ -97,10 +97,11 @@ class ParallelExperts(Experts):
 
 
 class ParallelMoE(MoE):
-    """`MoE` working on this rank's sequence shard under TP (input/output DTensors on `tp_mesh`);
-    the routing, counts and shared experts are the model's own code. Under TP the sequence-wise
-    balance loss is recomputed over whole sequences (its statistics summed over the tp ranks);
-    `attach_aux` (pipeline parallel) routes it into the backward through the activations."""
+    """`MoE` whose router and routed experts work on this rank's sequence shard under TP (input/output
+    DTensors on `tp_mesh`); the routing, counts and expert maths are the model's own code. The shared
+    experts run on the layer's DTensor input like the dense MLP (tensor-parallel by `tp.moe_plan`).
+    Under TP the sequence-wise balance loss is taken over whole sequences (its statistics summed over
+    the tp ranks); `attach_aux` (pipeline parallel) routes it into the backward through the activations."""
 
     def __init__(self, cfg, tp_mesh=None, attach_aux: bool = False, ep_group=None, ep_size: int = 1):
         super().__init__(cfg)
@@ -113,31 +114,31 @@ class ParallelMoE(MoE):
 
     def forward(self, x):
         if isinstance(x, DTensor):
-            # Work on this rank's sequence shard; a Replicate input is sliced here and gathered back below.
+            # Route this rank's sequence shard; a Replicate input is sliced here and gathered back below.
             placements = x.placements
-            x_local = x.redistribute(self.tp_mesh, [Shard(1)]).to_local()
-            y = self._forward_in_param_dtype(x_local)
-            if self.aux_loss is not None and self.training and self.aux_loss_alpha > 0:
-                self.aux_loss = self._sequence_aux(x_local)
+            y = self._routed_in_param_dtype(x.redistribute(self.tp_mesh, [Shard(1)]).to_local())
             y = DTensor.from_local(y, self.tp_mesh, [Shard(1)]).redistribute(self.tp_mesh, placements)
         else:
-            y = self._forward_in_param_dtype(x)
+            y = self._routed_in_param_dtype(x)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
         if self.attach_aux and self.training and self.aux_loss_alpha > 0 and torch.is_grad_enabled():
             y = AttachLoss.apply(y, self.aux_loss)
             self.aux_accum = self.aux_accum + self.aux_loss.detach()  # for reporting: summed over micro-batches
         return y
 
-    def _forward_in_param_dtype(self, x: torch.Tensor) -> torch.Tensor:
-        # FSDP mixed precision casts only the params it manages; the MoE's own (ignored) params keep
-        # their dtype, so the MoE computes in it and hands back the activation dtype.
+    def _routed_in_param_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        # The router and routed experts are their own FSDP units without a param_dtype (the router
+        # stays fp32), so the routed part computes in their stored dtype and hands back the activation dtype.
         dtype = self.gate.weight.dtype
-        return super().forward(x.to(dtype)).to(x.dtype)
+        return self.routed(x.to(dtype)).to(x.dtype)
 
-    def _sequence_aux(self, x_local: torch.Tensor) -> torch.Tensor:
-        """`sequence_balance_loss` over the full sequences when each tp rank holds T/tp of them."""
-        B, T_local, D = x_local.shape
-        E, K, T = self.gate.n_experts, self.top_k, T_local * self.tp_mesh.size()
-        s = self.gate.scores(x_local.reshape(-1, D)).view(B, T_local, E)
+    def balance_loss(self, s: torch.Tensor) -> torch.Tensor:
+        """`sequence_balance_loss` over the full sequences when each tp rank holds T/tp of them (s [B,T/tp,E])."""
+        if self.tp_mesh is None:
+            return super().balance_loss(s)
+        B, T_local, E = s.shape
+        K, T = self.top_k, T_local * self.tp_mesh.size()
         with torch.no_grad():
             counts = torch.zeros(B, E, device=s.device).scatter_add_(1, s.topk(K, dim=-1).indices.flatten(1),
                                                                      torch.ones(B, T_local * K, device=s.device))

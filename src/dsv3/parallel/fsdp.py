@@ -1,13 +1,17 @@
 """Data parallelism: FSDP2 (`fully_shard`) for the dense weights, explicit all-reduces for the rest.
 
 FSDP2 wraps (torchtitan's recipe) the embedding, every decoder layer, every MTP module, [norm,
-lm_head], then the root, on the dp mesh (2-D with TP: parameters are DTensors on [dp, tp]). MoE
-parameters are left out of those units (`ignored_params`): their replica groups differ from the
-dense ones. Routed experts (EP-local, Shard(0) over ep) get their own FSDP unit per MoE on the edp
-mesh (torchtitan's `dp_shard_mod_ep`), sharded along dim 1 (I of gate/up, D of down), so every rank
-keeps 1/edp of its experts and their gradients are reduce-scattered over edp; gate and shared
-experts are replicated over dp x tp (under TP every tp rank routes a different slice of the
-sequence), so `sync_grads` all-reduces them itself (and routed experts when they are not sharded).
+lm_head], then the root, on the dp mesh (2-D with TP: parameters are DTensors on [dp, tp]). The
+shared experts are dense weights of their layer's unit (tensor-parallel like the dense MLP under TP).
+Routed experts (EP-local, Shard(0) over ep) get their own FSDP unit per MoE on the edp mesh
+(torchtitan's `dp_shard_mod_ep`), sharded along dim 1 (I of gate/up, D of down), so every rank keeps
+1/edp of its experts and their gradients are reduce-scattered over edp. Each router (gate weight
+[E, D]) is its own unit on the dp mesh without a param_dtype, so it is gathered and kept in fp32; its
+`e_score_correction_bias` is a buffer (E floats, read whole by every routing) and stays replicated,
+updated identically everywhere from the globally summed expert load (`dsv3.train.balance`). Under TP
+every tp rank routes a different slice of the sequence with the whole router, so `sync_grads` sums
+the routers' gradient shards over tp; without FSDP it all-reduces the routers over dp x tp itself
+(and the routed experts when they are not sharded).
 
 Gradient convention: each data-parallel replica's loss is the mean over its own batch, and the step
 gradient is the mean over replicas (FSDP's default reduce-scatter average; the manual all-reduces
@@ -38,25 +42,27 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPRMSNorm,
 
 
 def moe_params(part: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(gate + shared-expert params, routed-expert params) of every MoE in `part`."""
-    rep, exp = [], []
+    """(router weights, routed-expert params) of every MoE in `part` (shared experts are dense)."""
+    routers, exp = [], []
     for m in part.modules():
         if isinstance(m, MoE):
-            e = [m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj]
-            ids = {id(p) for p in e}
-            rep += [p for p in m.parameters() if id(p) not in ids]
-            exp += e
-    return rep, exp
+            routers += list(m.gate.parameters())
+            exp += [m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj]
+    return routers, exp
 
 
-def shard_experts(part: nn.Module, edp_mesh) -> None:
-    """fully_shard each MoE's routed experts over `edp_mesh` (dim 1; dim 0 is ep's). Before the
-    dense units, which then leave them alone. Weights keep their stored dtype (the MoE computes in
-    its gate's, which FSDP does not cast) and are resharded after forward, also under PP: a stage's
-    gathered experts would not fit. MoE calls `forward_grouped` / `forward_loop`, not `forward`."""
+def shard_moe(part: nn.Module, dp_mesh, edp_mesh=None, reshard_after_forward: bool = True) -> None:
+    """fully_shard each MoE's router over `dp_mesh` and (with `edp_mesh`) its routed experts over
+    `edp_mesh` (dim 1; dim 0 is ep's). Before the dense units, which then leave them alone. Both keep
+    their stored dtype (no param_dtype: the router stays fp32, and the routed experts compute in the
+    router's dtype, `ep.ParallelMoE`). The experts are resharded after forward also under PP: a
+    stage's gathered experts would not fit. MoE calls `forward_grouped` / `forward_loop`, not `forward`."""
     mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for m in part.modules():
-        if isinstance(m, MoE):
+        if not isinstance(m, MoE):
+            continue
+        fully_shard(m.gate, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        if edp_mesh is not None:
             fully_shard(m.experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=True,
                         shard_placement_fn=lambda p: Shard(1))
             for method in ("forward_grouped", "forward_loop"):
@@ -66,13 +72,11 @@ def shard_experts(part: nn.Module, edp_mesh) -> None:
 def apply_fsdp(part: nn.Module, dp_mesh, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
                edp_mesh=None) -> None:
     """fully_shard the dense modules of a Transformer / TransformerStage over `dp_mesh` (and the
-    routed experts over `edp_mesh` when given)."""
-    rep, exp = moe_params(part)
-    ignored = set(rep) | set(exp)
-    if edp_mesh is not None:
-        shard_experts(part, edp_mesh)
+    routers, and the routed experts over `edp_mesh` when given)."""
+    exp = moe_params(part)[1]
+    shard_moe(part, dp_mesh, edp_mesh, reshard_after_forward)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    kw = dict(mesh=dp_mesh, mp_policy=mp, ignored_params=ignored)
+    kw = dict(mesh=dp_mesh, mp_policy=mp, ignored_params=set(exp))
     backbone = part.model
     if getattr(backbone, "embed_tokens", None) is not None:
         fully_shard(backbone.embed_tokens, reshard_after_forward=reshard_after_forward, **kw)
@@ -111,13 +115,16 @@ def _all_reduce_grads(params, group, divide: int) -> None:
 def sync_grads(parts: list[nn.Module], meshes, fsdp: bool) -> None:
     """All-reduce the gradients FSDP does not handle (see the module docstring)."""
     dims = meshes.dims
-    rep, exp = [], []
+    routers, exp = [], []
     for part in parts:
         r, e = moe_params(part)
-        rep += r
+        routers += r
         exp += e
-    if dims.dp * dims.tp > 1:
-        _all_reduce_grads(rep, meshes.tokens_group, dims.dp)
+    if fsdp and dims.tp > 1:
+        # FSDP averaged each router shard over dp; the tp ranks' shares (different tokens) add up
+        _all_reduce_grads(routers, meshes.tp_mesh.get_group(), 1)
+    elif not fsdp and dims.dp * dims.tp > 1:
+        _all_reduce_grads(routers, meshes.tokens_group, dims.dp)
     if dims.shard_experts:
         # FSDP's reduce-scatter averaged over edp; the step gradient is the sum over edp / dp
         for p in exp:
@@ -132,6 +139,6 @@ def sync_grads(parts: list[nn.Module], meshes, fsdp: bool) -> None:
             if p.grad is not None:
                 _local(p.grad).div_(dims.dp)
     if not fsdp and dims.dp > 1:
-        ids = {id(p) for p in rep + exp}
+        ids = {id(p) for p in routers + exp}
         dense = [p for part in parts for p in part.parameters() if id(p) not in ids]
         _all_reduce_grads(dense, meshes.dense.get_group("dp"), dims.dp)

@@ -8,8 +8,8 @@ Per decoder layer (Megatron's MLA recipe, torchtitan's plan):
     q_b_proj, kv_b_proj                         column-parallel: heads split over tp
     o_proj                                      row-parallel, output reduce-scattered to Shard(1)
     self_attn.indexer (DSA, V3.2)               replicated, its KL target all-reduced (`indexer_plan`)
-    dense MLP                                   gate/up column-parallel, down row-parallel
-    MoE                                         works on the local sequence shard (see ep.py)
+    dense MLP, MoE shared experts               gate/up column-parallel, down row-parallel
+    MoE router and routed experts               work on the local sequence shard (see ep.py)
 Top level: embedding row-parallel (vocab split) -> Shard(1); final norm SequenceParallel; lm_head
 column-parallel with the logits gathered (Replicate) so the loss is the single-device loss.
 Without sequence parallel every "Shard(1)" above is "Replicate".
@@ -31,6 +31,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
 
 from dsv3.model.layers import MLP
 from dsv3.model.mla import MLA
+from dsv3.model.moe import MoE
 from dsv3.model.rope import apply_rope
 
 
@@ -131,10 +132,25 @@ def layer_plan(layer: nn.Module, sp: bool, tp: int) -> dict[str, ParallelStyle]:
                      "self_attn.q_b_proj": ColwiseParallel()})
         plan.update(indexer_plan(layer))
     if isinstance(layer.mlp, MLP):
-        plan.update({"mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
-                     "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-                     "mlp.down_proj": RowwiseParallel(output_layouts=seq, use_local_output=False)})
+        plan.update(mlp_plan("mlp", seq))
+    elif isinstance(layer.mlp, MoE):
+        plan.update(moe_plan(layer.mlp, seq))
     return plan
+
+
+def mlp_plan(prefix: str, seq) -> dict[str, ParallelStyle]:
+    """A SwiGLU MLP at `prefix`: input gathered to Replicate, gate/up column-parallel, down row-parallel
+    with its output reduce-scattered back to the sequence layout `seq`."""
+    return {prefix: PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+            f"{prefix}.gate_proj": ColwiseParallel(), f"{prefix}.up_proj": ColwiseParallel(),
+            f"{prefix}.down_proj": RowwiseParallel(output_layouts=seq, use_local_output=False)}
+
+
+def moe_plan(moe: nn.Module, seq) -> dict[str, ParallelStyle]:
+    """A MoE layer (`ep.ParallelMoE`): its shared experts split like the dense MLP. The router and
+    routed experts are not in the plan: every tp rank routes its own sequence shard with the whole
+    router (FSDP-sharded over dp, `fsdp.shard_moe`) and the experts are split over ep."""
+    return mlp_plan("mlp.shared_experts", seq) if moe.shared_experts is not None else {}
 
 
 def apply_tp(part: nn.Module, tp_mesh, sp: bool) -> None:
