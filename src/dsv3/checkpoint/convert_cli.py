@@ -7,7 +7,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint directory (config.json + safetensors; HF hub, FP8, transformers v5 or dsv3 layout)")
+    p.add_argument("src", help="checkpoint directory (config.json + safetensors: HF hub, FP8, transformers v5 or dsv3 layout), or a training checkpoint OUTPUT/checkpoint/step-N (one process or DCP from dsv3 launch)")
     p.add_argument("dst", help="output directory (must not exist or be empty)")
     p.add_argument("--to", choices=["hf", "dsv3", "fp8"], default="hf",
                    help="output layout: HF hub per-expert names (default), dsv3 stacked, or fp8 (HF layout in DeepSeek's FP8 "
