@@ -349,6 +349,10 @@ def run_config_from_dict(data: dict, overrides: list[str] | None = None, source:
 
         data = translate(data, source)
     data = apply_overrides(data, overrides)
+    if data.pop("_mindformers_layout", False):  # translated (here or by the caller): MindFormers' offset / recompute reading
+        from dsv3.config.mindspore import mindformers_layout
+
+        mindformers_layout(data, overrides, source)
     try:
         cfg = from_dict(RunConfig, data, "")
     except UserError as e:
