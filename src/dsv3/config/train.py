@@ -79,6 +79,9 @@ class TrainConfig:
     """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast with fp32 master weights and optimizer states."""
+    cpu_bf16: Literal["auto", "autocast"] = "auto"
+    """precision bf16 on a CPU without bf16 instructions (no avx512_bf16 / amx_bf16; $DSV3_ISA set): auto computes
+    in fp32 there (bf16 autocast runs 5-20x slower; one line says so, `dsv3.train.precision`); autocast keeps it."""
     mtp_loss_factor: float = 0.3
     """lambda of the MTP loss lambda/D * sum_k L_k (V3: 0.3 for the first 10T tokens, then 0.1)."""
     bias_update_rate: float = 0.001
