@@ -70,3 +70,19 @@ def test_convert_dcp_missing_shard_is_one_line(run):
     assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"DCP shard {victim.name} is missing" in err[0], err
     assert not (run / "never").exists()
+
+
+def test_convert_never_unpickles_a_hostile_metadata(tmp_path):
+    """A `step-N/` in the DCP layout whose `.metadata` pickle would run code: `dsv3 convert` reads it through
+    the allow-list (`dsv3.parallel.dcp.read_metadata`), refuses it in one line, runs nothing, writes nothing."""
+    from test_parallel_dcp import _hostile_dir
+
+    marker = tmp_path / "PWNED"
+    cfg = run_cfg(write_dataset(tmp_path), tmp_path / "out", {}, steps=1, save=False)
+    src = tmp_path / "step-2"
+    _hostile_dir(src, cfg, marker, dsv3_layout=True)
+    r = _convert(src, tmp_path / "never")
+    err = r.stderr.strip().splitlines()
+    assert not marker.exists(), "the .metadata pickle ran code"
+    assert r.returncode == 2 and len(err) == 1 and "refers to posix.system" in err[0], r.stderr
+    assert not (tmp_path / "never").exists()
