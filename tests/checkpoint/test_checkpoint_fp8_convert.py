@@ -137,3 +137,30 @@ def test_train_checkpoint_to_hf(tmp_path, tiny_config, shard):
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model.eval()(ids))
+
+
+def test_seed_fp8_cast_bf16_flag_names(tmp_path):
+    """The seed's `fp8_cast_bf16.py --input-fp8-hf-path X --output-bf16-hf-path Y` line, as `dsv3 convert` flags
+    (the real CLI): the same bf16 directory as `dsv3 convert X Y`; a path given twice or missing is one line."""
+    import subprocess
+    import sys
+
+    hf = make_hf_checkpoint(tmp_path / "hf")
+    add_mtp_layer(tmp_path / "hf", hf)
+    make_fp8_checkpoint(tmp_path / "hf", tmp_path / "fp8")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dsv3", "convert", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+    r = cli("--input-fp8-hf-path", tmp_path / "fp8", "--output-bf16-hf-path", tmp_path / "seed")
+    assert r.returncode == 0, r.stderr
+    assert cli(tmp_path / "fp8", tmp_path / "plain").returncode == 0
+    seed, plain = CheckpointReader(tmp_path / "seed"), CheckpointReader(tmp_path / "plain")
+    assert sorted(seed.meta) == sorted(plain.meta) and not any(n.endswith("_scale_inv") for n in seed.meta)
+    assert all(torch.equal(seed.tensor(n), plain.tensor(n)) for n in seed.meta)
+    assert json.loads((tmp_path / "seed" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    for args, want in [((tmp_path / "fp8", tmp_path / "x", "--input-fp8-hf-path", tmp_path / "fp8"), "SRC given twice"),
+                       (("--output-bf16-hf-path", tmp_path / "y"), "give SRC")]:
+        r = cli(*args)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and want in err[0], r.stderr

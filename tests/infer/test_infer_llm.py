@@ -90,7 +90,7 @@ def test_cli_predict_yaml(tiny_tok_ckpt, tmp_path, capsys):
     yaml.write_text(f"seed: 0\nload_checkpoint: '{tiny_tok_ckpt / 'model.safetensors'}'\nmodel:\n  model_config:\n"
                     f"    max_decode_length: 5\n    do_sample: False\n    top_k: 1\n    top_p: 1\n"
                     f"processor:\n  tokenizer:\n    tokenizer_file: '{tiny_tok_ckpt / 'tokenizer.json'}'\n")
-    rc, out, err = _cli(["generate", "--config", str(yaml), "--input", "hello", "--raw", "--ignore-eos", "--quiet",
+    rc, out, err = _cli(["generate", "--config", str(yaml), "--input", "hello", "--max-tokens", "5", "--ignore-eos", "--quiet",
                        "--num-blocks", "32"], capsys=capsys)
     assert rc == 0 and out.endswith("\n") and len(out) > 1, err
 

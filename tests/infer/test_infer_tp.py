@@ -91,20 +91,20 @@ def _predict_yaml(path: Path, model_dir: Path, mp: int) -> Path:
         "seed": 0, "run_mode": "predict", "use_parallel": True, "load_checkpoint": str(model_dir / "model.safetensors"),
         "parallel_config": {"data_parallel": 1, "model_parallel": mp, "pipeline_stage": 1, "expert_parallel": 1,
                             "vocab_emb_dp": False},
-        "model": {"model_config": {"max_decode_length": 8}},
+        "model": {"model_config": {"max_decode_length": 1024}},
         "processor": {"tokenizer": {"tokenizer_file": str(model_dir / "tokenizer.json")}}}), encoding="utf-8")
     return path
 
 
 def _launch(tmp_path: Path, yaml_path: Path, n: int, log: str):
-    cmd = f"generate --config {yaml_path.name} --input '请介绍一下北京的景点'"
+    cmd = f"generate --config {yaml_path.name} --input '请介绍一下北京的景点' --max-tokens 8"
     return subprocess.run([sys.executable, "-m", "dsv3", "launch", cmd, str(n), str(n), "127.0.0.1", str(free_port()), "0",
                            log, "True", "300"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
 
 
 def test_seed_msrun_inference_line_2_and_4_processes(model_dir, tmp_path, capsys):
     one = _predict_yaml(tmp_path / "one.yaml", model_dir, 1)
-    assert cli_main(["generate", "--config", str(one), "--input", "请介绍一下北京的景点", "--quiet"]) == 0
+    assert cli_main(["generate", "--config", str(one), "--input", "请介绍一下北京的景点", "--max-tokens", "8", "--quiet"]) == 0
     expected = capsys.readouterr().out.strip()
     assert expected
     for n in (2, 4):

@@ -137,3 +137,26 @@ def test_cosine_with_warmup_lr_of_the_seed(data_dir):
     for i in range(warm, total):
         assert lrs[i] == pytest.approx(1e-6 + 4e-6 * 0.5 * (1 + math.cos(math.pi * (i - warm) / (total - warm))))
     assert lrs[-1] == pytest.approx(1e-6, rel=1e-3)
+
+
+def test_seed_finetune_yaml_runs_in_one_process_with_its_offset_and_recompute(data_dir, tmp_path):
+    """The seed's 16-stage `offset` and `recompute` lists as they are, the run in one process (`--set
+    parallel.pipeline_stage=1`): read as MindFormers reads them for one stage (offset unused, recompute[0]
+    for the one stage, at most its layers), said on stderr, through the real CLI."""
+    import subprocess
+    import sys
+
+    yaml_path = _yaml(data_dir)
+    keep = [s for s in SHRINK if not s.startswith(("parallel.pp_layer_offset", "parallel.recompute_layers", "train.recompute"))]
+    cfg = load_run_config(yaml_path, keep)
+    assert cfg.parallel.pp_layer_offset is None and cfg.parallel.recompute_layers == [3] and cfg.train.recompute == "full"
+    hf = hf_dir_for(cfg, data_dir, tmp_path / "hf")
+    data = gsm8k_alpaca(data_dir, tmp_path / "gsm8k.jsonl", 4)
+    sets = [*keep, f"train.init_from={hf}", f"data.sft.path={data}", "train.epochs=1", "eval.eval_steps=0",
+            "eval.eval_at_end=false", "checkpoint.export_hf=false"]
+    r = subprocess.run([sys.executable, "-m", "dsv3", "train", "--config", str(yaml_path), *sum((["--set", s] for s in sets), []),
+                        "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "model.model_config.offset [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1] not applied (pipeline_stage 1" in r.stderr
+    assert "parallel.recompute_layers [3]" in r.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()

@@ -9,7 +9,9 @@
 SRC is a directory with config.json and safetensors in any layout `hf_map` reads: the hub's
 per-expert names (FP8 with `weight_scale_inv` block scales, or bf16/fp32), transformers v5's fused
 experts, or ours -- including a `dsv3 train` checkpoint (`OUTPUT/checkpoint/step-N`: model.safetensors
-in our layout plus config.resolved.yaml, whose `model:` section becomes config.json). FP8 weights
+in our layout plus config.resolved.yaml, whose `model:` section becomes config.json), or the DCP directory a
+`dsv3 launch` run writes there under any layout (`dcp_reader.DcpReader`; MTP kept). A training checkpoint
+gets its run's tokenizer (data.tokenizer) with the chat template, as the run's own `hf/` export. FP8 weights
 are dequantised with the pure-torch `fp8.weight_dequant`, needing no GPU and about one shard of
 memory (plus, for `--to dsv3`, one layer's experts). It ends with one line: the tensors read and
 written by dtype, the shards, bytes and seconds (`ConvertResult.describe`). config.json is rewritten consistently: `quantization_config` removed, `torch_dtype` set (transformers otherwise
@@ -33,8 +35,9 @@ from typing import Iterator
 import torch
 
 from dsv3.checkpoint import hf_map
+from dsv3.checkpoint.dcp_reader import DcpReader, is_dcp_dir
 from dsv3.checkpoint.load import KEEP_FP32, check_checkpoint, parse_dtype
-from dsv3.checkpoint.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader, load_dir_config, read_weight
+from dsv3.checkpoint.reader import INDEX_NAME, SINGLE_NAME, TRAIN_CONFIG, CheckpointReader, load_dir_config, read_weight
 from dsv3.checkpoint.save import _install, parse_size
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
@@ -182,6 +185,19 @@ class ConvertResult:
                 f"{self.shards} shard{'s' if self.shards != 1 else ''}, {size}, in {self.seconds:.1f} s")
 
 
+def _run_tokenizer(src: Path) -> str | None:
+    """The tokenizer a training checkpoint's run used (its config.resolved.yaml: data.tokenizer, or for
+    fine-tuning init_from's), as `dsv3 train` exports it to RUN/hf; None (the default one) for other sources."""
+    if (src / "config.json").is_file() or not (src / TRAIN_CONFIG).is_file():
+        return None
+    from dsv3.config.load import read_yaml
+    from dsv3.config.train import run_config_from_dict
+    from dsv3.data.sft_dataset import tokenizer_source
+
+    cfg = run_config_from_dict(read_yaml(src / TRAIN_CONFIG), None, str(src / TRAIN_CONFIG))
+    return tokenizer_source(cfg) if cfg.data.type == "sft" else cfg.data.tokenizer
+
+
 def fix_config(hf: dict, dtype: torch.dtype | None, fallback: str) -> dict:
     """config.json for the converted weights: no quantization_config, the real storage dtype."""
     out = {k: v for k, v in hf.items() if k != "quantization_config"}
@@ -234,7 +250,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
         raise UserError(f"output directory {dst} exists and is not empty")
     if src.resolve() == dst.resolve():
         raise UserError("source and destination are the same directory")
-    reader = CheckpointReader(src)
+    reader = DcpReader(src) if is_dcp_dir(src) else CheckpointReader(src)
     with warnings.catch_warnings():  # a config declaring MTP without MTP weights converts as it is
         warnings.simplefilter("ignore")
         check_checkpoint(src, reader=reader)  # config ranges, layer count, names, shapes: refuse before writing
@@ -266,7 +282,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: str | None 
         if not (tmp / "tokenizer.json").is_file():  # e.g. a training checkpoint: the tokenizer every entry point would use
             from dsv3.data.tokenizer import export_tokenizer
 
-            print(export_tokenizer(tmp, None, cfg.vocab_size).replace(str(tmp), str(dst)), file=sys.stderr)
+            print(export_tokenizer(tmp, _run_tokenizer(src), cfg.vocab_size).replace(str(tmp), str(dst)), file=sys.stderr)
         _install(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

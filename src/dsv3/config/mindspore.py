@@ -46,6 +46,30 @@ def _mindformers_recompute_counts(o: dict) -> str | None:
             f"at most the stage's {sizes} layers): parallel.recompute_layers {new}")
 
 
+MINDFORMERS_LAYOUT = "_mindformers_layout"
+"""Key `translate` leaves in its output: `run_config_from_dict` pops it and applies `mindformers_layout`
+after the `--set` overrides, so a YAML run under another pipeline_stage (one process) reads as MindFormers would."""
+
+
+def mindformers_layout(o: dict, overrides: list[str] | None, source: str = "config") -> None:
+    """MindFormers' reading of `model_config.offset` and `recompute_config.recompute` for the pipeline_stage
+    that runs (the YAML's, or `--set parallel.pipeline_stage`): the offsets only when there are stages to place
+    (one stage: dropped), `recompute[i]` for stage i and at most its layers (`_mindformers_recompute_counts`).
+    A list the user set with `--set` is kept as given. Each change is said on stderr."""
+    par = o.get("parallel") or {}
+    given = {item.split("=", 1)[0].strip() for item in overrides or []}
+    notes = []
+    if par.get("pp_layer_offset") is not None and int(par.get("pipeline_stage", 1)) == 1 and "parallel.pp_layer_offset" not in given:
+        notes.append(f"model.model_config.offset {par.pop('pp_layer_offset')} not applied (pipeline_stage 1: MindFormers "
+                     f"reads the offsets only when there are stages to place)")
+    if par.get("recompute_layers") is not None and "parallel.recompute_layers" not in given:
+        note = _mindformers_recompute_counts(o)
+        if note:
+            notes.append(note)
+    if notes:
+        print(f"{source}: {'; '.join(notes)}", file=sys.stderr)
+
+
 def translate(data: dict, source: str = "config", quiet: bool = False, list_ignored: bool = True) -> dict:
     """Translate a MindSpore-style run YAML into our RunConfig dict (see the module docstring).
     The ignored keys go to stderr on one line: listed, or only counted with `list_ignored=False`
@@ -253,13 +277,7 @@ def translate(data: dict, source: str = "config", quiet: bool = False, list_igno
                 raise t.err(fpath, f"aux loss type {kind!r} with factor {f} is not supported (DeepSeek-V3 uses only 'expert')")
     if extra.get("recompute") or extra.get("select_recompute"):
         o["train"]["recompute"] = "selective" if extra.get("select_recompute") else "full"
-    if "pp_layer_offset" in o["parallel"] and int(o["parallel"].get("pipeline_stage", 1)) == 1:
-        del o["parallel"]["pp_layer_offset"]  # MindFormers reads the offsets only when there are stages to place
-        t.ignored.append("model.model_config.offset (pipeline_stage 1: one stage)")
-    if "recompute_layers" in o["parallel"]:
-        note = _mindformers_recompute_counts(o)
-        if note and not quiet:
-            print(f"{source}: {note}", file=sys.stderr)
+    o[MINDFORMERS_LAYOUT] = True  # offset / recompute are read once `--set` overrides are in (`mindformers_layout`)
     if extra.get("balance") is False:
         o["train"]["bias_update_rate"] = 0.0
     o["model"].setdefault("topk_method", "noaux_tc")

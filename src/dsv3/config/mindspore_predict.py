@@ -8,8 +8,12 @@ from typing import Any
 from dsv3.config.mindspore_keys import _group
 from dsv3.errors import UserError
 
-_PREDICT_SAMPLING = ("max_decode_length", "do_sample", "top_k", "top_p", "repetition_penalty")
+_PREDICT_SAMPLING = ("do_sample", "top_k", "top_p", "repetition_penalty")
+PREDICT_MAX_NEW_TOKENS = 128
+"""`run_predict_deepseek.py` calls `generate(..., max_new_tokens=128)`; MindFormers then stops at prompt + 128
+tokens whatever the YAML's max_decode_length."""
 _PREDICT_WHY = {
+    "max_decode_length": f"run_predict_deepseek.py's max_new_tokens={PREDICT_MAX_NEW_TOKENS} takes precedence; --max-tokens N to change",
     "block_size": "the KV cache is set by --block-size / --num-blocks",
     "num_blocks": "the KV cache is set by --block-size / --num-blocks",
     "parallel_config": "use_parallel is not True: one process",
@@ -27,8 +31,7 @@ def predict_settings(data: dict, source: str = "config", quiet: bool = False) ->
     tok = (data.get("processor") or {}).get("tokenizer") or {}
     out: dict[str, Any] = {"model": data.get("load_checkpoint"), "tokenizer": tok.get("tokenizer_file") or tok.get("vocab_file"),
                            "seed": data.get("seed")}
-    if mc.get("max_decode_length"):
-        out["max_tokens"] = int(mc["max_decode_length"])
+    out["max_tokens"] = PREDICT_MAX_NEW_TOKENS
     if mc.get("do_sample"):
         out["temperature"] = 1.0
         if mc.get("top_k") not in (None, 0):
@@ -68,3 +71,31 @@ def predict_settings(data: dict, source: str = "config", quiet: bool = False) ->
         print(f"{source}: not applied by dsv3 generate (the model's architecture comes from the checkpoint's config.json, "
               f"the rest is MindSpore/Ascend-only): {_group(unused)}", file=sys.stderr)
     return out
+
+
+_PREDICT_ONLY = (*_PREDICT_SAMPLING, "max_decode_length", "block_size", "num_blocks", "use_past", "is_dynamic", "ffn_concat", "auto_map",
+                 "quantization_config", "scaling_factor", "extend_method")
+"""model_config keys of a predict YAML that are no part of the architecture (generation, cache, quantisation, RoPE)."""
+
+
+def predict_model(data: dict, source: str = "config") -> dict:
+    """Our `model:` section from a MindFormers predict YAML (`dsv3 info --config predict.yaml`): its model_config
+    and moe_config read as `translate` reads a training YAML's, `extend_method: YARN` with `scaling_factor` as
+    rope_scaling; the generation, cache and quantisation keys are skipped."""
+    from dsv3.config.mindspore import translate
+
+    mc = dict((data.get("model") or {}).get("model_config") or {})
+    yarn = str(mc.get("extend_method")).upper() == "YARN"
+    scaling = mc.get("scaling_factor")
+    for key in _PREDICT_ONLY:
+        mc.pop(key, None)
+    if not yarn and "extend_method" in (data.get("model") or {}).get("model_config", {}):
+        mc["extend_method"] = data["model"]["model_config"]["extend_method"]  # None: plain RoPE, as for training
+    sections = {"model": {"model_config": mc}, **({"moe_config": data["moe_config"]} if "moe_config" in data else {})}
+    model = translate(sections, source, quiet=True).get("model", {})
+    if yarn and scaling is not None:
+        if not isinstance(scaling, dict):
+            raise UserError(f"{source}: model.model_config.scaling_factor is a {type(scaling).__name__}, expected the YaRN "
+                            f"mapping (factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim)")
+        model["rope_scaling"] = {"type": "yarn", **scaling}
+    return model

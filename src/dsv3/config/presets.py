@@ -26,7 +26,8 @@ def resolve_preset(name_or_path: str | Path) -> Path:
 
 
 def load_model_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
-    """ModelConfig from a YAML preset (`model:` section), an HF config.json, or a checkpoint directory."""
+    """ModelConfig from a YAML preset (`model:` section), a MindSpore-style YAML (`model.model_config`), an HF
+    config.json, or a checkpoint directory."""
     p = resolve_preset(name_or_path)
     if p.is_dir() or p.suffix == ".json":
         from dsv3.config.hf import load_hf_config
@@ -36,6 +37,17 @@ def load_model_config(name_or_path: str | Path, overrides: list[str] | None = No
             raise UserError("--set overrides apply to YAML configs, not to config.json")
         return cfg
     data = read_yaml(p)
+    from dsv3.config.train import is_mindspore_yaml
+
+    if is_mindspore_yaml(data):  # the seed's pretrain / finetune / predict YAML: its model_config and moe_config
+        from dsv3.config.mindspore import translate
+        from dsv3.config.mindspore_predict import predict_model
+
+        if data.get("run_mode") == "predict":
+            data = {"model": predict_model(data, str(p))}
+        else:  # as `dsv3 train` reads it; the run settings are not read here
+            model_only = {k: data[k] for k in ("model", "moe_config") if k in data}
+            data = {"model": translate(model_only, str(p), quiet=True).get("model", {})}
     data = apply_overrides(data, overrides)
     if "model" not in data:
         raise UserError(f"{p}: no 'model:' section")

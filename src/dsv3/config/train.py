@@ -79,6 +79,9 @@ class TrainConfig:
     """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast with fp32 master weights and optimizer states."""
+    cpu_bf16: Literal["auto", "autocast"] = "auto"
+    """precision bf16 on a CPU without bf16 instructions (no avx512_bf16 / amx_bf16; $DSV3_ISA set): auto computes
+    in fp32 there (bf16 autocast runs 5-20x slower; one line says so, `dsv3.train.precision`); autocast keeps it."""
     mtp_loss_factor: float = 0.3
     """lambda of the MTP loss lambda/D * sum_k L_k (V3: 0.3 for the first 10T tokens, then 0.1)."""
     bias_update_rate: float = 0.001
@@ -346,6 +349,10 @@ def run_config_from_dict(data: dict, overrides: list[str] | None = None, source:
 
         data = translate(data, source)
     data = apply_overrides(data, overrides)
+    if data.pop("_mindformers_layout", False):  # translated (here or by the caller): MindFormers' offset / recompute reading
+        from dsv3.config.mindspore import mindformers_layout
+
+        mindformers_layout(data, overrides, source)
     try:
         cfg = from_dict(RunConfig, data, "")
     except UserError as e:

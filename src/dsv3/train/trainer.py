@@ -28,7 +28,7 @@ from dsv3.config.load import dump_yaml
 from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
 from dsv3.parallel.strategy import Strategy
-from dsv3.train import balance, checkpoint, metrics
+from dsv3.train import balance, checkpoint, metrics, precision
 from dsv3.train.host_memory import keep_freed_memory
 from dsv3.train.lr_schedule import build_scheduler
 from dsv3.train.optim import clip_coefficient, step_with_clip
@@ -194,6 +194,9 @@ class Trainer:
         self.data = build_data(cfg, self.micro_batches, self.strategy.dp_rank, self.strategy.dp_size, self.log,
                                pipeline=self.strategy.dims.pp > 1)
         self.parts, self.optimizer = self.strategy.build(self.log)
+        self.precision = precision.resolve(cfg.train.precision, self.device, cfg.train.cpu_bf16)
+        if self.precision.note:
+            self.log(self.precision.note)
         if self.device.type == "cpu" and threads.current() is not None:
             self.log(threads.current().line())
         self.model = self.parts[0] if self.strategy.dims.pp == 1 else None  # under PP no rank holds the whole model
@@ -210,7 +213,7 @@ class Trainer:
         self.flops_per_token = metrics.train_flops_per_token(cfg.model, cfg.data.seq_length,
                                                              cfg.model.num_nextn_predict_layers if cfg.train.mtp_loss_factor > 0 else 0)
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.peak_flops = metrics.peak_flops(dev_name, cfg.train.precision, cfg.logging.peak_tflops)
+        self.peak_flops = metrics.peak_flops(dev_name, self.precision.runs, cfg.logging.peak_tflops)
 
     def _resume_path(self) -> Path | None:
         existing = checkpoint.latest_checkpoint(self.ckpt_root)
@@ -230,7 +233,7 @@ class Trainer:
             tqdm.write(msg, file=sys.stderr)
 
     def autocast(self):
-        if self.cfg.train.precision == "bf16":
+        if self.precision.runs == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -267,7 +270,7 @@ class Trainer:
         if not math.isfinite(rec["loss"]):
             raise UserError(f"loss is {rec['loss']} at step {self.step}: training diverged (lower lr_schedule.learning_rate "
                             f"or check the data); the last checkpoint is intact")
-        rec.update(step=self.step, lr=lr, grad_norm=float(grad_norm), counts=counts)
+        rec.update(step=self.step, lr=lr, grad_norm=float(grad_norm), counts=counts, precision=self.precision.runs)
         return rec
 
     def evaluate(self) -> dict[str, float] | None:
