@@ -5,6 +5,7 @@ on written replies, and bad data as one line."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -51,7 +52,8 @@ def test_eval_every_dataset_through_the_server(server, tmp_path):
     out = tmp_path / "report.json"
     r = _dsv3("eval", "--base-url", server, "--api-key", "k", "--ceval", str(DATA / "ceval"),
               "--ceval-subjects", "logic,accountant", "--mmlu", str(DATA / "mmlu"), "--mmlu-subjects", "astronomy",
-              "--gsm8k", str(DATA / "gsm8k" / "test_even.jsonl"), "--cluewsc", str(DATA / "cluewsc" / "dev_few_all.json"),
+              "--gsm8k", str(DATA / "gsm8k" / "test_even.jsonl"),
+              "--cluewsc", str(DATA / "cluewsc" / "dev_few_all.json"),
               "--limit", "2", "--few-shot", "ceval=1", "--few-shot", "gsm8k=1", "--max-tokens", "6",
               "--concurrency", "4", "--output-json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -98,7 +100,8 @@ def test_eval_refuses_bad_data_in_one_line(tmp_path):
 
 
 def test_prompts_follow_evalscope():
-    q = P.mmlu_prompt("Why?", ["a", "b", "c", "d"], [{"question": "Q1", "choices": ["w", "x", "y", "z"], "answer": "C"}])
+    shot = {"question": "Q1", "choices": ["w", "x", "y", "z"], "answer": "C"}
+    q = P.mmlu_prompt("Why?", ["a", "b", "c", "d"], [shot])
     assert q.startswith("Here are some examples of how to answer similar questions:\n\nQ1\nA) w\nB) x\nC) y\nD) z\n"
                         "ANSWER: C\n\nAnswer the following multiple choice question. The last line")
     assert q.endswith("one of A,B,C,D. Think step by step before answering.\n\nWhy?\n\nA) a\nB) b\nC) c\nD) d")
@@ -134,3 +137,28 @@ def test_gsm8k_answer(reply, want):
 def test_ceval_answer_and_numbers():
     assert P.ceval_answer("解析……答案：C\n答案：A") == "C" and P.ceval_answer("答案是B") == ""
     assert P.numbers_equal("18.0", "18") and not P.numbers_equal("", "18") and not P.numbers_equal("17", "18")
+
+
+@pytest.mark.skipif(not (DATA / "ceval").is_dir(), reason="needs ../shared/data (C-Eval, MMLU, GSM8K)")
+def test_to_evalscope_lays_out_configs(tmp_path):
+    """docs/clients/to_evalscope.py: one config per C-Eval subject ("all" for MMLU, "main" for GSM8K), a JSONL
+    file per split, and a dataset card naming them (what `datasets.load_dataset(DIR, name=, split=)` reads)."""
+    script = str(REPO / "docs" / "clients" / "to_evalscope.py")
+    for kind, src in (("ceval", DATA / "ceval"), ("mmlu", DATA / "mmlu"),
+                      ("gsm8k", DATA / "gsm8k" / "test_even.jsonl")):
+        r = subprocess.run([sys.executable, script, kind, str(src), str(tmp_path / kind)], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+    card = (tmp_path / "ceval" / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\nconfigs:\n- config_name: accountant\n  data_files:\n  - split: val\n"
+                           "    path: accountant/val.jsonl\n  - split: dev\n    path: accountant/dev.jsonl\n")
+    assert card.count("- config_name:") == len(list((DATA / "ceval" / "val").glob("*_val.csv")))
+    row = json.loads((tmp_path / "ceval" / "logic" / "dev.jsonl").read_text(encoding="utf-8").split("\n")[0])
+    assert set(row) == {"id", "question", "A", "B", "C", "D", "answer", "explanation"} and row["explanation"]
+    lines = (tmp_path / "mmlu" / "all" / "test.jsonl").read_text(encoding="utf-8").split("\n")
+    mmlu = [json.loads(x) for x in lines if x]
+    assert len(mmlu) == sum(len(list(csv.reader(f.open(encoding="utf-8", newline=""))))
+                            for f in (DATA / "mmlu" / "test").glob("*_test.csv"))
+    assert mmlu[0]["subject"] == "abstract_algebra" and mmlu[0]["answer"] in range(4) and len(mmlu[0]["choices"]) == 4
+    assert "config_name: main" in (tmp_path / "gsm8k" / "README.md").read_text()
+    assert (tmp_path / "gsm8k" / "main" / "train.jsonl").is_file() and not list(tmp_path.glob("*.tmp"))

@@ -67,7 +67,7 @@ def _csv_rows(path: Path, header: bool) -> list[dict]:
 
 def _jsonl(path: Path) -> list[tuple[int, dict]]:
     out = []
-    for no, line in enumerate(_read(path).splitlines(), 1):
+    for no, line in enumerate(_read(path).split("\n"), 1):  # not splitlines: U+2028 may sit in a string
         if not line.strip():
             continue
         try:
