@@ -55,6 +55,8 @@ class ParallelDims:
     """Pipeline schedule name (torch.distributed.pipelining)."""
     stages_per_rank: int = 0
     """Virtual pipeline stages per rank; 0 = 1 for single-stage schedules, 2 for multi-stage ones."""
+    dualpipe_overlap: bool | None = None
+    """DualPipeV compute / all-to-all overlap: None where the layout allows it, True required, False off."""
 
     @property
     def world_size(self) -> int:
@@ -98,7 +100,7 @@ class ParallelDims:
             ep=int(get("expert_parallel", 1)), micro_batch_num=int(get("micro_batch_num", 1)),
             seq_parallel=bool(get("use_seq_parallel", True)), dp_shard=str(get("dp_shard", "fsdp")),
             schedule=str(get("pipeline_schedule", "1F1B")), stages_per_rank=int(get("stages_per_rank", 0)),
-            dp_replicate=int(get("dp_replicate", 1)),
+            dp_replicate=int(get("dp_replicate", 1)), dualpipe_overlap=get("dualpipe_overlap", None),
         )
 
     def _world_fix(self, world_size: int) -> str:
