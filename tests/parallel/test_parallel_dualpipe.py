@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 LAYOUT = {"data_parallel": 2, "expert_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 4,
           "pipeline_schedule": "DualPipeV"}
@@ -62,6 +64,25 @@ def test_overlap_is_bit_identical_and_runs(tmp_path):
         s_off = json.loads((tmp_path / f"off.rank{r}.json").read_text())
         s_on = json.loads((tmp_path / f"on.rank{r}.json").read_text())
         assert s_off["actions"] == 0 and s_on["actions"] > 0 and s_on["turns"] > 0, (r, s_off, s_on)
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"pipeline_schedule": "1F1B", "micro_batch_num": 2}, "only DualPipeV with expert_parallel > 1"),
+    ({"expert_parallel": 1}, "only DualPipeV with expert_parallel > 1"),
+    ({"model_parallel": 2, "data_parallel": 1}, "tensor parallelism runs its own collectives"),
+    ({"data_parallel": 4}, "FSDP-sharded experts all-gather inside the chunks"),
+    ({"dp_shard": "ddp"}, "DDP reduces gradients inside the last backward"),
+])
+def test_required_overlap_on_a_layout_without_it_is_one_line(change, why):
+    """`dualpipe_overlap: true` where other collectives would share the chunks: refused before any process starts."""
+    from dsv3.errors import UserError
+    from dsv3.parallel.dims import ParallelDims
+
+    layout = {**LAYOUT, **change, "dualpipe_overlap": True}
+    dims = ParallelDims.from_config(layout)
+    with pytest.raises(UserError, match=f"parallel.dualpipe_overlap = true: {why}"):
+        dims.validate(dims.world_size)
+    ParallelDims.from_config({**layout, "dualpipe_overlap": None}).validate(dims.world_size)  # the default: off there
 
 
 if __name__ == "__main__":

@@ -144,6 +144,11 @@ class ParallelDims:
                                 f"stages ({self.pp} ranks x {self.v} stages each); use micro_batch_num >= {self.n_stages}")
             if self.schedule == "DualPipeV" and self.micro_batch_num < 2 * self.pp:
                 raise UserError(f"DualPipeV needs micro_batch_num >= 2 x pipeline_stage = {2 * self.pp}, got {self.micro_batch_num}")
+        if self.dualpipe_overlap:
+            from dsv3.parallel.overlap import overlap_blocker
+
+            if blocker := overlap_blocker(self, []):  # recompute is checked when the stages are built
+                raise UserError(f"parallel.dualpipe_overlap = true: {blocker}; set it to false or null")
         if model_cfg is not None:
             if model_cfg.n_routed_experts % self.ep:
                 raise UserError(f"parallel.expert_parallel = {self.ep} does not divide n_routed_experts = "
