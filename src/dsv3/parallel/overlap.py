@@ -98,11 +98,14 @@ def _moe_count(stage: nn.Module) -> int:
 def overlap_f_b(action, ctx) -> None:
     """`OVERLAP_F_B`: the forward sub-action here, the backward sub-action in a second thread, with the
     bookkeeping torch's runtime does for a FORWARD and a FULL_BACKWARD action."""
-    from torch.distributed.pipelining.schedules import _wait_batch_p2p
+    from torch.distributed.pipelining.schedules import FORWARD, FULL_BACKWARD, _wait_batch_p2p
 
     sched = ctx.schedule_ref
     stages = {st.stage_index: st for st in sched._stages}
     fwd, bwd = action.sub_actions
+    if (fwd.computation_type, bwd.computation_type) != (FORWARD, FULL_BACKWARD):
+        raise RuntimeError(f"dualpipe_overlap: expected OVERLAP_F_B = (FORWARD, FULL_BACKWARD) from torch's DualPipeV, "
+                           f"got {action.sub_actions}; set parallel.dualpipe_overlap=false")
     f_stage, b_stage = stages[fwd.stage_index], stages[bwd.stage_index]
     f_mb, b_mb = fwd.microbatch_index, bwd.microbatch_index
     # the inputs: received activations / gradients (none between the two V stages of this rank)
