@@ -1,16 +1,43 @@
 #!/usr/bin/env bash
-# evalscope eval (general_mcq on a local CLUEWSC file), offline against `dsv3 serve`.
-# usage: evalscope_eval.sh MODEL_DIR CLUEWSC_JSON [OUT_DIR]   env: VENV (default /tmp/venv-evalscope), PORT (18432)
-# CLUEWSC_JSON: e.g. FewCLUE's cluewsc/dev_few_all.json (github.com/CLUEbenchmark/FewCLUE); converted to
-# OUT_DIR/data/cluewsc_val.jsonl by cluewsc_to_mcq.py (evalscope reads {subset}_val.jsonl).
+# evalscope eval of C-Eval, MMLU, GSM8K (built-in adapters) and CLUEWSC (general_mcq), offline against `dsv3 serve`.
+# usage: evalscope_eval.sh MODEL_DIR DATA_DIR [OUT_DIR]
+#   DATA_DIR holds the public releases: ceval/{dev,val}/SUBJECT_{dev,val}.csv, mmlu/{dev,test}/SUBJECT_{dev,test}.csv,
+#   gsm8k/{test,train}.jsonl, cluewsc/dev_few_all.json (FewCLUE); a missing folder or file is left out.
+#   env: VENV (default /tmp/venv-evalscope), PORT (18432), LIMIT (items per subset, default 20),
+#        MAX_TOKENS (default 1024), GSM8K_TEST (default DATA_DIR/gsm8k/test.jsonl), CLUEWSC (default DATA_DIR/cluewsc/dev_few_all.json)
+# The built-in adapters give a local_path to Hugging Face `datasets.load_dataset(path, name=SUBSET, split=...)`,
+# which cannot pick a subject out of the release's folder of CSV files: to_evalscope.py lays each dataset
+# out as one config per subset with a dataset card that names its split files (see its docstring).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-MODEL_DIR=$(realpath "$1"); SRC=$(realpath "$2"); OUT=$(realpath -m "${3:-/tmp/dsv3-clients/evalscope_eval}")
-VENV=${VENV:-/tmp/venv-evalscope}; PORT=${PORT:-18432}
-python "$HERE/cluewsc_to_mcq.py" "$SRC" "$OUT/data"
-export HF_HUB_OFFLINE=1 MODELSCOPE_OFFLINE=1
+MODEL_DIR=$(realpath "$1"); DATA=$(realpath "$2"); OUT=$(realpath -m "${3:-/tmp/dsv3-clients/evalscope_eval}")
+VENV=${VENV:-/tmp/venv-evalscope}; PORT=${PORT:-18432}; LIMIT=${LIMIT:-20}; MAX_TOKENS=${MAX_TOKENS:-1024}
+GSM8K_TEST=${GSM8K_TEST:-$DATA/gsm8k/test.jsonl}; CLUEWSC=${CLUEWSC:-$DATA/cluewsc/dev_few_all.json}
+names() { python -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@"; }
+DATASETS=(); ARGS=()
+if [ -d "$DATA/ceval" ]; then
+  python "$HERE/to_evalscope.py" ceval "$DATA/ceval" "$OUT/data/ceval"
+  SUBJ=$(names $(cd "$OUT/data/ceval" && ls -d */ | tr -d /))
+  DATASETS+=(ceval); ARGS+=("\"ceval\": {\"local_path\": \"$OUT/data/ceval\", \"subset_list\": $SUBJ}")
+fi
+if [ -d "$DATA/mmlu" ]; then
+  python "$HERE/to_evalscope.py" mmlu "$DATA/mmlu" "$OUT/data/mmlu"
+  SUBJ=$(names $(ls "$DATA/mmlu/test" | sed -n 's/_test\.csv$//p'))
+  DATASETS+=(mmlu); ARGS+=("\"mmlu\": {\"local_path\": \"$OUT/data/mmlu\", \"subset_list\": $SUBJ}")
+fi
+if [ -f "$GSM8K_TEST" ]; then
+  python "$HERE/to_evalscope.py" gsm8k "$GSM8K_TEST" "$OUT/data/gsm8k" "$(dirname "$GSM8K_TEST")/train.jsonl"
+  DATASETS+=(gsm8k); ARGS+=("\"gsm8k\": {\"local_path\": \"$OUT/data/gsm8k\"}")
+fi
+if [ -f "$CLUEWSC" ]; then
+  python "$HERE/cluewsc_to_mcq.py" "$CLUEWSC" "$OUT/data/cluewsc"
+  DATASETS+=(general_mcq)
+  ARGS+=("\"general_mcq\": {\"local_path\": \"$OUT/data/cluewsc\", \"subset_list\": [\"cluewsc\"], \"few_shot_num\": 0}")
+fi
+[ ${#DATASETS[@]} -gt 0 ] || { echo "no dataset found under $DATA" >&2; exit 2; }
+DATASET_ARGS="{$(IFS=,; echo "${ARGS[*]}")}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MODELSCOPE_OFFLINE=1
 "$HERE/offline.sh" "$MODEL_DIR" "$PORT" "$VENV/bin/evalscope" eval \
   --model dsv3 --api-url "http://127.0.0.1:$PORT/v1" --api-key EMPTY --eval-type openai_api \
-  --datasets general_mcq \
-  --dataset-args "{\"general_mcq\": {\"local_path\": \"$OUT/data\", \"subset_list\": [\"cluewsc\"], \"few_shot_num\": 0}}" \
-  --generation-config '{"max_tokens": 8, "temperature": 0}' --eval-batch-size 4 --work-dir "$OUT"
+  --datasets "${DATASETS[@]}" --dataset-args "$DATASET_ARGS" --limit "$LIMIT" \
+  --generation-config "{\"max_tokens\": $MAX_TOKENS, \"temperature\": 0}" --eval-batch-size 4 --work-dir "$OUT"

@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("dsv3.infer.cli", "generate text from a model (CLI, interactive chat)"),
     "serve": ("dsv3.serve.cli", "OpenAI-compatible REST server"),
     "bench": ("dsv3.bench.cli", "benchmarks: serve | throughput | latency"),
+    "eval": ("dsv3.bench.eval_cli", "accuracy on C-Eval, MMLU, GSM8K, CLUEWSC through a server's OpenAI API"),
     "dryrun": ("dsv3.tools.dryrun", "per-rank memory of a parallel layout, from its real build (no devices, no data)"),
     "balance": ("dsv3.tools.balance", "plan pipeline stage sizes and recompute counts to fit device memory"),
     "launch": ("dsv3.parallel.launch", "multi-process / multi-node launcher (msrun-style arguments)"),

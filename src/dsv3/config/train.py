@@ -237,6 +237,12 @@ class ParallelConfig:
     exactly 2 (V placement); GPipe and 1F1B one."""
     stages_per_rank: int = 0
     """Virtual pipeline stages per rank; 0: 1 for single-stage schedules, 2 for the multi-stage ones."""
+    dualpipe_overlap: Optional[bool] = None
+    """DualPipeV with expert_parallel > 1: run the paired forward and backward chunks together so one's
+    all-to-all overlaps the other's computation (`dsv3.parallel.overlap`; losses bit-identical). None: on
+    where the layout allows it (no tensor parallelism, FSDP-sharded experts, DDP or recompute, whose
+    collectives would share the chunks); True: required (a layout that does not allow it is an error);
+    False: off."""
     pp_layer_offset: Optional[list[int]] = None
     """Layers per pipeline stage as MindFormers' `model_config.offset`: one entry per stage, stage i holds
     num_hidden_layers // pipeline_stage + offset[i] layers; the counts add up to num_hidden_layers, or to it

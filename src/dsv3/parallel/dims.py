@@ -55,6 +55,8 @@ class ParallelDims:
     """Pipeline schedule name (torch.distributed.pipelining)."""
     stages_per_rank: int = 0
     """Virtual pipeline stages per rank; 0 = 1 for single-stage schedules, 2 for multi-stage ones."""
+    dualpipe_overlap: bool | None = None
+    """DualPipeV compute / all-to-all overlap: None where the layout allows it, True required, False off."""
 
     @property
     def world_size(self) -> int:
@@ -98,7 +100,7 @@ class ParallelDims:
             ep=int(get("expert_parallel", 1)), micro_batch_num=int(get("micro_batch_num", 1)),
             seq_parallel=bool(get("use_seq_parallel", True)), dp_shard=str(get("dp_shard", "fsdp")),
             schedule=str(get("pipeline_schedule", "1F1B")), stages_per_rank=int(get("stages_per_rank", 0)),
-            dp_replicate=int(get("dp_replicate", 1)),
+            dp_replicate=int(get("dp_replicate", 1)), dualpipe_overlap=get("dualpipe_overlap", None),
         )
 
     def _world_fix(self, world_size: int) -> str:
@@ -142,6 +144,11 @@ class ParallelDims:
                                 f"stages ({self.pp} ranks x {self.v} stages each); use micro_batch_num >= {self.n_stages}")
             if self.schedule == "DualPipeV" and self.micro_batch_num < 2 * self.pp:
                 raise UserError(f"DualPipeV needs micro_batch_num >= 2 x pipeline_stage = {2 * self.pp}, got {self.micro_batch_num}")
+        if self.dualpipe_overlap:
+            from dsv3.parallel.overlap import overlap_blocker
+
+            if blocker := overlap_blocker(self, []):  # recompute is checked when the stages are built
+                raise UserError(f"parallel.dualpipe_overlap = true: {blocker}; set it to false or null")
         if model_cfg is not None:
             if model_cfg.n_routed_experts % self.ep:
                 raise UserError(f"parallel.expert_parallel = {self.ep} does not divide n_routed_experts = "

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
 from dsv3.model.layers import AttachLoss
 from dsv3.model.moe import Experts, MoE, grouped_swiglu
+from dsv3.parallel.overlap import sync
 
 
 class _AllToAll(torch.autograd.Function):
@@ -77,19 +78,20 @@ class ParallelExperts(Experts):
         if self.ep_size == 1:
             ys = grouped_swiglu(xs, counts.tolist(), gate_w, up_w, down_w)
         else:
-            # recv[r, l] = rows rank r sends to my local expert l
+            # recv[r, l] = rows rank r sends to my local expert l; sync(): DualPipe's overlap turns (overlap.py)
+            xs = sync(xs, "A")
             recv = torch.empty_like(counts)
             dist.all_to_all_single(recv, counts, group=self.ep_group)
             send_counts, recv = counts.view(self.ep_size, L), recv.view(self.ep_size, L)
             in_splits = send_counts.sum(1).tolist()
             out_splits = recv.sum(1).tolist()  # the host sync
-            got = all_to_all(xs, out_splits, in_splits, self.ep_group)  # [M,D] rank-major
+            got = sync(all_to_all(xs, out_splits, in_splits, self.ep_group), "B")  # [M,D] rank-major
             # rank-major -> expert-major: a stable sort of the received rows by local expert
             local_e = torch.repeat_interleave(torch.arange(L, device=x.device).repeat(self.ep_size), recv.flatten())
             perm = local_e.argsort(stable=True)
             ys_sorted = grouped_swiglu(got[perm], recv.sum(0).tolist(), gate_w, up_w, down_w)
             ys_back = torch.empty_like(ys_sorted).index_copy(0, perm, ys_sorted)  # undo the reorder
-            ys = all_to_all(ys_back, in_splits, out_splits, self.ep_group)
+            ys = sync(all_to_all(sync(ys_back, "C"), in_splits, out_splits, self.ep_group), "D")
         ys = ys.float() * w.flatten()[order, None]
         return torch.zeros_like(x, dtype=torch.float32).index_add_(0, tok, ys).to(x.dtype)
 

@@ -139,4 +139,23 @@ def build_schedule(stages: list[nn.Module], meshes, loss_fn):
     pstages = [PipelineStage(st, st.stage_index, dims.n_stages, meshes.device, group=meshes.pp_group) for st in stages]
     if dims.v == 1:
         return cls(pstages[0], n_microbatches=dims.micro_batch_num, loss_fn=loss_fn)
-    return cls(pstages, n_microbatches=dims.micro_batch_num, loss_fn=loss_fn)
+    schedule = cls(pstages, n_microbatches=dims.micro_batch_num, loss_fn=loss_fn)
+    if dualpipe_overlap(dims, stages):
+        from torch.distributed.pipelining.schedules import OVERLAP_F_B
+
+        from dsv3.parallel.overlap import overlap_f_b
+
+        schedule.register_custom_function(OVERLAP_F_B, overlap_f_b)
+    return schedule
+
+
+def dualpipe_overlap(dims, stages: list[nn.Module]) -> bool:
+    """Whether DualPipeV's paired chunks run overlapped (`parallel.dualpipe_overlap`, `dsv3.parallel.overlap`)."""
+    from dsv3.parallel.overlap import overlap_blocker
+
+    if dims.dualpipe_overlap is False or dims.schedule != "DualPipeV":
+        return False
+    blocker = overlap_blocker(dims, stages)
+    if blocker and dims.dualpipe_overlap:
+        raise UserError(f"parallel.dualpipe_overlap = true: {blocker}; set it to false or null")
+    return blocker is None
