@@ -56,7 +56,7 @@ class Mode:
 
 
 MODES = (
-    Mode("fp32", "fp32 / F32", None, "float32", "f32"),
+    Mode("fp32", "fp32 / F32", "none", "float32", "f32"),  # "none": an FP8 directory is dequantised
     Mode("int8", "int8 / Q8_0", "int8", "float32", "q8_0"),
     Mode("int4", "int4 / Q4_K_M", "int4", "float32", "q4_k_m"),
     Mode("w8a8", "W8A8 (seed)", "w8a8", "bfloat16", None),
@@ -242,7 +242,7 @@ def assemble(modes: list[Mode], rounds: list[dict], gguf: dict[str, Path]) -> di
     table = {}
     for m in modes:
         ours = side([r["dsv3"][m.name] for r in rounds])
-        row = {"dsv3": {"quantization": m.quantization or ("as stored" if m.name == "fp8" else "none"), "dtype": m.dtype, **ours}}
+        row = {"dsv3": {"quantization": m.quantization or "as stored", "dtype": m.dtype, **ours}}
         if m.gguf is not None and m.gguf in gguf:
             theirs = side([r["llama_cpp"][m.gguf] for r in rounds])
             row["llama_cpp"] = {"file": gguf[m.gguf].name, **theirs}

@@ -66,8 +66,8 @@ def fused_attention():
 
 @contextlib.contextmanager
 def expert_weight_grads_off():
-    """The grouped experts (`dsv3.kernels.grouped.GroupedSwiGLU`) without their weight gradients, as autograd's own
-    formulas skip the gradients `torch.autograd.grad` was not asked for. The hand-written backward
+    """The grouped experts (`dsv3.kernels.grouped.GroupedSwiGLU`) without their weight gradients, as
+    autograd's own formulas skip the gradients `torch.autograd.grad` was not asked for. The hand-written backward
     decides by `ctx.needs_input_grad`, fixed in the forward, so here it would form the stacked [E, ...]
     gradients of every routed expert (all E of the single-device model, not a rank's E/ep) inside the
     layer's transient, on top of the gradients counted as model states. The weights enter detached:
