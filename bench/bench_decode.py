@@ -129,6 +129,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "decode.json"))
     args = ap.parse_args()
 
+    from dsv3.bench.provenance import provenance
     from dsv3.config.load import to_dict
     from dsv3.config.presets import load_model_config
     from dsv3.infer.engine import LLMEngine, resolve_dtype
@@ -203,6 +204,7 @@ def main() -> int:
         hf_b1 = best("hf_b1_tok_s")
         res.update(transformers=transformers.__version__, hf_b1_tok_s=round(hf_b1, 3), dsv3_over_hf_b1=round(b1 / hf_b1, 2),
                    greedy_tokens_equal_hf=all(r["greedy_tokens_equal_hf"] for r in runs.values()))
+    res["provenance"] = provenance(REPO)
     print(json.dumps(res, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

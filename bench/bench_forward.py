@@ -88,6 +88,7 @@ def main() -> int:
             ours_t.append(timed(model, ids))
             hf_t.append(timed(hf, ids))
     ours, theirs = min(ours_t), min(hf_t)
+    from dsv3.bench.provenance import provenance
     from dsv3.tools.info import account
 
     flops = account(cfg, seq_len=args.tokens).flops_per_token * args.tokens
@@ -127,6 +128,7 @@ def main() -> int:
         "transformers": transformers.__version__,
         "git_commit": commit,
         "load_avg": os.getloadavg()[0],
+        "provenance": provenance(ROOT),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from dsv3.bench.provenance import provenance  # noqa: E402
 from dsv3.infer.engine import LLMEngine  # noqa: E402
 from dsv3.infer.sampling import SamplingParams  # noqa: E402
 
@@ -224,7 +225,8 @@ def main() -> None:
         result = bench_prefix(args) if args.mode == "prefix" else bench_spec(args)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     result.update(command="python bench/bench_multiturn.py " + " ".join(sys.argv[1:]), git_commit=commit, torch=torch.__version__,
-                  load_avg_1_5_15_before=list(load_before), load_avg_1_5_15_after=list(os.getloadavg()))
+                  load_avg_1_5_15_before=list(load_before), load_avg_1_5_15_after=list(os.getloadavg()),
+                  provenance=provenance(REPO))
     out = Path(args.out or REPO / "bench" / "results" / ("multiturn.json" if args.mode == "prefix" else "mtp_spec.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

@@ -30,6 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+from dsv3.bench.provenance import provenance  # noqa: E402
+
 
 def _cpu() -> float:
     """CPU seconds of this process (all threads) plus its finished children."""
@@ -130,6 +132,7 @@ def main() -> int:
         "python": platform.python_version(),
         "tokenizers": tokenizers.__version__,
         "command": "flock /tmp/dsv3-bench.lock python bench/bench_preprocess.py " + " ".join(sys.argv[1:]),
+        "provenance": provenance(REPO),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -28,6 +28,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+from dsv3.bench.provenance import provenance  # noqa: E402
+
 
 def _run_config(world: int, args: dict, layout: dict, data_prefix: str, out_dir: str):
     from dsv3.config.load import to_dict
@@ -127,7 +129,8 @@ def main() -> None:
     result = {"config": "configs/tiny.yaml", "device": "cpu", "backend": "gloo", "torch": torch.__version__,
               "physical_cores": os.cpu_count(), "threads_per_process": 1, "batch_per_process": a.batch, "seq": a.seq,
               "timed_steps": a.steps, "runs": runs,
-              "command": "flock /tmp/dsv3-bench.lock python bench/bench_scaling.py " + " ".join(sys.argv[1:])}
+              "command": "flock /tmp/dsv3-bench.lock python bench/bench_scaling.py " + " ".join(sys.argv[1:]),
+              "provenance": provenance(REPO)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

@@ -42,6 +42,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+from dsv3.bench.provenance import provenance  # noqa: E402
+
 
 def model_config(config: str):
     from dsv3.config.presets import load_model_config
@@ -194,6 +196,7 @@ def main() -> int:
         "first_loss": {"dsv3": runs["dsv3"][0]["losses"][0], "hf": runs["hf"][0]["losses"][0]},
         "first_loss_abs_diff": abs(runs["dsv3"][0]["losses"][0] - runs["hf"][0]["losses"][0]),
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "runs": runs,
+        "provenance": provenance(REPO),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+from dsv3.bench.provenance import provenance  # noqa: E402
+
 
 def _hwm(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -72,7 +74,7 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     doc = {"bench": "tp_rss", "command": " ".join(sys.argv), "git_commit": commit, "model": a.model or "random configs/tiny.yaml",
            "load_average": os.getloadavg(), "runs": res,
-           "texts_equal_across_tp": all(r["texts"] == res[0]["texts"] for r in res)}
+           "texts_equal_across_tp": all(r["texts"] == res[0]["texts"] for r in res), "provenance": provenance(REPO)}
     tmpf = a.out + ".tmp"
     Path(tmpf).write_text(json.dumps(doc, indent=2))
     os.replace(tmpf, a.out)

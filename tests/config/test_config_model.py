@@ -100,3 +100,26 @@ def test_non_deepseek_config_is_rejected(tmp_path):
 def test_to_dict_is_yaml_ready():
     d = to_dict(load_model_config("tiny"))
     assert d["rope_scaling"]["factor"] == 4.0 and isinstance(d["rope_scaling"], dict)
+
+
+@pytest.mark.parametrize("preset", ["deepseek_v3_1b", "tiny"])
+def test_exported_config_json_carries_the_routing_llama_cpp_reads(preset, tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py reads scoring_func / topk_method from config.json and routes
+    with softmax when they are missing (transformers' save_pretrained drops them): dsv3's export
+    (save_hf_config, and Transformer.save_pretrained which bench/make_random_model.py uses) keeps them."""
+    import torch
+
+    from dsv3.model.transformer import Transformer
+
+    cfg = load_model_config(preset)
+    save_hf_config(cfg, tmp_path / "cfg")
+    written = [json.loads((tmp_path / "cfg" / "config.json").read_text())]
+    if preset == "tiny":
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        model.to_empty(device="cpu")
+        model.save_pretrained(tmp_path / "model")
+        written.append(json.loads((tmp_path / "model" / "config.json").read_text()))
+    for hf in written:
+        assert (hf["scoring_func"], hf["topk_method"]) == (cfg.scoring_func, cfg.topk_method) == ("sigmoid", "noaux_tc")
+        assert hf["n_group"] == cfg.n_group and hf["routed_scaling_factor"] == cfg.routed_scaling_factor

@@ -189,7 +189,7 @@ def test_bf16_cast_keeps_rope_frequencies_fp32(tiny_config):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 13])
 def test_head_matmul_equals_linear(rows):
-    from dsv3.infer.runner import head_matmul
+    from dsv3.kernels.head import head_matmul
 
     x, w = torch.randn(rows, 64), torch.randn(1000, 64)
     torch.testing.assert_close(head_matmul(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)

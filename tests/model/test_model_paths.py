@@ -2,7 +2,8 @@
 
 * MLA: naive (expanded K/V) vs absorbed (latent) attention, full sequence, with a KV cache and
   with offset masks; the SDPA kernel vs the manual `attention_reference`.
-* MoE experts: per-expert loop vs sort-by-expert grouped compute.
+* MoE experts: per-expert loop vs sort-by-expert grouped compute (`dsv3.kernels.grouped`).
+* oneDNN matmuls (`dsv3.kernels.onednn`) vs torch.mm / `nn.Linear`.
 * Incremental decoding with a latent KV cache equals the full forward.
 """
 
@@ -15,7 +16,8 @@ import torch
 
 from dsv3.model import Transformer
 from dsv3.model.mla import causal_mask
-from dsv3.model.moe import Experts
+from dsv3.kernels import apply_fast_paths
+from dsv3.kernels.grouped import GroupedExperts
 
 TOL = 1e-5
 
@@ -108,7 +110,7 @@ def test_absorb_vs_naive_whole_model(tiny_config):
 @pytest.mark.parametrize("grouped_mm", [True, False])
 def test_loop_vs_grouped_experts(monkeypatch, grouped_mm):
     """Outputs and gradients agree, with torch._grouped_mm and with the sliced Python loop."""
-    import dsv3.model.moe as moe
+    import dsv3.kernels.grouped as moe
 
     if not grouped_mm:
         monkeypatch.setattr(moe, "grouped_mm_supported", lambda device, dtype: False)
@@ -117,7 +119,7 @@ def test_loop_vs_grouped_experts(monkeypatch, grouped_mm):
     else:  # the CUDA kernel path, exercised here through torch's CPU kernel
         monkeypatch.setattr(moe, "GROUPED_MM_DEVICES", {"cpu", "cuda"})
     torch.manual_seed(0)
-    ex = Experts(n_experts=6, dim=32, inter_dim=24)
+    ex = GroupedExperts(n_experts=6, dim=32, inter_dim=24)
     for p in ex.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
     x = torch.randn(50, 32, requires_grad=True)
@@ -142,14 +144,16 @@ def test_loop_vs_grouped_whole_model(tiny_config):
     ids = torch.randint(0, 512, (2, 40))
     with torch.no_grad():
         a = _model(tiny_config, moe_impl="loop")(ids)
-        b = _model(tiny_config, moe_impl="grouped")(ids)
+        b = _model(tiny_config, moe_impl="grouped")
+        assert apply_fast_paths(b)["GroupedExperts"] == len(b.moe_layers())
+        b = b(ids)
     assert (a - b).abs().max() <= TOL * 10
 
 
 def test_grouped_experts_under_bf16_autocast():
     """Training runs under autocast with fp32 weights: the grouped path must not mix dtypes."""
     torch.manual_seed(0)
-    ex = Experts(n_experts=4, dim=16, inter_dim=8)
+    ex = GroupedExperts(n_experts=4, dim=16, inter_dim=8)
     for p in ex.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
     x, idx, w = torch.randn(10, 16), torch.randint(0, 4, (10, 2)), torch.rand(10, 2)
@@ -162,7 +166,7 @@ def test_grouped_experts_under_bf16_autocast():
 def test_grouped_swiglu_gradients_under_bf16_autocast_match_the_loop():
     """The fast experts path casts like F.linear under autocast and its gradients reach the fp32 weights."""
     torch.manual_seed(1)
-    ex = Experts(n_experts=4, dim=16, inter_dim=8)
+    ex = GroupedExperts(n_experts=4, dim=16, inter_dim=8)
     for p in ex.parameters():
         torch.nn.init.normal_(p, 0, 0.2)
     idx, w = torch.stack([torch.randperm(4)[:2] for _ in range(12)]), torch.rand(12, 2)
@@ -182,7 +186,7 @@ def test_grouped_swiglu_gradients_under_bf16_autocast_match_the_loop():
 
 def test_grouped_swiglu_with_no_rows_still_reaches_every_weight():
     """Zero rows (an EP rank that received no tokens): empty output, zero gradients, backward still runs."""
-    from dsv3.model.moe import grouped_swiglu
+    from dsv3.kernels.grouped import grouped_swiglu
 
     ws = [torch.randn(3, 8, 6, requires_grad=True), torch.randn(3, 8, 6, requires_grad=True), torch.randn(3, 6, 8, requires_grad=True)]
     xs = torch.zeros(0, 6, requires_grad=True)
@@ -196,7 +200,7 @@ def test_grouped_swiglu_with_no_rows_still_reaches_every_weight():
 def test_onednn_matmul_equals_torch_mm(layout):
     """`mm_nt`'s oneDNN path (CPU fp32) equals the torch.mm reference for the layouts the kernels use:
     x Wᵀ (forward), g W (input gradient, W passed as a transposed view), gᵀ h (weight gradient, both views)."""
-    from dsv3.model.matmul import mm_nt, onednn_matmul_supported
+    from dsv3.kernels.onednn import mm_nt, onednn_matmul_supported
 
     if not onednn_matmul_supported():
         pytest.skip("this torch build has no oneDNN fp32 linear op")
@@ -209,14 +213,14 @@ def test_onednn_matmul_equals_torch_mm(layout):
 
 @pytest.mark.parametrize("shape", [(1, 24), (5, 24), (2, 7, 24)], ids=["gemv", "2d", "3d"])
 def test_linear_onednn_path_equals_nn_linear(shape):
-    """The model's `Linear` (oneDNN forward, input and weight gradients) against `nn.Linear.forward`
+    """`OneDNNLinear` (oneDNN forward, input and weight gradients) against `nn.Linear.forward`
     (`reference = True`) on the same weights: outputs and both gradients; and under no_grad (decode)."""
-    from dsv3.model.matmul import Linear, LinearNT, onednn_matmul_supported
+    from dsv3.kernels.onednn import LinearNT, OneDNNLinear, onednn_matmul_supported
 
     if not onednn_matmul_supported():
         pytest.skip("this torch build has no oneDNN fp32 linear op")
     torch.manual_seed(0)
-    fast, ref = Linear(24, 40, bias=False), Linear(24, 40, bias=False)
+    fast, ref = OneDNNLinear(24, 40, bias=False), OneDNNLinear(24, 40, bias=False)
     ref.load_state_dict(fast.state_dict())
     ref.reference = True
     x = torch.randn(*shape)

@@ -32,6 +32,7 @@ from dsv3.infer.runner import ModelRunner
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.scheduler import Decode, Prefill, Scheduler, Sequence, Status
 from dsv3.infer.speculation import SpeculativeMixin
+from dsv3.kernels import apply_fast_paths
 
 DEFAULT_CPU_CACHE_BYTES = 1 << 30  # CPU: 1 GiB of latents unless told otherwise
 DEFAULT_GPU_CACHE_FRACTION = 0.5  # CUDA: this share of the free memory after loading the model
@@ -86,6 +87,7 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
         self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else next(model.parameters()).dtype
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.quant_report = quantize_once(self.model, quantization)
+        apply_fast_paths(self.model)  # the dense modules quantisation left
         self.model_config = cfg
         self.tokenizer = tokenizer
         if max_num_seqs < 1 or block_size < 1 or max_num_batched_tokens < 1:

@@ -22,24 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dsv3.infer.kv_cache import PagedLatentCache
-from dsv3.model.matmul import mm_nt, uses_onednn
+from dsv3.kernels.head import head_matmul
 from dsv3.model.mla import MLA, SparseInputs, absorbed_attention
 from dsv3.model.transformer import Transformer
-
-
-def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, D] @ weight[V, D]^T. Same as F.linear. On CPU fp32, oneDNN (`mm_nt`): for the 1B config's
-    129k-row head, 2 threads, quiet, it took 30 / 45 / 198 ms at 1 / 8 / 128 rows against F.linear's
-    50 / 142 / 576 ms. Other CPU dtypes with 2+ rows take (W @ x^T)^T, which MKL runs 1.3-2x faster
-    than F.linear (which packs the whole head); one row keeps F.linear (a GEMV)."""
-    if uses_onednn(x, weight) and x.dim() == 2:
-        return mm_nt(x, weight)
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= 2:
-        return (weight @ x.T).T
-    return F.linear(x, weight)
 
 
 @dataclass

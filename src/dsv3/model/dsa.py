@@ -40,7 +40,6 @@ import torch
 from torch import nn
 
 from dsv3.config.schema import ModelConfig
-from dsv3.model.matmul import Linear
 from dsv3.model.qdq import hadamard, qdq_tiles
 
 
@@ -63,10 +62,10 @@ class Indexer(nn.Module):
         self.head_dim = cfg.index_head_dim
         self.rope_dim = cfg.qk_rope_head_dim
         self.topk = cfg.index_topk
-        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.wk = Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim ** -0.5
         self.fp8 = cfg.index_impl == "hadamard_fp8"
         if self.fp8 and self.head_dim & (self.head_dim - 1):

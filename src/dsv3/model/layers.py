@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model.matmul import Linear
 
 
 class RMSNorm(nn.Module):
@@ -29,9 +28,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.gate_proj = Linear(dim, inter_dim, bias=False)
-        self.up_proj = Linear(dim, inter_dim, bias=False)
-        self.down_proj = Linear(inter_dim, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -32,7 +32,6 @@ from torch import nn
 from dsv3.config.schema import ModelConfig
 from dsv3.model.dsa import Indexer, indexer_kl
 from dsv3.model.layers import AttachLoss, RMSNorm
-from dsv3.model.matmul import Linear
 from dsv3.model.rope import apply_rope
 
 
@@ -98,15 +97,15 @@ class MLA(nn.Module):
         self.impl = cfg.attn_impl
         D, H = cfg.hidden_size, self.n_heads
         if self.q_lora_rank is None:
-            self.q_proj = Linear(D, H * self.qk_dim, bias=False)
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
         else:
-            self.q_a_proj = Linear(D, self.q_lora_rank, bias=False)
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=1e-6)
-            self.q_b_proj = Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
-        self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = Linear(H * self.v_dim, D, bias=False)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
         self.indexer = Indexer(cfg) if cfg.index_topk > 0 else None
         """DeepSeek Sparse Attention (V3.2): picks the keys each query attends to; None for dense MLA."""
         self.indexer_stage: str | None = None

@@ -13,15 +13,12 @@ Routing (all in fp32, `inference.md` §c / `training.md` §b.1):
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model.layers import MLP
-from dsv3.model.matmul import mm_nt, mm_tn_into
 
 
 class Gate(nn.Module):
@@ -81,7 +78,7 @@ class Experts(nn.Module):
     """E SwiGLU experts stored stacked: gate_proj/up_proj [E,I,D], down_proj [E,D,I].
 
     Two paths: `forward_loop` (per-expert gather / compute / index_add, the reference) and
-    `forward_grouped` (tokens sorted by expert once, contiguous slices per expert).
+    `forward_grouped` (tokens sorted by expert once, contiguous slices per expert, `run_sorted`).
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
@@ -108,129 +105,28 @@ class Experts(nn.Module):
 
     def forward_grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Sort (token, slot) pairs by expert, run every expert on its contiguous slice, combine.
-
-        On CUDA (bf16) each projection is one `torch._grouped_mm` over all experts, with no host sync.
-        Elsewhere `GroupedSwiGLU` loops over the slices with a hand-written backward (on CPU, 2 threads,
-        the loop measured ~10% faster than torch 2.13's CPU grouped kernel, and a host sync costs
-        nothing there). A subclass with its own `expert()` maths (quantised experts) runs that instead.
-        """
+        (`dsv3.kernels.grouped.GroupedExperts`, swapped in by the trainer and the engine, runs the
+        slices in fewer calls.)"""
         N, K = idx.shape
         flat = idx.flatten()  # [N·K]
         order = flat.argsort(stable=True)
         tok = order // K
         xs = x[tok]  # [N·K, D] sorted by expert
         counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
-        # _grouped_mm is not autocast-aware and needs one dtype: under autocast, use the sliced loop
-        if (x.device.type in GROUPED_MM_DEVICES and x.dtype == self.gate_proj.dtype
-                and not torch.is_autocast_enabled(x.device.type) and grouped_mm_supported(x.device, x.dtype)):
-            offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
-            gate = torch._grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)  # [N·K, I]
-            up = torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs)
-            ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # [N·K, D]
-        elif type(self).expert is Experts.expert:
-            ys = grouped_swiglu(xs, counts.tolist(), self.gate_proj, self.up_proj, self.down_proj)  # one host sync
-        else:
-            ys = torch.empty_like(xs)
-            start = 0
-            for e, n in enumerate(counts.tolist()):  # one host sync per layer
-                if n:
-                    ys[start : start + n] = self.expert(e, xs[start : start + n])
-                    start += n
+        ys = self.run_sorted(xs, counts)  # [N·K, D]
         ys = ys.float() * w.flatten()[order, None]
         out = torch.zeros_like(x, dtype=torch.float32).index_add_(0, tok, ys)
         return out.to(x.dtype)
 
-
-def grouped_swiglu(xs: torch.Tensor, counts: list[int], gate_w: torch.Tensor, up_w: torch.Tensor,
-                   down_w: torch.Tensor) -> torch.Tensor:
-    """SwiGLU of expert e on rows [Σ counts[:e], Σ counts[:e+1]) of xs [M,D] -> [M,D] (`GroupedSwiGLU`).
-
-    Under autocast the matmul operands are cast as `F.linear` would cast them (same maths as the
-    per-expert `Experts.expert` loop); the casts stay in the graph, so gradients reach the fp32 weights.
-    """
-    dev = xs.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        xs, gate_w, up_w, down_w = (t.to(dt) for t in (xs, gate_w, up_w, down_w))
-        with torch.autocast(dev, enabled=False):
-            return GroupedSwiGLU.apply(xs, gate_w, up_w, down_w, counts)
-    return GroupedSwiGLU.apply(xs, gate_w, up_w, down_w, counts)
-
-
-class GroupedSwiGLU(torch.autograd.Function):
-    """Fast path of the per-expert loop `y_e = down_e(silu(gate_e(x_e)) · up_e(x_e))` over sorted slices.
-
-    Same matmuls (`mm_nt`: oneDNN on CPU fp32) and elementwise ops as autograd runs for the loop,
-    but the backward writes each expert's weight gradient straight into its row of the stacked
-    [E, ...] gradients. Autograd through `W[e]` would instead build a zero-filled full-size gradient
-    per expert and projection and add them up (SelectBackward: O(E²) memory traffic, a third of the
-    step's time in a profile of the 1B config at half width). Saves xs and the pre-activations
-    gate/up [M,I]; silu is recomputed in the backward.
-    """
-
-    @staticmethod
-    def forward(ctx, xs, gate_w, up_w, down_w, counts: list[int]):
-        M, I = xs.shape[0], gate_w.shape[1]
-        gate, up = xs.new_empty(M, I), xs.new_empty(M, I)
-        ys = xs.new_empty(M, down_w.shape[1])
-        for e, sl in _slices(counts):
-            gate[sl] = mm_nt(xs[sl], gate_w[e])
-            up[sl] = mm_nt(xs[sl], up_w[e])
-            ys[sl] = mm_nt(F.silu(gate[sl]) * up[sl], down_w[e])
-        ctx.save_for_backward(xs, gate_w, up_w, down_w, gate, up)
-        ctx.counts = counts
+    def run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows [Σ counts[:e], Σ counts[:e+1]) of xs [M,D] -> [M,D]: `expert(e, ·)` per slice."""
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):  # one host sync per layer
+            if n:
+                ys[start : start + n] = self.expert(e, xs[start : start + n])
+                start += n
         return ys
-
-    @staticmethod
-    def backward(ctx, dy):
-        xs, gate_w, up_w, down_w, gate, up = ctx.saved_tensors
-        need_x, need_g, need_u, need_d = ctx.needs_input_grad[:4]
-        idle = 0 in ctx.counts  # an expert without rows gets a zero gradient
-        new = torch.zeros_like if idle else torch.empty_like
-        dx = torch.empty_like(xs) if need_x else None
-        dg_w, du_w, dd_w = (new(t) if need else None for t, need in ((gate_w, need_g), (up_w, need_u), (down_w, need_d)))
-        for e, sl in _slices(ctx.counts):
-            g, u, x, d = gate[sl], up[sl], xs[sl], dy[sl]
-            sg = F.silu(g)
-            if need_d:
-                mm_tn_into(dd_w[e], d, sg * u)
-            dh = mm_nt(d, down_w[e].t())  # [n, I]
-            dg = torch.ops.aten.silu_backward(dh * u, g)
-            du = dh * sg
-            if need_g:
-                mm_tn_into(dg_w[e], dg, x)
-            if need_u:
-                mm_tn_into(du_w[e], du, x)
-            if need_x:
-                dx[sl] = mm_nt(dg, gate_w[e].t()).add_(mm_nt(du, up_w[e].t()))
-        return dx, dg_w, du_w, dd_w, None
-
-
-def _slices(counts: list[int]):
-    """(expert, row slice) for every expert with rows, slices back to back from row 0."""
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            yield e, slice(start, start + n)
-            start += n
-
-
-GROUPED_MM_DEVICES = {"cuda"}
-"""Device types on which `forward_grouped` uses `torch._grouped_mm` (when it runs there)."""
-
-
-@functools.cache
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `torch._grouped_mm` runs here (probed once per device/dtype with a tiny call)."""
-    if not hasattr(torch, "_grouped_mm") or (device.type == "cuda" and dtype != torch.bfloat16):
-        return False
-    try:
-        a = torch.ones(4, 16, device=device, dtype=dtype)
-        b = torch.ones(2, 16, 16, device=device, dtype=dtype)
-        out = torch._grouped_mm(a, b.transpose(1, 2), offs=torch.tensor([1, 4], device=device, dtype=torch.int32))
-        return bool((out == 16).all())
-    except (RuntimeError, NotImplementedError):
-        return False
 
 
 class MoE(nn.Module):

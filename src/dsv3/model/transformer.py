@@ -14,7 +14,6 @@ from torch import nn
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model.layers import MLP, RMSNorm
-from dsv3.model.matmul import Linear
 from dsv3.model.mla import MLA
 from dsv3.model.moe import Experts, Gate, MoE
 from dsv3.model.rope import RotaryEmbedding
@@ -55,7 +54,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.block = DecoderLayer(cfg, layer_idx)
         self.shared_head = SharedHead(cfg)
 
@@ -88,7 +87,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dsv3.config.schema import ModelConfig
+from dsv3.kernels import apply_fast_paths
 from dsv3.model.transformer import Transformer
 from dsv3.parallel.api import DistributedModel, parallelize
 from dsv3.parallel.dims import Meshes, ParallelDims
@@ -36,7 +37,7 @@ def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Mes
     each rank reading only its own slices (`dsv3.train.init_from.InitSource`); it is checked
     against `model_cfg` (architecture, names, shapes) before anything is parallelised or allocated.
     `prepare(model)` runs on the meta-device model before any parallelism (e.g. swapping modules for
-    FP8 training). `mtp_lambda` is accepted for existing callers and unused: the loss is the trainer's."""
+    FP8 training); the speed paths (`dsv3.kernels.apply_fast_paths`) are swapped in after it. `mtp_lambda` is accepted for existing callers and unused: the loss is the trainer's."""
     source = None
     if init_from:
         from dsv3.train.init_from import InitSource
@@ -47,6 +48,7 @@ def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Mes
             model = Transformer(model_cfg)
         if prepare is not None:
             prepare(model)
+        apply_fast_paths(model)
         dm = parallelize(model, dims, meshes, param_dtype=param_dtype, offset=offset,
                          recompute=recompute, recompute_layers=recompute_layers)
         if device is not None and source is None:

@@ -21,8 +21,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
+from dsv3.kernels.grouped import grouped_swiglu
 from dsv3.model.layers import AttachLoss
-from dsv3.model.moe import Experts, MoE, grouped_swiglu
+from dsv3.model.moe import Experts, MoE
 from dsv3.parallel.overlap import sync
 
 

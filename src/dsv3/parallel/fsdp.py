@@ -32,12 +32,12 @@ from dsv3.model.moe import MoE
 
 # FSDP2 warns when a unit returns a view: an in-place op on it would drop the pre-backward hook (and
 # the all-gather). The only such outputs here are the output head's logits, returned by the [norm,
-# lm_head] unit, by the root and by a pipeline's last stage: on CPU fp32 `dsv3.model.matmul.linear_nt`
+# lm_head] unit, by the root and by a pipeline's last stage: on CPU fp32 `dsv3.kernels.onednn.linear_nt`
 # views its [tokens, V] product as [B, T, V] (a copy would cost a whole logits tensor per call). Their
 # consumers (`train.loss.masked_ce` / `mtp_loss`, also behind `PipelineRunner.loss`: slice, flatten,
 # float, cross_entropy) are all out of place, so the hook always fires; test_parallel_fsdp checks the
 # losses equal one process's with the warning gone. Any other unit returning a view still warns.
-warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPRMSNorm, FSDPLinear|FSDPTransformer|FSDPTransformerStage)\) "
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPRMSNorm, FSDP(OneDNN)?Linear|FSDPTransformer|FSDPTransformerStage)\) "
                                           r"returned a view tensor")
 
 

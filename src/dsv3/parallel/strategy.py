@@ -49,6 +49,7 @@ def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None]
     """The whole model of the trivial layout: fp32 master weights read from train.init_from, or
     N(0, initializer_range) from train.seed, built on the meta device, then materialised and
     initialised by `dsv3.parallel.init` (the rule every layout uses, so all start from the same weights)."""
+    from dsv3.kernels import apply_fast_paths
     from dsv3.model import Transformer
     from dsv3.parallel.init import materialize
     from dsv3.parallel.layout import recompute_layer_ids, stage_layers
@@ -65,6 +66,7 @@ def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None]
         materialize(model, device, cfg.model, cfg.train.seed)
     if cfg.train.fp8:
         _enable_fp8(model, log)
+    apply_fast_paths(model)
     # the layers the configured pipeline stages would recompute (all of them without recompute_layers)
     per_stage = stage_layers(cfg.model, cfg.parallel.pipeline_stage, cfg.parallel.pp_layer_offset)
     apply_recompute(model, cfg.train.recompute,

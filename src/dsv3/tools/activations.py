@@ -66,24 +66,24 @@ def fused_attention():
 
 @contextlib.contextmanager
 def expert_weight_grads_off():
-    """The grouped experts (`moe.GroupedSwiGLU`) without their weight gradients, as autograd's own
-    formulas skip the gradients `torch.autograd.grad` was not asked for. The hand-written backward
+    """The grouped experts (`dsv3.kernels.grouped.GroupedSwiGLU`) without their weight gradients, as
+    autograd's own formulas skip the gradients `torch.autograd.grad` was not asked for. The hand-written backward
     decides by `ctx.needs_input_grad`, fixed in the forward, so here it would form the stacked [E, ...]
     gradients of every routed expert (all E of the single-device model, not a rank's E/ep) inside the
     layer's transient, on top of the gradients counted as model states. The weights enter detached:
     the forward and what it saves are unchanged (the weights' storages are ignored either way)."""
-    from dsv3.model import moe
+    from dsv3.kernels import grouped
 
-    real = moe.grouped_swiglu
+    real = grouped.grouped_swiglu
 
-    def grouped(xs, counts, gate_w, up_w, down_w):
+    def detached(xs, counts, gate_w, up_w, down_w):
         return real(xs, counts, gate_w.detach(), up_w.detach(), down_w.detach())
 
-    moe.grouped_swiglu = grouped
+    grouped.grouped_swiglu = detached
     try:
         yield
     finally:
-        moe.grouped_swiglu = real
+        grouped.grouped_swiglu = real
 
 
 def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompute_ids: set[int], loss: str,
@@ -92,6 +92,7 @@ def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompu
     built on the meta device: decoder layers `layer_ids` (the embedding when `first`; norm, head, MTP
     and the loss when `last`), layers in `recompute_ids` wrapped as the trainer wraps them. `loss`:
     'fused' (one process: the fused head + CE), 'logits' (the parallel trainer's plain logits path)."""
+    from dsv3.kernels import apply_fast_paths
     from dsv3.model.transformer import Transformer
     from dsv3.parallel.pp import TransformerStage
     from dsv3.parallel.recompute import apply_recompute
@@ -104,6 +105,7 @@ def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompu
 
     with torch.device("meta"):
         full = Transformer(mc).to(dtype)
+    apply_fast_paths(full)  # the trainer's expert and linear paths: what they save is what is measured
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # torch's own checks touch it
     _to_fake(full, fake)  # CPU-looking tensors without storage: the CPU kernels' choices (flash attention), autocast works

@@ -16,7 +16,7 @@ report's 128x1 tiles for Wgrad's activation operand (1x128 tiles are used for bo
 Weights' quantisation is straight-through for their gradient (the fp32 master weight gets dW).
 
 Applied from outside, before any parallelism (`train.fp8: true`; `enable_fp8_training(model)` replaces
-each eligible `Linear` by an `Fp8Linear` holding the same Parameter), so the model maths and checkpoints
+each eligible `nn.Linear` by an `Fp8Linear` holding the same Parameter), so the model maths and checkpoints
 are unchanged. Not with tensor parallelism (its DTensor shards would be quantised per shard).
 """
 
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.checkpoint.fp8 import BLOCK, weight_dequant, weight_quant
-from dsv3.model.matmul import Linear
 from dsv3.model.qdq import qdq_tiles
 
 KEEP = ("lm_head", "eh_proj", "gate")
@@ -66,8 +65,8 @@ class Fp8LinearFn(torch.autograd.Function):
         return dx, dw
 
 
-class Fp8Linear(Linear):
-    """A `Linear` whose products run on FP8 operands (`Fp8LinearFn`); same parameters and names."""
+class Fp8Linear(nn.Linear):
+    """An `nn.Linear` whose products run on FP8 operands (`Fp8LinearFn`); same parameters and names."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
@@ -80,7 +79,7 @@ def enable_fp8_training(model: nn.Module) -> int:
     same weight Parameter; returns how many. Call before any parallel wrapping."""
     n = 0
     for name, mod in list(model.named_modules()):
-        if type(mod) is Linear and name.rsplit(".", 1)[-1] not in KEEP:
+        if type(mod) is nn.Linear and name.rsplit(".", 1)[-1] not in KEEP:
             new = Fp8Linear(mod.in_features, mod.out_features, bias=False, device="meta")
             new.weight = mod.weight
             parent, _, leaf = name.rpartition(".")

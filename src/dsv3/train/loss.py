@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.model.matmul import mm_nt, uses_onednn
+from dsv3.kernels.onednn import mm_nt, uses_onednn
 from dsv3.model.mla import MLA
 
 CE_CHUNK = 1024

@@ -1,17 +1,15 @@
-"""`mm_nt(x, w) = x @ wᵀ` for the hand-written training kernels (fused head + cross-entropy, grouped
-experts), and `Linear`, the model's `nn.Linear` whose matmuls (forward, input and weight gradients) go
-through it.
+"""oneDNN's fp32 matmul for the CPU: `mm_nt(x, w) = x @ wᵀ` for the hand-written training kernels
+(fused head + cross-entropy, grouped experts), and `OneDNNLinear`, the `nn.Linear` whose matmuls
+(forward, input and weight gradients) go through it, swapped in for the model's plain `nn.Linear`s by
+`dsv3.kernels.apply_fast_paths`.
 
 Fast path: on CPU in fp32, oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, the op torch's
 inductor uses for CPU linears). It reads a transposed view as `w` without copying and copies a
 transposed `x` first; even with that copy it beats MKL on weight gradients (gᵀ h: `mm_tn_into`).
-torch's own fp32 `mm` calls MKL, which on AMD CPUs takes its generic code path: on the 2-core AMD EPYC
-(AVX-512) development VM, per-core throughput measured 67 vs 101 GFLOP/s (CPU time, loaded machine)
-for the head's [256, 2048] x [2048, V] product; on a quiet machine, 2 threads, oneDNN ran the 1B
-config's training GEMMs at 1.4-2.7x MKL's rate (`x Wᵀ`, `gᵀ x`) and its decode GEMVs at 1.4-3.3x
-(30-35 vs 20 GB/s of weights read at batch 1; 24 vs 7 GB/s for the head at batch 8). Reference path: `torch.mm` (`reference=True`, and
-everywhere else: CUDA, other dtypes, under autocast, torch builds without oneDNN). The two agree to
-fp32 rounding (tests/model/test_model_paths.py).
+torch's own fp32 `mm` calls MKL, which on AMD CPUs takes its generic code path (figures:
+docs/performance.md). Reference path: `torch.mm` (`reference=True`, and everywhere else: CUDA,
+other dtypes, under autocast, torch builds without oneDNN). The two agree to fp32 rounding
+(tests/model/test_model_paths.py).
 """
 
 from __future__ import annotations
@@ -79,7 +77,7 @@ class LinearNT(torch.autograd.Function):
         return dx, dw
 
 
-class Linear(nn.Linear):
+class OneDNNLinear(nn.Linear):
     """`nn.Linear` (same parameters, names and checkpoints; tensor parallelism and quantisation replace
     or redistribute it like any `nn.Linear`) whose product runs on `mm_nt`'s oneDNN path when that path
     applies: a plain fp32 CPU weight (not a DTensor shard), no bias, no autocast. Everywhere else, and
