@@ -89,9 +89,10 @@ class TrainConfig:
     fused_ce: bool = True
     """Fused, chunked head + cross-entropy (never materialises [tokens, vocab] logits); False: plain logits path."""
     fp8: bool = False
-    """FP8 training as DeepSeek-V3 describes it, emulated (`dsv3.train.fp8`): the linear layers' GEMMs on e4m3
-    operands (1x128 activation/gradient tiles, 128x128 weight blocks), fp32 accumulation and master weights;
-    embedding, head, router, attention and the routed experts stay in `precision`. Not with model_parallel > 1."""
+    """FP8 training as DeepSeek-V3 describes it (`dsv3.train.fp8`; tensor cores on a Hopper-class GPU, else
+    emulated): the linear layers' and routed experts' GEMMs on e4m3 operands (1x128 activation/gradient
+    tiles, 128x128 weight blocks), fp32 accumulation and master weights; embedding, head, router and
+    attention stay in `precision`. Not with model_parallel > 1."""
     indexer_stage: Literal["sparse", "dense_warmup"] = "sparse"
     """DeepSeek-V3.2 sparse-attention models (model.index_topk > 0), the V3.2 report's two stages:
     dense_warmup: attention stays dense, only the lightning indexer trains (its KL loss to the attention

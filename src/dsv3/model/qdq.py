@@ -13,7 +13,7 @@ def qdq_tiles(x: torch.Tensor, tile: int = BLOCK) -> torch.Tensor:
     """Quantise x [..., K] to e4m3 per 1 x `tile` group of its last dim (amax / 448 scales) and back."""
     K = x.shape[-1]
     pad = (-K) % tile
-    xf = F.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, tile)
+    xf = F.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], (K + pad) // tile, tile)  # explicit: x may have 0 rows
     s = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
     q = (xf / s).to(torch.float8_e4m3fn).float() * s
     return q.reshape(*x.shape[:-1], K + pad)[..., :K].to(x.dtype)

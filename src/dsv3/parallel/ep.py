@@ -62,6 +62,10 @@ class ParallelExperts(Experts):
     always connects xs and every local weight to the output, even with zero rows: a rank that
     received no tokens still runs the backward all-to-all its peers run."""
 
+    swiglu = staticmethod(grouped_swiglu)
+    """The expert product over sorted slices; a module swapped in before parallelism (FP8 training's
+    `Fp8Experts`) brings its own and `parallelize_moe` carries it over."""
+
     def __init__(self, n_experts: int, dim: int, inter_dim: int, ep_group=None, ep_size: int = 1):
         super().__init__(n_experts, dim, inter_dim)
         self.ep_group, self.ep_size = ep_group, ep_size
@@ -77,7 +81,7 @@ class ParallelExperts(Experts):
         xs = x[tok]  # [N·K, D] sorted by expert id
         counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
         if self.ep_size == 1:
-            ys = grouped_swiglu(xs, counts.tolist(), gate_w, up_w, down_w)
+            ys = self.swiglu(xs, counts.tolist(), gate_w, up_w, down_w)
         else:
             # recv[r, l] = rows rank r sends to my local expert l; sync(): DualPipe's overlap turns (overlap.py)
             xs = sync(xs, "A")
@@ -90,7 +94,7 @@ class ParallelExperts(Experts):
             # rank-major -> expert-major: a stable sort of the received rows by local expert
             local_e = torch.repeat_interleave(torch.arange(L, device=x.device).repeat(self.ep_size), recv.flatten())
             perm = local_e.argsort(stable=True)
-            ys_sorted = grouped_swiglu(got[perm], recv.sum(0).tolist(), gate_w, up_w, down_w)
+            ys_sorted = self.swiglu(got[perm], recv.sum(0).tolist(), gate_w, up_w, down_w)
             ys_back = torch.empty_like(ys_sorted).index_copy(0, perm, ys_sorted)  # undo the reorder
             ys = sync(all_to_all(sync(ys_back, "C"), in_splits, out_splits, self.ep_group), "D")
         ys = ys.float() * w.flatten()[order, None]
@@ -163,6 +167,11 @@ def parallelize_moe(part: nn.Module, cfg, meshes) -> None:
         parent, _, attr = name.rpartition(".")
         with torch.device("meta"):
             new = ParallelMoE(cfg, tp_mesh=meshes.tp_mesh if dims.tp > 1 else None, attach_aux=dims.pp > 1, **ep)
+        # what was swapped in before parallelism stays: the shared experts' module (FP8 / fast-path
+        # linears) and the routed experts' product (FP8 training's `swiglu`)
+        new.shared_experts = moe.shared_experts
+        if hasattr(moe.experts, "swiglu"):
+            new.experts.swiglu = moe.experts.swiglu
         if dims.ep > 1:
             for w in ("gate_proj", "up_proj", "down_proj"):
                 p = getattr(new.experts, w)

@@ -79,8 +79,8 @@ def _enable_fp8(model: nn.Module, log: Callable[[str], None] | None) -> None:
 
     n = enable_fp8_training(model)
     if log is not None:
-        log(f"FP8 training (emulated e4m3, 1x128 / 128x128 scaling): {n} linear layers; head, embedding, router, "
-            "attention and routed experts in the run's precision")
+        log(f"FP8 training (e4m3, 1x128 / 128x128 scaling): {n} linear layers and routed-expert groups; head, "
+            "embedding, router, eh_proj and attention in the run's precision")
 
 
 class Strategy:
