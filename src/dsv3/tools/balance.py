@@ -13,7 +13,9 @@ stage):
   as this layout shards them (from the fake-process-group build of every pipeline rank), the
   activations of its kind of layer (dense or MoE, recomputed or not) measured on fake tensors, the
   schedule's micro-batches in flight for that stage, and the same transients as `dsv3 dryrun`.
-The search is exact (`dsv3.tools.plan`): dynamic programming over contiguous cuts.
+The search is exact (`dsv3.tools.plan`): dynamic programming over contiguous cuts. Each stage's
+recompute count is its smallest that fits; one line per stage says why it is enough: the stage's peak
+with one layer fewer recomputed (over the usable memory) and with its count (within it, and by how much).
 """
 
 from __future__ import annotations
