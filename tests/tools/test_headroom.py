@@ -64,6 +64,20 @@ def test_dryrun_fits_only_within_the_headroom(tmp_path, dsv3):
         "dsv3 dryrun: error: --headroom 1.2: expected a fraction of the device memory in [0, 1), e.g. 0.15"], p.stderr
 
 
+def test_dryrun_verbose_says_what_each_peak_is_made_of(tmp_path, dsv3):
+    cfg = str(layout_yaml(tmp_path))
+    p = dsv3("dryrun", "--config", cfg, "--verbose", "--json", str(tmp_path / "r.json"))
+    rep = json.loads((tmp_path / "r.json").read_text())
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("stage ") and "): peak " in ln]
+    assert p.returncode == 0 and len(lines) == len(rep["ranks"]) == 2, p.stdout
+    for r, line in zip(rep["ranks"], lines):
+        assert sum(r["breakdown"].values()) == r["peak_bytes"], r["breakdown"]  # the parts add up to the peak
+        assert f"(rank {r['rank']}): peak {r['peak_bytes'] / 2**30:.2f} GiB during the {r['peak_phase']} = " in line, line
+        assert "fp32 weights" in line and "AdamW moments" in line and "activations in flight" in line, line
+    # the last stage's heads: their logits are a named part (MTP: two heads)
+    assert rep["ranks"][1]["breakdown"]["logits"] > 0 and "logits + loss" in lines[1]
+
+
 def test_balance_plans_within_the_headroom(tmp_path, dsv3):
     cfg = str(layout_yaml(tmp_path))
     p = dsv3("balance", "--config", cfg, "--device-memory", "1GB", "--json", str(tmp_path / "plan.json"))
