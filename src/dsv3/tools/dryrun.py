@@ -155,7 +155,8 @@ def print_table(rep: dict, out=None) -> None:
     print(f"(GiB; 'ranks' = first rank + how many ranks of that pipeline rank it stands for; 'mb' = micro-batches in flight "
           f"({rep['schedule'] or 'no pipeline'}); 'act/mb' one micro-batch, seq {rep['seq_length']} x {rep['micro_batch_size']}, "
           f"recompute {rep['recompute']} {rep['recompute_layers'] or ''}; 'dispatch' MoE all-to-all at {rep['ranks'][0]['moe_imbalance']}x "
-          f"the mean load; 'other' FSDP gathered weights, a gradient before its reduce, bf16 weight copies)", file=out)
+          f"the mean load; 'other' FSDP gathered weights, a gradient before its reduce, bf16 weight copies; the columns are "
+          f"not the whole peak: --verbose says what each peak is made of, e.g. FSDP's unsharded gradients under PP)", file=out)
     if rep["fits"]:
         verdict = "fits"
     elif rep["max_peak_bytes"] <= rep["device_memory_bytes"]:

@@ -12,19 +12,28 @@ Two measurements, no devices:
   forward and backward on fake tensors under `memtrack.TensorMemory`, which charges every tensor by
   its storage's lifetime.
 
-Assembled per rank (`rank_memory`):
-    peak = params + grads + optimizer + (in_flight - 1) x act + fwd_bwd_peak
-           + fsdp_buffers + grad_transient + autocast_cache + moe_dispatch
-where `grads` are all of them when micro-batches run forward after a backward, else what exceeds the
-one micro-batch's activations they replace, `in_flight` is the schedule's micro-batches alive at once on the rank (1F1B: pp - p, GPipe: M),
-activations are divided by the tensor-parallel degree (sequence parallel splits every activation of
-a layer; Korthikanti et al. 2022), `fsdp_buffers` are the all-gathered dense weights (the whole stage
+Assembled per rank (`rank_memory`, `assemble`): the peak is the larger of two moments,
+    backward = params + optimizer + fsdp_buffers + grads + in-flight activations + a gradient being
+               formed + autocast_cache + moe_dispatch
+    reduce   = params + optimizer + fsdp_buffers + unsharded grads + sharded grads + one unit's
+               reduce-scatter input                                  (FSDP under PP only)
+and `breakdown` names the parts of the larger one (they add up to `peak_bytes`). Activations are per
+tensor-parallel rank (`ActivationProfile`, `memory_tp`: 1/tp of what the TP plan splits, whole what
+it replicates: latents, gathered inputs, the gathered logits of every head); `in_flight` is the
+schedule's micro-batches alive at once on the rank (1F1B: pp - p, GPipe: M), their logits named
+apart. `grads` are all of them when micro-batches run forward after a backward, else what exceeds the
+one micro-batch's activations they replace; under PP, FSDP's no-sync keeps every FSDP unit's gradient
+unsharded (fp32) until the final reduce-scatter; under TP the vocab-parallel embedding's gradient is
+whole [vocab, hidden] (measured). `fsdp_buffers` are the all-gathered dense weights (the whole stage
 under PP, where FSDP keeps them between forward and backward; two layers otherwise) plus, when the
 routed experts are FSDP-sharded over edp (`ParallelDims.shard_experts`), two MoE layers' experts
-gathered over edp (resharded after forward, also under PP), `grad_transient`
-one FSDP unit's unsharded fp32 gradient before its reduce-scatter (or the largest local gradient),
-`autocast_cache` bf16 copies of the dense weights under `train.precision: bf16`, and `moe_dispatch`
-the all-to-all send/receive rows of one MoE layer at `imbalance` times the mean tokens per rank.
+gathered over edp (resharded after forward, also under PP); the gradient being formed is one FSDP
+unit's unsharded fp32 gradient (without PP with FSDP's reduce-scatter copy of it), or the largest
+local gradient, the head's summed over the MTP heads, or, at the end of a micro-batch's backward, the
+embedding's (a DTensor's accumulating out of place outside FSDP); `autocast_cache` bf16 copies of
+the dense weights under `train.precision: bf16`, and `moe_dispatch` the all-to-all send/receive rows
+of one MoE layer at `imbalance` times the mean tokens per rank. Every term is checked against
+measured runs (`tests/tools/memory_cases.py`).
 """
 
 from __future__ import annotations
