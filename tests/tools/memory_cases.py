@@ -28,9 +28,11 @@ def write_data(prefix: str, vocab: int = 4096, docs: int = 64, length: int = 257
 
 
 def case_cfg(prefix: str, out: str, parallel: dict, recompute: str = "none", batch_size: int = 4, seq: int = 256,
-             model: dict | None = None):
+             model: dict | None = None, train: dict | None = None, optimizer: dict | None = None):
     d = {"model": {**MODEL, **(model or {})}, "data": {"data_path": [prefix], "split": "100,0,0", "seq_length": seq},
-         "train": {"steps": 2, "batch_size": batch_size, "seed": 0, "device": "cpu", "threads": 1, "recompute": recompute},
+         "train": {"steps": 2, "batch_size": batch_size, "seed": 0, "device": "cpu", "threads": 1, "recompute": recompute,
+                   **(train or {})},
+         "optimizer": optimizer or {},
          "lr_schedule": {"type": "cosine", "learning_rate": 1e-3, "warmup_steps": 1, "min_lr": 1e-4},
          "checkpoint": {"output_dir": out, "save_at_end": False, "export_hf": False},
          "eval": {"eval_steps": 0, "eval_at_end": False},
@@ -43,6 +45,7 @@ def case_cfg(prefix: str, out: str, parallel: dict, recompute: str = "none", bat
 V129K = {"model": {"vocab_size": 129280}, "batch_size": 1, "seq": 128}
 """DeepSeek-V3's vocabulary: the head, its logits (128 tokens x 129k: 63 MiB each) and the embedding dominate."""
 PP2 = {"pipeline_stage": 2, "micro_batch_num": 2}
+BF16 = {"train": {"precision": "bf16"}, "optimizer": {"state_dtype": "bfloat16"}}  # the 1B / 671B YAMLs' precision
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ CASES = {  # name -> Case; MoE + MTP in every case; pp cases run 1F1B over 2 mic
     "tp2_sp": Case(2, {"model_parallel": 2, "use_seq_parallel": True}, "none", {}, {0: 280406040, 1: 280406040}, 16),
     "tp2_sp_v129k_rc": Case(4, {"model_parallel": 2, "use_seq_parallel": True, **PP2}, "full", V129K,
                               {0: 632747336, 1: 632747336, 2: 1219431052, 3: 1219431052}, 25),
+    "dp2tp2pp2ep2_v129k_bf16": Case(8, {"data_parallel": 2, "model_parallel": 2, **PP2, "expert_parallel": 2}, "none",
+                                    {**V129K, **BF16}, {0: 419618680, 1: 419618680, 2: 419618680, 3: 419618680,
+                                                        4: 938012040, 5: 938176520, 6: 938108672, 7: 938079888}, 54),
     "tp2_v129k": Case(2, {"model_parallel": 2}, "none", V129K, {0: 990915920, 1: 990915920}, 49),
     "tp2pp2_v129k_rc": Case(4, {"model_parallel": 2, **PP2}, "full", V129K, {0: 633009480, 1: 633009480, 2: 1220677260, 3: 1220677260}, 63),
     "dp2pp2ep2_v129k": Case(4, {"data_parallel": 2, **PP2, "expert_parallel": 2}, "none", V129K, {0: 691407432, 1: 691407432, 2: 1653731300, 3: 1653772340}, 51),
