@@ -117,9 +117,13 @@ def test_seed_671b_dryrun_and_balance(tmp_path, capsys):
     assert abs(rep["model_params"] / 1e9 - (671.0 + 11.6)) < 0.6
     assert rep["recompute_layers"] == [3, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 3, 2, 0]
     # routed experts FSDP-sharded over edp = 8, shared experts over dp16 x tp4 and routers over dp16: a
-    # 4-MoE-layer rank holds 0.72B parameters (0.90B with the 183.5M of shared experts and routers
-    # replicated), and the seed's own lists fit 64 GB; balance at 64 GB returns a plan
-    assert rep["fits"] and max(r["peak_bytes"] for r in rep["ranks"]) < 64 * 2**30
+    # 4-MoE-layer rank holds 0.72B parameters (0.90B with them replicated). Under torch's
+    # pipeline schedules FSDP keeps every gradient unsharded until the step's last backward (no-sync:
+    # 22 GiB on a 4-MoE-layer rank), so the seed's own lists peak at ~54 GiB: under its 55 GB but not
+    # with the dry-run's headroom (MindSpore reduces as it goes); they fit 64 GB; balance at 64 GB returns a plan
+    peak = max(r["peak_bytes"] for r in rep["ranks"])
+    assert not rep["fits"] and 50 * 2**30 < peak < 64 * 2**30, peak / 2**30
+    assert max(r["unsharded_grad_bytes"] for r in rep["ranks"]) > 20 * 2**30
     assert max(r["params"] for r in rep["ranks"]) < 0.75e9
     rc = main(["balance", "--config", str(SEED_YAML), "--device-memory", "64GB", "--json", str(tmp_path / "b64.json")])
     capsys.readouterr()

@@ -24,6 +24,8 @@ class StageActivation:
     """Bytes one micro-batch's forward leaves alive for its backward (stage input and output included)."""
     fwd_bwd_peak: int
     """Most bytes alive at once during that micro-batch's forward and backward (act_bytes included)."""
+    logits_bytes: int = 0
+    """Of act_bytes: what the heads' logits and their loss keep (proportional to the vocabulary)."""
 
 
 def compute_dtype(cfg) -> torch.dtype:
@@ -151,47 +153,98 @@ def _describe(key: tuple) -> str:
         return f"{'MoE' if key[1] else 'dense'} layer{', recomputed' if key[2] else ''}"
     if key[0] == "edge":
         ends = [e for e, on in (("embedding", key[1]), ("head + MTP + loss", key[2])) if on] or ["received input"]
-        return " and ".join(ends) + (", MTP recomputed" if key[3] else "")
+        vocab = f", vocabulary {key[4]} (the logits' share)" if len(key) > 4 else ""
+        return " and ".join(ends) + (", MTP recomputed" if key[3] else "") + vocab
     return f"whole model ({key[1]} loss)"
 
 
 class ActivationProfile:
-    """Activation bytes of one micro-batch per pipeline stage, from `stage_activation` runs.
+    """Activation bytes of one micro-batch per pipeline stage on one rank, from `stage_activation` runs.
 
-    One process (pp 1) runs the whole model once. Under pipeline parallelism a stage is its pieces
-    in order (the embedding or the received input, its decoder layers, the head / MTP / loss), so
-    each kind of piece is run once and reused: a dense or MoE layer with or without recompute, the
-    first stage's embedding, the last stage's head (its MTP block recomputed or not). A stage keeps
-    the sum of its pieces' activations; its peak is that plus the largest piece's transient. Numbers
-    are for the whole sequence; `rank_memory` divides them by the tensor-parallel degree."""
+    One process (pp 1, tp 1) runs the whole model once. Otherwise a stage is its pieces in order (the
+    embedding or the received input, its decoder layers, the head / MTP / loss), so each kind of
+    piece is run once and reused: a dense or MoE layer with or without recompute, the first stage's
+    embedding, the last stage's head (its MTP block recomputed or not). A stage keeps the sum of its
+    pieces' activations; its peak is that plus the largest piece's transient.
+
+    Numbers are per tensor-parallel rank: the single-device run's bytes divided by tp (sequence
+    parallel splits every activation of a layer; Korthikanti et al. 2022), plus what the tp plan keeps
+    whole on every rank (`dsv3.tools.memory_tp`: the gathered inputs and low-rank latents of each
+    layer, the residual stream and norms without sequence parallel, the gathered logits of each head
+    and their loss)."""
 
     def __init__(self, cfg, gpu_attention: bool = True, log=None):
+        from dsv3.parallel.dims import ParallelDims
+
         self.cfg, self.gpu_attention, self.log = cfg, gpu_attention, log
         mc = cfg.model
-        self.input_bytes = cfg.train.batch_size * cfg.data.seq_length * mc.hidden_size * compute_dtype(cfg).itemsize
+        dims = ParallelDims.from_config(cfg.parallel)
+        self.tp = dims.tp
+        self.sp = dims.seq_parallel
+        self.full_input_bytes = cfg.train.batch_size * cfg.data.seq_length * mc.hidden_size * compute_dtype(cfg).itemsize
+        self.input_bytes = self.full_input_bytes // (self.tp if self.sp else 1)  # a stage's input: split only by SP
         self._cache: dict[tuple, StageActivation] = {}
+        self._repl: dict[int, int] = {}
 
-    def _run(self, key, layer_ids, first, last, rc_ids, loss="logits") -> StageActivation:
+    def _run(self, key, layer_ids, first, last, rc_ids, loss="logits", cfg=None) -> StageActivation:
         if key not in self._cache:
-            self._cache[key] = stage_activation(self.cfg, layer_ids, first, last, rc_ids, loss, self.gpu_attention)
+            self._cache[key] = stage_activation(cfg or self.cfg, layer_ids, first, last, rc_ids, loss, self.gpu_attention)
             if self.log:
                 self.log(f"profiled activations: {_describe(key)}")
         return self._cache[key]
 
+    def replicated(self, i: int) -> int:
+        """Bytes of layer i (an MTP layer's id included) a tp rank keeps beyond 1/tp of the single-device
+        run's: the tensors the tp plan replicates, whole instead of split."""
+        if self.tp == 1:
+            return 0
+        from dsv3.tools.memory_tp import replicated_layer_bytes
+
+        key = int(self.cfg.model.is_moe_layer(i))
+        if key not in self._repl:
+            self._repl[key] = replicated_layer_bytes(self.cfg, i, self.sp)
+        return self._repl[key] - self._repl[key] // self.tp
+
     def layer(self, i: int, recomputed: bool) -> tuple[int, int]:
-        """(kept bytes, transient bytes) of decoder layer i (its kind: dense or MoE)."""
+        """(kept bytes, transient bytes) of decoder layer i (its kind: dense or MoE) on one rank; a
+        recomputed layer holds its replicated tensors only while its backward reruns it."""
         moe = self.cfg.model.is_moe_layer(i)
         a = self._run(("layer", moe, recomputed), [i], False, False, {i} if recomputed else set())
-        return a.act_bytes - self.input_bytes, a.fwd_bwd_peak - a.act_bytes
+        kept, trans = (a.act_bytes - self.full_input_bytes) // self.tp, (a.fwd_bwd_peak - a.act_bytes) // self.tp
+        return (kept, trans + self.replicated(i)) if recomputed else (kept + self.replicated(i), trans)
 
     def edge(self, first: bool, last: bool, mtp_recomputed: bool) -> tuple[int, int]:
-        """(kept, transient) of a stage's ends: the embedding (first) or received input, and the head,
-        MTP blocks and loss (last); a last stage's input is the last layer's output, not counted again."""
+        """(kept, transient) of a stage's ends on one rank: the embedding (first) or received input, and
+        the head, MTP blocks and loss (last); a last stage's input is the last layer's output, not
+        counted again. The logits part (proportional to the vocabulary) is whole on every tp rank."""
+        mc = self.cfg.model
+        mtp_layers = range(mc.num_hidden_layers, mc.num_hidden_layers + mc.num_nextn_predict_layers)
+        mtp_ids = set(mtp_layers) if mtp_recomputed else set()
+        key = ("edge", first, last, mtp_recomputed)
+        a = self._run(key, [], first, last, mtp_ids)
+        kept, trans = a.act_bytes - (self.full_input_bytes if last and not first else 0), a.fwd_bwd_peak - a.act_bytes
+        vk, vt = self.logits(first, mtp_recomputed) if last else (0, 0)
+        if self.tp == 1:
+            return kept, trans
+        if last:
+            mtp = sum(self.replicated(i) for i in mtp_layers)
+            kept, trans = (kept, trans + mtp) if mtp_recomputed else (kept + mtp * self.tp, trans)
+        embed = self.full_input_bytes - self.input_bytes if first else 0  # its output, whole without SP
+        return (kept - vk) // self.tp + vk + embed, (trans - vt) // self.tp + vt
+
+    def logits(self, first: bool, mtp_recomputed: bool) -> tuple[int, int]:
+        """(kept, transient) of a last stage's edge proportional to the vocabulary: the logits of every
+        head, their loss and gradients (`memory_tp.vocab_bytes`); whole on every tp rank."""
+        from dsv3.tools.memory_tp import vocab_bytes
+
         mc = self.cfg.model
         mtp_ids = set(range(mc.num_hidden_layers, mc.num_hidden_layers + mc.num_nextn_predict_layers)) if mtp_recomputed else set()
-        a = self._run(("edge", first, last, mtp_recomputed), [], first, last, mtp_ids)
-        kept = a.act_bytes - (self.input_bytes if last and not first else 0)
-        return kept, a.fwd_bwd_peak - a.act_bytes
+        key = ("edge", first, True, mtp_recomputed)
+
+        def run(c):
+            r = self._run(key + ((c.model.vocab_size,) if c is not self.cfg else ()), [], first, True, mtp_ids, cfg=c)
+            return r.act_bytes, r.fwd_bwd_peak - r.act_bytes
+        return vocab_bytes(run, self.cfg)
 
     def stage(self, layer_ids: list[int], first: bool, last: bool, rc_ids: set[int]) -> StageActivation:
         """Pieces in order; backward runs them last to first, so while piece j works (its transient)
@@ -199,6 +252,7 @@ class ActivationProfile:
         mc = self.cfg.model
         mtp_rc = any(i in rc_ids for i in range(mc.num_hidden_layers, mc.num_hidden_layers + mc.num_nextn_predict_layers))
         kept, trans = self.edge(first, last, mtp_rc)
+        logits = self.logits(first, mtp_rc)[0] if last else 0
         if first or not last:  # the embedding, or a middle stage's received input: the first piece
             pieces = [(kept, trans)]
             tail = []
@@ -212,11 +266,14 @@ class ActivationProfile:
         for k, t in pieces:
             total += k
             peak = max(peak, total + t)
-        return StageActivation(act_bytes=total, fwd_bwd_peak=max(peak, total))
+        return StageActivation(act_bytes=total, fwd_bwd_peak=max(peak, total), logits_bytes=logits)
 
     def whole(self, rc_ids: set[int], loss: str) -> StageActivation:
-        """One process, or data/tensor parallel without a pipeline: the whole model in one run."""
+        """No pipeline: the whole model in one run (one rank of tp 1), else as one stage of pieces."""
         L = self.cfg.model.num_hidden_layers
-        return self._run(("whole", loss, tuple(sorted(rc_ids))), list(range(L)), True, True, rc_ids, loss)
-
-
+        if self.tp > 1:
+            return self.stage(list(range(L)), True, True, rc_ids)
+        a = self._run(("whole", loss, tuple(sorted(rc_ids))), list(range(L)), True, True, rc_ids, loss)
+        mtp_rc = any(i in rc_ids for i in range(L, L + self.cfg.model.num_nextn_predict_layers))
+        logits = 0 if loss == "fused" else self.logits(True, mtp_rc)[0]  # the fused head keeps no logits
+        return StageActivation(a.act_bytes, a.fwd_bwd_peak, logits)

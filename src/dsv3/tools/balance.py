@@ -13,7 +13,9 @@ stage):
   as this layout shards them (from the fake-process-group build of every pipeline rank), the
   activations of its kind of layer (dense or MoE, recomputed or not) measured on fake tensors, the
   schedule's micro-batches in flight for that stage, and the same transients as `dsv3 dryrun`.
-The search is exact (`dsv3.tools.plan`): dynamic programming over contiguous cuts.
+The search is exact (`dsv3.tools.plan`): dynamic programming over contiguous cuts. Each stage's
+recompute count is its smallest that fits; one line per stage says why it is enough: the stage's peak
+with one layer fewer recomputed (over the usable memory) and with its count (within it, and by how much).
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class StageCosts:
             rest = st["params"] - sum(v[0] for v in per.values())
             dense_rest = st["dense_param_bytes"] // 4 - sum(v[1] for v in per.values())
             gathered_rest = st["fsdp_gathered_all"] - sum(v[2] for v in per.values())
-            self.edge[key] = (rest, dense_rest, gathered_rest, st["edge_largest_param_bytes"], st["edge_gathered_max"])
+            self.edge[key] = (rest, dense_rest, gathered_rest, st["edge_largest_param_bytes"], st["edge_gathered_max"],
+                              st["head_grad_bytes"], st["embed_grad_bytes"], st["embed_grad_extra_bytes"])
             if log:
                 log(f"built pipeline rank {st['pp_stage'] + 1} of {dims.pp} (rank {r})")
         self.state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
@@ -105,6 +108,8 @@ class StageCosts:
                   "param_bytes": 4 * numel, "grad_bytes": 4 * numel, "optimizer_bytes": 2 * self.state_bytes * numel,
                   "fsdp_gathered_all": sum(gathered) + edge[2], "fsdp_gathered_max": max(gathered + [edge[4]]),
                   "fsdp_expert_gathered_max": max([0] + [self.layer[i][4] for i in ids]),
+                  "fsdp_expert_gathered_all": sum(self.layer[i][4] for i in ids), "head_grad_bytes": edge[5],
+                  "embed_grad_bytes": edge[6], "embed_grad_extra_bytes": edge[7],
                   "largest_param_bytes": max([edge[3]] + [self.layer[i][3] for i in ids]), "dense_param_bytes": 4 * dense}
         act = self.profile.stage(list(range(a, b)), first, last, set(ids[:r]))
         return assemble(self.cfg, self.dims, states, [act], self.imbalance)
@@ -169,6 +174,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def why(costs: StageCosts, s: int, a: int, b: int, r: int, budget: float) -> dict:
+    """Why stage s on [a, b) recomputes r layers, from the dry-run's peaks at r and r - 1 (and 0)
+    against the usable memory (the planner takes each stage's smallest r that fits): a dict with the
+    figures and its one `line`."""
+    from dsv3.tools.dryrun import gib
+
+    at = lambda k: costs.mem(s, a, b, k)
+    d = {"stage": s, "recompute": r, "peak_bytes": at(r), "fewer_peak_bytes": at(r - 1) if r else None,
+         "none_peak_bytes": at(0), "usable_bytes": budget}
+    spare = f"{gib(budget - at(r))} GiB to spare"
+    if r == 0:
+        d["line"] = (f"stage {s}: recompute 0 layers because without recompute its peak, {gib(at(0))} GiB, is within "
+                     f"the {gib(budget)} GiB usable ({spare})")
+    else:
+        fewer = f"; with none {gib(at(0))} GiB" if r > 1 else ""
+        d["line"] = (f"stage {s}: recompute {r} layer{'s' if r > 1 else ''} because with {r - 1} its peak would be "
+                     f"{gib(at(r - 1))} GiB, over the {gib(budget)} GiB usable by {gib(at(r - 1) - budget)} GiB{fewer}; "
+                     f"with {r} it is {gib(at(r))} GiB ({spare})")
+    return d
+
+
 def print_plan(costs: StageCosts, cfg, best, before_b, before_r, before, budget: float, limit: str, out: dict) -> None:
     from dsv3.tools.dryrun import gib
 
@@ -186,6 +212,9 @@ def print_plan(costs: StageCosts, cfg, best, before_b, before_r, before, budget:
     print(f"(layers: the stage's decoder layers, the last stage also holds the MTP block; rc: how many of its first "
           f"layers (MTP last) are recomputed ({mode}) in backward, MindSpore recompute_config.recompute; TFLOP/mb: "
           f"forward + backward + recompute per micro-batch per rank; peak GiB: the dry-run's peak of the stage)")
+    out["why"] = [why(costs, s, best.bounds[s], best.bounds[s + 1], rec[s], budget) for s in range(costs.S)]
+    for w in out["why"]:
+        print(w["line"])
     slow_before = max(t for t, _ in before)
     fits_before = all(m <= budget for _, m in before)
     print(f"slowest stage {best.slowest / 1e12:.3f} TFLOP per micro-batch (before {slow_before / 1e12:.3f}, "

@@ -12,19 +12,28 @@ Two measurements, no devices:
   forward and backward on fake tensors under `memtrack.TensorMemory`, which charges every tensor by
   its storage's lifetime.
 
-Assembled per rank (`rank_memory`):
-    peak = params + grads + optimizer + (in_flight - 1) x act + fwd_bwd_peak
-           + fsdp_buffers + grad_transient + autocast_cache + moe_dispatch
-where `grads` are all of them when micro-batches run forward after a backward, else what exceeds the
-one micro-batch's activations they replace, `in_flight` is the schedule's micro-batches alive at once on the rank (1F1B: pp - p, GPipe: M),
-activations are divided by the tensor-parallel degree (sequence parallel splits every activation of
-a layer; Korthikanti et al. 2022), `fsdp_buffers` are the all-gathered dense weights (the whole stage
+Assembled per rank (`rank_memory`, `assemble`): the peak is the larger of two moments,
+    backward = params + optimizer + fsdp_buffers + grads + in-flight activations + a gradient being
+               formed + autocast_cache + moe_dispatch
+    reduce   = params + optimizer + fsdp_buffers + unsharded grads + sharded grads + one unit's
+               reduce-scatter input                                  (FSDP under PP only)
+and `breakdown` names the parts of the larger one (they add up to `peak_bytes`). Activations are per
+tensor-parallel rank (`ActivationProfile`, `memory_tp`: 1/tp of what the TP plan splits, whole what
+it replicates: latents, gathered inputs, the gathered logits of every head); `in_flight` is the
+schedule's micro-batches alive at once on the rank (1F1B: pp - p, GPipe: M), their logits named
+apart. `grads` are all of them when micro-batches run forward after a backward, else what exceeds the
+one micro-batch's activations they replace; under PP, FSDP's no-sync keeps every FSDP unit's gradient
+unsharded (fp32) until the final reduce-scatter; under TP the vocab-parallel embedding's gradient is
+whole [vocab, hidden] (measured). `fsdp_buffers` are the all-gathered dense weights (the whole stage
 under PP, where FSDP keeps them between forward and backward; two layers otherwise) plus, when the
 routed experts are FSDP-sharded over edp (`ParallelDims.shard_experts`), two MoE layers' experts
-gathered over edp (resharded after forward, also under PP), `grad_transient`
-one FSDP unit's unsharded fp32 gradient before its reduce-scatter (or the largest local gradient),
-`autocast_cache` bf16 copies of the dense weights under `train.precision: bf16`, and `moe_dispatch`
-the all-to-all send/receive rows of one MoE layer at `imbalance` times the mean tokens per rank.
+gathered over edp (resharded after forward, also under PP); the gradient being formed is one FSDP
+unit's unsharded fp32 gradient (without PP with FSDP's reduce-scatter copy of it), or the largest
+local gradient, the head's summed over the MTP heads, or, at the end of a micro-batch's backward, the
+embedding's (a DTensor's accumulating out of place outside FSDP); `autocast_cache` bf16 copies of
+the dense weights under `train.precision: bf16`, and `moe_dispatch` the all-to-all send/receive rows
+of one MoE layer at `imbalance` times the mean tokens per rank. Every term is checked against
+measured runs (`tests/tools/memory_cases.py`).
 """
 
 from __future__ import annotations
@@ -126,12 +135,23 @@ def rank_states(cfg, rank: int) -> dict:
                                   max(_local(p).numel() * p.element_size() for p in mod.parameters()),
                                   dims.edp * sum(_local(p).numel() * p.element_size() for p in mod.parameters()
                                                  if id(p) in expert_ids) if dims.shard_experts else 0)
+        heads = [part.lm_head for part in dm.parts if getattr(part, "lm_head", None) is not None]
+        head_grad = max([_gathered_bytes(h, dims.fsdp_size) if fsdp else _storage_bytes(_local(p) for p in h.parameters())
+                         for h in heads] or [0])
+        # under TP the vocab-parallel embedding's weight gradient is formed whole ([vocab, hidden], fp32) on
+        # every tp rank (measured: `tests/tools/memory_cases.py`), where its weight is 1/tp of the rows
+        embeds = [part.model.embed_tokens for part in dm.parts if getattr(part.model, "embed_tokens", None) is not None]
+        whole = cfg.model.vocab_size * cfg.model.hidden_size * 4 if dims.tp > 1 and embeds else 0
+        held = max([_gathered_bytes(e, dims.fsdp_size) if fsdp else _storage_bytes(_local(p) for p in e.parameters())
+                    for e in embeds] or [0])
         out = {"rank": rank, "pp_stage": meshes.pp_rank, "tp_rank": meshes.tp_rank, "dp_rank": meshes.dp_rank,
                "ep_rank": meshes.sparse.get_local_rank("ep"), "stages": [getattr(p, "stage_index", 0) for p in dm.parts],
                "layers": layers, "mtp": any(len(getattr(p.model, "mtp", None) or []) for p in dm.parts),
                "params": numel, "stage_params": held_parameters(dm)["stage_params"], "param_bytes": param_bytes, "grad_bytes": param_bytes,
                "fsdp_gathered_max": max(gathered), "fsdp_gathered_all": sum(gathered),
                "fsdp_expert_gathered_max": max([v[4] for v in per_layer.values()] or [0]),
+               "fsdp_expert_gathered_all": sum(v[4] for v in per_layer.values()), "head_grad_bytes": head_grad,
+               "embed_grad_bytes": whole, "embed_grad_extra_bytes": max(0, whole - held),
                "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "dense_param_bytes": dense_bytes,
                "layer_params": per_layer,
                "edge_gathered_max": max([g for u, g in zip(units, gathered) if id(u) not in layer_mods] or [0]),
@@ -190,20 +210,29 @@ def rank_memory(cfg, states: dict, profile: ActivationProfile, imbalance: float 
     return assemble(cfg, dims, states, acts, imbalance)
 
 
-def assemble(cfg, dims: ParallelDims, states: dict, acts: list[StageActivation], imbalance: float) -> dict:
-    """Model states + activations of the rank's stages (whole sequence, divided by tp here) -> the peak."""
+def assemble(cfg, dims: ParallelDims, states: dict, acts_of: list[StageActivation], imbalance: float) -> dict:
+    """Model states + activations of the rank's stages (per tp rank: `ActivationProfile`) -> the peak."""
     mc, tp = cfg.model, dims.tp
     n = in_flight(dims, states["pp_stage"])
-    act_mb = sum(a.act_bytes for a in acts) // tp
-    act_total = sum(n * a.act_bytes for a in acts) // tp + max(a.fwd_bwd_peak - a.act_bytes for a in acts) // tp
+    act_mb = sum(a.act_bytes for a in acts_of)
+    act_total = sum(n * a.act_bytes for a in acts_of) + max(a.fwd_bwd_peak - a.act_bytes for a in acts_of)
     fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
     fsdp_buffers = (states["fsdp_gathered_all"] if dims.pp > 1 else 2 * states["fsdp_gathered_max"]) if fsdp else 0
-    grad_transient = states["fsdp_gathered_max"] if fsdp else states["largest_param_bytes"]
+    # one FSDP unit's unsharded fp32 gradient and, without a pipeline (every backward reduces), FSDP's
+    # reduce-scatter input, a copy of it (foreach_reduce); under PP the copy comes at the final reduce
+    grad_transient = (1 if dims.pp > 1 else 2) * states["fsdp_gathered_max"] if fsdp else states["largest_param_bytes"]
     autocast = (fsdp_buffers if fsdp else states["dense_param_bytes"]) // 2 if cfg.train.precision == "bf16" else 0
     experts = states["fsdp_expert_gathered_max"]  # one MoE's routed experts gathered over edp
     # resharded after forward also under PP: one layer's in use and the next one's prefetched
     fsdp_buffers += 2 * experts
-    grad_transient = max(grad_transient, experts)
+    grad_transient = max(grad_transient, (1 if dims.pp > 1 else 2) * experts)
+    # The embedding's gradient is formed at the end of a micro-batch's backward, its activations gone
+    # (the other micro-batches in flight keep theirs); a DTensor's gradient accumulates out of place
+    # (the new one and the sum) where FSDP does not hold it (FSDP adds in place).
+    accumulates = dims.micro_batch_num > 1 and dims.tp > 1 and not fsdp
+    embed_transient = (2 if accumulates else 1) * states["embed_grad_bytes"]
+    if states["mtp"]:  # the head's weight gradient: the main and the MTP heads' parts formed apart, then summed
+        grad_transient = max(grad_transient, 2 * states["head_grad_bytes"])
     moe_here = any(mc.is_moe_layer(i) for i in states["layers"]) or states["mtp"]
     dispatch = 0
     if dims.ep > 1 and moe_here:
@@ -214,13 +243,37 @@ def assemble(cfg, dims: ParallelDims, states: dict, acts: list[StageActivation],
     # to None) and grow while the first backward frees its activations: all of them are alive at the
     # activation peak only when later micro-batches run forward after a backward (more micro-batches
     # than in flight), else they add what exceeds the one micro-batch's activations they replace.
-    grads = states["grad_bytes"] if dims.micro_batch_num > n else max(0, states["grad_bytes"] - act_mb)
-    peak = (states["param_bytes"] + grads + states["optimizer_bytes"] + act_total + fsdp_buffers
-            + grad_transient + autocast + dispatch)
-    return {**{k: v for k, v in states.items() if not k.startswith(("fsdp_", "largest_", "dense_", "layer_", "edge_"))},
+    held = states["grad_bytes"] + states["embed_grad_extra_bytes"]
+    unsharded = reduce = 0
+    if fsdp and dims.pp > 1:
+        # torch's pipeline schedules run every backward under FSDP's no-sync: each unit's gradient stays
+        # unsharded (fp32, accumulated over the micro-batches) until the schedule's final reduce-scatter,
+        # where the sharded gradients appear beside them and one unit's reduce-scatter input.
+        unsharded = states["fsdp_gathered_all"] + states["fsdp_expert_gathered_all"]
+        held = max(0, held - unsharded // dims.fsdp_size) + unsharded  # the unsharded replace the FSDP shards
+        reduce = unsharded + states["grad_bytes"] + max(states["fsdp_gathered_max"], experts)
+    grads = held if dims.micro_batch_num > n else max(0, held - act_mb)
+    base = states["param_bytes"] + states["optimizer_bytes"] + fsdp_buffers
+    at_act_peak = act_total + grad_transient >= (n - 1) * act_mb + embed_transient
+    acts, transient = (act_total, grad_transient) if at_act_peak else ((n - 1) * act_mb, embed_transient)
+    logits = min(acts, sum(a.logits_bytes for a in acts_of) * (n if at_act_peak else n - 1))
+    backward = grads + acts + transient + autocast + dispatch
+    peak = base + max(backward, reduce)
+    common = {"weights": states["param_bytes"], "optimizer": states["optimizer_bytes"], "fsdp_gathered_weights": fsdp_buffers}
+    if backward >= reduce:
+        phase = "backward" + ("" if at_act_peak else " (embedding gradient)")
+        parts = {**common, "gradients": grads, "activations": acts - logits, "logits": logits, "gradient_transient": transient,
+                 "autocast_cache": autocast, "moe_dispatch": dispatch}
+    else:
+        phase = "final gradient reduce-scatter"
+        parts = {**common, "unsharded_gradients": unsharded, "sharded_gradients": states["grad_bytes"],
+                 "reduce_scatter_input": reduce - unsharded - states["grad_bytes"]}
+    return {**{k: v for k, v in states.items() if not k.startswith(("fsdp_", "largest_", "dense_", "layer_", "edge_", "head_", "embed_"))},
             "activation_bytes": act_mb, "micro_batches_in_flight": n, "activation_in_flight_bytes": act_total,
-            "fsdp_buffer_bytes": fsdp_buffers, "grad_transient_bytes": grad_transient, "autocast_cache_bytes": autocast,
-            "moe_dispatch_bytes": dispatch, "moe_imbalance": imbalance, "peak_bytes": peak}
+            "fsdp_buffer_bytes": fsdp_buffers, "grad_transient_bytes": grad_transient,
+            "embed_grad_transient_bytes": embed_transient, "autocast_cache_bytes": autocast,
+            "moe_dispatch_bytes": dispatch, "moe_imbalance": imbalance, "unsharded_grad_bytes": unsharded,
+            "grad_reduce_bytes": reduce, "peak_bytes": peak, "peak_phase": phase, "breakdown": parts}
 
 
 def representative_ranks(dims: ParallelDims) -> list[int]:
