@@ -46,7 +46,8 @@ def eligible(x: torch.Tensor, rows: int, limit: int) -> bool:
 
 
 def _key(*ts: torch.Tensor) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in ts)
+    # inference tensors keep no version counter (and are only written inside inference_mode, by loaders)
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.shape) for t in ts)
 
 
 def cached_pack(module: nn.Module, q_name: str, s_name: str, pack_fn) -> Packed:
