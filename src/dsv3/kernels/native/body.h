@@ -61,25 +61,64 @@ static inline __attribute__((always_inline)) void FN(tile_fp8)(const float *x, s
 
 /* ---- int4 group-wise: w [N, K/2], per 32 values 16 bytes (low nibbles: values 0..15, high: 16..31);
  * sz [N, K/group, 2] bf16 (scale, zero): w = (q - 8) * scale + zero (DEC_U4 gives q - 8) */
-#define I4_DEC(r, k)                                                                              \
-    VFMA(DEC_U4(w + (size_t)(r) * (K / 2) + ((k) >> 5) * 16 + ((k) & 15), ((k) & 16) ? 4 : 0),   \
-         VSET1(bf16_to_f32(sz[((size_t)(r) * ng + (k) / group) * 2])),                            \
-         VSET1(bf16_to_f32(sz[((size_t)(r) * ng + (k) / group) * 2 + 1])))
-#define I4_SCALAR(r, kk) 0.0f /* K is a multiple of the group (>= 32): no tail */
 static inline __attribute__((always_inline)) void FN(tile_i4)(const float *x, size_t ldx, const uint8_t *w,
                                                              const uint16_t *sz, int K, int group, float *out,
                                                              const int M, const int R) {
     const int ng = K / group;
-    TILE_BODY(I4_DEC, I4_SCALAR)
+    vf acc[4][4];
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) acc[m][r] = VZERO();
+    for (int g = 0; g < ng; g++) {
+        vf sc[4], zr[4]; /* the group's (scale, zero) per row, broadcast once per group */
+        for (int r = 0; r < R; r++) {
+            sc[r] = VSET1(bf16_to_f32(sz[((size_t)r * ng + g) * 2]));
+            zr[r] = VSET1(bf16_to_f32(sz[((size_t)r * ng + g) * 2 + 1]));
+        }
+        for (int k = g * group; k < (g + 1) * group; k += 32)
+            for (int h = 0; h < 32; h += VLEN) { /* values h..h+VLEN of this 32-block: low or high nibbles */
+                vf wv[4];
+                for (int r = 0; r < R; r++)
+                    wv[r] = VFMA(DEC_U4(w + (size_t)r * (K / 2) + k / 2 + (h & 15), (h & 16) ? 4 : 0), sc[r], zr[r]);
+                for (int m = 0; m < M; m++) {
+                    vf xv = VLOADX(x + (size_t)m * ldx + k + h);
+                    for (int r = 0; r < R; r++) acc[m][r] = VFMA(xv, wv[r], acc[m][r]);
+                }
+            }
+    }
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) out[m * 4 + r] = VSUM(acc[m][r]);
 }
 
-/* ---- W8A8: int8 activations (quantised per row by the caller) x int8 weights -> int32 */
+/* ---- W8A8: int8 activations (quantised per row by the caller) x int8 weights -> int32.
+ * W8A8_OFFSET (VNNI): the caller stores activations as u = q + 128 (u8), so one vpdpbusd per 64 products
+ * and activation row; sum(u * w) - 128 * sum(w), with the row sums taken once per call (not per row of x). */
 static inline __attribute__((always_inline)) void FN(tile_w8a8)(const int8_t *xq, size_t ldx, const int8_t *w, int K,
                                                                float *out, const int M, const int R) {
     vi acc[4][4];
     for (int m = 0; m < M; m++)
         for (int r = 0; r < R; r++) acc[m][r] = VIZERO();
     int k = 0;
+#ifdef W8A8_OFFSET
+    vi wsum[4];
+    for (int r = 0; r < R; r++) wsum[r] = VIZERO();
+    for (; k + W8A8_CHUNK <= K; k += W8A8_CHUNK) {
+        vi wv[4];
+        for (int r = 0; r < R; r++) {
+            wv[r] = _mm512_loadu_si512(w + (size_t)r * K + k);
+            wsum[r] = _mm512_dpbusd_epi32(wsum[r], _mm512_set1_epi8(1), wv[r]);
+        }
+        for (int m = 0; m < M; m++) {
+            vi xv = _mm512_loadu_si512(xq + (size_t)m * ldx + k);
+            for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], xv, wv[r]);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) {
+            int32_t t = VISUM(acc[m][r]) - 128 * VISUM(wsum[r]);
+            for (int kk = k; kk < K; kk++) t += ((int32_t)(uint8_t)xq[(size_t)m * ldx + kk] - 128) * w[(size_t)r * K + kk];
+            out[m * 4 + r] = (float)t;
+        }
+#else
     for (; k + W8A8_CHUNK <= K; k += W8A8_CHUNK)
         for (int m = 0; m < M; m++)
             for (int r = 0; r < R; r++) acc[m][r] = W8A8_DOT(acc[m][r], xq + (size_t)m * ldx + k, w + (size_t)r * K + k);
@@ -89,6 +128,7 @@ static inline __attribute__((always_inline)) void FN(tile_w8a8)(const int8_t *xq
             for (int kk = k; kk < K; kk++) t += (int32_t)xq[(size_t)m * ldx + kk] * w[(size_t)r * K + kk];
             out[m * 4 + r] = (float)t;
         }
+#endif
 }
 
 /* The M rows of the tile in blocks of up to 4, R = 4 rows at a time then single rows. CALL(MB, RB) runs

@@ -66,10 +66,10 @@ static inline int32_t hsumi_avx2(__m256i v) {
     return _mm_cvtsi128_si32(a);
 }
 static inline __m256 fp8_avx2(const uint8_t *p) {
-    __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
-    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8),
-                             _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7f)), 7));
-    return _mm256_cvtph_ps(h);
+    /* e4m3 -> fp16 bits: sign-extended byte << 7 puts sign at 15, exponent and mantissa at 13..7, and a
+     * copy of the sign at 14 (cleared); the fp16 value is the e4m3 value / 256 (bias 15 vs 7) */
+    __m128i v = _mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p)), 7);
+    return _mm256_cvtph_ps(_mm_and_si128(v, _mm_set1_epi16((short)0xBFFF)));
 }
 static inline __m256i w8a8_dot_avx2(__m256i acc, const int8_t *xq, const int8_t *w) {
     __m256i x = _mm256_loadu_si256((const __m256i *)xq), wv = _mm256_loadu_si256((const __m256i *)w);
@@ -127,10 +127,8 @@ static inline __m256i w8a8_dot_avx2(__m256i acc, const int8_t *xq, const int8_t 
 /* ================================================================= AVX-512 F/BW/VL, with and without VNNI */
 #define AVX512_HELPERS(NAME, DOT_BODY)                                                            \
     static inline __m512 fp8_##NAME(const uint8_t *p) {                                           \
-        __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));                   \
-        __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8), \
-                                    _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7f)), 7)); \
-        return _mm512_cvtph_ps(h);                                                                \
+        __m256i v = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)), 7); \
+        return _mm512_cvtph_ps(_mm256_and_si256(v, _mm256_set1_epi16((short)0xBFFF)));          \
     }                                                                                             \
     static inline __m512i w8a8_dot_##NAME(__m512i acc, const int8_t *xq, const int8_t *w) {       \
         __m512i x = _mm512_loadu_si512(xq), wv = _mm512_loadu_si512(w);                           \
@@ -186,6 +184,7 @@ AVX512_HELPERS(avx512, return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_mad
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 #endif
 AVX512_HELPERS(vnni, return _mm512_dpbusd_epi32(acc, ax, sw);)
+#define W8A8_OFFSET 1
 #define SFX avx512_vnni
 #define DEC_FP8(p) fp8_vnni(p)
 #define W8A8_DOT(acc, xp, wp) w8a8_dot_vnni(acc, xp, wp)
@@ -254,8 +253,9 @@ static void run_parallel(par_body body, void *ctx, int nt) {
 }
 
 /* Symmetric int8 per row, as dsv3.quant.schemes.quantize_rows_int8: s = max(amax, 1e-12) / 127,
- * q = round-half-even(x / s) clamped to +-127. */
+ * q = round-half-even(x / s) clamped to +-127; stored as q + 128 (u8) for the VNNI kernel (W8A8_OFFSET). */
 static void quant_rows(const float *x, size_t ldx, int M, int K, int8_t *q, float *qs) {
+    const int offset = isa_cap == ISA_AVX512_VNNI ? 128 : 0;
     for (int m = 0; m < M; m++) {
         const float *xr = x + (size_t)m * ldx;
         float amax = 0.0f;
@@ -263,7 +263,7 @@ static void quant_rows(const float *x, size_t ldx, int M, int K, int8_t *q, floa
         float s = fmaxf(amax, 1e-12f) / 127.0f;
         for (int k = 0; k < K; k++) {
             float v = nearbyintf(xr[k] / s);
-            q[(size_t)m * K + k] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+            q[(size_t)m * K + k] = (int8_t)(uint8_t)((int)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v)) + offset);
         }
         qs[m] = s;
     }
