@@ -60,7 +60,7 @@ static inline __attribute__((always_inline)) void FN(tile_fp8)(const float *x, s
 }
 
 /* ---- int4 group-wise: w [N, K/2], per 32 values 16 bytes (low nibbles: values 0..15, high: 16..31);
- * sz [N, K/group, 2] bf16 (scale, zero): w = (q - 8) * scale + zero (DEC_U4 gives q - 8) */
+ * sz [N, K/group, 2] bf16 (scale, zero): w = (q - 8) * scale + zero = q * scale + (zero - 8 * scale) */
 static inline __attribute__((always_inline)) void FN(tile_i4)(const float *x, size_t ldx, const uint8_t *w,
                                                              const uint16_t *sz, int K, int group, float *out,
                                                              const int M, const int R) {
@@ -69,10 +69,11 @@ static inline __attribute__((always_inline)) void FN(tile_i4)(const float *x, si
     for (int m = 0; m < M; m++)
         for (int r = 0; r < R; r++) acc[m][r] = VZERO();
     for (int g = 0; g < ng; g++) {
-        vf sc[4], zr[4]; /* the group's (scale, zero) per row, broadcast once per group */
+        vf sc[4], zr[4]; /* the group's scale and zero - 8 * scale per row, broadcast once per group */
         for (int r = 0; r < R; r++) {
-            sc[r] = VSET1(bf16_to_f32(sz[((size_t)r * ng + g) * 2]));
-            zr[r] = VSET1(bf16_to_f32(sz[((size_t)r * ng + g) * 2 + 1]));
+            const float scale = bf16_to_f32(sz[((size_t)r * ng + g) * 2]);
+            sc[r] = VSET1(scale);
+            zr[r] = VSET1(bf16_to_f32(sz[((size_t)r * ng + g) * 2 + 1]) - 8.0f * scale);
         }
         for (int k = g * group; k < (g + 1) * group; k += 32)
             for (int h = 0; h < 32; h += VLEN) { /* values h..h+VLEN of this 32-block: low or high nibbles */

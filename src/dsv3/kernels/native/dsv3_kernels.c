@@ -90,10 +90,8 @@ static inline __m256i w8a8_dot_avx2(__m256i acc, const int8_t *xq, const int8_t 
 #define VISUM(v) hsumi_avx2(v)
 #define DEC_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 #define DEC_U4(p, sh)                                                                             \
-    _mm256_cvtepi32_ps(_mm256_sub_epi32(                                                          \
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p))), \
-                                           _mm256_set1_epi32(sh)), _mm256_set1_epi32(15)),        \
-        _mm256_set1_epi32(8)))
+    _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p))), \
+                                        _mm256_set1_epi32(sh)), _mm256_set1_epi32(15)))
 #define DEC_BF16(p) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define DEC_FP8(p) fp8_avx2(p)
@@ -149,10 +147,8 @@ static inline __m256i w8a8_dot_avx2(__m256i acc, const int8_t *xq, const int8_t 
 #define VISUM(v) _mm512_reduce_add_epi32(v)
 #define DEC_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #define DEC_U4(p, sh)                                                                             \
-    _mm512_cvtepi32_ps(_mm512_sub_epi32(                                                          \
-        _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p))), \
-                                           _mm512_set1_epi32(sh)), _mm512_set1_epi32(15)),        \
-        _mm512_set1_epi32(8)))
+    _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p))), \
+                                        _mm512_set1_epi32(sh)), _mm512_set1_epi32(15)))
 #define DEC_BF16(p) \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define W8A8_CHUNK 64
