@@ -33,6 +33,9 @@ from dsv3.errors import UserError
 ISAS = ("none", "avx2", "avx512", "avx512_vnni", "amx")  # index = the .so's ISA code
 FORMATS = ("int8", "w8a8", "fp8", "int4", "bf16")  # index = the .so's format code
 ERRORS = {-1: "no kernel for this CPU's ISA", -2: "bad argument", -3: "out of memory"}
+MAX_ROWS = 16
+"""Most activation rows the quantised modules send to the native GEMV (decode batches); more rows
+(prefill) use torch's GEMMs. The kernel itself takes any number of rows."""
 log = logging.getLogger("dsv3.kernels")
 
 
@@ -57,7 +60,7 @@ def _find_lib() -> Path | None:
 
 
 def _bind(lib: ctypes.CDLL) -> None:
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    p, i = ctypes.c_void_p, ctypes.c_int
     lib.dsv3_isa_detected.restype = i
     lib.dsv3_set_isa.argtypes, lib.dsv3_set_isa.restype = [i], i
     lib.dsv3_set_omp.argtypes, lib.dsv3_set_omp.restype = [p, p, p], None
@@ -65,7 +68,6 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.dsv3_gemv.restype = i
     lib.dsv3_moe.argtypes = [i, p, i, i, i, i, p, p, i, p, p, p, i, p, i]
     lib.dsv3_moe.restype = i
-    del f
 
 
 def _omp(lib: ctypes.CDLL) -> str:
@@ -182,6 +184,3 @@ def set_isa(name: str) -> str:
         raise RuntimeError(f"dsv3 native kernels not in use ({st.note})")
     return ISAS[st.lib.dsv3_set_isa(ISAS.index(name))]
 
-
-MAX_ROWS = 16
-"""Most activation rows sent to the native GEMV (decode batches); more rows (prefill) use torch's GEMMs."""
