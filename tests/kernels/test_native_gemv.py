@@ -108,3 +108,16 @@ def test_bad_argument_is_refused():
     q = torch.zeros(16, 20, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="bad argument"):  # int4: K = 40 is not a multiple of the group (32)
         nk.gemv("int4", torch.randn(1, 40), q, torch.zeros(16, 2, 2, dtype=torch.bfloat16), None, 16, 32)
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="needs 2 cores")
+def test_torch_set_num_threads_governs_the_kernels():
+    q, s, x = torch.ones(64, 64, dtype=torch.int8), torch.ones(64), torch.ones(1, 64)
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = nk.gemv("int8", x, q, s, None, 64)
+            assert nk.last_team() == n and torch.equal(y, torch.full((1, 64), 64.0))
+    finally:
+        torch.set_num_threads(before)

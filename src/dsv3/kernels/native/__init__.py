@@ -62,6 +62,7 @@ def _find_lib() -> Path | None:
 def _bind(lib: ctypes.CDLL) -> None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.dsv3_isa_detected.restype = i
+    lib.dsv3_last_team.restype = i
     lib.dsv3_set_isa.argtypes, lib.dsv3_set_isa.restype = [i], i
     lib.dsv3_set_omp.argtypes, lib.dsv3_set_omp.restype = [p, p, p], None
     lib.dsv3_gemv.argtypes = [i, p, i, i, p, p, p, p, i, i, i]
@@ -174,6 +175,11 @@ def describe() -> list[str]:
             f"kernels per format: int8, w8a8 ({'vpdpbusd' if st.isa == 'avx512_vnni' else 'maddubs'}), fp8 (e4m3 read "
             f"at 1 byte), int4, bf16 dense: native GEMV up to {MAX_ROWS} rows, torch GEMMs above; "
             "routed experts: one fused native call per MoE layer"]
+
+
+def last_team() -> int:
+    """Threads that ran the latest native call (tests: torch.set_num_threads governs them)."""
+    return load().lib.dsv3_last_team()
 
 
 def set_isa(name: str) -> str:

@@ -235,18 +235,23 @@ void dsv3_set_omp(void *parallel, void *thread_num, void *num_threads) {
 
 typedef void (*par_body)(void *ctx, int tid, int nth);
 typedef struct { par_body body; void *ctx; } par_ctx;
+static volatile int last_team; /* threads of the latest parallel region (dsv3_last_team: tests) */
 static void par_trampoline(void *p) {
     par_ctx *c = (par_ctx *)p;
-    c->body(c->ctx, omp_thread_num(), omp_num_threads());
+    int tid = omp_thread_num(), nth = omp_num_threads();
+    if (tid == 0) last_team = nth;
+    c->body(c->ctx, tid, nth);
 }
 static void run_parallel(par_body body, void *ctx, int nt) {
     if (nt > 1 && gomp_parallel && omp_thread_num && omp_num_threads) {
         par_ctx c = {body, ctx};
         gomp_parallel(par_trampoline, &c, (unsigned)nt, 0);
     } else {
+        last_team = 1;
         body(ctx, 0, 1);
     }
 }
+int dsv3_last_team(void) { return last_team; }
 
 /* Symmetric int8 per row, as dsv3.quant.schemes.quantize_rows_int8: s = max(amax, 1e-12) / 127,
  * q = round-half-even(x / s) clamped to +-127; stored as q + 128 (u8) for the VNNI kernel (W8A8_OFFSET). */
