@@ -104,6 +104,17 @@ def test_int4_repack_keeps_every_value():
     assert torch.equal(dsv3_int4_unpack(dsv3_int4_pack(v)), v)
 
 
+def test_sizes_are_checked_before_the_c_code_reads():
+    """A stored tensor of the wrong size (hostile or corrupt file) is refused in Python, never read past."""
+    lin = nn.Linear(64, 32, bias=False)
+    ql = QuantLinear.from_linear(make_scheme("int8"), lin)
+    ql.weight_scale_inv = torch.ones(16, 1)  # half the rows' scales
+    with pytest.raises(ValueError, match="expected 32"), torch.no_grad():
+        ql(torch.randn(1, 64))
+    with pytest.raises(ValueError, match="int8 gemv: weight of 1024 bytes for"):
+        nk.gemv("int8", torch.randn(1, 64), torch.zeros(16, 64, dtype=torch.int8), torch.ones(32), None, 32)
+
+
 def test_bad_argument_is_refused():
     q = torch.zeros(16, 20, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="bad argument"):  # int4: K = 40 is not a multiple of the group (32)

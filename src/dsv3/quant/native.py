@@ -63,15 +63,27 @@ def cached_pack(module: nn.Module, q_name: str, s_name: str, pack_fn) -> Packed:
     return hit[1]
 
 
-def pack(scheme, q: torch.Tensor, s: torch.Tensor, lead: tuple[int, ...]) -> Packed:
-    """One matrix (lead = ()) or stacked experts (lead = (E,)) of `scheme` -> the kernel's operands."""
+def pack(scheme, q: torch.Tensor, s: torch.Tensor, lead: tuple[int, ...], n: int, k: int) -> Packed:
+    """One matrix (lead = ()) or stacked experts (lead = (E,)) of `scheme`, each [n, k] -> the kernel's
+    operands. Sizes are checked here: the C code trusts them."""
+    m = 1
+    for d in lead:
+        m *= d
     if scheme.name in ("int8", "w8a8"):
-        return Packed(scheme.name, q.contiguous(), s.float().reshape(*lead, -1).contiguous(), None)
-    if scheme.name == "fp8":
-        return Packed("fp8", q.contiguous().view(torch.uint8), None, (s.float() * 256).contiguous())
-    if scheme.name == "int4":
-        return Packed("int4", q, s.to(torch.bfloat16).contiguous(), None, scheme.group)
-    raise ValueError(f"no native kernel for the {scheme.name} scheme")
+        p = Packed(scheme.name, q.contiguous(), s.float().reshape(*lead, -1).contiguous(), None)
+        sizes = ((p.w, m * n * k), (p.s, m * n))
+    elif scheme.name == "fp8":
+        p = Packed("fp8", q.contiguous().view(torch.uint8), None, (s.float() * 256).contiguous())
+        sizes = ((p.w, m * n * k), (p.aux, m * -(-n // 128) * -(-k // 128)))
+    elif scheme.name == "int4":
+        p = Packed("int4", q.contiguous(), s.to(torch.bfloat16).contiguous(), None, scheme.group)
+        sizes = ((p.w, m * n * k // 2), (p.s, m * n * (k // scheme.group) * 2))
+    else:
+        raise ValueError(f"no native kernel for the {scheme.name} scheme")
+    for t, want in sizes:
+        if t.numel() != want:
+            raise ValueError(f"{scheme.name} weight of [{n}, {k}] x {m}: a stored tensor has {t.numel()} values, expected {want}")
+    return p
 
 
 # ------------------------------------------------------------------------------------------- int4 layout
@@ -122,7 +134,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     def make() -> Packed:
         if scheme.name == "int4":
             repack_int4_(module, "weight", "weight_scale_inv", module.out_features, module.in_features)
-        return pack(scheme, module.weight, module.weight_scale_inv, ())
+        return pack(scheme, module.weight, module.weight_scale_inv, (), module.out_features, module.in_features)
 
     p = cached_pack(module, "weight", "weight_scale_inv", make)
     return nk.gemv(p.fmt, x, p.w, p.s, p.aux, module.out_features, p.group).to(x.dtype)
@@ -141,7 +153,7 @@ def experts(module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torc
         def make(p=p, n=n, k=k) -> Packed:
             if scheme.name == "int4":
                 repack_int4_(module, p, p + "_scale_inv", n, k)
-            return pack(scheme, module._buffers[p], module._buffers[p + "_scale_inv"], (module.n_experts,))
+            return pack(scheme, module._buffers[p], module._buffers[p + "_scale_inv"], (module.n_experts,), n, k)
 
         packs.append(cached_pack(module, p, p + "_scale_inv", make))
     f = packs[0]

@@ -32,6 +32,7 @@ from dsv3.errors import UserError
 
 ISAS = ("none", "avx2", "avx512", "avx512_vnni", "amx")  # index = the .so's ISA code
 FORMATS = ("int8", "w8a8", "fp8", "int4", "bf16")  # index = the .so's format code
+BYTES_X2 = {"int8": 2, "w8a8": 2, "fp8": 2, "int4": 1, "bf16": 4}  # twice the bytes per weight
 ERRORS = {-1: "no kernel for this CPU's ISA", -2: "bad argument", -3: "out of memory"}
 MAX_ROWS = 16
 """Most activation rows the quantised modules send to the native GEMV (decode batches); more rows
@@ -152,6 +153,9 @@ def gemv(fmt: str, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, aux
          group: int = 0) -> torch.Tensor:
     """x [..., K] (any float dtype) @ the packed weight [n, K] -> fp32 [..., n]."""
     k = x.shape[-1]
+    if not w.is_contiguous() or w.numel() * w.element_size() * 2 != n * k * BYTES_X2[fmt]:
+        raise ValueError(f"{fmt} gemv: weight of {w.numel() * w.element_size()} bytes"
+                         f"{'' if w.is_contiguous() else ' (not contiguous)'} for [{n}, {k}]")
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.ops.dsv3_native.gemv(x2, w, _EMPTY if s is None else s, _EMPTY if aux is None else aux, FORMATS.index(fmt), n, group)
     return y.view(*x.shape[:-1], n)
