@@ -74,3 +74,29 @@ def test_fused_moe_is_one_native_call_per_layer(monkeypatch):
     main_moe = sum(isinstance(x, QuantExperts) for x in m.model.layers.modules())  # MTP's layer does not run here
     assert len(calls) == main_moe > 0 and not loop
     assert torch.isfinite(logits).all()
+
+
+def test_int4_after_repacking_runs_native_at_prefill_sizes(monkeypatch):
+    """int4 weights repacked to dsv3's layout on the first decode call: later prefill-sized calls (more
+    rows than MAX_ROWS, more tokens than one fused call takes) run the native GEMV too, never a per-call
+    dequantisation of the whole matrix, and equal the reference."""
+    from dsv3.quant.native import MAX_MOE_TOKENS, MAX_ROWS
+
+    m = small_model()
+    quantize_model(m, QuantConfig.preset("int4"))
+    head, experts = m.lm_head, m.model.layers[1].mlp.experts
+    t = max(MAX_ROWS, MAX_MOE_TOKENS) + 6
+    x = torch.randn(t, experts.dim)
+    idx = torch.stack([torch.randperm(experts.n_experts)[:2] for _ in range(t)])
+    w = torch.rand(t, 2)
+    with torch.no_grad():
+        m(torch.randint(0, 512, (1, 2)))  # decode-sized: repacks every int4 module in place
+        assert experts.gate_proj.dim() == 4 and head.weight.dim() == 3
+        dequant = []
+        real = type(head.scheme).dequantize
+        monkeypatch.setattr(type(head.scheme), "dequantize", lambda *a: (dequant.append(1), real(*a))[1])
+        fast_head, fast_moe = head(x), experts.forward_grouped(x, w, idx)
+        assert not dequant
+        head.reference = experts.reference = True
+        ref_head, ref_moe = head(x), experts.forward_loop(x, w, idx)
+    assert _rel(fast_head, ref_head) < 1e-2 and _rel(fast_moe, ref_moe) < 1e-2

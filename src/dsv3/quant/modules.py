@@ -59,7 +59,8 @@ class QuantLinear(nn.Module):
         return self.scheme.dequantize(self.weight, self.weight_scale_inv, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.reference and native.eligible(x, x.numel() // self.in_features, native.MAX_ROWS):
+        rows = x.numel() // self.in_features
+        if not self.reference and native.eligible(x, 0 if native.any_rows(self.weight, 2) else rows, native.MAX_ROWS):
             return native.linear(self, x)
         f = self.scheme.linear_reference if self.reference else self.scheme.linear
         return f(x, self.weight, self.weight_scale_inv, self.in_features)
@@ -114,6 +115,8 @@ class QuantExperts(Experts):
         return _keep_storage(self, fn, recurse, keep)
 
     def _lin(self, p: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        if not self.reference and native.any_rows(self._buffers[p], 3) and native.eligible(x, 0, 0):
+            return native.expert_linear(self, p, e, x)
         f = self.scheme.linear_reference if self.reference else self.scheme.linear
         k = self.inter_dim if p == "down_proj" else self.dim
         return f(x, getattr(self, p)[e], getattr(self, p + "_scale_inv")[e], k)

@@ -11,7 +11,8 @@ in place: the cache is keyed by the buffers' storage pointers and version counte
   `KernelLinear`, which reads a bf16 matrix at bf16 cost through the same GEMV.
 
 Decode-sized calls (at most `MAX_ROWS` activation rows; `MAX_MOE_TOKENS` tokens for the fused MoE) go
-native; larger ones (prefill) keep the schemes' torch GEMMs.
+native; larger ones (prefill) keep the schemes' torch GEMMs, except int4 once repacked (no torch kernel
+reads dsv3's layout): its linears and experts then run the native GEMV at every size.
 """
 
 from __future__ import annotations
@@ -143,23 +144,39 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
 PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
+def _expert_pack(module, p: str) -> Packed:
+    scheme = module.scheme
+    n, k = (module.dim, module.inter_dim) if p == "down_proj" else (module.inter_dim, module.dim)
+
+    def make() -> Packed:
+        if scheme.name == "int4":
+            repack_int4_(module, p, p + "_scale_inv", n, k)
+        return pack(scheme, module._buffers[p], module._buffers[p + "_scale_inv"], (module.n_experts,), n, k)
+
+    return cached_pack(module, p, p + "_scale_inv", make)
+
+
 def experts(module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """A QuantExperts' routed experts for every token in one native call (gate/up, SiLU, down, weighted sum)."""
-    scheme = module.scheme
-    packs = []
-    for p in PROJ:
-        n, k = (module.dim, module.inter_dim) if p == "down_proj" else (module.inter_dim, module.dim)
-
-        def make(p=p, n=n, k=k) -> Packed:
-            if scheme.name == "int4":
-                repack_int4_(module, p, p + "_scale_inv", n, k)
-            return pack(scheme, module._buffers[p], module._buffers[p + "_scale_inv"], (module.n_experts,), n, k)
-
-        packs.append(cached_pack(module, p, p + "_scale_inv", make))
+    packs = [_expert_pack(module, p) for p in PROJ]
     f = packs[0]
     out = nk.moe(f.fmt, x, idx, w, [p.w for p in packs], [p.s for p in packs], [p.aux for p in packs],
                  module.inter_dim, f.group)
     return out.to(x.dtype)
+
+
+def expert_linear(module, p: str, e: int, x: torch.Tensor) -> torch.Tensor:
+    """One expert's projection `p` through the native GEMV (int4 experts in dsv3's layout, any row count)."""
+    pk = _expert_pack(module, p)
+    n = module.dim if p == "down_proj" else module.inter_dim
+    return nk.gemv(pk.fmt, x, pk.w[e], None if pk.s is None else pk.s[e], None if pk.aux is None else pk.aux[e], n,
+                   pk.group).to(x.dtype)
+
+
+def any_rows(q: torch.Tensor, matrix_dims: int) -> bool:
+    """Whether every call must go native whatever its size: int4 repacked to dsv3's layout (one more
+    dimension than tinygemm's), which no torch kernel reads (the alternative is dequantising per call)."""
+    return q.dim() == matrix_dims + 1
 
 
 class KernelLinear(nn.Linear):
