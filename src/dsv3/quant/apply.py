@@ -26,6 +26,7 @@ from dsv3.checkpoint import hf_map
 from dsv3.errors import UserError
 from dsv3.model.moe import Experts
 from dsv3.quant.modules import PROJ, QuantExperts, QuantLinear
+from dsv3.quant.native import use_dense_kernels
 from dsv3.quant.schemes import SCHEMES, make_scheme
 
 DEFAULT_NOT_CONVERT = {
@@ -175,7 +176,8 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(model: nn.Module, qc: QuantConfig) -> QuantReport:
     """Replace the selected `nn.Linear`s and routed `Experts` of `model` by quantised modules, one at a
-    time (each dense matrix is freed once quantised). A tied lm_head gets its own quantised copy."""
+    time (each dense matrix is freed once quantised). A tied lm_head gets its own quantised copy. The
+    linears left dense become `KernelLinear` (same tensors; a native bf16 GEMV when they are bf16)."""
     report = QuantReport()
     schemes = {}
     for name, mod in list(model.named_modules()):
@@ -201,6 +203,7 @@ def quantize_model(model: nn.Module, qc: QuantConfig) -> QuantReport:
         new = QuantLinear.from_linear(scheme, mod) if isinstance(mod, nn.Linear) else QuantExperts.from_experts(scheme, mod)
         _set(model, name, new)
         report.converted[method] = report.converted.get(method, 0) + 1
+    use_dense_kernels(model)  # the linears kept dense (W8A8's lm_head, kv_b_proj): bf16 GEMV when bf16
     model.quantization = qc
     return report
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.model.moe import Experts
+from dsv3.quant import native
 from dsv3.quant.schemes import Scheme
 
 
@@ -58,6 +59,9 @@ class QuantLinear(nn.Module):
         return self.scheme.dequantize(self.weight, self.weight_scale_inv, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if not self.reference and native.eligible(x, 0 if native.any_rows(self.weight, 2) else rows, native.MAX_ROWS):
+            return native.linear(self, x)
         f = self.scheme.linear_reference if self.reference else self.scheme.linear
         return f(x, self.weight, self.weight_scale_inv, self.in_features)
 
@@ -71,7 +75,9 @@ PROJ = ("gate_proj", "up_proj", "down_proj")
 class QuantExperts(Experts):
     """Routed experts with each stacked matrix stored quantised: `gate_proj` [E, ...] + `gate_proj_scale_inv`.
 
-    Inherits `forward_loop` / `forward_grouped` (the model's routing maths); only `expert(e, x)` changes.
+    Inherits `forward_loop` / `forward_grouped` (the model's routing maths); only `expert(e, x)` changes,
+    and `forward_grouped` runs a decode batch's routed experts in one fused native call when it can
+    (`dsv3.quant.native.experts`; `forward_loop` stays the readable reference).
     """
 
     def __init__(self, scheme: Scheme, n_experts: int, dim: int, inter_dim: int, tensors: dict[str, torch.Tensor]):
@@ -109,9 +115,16 @@ class QuantExperts(Experts):
         return _keep_storage(self, fn, recurse, keep)
 
     def _lin(self, p: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        if not self.reference and native.any_rows(self._buffers[p], 3) and native.eligible(x, 0, 0):
+            return native.expert_linear(self, p, e, x)
         f = self.scheme.linear_reference if self.reference else self.scheme.linear
         k = self.inter_dim if p == "down_proj" else self.dim
         return f(x, getattr(self, p)[e], getattr(self, p + "_scale_inv")[e], k)
+
+    def forward_grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if not self.reference and native.eligible(x, x.shape[0], native.MAX_MOE_TOKENS):
+            return native.experts(self, x, w, idx)
+        return super().forward_grouped(x, w, idx)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self._lin("down_proj", e, F.silu(self._lin("gate_proj", e, x)) * self._lin("up_proj", e, x))

@@ -13,7 +13,11 @@ Schemes:
   symmetric), int8 x int8 -> int32 GEMM with `torch._int_mm`, rescaled by a_scale[M,1]·w_scale[1,N].
 * `int4`  weight-only, group-wise asymmetric along K (gpt-fast / torchao: w = (q - 8)·scale + zero),
   storage in the CPU tinygemm layout of `torch._convert_weight_to_int4pack_for_cpu` (0.5 B/weight),
-  s = scales_and_zeros [K/group, N, 2]; `torch._weight_int4pack_mm_for_cpu`.
+  s = scales_and_zeros [K/group, N, 2]; `torch._weight_int4pack_mm_for_cpu`. The native kernels
+  repack it once to dsv3's layout (q [N, K/32, 16], s [N, K/g, 2]), which `dequantize` reads too.
+
+The quantised modules send decode-sized calls to `dsv3.kernels.native` (`dsv3.quant.native` packs each
+weight once); `linear` here is the torch path they fall back to.
 * `fp8`   DeepSeek's float8_e4m3fn with 128x128 block scales (s [ceil(N/128), ceil(K/128)]): on
   Hopper-class CUDA a block-scaled FP8 GEMM with per-token FP8 activations (`dsv3.quant.fp8_gemm`),
   elsewhere dequantising a chunk of 128-row blocks at a time (never the whole matrix).
@@ -169,7 +173,12 @@ class Int4Weight(Scheme):
 
     def dequantize(self, q, s, k):
         n = q.shape[0]
-        vals = unpack_int4(q, n, k).float()  # [N,K] in 0..15
+        if q.dim() == 3:  # dsv3's native layout [N, K/32, 16] with s [N, K/g, 2] (`dsv3.quant.native`)
+            from dsv3.quant.native import dsv3_int4_unpack
+
+            vals, s = dsv3_int4_unpack(q).float(), s.transpose(0, 1)
+        else:
+            vals = unpack_int4(q, n, k).float()  # [N,K] in 0..15
         scale = s[..., 0].t().float().repeat_interleave(self.group, dim=1)
         zero = s[..., 1].t().float().repeat_interleave(self.group, dim=1)
         return (vals - 8) * scale + zero
@@ -177,7 +186,7 @@ class Int4Weight(Scheme):
     def linear(self, x, q, s, k):
         """`_weight_int4pack_mm_for_cpu` on bf16 activations (its AVX-512 kernel takes bf16; fp32
         activations measured ~16x slower). CUDA: the reference (the tinygemm CPU layout has no CUDA kernel here)."""
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or q.dim() == 3:  # or repacked for the native kernels: no torch kernel takes it
             return self.linear_reference(x, q, s, k)
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(torch.bfloat16), q, self.group, s.to(torch.bfloat16))
         return y.to(x.dtype).view(*x.shape[:-1], -1)

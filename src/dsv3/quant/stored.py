@@ -26,6 +26,7 @@ from dsv3.errors import UserError
 from dsv3.model.moe import Experts
 from dsv3.quant.apply import QuantConfig, _set
 from dsv3.quant.modules import QuantExperts, QuantLinear
+from dsv3.quant.native import use_dense_kernels
 from dsv3.quant.schemes import Scheme, make_scheme
 
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
@@ -79,6 +80,7 @@ def prepare_stored(model: nn.Module, reader, cfg: ModelConfig, method: str) -> i
             continue  # e.g. an MTP layer the model is built without: the loader skips its tensors
         _set(model, path, _empty_like(scheme, mod, name))
         done.add(path)
+    use_dense_kernels(model)
     model.quantization = QuantConfig.preset(method)
     return len(done)
 

@@ -14,7 +14,8 @@ second on a laptop. Counts:
 
 With `--model DIR` the checkpoint's files are also checked (names and shapes from the headers, no
 tensor data read), and the bytes per weight and the batch-1 decode bound (memory bandwidth / bytes
-read per token) are reported (`dsv3.tools.decode_bound`).
+read per token) are reported (`dsv3.tools.decode_bound`). The last lines say which kernels the quantised
+formats run on this machine (`dsv3.kernels.native`: native ISA, or torch's paths and why).
 """
 
 from __future__ import annotations
@@ -169,9 +170,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = load_model_config(args.config, [s if s.startswith("model.") else f"model.{s}" for s in args.set])
     acc = account(cfg, args.seq_len)
+    from dsv3.kernels.native import describe
+
+    kernels = describe()
     if args.json:
         print(json.dumps({**asdict(acc), "architecture": family(cfg), "cache_values_per_token": cache_values_per_token(cfg),
-                          "checkpoint": checked or None, **({"decode": bound} if bound else {})}, indent=2))
+                          "checkpoint": checked or None, **({"decode": bound} if bound else {}), "kernels": kernels}, indent=2))
         return 0
     rows = [
         ("parameters (main, total)", _fmt(acc.total)),
@@ -194,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    for line in kernels:  # which path each quantised format runs (dsv3.kernels.native)
+        print(line)
     if checked:
         print(f"checkpoint: {checked}")
     if bound:
