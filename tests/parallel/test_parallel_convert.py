@@ -2,7 +2,7 @@
 item 3): the HF directory it writes has the tokenizer with the chat template and the MTP layer, and
 its logits equal the run's own end-of-run `hf/` export; a DCP directory with a shard missing is one line.
 The issue's dp2 x pp2 x ep2 run (4 processes: stages, experts sharded over the dp ranks) runs by default;
-the seed's 8-process dp2 x mp2 x pp2 x ep2 layout (TP shards too) is marked slow."""
+the seed's 8-process dp2 x mp2 x pp2 x ep2 layout (TP shards too) is marked extended (`-m extended`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _convert(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dsv3", "convert", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module", params=[pytest.param("dp2xpp2xep2"), pytest.param("dp2xmp2xpp2xep2", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=[pytest.param("dp2xpp2xep2"), pytest.param("dp2xmp2xpp2xep2", marks=[pytest.mark.slow, pytest.mark.extended])])
 def run(request, tmp_path_factory):
     parallel, n = LAYOUTS[request.param]
     tmp = tmp_path_factory.mktemp(request.param)

@@ -42,7 +42,7 @@ def _cfg(prefix, out, parallel, stage):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, request):
     from dsv3.train.trainer import Trainer
 
     tmp = tmp_path_factory.mktemp("dsa")
@@ -54,12 +54,17 @@ def runs(tmp_path_factory):
         trained[stage] = {k: v.detach().clone() for k, v in t.strategy.parts[0].state_dict().items()}
         t.close()
     (tmp / "held").mkdir()
+    # only the layouts whose tests were selected (the extended ones run with -m extended)
+    wanted = {it.callspec.params["name"] for it in request.session.items
+              if it.module is request.module and "name" in getattr(getattr(it, "callspec", None), "params", {})}
     for n in (2, 4):
         configs = []
-        for name, stage in ((name, stage) for name, (procs, _) in LAYOUTS.items() if procs == n for stage in STAGES):
+        for name, stage in ((name, stage) for name, (procs, _) in LAYOUTS.items() if procs == n and name in wanted
+                            for stage in STAGES):
             configs.append(tmp / f"{name}-{stage}.yaml")
             dump_yaml(_cfg(prefix, tmp / f"{name}-{stage}", LAYOUTS[name][1], stage), configs[-1])
-        multi_run(n, configs, tmp / "held")
+        if configs:
+            multi_run(n, configs, tmp / "held")
     return tmp, trained
 
 
@@ -67,9 +72,12 @@ def _records(out):
     return [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in s]
 
 
+EXTENDED = ("tp2-nosp", "dp2xtp2")  # sequence parallel off, and FSDP beside tp: -m extended
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.extended] if n in EXTENDED else []) for n in LAYOUTS])
 def test_layout_equals_one_process(runs, name, stage):
     tmp, _ = runs
     for r in range(LAYOUTS[name][0]):

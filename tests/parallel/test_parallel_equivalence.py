@@ -111,11 +111,12 @@ def test_each_rank_holds_about_half(runs, name):
 
 
 def test_hsdp_shards_over_the_group_and_replicates_across(runs):
-    """dp4 with dp_replicate 2: each rank holds about half of the dense weights (sharded over 2, not 4),
-    and ranks r and r+2 (the two replicas of one shard) hold the same amount."""
+    """dp4 with dp_replicate 2: each rank holds about half of the dense weights, shared experts and
+    routers (sharded over 2, not 4; 38% of the tiny model with the routed experts' FSDP shards), and
+    ranks r and r+2 (the two replicas of one shard) hold the same amount."""
     model = make_model(tiny_cfg(aux_loss_alpha=AUX))
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     held = _held(runs, "dp4-hsdp2")
     for r in held:
-        assert 0.4 * total_bytes < r["local_bytes"] < 0.6 * total_bytes, (r, total_bytes)
+        assert 0.3 * total_bytes < r["local_bytes"] < 0.6 * total_bytes, (r, total_bytes)
     assert held[0]["local_bytes"] == held[2]["local_bytes"] and held[1]["local_bytes"] == held[3]["local_bytes"]

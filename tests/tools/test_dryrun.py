@@ -107,6 +107,7 @@ def test_balance_plan_is_confirmed_by_dryrun(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~2 min; tests/tools/test_headroom.py dry-runs the seed YAML in the default run
 def test_seed_671b_dryrun_and_balance(tmp_path, capsys):
     if not SEED_YAML.is_file():
         pytest.skip(f"{SEED_YAML} not found")

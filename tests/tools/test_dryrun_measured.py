@@ -7,7 +7,7 @@ recompute on and off, up to dp2 x tp2 x pp2 x ep2 on 8 ranks. Each case carries 
 recorded with `memory_cases.MEASURED_WITH`:
 * every case: the dry-run against the recorded peaks (no training: seconds);
 * the cheap cases (`CI`) train again: the fresh peaks must equal the recorded ones (within 3%: MoE
-  routing moves a little) and the dry-run must hold against them too; `-m slow` re-measures all.
+  routing moves a little) and the dry-run must hold against them too; `-m extended` re-measures all.
 
 Tolerance: the dry-run never under-predicts a rank's peak by more than 10%; it over-predicts by at
 most 15% (the MoE all-to-all buffers are planned at `--imbalance 1.5` the mean load, these runs route
@@ -90,7 +90,7 @@ def test_dryrun_within_tolerance_of_recorded_peaks(name, tmp_path):
     check(name, rep, CASES[name].measured)
 
 
-@pytest.mark.parametrize("name", [pytest.param(c, marks=[] if c in CI else [pytest.mark.slow]) for c in CASES])
+@pytest.mark.parametrize("name", [pytest.param(c, marks=[] if c in CI else [pytest.mark.slow, pytest.mark.extended]) for c in CASES])
 def test_dryrun_peak_matches_fresh_measurement(name, data, tmp_path):
     cfg, rep = predict(name, data, str(tmp_path / "run"))
     got = {r: m["peak_tensor_bytes"]["cpu"] for r, m in measure(tmp_path, name, cfg).items()}
