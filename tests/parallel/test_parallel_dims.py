@@ -6,7 +6,7 @@ import pytest
 
 from dsv3.errors import UserError
 from dsv3.parallel import ParallelDims
-from dsv3.parallel.layout import split_layers
+from dsv3.config.layout import split_layers
 from dsv3.parallel.pp import stage_ids
 from parallel_harness import tiny_cfg
 

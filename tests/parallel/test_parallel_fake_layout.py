@@ -32,7 +32,7 @@ def yaml_671b(data_dir):
 
 def test_671b_layout_one_rank_per_stage(yaml_671b):
     from dsv3.config.train import load_run_config
-    from dsv3.parallel.layout import stage_layers
+    from dsv3.config.layout import stage_layers
     from dsv3.tools.info import account
 
     p = subprocess.run([sys.executable, "-c", SCRIPT, str(yaml_671b)], capture_output=True, text=True, timeout=600)

@@ -13,7 +13,7 @@ import yaml
 
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
-from dsv3.parallel.layout import recompute_layer_ids, stage_layers
+from dsv3.config.layout import recompute_layer_ids, stage_layers
 
 from run_config import MODEL, small_run, train_losses
 

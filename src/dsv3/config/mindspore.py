@@ -25,7 +25,7 @@ def _mindformers_recompute_counts(o: dict) -> str | None:
     from types import SimpleNamespace
 
     from dsv3.config.schema import ModelConfig
-    from dsv3.parallel.layout import stage_layers
+    from dsv3.config.layout import stage_layers
 
     counts, pp = o["parallel"]["recompute_layers"], int(o["parallel"].get("pipeline_stage", 1))
     mtp = int(o["model"].get("num_nextn_predict_layers", ModelConfig.num_nextn_predict_layers))

@@ -321,7 +321,7 @@ class RunConfig:
             raise UserError("lr_schedule: learning_rate must be > 0, warmup_ratio and decay_ratio in [0, 1]")
         if self.checkpoint.keep_last < 1:
             raise UserError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
-        from dsv3.parallel.layout import check as check_layout
+        from dsv3.config.layout import check as check_layout
 
         check_layout(self, self.parallel.pipeline_stage)
         if self.logging.log_interval < 1:

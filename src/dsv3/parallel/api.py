@@ -14,7 +14,7 @@ from dsv3.model.transformer import Transformer
 from dsv3.parallel.dims import Meshes, ParallelDims
 from dsv3.parallel.ep import parallelize_moe
 from dsv3.parallel.fsdp import _local, apply_fsdp, sync_grads
-from dsv3.parallel.layout import recompute_layer_ids, stage_layers
+from dsv3.config.layout import recompute_layer_ids, stage_layers
 from dsv3.parallel.pp import build_stages
 from dsv3.parallel.recompute import apply_recompute
 from dsv3.parallel.tp import apply_tp

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dsv3.errors import UserError
 from dsv3.model.transformer import Transformer
-from dsv3.parallel.layout import stage_layers
+from dsv3.config.layout import stage_layers
 
 
 def stage_ids(pp_rank: int, pp: int, v: int, style: str) -> list[int]:

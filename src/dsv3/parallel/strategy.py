@@ -52,7 +52,7 @@ def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None]
     from dsv3.kernels import apply_fast_paths
     from dsv3.model import Transformer
     from dsv3.parallel.init import materialize
-    from dsv3.parallel.layout import recompute_layer_ids, stage_layers
+    from dsv3.config.layout import recompute_layer_ids, stage_layers
     from dsv3.parallel.recompute import apply_recompute
 
     seed_everything(cfg.train.seed)

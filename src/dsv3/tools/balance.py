@@ -126,7 +126,7 @@ def to_lists(costs: StageCosts, bounds: list[int], rec: list[int]) -> tuple[list
 
 def current(costs: StageCosts, cfg) -> tuple[list[int], list[int]]:
     """The config's own cuts and recompute counts."""
-    from dsv3.parallel.layout import stage_layers
+    from dsv3.config.layout import stage_layers
 
     per = stage_layers(cfg.model, costs.S, cfg.parallel.pp_layer_offset)
     bounds = [p[0] for p in per] + [costs.L]

@@ -196,7 +196,7 @@ def in_flight(dims: ParallelDims, pp_rank: int) -> int:
 
 def rank_memory(cfg, states: dict, profile: ActivationProfile, imbalance: float = 1.5) -> dict:
     """The rank's memory report: `states` (from `rank_states`) plus activations, transients and the peak."""
-    from dsv3.parallel.layout import recompute_layer_ids, stage_layers
+    from dsv3.config.layout import recompute_layer_ids, stage_layers
 
     dims = ParallelDims.from_config(cfg.parallel)
     mc = cfg.model
