@@ -1,7 +1,7 @@
 """Shared experts and the router are sharded in training, not replicated on every dp x tp rank.
 
 Each rank's part is built by the trainer's build path (`build_parallel_model`) on the meta device
-under torch's fake process group (`dsv3.parallel.fake`'s setup), in a subprocess, and every MoE
+under torch's fake process group (as `dsv3.tools.memory.rank_states` builds it), in a subprocess, and every MoE
 parameter's placement is read back: the shared experts split over tp like the dense MLP (gate/up
 column-parallel, down row-parallel) and FSDP-sharded over dp, the router FSDP-sharded over dp in
 fp32 with its `e_score_correction_bias` kept whole. On the seed's 671B layout the stage-1 rank's
@@ -26,12 +26,12 @@ from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from dsv3.config.train import load_run_config
 from dsv3.parallel.build import build_parallel_model
-from dsv3.parallel.dims import ParallelDims, build_meshes
+from dsv3.parallel.dims import build_meshes
 cfg = load_run_config(sys.argv[1])
-dims = ParallelDims.from_config(cfg.parallel)
+dims = cfg.layout()
 dist.init_process_group("fake", store=FakeStore(), rank=int(sys.argv[2]), world_size=dims.world_size)
 meshes = build_meshes(dims, "cpu", cfg.model)
-dm = build_parallel_model(cfg.model, dims, meshes, 0, offset=cfg.parallel.pp_layer_offset, device=None)
+dm = build_parallel_model(cfg.model, dims, meshes, 0, device=None)
 out = {}
 for part in dm.parts:
     for name, t in [*part.named_parameters(), *part.named_buffers()]:
@@ -42,6 +42,14 @@ for part in dm.parts:
                      "mesh": list(t.device_mesh.mesh_dim_names) if d else None,
                      "placements": [repr(p) for p in t.placements] if d else None}
 print(json.dumps(out))
+"""
+
+RANK_STATES = """
+import json, sys
+from dsv3.config.train import load_run_config
+from dsv3.tools.memory import rank_states
+s = rank_states(load_run_config(sys.argv[1]), int(sys.argv[2]))
+print(json.dumps({k: s[k] for k in ("layers", "params", "stage_params")}))
 """
 
 
@@ -82,7 +90,7 @@ def test_tp2_dp2_shared_experts_and_router_placements(tmp_path):
 def test_671b_stage1_rank_holds_shards_of_shared_experts_and_router(data_dir):
     """The seed's dp16 mp4 pp16 ep8 layout, a rank of pipeline stage 1 (layers 4-7, all MoE): its shared
     experts (4 x 44.0M) are 1/64 shards (dp16 x tp4), its routers (4 x 1.8M) 1/16 (dp16): 3.2M where
-    183.5M were replicated, and `dsv3.parallel.fake`'s count of the rank drops by that."""
+    183.5M were replicated, and `dsv3.tools.memory.rank_states`'s count of the rank drops by that."""
     yaml = data_dir.parent / "mindformers-configs" / "pretrain_deepseek3_671b.yaml"
     if not yaml.is_file():
         pytest.skip(f"{yaml} not found")
@@ -97,7 +105,7 @@ def test_671b_stage1_rank_holds_shards_of_shared_experts_and_router(data_dir):
     assert sum(full[n] for n in shared) + sum(full[n] for n in router) == 183_500_800  # 4 x (3 x 7168 x 2048 + 256 x 7168)
     assert all(held[n] * 64 == full[n] for n in shared) and all(held[n] * 16 == full[n] for n in router)
     assert all(got[n]["dtype"] == "torch.float32" for n in router)
-    p = subprocess.run([sys.executable, "-m", "dsv3.parallel.fake", str(yaml), str(rank)], capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-c", RANK_STATES, str(yaml), str(rank)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout.splitlines()[-1])
     assert r["layers"] == [4, 5, 6, 7]
@@ -105,4 +113,4 @@ def test_671b_stage1_rank_holds_shards_of_shared_experts_and_router(data_dir):
     # and norms, replicated over tp (FSDP over dp16 only)
     attn_rep = 4 * (7168 * 1536 + 7168 * 576 + 1536 + 512 + 2 * 7168)
     rest = r["stage_params"] - sum(full.values()) - attn_rep
-    assert r["local_params"] == rest // 64 + attn_rep // 16 + sum(held.values()), r
+    assert r["params"] == rest // 64 + attn_rep // 16 + sum(held.values()), r

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from dsv3.config.layout import ParallelDims
 from dsv3.config.load import apply_overrides, from_dict, read_yaml
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
@@ -284,6 +285,11 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallel layout."""
 
+    def layout(self) -> ParallelDims:
+        """The run's parallel layout: the `parallel` section with `train.recompute` (validated against a
+        world size and the model by `ParallelDims.validate`, where the processes are known)."""
+        return ParallelDims.from_config(self.parallel, recompute=self.train.recompute)
+
     def validate(self) -> None:
         """Cross-section checks that a single process needs (raised as UserError)."""
         t, m = self.train, self.model
@@ -321,9 +327,7 @@ class RunConfig:
             raise UserError("lr_schedule: learning_rate must be > 0, warmup_ratio and decay_ratio in [0, 1]")
         if self.checkpoint.keep_last < 1:
             raise UserError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
-        from dsv3.config.layout import check as check_layout
-
-        check_layout(self, self.parallel.pipeline_stage)
+        self.layout().recompute_ids(m, n_stages=self.parallel.pipeline_stage)  # a bad offset / recompute list: one line now
         if self.logging.log_interval < 1:
             raise UserError(f"logging.log_interval must be >= 1, got {self.logging.log_interval}")
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.checkpoint import hf_map
+from dsv3.config.layout import indivisible
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 from dsv3.model.layers import MLP
@@ -95,15 +96,14 @@ class ParallelContext:
 
     def validate(self, cfg: ModelConfig) -> None:
         """One UserError line for a layout the model's sizes do not allow."""
-        W, tp, ep = self.world, self.tp_size, self.ep_size
-        checks = [(cfg.num_attention_heads, tp, "num_attention_heads", "tensor_parallel_size"),
-                  (cfg.intermediate_size, W, "intermediate_size", "the number of ranks"),
-                  (cfg.moe_intermediate_size * cfg.n_shared_experts, W, "the shared experts' width", "the number of ranks"),
-                  (cfg.n_routed_experts, ep, "n_routed_experts", "the expert parallel size"),
-                  (cfg.moe_intermediate_size, self.expert_tp, "moe_intermediate_size", "ranks per expert (ranks / ep)")]
-        for value, parts, what, by in checks:
-            if parts > 1 and value % parts:
-                raise UserError(f"{what} {value} is not divisible by {by} {parts}: choose a size that divides it")
+        ranks = ("the number of ranks", self.world)
+        bad = indivisible(cfg, {"num_attention_heads": ("tensor_parallel_size", self.tp_size), "intermediate_size": ranks,
+                                "shared_width": ranks, "n_routed_experts": ("the expert parallel size", self.ep_size),
+                                "moe_intermediate_size": ("ranks per expert (ranks / ep)", self.expert_tp)})
+        if bad:
+            (by, parts), name, value = bad
+            what = "the shared experts' width" if name == "shared_width" else name
+            raise UserError(f"{what} {value} is not divisible by {by} {parts}: choose a size that divides it")
 
     # ---- slicing: (dim, index, parts) per cut of one state-dict tensor
     def cuts(self, name: str) -> list[tuple[int, int, int]]:

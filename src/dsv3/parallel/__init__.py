@@ -10,7 +10,8 @@ from typing import Any
 # Exports are lazy (as in dsv3.infer): `dsv3 launch` and `dsv3 --help` import this package without torch.
 _EXPORTS = {**{n: "dsv3.parallel.api" for n in ("DistributedModel", "parallelize")},
             "Strategy": "dsv3.parallel.strategy",
-            **{n: "dsv3.parallel.dims" for n in ("Meshes", "ParallelDims", "build_meshes", "init_distributed")}}
+            "ParallelDims": "dsv3.config.layout",
+            **{n: "dsv3.parallel.dims" for n in ("Meshes", "build_meshes", "init_distributed")}}
 __all__ = sorted(_EXPORTS)
 
 

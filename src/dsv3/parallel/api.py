@@ -14,7 +14,6 @@ from dsv3.model.transformer import Transformer
 from dsv3.parallel.dims import Meshes, ParallelDims
 from dsv3.parallel.ep import parallelize_moe
 from dsv3.parallel.fsdp import _local, apply_fsdp, sync_grads
-from dsv3.config.layout import recompute_layer_ids, stage_layers
 from dsv3.parallel.pp import build_stages
 from dsv3.parallel.recompute import apply_recompute
 from dsv3.parallel.tp import apply_tp
@@ -76,9 +75,8 @@ def _embed_groups(meshes: Meshes, last_rank: int) -> dist.ProcessGroup | None:
     return mine
 
 
-def parallelize(model: Transformer, dims: ParallelDims, meshes: Meshes, param_dtype: torch.dtype | None = None, offset: list[int] | None = None, recompute: str = "none",
-                recompute_layers: list[int] | None = None) -> DistributedModel:
-    """Apply PP (this rank's stages, `offset` per stage), EP, TP(+SP), activation recompute and
+def parallelize(model: Transformer, dims: ParallelDims, meshes: Meshes, param_dtype: torch.dtype | None = None) -> DistributedModel:
+    """Apply PP (this rank's stages, `dims.offset` per stage), EP, TP(+SP), activation recompute and
     FSDP/DDP to `model`, in that order (torchtitan's). Build `model` on the meta device and
     materialise afterwards (`build.build_parallel_model` does both): nothing here allocates or
     communicates weights.
@@ -88,13 +86,13 @@ def parallelize(model: Transformer, dims: ParallelDims, meshes: Meshes, param_dt
     """
     cfg = model.config
     dims.validate(dist.get_world_size(), cfg)
-    recompute_ids = recompute_layer_ids(cfg, recompute, stage_layers(cfg, dims.n_stages, offset), recompute_layers)
-    parts: list[nn.Module] = build_stages(model, meshes, offset) if dims.pp > 1 else [model]
+    recompute_ids = dims.recompute_ids(cfg)
+    parts: list[nn.Module] = build_stages(model, meshes) if dims.pp > 1 else [model]
     for part in parts:
         parallelize_moe(part, cfg, meshes)
         if dims.tp > 1:
             apply_tp(part, meshes.tp_mesh, dims.seq_parallel)
-        apply_recompute(part, recompute, recompute_ids)
+        apply_recompute(part, dims.recompute, recompute_ids)
         if dims.dp_shard == "fsdp" and dims.dp > 1:
             apply_fsdp(part, meshes.fsdp_mesh, param_dtype, reshard_after_forward=dims.pp == 1,
                        edp_mesh=meshes.edp_mesh if dims.shard_experts else None)

@@ -6,7 +6,7 @@ stages are made of its modules (not copies), and `dsv3.parallel.init` fills each
 per-parameter, per-block generator, so the weights equal a single-process init with the same seed.
 With `init_from` the shards are filled from a checkpoint instead, each rank reading only its own
 slices (`dsv3.checkpoint.slices`). The trainer (its strategy, under any layout of several processes),
-the dry-run and the fake-process-group layout check (`dsv3.parallel.fake`) build through `build_parallel_model`.
+and the dry-run's fake-process-group ranks (`dsv3.tools.memory.rank_states`) build through `build_parallel_model`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from dsv3.parallel.dims import Meshes, ParallelDims
 from dsv3.parallel.init import canonical_name, init_buffers, materialize
 
 
-def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Meshes, seed: int, *, mtp_lambda: float = 0.3,
-                         param_dtype: torch.dtype | None = None, offset: list[int] | None = None, recompute: str = "none",
-                         recompute_layers: list[int] | None = None, device: torch.device | None = None,
+def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Meshes, seed: int, *,
+                         param_dtype: torch.dtype | None = None, device: torch.device | None = None,
                          init_from: str | Path | None = None, log: Callable[[str], None] | None = None,
                          prepare: Callable[[nn.Module], object] | None = None) -> DistributedModel:
     """This rank's parts of the model; `device` None leaves them on the meta device (layout checks).
@@ -37,7 +36,8 @@ def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Mes
     each rank reading only its own slices (`dsv3.train.init_from.InitSource`); it is checked
     against `model_cfg` (architecture, names, shapes) before anything is parallelised or allocated.
     `prepare(model)` runs on the meta-device model before any parallelism (e.g. swapping modules for
-    FP8 training); the speed paths (`dsv3.kernels.apply_fast_paths`) are swapped in after it. `mtp_lambda` is accepted for existing callers and unused: the loss is the trainer's."""
+    FP8 training); the speed paths (`dsv3.kernels.apply_fast_paths`) are swapped in after it. The
+    stage cut and recompute come from `dims` (`RunConfig.layout()`)."""
     source = None
     if init_from:
         from dsv3.train.init_from import InitSource
@@ -49,8 +49,7 @@ def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Mes
         if prepare is not None:
             prepare(model)
         apply_fast_paths(model)
-        dm = parallelize(model, dims, meshes, param_dtype=param_dtype, offset=offset,
-                         recompute=recompute, recompute_layers=recompute_layers)
+        dm = parallelize(model, dims, meshes, param_dtype=param_dtype)
         if device is not None and source is None:
             for part in dm.parts:
                 materialize(part, device, model_cfg, seed)

@@ -78,14 +78,8 @@ def overlap_blocker(dims, stages: list[nn.Module]) -> str | None:
     """Why this layout cannot overlap (other collectives inside the chunks), or None."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-    if dims.schedule != "DualPipeV" or dims.ep == 1:
-        return "only DualPipeV with expert_parallel > 1 has all-to-alls to overlap"
-    if dims.tp > 1:
-        return "tensor parallelism runs its own collectives inside the chunks (model_parallel > 1)"
-    if dims.shard_experts:
-        return "FSDP-sharded experts all-gather inside the chunks (expert data parallel > 1 with dp_shard fsdp)"
-    if dims.dp > 1 and dims.dp_shard == "ddp":
-        return "DDP reduces gradients inside the last backward (dp_shard ddp)"
+    if blocker := dims.overlap_blocker():
+        return blocker
     if any(isinstance(m, CheckpointWrapper) for st in stages for m in st.modules()):
         return "recompute repeats the dispatch all-to-all inside the backward (train.recompute)"
     return None

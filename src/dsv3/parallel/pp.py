@@ -28,7 +28,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dsv3.errors import UserError
 from dsv3.model.transformer import Transformer
-from dsv3.config.layout import stage_layers
 
 
 def stage_ids(pp_rank: int, pp: int, v: int, style: str) -> list[int]:
@@ -114,13 +113,13 @@ class TransformerStage(nn.Module):
         return (logits, *self.mtp_logits(self.mtp_hidden(h0, tokens, positions)))
 
 
-def build_stages(model: Transformer, meshes, offset: list[int] | None = None) -> list[TransformerStage]:
+def build_stages(model: Transformer, meshes) -> list[TransformerStage]:
     """This rank's stages, made of `model`'s own modules (build `model` on the meta device: nothing
     is copied or allocated). The last stage's embedding copy (for MTP, when the stage is not also
     the first) is a fresh module of the same name; `init_weights` gives it stage 0's values."""
     dims = meshes.dims
     n_stages = dims.n_stages
-    per_stage = stage_layers(model.config, n_stages, offset)
+    per_stage = dims.stage_layers(model.config)
     style = "v" if dims.schedule in ("ZBVZeroBubble", "DualPipeV") else "loop"
     stages = []
     for s in stage_ids(meshes.pp_rank, dims.pp, dims.v, style):

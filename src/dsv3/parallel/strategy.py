@@ -52,7 +52,6 @@ def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None]
     from dsv3.kernels import apply_fast_paths
     from dsv3.model import Transformer
     from dsv3.parallel.init import materialize
-    from dsv3.config.layout import recompute_layer_ids, stage_layers
     from dsv3.parallel.recompute import apply_recompute
 
     seed_everything(cfg.train.seed)
@@ -68,9 +67,8 @@ def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None]
         _enable_fp8(model, log)
     apply_fast_paths(model)
     # the layers the configured pipeline stages would recompute (all of them without recompute_layers)
-    per_stage = stage_layers(cfg.model, cfg.parallel.pipeline_stage, cfg.parallel.pp_layer_offset)
-    apply_recompute(model, cfg.train.recompute,
-                    recompute_layer_ids(cfg.model, cfg.train.recompute, per_stage, cfg.parallel.recompute_layers))
+    layout = cfg.layout()
+    apply_recompute(model, layout.recompute, layout.recompute_ids(cfg.model, n_stages=layout.pp))
     return model.train()
 
 
@@ -95,7 +93,7 @@ class Strategy:
             self._owns_group = not dist.is_initialized()
             init_distributed(device.type)
             self.rank = dist.get_rank()
-            self.dims = ParallelDims.from_config(cfg.parallel)
+            self.dims = cfg.layout()
             self.dims.validate(self.world, cfg.model, seq_len=cfg.data.seq_length)
             self.meshes = build_meshes(self.dims, device.type, cfg.model)
         else:
@@ -142,8 +140,7 @@ class Strategy:
             seed_everything(cfg.train.seed)
             kw = {"init_from": cfg.train.init_from} if cfg.train.init_from else {}
             self.dm = build_parallel_model(cfg.model, self.dims, self.meshes, cfg.train.seed,
-                                           offset=cfg.parallel.pp_layer_offset, recompute=cfg.train.recompute,
-                                           recompute_layers=cfg.parallel.recompute_layers, device=self.device, log=log,
+                                           device=self.device, log=log,
                                            prepare=(lambda m: _enable_fp8(m, log)) if cfg.train.fp8 else None, **kw)
             parts = self.dm.parts
             if self.dims.pp > 1:

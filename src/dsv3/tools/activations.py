@@ -174,11 +174,10 @@ class ActivationProfile:
     and their loss)."""
 
     def __init__(self, cfg, gpu_attention: bool = True, log=None):
-        from dsv3.parallel.dims import ParallelDims
 
         self.cfg, self.gpu_attention, self.log = cfg, gpu_attention, log
         mc = cfg.model
-        dims = ParallelDims.from_config(cfg.parallel)
+        dims = cfg.layout()
         self.tp = dims.tp
         self.sp = dims.seq_parallel
         self.full_input_bytes = cfg.train.batch_size * cfg.data.seq_length * mc.hidden_size * compute_dtype(cfg).itemsize

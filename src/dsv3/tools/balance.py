@@ -37,7 +37,6 @@ class StageCosts:
     """time(s, a, b, r) and mem(s, a, b, r) of one layout (see the module docstring)."""
 
     def __init__(self, cfg, imbalance: float = 1.5, log=None):
-        from dsv3.parallel.dims import ParallelDims
         from dsv3.tools.info import layer_flops
         from dsv3.tools.memory import DTYPE_BYTES, ActivationProfile, rank_states, representative_ranks
 
@@ -46,7 +45,7 @@ class StageCosts:
             cfg.train.recompute = "full"  # the plan may recompute
         cfg.parallel.recompute_layers = None
         self.cfg, self.imbalance = cfg, imbalance
-        self.dims = dims = ParallelDims.from_config(cfg.parallel)
+        self.dims = dims = cfg.layout()
         dims.validate(None, cfg.model, seq_len=cfg.data.seq_length)
         if dims.pp < 2 or dims.v != 1:
             raise UserError(f"dsv3 balance plans pipelines of one stage per rank: pipeline_stage {dims.pp}, schedule "

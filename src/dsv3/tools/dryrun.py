@@ -120,10 +120,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def report(cfg, device_memory: int, imbalance: float = 1.5, gpu_attention: bool = True,
            headroom: float = DEFAULT_HEADROOM, log=None) -> dict:
     """The dry-run report of `cfg` (the --json schema); `log` gets one line per pipeline rank."""
-    from dsv3.parallel.dims import ParallelDims
     from dsv3.tools.memory import layout_memory
 
-    dims = ParallelDims.from_config(cfg.parallel)
+    dims = cfg.layout()
     ranks = layout_memory(cfg, imbalance, gpu_attention, log)
     peak = max(r["peak_bytes"] for r in ranks)
     return {"world_size": dims.world_size, "device_memory_bytes": device_memory, "micro_batch_num": dims.micro_batch_num,

@@ -43,7 +43,7 @@ import contextlib
 import torch
 from torch import nn
 
-from dsv3.parallel.dims import ParallelDims
+from dsv3.config.layout import ParallelDims
 from dsv3.tools.activations import ActivationProfile, StageActivation, compute_dtype
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -106,12 +106,10 @@ def rank_states(cfg, rank: int) -> dict:
     from dsv3.parallel.dims import build_meshes
     from dsv3.parallel.fsdp import moe_params
 
-    dims = ParallelDims.from_config(cfg.parallel)
+    dims = cfg.layout()
     with fake_world(dims.world_size, rank):
         meshes = build_meshes(dims, "cpu", cfg.model)
-        dm = build_parallel_model(cfg.model, dims, meshes, cfg.train.seed, mtp_lambda=cfg.train.mtp_loss_factor,
-                                  offset=cfg.parallel.pp_layer_offset, recompute=cfg.train.recompute,
-                                  recompute_layers=cfg.parallel.recompute_layers, device=None)
+        dm = build_parallel_model(cfg.model, dims, meshes, cfg.train.seed, device=None)
         params = list(dm.parameters())
         local = [_local(p) for p in params]
         numel = sum(t.numel() for t in local)
