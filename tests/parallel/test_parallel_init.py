@@ -34,7 +34,7 @@ def test_shard_equals_box_of_whole(shape, offset, local, monkeypatch):
 
 def test_meta_build_equals_trainer_build_and_rule():
     from dsv3.config.train import RunConfig
-    from dsv3.parallel.strategy import build_model
+    from dsv3.train.strategy import build_model
 
     cfg = tiny_cfg()
     a = make_model(cfg, seed=3)

@@ -8,7 +8,7 @@ from torch import nn
 from dsv3.kernels.grouped import GroupedExperts
 from dsv3.kernels.onednn import OneDNNLinear
 from dsv3.model.moe import Experts
-from dsv3.parallel.strategy import build_model
+from dsv3.train.strategy import build_model
 
 from run_config import small_run
 

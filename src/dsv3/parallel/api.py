@@ -1,6 +1,6 @@
 """`parallelize(model, dims, meshes)`: this rank's part of a layout as a `DistributedModel` (its
 `parts`, the gradient reductions FSDP does not do, the global-norm clip). The training step itself is
-the trainer's (`dsv3.train.trainer`), with the layout applied by `dsv3.parallel.strategy`.
+the trainer's (`dsv3.train.trainer`), with the layout applied by `dsv3.train.strategy`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Weight decay goes to every parameter with >= 2 dims (linear weights, embeddings,
 stored in BF16, as DeepSeek-V3 keeps them (report §3.3.3), so the optimizer costs 4 instead of 8 bytes
 per parameter; the 1B recipe needs this to fit a 24 GB machine in fp32 weights.
 
-`build_optimizer` is the one builder every layout uses (`dsv3.parallel.strategy`): over one model or
+`build_optimizer` is the one builder every layout uses (`dsv3.train.strategy`): over one model or
 a rank's parts (pipeline stages; FSDP / TP / EP parameters are DTensors, updated shard by shard),
 wrapped in torch's ZeroRedundancyOptimizer for `parallel.dp_shard: zero1`.
 """

@@ -1,6 +1,6 @@
 """The pretraining loop, one `Trainer` whatever the layout. Setup is split into `build_data` and
 `restore`; the layout (one process, or this rank's part of a parallel layout under torchrun / `dsv3
-launch`) is a `dsv3.parallel.strategy.Strategy` built from `cfg.parallel`, applied from outside:
+launch`) is a `dsv3.train.strategy.Strategy` built from `cfg.parallel`, applied from outside:
 it builds the model parts and the optimizer, runs a step's forward/backward, reduces and clips the
 gradients, evaluates, and writes / reads checkpoints. `Trainer` only runs steps, evaluates, logs and saves.
 
@@ -27,7 +27,7 @@ from dsv3 import threads
 from dsv3.config.load import dump_yaml
 from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
-from dsv3.parallel.strategy import Strategy
+from dsv3.train.strategy import Strategy
 from dsv3.train import balance, checkpoint, metrics, precision
 from dsv3.train.host_memory import keep_freed_memory
 from dsv3.train.lr_schedule import build_scheduler

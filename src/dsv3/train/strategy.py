@@ -144,7 +144,7 @@ class Strategy:
                                            prepare=(lambda m: _enable_fp8(m, log)) if cfg.train.fp8 else None, **kw)
             parts = self.dm.parts
             if self.dims.pp > 1:
-                from dsv3.parallel.pipeline import PipelineRunner
+                from dsv3.train.pipeline import PipelineRunner
 
                 self.pipeline = PipelineRunner(self.dm, cfg.train.mtp_loss_factor, self.main_loss_weight)
         zero = self.meshes.dense.get_group("dp") if self.dims.dp_shard == "zero1" and self.dims.dp > 1 else None
