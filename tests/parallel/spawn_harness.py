@@ -57,7 +57,7 @@ def spawn(world: int, jobs: list, fn_name: str) -> list[dict]:
 
 
 def init_from_slices_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[dict]:
-    """`build_parallel_model(init_from=ckpt)` under `par`, with safetensors' `safe_open` wrapped to count
+    """`build_parallel_model(fill=InitSource(cfg, ckpt).fill)` (the trainer's `train.init_from`) under `par`, with safetensors' `safe_open` wrapped to count
     what is read: per rank, bytes read, get_tensor calls, stored tensors read whole although this rank
     holds only a shard of their parameter (for stacked experts: any expert it does not hold), and the
     largest difference from the checkpoint's boxes."""
@@ -70,6 +70,7 @@ def init_from_slices_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[dict]:
     from dsv3.parallel import ParallelDims, build_meshes
     from dsv3.parallel.build import build_parallel_model
     from dsv3.parallel.init import canonical_name, local_box
+    from dsv3.train.init_from import InitSource
 
     log = {"bytes": 0, "get_tensor": 0, "full": set(), "read": set()}
     real_open = safetensors.safe_open
@@ -107,7 +108,11 @@ def init_from_slices_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[dict]:
     meshes = build_meshes(dims, "cpu", cfg)
     safetensors.safe_open = Handle
     try:
-        dm = build_parallel_model(cfg, dims, meshes, 0, device=torch.device("cpu"), init_from=ckpt)
+        source = InitSource(cfg, ckpt)
+        try:
+            dm = build_parallel_model(cfg, dims, meshes, 0, device=torch.device("cpu"), fill=source.fill)
+        finally:
+            source.close()
     finally:
         safetensors.safe_open = real_open
     ref = from_pretrained(ckpt, dtype="float32").state_dict()

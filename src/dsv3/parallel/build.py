@@ -4,14 +4,14 @@ TP, recompute, FSDP) -> materialise only this rank's shards (`to_empty`) -> init
 No rank ever allocates a full copy of the model: the meta model holds no storage, the pipeline
 stages are made of its modules (not copies), and `dsv3.parallel.init` fills each shard from a
 per-parameter, per-block generator, so the weights equal a single-process init with the same seed.
-With `init_from` the shards are filled from a checkpoint instead, each rank reading only its own
-slices (`dsv3.checkpoint.slices`). The trainer (its strategy, under any layout of several processes),
-and the dry-run's fake-process-group ranks (`dsv3.tools.memory.rank_states`) build through `build_parallel_model`.
+With a `fill` callable (the trainer's `train.init_from`) the shards are filled from a checkpoint
+instead, each rank reading only its own slices (`dsv3.checkpoint.slices`). The trainer (its
+distributed strategy) and the dry-run's fake-process-group ranks (`dsv3.tools.memory.rank_states`)
+build through `build_parallel_model`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,42 +28,29 @@ from dsv3.parallel.init import canonical_name, init_buffers, materialize
 
 def build_parallel_model(model_cfg: ModelConfig, dims: ParallelDims, meshes: Meshes, seed: int, *,
                          param_dtype: torch.dtype | None = None, device: torch.device | None = None,
-                         init_from: str | Path | None = None, log: Callable[[str], None] | None = None,
+                         fill: Callable[[list[nn.Module]], object] | None = None,
                          prepare: Callable[[nn.Module], object] | None = None) -> DistributedModel:
     """This rank's parts of the model; `device` None leaves them on the meta device (layout checks).
 
-    `init_from` (`train.init_from`): a checkpoint directory whose weights replace the seeded init,
-    each rank reading only its own slices (`dsv3.train.init_from.InitSource`); it is checked
-    against `model_cfg` (architecture, names, shapes) before anything is parallelised or allocated.
-    `prepare(model)` runs on the meta-device model before any parallelism (e.g. swapping modules for
-    FP8 training); the speed paths (`dsv3.kernels.apply_fast_paths`) are swapped in after it. The
+    `fill(parts)` replaces the seeded init: it gets the materialised parts (buffers initialised) and
+    copies its weights into them, each rank its own slices (the trainer passes
+    `dsv3.train.init_from.InitSource.fill` for `train.init_from`). `prepare(model)` runs on the
+    meta-device model before any parallelism (e.g. swapping modules for FP8 training); the speed paths (`dsv3.kernels.apply_fast_paths`) are swapped in after it. The
     stage cut and recompute come from `dims` (`RunConfig.layout()`)."""
-    source = None
-    if init_from:
-        from dsv3.train.init_from import InitSource
-
-        source = InitSource(model_cfg, init_from)
-    try:
-        with torch.device("meta"):
-            model = Transformer(model_cfg)
-        if prepare is not None:
-            prepare(model)
-        apply_fast_paths(model)
-        dm = parallelize(model, dims, meshes, param_dtype=param_dtype)
-        if device is not None and source is None:
-            for part in dm.parts:
-                materialize(part, device, model_cfg, seed)
-        elif device is not None:
-            for part in dm.parts:
-                part.to_empty(device=device)
-                init_buffers(part, model_cfg)
-            source.fill(dm.parts)
-            if log is not None:
-                read = source.bytes_read
-                log(source.describe() + ("" if read is None else f"; {read:,} bytes read (this rank's slices)"))
-    finally:
-        if source is not None:
-            source.close()
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    if prepare is not None:
+        prepare(model)
+    apply_fast_paths(model)
+    dm = parallelize(model, dims, meshes, param_dtype=param_dtype)
+    if device is not None and fill is None:
+        for part in dm.parts:
+            materialize(part, device, model_cfg, seed)
+    elif device is not None:
+        for part in dm.parts:
+            part.to_empty(device=device)
+            init_buffers(part, model_cfg)
+        fill(dm.parts)
     return dm
 
 

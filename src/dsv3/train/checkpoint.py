@@ -226,3 +226,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt or does not match this model: {first[:300]}") from None
     return trainer_state
+
+
+def load_dcp_checkpoint(path: Path, parts: list[torch.nn.Module], optimizer, scheduler) -> dict[str, Any]:
+    """Fill `parts`, `optimizer` and `scheduler` from a DCP checkpoint directory written under any
+    layout (`dsv3.parallel.dcp`); returns its trainer state (step, loader, rng)."""
+    from dsv3.parallel import dcp as pdcp
+
+    pdcp.load(path, parts, optimizer)
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # the DCP optimizer state holds the moments only, not the groups' current lr
+    return state

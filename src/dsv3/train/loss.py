@@ -141,6 +141,25 @@ def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, mask: torch.T
     return factor / len(per_depth) * torch.stack(per_depth).sum(), per_depth
 
 
+def logits_losses(logits: torch.Tensor, mtp_logits: list[torch.Tensor], labels: torch.Tensor, mask: torch.Tensor,
+                  factor: float, doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_main, (λ/D)·Σ_k L_MTP^k) from the heads' logits: the plain path of `compute_loss` and the
+    pipeline's last stage (`dsv3.train.pipeline`)."""
+    lm = mean_ce(logits, labels, mask)
+    mtp = mtp_loss(mtp_logits, labels, mask, factor, doc_ids)[0] if mtp_logits else torch.zeros((), device=lm.device)
+    return lm, mtp
+
+
+def combine(lm: torch.Tensor, mtp: torch.Tensor, aux: torch.Tensor | None, indexer: torch.Tensor | None,
+            main_weight: float = 1.0) -> torch.Tensor:
+    """The objective, composed here only: main_weight·(L_main + L_MTP + L_bal) + the DSA indexers' KL
+    losses. `aux` / `indexer` None where they are not in this graph (under pipeline parallelism they
+    ride on the activations' backward instead); main_weight 0 in the dense warm-up, where only the
+    indexers learn."""
+    main = lm + mtp if aux is None else lm + mtp + aux
+    return main_weight * main if indexer is None else main_weight * main + indexer
+
+
 def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float, fused_ce: bool = True,
                  main_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward one micro-batch and return (total loss, detached parts {lm, mtp, aux, indexer}).
@@ -162,8 +181,7 @@ def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float, 
     if not fused_ce:
         out = model(tokens, positions=pos, mask=attn, return_mtp=use_mtp)
         logits, mtp_logits = out if use_mtp else (out, [])
-        lm = mean_ce(logits, labels, mask)
-        mtp, _ = mtp_loss(mtp_logits, labels, mask, mtp_loss_factor, docs)
+        lm, mtp = logits_losses(logits, mtp_logits, labels, mask, mtp_loss_factor, docs)
     else:
         pre, post = model.hidden_states(tokens, pos, attn)
         w, T = model.lm_head.weight, tokens.shape[1]
@@ -179,7 +197,7 @@ def compute_loss(model, batch: dict[str, torch.Tensor], mtp_loss_factor: float, 
     aux = model.aux_loss() if model.training else None
     idx = model.indexer_loss() if model.training and model.config.sparse_attention else None
     zero = torch.zeros((), device=lm.device)
-    total = main_weight * (lm + mtp + (aux if aux is not None else 0.0)) + (idx if idx is not None else 0.0)
+    total = combine(lm, mtp, aux, idx, main_weight)
     parts = {"lm": lm.detach(), "mtp": mtp.detach(), "aux": aux.detach() if aux is not None else zero,
              "indexer": idx.detach() if idx is not None else zero}
     return total, parts

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from dsv3.model.mla import MLA
 from dsv3.parallel.api import DistributedModel
 from dsv3.parallel.pp import build_schedule, stage_owners
-from dsv3.train.loss import masked_ce, mean_ce, mtp_loss
+from dsv3.train.loss import combine, logits_losses, masked_ce
 
 
 def _stack(batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -42,12 +42,10 @@ class PipelineRunner:
     def loss(self, out, target: torch.Tensor) -> torch.Tensor:
         """Last stage, one micro-batch: out (logits, *mtp_logits), target [b, 2, T] = (labels, loss_mask)."""
         logits, mtp_logits = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
-        labels, mask = target[:, 0], target[:, 1]
-        lm = mean_ce(logits, labels, mask)
-        mtp = mtp_loss(mtp_logits, labels, mask, self.mtp_loss_factor)[0] if mtp_logits else torch.zeros((), device=lm.device)
+        lm, mtp = logits_losses(logits, mtp_logits, target[:, 0], target[:, 1], self.mtp_loss_factor)
         self._recorded["lm"].append(lm.detach())
         self._recorded["mtp"].append(mtp.detach())
-        return self.main_weight * (lm + mtp)  # 0 in DSA's dense warm-up: the indexer losses ride on the activations
+        return combine(lm, mtp, None, None, self.main_weight)  # balance and indexer losses ride on the activations
 
     def _schedule(self):
         """A new schedule over the stages; its first run is the runtime's shape inference, which the

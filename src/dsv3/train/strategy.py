@@ -1,37 +1,33 @@
 """How one run is laid out over processes: the `Strategy` the trainer applies from outside.
 
-Built from `cfg.parallel` (the only description of a layout) and the launcher's WORLD_SIZE:
-* one process (no torchrun / `dsv3 launch`): the trivial layout. The whole model on this device, the
-  global batch of data_parallel x micro_batch_num micro-batches accumulated here, the fused
-  head + cross-entropy, single-file checkpoints (`dsv3.train.checkpoint`);
-* WORLD_SIZE > 1: this rank's part of the layout (`dsv3.parallel.build`: meta device -> PP stages,
-  EP, TP+SP, recompute, FSDP/DDP/ZeRO-1 -> materialise its shards -> seeded init or `train.init_from`),
-  its slice of every global batch, gradient reductions, global-norm clipping, and DCP checkpoints
-  (`step-N/`: any layout, one process included, resumes any other).
+Built from the run's layout (`RunConfig.layout()`, the `parallel` section) and the launcher's
+WORLD_SIZE (`dsv3.train.distributed.make_strategy`):
+* `LocalStrategy`, one process (no torchrun / `dsv3 launch`): the trivial layout. The whole model on
+  this device, the global batch of data_parallel x micro_batch_num micro-batches accumulated here,
+  the fused head + cross-entropy, single-file checkpoints (`dsv3.train.checkpoint`);
+* `DistributedStrategy` (`dsv3.train.distributed`), WORLD_SIZE > 1: this rank's part of the layout
+  (`dsv3.parallel.build`), its slice of every global batch, gradient reductions, global-norm
+  clipping, and DCP checkpoints (`step-N/`: any layout, one process included, resumes any other).
 
 The trainer asks the strategy for everything that depends on the layout (the model parts, one
-step's forward/backward, evaluation sums, checkpoints, HF export, which rank writes what) and
-holds no layout code itself.
+step's forward/backward, evaluation sums, checkpoints, HF export, which rank writes what) through
+the `Strategy` methods below, and holds no layout code itself.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from dsv3.config.load import dump_yaml
+from dsv3.config.layout import ParallelDims
 from dsv3.config.train import RunConfig
-from dsv3.errors import UserError
 from dsv3.model.mla import set_indexer_stage
-from dsv3.parallel.dims import ParallelDims, build_meshes, init_distributed
 from dsv3.train import checkpoint
 from dsv3.train.loss import LinearCrossEntropy, attention_mask, compute_loss, masked_ce
 from dsv3.train.optim import build_optimizer
@@ -64,7 +60,7 @@ def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None]
             model = Transformer(cfg.model)
         materialize(model, device, cfg.model, cfg.train.seed)
     if cfg.train.fp8:
-        _enable_fp8(model, log)
+        enable_fp8(model, log)
     apply_fast_paths(model)
     # the layers the configured pipeline stages would recompute (all of them without recompute_layers)
     layout = cfg.layout()
@@ -72,7 +68,7 @@ def build_model(cfg: RunConfig, device: torch.device, log: Callable[[str], None]
     return model.train()
 
 
-def _enable_fp8(model: nn.Module, log: Callable[[str], None] | None) -> None:
+def enable_fp8(model: nn.Module, log: Callable[[str], None] | None) -> None:
     from dsv3.train.fp8 import enable_fp8_training
 
     n = enable_fp8_training(model)
@@ -81,35 +77,55 @@ def _enable_fp8(model: nn.Module, log: Callable[[str], None] | None) -> None:
             "embedding, router, eh_proj and attention in the run's precision")
 
 
-class Strategy:
-    """This process's place in the run's layout and every layout-dependent operation of a step."""
+def model_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], autocast, mtp_loss_factor: float,
+               fused_ce: bool, main_weight: float) -> torch.Tensor:
+    """Forward and backward of `batches` through one model (each loss / their number, `compute_loss`);
+    the mean loss parts (`LOSS_PARTS`) as one fp32 vector."""
+    M = len(batches)
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(LOSS_PARTS), device=device)
+    for b in batches:
+        with autocast():
+            loss, p = compute_loss(model, b, mtp_loss_factor, fused_ce, main_weight)
+        (loss / M).backward()
+        sums += torch.stack([torch.as_tensor(p[k], dtype=torch.float32, device=device).detach() for k in LOSS_PARTS])
+    return sums / M
+
+
+@torch.no_grad()
+def model_eval_sums(model: nn.Module, batches: list[dict[str, torch.Tensor]], autocast, fused_ce: bool) -> torch.Tensor:
+    """(CE sum, token count) of the main head of one model over `batches`."""
+    sums = torch.zeros(2, device=next(model.parameters()).device)
+    for b in batches:
+        with autocast():
+            if fused_ce:
+                _, post = model.hidden_states(b["tokens"], b.get("position_ids"), attention_mask(b))
+                s = LinearCrossEntropy.apply(post.flatten(0, 1), model.lm_head.weight, b["labels"].flatten(),
+                                             b["loss_mask"].flatten())
+                sums += torch.stack([s.float(), b["loss_mask"].sum().float()])
+            else:
+                logits = model(b["tokens"], positions=b.get("position_ids"))
+                sums += torch.stack(masked_ce(logits, b["labels"], b["loss_mask"]))
+    return sums
+
+
+class Strategy(ABC):
+    """This process's place in the run's layout and every layout-dependent operation of a step: the
+    protocol the trainer uses (build, forward_backward, finish_grads, eval_sums, save, restore,
+    export_hf), plus the roles and the pieces every layout shares."""
+
+    distributed = False
+    world, rank = 1, 0
+    dims: ParallelDims
 
     def __init__(self, cfg: RunConfig, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self._owns_group = False
-        self.rank, self.meshes, self.dm, self.pipeline = 0, None, None, None
-        if self.world > 1:
-            self._owns_group = not dist.is_initialized()
-            init_distributed(device.type)
-            self.rank = dist.get_rank()
-            self.dims = cfg.layout()
-            self.dims.validate(self.world, cfg.model, seq_len=cfg.data.seq_length)
-            self.meshes = build_meshes(self.dims, device.type, cfg.model)
-        else:
-            self.dims = ParallelDims()  # the trivial layout
-        self.fsdp = self.dims.dp_shard == "fsdp" and self.dims.dp > 1
-        # FSDP and TP act on module calls, which the fused head + cross-entropy bypasses
-        self.fused_ce = cfg.train.fused_ce and not self.fsdp and self.dims.tp == 1
+        self.parts: list[nn.Module] = []
         # DSA's dense warm-up: only the indexers learn (their KL loss is the whole objective)
         self.indexer_warmup = cfg.model.sparse_attention and cfg.train.indexer_stage == "dense_warmup"
         self.main_loss_weight = 0.0 if self.indexer_warmup else 1.0
 
     # ---- roles
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
     @property
     def is_main(self) -> bool:
         """Rank 0 writes the metrics, the resolved config, plots and the HF export."""
@@ -126,161 +142,101 @@ class Strategy:
 
     @property
     def dp_rank(self) -> int:
-        return self.meshes.dp_rank if self.meshes is not None else 0
+        return 0
 
-    # ---- build
+    # ---- the protocol
+    @abstractmethod
     def build(self, log: Callable[[str], None]) -> tuple[list[nn.Module], torch.optim.Optimizer]:
         """This rank's model parts and the optimizer over them (`dsv3.train.optim.build_optimizer`)."""
-        cfg = self.cfg
-        if not self.distributed:
-            parts = [build_model(cfg, self.device, log)]
-        else:
-            from dsv3.parallel.build import build_parallel_model
 
-            seed_everything(cfg.train.seed)
-            kw = {"init_from": cfg.train.init_from} if cfg.train.init_from else {}
-            self.dm = build_parallel_model(cfg.model, self.dims, self.meshes, cfg.train.seed,
-                                           device=self.device, log=log,
-                                           prepare=(lambda m: _enable_fp8(m, log)) if cfg.train.fp8 else None, **kw)
-            parts = self.dm.parts
-            if self.dims.pp > 1:
-                from dsv3.train.pipeline import PipelineRunner
+    @abstractmethod
+    def forward_backward(self, batches: list[dict[str, torch.Tensor]], autocast) -> dict[str, float]:
+        """Forward and backward of this rank's micro-batches (each loss / their number); gradients
+        reduced and clipped afterwards by `finish_grads`. Returns the global mean loss parts."""
 
-                self.pipeline = PipelineRunner(self.dm, cfg.train.mtp_loss_factor, self.main_loss_weight)
-        zero = self.meshes.dense.get_group("dp") if self.dims.dp_shard == "zero1" and self.dims.dp > 1 else None
-        self.parts = parts
-        trainable = None
+    @abstractmethod
+    def finish_grads(self) -> torch.Tensor:
+        """Gradient reductions the backward did not do, then the global gradient norm (the clip itself is
+        applied inside the optimizer step: `dsv3.train.optim.step_with_clip`)."""
+
+    @abstractmethod
+    def eval_sums(self, batches: list[dict[str, torch.Tensor]], autocast) -> torch.Tensor:
+        """(CE sum, token count) of the main head over `batches` (the one-process result on every rank)."""
+
+    @abstractmethod
+    def save(self, root: Path, step: int, optimizer, scheduler, loader_state: dict) -> Path:
+        """Checkpoint `step-N/` under `root`."""
+
+    @abstractmethod
+    def restore(self, path: Path, optimizer, scheduler) -> dict[str, Any]:
+        """Fill the parts, optimizer and scheduler from checkpoint `path`; returns the trainer state."""
+
+    @abstractmethod
+    def export_hf(self, out: Path, saved: Path | None) -> Path | None:
+        """HF safetensors of the final weights; the directory on the main rank."""
+
+    # ---- shared by every layout
+    def _optimizer(self, log: Callable[[str], None], zero_group=None) -> torch.optim.Optimizer:
+        """DSA's indexer stage on every part, then the optimizer over the trainable parameters."""
+        cfg, trainable = self.cfg, None
         if cfg.model.sparse_attention:
-            for p in parts:
+            for p in self.parts:
                 set_indexer_stage(p, cfg.train.indexer_stage, attach=self.dims.pp > 1)
             if self.indexer_warmup:
                 trainable = lambda name: ".indexer." in name  # noqa: E731
                 log("DSA dense warm-up: attention dense, only the lightning indexers train (KL to the attention)")
-        return parts, build_optimizer(parts, cfg.optimizer, cfg.lr_schedule, zero_group=zero, trainable=trainable)
-
-    # ---- one step
-    def forward_backward(self, batches: list[dict[str, torch.Tensor]], autocast) -> dict[str, float]:
-        """Forward and backward of this rank's micro-batches (each loss / their number); gradients
-        reduced and clipped afterwards by `finish_grads`. Returns the global mean loss parts."""
-        M = len(batches)
-        if self.pipeline is not None:
-            vec = self.pipeline.step(batches, autocast)
-        else:
-            model, sums = self.parts[0], torch.zeros(len(LOSS_PARTS), device=self.device)
-            for b in batches:
-                with autocast():
-                    loss, p = compute_loss(model, b, self.cfg.train.mtp_loss_factor, self.fused_ce, self.main_loss_weight)
-                (loss / M).backward()
-                sums += torch.stack([torch.as_tensor(p[k], dtype=torch.float32, device=self.device).detach() for k in LOSS_PARTS])
-            vec = sums / M
-        if self.dims.dp > 1:  # replica means -> global mean
-            dist.all_reduce(vec, group=self.meshes.dense.get_group("dp"))
-            vec /= self.dims.dp
-        return {k: float(v) for k, v in zip(LOSS_PARTS, vec)}
-
-    def finish_grads(self) -> torch.Tensor:
-        """Gradient reductions FSDP does not do, then the global gradient norm (the clip itself is
-        applied inside the optimizer step: `dsv3.train.optim.step_with_clip`)."""
-        if not self.distributed:
-            return torch.nn.utils.get_total_norm([p.grad for p in self.parts[0].parameters() if p.grad is not None])
-        from dsv3.parallel.api import grad_norm
-
-        self.dm.finalize_grads()
-        return grad_norm(self.dm)
+        return build_optimizer(self.parts, cfg.optimizer, cfg.lr_schedule, zero_group=zero_group, trainable=trainable)
 
     def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Expert counts summed over every rank that routed other tokens (the bias update's input)."""
-        if self.distributed and self.dims.dp * self.dims.tp > 1:
-            dist.all_reduce(counts, group=self.meshes.tokens_group)
         return counts
 
     def moe_layers(self) -> list[nn.Module]:
         return [m for p in self.parts for m in p.moe_layers()]
 
-    @torch.no_grad()
+    def close(self) -> None:
+        """Release what the strategy holds beyond its parts (a process group it created)."""
+
+
+class LocalStrategy(Strategy):
+    """The trivial layout: one process, the whole model, micro-batches accumulated."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        super().__init__(cfg, device)
+        self.dims = ParallelDims()
+        self.fused_ce = cfg.train.fused_ce
+
+    def build(self, log: Callable[[str], None]) -> tuple[list[nn.Module], torch.optim.Optimizer]:
+        self.parts = [build_model(self.cfg, self.device, log)]
+        return self.parts, self._optimizer(log)
+
+    def forward_backward(self, batches: list[dict[str, torch.Tensor]], autocast) -> dict[str, float]:
+        vec = model_step(self.parts[0], batches, autocast, self.cfg.train.mtp_loss_factor, self.fused_ce, self.main_loss_weight)
+        return {k: float(v) for k, v in zip(LOSS_PARTS, vec)}
+
+    def finish_grads(self) -> torch.Tensor:
+        return torch.nn.utils.get_total_norm([p.grad for p in self.parts[0].parameters() if p.grad is not None])
+
     def eval_sums(self, batches: list[dict[str, torch.Tensor]], autocast) -> torch.Tensor:
-        """(CE sum, token count) of the main head over `batches`; every rank evaluates the same
-        batches, so the collectives line up and the result is the one-process one."""
-        for p in self.parts:
-            p.eval()
+        self.parts[0].eval()
         try:
-            if self.pipeline is not None:
-                return self.pipeline.eval_sums(batches, autocast)
-            model, sums = self.parts[0], torch.zeros(2, device=self.device)
-            for b in batches:
-                with autocast():
-                    if self.fused_ce:
-                        _, post = model.hidden_states(b["tokens"], b.get("position_ids"), attention_mask(b))
-                        s = LinearCrossEntropy.apply(post.flatten(0, 1), model.lm_head.weight, b["labels"].flatten(),
-                                                     b["loss_mask"].flatten())
-                        sums += torch.stack([s.float(), b["loss_mask"].sum().float()])
-                    else:
-                        logits = model(b["tokens"], positions=b.get("position_ids"))
-                        sums += torch.stack(masked_ce(logits, b["labels"], b["loss_mask"]))
-            return sums
+            return model_eval_sums(self.parts[0], batches, autocast, self.fused_ce)
         finally:
-            for p in self.parts:
-                p.train()
+            self.parts[0].train()
 
-    # ---- checkpoints
     def save(self, root: Path, step: int, optimizer, scheduler, loader_state: dict) -> Path:
-        """`step-N/` under `root`: the single-file format in one process, a DCP directory (model +
-        optimizer by parameter name, trainer_state.pt and the manifest from rank 0) otherwise."""
-        cfg = self.cfg
-        if not self.distributed:
-            return checkpoint.save_checkpoint(root, step, self.parts[0], optimizer, scheduler, loader_state, cfg,
-                                              cfg.checkpoint.keep_last)
-        from dsv3.parallel import dcp as pdcp
-
-        final, tmp = root / f"step-{step}", root / f".tmp-step-{step}-dcp"
-        if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        pdcp.save(tmp, self.parts, optimizer)
-        if self.is_main:
-            torch.save({"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "rng": checkpoint.rng_state()},
-                       tmp / "trainer_state.pt")
-            dump_yaml(cfg, tmp / "config.resolved.yaml")
-            checkpoint.write_manifest(tmp, step)  # `--resume` verifies every file against it
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            checkpoint.prune(root, cfg.checkpoint.keep_last, step)
-        dist.barrier()
-        return final
+        """The single-file format (`dsv3.train.checkpoint`)."""
+        return checkpoint.save_checkpoint(root, step, self.parts[0], optimizer, scheduler, loader_state, self.cfg,
+                                          self.cfg.checkpoint.keep_last)
 
     def restore(self, path: Path, optimizer, scheduler) -> dict[str, Any]:
-        """Fill the parts, optimizer and scheduler from checkpoint `path` (a DCP directory written under
-        any layout, or in one process the single-file format); returns the trainer state (step, loader, rng)."""
-        if not (path / ".metadata").is_file():
-            if self.distributed:
-                raise UserError(f"checkpoint {path} was written by a one-process run (no DCP .metadata): resume it in one "
-                                f"process, or start this layout from its weights with train.init_from {path}")
-            return checkpoint.load_checkpoint(path, self.parts[0], optimizer, scheduler)
-        from dsv3.parallel import dcp as pdcp
-
-        pdcp.load(path, self.parts, optimizer)
-        state = torch.load(path / "trainer_state.pt", weights_only=True)
-        scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr  # the DCP optimizer state holds the moments only, not the groups' current lr
-        return state
+        """The single-file format, or a DCP directory written under any layout."""
+        if (path / ".metadata").is_file():
+            return checkpoint.load_dcp_checkpoint(path, self.parts, optimizer, scheduler)
+        return checkpoint.load_checkpoint(path, self.parts[0], optimizer, scheduler)
 
     def export_hf(self, out: Path, saved: Path | None) -> Path | None:
-        """HF safetensors of the final weights: straight from the model in one process; from the
-        final DCP checkpoint `saved` on rank 0 otherwise. Returns the directory on the main rank."""
-        if not self.distributed:
-            from dsv3.checkpoint.save import save_pretrained
+        """Straight from the model."""
+        from dsv3.checkpoint.save import save_pretrained
 
-            return save_pretrained(self.parts[0], out)
-        from dsv3.parallel import dcp as pdcp
-
-        hf = pdcp.export_hf(saved, self.cfg.model, out) if self.is_main else None
-        dist.barrier()
-        return hf
-
-    def close(self) -> None:
-        """Destroy the process group this strategy created (one created by the caller stays)."""
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        return save_pretrained(self.parts[0], out)

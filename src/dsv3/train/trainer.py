@@ -1,6 +1,7 @@
 """The pretraining loop, one `Trainer` whatever the layout. Setup is split into `build_data` and
 `restore`; the layout (one process, or this rank's part of a parallel layout under torchrun / `dsv3
-launch`) is a `dsv3.train.strategy.Strategy` built from `cfg.parallel`, applied from outside:
+launch`) is a `dsv3.train.strategy.Strategy` (`LocalStrategy` or `DistributedStrategy`, picked by
+`dsv3.train.distributed.make_strategy`) built from `cfg.layout()`, applied from outside:
 it builds the model parts and the optimizer, runs a step's forward/backward, reduces and clips the
 gradients, evaluates, and writes / reads checkpoints. `Trainer` only runs steps, evaluates, logs and saves.
 
@@ -27,6 +28,7 @@ from dsv3 import threads
 from dsv3.config.load import dump_yaml
 from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
+from dsv3.train.distributed import make_strategy
 from dsv3.train.strategy import Strategy
 from dsv3.train import balance, checkpoint, metrics, precision
 from dsv3.train.host_memory import keep_freed_memory
@@ -181,7 +183,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads and threads.ENV not in os.environ:  # --threads / $DSV3_NUM_THREADS win over the YAML
             threads.apply(threads.Choice(cfg.train.threads, "train.threads"))
-        self.strategy = strategy or Strategy(cfg, self.device)
+        self.strategy = strategy or make_strategy(cfg, self.device)
         self.quiet = quiet or not self.strategy.logs
         if self.device.type == "cpu" and cfg.train.cpu_allocator == "cache":
             note = keep_freed_memory()
