@@ -11,8 +11,8 @@ from torch import nn
 
 from dsv3.kernels import native as nk
 from dsv3.quant import QuantLinear, make_scheme
-from dsv3.quant.native import KernelLinear, dsv3_int4_pack, dsv3_int4_unpack, tinygemm_to_dsv3
-from dsv3.quant.schemes import unpack_int4
+from dsv3.quant.native import KernelLinear, tinygemm_to_dsv3
+from dsv3.quant.schemes import dsv3_int4_pack, dsv3_int4_unpack, unpack_int4
 
 pytestmark = pytest.mark.skipif(not nk.available(), reason="dsv3 native kernels not built or DSV3_ISA=none")
 

@@ -170,3 +170,9 @@ def dump_yaml(obj: Any, path: str | Path) -> None:
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True), encoding="utf-8")
     tmp.replace(p)
+
+
+def is_mindspore_yaml(data: dict) -> bool:
+    """Whether a parsed YAML is MindSpore-style (the seed's) rather than ours."""
+    return any(k in data for k in ("moe_config", "runner_config", "parallel_config", "train_dataset", "context")) or (
+        isinstance(data.get("model"), dict) and "model_config" in data["model"])

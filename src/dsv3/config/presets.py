@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsv3.config.load import apply_overrides, from_dict, read_yaml
+from dsv3.config.load import apply_overrides, from_dict, is_mindspore_yaml, read_yaml
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 
@@ -37,7 +37,6 @@ def load_model_config(name_or_path: str | Path, overrides: list[str] | None = No
             raise UserError("--set overrides apply to YAML configs, not to config.json")
         return cfg
     data = read_yaml(p)
-    from dsv3.config.train import is_mindspore_yaml
 
     if is_mindspore_yaml(data):  # the seed's pretrain / finetune / predict YAML: its model_config and moe_config
         from dsv3.config.mindspore import translate

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from dsv3.config.layout import ParallelDims
-from dsv3.config.load import apply_overrides, from_dict, read_yaml
+from dsv3.config.load import apply_overrides, from_dict, is_mindspore_yaml, read_yaml
 from dsv3.config.schema import ModelConfig
 from dsv3.errors import UserError
 
@@ -345,12 +345,6 @@ class RunConfig:
     @property
     def output_dir(self) -> Path:
         return Path(self.checkpoint.output_dir)
-
-
-def is_mindspore_yaml(data: dict) -> bool:
-    """Whether a parsed YAML is MindSpore-style (the seed's) rather than ours."""
-    return any(k in data for k in ("moe_config", "runner_config", "parallel_config", "train_dataset", "context")) or (
-        isinstance(data.get("model"), dict) and "model_config" in data["model"])
 
 
 def run_config_from_dict(data: dict, overrides: list[str] | None = None, source: str = "config") -> RunConfig:

@@ -116,7 +116,7 @@ class GPTDataset(torch.utils.data.Dataset):
         self.num_samples, self.split, self.cfg = num_samples, split, cfg
         self.description = self._description()
         self.document_index, self.sample_index, self.shuffle_index = _cached(
-            cfg, prefix, f"GPTDataset-{split}", self.description,
+            cfg.cache_dir, prefix, f"GPTDataset-{split}", self.description,
             ("document_index", "sample_index", "shuffle_index"), self._build_indices)
 
     def _description(self) -> str:
@@ -266,7 +266,7 @@ def _blend(cfg, parts, weights, size, split):
             return build_blending_indices(wn, size)
         return build_exhaustive_blending_indices([int(x) for x in weights])
 
-    di, dsi = _cached(cfg, parts[0].prefix, f"BlendedDataset-{split}", description,
+    di, dsi = _cached(cfg.cache_dir, parts[0].prefix, f"BlendedDataset-{split}", description,
                       ("dataset_index", "dataset_sample_index"), build)
     return BlendedDataset(parts, weights, size, np.asarray(di), np.asarray(dsi))
 

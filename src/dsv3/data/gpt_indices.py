@@ -16,14 +16,11 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from dsv3.errors import UserError
-
-if TYPE_CHECKING:
-    from dsv3.data.gpt_dataset import GPTDatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -164,17 +161,18 @@ def build_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_length
 # caching
 
 
-def _cache_dir(cfg: GPTDatasetConfig, prefix: str) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir)
+def _cache_dir(cache_dir: str | None, prefix: str) -> Path:
+    if cache_dir:
+        return Path(cache_dir)
     return Path(prefix).resolve().parent / "cache" / "GPTDataset_indices"
 
 
-def _cached(cfg: GPTDatasetConfig, prefix: str, kind: str, description: str, names: tuple[str, ...], build):
-    """Load `names` arrays from the cache (keyed by md5(description)) or build and save them.
+def _cached(cache_dir: str | None, prefix: str, kind: str, description: str, names: tuple[str, ...], build):
+    """Load `names` arrays from the cache (`cache_dir`, default beside the dataset `prefix`; keyed by
+    md5(description)) or build and save them.
     Files are written under temporary names and renamed; an unwritable cache just logs a warning."""
     digest = hashlib.md5(description.encode("utf-8")).hexdigest()
-    d = _cache_dir(cfg, prefix)
+    d = _cache_dir(cache_dir, prefix)
     paths = [d / f"{digest}-{kind}-{n}.npy" for n in names]
     if all(p.is_file() for p in paths):
         return tuple(np.load(p, mmap_mode="r") for p in paths)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.kernels import native as nk
+from dsv3.quant.schemes import dsv3_int4_pack, unpack_int4
 
 MAX_ROWS = nk.MAX_ROWS
 MAX_MOE_TOKENS = 64
@@ -91,27 +92,12 @@ def pack(scheme, q: torch.Tensor, s: torch.Tensor, lead: tuple[int, ...], n: int
 def tinygemm_to_dsv3(q: torch.Tensor, s: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One int4 matrix: CPU tinygemm packing [N, K/2] + scales_and_zeros [K/g, N, 2] -> dsv3's
     [N, K/32, 16] + [N, K/g, 2] (same values, same dtypes)."""
-    from dsv3.quant.schemes import unpack_int4
-
     if n % INT4_ROW_BLOCK == 0:  # each block of 64 rows: per k, 32 bytes = rows j (low nibble) and 32 + j (high)
         flat = q.reshape(n // INT4_ROW_BLOCK, k, 32)
         vals = torch.cat([flat & 0xF, flat >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
     else:  # the packer's own layout, found by probing (slower; only for matrices off the 64-row block)
         vals = unpack_int4(q, n, k).to(torch.uint8)
     return dsv3_int4_pack(vals), s.transpose(0, 1).contiguous()
-
-
-def dsv3_int4_pack(vals: torch.Tensor) -> torch.Tensor:
-    """int4 values [N, K] (0..15) -> [N, K/32, 16] bytes: byte j of a 32-block holds values j | (16 + j) << 4."""
-    n, k = vals.shape
-    v = vals.to(torch.uint8).view(n, k // 32, 2, 16)
-    return (v[:, :, 0] | (v[:, :, 1] << 4)).contiguous()
-
-
-def dsv3_int4_unpack(q: torch.Tensor) -> torch.Tensor:
-    """[N, K/32, 16] bytes -> the int4 values [N, K] (uint8, 0..15)."""
-    n = q.shape[0]
-    return torch.stack([q & 0xF, q >> 4], dim=2).reshape(n, -1)
 
 
 def repack_int4_(module: nn.Module, q_name: str, s_name: str, n: int, k: int) -> None:

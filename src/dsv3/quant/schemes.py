@@ -174,8 +174,6 @@ class Int4Weight(Scheme):
     def dequantize(self, q, s, k):
         n = q.shape[0]
         if q.dim() == 3:  # dsv3's native layout [N, K/32, 16] with s [N, K/g, 2] (`dsv3.quant.native`)
-            from dsv3.quant.native import dsv3_int4_unpack
-
             vals, s = dsv3_int4_unpack(q).float(), s.transpose(0, 1)
         else:
             vals = unpack_int4(q, n, k).float()  # [N,K] in 0..15
@@ -213,6 +211,19 @@ def _int4_layout(n: int, k: int) -> torch.Tensor:
         out |= nib << shift
         shift += 4
     return out
+
+
+def dsv3_int4_pack(vals: torch.Tensor) -> torch.Tensor:
+    """int4 values [N, K] (0..15) -> [N, K/32, 16] bytes: byte j of a 32-block holds values j | (16 + j) << 4."""
+    n, k = vals.shape
+    v = vals.to(torch.uint8).view(n, k // 32, 2, 16)
+    return (v[:, :, 0] | (v[:, :, 1] << 4)).contiguous()
+
+
+def dsv3_int4_unpack(q: torch.Tensor) -> torch.Tensor:
+    """[N, K/32, 16] bytes -> the int4 values [N, K] (uint8, 0..15)."""
+    n = q.shape[0]
+    return torch.stack([q & 0xF, q >> 4], dim=2).reshape(n, -1)
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsv3.tools.memtrack import compute_dtype, to_fake
+
+
 @dataclass
 class StageActivation:
     act_bytes: int
@@ -26,23 +29,6 @@ class StageActivation:
     """Most bytes alive at once during that micro-batch's forward and backward (act_bytes included)."""
     logits_bytes: int = 0
     """Of act_bytes: what the heads' logits and their loss keep (proportional to the vocabulary)."""
-
-
-def compute_dtype(cfg) -> torch.dtype:
-    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-
-
-def _to_fake(model: nn.Module, fake) -> None:
-    """Replace the meta parameters and buffers of `model` by fake CPU tensors of the same shapes."""
-    conv = fake.fake_tensor_converter
-    cpu = torch.device("cpu")
-    for m in model.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                m._parameters[name] = nn.Parameter(conv.from_meta_and_device(fake, p, cpu), requires_grad=p.requires_grad)
-        for name, buf in list(m._buffers.items()):
-            if buf is not None:
-                m._buffers[name] = conv.from_meta_and_device(fake, buf, cpu)
 
 
 @contextlib.contextmanager
@@ -110,7 +96,7 @@ def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompu
     apply_fast_paths(full)  # the trainer's expert and linear paths: what they save is what is measured
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # torch's own checks touch it
-    _to_fake(full, fake)  # CPU-looking tensors without storage: the CPU kernels' choices (flash attention), autocast works
+    to_fake(full, fake)  # CPU-looking tensors without storage: the CPU kernels' choices (flash attention), autocast works
     whole = first and last and len(layer_ids) == mc.num_hidden_layers
     part = full if whole else TransformerStage(full, 0, layer_ids, first, last)
     apply_recompute(part, cfg.train.recompute, recompute_ids)

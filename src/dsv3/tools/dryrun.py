@@ -82,7 +82,8 @@ def load_layout(args: argparse.Namespace):
     `--device-memory`; checks `--headroom` and `--imbalance`."""
     from dsv3.config.load import read_yaml
     from dsv3.config.presets import resolve_preset
-    from dsv3.config.train import is_mindspore_yaml, run_config_from_dict
+    from dsv3.config.load import is_mindspore_yaml
+    from dsv3.config.train import run_config_from_dict
 
     if not 0 <= args.headroom < 1:
         raise UserError(f"--headroom {args.headroom}: expected a fraction of the device memory in [0, 1), e.g. 0.15")

@@ -35,8 +35,7 @@ def replicated_layer_bytes(cfg, layer_id: int, seq_parallel: bool) -> int:
 
     from dsv3.model.layers import MLP
     from dsv3.model.transformer import DecoderLayer
-    from dsv3.tools.activations import _to_fake, compute_dtype
-    from dsv3.tools.memtrack import TensorMemory
+    from dsv3.tools.memtrack import TensorMemory, compute_dtype, to_fake
 
     mc, dtype = cfg.model, compute_dtype(cfg)
     b, T = cfg.train.batch_size, cfg.data.seq_length
@@ -44,7 +43,7 @@ def replicated_layer_bytes(cfg, layer_id: int, seq_parallel: bool) -> int:
         layer = DecoderLayer(mc, layer_id).to(dtype)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
-    _to_fake(layer, fake)
+    to_fake(layer, fake)
     attn = layer.self_attn
     mode = TensorMemory(meta_routing=True)
     mode.ignore(list(layer.parameters()), list(layer.buffers()))

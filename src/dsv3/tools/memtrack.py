@@ -19,8 +19,26 @@ import weakref
 from collections import defaultdict
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
+
+
+def compute_dtype(cfg) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+def to_fake(model: nn.Module, fake) -> None:
+    """Replace the meta parameters and buffers of `model` by fake CPU tensors of the same shapes."""
+    conv = fake.fake_tensor_converter
+    cpu = torch.device("cpu")
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = nn.Parameter(conv.from_meta_and_device(fake, p, cpu), requires_grad=p.requires_grad)
+        for name, buf in list(m._buffers.items()):
+            if buf is not None:
+                m._buffers[name] = conv.from_meta_and_device(fake, buf, cpu)
 
 
 def _storages(t: torch.Tensor) -> list:
