@@ -34,9 +34,9 @@ def from_pretrained(path, dtype=None, device="cpu", **kwargs):
     quantization: None (as stored: FP8 checkpoints stay FP8) | "none" (dequantise) | "w8a8" | "int8" |
     "int4" | "fp8": weights quantised once at load (`dsv3.quant`).
     """
-    from dsv3.checkpoint.load import from_pretrained as _load
+    from dsv3.model.transformer import Transformer
 
-    return _load(path, dtype=dtype, device=device, **kwargs)
+    return Transformer.from_pretrained(path, dtype=dtype, device=device, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -65,7 +65,7 @@ def init_from_slices_job(cfg: ModelConfig, par: dict, ckpt: str) -> list[dict]:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from dsv3.checkpoint.load import from_pretrained
+    from dsv3.checkpoint.io import from_pretrained
     from dsv3.checkpoint.slices import SliceReader
     from dsv3.parallel import ParallelDims, build_meshes
     from dsv3.parallel.build import build_parallel_model

@@ -39,7 +39,7 @@ def run(request, tmp_path_factory):
 
 
 def test_convert_dcp_step_equals_run_export(run):
-    from dsv3.checkpoint.load import from_pretrained
+    from dsv3.checkpoint.io import from_pretrained
 
     step = run / "out" / "checkpoint" / "step-2"
     assert (step / ".metadata").is_file() and not list(step.glob("*.safetensors"))

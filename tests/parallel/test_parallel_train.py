@@ -79,7 +79,7 @@ def test_dp2xpp2_losses_equal_one_process(runs):
 
 
 def test_checkpoints_and_hf_export(runs):
-    from dsv3.checkpoint.load import from_pretrained
+    from dsv3.checkpoint.io import from_pretrained
 
     ck = runs / "dp2pp2" / "checkpoint"
     assert sorted(p.name for p in ck.iterdir()) == ["step-2", "step-4"]

@@ -112,7 +112,7 @@ def test_validation_loss_goes_down_and_outputs_are_written(wiki_prefix, tmp_path
     assert cli_main(["plot", str(tmp_path), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "expert_load.png").stat().st_size > 1000
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "config.resolved.yaml").is_file()
-    from dsv3.checkpoint.load import from_pretrained
+    from dsv3.checkpoint.io import from_pretrained
 
     hf = from_pretrained(tmp_path / "hf", dtype="float32")
     tokens = torch.randint(0, 1000, (1, 8))

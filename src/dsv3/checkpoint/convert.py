@@ -36,7 +36,8 @@ import torch
 
 from dsv3.checkpoint import hf_map
 from dsv3.checkpoint.dcp_reader import DcpReader, is_dcp_dir
-from dsv3.checkpoint.load import KEEP_FP32, check_checkpoint, parse_dtype
+from dsv3.checkpoint.io import check_checkpoint
+from dsv3.checkpoint.load import KEEP_FP32, parse_dtype
 from dsv3.checkpoint.reader import INDEX_NAME, SINGLE_NAME, TRAIN_CONFIG, CheckpointReader, load_dir_config, read_weight
 from dsv3.checkpoint.save import _install, parse_size
 from dsv3.config.schema import ModelConfig

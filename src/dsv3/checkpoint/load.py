@@ -1,7 +1,7 @@
 """Load Hugging Face format checkpoints into a `Transformer`.
 
-`from_pretrained(path, dtype=, device=)` builds the model on the meta device, then streams the
-checkpoint shard by shard, turning each tensor (or each expert's slice) into its final dtype/device
+`Transformer.from_pretrained(path, dtype=, device=)` builds the model on the meta device, then
+`load_checkpoint_into` streams the checkpoint shard by shard, turning each tensor (or each expert's slice) into its final dtype/device
 and assigning it in place: no second copy of the weights is ever held. FP8 weights are dequantised
 on the fly; the router bias always stays fp32.
 
@@ -178,65 +178,3 @@ def _stored_scale_target(tgt: hf_map.Target, cfg: ModelConfig, expected: dict) -
         return None
     ours = hf_map.Target(w.name + hf_map.SCALE_SUFFIX, w.kind, w.expert)
     return ours if ours.name in expected else None
-
-
-def check_checkpoint(path: str | Path, mtp: bool | None = None,
-                     reader: CheckpointReader | None = None) -> tuple[ModelConfig, CheckpointReader]:
-    """Validate an HF directory without reading tensor data: config, file headers, names, shapes.
-
-    Returns the resolved config and the (open) reader; raises UserError naming the first problem.
-    """
-    from dsv3.model.transformer import Transformer
-
-    path = Path(path)
-    reader = reader or CheckpointReader(path)
-    cfg, skip = resolve_config(path, reader, mtp)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    load_checkpoint_into(model, reader, torch.float32, "meta", skip_mtp_layers=skip, dry_run=True)
-    return cfg, reader
-
-
-def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-                    mtp: bool | None = None, quantization=None, **runtime):
-    """Load an HF-format DeepSeek-V3 directory into a `Transformer` in eval mode.
-
-    dtype: None uses config.json's dtype (FP8 checkpoints: bfloat16); the router bias stays fp32.
-    mtp: None loads the MTP modules when the checkpoint has them; False skips them (less memory);
-    True requires them. `runtime` sets runtime switches of ModelConfig (attn_impl, moe_impl, mtp_hidden, index_impl).
-    quantization (`dsv3.quant`): None/"auto" keeps a quantised checkpoint as stored (FP8 stays FP8,
-    1 byte per weight) and loads others dense; "none" dequantises; "w8a8" | "int8" | "int4" | "fp8"
-    (or a QuantConfig / MindFormers quantization_config dict) quantises once at load.
-    """
-    from dsv3.model.transformer import Transformer
-
-    from dsv3.config.hf import RUNTIME_FIELDS
-
-    bad = set(runtime) - set(RUNTIME_FIELDS)
-    if bad:
-        raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(bad)}")
-    path = Path(path)
-    reader = CheckpointReader(path)
-    try:
-        cfg, skip = resolve_config(path, reader, mtp, **runtime)
-        torch_dtype = parse_dtype(dtype, default=cfg.torch_dtype if cfg.torch_dtype in _DTYPES else "bfloat16")
-        with torch.device("meta"):
-            model = Transformer(cfg)
-        post = None
-        if quantization is not None or any(d in ("F8_E4M3", "I8") for _, _, d in reader.meta.values()):
-            from dsv3.quant import plan_load
-
-            post = plan_load(model, reader, cfg, load_dir_config(path)[1], quantization)
-        # names and shapes from the file headers first: a mismatch is reported before any allocation
-        load_checkpoint_into(model, reader, torch_dtype, "meta", skip_mtp_layers=skip, dry_run=True)
-        load_checkpoint_into(model, reader, torch_dtype, device, skip_mtp_layers=skip)
-    finally:
-        reader.close()
-    model.init_non_persistent_buffers(device)
-    model.config = dataclasses.replace(cfg, torch_dtype=str(torch_dtype).replace("torch.", ""))
-    model.name_or_path = str(path)  # as transformers records it: save_pretrained copies this directory's tokenizer
-    if post is not None:
-        from dsv3.quant import quantize_model
-
-        model.quant_report = quantize_model(model, post)
-    return model.eval()

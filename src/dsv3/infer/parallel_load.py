@@ -47,7 +47,7 @@ def load_sharded(model_dir: str | Path, ctx: ParallelContext, dtype: str | torch
                  device: str | torch.device = "cpu", mtp: bool | None = None, **runtime):
     """This rank's shard of an HF-format DeepSeek-V3 directory (a `Transformer` in eval mode, weights
     cut per `ctx`; give it to `LLMEngine(..., parallel=ctx)`). dtype / mtp / runtime as
-    `dsv3.checkpoint.load.from_pretrained`; FP8 and int8 checkpoints are dequantised (per slice)."""
+    `dsv3.model.Transformer.from_pretrained`; FP8 and int8 checkpoints are dequantised (per slice)."""
     from dsv3.model.transformer import Transformer
 
     path = Path(model_dir)

@@ -124,13 +124,75 @@ class Transformer(nn.Module):
         for moe in self.moe_layers():
             moe.tokens_per_expert = torch.zeros(moe.tokens_per_expert.shape, dtype=torch.float32, device=device)
 
-    # ---- checkpoints (HF format; see dsv3.checkpoint)
+    # ---- checkpoints (HF format: the model builds itself on the meta device and `dsv3.checkpoint`
+    # streams the files into it; the checkpoint code never imports the model class)
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu", **kwargs) -> "Transformer":
-        """Load an HF-format directory; see `dsv3.checkpoint.load.from_pretrained`."""
-        from dsv3.checkpoint.load import from_pretrained
+    def from_pretrained(cls, path, dtype=None, device="cpu", mtp: bool | None = None, quantization=None,
+                        **runtime) -> "Transformer":
+        """Load an HF-format DeepSeek-V3 directory in eval mode, streaming it shard by shard into the
+        meta-built model (`dsv3.checkpoint.load.load_checkpoint_into`: no second copy of the weights).
 
-        return from_pretrained(path, dtype=dtype, device=device, **kwargs)
+        dtype: None uses config.json's dtype (FP8 checkpoints: bfloat16); the router bias stays fp32.
+        mtp: None loads the MTP modules when the checkpoint has them; False skips them (less memory);
+        True requires them. `runtime` sets runtime switches of ModelConfig (attn_impl, moe_impl, mtp_hidden, index_impl).
+        quantization (`dsv3.quant`): None/"auto" keeps a quantised checkpoint as stored (FP8 stays FP8,
+        1 byte per weight) and loads others dense; "none" dequantises; "w8a8" | "int8" | "int4" | "fp8"
+        (or a QuantConfig / MindFormers quantization_config dict) quantises once at load.
+        """
+        import dataclasses
+        from pathlib import Path
+
+        from dsv3.checkpoint.load import _DTYPES, load_checkpoint_into, parse_dtype, resolve_config
+        from dsv3.checkpoint.reader import CheckpointReader, load_dir_config
+        from dsv3.config.hf import RUNTIME_FIELDS
+
+        bad = set(runtime) - set(RUNTIME_FIELDS)
+        if bad:
+            raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(bad)}")
+        path = Path(path)
+        reader = CheckpointReader(path)
+        try:
+            cfg, skip = resolve_config(path, reader, mtp, **runtime)
+            torch_dtype = parse_dtype(dtype, default=cfg.torch_dtype if cfg.torch_dtype in _DTYPES else "bfloat16")
+            with torch.device("meta"):
+                model = cls(cfg)
+            post = None
+            if quantization is not None or any(d in ("F8_E4M3", "I8") for _, _, d in reader.meta.values()):
+                from dsv3.quant import plan_load
+
+                post = plan_load(model, reader, cfg, load_dir_config(path)[1], quantization)
+            # names and shapes from the file headers first: a mismatch is reported before any allocation
+            load_checkpoint_into(model, reader, torch_dtype, "meta", skip_mtp_layers=skip, dry_run=True)
+            load_checkpoint_into(model, reader, torch_dtype, device, skip_mtp_layers=skip)
+        finally:
+            reader.close()
+        model.init_non_persistent_buffers(device)
+        model.config = dataclasses.replace(cfg, torch_dtype=str(torch_dtype).replace("torch.", ""))
+        model.name_or_path = str(path)  # as transformers records it: save_pretrained copies this directory's tokenizer
+        if post is not None:
+            from dsv3.quant import quantize_model
+
+            model.quant_report = quantize_model(model, post)
+        return model.eval()
+
+    @classmethod
+    def check_checkpoint(cls, path, mtp: bool | None = None, reader=None) -> tuple[ModelConfig, object]:
+        """Validate an HF directory without reading tensor data: config, file headers, names, shapes.
+
+        Returns the resolved config and the (open) `CheckpointReader`; raises UserError naming the first problem.
+        """
+        from pathlib import Path
+
+        from dsv3.checkpoint.load import load_checkpoint_into, resolve_config
+        from dsv3.checkpoint.reader import CheckpointReader
+
+        path = Path(path)
+        reader = reader or CheckpointReader(path)
+        cfg, skip = resolve_config(path, reader, mtp)
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_checkpoint_into(model, reader, torch.float32, "meta", skip_mtp_layers=skip, dry_run=True)
+        return cfg, reader
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB", mtp_copies: bool = True, tokenizer="auto"):
         """Write this model as an HF-format directory with its tokenizer ("auto": the one of the directory

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     checked, bound = "", {}
     if args.model:
-        from dsv3.checkpoint.load import check_checkpoint
+        from dsv3.checkpoint.io import check_checkpoint
 
         cfg, reader = check_checkpoint(args.model)
         checked = f"{len(reader.meta)} tensors in {len(reader.files)} file(s): names and shapes match config.json"
