@@ -96,7 +96,7 @@ def test_mindspore_softmax_router_is_v2_greedy():
     """`use_gating_sigmoid: False` (balance off, one group): the router transformers' V2 runs."""
     ms = translate({"moe_config": {"use_gating_sigmoid": False, "balance_via_topk_bias": False, "expert_num": 8,
                                    "num_experts_chosen": 2, "n_group": 1, "topk_group": 1, "norm_topk_prob": False,
-                                   "routed_scaling_factor": 2.5}}, quiet=True)["model"]
+                                   "routed_scaling_factor": 2.5}})[0]["model"]
     assert (ms["scoring_func"], ms["topk_method"]) == ("softmax", "noaux_tc")
     hf_cfg = hf_v2_config(topk_method="greedy", n_group=1, topk_group=1)
     ours = dataclasses.replace(from_hf_dict(hf_cfg.to_dict()), **ms)

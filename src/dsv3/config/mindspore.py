@@ -2,7 +2,8 @@
 
 Every key of the seed's files is in exactly one of three places:
 * a map to one of our fields (honoured; the tables in `dsv3.config.mindspore_keys`),
-* a rule below (a key whose value we check or translate, e.g. `aux_loss_factors`),
+* a rule below (a key whose value we check or translate, e.g. `aux_loss_factors`): `SECTIONS` maps
+  each top-level key to its rule, and `_combine` holds the rules that read several keys,
 * the IGNORED table (`dsv3.config.mindspore_keys`): keys that only mean something to MindSpore/Ascend
   (graph mode, fused ops, strategy files, ...). They are reported once, on one line.
 Any other key is an error naming it, so a misspelt key never passes silently.
@@ -11,8 +12,7 @@ Predict YAMLs (`dsv3 generate --config`) are read by `dsv3.config.mindspore_pred
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+from typing import Any, Callable
 
 from dsv3.config.mindspore_keys import _MODEL_MAP, _MOE_MAP, _PARALLEL_MAP, _Translator, _group
 from dsv3.errors import UserError
@@ -51,11 +51,11 @@ MINDFORMERS_LAYOUT = "_mindformers_layout"
 after the `--set` overrides, so a YAML run under another pipeline_stage (one process) reads as MindFormers would."""
 
 
-def mindformers_layout(o: dict, overrides: list[str] | None, source: str = "config") -> None:
+def mindformers_layout(o: dict, overrides: list[str] | None, source: str = "config") -> list[str]:
     """MindFormers' reading of `model_config.offset` and `recompute_config.recompute` for the pipeline_stage
     that runs (the YAML's, or `--set parallel.pipeline_stage`): the offsets only when there are stages to place
     (one stage: dropped), `recompute[i]` for stage i and at most its layers (`_mindformers_recompute_counts`).
-    A list the user set with `--set` is kept as given. Each change is said on stderr."""
+    A list the user set with `--set` is kept as given. Returns the note saying what changed, if anything."""
     par = o.get("parallel") or {}
     given = {item.split("=", 1)[0].strip() for item in overrides or []}
     notes = []
@@ -66,199 +66,211 @@ def mindformers_layout(o: dict, overrides: list[str] | None, source: str = "conf
         note = _mindformers_recompute_counts(o)
         if note:
             notes.append(note)
-    if notes:
-        print(f"{source}: {'; '.join(notes)}", file=sys.stderr)
+    return [f"{source}: {'; '.join(notes)}"] if notes else []
 
 
-def translate(data: dict, source: str = "config", quiet: bool = False, list_ignored: bool = True) -> dict:
-    """Translate a MindSpore-style run YAML into our RunConfig dict (see the module docstring).
-    The ignored keys go to stderr on one line: listed, or only counted with `list_ignored=False`
-    (`dsv3 dryrun` / `balance` without `--verbose`)."""
+def translate(data: dict, source: str = "config", list_ignored: bool = True) -> tuple[dict, list[str]]:
+    """Translate a MindSpore-style run YAML into our RunConfig dict (see the module docstring): every
+    top-level key through its rule in `SECTIONS`, then the rules that combine keys (`_combine`).
+    Returns the dict and the notes for the user (the ignored keys on one line: listed, or only counted
+    with `list_ignored=False`, as `dsv3 dryrun` / `balance` do without `--verbose`); the caller prints them."""
     t = _Translator(source)
+    t.walk(data, "", {key: (lambda v, p, rule=rule: rule(t, v, p)) for key, rule in SECTIONS.items()})
+    _combine(t)
+    _sft_dataset(t)
+    if t.ignored:
+        listed = _group(t.ignored) if list_ignored else f"{len(t.ignored)} keys (--verbose lists them)"
+        t.notes.append(f"{source}: ignored (MindSpore/Ascend-only): {listed}")
+    return {k: v for k, v in t.out.items() if v}, t.notes
+
+
+def _keep(t: _Translator, key: str) -> Callable[[Any, str], None]:
+    """A handler that keeps the value and its path for `_combine`."""
+    return lambda val, path: t.extra.__setitem__(key, (val, path))
+
+
+def _model_config(t: _Translator, v: Any, p: str) -> None:
     o = t.out
-    extra: dict[str, Any] = {}
 
-    def model_config(v, p):
-        def ext(val, path):
-            if str(val) not in ("None", "none"):
-                raise t.err(path, f"{val!r} is not supported for pretraining (expected 'None': plain RoPE)")
-            o["model"]["rope_scaling"] = None
+    def ext(val, path):
+        if str(val) not in ("None", "none"):
+            raise t.err(path, f"{val!r} is not supported for pretraining (expected 'None': plain RoPE)")
+        o["model"]["rope_scaling"] = None
 
-        def dtype(val, path):
-            if val not in ("bfloat16", "float32", "float16"):
-                raise t.err(path, f"{val!r} is not a dtype (bfloat16 / float32)")
-            if val == "float16":
-                raise t.err(path, "float16 training is not supported; use bfloat16 (fp32 master weights)")
-            o["train"]["precision"] = "bf16" if val == "bfloat16" else "fp32"
+    def dtype(val, path):
+        if val not in ("bfloat16", "float32", "float16"):
+            raise t.err(path, f"{val!r} is not a dtype (bfloat16 / float32)")
+        if val == "float16":
+            raise t.err(path, "float16 training is not supported; use bfloat16 (fp32 master weights)")
+        o["train"]["precision"] = "bf16" if val == "bfloat16" else "fp32"
 
-        def offset(val, path):
-            # MindFormers: stage i holds (num_layers + mtp_depth) // pipeline_stage + offset[i] layers
-            if isinstance(val, list) and all(isinstance(x, int) for x in val):
-                o["parallel"]["pp_layer_offset"] = val
-            elif val != 0:
-                raise t.err(path, f"{val!r}: expected 0 or a list of ints, one per pipeline stage (nested lists "
-                                  f"for interleaved stages are not supported)")
+    def offset(val, path):
+        # MindFormers: stage i holds (num_layers + mtp_depth) // pipeline_stage + offset[i] layers
+        if isinstance(val, list) and all(isinstance(x, int) for x in val):
+            o["parallel"]["pp_layer_offset"] = val
+        elif val != 0:
+            raise t.err(path, f"{val!r}: expected 0 or a list of ints, one per pipeline stage (nested lists "
+                              f"for interleaved stages are not supported)")
 
-        h = {k: t.put("model", f) for k, f in _MODEL_MAP.items()}
-        h.update(offset=offset, seq_length=lambda val, path: extra.__setitem__("seq_length", (val, path)),
-                 mtp_loss_factor=t.put("train", "mtp_loss_factor"), extend_method=ext, compute_dtype=dtype)
-        t.walk(v, p, h)
+    h = {k: t.put("model", f) for k, f in _MODEL_MAP.items()}
+    h.update(offset=offset, seq_length=_keep(t, "seq_length"), mtp_loss_factor=t.put("train", "mtp_loss_factor"),
+             extend_method=ext, compute_dtype=dtype)
+    t.walk(v, p, h)
 
-    def arch(v, p):
-        t.walk(v, p, {"type": t.expect(("DeepseekV3ForCausalLM",)), "auto_register": lambda *_: None})
 
-    def moe(v, p):
-        def sigmoid(val, path):
-            o["model"]["scoring_func"] = "sigmoid" if val else "softmax"
+def _model(t: _Translator, v: Any, p: str) -> None:
+    arch = lambda val, path: t.walk(val, path, {"type": t.expect(("DeepseekV3ForCausalLM",)), "auto_register": lambda *_: None})
+    t.walk(v, p, {"model_config": lambda val, path: _model_config(t, val, path), "arch": arch})
 
-        def balance(val, path):
-            extra["balance"] = bool(val)
 
-        def aux(val, path):
-            extra["aux_factors"] = (val, path)
+def _moe(t: _Translator, v: Any, p: str) -> None:
+    def z_loss(val, path):
+        if val:
+            raise t.err(path, f"{val} is not supported (DeepSeek-V3 uses no z-loss); set 0")
 
-        def aux_types(val, path):
-            extra["aux_types"] = (val, path)
+    h = {k: t.put("model", f) for k, f in _MOE_MAP.items()}
+    h.update(use_gating_sigmoid=lambda val, path: t.out["model"].__setitem__("scoring_func", "sigmoid" if val else "softmax"),
+             balance_via_topk_bias=lambda val, path: t.extra.__setitem__("balance", bool(val)),
+             topk_bias_update_rate=t.put("train", "bias_update_rate"), aux_loss_factors=_keep(t, "aux_factors"),
+             aux_loss_types=_keep(t, "aux_types"), z_loss_factor=z_loss, routing_policy=t.expect(("TopkRouterV2",)))
+    t.walk(v, p, h)
 
-        def z_loss(val, path):
-            if val:
-                raise t.err(path, f"{val} is not supported (DeepSeek-V3 uses no z-loss); set 0")
 
-        h = {k: t.put("model", f) for k, f in _MOE_MAP.items()}
-        h.update(use_gating_sigmoid=sigmoid, balance_via_topk_bias=balance, topk_bias_update_rate=t.put("train", "bias_update_rate"),
-                 aux_loss_factors=aux, aux_loss_types=aux_types, z_loss_factor=z_loss,
-                 routing_policy=t.expect(("TopkRouterV2",)))
-        t.walk(v, p, h)
+def _data_config(t: _Translator, v: Any, p: str) -> None:
+    o = t.out
 
-    def model(v, p):
-        t.walk(v, p, {"model_config": model_config, "arch": arch})
+    def data_path(val, path):
+        if not isinstance(val, list) or not val:
+            raise t.err(path, f"expected a list [weight, prefix, ...], got {val!r}")
+        items = [str(x) for x in val]
+        o["data"]["data_path"] = items[1:] if len(items) == 2 else items  # a single weighted prefix is the prefix
 
-    def data_config(v, p):
-        def data_path(val, path):
-            if not isinstance(val, list) or not val:
-                raise t.err(path, f"expected a list [weight, prefix, ...], got {val!r}")
-            items = [str(x) for x in val]
-            # A single weighted prefix is just the prefix.
-            o["data"]["data_path"] = items[1:] if len(items) == 2 else items
+    def off(val, path):
+        if val:
+            raise t.err(path, "True is not supported (samples are packed without attention reset)")
 
-        def off(val, path):
-            if val:
-                raise t.err(path, "True is not supported (samples are packed without attention reset)")
+    t.walk(v, p, {"random_seed": t.put("data", "random_seed"), "seq_length": _keep(t, "data_seq"),
+                  "split": lambda val, path: o["data"].__setitem__("split", str(val).replace(" ", "")),
+                  "reset_position_ids": t.put("data", "reset_position_ids"), "reset_attention_mask": off,
+                  "eod_mask_loss": t.put("data", "eod_mask_loss"), "data_path": data_path})
 
-        t.walk(v, p, {"random_seed": t.put("data", "random_seed"), "seq_length": lambda val, path: extra.__setitem__("data_seq", (val, path)),
-                      "split": lambda val, path: o["data"].__setitem__("split", str(val).replace(" ", "")),
-                      "reset_position_ids": t.put("data", "reset_position_ids"), "reset_attention_mask": off,
-                      "eod_mask_loss": t.put("data", "eod_mask_loss"), "data_path": data_path})
 
-    def data_loader(v, p):
-        def sizes(val, path):
-            if not isinstance(val, list) or not 1 <= len(val) <= 3:
-                raise t.err(path, f"expected [train, valid, test] sample counts, got {val!r}")
-            extra["sizes"] = [int(x) for x in val]
+def _train_dataset(t: _Translator, v: Any, p: str) -> None:
+    def sizes(val, path):
+        if not isinstance(val, list) or not 1 <= len(val) <= 3:
+            raise t.err(path, f"expected [train, valid, test] sample counts, got {val!r}")
+        t.extra["sizes"] = [int(x) for x in val]
 
-        def loader_type(val, path):
-            extra["loader"] = val
+    loader = lambda val, path: t.walk(val, path, {
+        "type": t.expect(("BlendedMegatronDatasetDataLoader", "MindDataset"), lambda val, _: t.extra.__setitem__("loader", val)),
+        "sizes": sizes, "config": lambda val, path: _data_config(t, val, path),
+        "dataset_dir": _keep(t, "dataset_dir"), "shuffle": _keep(t, "shuffle")})
+    t.walk(v, p, {"data_loader": loader})
 
-        t.walk(v, p, {"type": t.expect(("BlendedMegatronDatasetDataLoader", "MindDataset"), loader_type), "sizes": sizes,
-                      "config": data_config, "dataset_dir": lambda val, path: extra.__setitem__("dataset_dir", (val, path)),
-                      "shuffle": lambda val, path: extra.__setitem__("shuffle", (val, path))})
 
-    def train_dataset(v, p):
-        t.walk(v, p, {"data_loader": data_loader})
+def _lr(t: _Translator, v: Any, p: str) -> None:
+    types = {"ConstantWarmUpLR": "ConstantWarmUpLR", "CosineWithWarmUpLR": "cosine"}
 
-    def runner(v, p):
-        t.walk(v, p, {"epochs": lambda val, path: extra.__setitem__("epochs", int(val)), "batch_size": t.put("train", "batch_size")})
+    def total(val, path):
+        if val is not None and int(val) > 0:
+            t.out["lr_schedule"]["total_steps"] = int(val)
 
-    def wrapper(v, p):
-        t.walk(v, p, {"use_clip_grad": lambda val, path: o["optimizer"].setdefault("clip_grad", 1.0 if val else 0.0),
-                      "max_grad_norm": t.put("optimizer", "clip_grad")})
+    t.walk(v, p, {"type": t.expect(tuple(types), lambda val, path: t.out["lr_schedule"].__setitem__("type", types[val])),
+                  "learning_rate": t.put("lr_schedule", "learning_rate"), "warmup_steps": t.put("lr_schedule", "warmup_steps"),
+                  "warmup_ratio": t.put("lr_schedule", "warmup_ratio"), "lr_end": t.put("lr_schedule", "min_lr"),
+                  "total_steps": total})
 
-    def optimizer(v, p):
-        t.walk(v, p, {"type": t.expect(("AdamW", "adamw")), "betas": t.put("optimizer", "betas"), "eps": t.put("optimizer", "eps"),
-                      "weight_decay": t.put("optimizer", "weight_decay")})
 
-    def lr(v, p):
-        types = {"ConstantWarmUpLR": "ConstantWarmUpLR", "CosineWithWarmUpLR": "cosine"}
+def _recompute_config(t: _Translator, v: Any, p: str) -> None:
+    def recompute(val, path):
+        if isinstance(val, bool):
+            t.extra["recompute"] = val
+        elif isinstance(val, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in val):
+            t.extra["recompute"] = True
+            t.out["parallel"]["recompute_layers"] = val
+        else:
+            raise t.err(path, f"{val!r}: expected a bool or a list of layer counts, one per pipeline stage")
 
-        def total(val, path):
-            if val is not None and int(val) > 0:
-                o["lr_schedule"]["total_steps"] = int(val)
+    def select(val, path):
+        if not isinstance(val, bool):
+            raise t.err(path, f"{val!r}: only a bool is supported (True: recompute all but matrix products)")
+        t.extra["select_recompute"] = val
 
-        t.walk(v, p, {"type": t.expect(tuple(types), lambda val, path: o["lr_schedule"].__setitem__("type", types[val])),
-                      "learning_rate": t.put("lr_schedule", "learning_rate"), "warmup_steps": t.put("lr_schedule", "warmup_steps"),
-                      "warmup_ratio": t.put("lr_schedule", "warmup_ratio"), "lr_end": t.put("lr_schedule", "min_lr"),
-                      "total_steps": total})
+    t.walk(v, p, {"recompute": recompute, "select_recompute": select})
 
-    def parallel_config(v, p):
-        t.walk(v, p, {k: t.put("parallel", f) for k, f in _PARALLEL_MAP.items()})
 
-    def recompute_config(v, p):
-        def recompute(val, path):
-            if isinstance(val, bool):
-                extra["recompute"] = val
-            elif isinstance(val, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in val):
-                extra["recompute"] = True
-                o["parallel"]["recompute_layers"] = val
-            else:
-                raise t.err(path, f"{val!r}: expected a bool or a list of layer counts, one per pipeline stage")
+def _callbacks(t: _Translator, v: Any, p: str) -> None:
+    o = t.out
+    if not isinstance(v, list):
+        raise t.err(p, f"expected a list of callbacks, got {v!r}")
 
-        def select(val, path):
-            if not isinstance(val, bool):
-                raise t.err(path, f"{val!r}: only a bool is supported (True: recompute all but matrix products)")
-            extra["select_recompute"] = val
+    def same_rate(val, path):  # the anchors of moe_config; the update itself is ours (dsv3.train.balance)
+        if "bias_update_rate" in o["train"] and o["train"]["bias_update_rate"] != val:
+            raise t.err(path, f"{val} differs from moe_config.topk_bias_update_rate {o['train']['bias_update_rate']}")
+        o["train"]["bias_update_rate"] = val
 
-        t.walk(v, p, {"recompute": recompute, "select_recompute": select})
+    ign = lambda val, path: t.ignored.append(path)
+    kinds = {"MFLossMonitor": {"per_print_times": t.put("logging", "log_interval")},
+             "TopkBiasBalanceCallback": {
+                 "balance_via_topk_bias": lambda val, path: t.extra.__setitem__("balance", t.extra.get("balance", True) and bool(val)),
+                 "topk_bias_update_rate": same_rate, "expert_num": lambda *_: None, "micro_batch_num": lambda *_: None},
+             "CheckpointMonitor": {"save_checkpoint_steps": t.put("checkpoint", "save_steps"),
+                                   "keep_checkpoint_max": t.put("checkpoint", "keep_last"),
+                                   **{k: ign for k in ("prefix", "integrated_save", "async_save", "checkpoint_format")}}}
+    for i, cb in enumerate(v):
+        where = f"{p}[{i}]"
+        if not isinstance(cb, dict) or "type" not in cb:
+            raise t.err(where, "expected a mapping with a 'type'")
+        if cb["type"] not in kinds:
+            raise t.err(where, f"callback type {cb['type']!r} is not known (expected {', '.join(kinds)})")
+        t.walk({k: val for k, val in cb.items() if k != "type"}, where, kinds[cb["type"]])
 
-    def callbacks(v, p):
-        if not isinstance(v, list):
-            raise t.err(p, f"expected a list of callbacks, got {v!r}")
-        for i, cb in enumerate(v):
-            where = f"{p}[{i}]"
-            if not isinstance(cb, dict) or "type" not in cb:
-                raise t.err(where, "expected a mapping with a 'type'")
-            kind, rest = cb["type"], {k: val for k, val in cb.items() if k != "type"}
-            if kind == "MFLossMonitor":
-                t.walk(rest, where, {"per_print_times": t.put("logging", "log_interval")})
-            elif kind == "TopkBiasBalanceCallback":
-                # Same anchors as moe_config; the update itself is ours (dsv3.train.balance).
-                def same_rate(val, path):
-                    if "bias_update_rate" in o["train"] and o["train"]["bias_update_rate"] != val:
-                        raise t.err(path, f"{val} differs from moe_config.topk_bias_update_rate {o['train']['bias_update_rate']}")
-                    o["train"]["bias_update_rate"] = val
 
-                t.walk(rest, where, {"balance_via_topk_bias": lambda val, path: extra.__setitem__("balance", extra.get("balance", True) and bool(val)),
-                                     "topk_bias_update_rate": same_rate,
-                                     "expert_num": lambda *_: None, "micro_batch_num": lambda *_: None})
-            elif kind == "CheckpointMonitor":
-                def ign(val, path):
-                    t.ignored.append(path)
-                t.walk(rest, where, {"save_checkpoint_steps": t.put("checkpoint", "save_steps"),
-                                     "keep_checkpoint_max": t.put("checkpoint", "keep_last"),
-                                     "prefix": ign, "integrated_save": ign, "async_save": ign, "checkpoint_format": ign})
-            else:
-                raise t.err(where, f"callback type {kind!r} is not known (expected MFLossMonitor, TopkBiasBalanceCallback, CheckpointMonitor)")
+def _parallel_context(t: _Translator, v: Any, p: str) -> None:
+    if not isinstance(v, dict):
+        raise t.err(p, f"expected a mapping, got {v!r}")
+    if "enable_parallel_optimizer" in v:  # MindSpore's optimizer sharding over dp: FSDP here, else replicated (DDP)
+        t.out["parallel"]["dp_shard"] = "fsdp" if v["enable_parallel_optimizer"] else "ddp"
+    if set(v) - {"enable_parallel_optimizer"}:
+        t.ignored.append(f"{p} (the graph-mode parallel context; enable_parallel_optimizer is read as parallel.dp_shard)")
 
-    def parallel_context(v, p):
-        if not isinstance(v, dict):
-            raise t.err(p, f"expected a mapping, got {v!r}")
-        if "enable_parallel_optimizer" in v:  # MindSpore's optimizer sharding over dp: FSDP here, else replicated (DDP)
-            o["parallel"]["dp_shard"] = "fsdp" if v["enable_parallel_optimizer"] else "ddp"
-        if set(v) - {"enable_parallel_optimizer"}:
-            t.ignored.append(f"{p} (the graph-mode parallel context; enable_parallel_optimizer is read as parallel.dp_shard)")
 
-    def load_ckpt(v, p):
-        if v:  # an HF safetensors or dsv3 checkpoint directory (MindSpore .ckpt files are refused when loading)
-            o["train"]["init_from"] = str(v)
+def _load_ckpt(t: _Translator, v: Any, p: str) -> None:
+    if v:  # an HF safetensors or dsv3 checkpoint directory (MindSpore .ckpt files are refused when loading)
+        t.out["train"]["init_from"] = str(v)
 
-    t.walk(data, "", {
-        "seed": t.put("train", "seed"), "output_dir": t.put("checkpoint", "output_dir"),
-        "resume_training": t.put("checkpoint", "resume"), "load_checkpoint": load_ckpt,
-        "run_mode": t.expect(("train",)), "runner_config": runner, "runner_wrapper": wrapper, "optimizer": optimizer,
-        "lr_schedule": lr, "train_dataset": train_dataset, "parallel_config": parallel_config, "model": model,
-        "moe_config": moe, "callbacks": callbacks, "recompute_config": recompute_config, "parallel": parallel_context,
-    })
 
-    # --- rules that combine several keys
+def _put(section: str, field: str) -> Callable[[_Translator, Any, str], None]:
+    return lambda t, v, p: t.put(section, field)(v, p)
+
+
+def _walk(handlers: Callable[[_Translator], dict]) -> Callable[[_Translator, Any, str], None]:
+    """The rule of a section whose keys all have plain handlers (`handlers(t)`)."""
+    return lambda t, v, p: t.walk(v, p, handlers(t))
+
+
+SECTIONS: dict[str, Callable[[_Translator, Any, str], None]] = {
+    "seed": _put("train", "seed"), "output_dir": _put("checkpoint", "output_dir"),
+    "resume_training": _put("checkpoint", "resume"), "load_checkpoint": _load_ckpt,
+    "run_mode": lambda t, v, p: t.expect(("train",))(v, p),
+    "runner_config": _walk(lambda t: {"epochs": lambda val, path: t.extra.__setitem__("epochs", int(val)),
+                                      "batch_size": t.put("train", "batch_size")}),
+    "runner_wrapper": _walk(lambda t: {"use_clip_grad": lambda val, path: t.out["optimizer"].setdefault("clip_grad", 1.0 if val else 0.0),
+                                       "max_grad_norm": t.put("optimizer", "clip_grad")}),
+    "optimizer": _walk(lambda t: {"type": t.expect(("AdamW", "adamw")), "betas": t.put("optimizer", "betas"),
+                                  "eps": t.put("optimizer", "eps"), "weight_decay": t.put("optimizer", "weight_decay")}),
+    "lr_schedule": _lr, "train_dataset": _train_dataset,
+    "parallel_config": _walk(lambda t: {k: t.put("parallel", f) for k, f in _PARALLEL_MAP.items()}),
+    "model": _model, "moe_config": _moe, "callbacks": _callbacks, "recompute_config": _recompute_config,
+    "parallel": _parallel_context,
+}
+"""Top-level key of a MindSpore run YAML -> its rule (translator, value, path); any other key is an
+error (or listed as ignored, `dsv3.config.mindspore_keys._IGNORED`)."""
+
+
+def _combine(t: _Translator) -> None:
+    """The rules that combine several keys (sequence lengths, balance losses, recompute, steps, eval)."""
+    o, extra = t.out, t.extra
     seq, seq_path = extra.get("seq_length", (None, None))
     dseq, dseq_path = extra.get("data_seq", (None, None))
     if seq is not None and dseq is not None and seq != dseq:
@@ -287,18 +299,13 @@ def translate(data: dict, source: str = "config", quiet: bool = False, list_igno
         par = o["parallel"]
         gbs = o["train"].get("batch_size", 1) * par.get("data_parallel", 1) * par.get("micro_batch_num", 1)
         o["train"]["steps"] = max(1, extra["epochs"] * sizes[0] // gbs)
-    _sft_dataset(t, extra, source, quiet)
     if len(sizes) > 1 and sizes[1] > 0:
         o["eval"]["eval_iters"] = sizes[1]
-    if t.ignored and not quiet:
-        listed = _group(t.ignored) if list_ignored else f"{len(t.ignored)} keys (--verbose lists them)"
-        print(f"{source}: ignored (MindSpore/Ascend-only): {listed}", file=sys.stderr)
-    return {k: v for k, v in o.items() if v}
 
 
-def _sft_dataset(t: _Translator, extra: dict, source: str, quiet: bool) -> None:
+def _sft_dataset(t: _Translator) -> None:
     """A fine-tuning YAML's `MindDataset` -> our SFT data (`data.type: sft`); its epochs -> train.epochs."""
-    o = t.out
+    o, extra = t.out, t.extra
     if "shuffle" in extra and extra.get("loader") != "MindDataset":
         t.ignored.append(extra["shuffle"][1])
     if extra.get("loader") != "MindDataset":
@@ -314,7 +321,6 @@ def _sft_dataset(t: _Translator, extra: dict, source: str, quiet: bool) -> None:
         o["data"]["sft"]["shuffle"] = bool(extra["shuffle"][0])
     if "epochs" in extra:
         o["train"]["epochs"] = extra["epochs"]
-    if not quiet:
-        print(f"{source}: train_dataset.data_loader MindDataset -> data.type sft, data.sft.path {path} (read as dsv3 SFT "
-              f"data: a `dsv3 preprocess --dataset-type qa|chat` prefix or an Alpaca/chat .json/.jsonl; MindRecord files are not read)",
-              file=sys.stderr)
+    t.notes.append(f"{t.source}: train_dataset.data_loader MindDataset -> data.type sft, data.sft.path {path} (read as dsv3 "
+                   f"SFT data: a `dsv3 preprocess --dataset-type qa|chat` prefix or an Alpaca/chat .json/.jsonl; MindRecord "
+                   f"files are not read)")

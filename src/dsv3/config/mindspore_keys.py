@@ -68,6 +68,10 @@ class _Translator:
         self.out: dict[str, dict[str, Any]] = {k: {} for k in ("model", "data", "train", "optimizer", "lr_schedule",
                                                                 "checkpoint", "eval", "logging", "parallel")}
         self.ignored: list[str] = []
+        self.extra: dict[str, Any] = {}
+        """Values kept (with their paths) for the rules that combine several keys."""
+        self.notes: list[str] = []
+        """What the user should read about the translation (printed by the caller)."""
 
     def err(self, where: str, msg: str) -> UserError:
         return UserError(f"{self.source}: {where}: {msg}")

@@ -92,7 +92,7 @@ def predict_model(data: dict, source: str = "config") -> dict:
     if not yarn and "extend_method" in (data.get("model") or {}).get("model_config", {}):
         mc["extend_method"] = data["model"]["model_config"]["extend_method"]  # None: plain RoPE, as for training
     sections = {"model": {"model_config": mc}, **({"moe_config": data["moe_config"]} if "moe_config" in data else {})}
-    model = translate(sections, source, quiet=True).get("model", {})
+    model = translate(sections, source)[0].get("model", {})  # only the model sections: no run notes to show
     if yarn and scaling is not None:
         if not isinstance(scaling, dict):
             raise UserError(f"{source}: model.model_config.scaling_factor is a {type(scaling).__name__}, expected the YaRN "

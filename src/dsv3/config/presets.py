@@ -46,7 +46,7 @@ def load_model_config(name_or_path: str | Path, overrides: list[str] | None = No
             data = {"model": predict_model(data, str(p))}
         else:  # as `dsv3 train` reads it; the run settings are not read here
             model_only = {k: data[k] for k in ("model", "moe_config") if k in data}
-            data = {"model": translate(model_only, str(p), quiet=True).get("model", {})}
+            data = {"model": translate(model_only, str(p))[0].get("model", {})}  # its notes are about the run: not read here
     data = apply_overrides(data, overrides)
     if "model" not in data:
         raise UserError(f"{p}: no 'model:' section")

@@ -8,6 +8,7 @@ dict first. This module does not import torch.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -347,17 +348,26 @@ class RunConfig:
         return Path(self.checkpoint.output_dir)
 
 
-def run_config_from_dict(data: dict, overrides: list[str] | None = None, source: str = "config") -> RunConfig:
-    """RunConfig from our dict (or a MindSpore dict, translated first), with `--set` overrides applied."""
+def run_config_from_dict(data: dict, overrides: list[str] | None = None, source: str = "config",
+                         notes: list[str] | None = None) -> RunConfig:
+    """RunConfig from our dict (or a MindSpore dict, translated first), with `--set` overrides applied.
+    What the MindSpore translation has to say (ignored keys, layouts read as MindFormers reads them)
+    goes to `notes` for the caller to print; None: straight to stderr."""
+    said: list[str] = []
     if is_mindspore_yaml(data):
         from dsv3.config.mindspore import translate
 
-        data = translate(data, source)
+        data, said = translate(data, source)
     data = apply_overrides(data, overrides)
     if data.pop("_mindformers_layout", False):  # translated (here or by the caller): MindFormers' offset / recompute reading
         from dsv3.config.mindspore import mindformers_layout
 
-        mindformers_layout(data, overrides, source)
+        said += mindformers_layout(data, overrides, source)
+    if notes is not None:
+        notes += said
+    else:
+        for line in said:
+            print(line, file=sys.stderr)
     try:
         cfg = from_dict(RunConfig, data, "")
     except UserError as e:
@@ -365,11 +375,12 @@ def run_config_from_dict(data: dict, overrides: list[str] | None = None, source:
     return cfg
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a run YAML (ours or the seed's MindSpore style; a path or a shipped preset's name) and validate it."""
+def load_run_config(path: str | Path, overrides: list[str] | None = None, notes: list[str] | None = None) -> RunConfig:
+    """Read a run YAML (ours or the seed's MindSpore style; a path or a shipped preset's name) and validate it
+    (`notes`: as `run_config_from_dict`'s)."""
     from dsv3.config.presets import resolve_preset
 
     path = resolve_preset(path)
-    cfg = run_config_from_dict(read_yaml(path), overrides, str(path))
+    cfg = run_config_from_dict(read_yaml(path), overrides, str(path), notes)
     cfg.validate()
     return cfg

@@ -99,10 +99,12 @@ def load_layout(args: argparse.Namespace):
         if memory is None and isinstance(ctx, dict) and ctx.get("max_device_memory") is not None:
             memory, source = ctx["max_device_memory"], "context.max_device_memory"
             memory = parse_bytes(memory, f"{path}: context.max_device_memory")
-        data = translate(data, str(path), list_ignored=args.verbose)
+        data, notes = translate(data, str(path), list_ignored=args.verbose)
     if memory is None:
         memory, source = DEFAULT_DEVICE_MEMORY, "the default"
-    cfg = run_config_from_dict(data, args.overrides, str(path))
+    cfg = run_config_from_dict(data, args.overrides, str(path), notes)
+    for line in notes:
+        print(line, file=sys.stderr)
     cfg.validate()
     return cfg, parse_bytes(memory) if isinstance(memory, str) else memory, source
 

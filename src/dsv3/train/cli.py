@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from dsv3.errors import UserError
 
@@ -38,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.append("checkpoint.resume=true")
     if args.tokenizer:
         overrides.append(f"data.tokenizer={args.tokenizer}")
-    cfg = load_run_config(args.config, overrides)
+    notes: list[str] = []
+    cfg = load_run_config(args.config, overrides, notes)
+    for line in notes:  # what reading a MindSpore YAML changed or skipped
+        print(line, file=sys.stderr)
     if args.dump_config:
         import yaml
 
@@ -62,8 +66,6 @@ def _train(cfg) -> int:
         check_fits_one_process(cfg, resolve_device(cfg.train.device))  # before any allocation
         p = cfg.parallel
         if p.data_parallel > 1 or any(v > 1 for v in (p.model_parallel, p.pipeline_stage, p.expert_parallel)):
-            import sys
-
             print(f"dsv3 train: one process: parallel sizes (dp {p.data_parallel}, mp {p.model_parallel}, pp {p.pipeline_stage}, "
                   f"ep {p.expert_parallel}) are not applied; the global batch is kept by accumulating "
                   f"{cfg.micro_batches_per_step()} micro-batches per step (use `dsv3 launch` for several processes)", file=sys.stderr)
