@@ -21,23 +21,13 @@ from torch import nn
 from dsv3.checkpoint import hf_map
 from dsv3.checkpoint.reader import CheckpointReader, _few, check_layer_count, count_mtp_layers, load_dir_config, read_weight
 from dsv3.config.schema import ModelConfig
+from dsv3.devices import DTYPES, parse_dtype  # noqa: F401 (the loader's dtype rule; re-exported)
 from dsv3.errors import UserError
 
 KEEP_FP32 = ("e_score_correction_bias",)
 """Tensors kept in fp32 whatever dtype the model is loaded in (routing must be exact)."""
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype | None, default: str = "bfloat16") -> torch.dtype:
-    """'bf16' / 'bfloat16' / torch.bfloat16 / None (-> default) -> torch.dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype if dtype is not None else default).replace("torch.", "")
-    if key not in _DTYPES:
-        raise UserError(f"dtype {dtype!r} is not supported (choose from {', '.join(sorted(_DTYPES))})")
-    return _DTYPES[key]
+_DTYPES = DTYPES
 
 
 def resolve_config(path: str | Path, reader: CheckpointReader, mtp: bool | None, **runtime) -> tuple[ModelConfig, int]:

@@ -226,9 +226,10 @@ class _Writer:
         os.replace(self.tmp_prefix + ".idx", self.final_prefix + ".idx")
 
     def discard(self) -> None:
+        """Close and delete the partial files (an error is already on its way up: it is not masked)."""
         try:
-            self.builder._bin.close()
-        except Exception:
+            self.builder._bin.close()  # closing twice is a no-op
+        except OSError:  # flushing the partial .bin failed (e.g. a full disk): the file is deleted just below
             pass
         for ext in (".bin", ".idx"):
             try:

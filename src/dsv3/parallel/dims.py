@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from dsv3.config.layout import ParallelDims
+from dsv3.devices import resolve_device
 from dsv3.errors import UserError
 
 @dataclass
@@ -79,7 +80,7 @@ class Meshes:
 def init_distributed(device_type: str | None = None) -> torch.device:
     """Initialise the default process group from torchrun's environment (gloo on CPU, nccl on CUDA)."""
     if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        device_type = resolve_device("auto").type
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = torch.device("cuda", torch.cuda.current_device())

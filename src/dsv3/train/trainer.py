@@ -24,25 +24,21 @@ from typing import Any, Callable
 
 import torch
 
-from dsv3 import threads
+from dsv3 import devices, threads
 from dsv3.config.load import dump_yaml
 from dsv3.config.train import RunConfig
 from dsv3.errors import UserError
-from dsv3.train.distributed import make_strategy
-from dsv3.train.strategy import Strategy
 from dsv3.train import balance, checkpoint, metrics, precision
+from dsv3.train.distributed import make_strategy
 from dsv3.train.host_memory import keep_freed_memory
 from dsv3.train.lr_schedule import build_scheduler
 from dsv3.train.optim import clip_coefficient, step_with_clip
+from dsv3.train.strategy import Strategy
 
 
 # ----------------------------------------------------------------------------------------- setup
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device {name!r}: CUDA is not available on this machine (use 'cpu' or 'auto')")
-    return torch.device(name)
+    return devices.resolve_device(name, "train.device")
 
 
 def check_fits_one_process(cfg: RunConfig, device: torch.device) -> None:
