@@ -126,3 +126,25 @@ def test_absent_weight_decay_is_mindformers_default(data_dir):
     assert run_config_from_dict(copy.deepcopy(d), source="671b.yaml").optimizer.weight_decay == 0.0
     d["optimizer"]["weight_decay"] = 0.05
     assert run_config_from_dict(d, source="671b.yaml").optimizer.weight_decay == 0.05
+
+
+def test_translate_returns_its_notes_and_the_cli_prints_them(data_dir, capsys):
+    """`translate` (a table of per-section rules) prints nothing: it returns the ignored-keys line for the
+    caller; `run_config_from_dict(..., notes=[...])` hands them on; `dsv3 train` prints them once."""
+    import subprocess
+    import sys
+
+    from dsv3.config.mindspore import SECTIONS, translate
+
+    out, notes = translate(_671b(data_dir), "671b.yaml")
+    assert capsys.readouterr().err == ""
+    assert len(notes) == 1 and notes[0].startswith("671b.yaml: ignored (MindSpore/Ascend-only):") and "capacity_factor" in notes[0]
+    assert out["model"]["hidden_size"] == 7168 and {"model", "moe_config", "parallel_config", "callbacks"} <= set(SECTIONS)
+    said: list[str] = []
+    run_config_from_dict(_671b(data_dir), source="671b.yaml", notes=said)
+    assert said == notes and capsys.readouterr().err == ""
+    yaml_path = data_dir.parent / "mindformers-configs" / "pretrain_deepseek3_671b.yaml"
+    p = subprocess.run([sys.executable, "-m", "dsv3", "train", "--config", str(yaml_path), "--dump-config"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "hidden_size: 7168" in p.stdout, p.stderr[-2000:]
+    assert sum("ignored (MindSpore/Ascend-only): " in line for line in p.stderr.splitlines()) == 1, p.stderr
