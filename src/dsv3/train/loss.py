@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from dsv3.kernels.onednn import mm_nt, uses_onednn
 from dsv3.model.mla import MLA
 
+Loss = torch.Tensor | float
+"""A loss term: a tensor in the step, a float in the log."""
+
 CE_CHUNK = 1024
 """Tokens per chunk of the fused head + cross-entropy (a [chunk, vocab] fp32 block at a time)."""
 
@@ -150,12 +153,11 @@ def logits_losses(logits: torch.Tensor, mtp_logits: list[torch.Tensor], labels: 
     return lm, mtp
 
 
-def combine(lm: torch.Tensor, mtp: torch.Tensor, aux: torch.Tensor | None, indexer: torch.Tensor | None,
-            main_weight: float = 1.0) -> torch.Tensor:
-    """The objective, composed here only: main_weight·(L_main + L_MTP + L_bal) + the DSA indexers' KL
-    losses. `aux` / `indexer` None where they are not in this graph (under pipeline parallelism they
-    ride on the activations' backward instead); main_weight 0 in the dense warm-up, where only the
-    indexers learn."""
+def combine(lm: Loss, mtp: Loss, aux: Loss | None, indexer: Loss | None, main_weight: float = 1.0) -> Loss:
+    """The objective, composed here only (the step's tensors, and the trainer's logged total from the
+    step's mean parts): main_weight·(L_main + L_MTP + L_bal) + the DSA indexers' KL losses. `aux` /
+    `indexer` None where they are not in this graph (under pipeline parallelism they ride on the
+    activations' backward instead); main_weight 0 in the dense warm-up, where only the indexers learn."""
     main = lm + mtp if aux is None else lm + mtp + aux
     return main_weight * main if indexer is None else main_weight * main + indexer
 

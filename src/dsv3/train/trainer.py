@@ -31,6 +31,7 @@ from dsv3.errors import UserError
 from dsv3.train import balance, checkpoint, metrics, precision
 from dsv3.train.distributed import make_strategy
 from dsv3.train.host_memory import keep_freed_memory
+from dsv3.train.loss import combine
 from dsv3.train.lr_schedule import build_scheduler
 from dsv3.train.optim import clip_coefficient, step_with_clip
 from dsv3.train.strategy import Strategy
@@ -264,7 +265,7 @@ class Trainer:
         counts = balance.balance_step(self.moe_layers, 0.0 if warmup else self.cfg.train.bias_update_rate, self.strategy.reduce_counts)
         self.step += 1
         rec = {k + "_loss": v for k, v in losses.items()}
-        rec["loss"] = self.strategy.main_loss_weight * (rec["lm_loss"] + rec["mtp_loss"] + rec["aux_loss"]) + rec["indexer_loss"]
+        rec["loss"] = float(combine(rec["lm_loss"], rec["mtp_loss"], rec["aux_loss"], rec["indexer_loss"], self.strategy.main_loss_weight))
         if not math.isfinite(rec["loss"]):
             raise UserError(f"loss is {rec['loss']} at step {self.step}: training diverged (lower lr_schedule.learning_rate "
                             f"or check the data); the last checkpoint is intact")
