@@ -43,7 +43,7 @@ import contextlib
 import torch
 from torch import nn
 
-from dsv3.config.layout import ParallelDims
+from dsv3.parallel.dims import ParallelDims
 from dsv3.tools.activations import ActivationProfile, StageActivation, compute_dtype
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
