@@ -80,9 +80,8 @@ def add_layout_arguments(p: argparse.ArgumentParser) -> None:
 def load_layout(args: argparse.Namespace):
     """(run config, device memory bytes, where that figure came from) of `--config`, `--set` and
     `--device-memory`; checks `--headroom` and `--imbalance`."""
-    from dsv3.config.load import read_yaml
+    from dsv3.config.load import is_mindspore_yaml, read_yaml
     from dsv3.config.presets import resolve_preset
-    from dsv3.config.load import is_mindspore_yaml
     from dsv3.config.train import run_config_from_dict
 
     if not 0 <= args.headroom < 1:
@@ -92,6 +91,7 @@ def load_layout(args: argparse.Namespace):
     path = resolve_preset(args.config)
     data = read_yaml(path)
     memory, source = args.device_memory, "--device-memory"
+    notes: list[str] = []
     if is_mindspore_yaml(data):
         from dsv3.config.mindspore import translate
 
