@@ -83,6 +83,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from dsv3.bench.provenance import provenance
+    from dsv3.bench.serve import write_json_atomic
     from dsv3.config.presets import load_model_config
     from dsv3.model.transformer import Transformer
 
@@ -90,9 +91,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     cfg = load_model_config(args.config)
     torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.reset_parameters(std=0.02)
-    model.eval()
+    model = Transformer(cfg).eval()
+    model.reset_parameters(std=0.02)  # random weights, wide enough that greedy logits have no ties
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, min(cfg.vocab_size, 100_000), (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
     paths = {"default": measure(model, prompts, args, False), "exact": measure(model, prompts, args, True)}
@@ -104,11 +104,7 @@ def main() -> int:
         "provenance": provenance(REPO),
     }
     print(json.dumps(res, indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(out)
+    write_json_atomic(Path(args.out), res)
     return 0
 
 
