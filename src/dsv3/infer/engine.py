@@ -100,8 +100,6 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
         if speculative and not len(getattr(model.model, "mtp", [])):
             raise ValueError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1, MTP weights loaded)")
         self.speculative = speculative
-        if batch_invariant and cfg.index_topk > 0:
-            raise ValueError("batch_invariant does not cover DeepSeek Sparse Attention (index_topk > 0)")
         self.batch_invariant = batch_invariant
         cache_layers = cfg.num_hidden_layers + (1 if speculative else 0)  # the MTP block has its own cache layer
         per_token = PagedLatentCache.bytes_per_token_per_layer(cfg, self.dtype) * cache_layers
