@@ -50,6 +50,7 @@ def test_request_is_bit_identical_alone_and_in_batches(model):
     assert crowd[:2] == alone[:2]  # prompt logprobs asked or not, the same tokens and logprobs
 
 
+@pytest.mark.extended  # the sensitivity check of the test above (CI budget); run with -m extended
 def test_default_path_differs(model):
     """The comparison above fails on the default (batched, naive-prefill) path: it does catch variance."""
     (alone, pair), (alone_np, crowd) = scenarios(model, False)
@@ -79,6 +80,7 @@ def test_speculative_request_is_bit_identical_alone_and_in_a_batch(model):
     assert batched == alone
 
 
+@pytest.mark.extended  # the sensitivity check of the test above (CI budget); run with -m extended
 def test_speculative_default_path_differs(model):
     alone, batched, _ = speculative_pair(model, False)
     assert batched != alone
