@@ -56,9 +56,8 @@ class ExactRunner(ModelRunner):
         super().__init__(model, cache, parallel)
 
     def _addresses(self, table: list[int], start: int, count: int) -> list[TokenAddress]:
-        bs = self.cache.block_size
-        slots = [table[p // bs] * bs + p % bs for p in range(start + count)]
-        return [TokenAddress(p, self._tensor([slots[p]]), self._tensor(slots[: p + 1])) for p in range(start, start + count)]
+        slots = self.cache.slots(self._tensor([table]), torch.arange(start + count, device=self.device)[None])[0]
+        return [TokenAddress(p, slots[p : p + 1], slots[: p + 1]) for p in range(start, start + count)]
 
     def _one(self, layer: int, addr: TokenAddress) -> OneQuery:
         return OneQuery(PagedLatents(self.cache, layer, addr, self.kv_lora_rank), self.w_uk[layer], self.w_uv_t[layer])
