@@ -19,7 +19,7 @@ chunked, and whether its prefix latents came from the cache: they were computed 
 The engine (`dsv3.infer.exact.ExactRunner`, latents in the paged cache) and the trainer's scoring
 (`dsv3.train.score`, latents in a list, differentiable) both call these functions, so a token scored
 by the trainer and the same token sampled by the server see identical arithmetic.
-Cost: one forward per token (no batching at all); docs/inference.md gives the figures.
+Cost: one forward per token (no batching at all); docs/inference.md, measured by bench/bench_invariance.py.
 """
 
 from __future__ import annotations
