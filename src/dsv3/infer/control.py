@@ -44,18 +44,26 @@ class ControlMixin:
     def update_weights(self, source: str | Path | Mapping[str, torch.Tensor], version: str | None = None) -> str:
         """Serve new weights from `source` (a checkpoint directory, or a mapping of dsv3 parameter names
         to tensors: all of them or a subset) without a restart -> the new weight version (`version`,
-        else the old one plus one when it is a number, else the count of updates)."""
-        if version is not None and (not isinstance(version, str) or not version or len(version) > MAX_VERSION_CHARS
-                                    or not version.isprintable()):
-            raise UserError(f"weight version must be a printable string of 1-{MAX_VERSION_CHARS} characters, "
-                            f"got {version!r:.60}")
+        else the old one plus one when it is a number, else the count of updates). Call it from the
+        thread that steps the engine (a server stages in a worker thread and applies between steps:
+        `stage_weights` then `apply_weights`)."""
+        return self.apply_weights(self.stage_weights(source, version), version)
+
+    def stage_weights(self, source: str | Path | Mapping[str, torch.Tensor], version: str | None = None) -> W.Staged:
+        """Read, check and (for quantised modules) quantise an update without touching the served
+        weights (safe while another thread steps the engine); `UserError` on anything wrong."""
+        check_version(version)
         if getattr(self.runner, "parallel", None) is not None:
             raise UserError("update_weights: a tensor/expert-parallel engine cannot take new weights in place yet; "
                             "restart it on the new checkpoint")
         if isinstance(source, (str, Path)):
-            staged = W.stage_dir(source, self.model, self.dtype, self.device)
-        else:
-            staged = W.stage_tensors(source, self.model, self.dtype, self.device)
+            return W.stage_dir(source, self.model, self.dtype, self.device)
+        return W.stage_tensors(source, self.model, self.dtype, self.device)
+
+    def apply_weights(self, staged: W.Staged, version: str | None = None) -> str:
+        """Write a staged update (between steps), recompute what derives from the weights, flush the
+        prefix cache, recompute the running sequences -> the new weight version."""
+        check_version(version)
         W.apply(self.model, staged)
         self.runner.refresh_weights()
         self.flush_cache()
@@ -90,6 +98,13 @@ class ControlMixin:
     def generation_idle(self) -> bool:
         """Whether a pause is complete: nothing runs (under "wait": the running requests have finished)."""
         return self.paused is not None and (self.paused == "keep" or not self.scheduler.running)
+
+
+def check_version(version: str | None) -> None:
+    if version is not None and (not isinstance(version, str) or not version or len(version) > MAX_VERSION_CHARS
+                                or not version.isprintable()):
+        raise UserError(f"weight version must be a printable string of 1-{MAX_VERSION_CHARS} characters, "
+                        f"got {version!r:.60}")
 
 
 def _next_version(old: str, updates: int) -> str:

@@ -95,12 +95,11 @@ def stage_dir(path: str | Path, model: nn.Module, dtype: torch.dtype, device: to
     return quantise_staged(model, tensors, dtype)
 
 
-def stage_tensors(tensors: Mapping[str, torch.Tensor], model: nn.Module, dtype: torch.dtype, device: torch.device,
-                  source: str = "update") -> Staged:
-    """A mapping of dsv3 parameter names to tensors (all of the model's or a subset), checked in full:
-    every name known, every value a floating tensor of the parameter's shape. MTP tensors of a model
-    served without MTP are skipped, as loading skips them; a tied head's `lm_head.weight` too."""
-    cfg: ModelConfig = model.config
+def check_tensors(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, source: str = "update") -> dict[str, torch.Tensor]:
+    """Check a mapping of dsv3 parameter names to tensors (all of the model's or a subset) in full: every
+    name known, every value a floating tensor of the parameter's shape (meta tensors check a description
+    before any data exists). MTP tensors of a model served without MTP are skipped, as loading skips
+    them, and so is a tied head's `lm_head.weight`. -> the entries to apply (DTensors gathered)."""
     if not isinstance(tensors, Mapping):
         raise UserError(f"{source}: expected a mapping of parameter names to tensors, got {type(tensors).__name__}")
     if not tensors:
@@ -127,13 +126,22 @@ def stage_tensors(tensors: Mapping[str, torch.Tensor], model: nn.Module, dtype: 
         if tuple(t.shape) != shapes[name]:
             bad.append(f"{name} {list(t.shape)} (expected {list(shapes[name])})")
             continue
-        out[name] = t.detach().to(device=device, dtype=torch.float32 if name.endswith(KEEP_FP32) else dtype, copy=True)
+        out[name] = t
     if unknown:
         raise UserError(f"{source}: {len(unknown)} name(s) not in the served model: {', '.join(sorted(unknown)[:4])}")
     if bad:
         raise UserError(f"{source}: wrong tensor(s): {'; '.join(bad[:4])}")
     if not out:
         raise UserError(f"{source}: none of the {len(tensors)} tensors belongs to the served model")
+    return out
+
+
+def stage_tensors(tensors: Mapping[str, torch.Tensor], model: nn.Module, dtype: torch.dtype, device: torch.device,
+                  source: str = "update") -> Staged:
+    """`check_tensors`, then each tensor copied in the engine's dtype and device (the caller may go on
+    changing its own tensors, e.g. the next optimizer step)."""
+    out = {name: t.detach().to(device=device, dtype=torch.float32 if name.endswith(KEEP_FP32) else dtype, copy=True)
+           for name, t in check_tensors(tensors, model.config, source).items()}
     return quantise_staged(model, out, dtype)
 
 
