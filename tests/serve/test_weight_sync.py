@@ -162,7 +162,7 @@ def test_routes_need_the_key(served):
     for route in ROUTES:
         for key in (None, "wrong"):
             r = (httpx.get(served + route, headers={"Authorization": f"Bearer {key}"} if key else {})
-                 if route == "/get_weight_version" else post(served, route, {"mode": "abort"}, key=key))
+                 if route in ("/get_weight_version", "/is_paused") else post(served, route, {"mode": "abort"}, key=key))
             assert r.status_code == 401, (route, key, r.status_code)
     assert post(served, "/flush_cache").status_code == 200
 
@@ -182,13 +182,13 @@ def test_pause_abort_wait_keep(served, dirs, expected):
     # wait: the running request finishes in full before the pause answers; new ones wait
     s = Stream(served, 16)
     assert s.first.wait(120)
-    r = post(served, "/pause_generation", {"mode": "wait", "timeout_s": 120})
-    assert r.json()["idle"] is True
+    r = post(served, "/pause?mode=wait", {"timeout_s": 120})  # vLLM's name
+    assert r.json()["idle"] is True and httpx.get(served + "/is_paused", headers=AUTH).json()["is_paused"] is True
     assert s.result()[1] == "length"
     queued = Stream(served, 5)
     time.sleep(1.0)
     assert queued.is_alive() and not queued.chunks, queued.chunks
-    post(served, "/continue_generation")
+    post(served, "/resume")
     assert queued.result()[1] == "length"
     # keep: frozen, new weights, resumed: its first tokens are the old model's, the rest the new model's
     # continuation of them (its KV recomputed with the new weights)

@@ -8,8 +8,9 @@ vLLM's equivalents and curl examples in docs/serving.md §"Weights without a res
     POST /destroy_weights_update_group    {"group_name"?}
     POST /pause_generation                {"mode": "abort" | "wait" | "keep", "timeout_s"?, "max_pause_s"?}
     POST /continue_generation
-    POST /flush_cache (and vLLM's /reset_prefix_cache)
+    POST /flush_cache
     GET  /get_weight_version
+    vLLM's names: POST /pause?mode=..., POST /resume, GET /is_paused, POST /reset_prefix_cache
 
 Every route needs the server's API key (`--api-key`): without one they answer 403, since they let a
 caller replace the model, read a directory of the server's disk or stop generation. Updates are
@@ -42,7 +43,7 @@ log = logging.getLogger("dsv3.serve")
 
 ROUTES = ("/update_weights_from_disk", "/init_weights_update_group", "/update_weights_from_distributed",
           "/destroy_weights_update_group", "/pause_generation", "/continue_generation", "/flush_cache",
-          "/reset_prefix_cache", "/get_weight_version")
+          "/reset_prefix_cache", "/get_weight_version", "/pause", "/resume", "/is_paused")
 MAX_NAME_CHARS = 512
 MAX_PATH_CHARS = 4096
 DEFAULT_GROUP = "weight_update_group"
@@ -251,8 +252,11 @@ def add_routes(app: FastAPI, aengine: AsyncEngine, api_key: str | None, max_json
     exclusive("/destroy_weights_update_group", GroupName, ws.destroy_group)
 
     @app.post("/pause_generation")
+    @app.post("/pause")  # vLLM's name, with its `?mode=` query
     async def pause_generation(request: Request):
         req = await body(request, Pause)
+        if "mode" in request.query_params:
+            req.mode = request.query_params["mode"]
         if req.mode not in PAUSE_MODES:
             raise APIError(f"'mode' must be one of {', '.join(PAUSE_MODES)}, got {req.mode[:40]!r}", param="mode")
         _between("timeout_s", req.timeout_s, 0, 3600)
@@ -263,6 +267,7 @@ def add_routes(app: FastAPI, aengine: AsyncEngine, api_key: str | None, max_json
         return await _user_errors(asyncio.to_thread(ws.pause, req))
 
     @app.post("/continue_generation")
+    @app.post("/resume")  # vLLM's name
     async def continue_generation(request: Request):
         await body(request, _Request)
         ws._pause_serial += 1
@@ -280,6 +285,11 @@ def add_routes(app: FastAPI, aengine: AsyncEngine, api_key: str | None, max_json
     async def get_weight_version(request: Request):
         await body(request, _Request)
         return {"weight_version": ws.engine.weight_version}
+
+    @app.get("/is_paused")  # vLLM's
+    async def is_paused(request: Request):
+        await body(request, _Request)
+        return {"is_paused": ws.engine.paused is not None, "mode": ws.engine.paused}
 
     return ws
 
