@@ -170,24 +170,28 @@ class WeightSync:
     def update_from_distributed(self, req: UpdateFromDistributed) -> dict:
         g = self._group(req.group_name)
         try:
-            spec = self._check_spec(req)
-        except UserError:
-            g.broadcast(torch.zeros(1, dtype=torch.int32, device=g.device), g.rank)  # refused: the trainer sends nothing
-            raise
-        g.broadcast(torch.ones(1, dtype=torch.int32, device=g.device), g.rank)
-        tensors = {}
-        try:
-            for name, dtype, shape in spec:
-                t = torch.empty(shape, dtype=dtype, device=g.device)
-                g.broadcast(t, 0)
-                tensors[name] = t
+            tensors = self._receive(g, req)
         except RuntimeError as e:  # the trainer went away mid-update: nothing was applied
             self.group = None
             first = (str(e).strip().splitlines() or ["broadcast failed"])[0][:200]
-            raise UserError(f"the weight-sync group failed while receiving ({first}); nothing was applied; "
-                            f"the group is closed (init it again)") from None
+            raise UserError(f"the weight-sync group failed ({first}); nothing was applied; the group is closed "
+                            f"(init it again)") from None
         staged = self.engine.stage_weights(tensors, req.weight_version)
         return self._apply(staged, req.weight_version, req.abort_all_requests)
+
+    def _receive(self, g: sync_group.SyncGroup, req: UpdateFromDistributed) -> dict[str, torch.Tensor]:
+        """Go / no-go to the trainer (a refused description: no tensor moves), then the tensors in order."""
+        try:
+            spec = self._check_spec(req)
+        except UserError:
+            g.broadcast(torch.zeros(1, dtype=torch.int32, device=g.device), g.rank)
+            raise
+        g.broadcast(torch.ones(1, dtype=torch.int32, device=g.device), g.rank)
+        tensors = {}
+        for name, dtype, shape in spec:
+            tensors[name] = torch.empty(shape, dtype=dtype, device=g.device)
+            g.broadcast(tensors[name], 0)
+        return tensors
 
     def _check_spec(self, req: UpdateFromDistributed) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         n = len(req.names)
