@@ -21,7 +21,7 @@ from test_cli_and_bench import _wait_health
 
 PROMPT = "The capital of France is"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-N_KEEP = 64  # tokens of the request frozen by "keep": enough that the pause lands before it ends
+N_KEEP = 200  # tokens of the request frozen by "keep": enough that the pause lands before it ends
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def dirs(tiny_model_dir, tmp_path_factory):
 def served(dirs):
     port = free_port()
     cmd = [sys.executable, "-m", "dsv3", "serve", "--model", str(dirs["a"]), "--port", str(port), "--dtype", "float32",
-           "--device", "cpu", "--api-key", API_KEY, "--max-num-seqs", "8", "--max-model-len", "256",
+           "--device", "cpu", "--api-key", API_KEY, "--max-num-seqs", "8", "--max-model-len", "512",
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = f"http://127.0.0.1:{port}"
@@ -167,9 +167,9 @@ def test_routes_need_the_key(served):
     assert post(served, "/flush_cache").status_code == 200
 
 
-def test_pause_abort_wait_keep(served, dirs, expected):
+def test_pause_abort_wait_keep(served, dirs):
     # abort: the running request ends with "abort"; one sent during the pause waits, then runs in full
-    s = Stream(served, 100)
+    s = Stream(served, 480)  # long: the pause lands while it runs
     assert s.first.wait(120)
     r = post(served, "/pause_generation", {"mode": "abort"})
     assert r.status_code == 200 and r.json()["idle"] is True
@@ -179,6 +179,10 @@ def test_pause_abort_wait_keep(served, dirs, expected):
     assert queued.is_alive() and not queued.chunks, queued.chunks
     assert post(served, "/continue_generation").status_code == 200
     assert queued.result()[1] == "length"
+    # a pause is bounded: after max_pause_s generation resumes by itself and the queued request runs
+    assert post(served, "/pause_generation", {"mode": "abort", "max_pause_s": 1}).status_code == 200
+    assert Stream(served, 3).result()[1] == "length"
+    assert httpx.get(served + "/is_paused", headers=AUTH).json()["is_paused"] is False
     # wait: the running request finishes in full before the pause answers; new ones wait
     s = Stream(served, 16)
     assert s.first.wait(120)
@@ -190,23 +194,23 @@ def test_pause_abort_wait_keep(served, dirs, expected):
     assert queued.is_alive() and not queued.chunks, queued.chunks
     post(served, "/resume")
     assert queued.result()[1] == "length"
-    # keep: frozen, new weights, resumed: its first tokens are the old model's, the rest the new model's
-    # continuation of them (its KV recomputed with the new weights)
+    # keep: frozen mid-way (nothing streams during the pause), new weights, resumed: it finishes, its
+    # tokens before the pause from the old weights, the rest from the new ones (their exact values:
+    # tests/infer/test_weight_update.py::test_update_mid_request_and_pause_modes)
     assert post(served, "/update_weights_from_disk", {"model_path": str(dirs["c"]), "weight_version": "keep-c"}).status_code == 200
-    old = expected("c", N_KEEP)
     s = Stream(served, N_KEEP)
     assert s.first.wait(120)
     assert post(served, "/pause_generation", {"mode": "keep"}).json()["idle"] is True
+    time.sleep(0.5)
+    frozen = len(s.chunks)
+    time.sleep(0.5)
+    assert len(s.chunks) == frozen and s.is_alive()
     up = post(served, "/update_weights_from_disk", {"model_path": str(dirs["b"]), "weight_version": "keep-b"})
     assert up.status_code == 200, up.text
     post(served, "/continue_generation")
     text, reason, version = s.result()
-    assert reason == "length" and version == "keep-b"
-    k = max(i for i in range(N_KEEP + 1) if text.startswith(_decode(dirs, old.token_ids[:i])))
-    assert 1 <= k < N_KEEP, (k, text)
-    prompt_ids = _encode(dirs, PROMPT) + list(old.token_ids[:k])
-    rest = expected("b", N_KEEP - k, prompt_ids)
-    assert text == _decode(dirs, list(old.token_ids[:k]) + list(rest.token_ids))
+    assert reason == "length" and version == "keep-b" and len(s.chunks) > frozen
+    assert s.chunks[frozen - 1]["weight_version"] == "keep-c"
 
 
 def test_push_from_trainer_over_gloo(served, dirs, expected):
@@ -244,13 +248,3 @@ def _tok(model_dir):
     from dsv3.infer.loading import load_tokenizer_for
 
     return load_tokenizer_for(model_dir)
-
-
-def _decode(dirs, ids: list[int]) -> str:
-    return _tok(dirs["a"]).decode(list(ids))
-
-
-def _encode(dirs, text: str) -> list[int]:
-    from dsv3.infer.loading import encode_text
-
-    return encode_text(_tok(dirs["a"]), text, True)
