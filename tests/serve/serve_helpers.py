@@ -29,15 +29,15 @@ def _tokenizer_files() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def write_tiny_model(path: Path, max_position_embeddings: int = 512) -> Path:
+def write_tiny_model(path: Path, max_position_embeddings: int = 512, seed: int = 0) -> Path:
     """The tiny preset with random weights (std 0.08: peaked logits, so greedy ties are improbable)."""
     from dsv3.config.presets import load_model_config
     from dsv3.model.transformer import Transformer
 
     cfg = load_model_config(REPO / "configs" / "tiny.yaml", [f"model.max_position_embeddings={max_position_embeddings}"])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Transformer(cfg)
-    randomize_(model, std=0.08, seed=0)
+    randomize_(model, std=0.08, seed=seed)
     model.save_pretrained(path)
     src = _tokenizer_files()
     for name in ("tokenizer.json", "tokenizer_config.json"):

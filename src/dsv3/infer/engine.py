@@ -23,6 +23,7 @@ import torch
 
 from dsv3.config.schema import ModelConfig
 from dsv3.infer import guided
+from dsv3.infer.control import ControlMixin
 from dsv3.infer.exact import ExactRunner
 from dsv3.infer.kv_cache import PagedLatentCache, salt_digest
 from dsv3.infer.loading import (default_device, encode_text, load_model, load_tokenizer_for,  # noqa: F401 (re-exported)
@@ -55,7 +56,7 @@ class _Request:
         return all(s.status is Status.FINISHED for s in self.seqs)
 
 
-class LLMEngine(SpeculativeMixin, PostprocessMixin):
+class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
     """Continuous-batching engine over a paged latent (absorbed-MLA) KV cache.
 
     model: a `dsv3.model.Transformer` (already on `device`, in `dtype`). tokenizer: anything with
@@ -134,6 +135,7 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
         self._aborts: list[str] = []
         self._seq_ids = itertools.count()
         self._grammars: Optional[guided.GrammarCompiler] = None  # built on the first guided request
+        self._init_control()  # weight version, pause state (`control.py`)
         self.counters = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "spec_steps": 0,
                          "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0}
 
@@ -288,7 +290,7 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
                     self.scheduler.remove(seq)
                     self._finish(seq, "abort")
             touched[rid] = req
-        work = self.scheduler.schedule()
+        work = self.scheduler.schedule() if self.paused != "keep" else None  # "keep": the running ones frozen
         self._note_requests()
         with torch.inference_mode():
             if isinstance(work, Prefill):

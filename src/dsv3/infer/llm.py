@@ -77,6 +77,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def update_weights(self, source, version: str | None = None) -> str:
+        """New weights without rebuilding the engine: a checkpoint directory or a mapping of dsv3
+        parameter names to tensors (`LLMEngine.update_weights`) -> the new weight version."""
+        return self.engine.update_weights(source, version)
+
     # ---- completion
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:

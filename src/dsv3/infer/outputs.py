@@ -81,3 +81,5 @@ class RequestOutput:
     """Prompt tokens served from the prefix cache (their latents were not recomputed)."""
     metrics: Optional[RequestMetrics] = None
     """Speculative-decoding counters of this request."""
+    weight_version: Optional[str] = None
+    """The engine's weight version when this output was produced (`LLMEngine.update_weights`)."""

@@ -127,4 +127,5 @@ class PostprocessMixin:
         plp = list(req.prompt_logprobs) if req.prompt_logprobs is not None else None
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished,
                              num_cached_tokens=req.seqs[0].num_cached_tokens or 0,
-                             metrics=RequestMetrics(sum(s.spec_drafts for s in req.seqs), sum(s.spec_accepted for s in req.seqs)))
+                             metrics=RequestMetrics(sum(s.spec_drafts for s in req.seqs), sum(s.spec_accepted for s in req.seqs)),
+                             weight_version=self.weight_version)

@@ -104,8 +104,13 @@ class ModelRunner:
         self.device = cache.data.device
         self.kv_lora_rank = model.config.kv_lora_rank
         self.n_main = model.config.num_hidden_layers
-        # Absorbed weights computed once (never per step): W_UK [H,P,C], W_UV^T [H,C,V], contiguous for bmm.
         self.blocks = list(model.model.layers) + [mod.block for mod in model.model.mtp][: cache.num_layers - self.n_main]
+        self.refresh_weights()
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """(Re)compute what the runner derives from the weights: the absorbed MLA weights, once (never
+        per step; again after `LLMEngine.update_weights`): W_UK [H,P,C], W_UV^T [H,C,V], contiguous for bmm."""
         self.w_uk, self.w_uv_t = [], []
         for block in self.blocks:
             w_uk, w_uv = block.self_attn.absorbed_weights()

@@ -115,6 +115,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order; the last one is preempted first
         self.num_preemptions = 0
+        self.admitting = True  # False while generation is paused: waiting sequences stay waiting
         self.prefix_queries = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found there
 
@@ -175,7 +176,7 @@ class Scheduler:
             if seq.pending > 1 and budget:
                 chunks.append(Chunk(seq, seq.num_computed, min(seq.pending, budget)))
                 budget -= chunks[-1].num_tokens
-        while budget and self.waiting and len(self.running) < self.max_num_seqs:
+        while budget and self.admitting and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # Admit only when the whole prompt fits, and reserve it now: a prompt never stalls half-done.
             if not self._admit(seq):

@@ -31,6 +31,7 @@ from dsv3.serve.handlers.tokenize import OpenAIServingTokenization
 from dsv3.serve.limits import ServerLimits
 from dsv3.serve.metrics import ServerMetrics
 from dsv3.serve.middleware import AuthAndCount, BodyLimit, error_response
+from dsv3.serve.weight_sync import add_routes as add_weight_sync_routes
 from dsv3.serve.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_request,
 )
@@ -178,5 +179,7 @@ def build_app(engine, model_name: str, api_key: str | None = None, limits: Serve
     @app.get("/tokenizer_info")
     async def tokenizer_info():
         return tokenize_h.tokenizer_info()
+
+    add_weight_sync_routes(app, aengine, api_key, limits.max_json_depth)
 
     return app

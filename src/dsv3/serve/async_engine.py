@@ -155,6 +155,10 @@ class AsyncEngine:
         self._wake.set()
         return RequestStream(self, request_id, stream)
 
+    def wake(self) -> None:
+        """Have the stepping thread look for work now (after a pause ends or weights change)."""
+        self._wake.set()
+
     def abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
         self._wake.set()
@@ -218,6 +222,7 @@ class AsyncEngine:
             while not self._stop.is_set():
                 with self.lock:
                     busy = self.engine.has_unfinished_requests()
+                    outputs = []
                     if busy:
                         t0 = time.perf_counter()
                         try:
@@ -230,7 +235,7 @@ class AsyncEngine:
                         self._deliver(outputs)
                     self.stats.running = len(self._streams)
                     self._refresh_cache_info()
-                if not busy:
+                if not busy or (not outputs and self.engine.paused is not None):  # paused: queued requests wait
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
         except BaseException as e:  # pragma: no cover - a bug in the loop itself

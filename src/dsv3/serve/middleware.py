@@ -2,8 +2,9 @@
 disconnect detection of streams).
 
 - `AuthAndCount` (outermost): the bearer-key check on `/v1/*` and on the API description (`/docs`,
-  `/redoc`, `/openapi.json`: it lists every route and field); as vLLM, the tokenizer routes, /health
-  and /metrics stay open. Also the per-endpoint status counts for /metrics.
+  `/redoc`, `/openapi.json`: it lists every route and field) and on the weight-sync routes
+  (`weight_sync.py`); as vLLM, the tokenizer routes, /health and /metrics stay open. Also the
+  per-endpoint status counts for /metrics.
 - `BodyLimit`: reads a request body up to `max_request_bytes`, then answers 413 in the OpenAI shape;
   a bigger body is never held in memory (the rest is read and dropped, so the client gets the 413
   instead of a reset connection). The handlers get the body already read.
@@ -15,11 +16,13 @@ import hmac
 
 from fastapi.responses import JSONResponse
 
+from dsv3.serve import weight_sync
 from dsv3.serve.metrics import ServerMetrics
 from dsv3.serve.protocol import APIError
 
+CONTROL = frozenset(weight_sync.ROUTES)  # weight sync and pause / resume: always behind the key
 ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-          "/tokenizer_info", "/health", "/metrics"}
+          "/tokenizer_info", "/health", "/metrics"} | CONTROL
 _DESCRIPTION = ("/docs", "/redoc", "/openapi.json")  # FastAPI's API description (and /docs/oauth2-redirect)
 _DRAIN_BYTES = 256 << 20  # past this much of an oversized body, stop reading it and close the connection
 
@@ -37,7 +40,7 @@ class AuthAndCount:
             return await self.app(scope, receive, send)
         path = scope["path"]
         endpoint = path if path in ROUTES else "other"  # bounded label set
-        if self.api_key and (path.startswith("/v1") or path.startswith(_DESCRIPTION)):
+        if self.api_key and (path.startswith("/v1") or path in CONTROL or path.startswith(_DESCRIPTION)):
             auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(given.encode("utf-8", "replace"), self.api_key.encode()):

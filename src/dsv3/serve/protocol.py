@@ -133,6 +133,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    weight_version: str | None = None  # the weights that produced it (SGLang's name; /update_weights_*)
 
 
 class TopLogprob(BaseModel):
@@ -182,6 +183,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    weight_version: str | None = None  # the weights that produced it (SGLang's name; /update_weights_*)
 
 
 class ModelCard(BaseModel):

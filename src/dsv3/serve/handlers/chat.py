@@ -78,8 +78,10 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _chat_full(self, req, request_id, started, prompt_tokens: int, k: int | None, parsers) -> dict:
         final: dict[int, Any] = {}
+        version = None  # of the newest output: an update in between had the others' tokens recomputed
         async for index, out in self._merged(started):
             final[index] = out
+            version = out.weight_version
         choices, completion_tokens = [], 0
         for index, _, _ in started:
             co = final[index].outputs[0]
@@ -92,7 +94,8 @@ class OpenAIServingChat(OpenAIServing):
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                       total_tokens=prompt_tokens + completion_tokens,
                       prompt_tokens_details=cached_tokens(final[started[0][0]]))
-        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage).model_dump()
+        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage,
+                                      weight_version=version).model_dump()
 
     async def _chat_stream(self, req, request_id, started, prompt_tokens: int, k: int | None,
                            parsers) -> AsyncIterator[str]:
@@ -102,6 +105,7 @@ class OpenAIServingChat(OpenAIServing):
         try:
             async for index, out in self._merged(started):
                 st, co = states[index], out.outputs[0]
+                out_chunks.weight_version = out.weight_version
                 if not st.started:  # vLLM sends the role chunk with the first engine output
                     st.started = True
                     yield out_chunks.sse([{"index": index, "delta": {"role": "assistant", "content": ""},

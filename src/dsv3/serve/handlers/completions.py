@@ -76,8 +76,10 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _completion_full(self, req, request_id, started, prompt_tokens) -> dict:
         final: dict[int, Any] = {}
+        version = None  # of the newest output: an update in between had the others' tokens recomputed
         async for index, out in self._merged(started):
             final[index] = out
+            version = out.weight_version
         choices, completion_tokens = [], 0
         for index, p, _ in started:
             out = final[index]
@@ -103,7 +105,8 @@ class OpenAIServingCompletion(OpenAIServing):
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                       total_tokens=prompt_tokens + completion_tokens,
                       prompt_tokens_details=_prompt_cache(final, req.n))
-        resp = CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+        resp = CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage,
+                                  weight_version=version)
         return resp.model_dump()
 
     async def _completion_stream(self, req, request_id, started, prompt_tokens) -> AsyncIterator[str]:
@@ -116,6 +119,7 @@ class OpenAIServingCompletion(OpenAIServing):
             async for index, out in self._merged(started):
                 st, co = states[index], out.outputs[0]
                 last[index] = out
+                out_chunks.weight_version = out.weight_version
                 out_chunks.details = _prompt_cache(last, req.n)
                 piece = st.delta(co.text, out.finished)
                 new_ids = list(co.token_ids[st.sent_tokens:])

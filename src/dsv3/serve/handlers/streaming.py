@@ -45,6 +45,7 @@ class Chunks:
 
     def __init__(self, obj: str, request_id: str, model: str, prompt_tokens: int, req):
         self.head = {"id": request_id, "object": obj, "created": int(time.time()), "model": model}
+        self.weight_version: str | None = None  # of the newest engine output (every chunk says it)
         self.prompt_tokens = prompt_tokens
         self.details: dict | None = None  # usage.prompt_tokens_details (cached_tokens), when known
         self.done: dict[int, int] = {}
@@ -53,7 +54,7 @@ class Chunks:
         self.continuous = self.include_usage and bool(opts.continuous_usage_stats)
 
     def sse(self, choices: list[dict], final: bool = False) -> str:
-        chunk: dict[str, Any] = {**self.head, "choices": choices}
+        chunk: dict[str, Any] = {**self.head, "choices": choices, "weight_version": self.weight_version}
         if final or self.continuous:
             n = sum(self.done.values())
             chunk["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
