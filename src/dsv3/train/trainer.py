@@ -271,6 +271,9 @@ class Trainer:
             raise UserError(f"loss is {rec['loss']} at step {self.step}: training diverged (lower lr_schedule.learning_rate "
                             f"or check the data); the last checkpoint is intact")
         rec.update(step=self.step, lr=lr, grad_norm=float(grad_norm), counts=counts, precision=self.precision.runs)
+        if (agree := self.strategy.routing_agreement) is not None:  # replayed routes (`dsv3.train.replay`)
+            seen = [a for a in agree if a is not None]
+            rec.update(routing_agreement=sum(seen) / len(seen) if seen else None, routing_agreement_layers=agree)
         return rec
 
     def evaluate(self) -> dict[str, float] | None:
