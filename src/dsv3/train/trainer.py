@@ -276,6 +276,18 @@ class Trainer:
             rec.update(routing_agreement=sum(seen) / len(seen) if seen else None, routing_agreement_layers=agree)
         return rec
 
+    def logprobs(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Teacher-forced logprobs of each sequence of batch["input_ids"] ([B,T] or B lists of ids): [T-1]
+        per sequence, differentiable, equal (`==`) to a batch-invariant engine's logprobs of the same tokens
+        on the same weights (`dsv3.train.score`). Layouts: one process, or data parallel with replicated weights."""
+        from dsv3.train.score import score_logprobs
+
+        dims = self.strategy.dims
+        if self.model is None or dims.tp > 1 or dims.ep > 1 or self.strategy.fsdp:
+            raise UserError(f"Trainer.logprobs: exact scoring runs whole, unsharded layers (tp 1, ep 1, pp 1, no FSDP); "
+                            f"this run has tp {dims.tp}, ep {dims.ep}, pp {dims.pp}, dp {dims.dp} ({dims.dp_shard})")
+        return score_logprobs(self.model, batch["input_ids"])
+
     def evaluate(self) -> dict[str, float] | None:
         """Token-mean main-head loss and perplexity over the first eval_iters validation batches."""
         if self.data.valid is None:
