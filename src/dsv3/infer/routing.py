@@ -47,30 +47,31 @@ class RouteCapture:
         self.num_layers = len(gates)
         self.top_k = gates[0].top_k if gates else 0
         self._active = False
-        self._ids: list[torch.Tensor] = []
-        self._handles = [g.register_forward_hook(self._keep) for g in gates]
+        self._ids: list[list[torch.Tensor]] = [[] for _ in gates]  # per layer, its router calls' [N,K] ids
+        self._handles = [g.register_forward_hook(self._keeper(i)) for i, g in enumerate(gates)]
 
-    def _keep(self, gate, args, output) -> None:
-        if self._active:
-            self._ids.append(output[1].to(torch.int16))  # [N,K]; no host sync
+    def _keeper(self, layer: int):
+        def keep(gate, args, output) -> None:
+            if self._active:
+                self._ids[layer].append(output[1].to(torch.int16))  # [N,K]; no host sync
+        return keep
 
     @contextlib.contextmanager
     def recording(self, on: bool) -> Iterator[None]:
         """Record the routers of the forwards run inside (nothing when `on` is False)."""
-        self._ids, self._active = [], on
+        self._ids, self._active = [[] for _ in range(self.num_layers)], on
         try:
             yield
         finally:
             self._active = False
 
     def take(self) -> Optional[torch.Tensor]:
-        """The ids recorded by the last `recording(True)` block: [N, L, K] int16 on the host (None if none)."""
-        ids, self._ids = self._ids, []
-        if not ids:
+        """The ids recorded by the last `recording(True)` block: [N, L, K] int16 on the host (None if none).
+        A layer's calls are joined in call order (the batch-invariant runner routes one token per call)."""
+        ids, self._ids = self._ids, [[] for _ in range(self.num_layers)]
+        if not any(ids):
             return None
-        if len(ids) != self.num_layers:
-            raise RuntimeError(f"routed-expert capture saw {len(ids)} router calls for {self.num_layers} MoE layers")
-        return torch.stack(ids, dim=1).cpu()
+        return torch.stack([torch.cat(calls) for calls in ids], dim=1).cpu()
 
     def check(self, tokens: int, what: str) -> None:
         """ValueError (one line, this request only) when the ids of `tokens` generated tokens (`what`
