@@ -130,3 +130,42 @@ def test_routes_whatever_the_engine_path(tiny_model_dir, trainer_model):
         co = out.outputs[0]
         check_against_trainer(trainer_model, prompt, list(co.token_ids), co.routed_experts)
     assert sum(o.metrics.spec_num_draft_tokens for o in outs) > 0  # verify steps ran
+
+
+def test_exact_server_logprobs_equal_trainer_scoring_under_replay(tiny_model_dir):
+    """A batch-invariant server's routed experts, replayed in the trainer's exact scoring (`dsv3.train.score`),
+    give the same router choices (agreement 1.0) and the same logprobs (`==`) as the server reported."""
+    import dsv3
+    from dsv3.infer.engine import LLMEngine
+    from dsv3.infer.llm import LLM
+    from dsv3.infer.sampling import SamplingParams
+    from dsv3.serve.app import build_app
+    from dsv3.train.replay import RoutingReplay, replay_rows
+    from dsv3.train.score import score_logprobs
+    from serve_helpers import ServerThread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one-token ops: a second thread only waits (both sides run in this process)
+    try:
+        prompt = [0, 4250, 6354, 8641, 21089]
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 6, "temperature": 1.0, "seed": 3, "logprobs": 0,
+                "ignore_eos": True, "return_routed_experts": True}
+        exact = LLMEngine.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", batch_invariant=True)
+        with ServerThread(build_app(exact, MODEL_NAME, api_key=API_KEY)) as s:
+            r = httpx.post(s.url + "/completions", headers=HEADERS, json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        routed, served = choice["routed_experts"], choice["logprobs"]["token_logprobs"]
+        llm = LLM(tiny_model_dir, dtype="float32", device="cpu", batch_invariant=True)  # the same request: its token ids
+        params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, logprobs=0, ignore_eos=True, return_routed_experts=True)
+        co = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
+        assert co.routed_experts == routed and [d[t].logprob for d, t in zip(co.logprobs, co.token_ids)] == served
+        seq = prompt + list(co.token_ids)
+        model = dsv3.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        replay = replay_rows(routed, len(prompt), len(seq) - 1, 3, 2)[None]
+        with torch.no_grad(), RoutingReplay(model, replay, torch.tensor([seq[:-1]])) as rr:
+            scored = score_logprobs(model, [seq])[0]
+        assert rr.agreement() == [1.0, 1.0, 1.0]
+        assert scored[len(prompt) - 1 :].tolist() == served
+    finally:
+        torch.set_num_threads(before)

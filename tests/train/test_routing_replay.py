@@ -37,6 +37,12 @@ def backward_only(trainer, batch) -> dict:
             "counts": [m.tokens_per_expert.clone() for m in trainer.moe_layers]}
 
 
+def not_chosen(own: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """For every token and layer of `own` [..., K], K experts the router did NOT choose."""
+    taken = torch.zeros(*own.shape[:-1], n_experts, dtype=torch.bool).scatter_(-1, own, True)
+    return (~taken).float().topk(own.shape[-1], dim=-1).indices
+
+
 def test_replaying_the_models_own_routes_changes_nothing(trainer, batch):
     plain = backward_only(trainer, batch)
     routes = own_routes(trainer.model, batch["tokens"])
@@ -55,9 +61,7 @@ def test_replayed_ids_route_the_forward_and_backward(trainer, batch):
     plain = backward_only(trainer, batch)
     own = own_routes(trainer.model, batch["tokens"])  # [B,T,1,K]
     E = main_moe_layers(trainer.model)[0].gate.n_experts
-    # for every token, K experts the router did NOT choose
-    taken = torch.zeros(*own.shape[:-1], E, dtype=torch.bool).scatter_(-1, own, True)
-    other = (~taken).float().topk(own.shape[-1], dim=-1).indices
+    other = not_chosen(own, E)
     replayed = backward_only(trainer, {**batch, "routed_experts": other})
     assert replayed["agreement"] == [0.0]
     # the main MoE layer's experts ran exactly the replayed (token, expert) pairs
@@ -82,3 +86,18 @@ def test_bad_routed_experts_is_one_line(trainer, batch, change, message):
     with pytest.raises(UserError) as e:
         backward_only(trainer, {**batch, "routed_experts": change(routes)})
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_exact_logprobs_follow_the_replayed_routes(trainer):
+    """`Trainer.logprobs` (exact scoring, one token per router call) with routed_experts: the model's own
+    routes change no bit (agreement 1.0); other routes move the logprobs (agreement 0.0)."""
+    seqs = [[5, 900, 31, 77, 4000]]
+    with torch.no_grad():
+        plain = [s.tolist() for s in trainer.logprobs({"input_ids": seqs})]
+        own = [own_routes(trainer.model, torch.tensor([s]))[0] for s in seqs]
+        same = trainer.logprobs({"input_ids": seqs, "routed_experts": own})
+        assert [s.tolist() for s in same] == plain and trainer.strategy.routing_agreement == [1.0]
+        E = main_moe_layers(trainer.model)[0].gate.n_experts
+        moved = trainer.logprobs({"input_ids": seqs, "routed_experts": [not_chosen(o, E) for o in own]})
+    assert trainer.strategy.routing_agreement == [0.0]
+    assert all(m.tolist() != p for m, p in zip(moved, plain))

@@ -8,6 +8,9 @@ server did not report, or padding). `RoutingReplay` hands each layer's ids to it
 forward pre-hook for as long as the `with` block runs (the forward and the backward, so activation
 recompute replays too) and removes the hooks on exit: nothing stays on the model between steps.
 
+Exact scoring (`dsv3.train.score`, `Trainer.logprobs`) routes one token per call: those calls take
+the rows in order (row-major over [B,T]), so a sequence's routed rows cover the positions it scores.
+
 The weights of the replayed experts are recomputed from this forward's affinities at those ids (R3:
 the inference routing mask, the training router's scores), so the router keeps its gradient.
 
@@ -89,6 +92,8 @@ class RoutingReplay:
         self.routed = routed
         self.handles: list = []
         self.stats: list[list[torch.Tensor]] = [[] for _ in self.layers]  # per layer: [matching, replayed] per forward
+        self.cursor = [0] * len(self.layers)  # one-token calls (exact scoring) take the rows in order
+        self.current: list[torch.Tensor | None] = [None] * len(self.layers)  # the rows of the running call
         if routed is None:
             return
         if not self.layers:
@@ -116,18 +121,24 @@ class RoutingReplay:
     def _pre_hook(self, i: int, layer_ids: torch.Tensor):
         def hook(gate, args, kwargs):
             n = args[0].shape[0]
-            if n != self.rows:
+            if n == self.rows:  # the whole micro-batch at once (every forward, recompute included)
+                rows = layer_ids
+            elif n == 1 and self.cursor[i] < self.rows:  # one token per call, in order (`dsv3.train.score`)
+                rows = layer_ids[self.cursor[i] : self.cursor[i] + 1]
+                self.cursor[i] += 1
+            else:
                 raise UserError(f"routing replay: MoE layer {i} routes {n} tokens but the batch's routed_experts hold "
-                                f"{self.rows} (B x T); replay needs every rank's router to see the whole micro-batch "
-                                f"(no tensor / sequence parallelism, no pipeline micro-splitting)")
-            return args, {**kwargs, "replay": layer_ids.to(args[0].device)}
+                                f"{self.rows} (B x T){' (all used)' if n == 1 else ''}; replay needs every rank's router "
+                                f"to see the whole micro-batch (no tensor / sequence parallelism, no pipeline micro-splitting)")
+            self.current[i] = rows
+            return args, {**kwargs, "replay": rows.to(args[0].device)}
         return hook
 
     def _post_hook(self, i: int, layer_ids: torch.Tensor):
         def hook(gate, args, output):
             with torch.no_grad():
                 _, used, s = output
-                replayed = (layer_ids.to(used.device) >= 0).all(-1)
+                replayed = (self.current[i].to(used.device) >= 0).all(-1)
                 own = gate.select(s.detach()).sort(-1).values
                 same = (own == used.sort(-1).values).all(-1) & replayed
                 self.stats[i].append(torch.stack([same.sum(), replayed.sum()]))  # stays on the device
