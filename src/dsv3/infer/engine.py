@@ -396,8 +396,9 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin):
             self._grammars.forget(p.guided_decoding, self._guide_budget(p, seq.num_prompt_tokens))
             return self._finish(seq, "error")
         seq.token_ids.append(tok)
-        if seq.routed_experts is not None:
+        if seq.routed_experts is not None:  # the route this step recorded (never a stale one)
             seq.routed_experts.append(seq.pending_route)
+            seq.pending_route = None
         # (before min_tokens these ids were masked out of the logits, so they cannot appear here)
         is_stop_id = (tok in self.eos_ids and not p.ignore_eos) or tok in (p.stop_token_ids or ())
         if not is_stop_id or p.include_stop_str_in_output:
