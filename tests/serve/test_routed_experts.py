@@ -1,7 +1,9 @@
 """`return_routed_experts` through `dsv3 serve` (real app over HTTP, the `openai` client and httpx): each
 choice's routed experts per generated token and MoE layer, streamed and not, equal to what the
 model's own router picks when the whole sequence is re-run by the trainer's model (routing replay
-agreement 1.0 and the same logits as without replay), and the cap refused with one line."""
+agreement 1.0 and the same logits as without replay), also through MTP speculation and chunked
+prefill; a batch-invariant server's routes replayed in the trainer's exact scoring give its logprobs
+(`==`); and the cap refused with one line."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from serve_helpers import API_KEY, MODEL_NAME
+from serve_helpers import API_KEY, MODEL_NAME, ServerThread
 
 CAP = 200 * 3 * 2  # this module's server: 200 tokens of the tiny model's 3 MoE layers x top-2
 PROMPT = "The quick brown fox"
@@ -142,7 +144,6 @@ def test_exact_server_logprobs_equal_trainer_scoring_under_replay(tiny_model_dir
     from dsv3.serve.app import build_app
     from dsv3.train.replay import RoutingReplay, replay_rows
     from dsv3.train.score import score_logprobs
-    from serve_helpers import ServerThread
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # one-token ops: a second thread only waits (both sides run in this process)
