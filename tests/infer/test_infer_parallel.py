@@ -43,8 +43,10 @@ def ckpt(tmp_path_factory):
 def test_tp_ep_layouts_equal_single_process_and_transformers(ckpt):
     d, hf, prompts = ckpt
     engine = LLMEngine.from_pretrained(d, dtype=torch.float32, device="cpu", block_size=4, num_gpu_blocks=96, max_num_batched_tokens=16)
-    greedy = tp_harness.run(engine, {str(i): (p, tp_harness.greedy(N_NEW)) for i, p in enumerate(prompts)})
+    routes: dict = {}
+    greedy = tp_harness.run(engine, {str(i): (p, tp_harness.greedy(N_NEW, routes=True)) for i, p in enumerate(prompts)}, routes)
     want = [greedy[str(i)][0] for i in range(len(prompts))]
+    want_routes = [routes[str(i)] for i in range(len(prompts))]
     assert want == [hf_greedy(hf, p, N_NEW) for p in prompts]  # the single-process engine is right
     want_sampled = tp_harness.run(engine, {"s": (prompts[0], SamplingParams(**tp_harness.SAMPLED))})["s"]
     full = weight_bytes(engine.model, ParallelContext(rank=0, world=1))["total"]
@@ -66,6 +68,8 @@ def test_tp_ep_layouts_equal_single_process_and_transformers(ckpt):
             got = res["ok"]
             label = f"world {world} tp {tp} ep {ep} speculative {spec}"
             assert got["greedy"] == want, label
+            # return_routed_experts: global expert ids, the same on every rank and as in one process
+            assert got["routes_every_rank_equal"] and got["routes"] == want_routes, label
             if not spec:  # speculation draws its random numbers differently (same distribution, other samples)
                 assert got["sampled"] == want_sampled, label
             b = got["bytes"]

@@ -36,10 +36,10 @@ def _env() -> dict:
 def _outputs(llm) -> list:
     from dsv3 import SamplingParams
 
-    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, return_routed_experts=True)
     seeded = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, n=2, ignore_eos=True)
     outs = llm.generate(PROMPTS, greedy) + llm.generate(PROMPTS[:2], seeded)
-    return [[c.token_ids for c in o.outputs] for o in outs]
+    return [[(c.token_ids, c.routed_experts) for c in o.outputs] for o in outs]  # routes: rank 0's, global ids
 
 
 def test_llm_tp2_ep_equals_one_process_with_speculation(model_dir):

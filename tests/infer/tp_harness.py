@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
 from spawn_harness import spawn as _spawn  # noqa: E402
 
 
-def greedy(n: int):
+def greedy(n: int, routes: bool = False):
     from dsv3.infer.sampling import SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n)
+    return SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, return_routed_experts=routes)
 
 
 SAMPLED = dict(temperature=0.9, top_p=0.9, max_tokens=16, min_tokens=16, seed=7, n=2)
@@ -43,13 +43,18 @@ def generate_job(ckpt: str, tp: int, ep: int, prompts: list[list[int]], n: int, 
     from dsv3.infer.sampling import SamplingParams
 
     engine, ctx = _engine(ckpt, tp, ep, device, speculative=speculative, quantization=quantization)
-    out = run(engine, {str(i): (p, greedy(n)) for i, p in enumerate(prompts)})
+    routes: dict = {}
+    out = run(engine, {str(i): (p, greedy(n, routes=True)) for i, p in enumerate(prompts)}, routes)
     sampled = run(engine, {"s": (prompts[0], SamplingParams(**SAMPLED))})
+    every_rank = [None] * ctx.world  # each rank's routed experts: the same global ids everywhere
+    torch.distributed.all_gather_object(every_rank, routes)
     return {"greedy": [out[str(i)][0] for i in range(len(prompts))], "sampled": sampled["s"],
+            "routes": [routes[str(i)] for i in range(len(prompts))], "routes_every_rank_equal": all(r == routes for r in every_rank),
             "bytes": weight_bytes(engine.model, ctx), "cache_bytes_per_token": engine.cache_info()["bytes_per_token"]}
 
 
-def run(engine, requests: dict) -> dict[str, list[list[int]]]:
+def run(engine, requests: dict, routes: dict | None = None) -> dict[str, list[list[int]]]:
+    """Each request's completions' token ids; `routes` gets their routed experts (return_routed_experts)."""
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, None, prompt, params)
     out = {}
@@ -59,6 +64,8 @@ def run(engine, requests: dict) -> dict[str, list[list[int]]]:
         for o in engine.step():
             if o.finished:
                 out[o.request_id] = [c.token_ids for c in o.outputs]
+                if routes is not None:
+                    routes[o.request_id] = [c.routed_experts for c in o.outputs]
     return out
 
 

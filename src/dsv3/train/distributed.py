@@ -88,10 +88,12 @@ class DistributedStrategy(Strategy):
     # ---- one step
     def forward_backward(self, batches: list[dict[str, torch.Tensor]], autocast) -> dict[str, float]:
         if self.pipeline is not None:
+            if any("routed_experts" in b for b in batches):
+                raise UserError("batch routed_experts: routing replay is not supported under pipeline parallelism")
             vec = self.pipeline.step(batches, autocast)
         else:
-            vec = model_step(self.parts[0], batches, autocast, self.cfg.train.mtp_loss_factor, self.fused_ce,
-                             self.main_loss_weight)
+            vec, self.routing_agreement = model_step(self.parts[0], batches, autocast, self.cfg.train.mtp_loss_factor,
+                                                     self.fused_ce, self.main_loss_weight)
         if self.dims.dp > 1:  # replica means -> global mean
             dist.all_reduce(vec, group=self.meshes.dense.get_group("dp"))
             vec /= self.dims.dp

@@ -31,6 +31,7 @@ from dsv3.model.mla import set_indexer_stage
 from dsv3.train import checkpoint
 from dsv3.train.loss import LinearCrossEntropy, attention_mask, compute_loss, masked_ce
 from dsv3.train.optim import build_optimizer
+from dsv3.train.replay import RoutingReplay, merge_agreement
 
 LOSS_PARTS = ("lm", "mtp", "aux", "indexer")
 
@@ -78,18 +79,22 @@ def enable_fp8(model: nn.Module, log: Callable[[str], None] | None) -> None:
 
 
 def model_step(model: nn.Module, batches: list[dict[str, torch.Tensor]], autocast, mtp_loss_factor: float,
-               fused_ce: bool, main_weight: float) -> torch.Tensor:
+               fused_ce: bool, main_weight: float) -> tuple[torch.Tensor, list[float | None] | None]:
     """Forward and backward of `batches` through one model (each loss / their number, `compute_loss`);
-    the mean loss parts (`LOSS_PARTS`) as one fp32 vector."""
+    the mean loss parts (`LOSS_PARTS`) as one fp32 vector, and the per-layer routing agreement of the
+    batches that carry `routed_experts` [B,T,L,K] (routed through those experts, `dsv3.train.replay`)."""
     M = len(batches)
     device = next(model.parameters()).device
     sums = torch.zeros(len(LOSS_PARTS), device=device)
+    replays: list[RoutingReplay] = []
     for b in batches:
-        with autocast():
-            loss, p = compute_loss(model, b, mtp_loss_factor, fused_ce, main_weight)
-        (loss / M).backward()
+        with RoutingReplay(model, b.get("routed_experts"), b["tokens"]) as replay:
+            with autocast():
+                loss, p = compute_loss(model, b, mtp_loss_factor, fused_ce, main_weight)
+            (loss / M).backward()
+        replays.append(replay)
         sums += torch.stack([torch.as_tensor(p[k], dtype=torch.float32, device=device).detach() for k in LOSS_PARTS])
-    return sums / M
+    return sums / M, merge_agreement(replays)
 
 
 @torch.no_grad()
@@ -124,6 +129,7 @@ class Strategy(ABC):
         # DSA's dense warm-up: only the indexers learn (their KL loss is the whole objective)
         self.indexer_warmup = cfg.model.sparse_attention and cfg.train.indexer_stage == "dense_warmup"
         self.main_loss_weight = 0.0 if self.indexer_warmup else 1.0
+        self.routing_agreement: list[float | None] | None = None  # of the last step's replayed micro-batches
 
     # ---- roles
     @property
@@ -211,7 +217,8 @@ class LocalStrategy(Strategy):
         return self.parts, self._optimizer(log)
 
     def forward_backward(self, batches: list[dict[str, torch.Tensor]], autocast) -> dict[str, float]:
-        vec = model_step(self.parts[0], batches, autocast, self.cfg.train.mtp_loss_factor, self.fused_ce, self.main_loss_weight)
+        vec, self.routing_agreement = model_step(self.parts[0], batches, autocast, self.cfg.train.mtp_loss_factor,
+                                                 self.fused_ce, self.main_loss_weight)
         return {k: float(v) for k, v in zip(LOSS_PARTS, vec)}
 
     def finish_grads(self) -> torch.Tensor:

@@ -270,6 +270,9 @@ class Trainer:
             raise UserError(f"loss is {rec['loss']} at step {self.step}: training diverged (lower lr_schedule.learning_rate "
                             f"or check the data); the last checkpoint is intact")
         rec.update(step=self.step, lr=lr, grad_norm=float(grad_norm), counts=counts, precision=self.precision.runs)
+        if (agree := self.strategy.routing_agreement) is not None:  # replayed routes (`dsv3.train.replay`)
+            seen = [a for a in agree if a is not None]
+            rec.update(routing_agreement=sum(seen) / len(seen) if seen else None, routing_agreement_layers=agree)
         return rec
 
     def logprobs(self, batch: dict[str, Any]) -> list[torch.Tensor]:
@@ -282,7 +285,26 @@ class Trainer:
         if self.model is None or dims.tp > 1 or dims.ep > 1 or (dims.dp_shard == "fsdp" and dims.dp > 1):
             raise UserError(f"Trainer.logprobs: exact scoring runs whole, unsharded layers (tp 1, ep 1, pp 1, no FSDP); "
                             f"this run has tp {dims.tp}, ep {dims.ep}, pp {dims.pp}, dp {dims.dp} ({dims.dp_shard})")
-        return score_logprobs(self.model, batch["input_ids"])
+        if batch.get("routed_experts") is None:
+            return score_logprobs(self.model, batch["input_ids"])
+        return self._replayed_logprobs(batch, score_logprobs)
+
+    def _replayed_logprobs(self, batch: dict[str, Any], score) -> list[torch.Tensor]:
+        """`logprobs` with batch["routed_experts"]: per sequence [T, L, K] (`dsv3.train.replay`), each sequence
+        scored through its rows; the per-layer agreement goes to `strategy.routing_agreement` (the step's record)."""
+        from dsv3.train.replay import RoutingReplay, merge_agreement
+
+        if self.cfg.train.recompute != "none":  # the backward would run the blocks again, after the replay ended
+            raise UserError(f"Trainer.logprobs with routed_experts: train.recompute {self.cfg.train.recompute!r} would "
+                            f"re-route the backward's forward by itself; set train.recompute: none")
+        out, replays = [], []
+        for ids, routed in zip(batch["input_ids"], batch["routed_experts"]):
+            ids = [int(t) for t in ids]
+            with RoutingReplay(self.model, torch.as_tensor(routed)[None, : len(ids) - 1], torch.tensor([ids[:-1]])) as r:
+                out += score(self.model, [ids])
+            replays.append(r)
+        self.strategy.routing_agreement = merge_agreement(replays)
+        return out
 
     def evaluate(self) -> dict[str, float] | None:
         """Token-mean main-head loss and perplexity over the first eval_iters validation batches."""
