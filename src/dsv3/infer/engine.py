@@ -24,6 +24,7 @@ import torch
 from dsv3.config.schema import ModelConfig
 from dsv3.infer import guided
 from dsv3.infer.control import ControlMixin
+from dsv3.infer.exact import ExactRunner
 from dsv3.infer.kv_cache import PagedLatentCache, salt_digest
 from dsv3.infer.loading import (default_device, encode_text, load_model, load_tokenizer_for,  # noqa: F401 (re-exported)
                                 quantize_once, resolve_dtype)
@@ -72,13 +73,17 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
     reuse the cached latents of full blocks whose token prefix was seen before (`kv_cache.py`).
     parallel: a `dsv3.infer.parallel.ParallelContext` to run this rank's share of a tensor/expert-parallel
     model (a full model is cut to the rank's slices here; give `num_gpu_blocks` equal on every rank).
+    batch_invariant: every token computed alone (`dsv3.infer.exact`), and each row sampled alone: a
+    request's tokens and logprobs are the same bits whatever else is batched, however its prompt is
+    chunked, with or without a cached prefix, and equal to the trainer's `dsv3.train.score` (off by
+    default: it gives up batching; docs/inference.md).
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
                  block_size: int = 16, num_gpu_blocks: Optional[int] = None, cache_bytes: Optional[int] = None,
                  max_num_batched_tokens: int = 2048, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, speculative: bool = False, quantization=None,
-                 enable_prefix_caching: bool = True, parallel=None):
+                 enable_prefix_caching: bool = True, parallel=None, batch_invariant: bool = False):
         cfg: ModelConfig = model.config
         if parallel is not None and getattr(model, "parallel", None) is None:
             from dsv3.infer.parallel import shard_model
@@ -96,6 +101,9 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
         if speculative and not len(getattr(model.model, "mtp", [])):
             raise ValueError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1, MTP weights loaded)")
         self.speculative = speculative
+        if batch_invariant and cfg.index_topk > 0:
+            raise ValueError("batch_invariant does not cover DeepSeek Sparse Attention (index_topk > 0)")
+        self.batch_invariant = batch_invariant
         cache_layers = cfg.num_hidden_layers + (1 if speculative else 0)  # the MTP block has its own cache layer
         per_token = PagedLatentCache.bytes_per_token_per_layer(cfg, self.dtype) * cache_layers
         if num_gpu_blocks is None:
@@ -114,7 +122,7 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
         if max_model_len is not None and max_model_len > capacity:
             raise ValueError(f"max_model_len {max_model_len} exceeds the KV cache capacity of {capacity} tokens "
                              f"({num_gpu_blocks} blocks of {block_size}); give more cache (num_gpu_blocks / cache_bytes)")
-        self.runner = ModelRunner(self.model, self.cache, parallel=parallel)
+        self.runner = (ExactRunner if batch_invariant else ModelRunner)(self.model, self.cache, parallel=parallel)
         # speculation writes one position past the last token (the draft): decode reserves that slot
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, lookahead=1 if speculative else 0)
         self.eos_ids = {cfg.eos_token_id}
@@ -341,6 +349,11 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
 
     def _run_decode(self, work: Decode, touched: dict) -> None:
         seqs = work.seqs
+        if self.batch_invariant and len(seqs) > 1:  # each row alone: its speculation and sampling see only itself
+            for s in seqs:
+                self._run_decode(Decode([s]), touched)
+            self.counters["decode_steps"] -= len(seqs) - 1
+            return
         positions, tables = [len(s.token_ids) - 1 for s in seqs], [s.block_table for s in seqs]
         self.counters["decode_steps"] += 1
         if self.speculative and all(self._spec_ready(s) for s in seqs):

@@ -12,12 +12,15 @@ from dsv3.infer.outputs import CompletionOutput, Logprob, RequestMetrics, Reques
 from dsv3.infer import guided
 from dsv3.infer.sampling import add_penalties, apply_penalties, make_batch, sample, token_counts, topn_logprobs
 from dsv3.infer.scheduler import Chunk, Sequence, Status
+from dsv3.kernels.invariant import row_log_softmax
 
 
 class PostprocessMixin:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """logits [B,V] fp32 of the last position of each sequence -> one token each (logprobs recorded;
         the caller appends, after anything that still needs the sequences' blocks)."""
+        if self.batch_invariant and len(seqs) > 1:  # each row sampled alone: [1,V] shapes whatever the batch
+            return [t for r, s in enumerate(seqs) for t in self._sample([s], logits[r : r + 1])]
         raw = logits
         logits, batch = self._process(seqs, logits)
         next_ids = sample(logits, batch)
@@ -98,7 +101,7 @@ class PostprocessMixin:
         targets = seq.token_ids[work.start + 1 : min(work.start + work.num_tokens + 1, n_prompt)]
         if not targets:
             return
-        lp = logits[: len(targets)].log_softmax(-1)
+        lp = row_log_softmax(logits[: len(targets)]) if self.batch_invariant else logits[: len(targets)].log_softmax(-1)
         tgt = torch.tensor(targets, device=lp.device)
         chosen_lp, rank, top_ids, top_lp = topn_logprobs(lp, tgt, req.params.prompt_logprobs)
         for t, c, r, ids, lps in zip(targets, chosen_lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist()):

@@ -23,6 +23,10 @@ class SpeculativeMixin:
     def _draft(self, seqs: list[Sequence], mtp_logits: torch.Tensor) -> None:
         """Draw each live sequence's draft from q, the MTP logits processed exactly as the target's will be
         (masks, penalties, temperature, top-k/p, min-p; greedy rows: one-hot argmax), and keep q."""
+        if self.batch_invariant and len(seqs) > 1:  # each row drafted alone (its draws see only itself)
+            for r, s in enumerate(seqs):
+                self._draft([s], mtp_logits[r : r + 1])
+            return
         live = [r for r, s in enumerate(seqs) if s.status is not Status.FINISHED and s.guide is None and s.params.logprobs is None]
         for s in seqs:
             s.draft, s.draft_q = None, None
