@@ -43,6 +43,10 @@ class GRPOConfig:
     so the reward starts near chance (counted in train.steps; the reference is the policy after them)."""
     max_num_seqs: int = 128
     """Sequences the rollout engine decodes together."""
+    batch_invariant: bool = True
+    """The engine's batch-invariant mode and the trainer's exact scoring (`dsv3.infer.exact`,
+    `dsv3.train.score`): the sampler's logprobs equal the trainer's bit for bit, the ratio is exactly 1 on
+    fresh rollouts. False: the engine's batched kernels and the trainer's plain forward (they differ by rounding)."""
 
 
 @dataclass

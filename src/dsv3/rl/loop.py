@@ -84,7 +84,8 @@ class GRPORun:
             self.log(f"resumed from {resume_from} (step {self.step})")
         self.saved_step = self.step if resume_from is not None else None
         self.ref = self._load_reference() if g.kl_coef > 0 and self.step > g.warmup_steps else None
-        self.llm = LLM(copy_model(self.policy, m), tokenizer=None, device=self.device, max_num_seqs=g.max_num_seqs)
+        self.llm = LLM(copy_model(self.policy, m), tokenizer=None, device=self.device, max_num_seqs=g.max_num_seqs,
+                       batch_invariant=g.batch_invariant)
         if self.device.type == "cpu" and threads.current() is not None:
             self.log(threads.current().line())
 
