@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("dsv3.checkpoint.convert_cli", "convert checkpoints (HF <-> dsv3, FP8 -> BF16, train -> HF)"),
     "generate": ("dsv3.infer.cli", "generate text from a model (CLI, interactive chat)"),
     "serve": ("dsv3.serve.cli", "OpenAI-compatible REST server"),
+    "score": ("dsv3.train.score_cli", "teacher-forced logprobs of prompt + completion pairs, equal to a --batch-invariant server's"),
     "bench": ("dsv3.bench.cli", "benchmarks: serve | throughput | latency"),
     "eval": ("dsv3.bench.eval_cli", "accuracy on C-Eval, MMLU, GSM8K, CLUEWSC through a server's OpenAI API"),
     "dryrun": ("dsv3.tools.dryrun", "per-rank memory of a parallel layout, from its real build (no devices, no data)"),
@@ -31,7 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "launch": ("dsv3.parallel.launch", "multi-process / multi-node launcher (msrun-style arguments)"),
     "quickstart": ("dsv3.quickstart", "tiny pretraining on WikiText-2, then generation (the README's main job)"),
 }
-THREADED = ("train", "generate", "serve", "bench", "convert", "quickstart")
+THREADED = ("train", "generate", "serve", "score", "bench", "convert", "quickstart")
 """Verbs that compute with torch on the CPU: they take --threads (bench on its throughput / latency runs)."""
 
 

@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--speculative", action="store_true", help="MTP speculative decoding, greedy or sampled (needs the checkpoint's MTP layer)")
     e.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="recompute every prompt (prefix caching is on by default)")
+    e.add_argument("--batch-invariant", action="store_true",
+                   help="each token computed alone: tokens and logprobs independent of the batch (equal to `dsv3 score`'s); slower")
     e.add_argument("--quiet", action="store_true", help="no cache/speed report on stderr")
     add_parallel_arguments(e)  # the predict YAML's parallel_config (with use_parallel: True) gives the defaults
 
@@ -204,7 +206,7 @@ def run(args) -> int:
                   max_model_len=args.max_model_len, block_size=args.block_size, num_gpu_blocks=args.num_blocks,
                   speculative=args.speculative, quantization=st["quantization"],
                   enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=st["tp"],
-                  enable_expert_parallel=st["ep"])
+                  enable_expert_parallel=st["ep"], batch_invariant=args.batch_invariant)
     except ValueError as e:
         raise UserError(str(e)) from None
     if not args.quiet:

@@ -49,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding (one draft token per step; greedy and sampled requests)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='vLLM spelling: {"method": "mtp", "num_speculative_tokens": 1} (same as --speculative)')
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="each token computed alone: a request's tokens and logprobs are the same bits whatever else is "
+                        "batched (and equal to `dsv3 score`'s); slower, docs/inference.md")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="most prompt tokens per prefill step (longer prompts are chunked)")
     limits.add_arguments(p)
 
 
@@ -103,6 +107,10 @@ def load_engine(args):
         kw["enable_prefix_caching"] = args.enable_prefix_caching
     if getattr(args, "speculative", False) or _speculative_config(getattr(args, "speculative_config", None)):
         kw["speculative"] = True
+    if getattr(args, "batch_invariant", False):
+        kw["batch_invariant"] = True
+    if getattr(args, "max_num_batched_tokens", None):
+        kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     try:
         spec = parallel_spec(args, model_dir, kw)
         if spec is not None:  # several processes: this one is rank 0 (a follower never returns)

@@ -273,6 +273,18 @@ class Trainer:
         rec.update(step=self.step, lr=lr, grad_norm=float(grad_norm), counts=counts, precision=self.precision.runs)
         return rec
 
+    def logprobs(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Teacher-forced logprobs of each sequence of batch["input_ids"] ([B,T] or B lists of ids): [T-1]
+        per sequence, differentiable, equal (`==`) to a batch-invariant engine's logprobs of the same tokens
+        on the same weights (`dsv3.train.score`). Layouts: one process or data parallel."""
+        from dsv3.train.score import score_logprobs
+
+        dims = self.strategy.dims
+        if self.model is None or dims.tp > 1 or dims.ep > 1:
+            raise UserError(f"Trainer.logprobs: exact scoring runs unsharded layers (tp 1, ep 1, pp 1); this run has "
+                            f"tp {dims.tp}, ep {dims.ep}, pp {dims.pp}")
+        return score_logprobs(self.model, batch["input_ids"])
+
     def evaluate(self) -> dict[str, float] | None:
         """Token-mean main-head loss and perplexity over the first eval_iters validation batches."""
         if self.data.valid is None:
