@@ -11,7 +11,7 @@ import torch
 from dsv3.cli import main
 from dsv3.train.metrics import read_metrics
 
-SMALL = ["--set", "train.steps=6", "--set", "grpo.warmup_steps=2", "--set", "grpo.prompts_per_step=4",
+SMALL = ["--set", "train.steps=6", "--set", "grpo.warmup_steps=2", "--set", "grpo.prompts_per_step=2",
          "--set", "grpo.group_size=4", "--set", "checkpoint.save_steps=4", "--set", "logging.log_interval=1",
          "--set", "checkpoint.export_hf=false"]
 TIMING = {"tokens_per_s", "rollout_s", "train_s", "sync_s"}
@@ -34,9 +34,10 @@ def test_metrics_every_step(run):
     assert [(r["kind"], r["step"]) for r in recs] == [("sft", 1), ("sft", 2)] + [("grpo", s) for s in range(3, 7)]
     for r in recs[2:]:
         assert 0.0 <= r["reward_mean"] <= 1.0 and r["sampled_tokens"] > 0 and r["tokens_per_s"] > 0
-        # the engine's weights are the policy's at every step: its logprobs are the trainer's up to rounding
+        # batch-invariant engine + exact scoring, the engine's weights the policy's at every step: bit-equal
         # (a stale engine, e.g. one whose absorbed MLA weights were not rebuilt, differs by whole nats)
-        assert r["logprob_mismatch_max"] < 1e-4, r
+        assert r["logprob_mismatch_tokens"] == 0 and r["logprob_mismatch_max"] == 0.0, r
+        assert r["ratio_max"] == 1.0 and r["clip_frac"] == 0.0  # fresh rollouts: the ratio is exactly 1
     assert recs[2]["kl"] == 0.0 and recs[-1]["kl"] > 0.0  # the reference is the policy as GRPO began
     assert (run / "reference.safetensors").is_file()
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["step-4", "step-6"]
@@ -69,7 +70,7 @@ def test_clipped_loss_and_group_advantages():
     # token 0: ratio e^0.5 > 1 + eps with a positive advantage -> clipped, no gradient; token 1: ratio 1 -> gradient
     logp = torch.tensor([[0.5, 0.0]], requires_grad=True)
     batch = RolloutBatch(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2),
-                         torch.zeros(1, 2), torch.tensor([1.0]))
+                         torch.zeros(1, 2), torch.tensor([1.0]), [[0, 0, 0]])
     loss, stats = policy_loss(logp, batch, clip_eps=0.2)
     loss.backward()
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] == -0.5 and stats["clip_frac"] == 0.5

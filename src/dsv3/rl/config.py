@@ -47,6 +47,10 @@ class GRPOConfig:
     """The engine's batch-invariant mode and the trainer's exact scoring (`dsv3.infer.exact`,
     `dsv3.train.score`): the sampler's logprobs equal the trainer's bit for bit, the ratio is exactly 1 on
     fresh rollouts. False: the engine's batched kernels and the trainer's plain forward (they differ by rounding)."""
+    exact_backward: bool = False
+    """With batch_invariant: backpropagate through the per-token exact path too (about 4x its scoring cost). False:
+    the loss takes the exact scorer's values and the batched forward's gradient (the same function rounded in
+    another order; `dsv3.rl.grpo.policy_logprobs`), so a step costs about what the exact scoring does."""
 
 
 @dataclass

@@ -42,6 +42,8 @@ class RolloutBatch:
     """[N, T] the sampler's logprob of each target (0 where mask is 0)."""
     advantages: torch.Tensor
     """[N] per completion."""
+    sequences: list[list[int]]
+    """The N unpadded sequences (prompt + completion)."""
 
 
 def rollout_batch(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],
@@ -58,13 +60,33 @@ def rollout_batch(prompts: list[list[int]], completions: list[list[int]], logpro
         span = slice(len(p) - 1, len(row) - 1)
         mask[i, span] = 1.0
         old[i, span] = torch.tensor(lp, dtype=torch.float32)
-    return RolloutBatch(tokens, targets, mask, old, advantages.flatten().float())
+    return RolloutBatch(tokens, targets, mask, old, advantages.flatten().float(), rows)
 
 
 def token_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[N, T] log pi(target | prefix) of the model, differentiable (fp32 log-softmax of the head's logits)."""
     logits = model(tokens)
     return torch.gather(logits.float().log_softmax(-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_logprobs(model: torch.nn.Module, batch: RolloutBatch, exact: bool, exact_backward: bool = False) -> torch.Tensor:
+    """[N, T] the policy's logprob of every target (differentiable under grad mode).
+
+    exact False: one batched forward. exact True: the values are `dsv3.train.score`'s (each token alone through
+    the batch-invariant ops: the same floats as a batch-invariant engine); the gradient flows through the batched
+    forward (`values + (batched - batched.detach())`, the same function, rounded in another order), unless
+    exact_backward, where it flows through the per-token path itself (about 4x the cost of scoring)."""
+    device = next(model.parameters()).device
+    if not exact:
+        return token_logprobs(model, batch.tokens.to(device), batch.targets.to(device)).cpu()
+    from dsv3.train.score import score_logprobs
+
+    if exact_backward or not torch.is_grad_enabled():
+        return torch.nn.utils.rnn.pad_sequence([r.cpu() for r in score_logprobs(model, batch.sequences)], batch_first=True)
+    with torch.no_grad():
+        values = torch.nn.utils.rnn.pad_sequence([r.cpu() for r in score_logprobs(model, batch.sequences)], batch_first=True)
+    batched = token_logprobs(model, batch.tokens.to(device), batch.targets.to(device)).cpu()
+    return values + (batched - batched.detach())  # adds exactly 0.0: the values stay the exact scorer's bits
 
 
 def mismatch(logp: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:

@@ -31,7 +31,7 @@ from dsv3 import threads
 from dsv3.config.load import dump_yaml
 from dsv3.errors import UserError
 from dsv3.rl.config import GRPORunConfig
-from dsv3.rl.grpo import group_advantages, mismatch, policy_loss, rollout_batch, token_logprobs
+from dsv3.rl.grpo import group_advantages, mismatch, policy_logprobs, policy_loss, rollout_batch
 from dsv3.rl.task import AdditionTask
 from dsv3.train import balance, checkpoint, metrics
 from dsv3.train.loss import masked_ce
@@ -162,12 +162,13 @@ class GRPORun:
         prompts, completions, logprobs, rewards = self.rollouts()
         batch = rollout_batch(prompts, completions, logprobs, group_advantages(rewards), pad_id=self.cfg.model.eos_token_id)
         t1 = time.perf_counter()
-        logp = token_logprobs(self.policy, batch.tokens.to(self.device), batch.targets.to(self.device)).cpu()
+        exact = self.cfg.grpo.batch_invariant
+        logp = policy_logprobs(self.policy, batch, exact, self.cfg.grpo.exact_backward)
         mm_max, mm_count = mismatch(logp, batch.sampler_logprobs, batch.mask)
         ref_logp = None
         if self.ref is not None:
             with torch.no_grad():
-                ref_logp = token_logprobs(self.ref, batch.tokens.to(self.device), batch.targets.to(self.device)).cpu()
+                ref_logp = policy_logprobs(self.ref, batch, exact)
         loss, stats = policy_loss(logp, batch, self.cfg.grpo.clip_eps, ref_logp, self.cfg.grpo.kl_coef)
         lr, norm = self._update(loss)
         t2 = time.perf_counter()
