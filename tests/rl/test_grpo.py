@@ -13,7 +13,7 @@ from dsv3.train.metrics import read_metrics
 
 SMALL = ["--set", "train.steps=6", "--set", "grpo.warmup_steps=2", "--set", "grpo.prompts_per_step=2",
          "--set", "grpo.group_size=4", "--set", "checkpoint.save_steps=4", "--set", "logging.log_interval=1",
-         "--set", "checkpoint.export_hf=false"]
+         "--set", "checkpoint.export_hf=false", "--set", "grpo.kl_coef=0.01"]
 TIMING = {"tokens_per_s", "rollout_s", "train_s", "sync_s"}
 
 
@@ -23,7 +23,7 @@ def _train(out, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """6 steps (2 warm-up, 4 GRPO; checkpoints at 4 and 6), read-only for the tests."""
+    """6 steps (2 warm-up, 4 GRPO of 2 prompts x 4 completions, KL on; checkpoints at 4 and 6), read-only for the tests."""
     out = tmp_path_factory.mktemp("grpo") / "run"
     assert _train(out) == 0
     return out
