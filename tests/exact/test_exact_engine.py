@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from dsv3 import LLM
+from dsv3 import LLM, SamplingParams
 
 from exact_helpers import fingerprint, one_thread, run, sampled, tiny_model  # noqa: F401 (one_thread: autouse fixture)
 
@@ -54,3 +54,31 @@ def test_default_path_differs(model):
     """The comparison above fails on the default (batched, naive-prefill) path: it does catch variance."""
     (alone, pair), (alone_np, crowd) = scenarios(model, False)
     assert pair != alone or crowd != alone_np
+
+
+def speculative_pair(model, invariant: bool) -> tuple[list[int], list[int], int]:
+    """A seeded sampled request (no logprobs: it speculates) with MTP speculation, alone and among 8 others
+    (some with logprobs, which never speculate). -> (tokens alone, tokens in the batch, drafts verified)."""
+    def eng():
+        return LLM(model, batch_invariant=invariant, speculative=True, max_num_seqs=9, max_num_batched_tokens=7,
+                   block_size=4, num_gpu_blocks=256).engine
+
+    spec = SamplingParams(temperature=1.0, seed=3, max_tokens=10, ignore_eos=True)
+    first = eng()
+    alone = run(first, [("t", TARGET, spec, 0)])["t"].outputs[0].token_ids
+    many = [(f"o{i}", p, sampled(50 + i) if i % 2 else SamplingParams(temperature=1.0, seed=50 + i, max_tokens=12, ignore_eos=True), 0)
+            for i, p in enumerate(OTHERS[:8])]
+    crowd = eng()
+    batched = run(crowd, many + [("t", TARGET, spec, 1)])["t"].outputs[0].token_ids
+    return alone, batched, first.stats()["spec_num_draft_tokens"] + crowd.stats()["spec_num_draft_tokens"]
+
+
+def test_speculative_request_is_bit_identical_alone_and_in_a_batch(model):
+    alone, batched, drafts = speculative_pair(model, True)
+    assert drafts > 0
+    assert batched == alone
+
+
+def test_speculative_default_path_differs(model):
+    alone, batched, _ = speculative_pair(model, False)
+    assert batched != alone

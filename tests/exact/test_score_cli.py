@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from dsv3 import LLM
+from dsv3 import threads
 from dsv3.cli import main as cli_main
 
 from exact_helpers import one_thread, run, sampled, tiny_model  # noqa: F401 (one_thread: autouse fixture)
@@ -45,7 +46,8 @@ def test_score_cli_equals_engine(model_dir, tmp_path):
         assert rec["prompt_logprobs"] == [None] + [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
 
 
-def test_score_cli_bad_line_is_one_line(model_dir, tmp_path, capsys):
+def test_score_cli_bad_line_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(threads.ENV, "1")  # restored after: the CLI exports its --threads count
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt_token_ids": [1, 2], "completion_token_ids": [3]}\n{"prompt_token_ids": [1], "completion_token_ids": [3, 999]}\n')
     rc = cli_main(["--threads", "1", "score", str(model_dir), "--input", str(src), "--output", str(tmp_path / "out.jsonl")])

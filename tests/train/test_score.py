@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from dsv3.infer.engine import LLMEngine
@@ -44,8 +45,19 @@ def _engine_logprobs(model, invariant: bool, prompts: list[list[int]]) -> tuple[
     return seqs, lps, eng.stats()
 
 
-def test_trainer_logprobs_equal_engine(wiki_prefix, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Many one-token ops: a second thread only waits at barriers on a loaded machine (both sides of the
+    comparison run in this process under the same count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_trainer_logprobs_equal_engine(wiki_prefix, tmp_path, one_thread):
     t = Trainer(small_run(wiki_prefix, tmp_path, train={"threads": 1}), quiet=True)
+    assert torch.get_num_threads() == 1
     t.train_step()  # trained weights and routing biases, not the initial ones
     rng = random.Random(0)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (9, 14)]

@@ -30,6 +30,7 @@ from dsv3.infer.loading import (default_device, encode_text, load_model, load_to
                                 quantize_once, resolve_dtype)
 from dsv3.infer.outputs import RequestOutput
 from dsv3.infer.postprocess import PostprocessMixin
+from dsv3.infer.routing import MAX_ROUTED_EXPERT_IDS, RouteCapture, keep_routes, wanted
 from dsv3.infer.runner import ModelRunner
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.scheduler import Decode, Prefill, Scheduler, Sequence, Status
@@ -77,13 +78,15 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
     request's tokens and logprobs are the same bits whatever else is batched, however its prompt is
     chunked, with or without a cached prefix, and equal to the trainer's `dsv3.train.score` (off by
     default: it gives up batching; docs/inference.md).
+    max_routed_expert_ids: most expert ids one `return_routed_experts` request may ask for (`dsv3.infer.routing`).
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 8, max_model_len: Optional[int] = None,
                  block_size: int = 16, num_gpu_blocks: Optional[int] = None, cache_bytes: Optional[int] = None,
                  max_num_batched_tokens: int = 2048, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, speculative: bool = False, quantization=None,
-                 enable_prefix_caching: bool = True, parallel=None, batch_invariant: bool = False):
+                 enable_prefix_caching: bool = True, parallel=None, batch_invariant: bool = False,
+                 max_routed_expert_ids: int = MAX_ROUTED_EXPERT_IDS):
         cfg: ModelConfig = model.config
         if parallel is not None and getattr(model, "parallel", None) is None:
             from dsv3.infer.parallel import shard_model
@@ -101,8 +104,6 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
         if speculative and not len(getattr(model.model, "mtp", [])):
             raise ValueError("speculative decoding needs the model's MTP module (num_nextn_predict_layers >= 1, MTP weights loaded)")
         self.speculative = speculative
-        if batch_invariant and cfg.index_topk > 0:
-            raise ValueError("batch_invariant does not cover DeepSeek Sparse Attention (index_topk > 0)")
         self.batch_invariant = batch_invariant
         cache_layers = cfg.num_hidden_layers + (1 if speculative else 0)  # the MTP block has its own cache layer
         per_token = PagedLatentCache.bytes_per_token_per_layer(cfg, self.dtype) * cache_layers
@@ -123,6 +124,7 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
             raise ValueError(f"max_model_len {max_model_len} exceeds the KV cache capacity of {capacity} tokens "
                              f"({num_gpu_blocks} blocks of {block_size}); give more cache (num_gpu_blocks / cache_bytes)")
         self.runner = (ExactRunner if batch_invariant else ModelRunner)(self.model, self.cache, parallel=parallel)
+        self.routes = RouteCapture(self.model, max_routed_expert_ids)  # return_routed_experts (`dsv3.infer.routing`)
         # speculation writes one position past the last token (the draft): decode reserves that slot
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, lookahead=1 if speculative else 0)
         self.eos_ids = {cfg.eos_token_id}
@@ -178,6 +180,8 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
             raise ValueError(f"cache_salt must be None or a non-empty string, got {cache_salt!r:.60}")
         vocab = self.model_config.vocab_size
         params.validate(vocab)
+        if params.return_routed_experts:
+            self.routes.check(params.n * params.max_tokens, f"n {params.n} x max_tokens {params.max_tokens} =")
         if prompt_token_ids is None:
             if prompt is None:
                 raise ValueError("give a prompt or prompt_token_ids")
@@ -203,6 +207,7 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
             if params.logprobs is not None:
                 seq.logprobs, seq.cumulative_logprob = [], 0.0
             seq.want_prompt_logprobs = params.prompt_logprobs is not None and i == 0
+            seq.routed_experts = [] if params.return_routed_experts else None
             if params.guided_decoding is not None:
                 seq.guide = self._grammar_matcher(params, self._guide_budget(params, len(ids)))
             if self.tokenizer is not None and hasattr(self.tokenizer, "incremental_decoder"):
@@ -318,18 +323,22 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
         chunks = work.chunks
         wants = [c.seq.want_prompt_logprobs for c in chunks]
         inputs = [(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table) for c in chunks]
-        if self.speculative:
-            logits, packed, hidden = self.runner.prefill(inputs, wants, return_hidden=True)
-        else:
-            logits = self.runner.prefill(inputs, wants)
-        done, last = [], []
+        with self.routes.recording(wanted(c.seq for c in chunks)):
+            if self.speculative:
+                logits, packed, hidden = self.runner.prefill(inputs, wants, return_hidden=True)
+            else:
+                logits = self.runner.prefill(inputs, wants)
+        done, last, rows, end = [], [], [], 0
         for c, lg, want in zip(chunks, logits, wants):
             c.seq.num_computed += c.num_tokens
+            end += c.num_tokens
             if want:
                 self._prompt_logprobs(self._requests[c.seq.request_id], c.seq, c, lg)
             if c.seq.pending == 0:  # the whole prompt is cached: sample its first new token
                 done.append(c.seq)
                 last.append(lg[-1:])
+                rows.append(end - 1)  # its last position's row of the packed tokens
+        keep_routes(done, self.routes.take(), rows)
         self.counters["prefill_steps"] += 1
         self.counters["prefill_tokens"] += sum(c.num_tokens for c in chunks)
         new = dict(zip((s.seq_id for s in done), self._sample(done, torch.cat(last)) if done else []))
@@ -359,10 +368,12 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
         if self.speculative and all(self._spec_ready(s) for s in seqs):
             self._run_speculative(seqs, positions, tables)
         else:
-            if self.speculative:
-                logits, hidden = self.runner.decode([[s.token_ids[-1]] for s in seqs], positions, tables, return_hidden=True)
-            else:
-                logits = self.runner.decode([[s.token_ids[-1]] for s in seqs], positions, tables)
+            with self.routes.recording(wanted(seqs)):
+                if self.speculative:
+                    logits, hidden = self.runner.decode([[s.token_ids[-1]] for s in seqs], positions, tables, return_hidden=True)
+                else:
+                    logits = self.runner.decode([[s.token_ids[-1]] for s in seqs], positions, tables)
+            keep_routes(seqs, self.routes.take(), list(range(len(seqs))))
             new = self._sample(seqs, logits[:, 0])
             if self.speculative:  # keep the MTP cache in step; its logits draft the token after `new`
                 mtp = self.runner.mtp_decode(hidden, [[t] for t in new], positions, tables)
@@ -387,6 +398,8 @@ class LLMEngine(SpeculativeMixin, PostprocessMixin, ControlMixin):
             self._grammars.forget(p.guided_decoding, self._guide_budget(p, seq.num_prompt_tokens))
             return self._finish(seq, "error")
         seq.token_ids.append(tok)
+        if seq.routed_experts is not None:
+            seq.routed_experts.append(seq.pending_route)
         # (before min_tokens these ids were masked out of the logits, so they cannot appear here)
         is_stop_id = (tok in self.eos_ids and not p.ignore_eos) or tok in (p.stop_token_ids or ())
         if not is_stop_id or p.include_stop_str_in_output:

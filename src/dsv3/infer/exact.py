@@ -50,6 +50,11 @@ class ExactPacked:
 class ExactRunner(ModelRunner):
     """`ModelRunner` with every token computed alone (same arguments and results; see the module docstring)."""
 
+    def __init__(self, model, cache: PagedLatentCache, parallel=None):
+        if model.config.index_topk > 0:
+            raise ValueError("batch_invariant does not cover DeepSeek Sparse Attention (index_topk > 0)")
+        super().__init__(model, cache, parallel)
+
     def _addresses(self, table: list[int], start: int, count: int) -> list[TokenAddress]:
         bs = self.cache.block_size
         slots = [table[p // bs] * bs + p % bs for p in range(start + count)]

@@ -50,6 +50,10 @@ class CompletionOutput:
     """Sum of the chosen tokens' logprobs (only when logprobs were requested)."""
     error: Optional[str] = None
     """Why a completion finished with 'error' (one line about this request only)."""
+    routed_experts: Optional[list[list[list[int]]]] = None
+    """Per generated token, per MoE layer of the main model, the K expert ids its sampling position was
+    routed to (router order) [n_tokens][L][K]; None when `return_routed_experts` was not asked
+    (`dsv3.infer.routing`)."""
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -123,7 +123,8 @@ class PostprocessMixin:
                 index=s.index, text=text, token_ids=list(s.output_ids),
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                cumulative_logprob=s.cumulative_logprob, error=s.error))
+                cumulative_logprob=s.cumulative_logprob, error=s.error,
+                routed_experts=list(s.routed_experts) if s.routed_experts is not None else None))
         plp = list(req.prompt_logprobs) if req.prompt_logprobs is not None else None
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), plp, outs, req.finished,
                              num_cached_tokens=req.seqs[0].num_cached_tokens or 0,

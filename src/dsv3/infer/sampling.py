@@ -84,6 +84,8 @@ class SamplingParams:
     """Keep the matched stop string at the end of the text."""
     guided_decoding: Optional[GuidedDecodingParams] = None
     """Constrain the output to a grammar (JSON schema / json_object / regex / choice)."""
+    return_routed_experts: bool = False
+    """Return, per generated token, the expert ids each MoE layer routed it through (`dsv3.infer.routing`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -139,6 +141,8 @@ class SamplingParams:
             not isinstance(self.stop_token_ids, list) or not all(is_int(t, 0, vocab - 1) for t in self.stop_token_ids)
         ):
             bad("stop_token_ids", "None or a list of valid token ids")
+        if not isinstance(self.return_routed_experts, bool):
+            bad("return_routed_experts", "true or false")
         if self.guided_decoding is not None:
             if not isinstance(self.guided_decoding, GuidedDecodingParams):
                 bad("guided_decoding", "None or a GuidedDecodingParams")

@@ -70,6 +70,10 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0
     num_cached_tokens: Optional[int] = None
+    # return_routed_experts: [L][K] ids per generated token (None when not asked), and the route of the
+    # position whose logits sample the next token (set by the engine before `_append`)
+    routed_experts: Optional[list] = None
+    pending_route: Optional[list] = None
     # speculative decoding: this sequence's drafts verified and accepted
     spec_drafts: int = 0
     spec_accepted: int = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv3.infer.routing import keep_routes, wanted
 from dsv3.infer.sampling import distribution, race, rejection_sample
 from dsv3.infer.scheduler import Sequence, Status
 
@@ -48,7 +49,9 @@ class SpeculativeMixin:
         rejected draft is replaced by a draw from the residual. Each token is distributed exactly as
         without speculation (greedy: identical)."""
         drafts = [s.draft for s in seqs]
-        logits, hidden = self.runner.decode([[s.token_ids[-1], d] for s, d in zip(seqs, drafts)], positions, tables, return_hidden=True)
+        with self.routes.recording(wanted(seqs)):
+            logits, hidden = self.runner.decode([[s.token_ids[-1], d] for s, d in zip(seqs, drafts)], positions, tables, return_hidden=True)
+        routes = self.routes.take()  # [2B, L, K]: row 2b routes the first position of seqs[b], 2b+1 the draft's
         l1, batch = self._process(seqs, logits[:, 0])
         l2, _ = self._process(seqs, logits[:, 1], drafted=drafts)
         draft_t = torch.tensor(drafts, device=l1.device)
@@ -67,16 +70,18 @@ class SpeculativeMixin:
         mtp = self.runner.mtp_decode(hidden, [[t1, t2 if a else 0] for a, t1, t2 in rows], positions, tables)
         self.counters["spec_steps"] += 1
         self.counters["spec_num_draft_tokens"] += len(seqs)
-        for s, (a, t1, t2) in zip(seqs, rows):
+        for b, (s, (a, t1, t2)) in enumerate(zip(seqs, rows)):
             s.spec_drafts += 1
             s.spec_accepted += a
             s.num_computed += 1
+            keep_routes([s], routes, [2 * b])
             self._append(s, t1)
             self.counters["decode_tokens"] += 1
             if a:
                 self.counters["spec_num_accepted_tokens"] += 1
                 if s.status is not Status.FINISHED:
                     s.num_computed += 1
+                    keep_routes([s], routes, [2 * b + 1])
                     self._append(s, t2)
                     self.counters["decode_tokens"] += 1
         self._draft(seqs, mtp[torch.arange(len(seqs)), torch.tensor([a for a, _, _ in rows])])

@@ -56,9 +56,8 @@ class Gate(nn.Module):
             logits = F.linear(x.float(), self.weight.float())
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N,D] -> weights [N,K] fp32, expert ids [N,K] int64, affinities s [N,E] fp32."""
-        s = self.scores(x)
+    def select(self, s: torch.Tensor) -> torch.Tensor:
+        """The router's own choice: affinities s [N,E] -> expert ids [N,K] int64 (bias, groups, top-K)."""
         bias = self.e_score_correction_bias
         choice = s + bias if bias is not None else s
         if self.n_group > 1:
@@ -67,11 +66,26 @@ class Gate(nn.Module):
             keep = gscore.topk(self.topk_group, dim=-1).indices
             drop = torch.ones_like(gscore, dtype=torch.bool).scatter_(1, keep, False)  # [N,G]
             choice = g.masked_fill(drop[..., None], float("-inf")).flatten(1)
-        idx = choice.topk(self.top_k, dim=-1).indices  # [N,K]
+        return choice.topk(self.top_k, dim=-1).indices  # [N,K]
+
+    def weights(self, s: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Combine weights [N,K] fp32 of experts idx [N,K] from the (unbiased) affinities s [N,E]."""
         w = s.gather(1, idx)
         if self.norm_topk_prob:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return w * self.route_scale, idx, s
+        return w * self.route_scale
+
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N,D] -> weights [N,K] fp32, expert ids [N,K] int64, affinities s [N,E] fp32.
+
+        replay [N,K] int64 (routing replay, `dsv3.train.replay`): rows of expert ids to use instead of
+        the router's own choice (a row of -1: route that token itself); the weights are recomputed from
+        this forward's affinities at those ids, so the router still gets its gradient."""
+        s = self.scores(x)
+        idx = self.select(s)
+        if replay is not None:
+            idx = torch.where((replay >= 0).all(-1, keepdim=True), replay, idx)
+        return self.weights(s, idx), idx, s
 
 
 class Experts(nn.Module):

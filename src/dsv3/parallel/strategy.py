@@ -35,6 +35,7 @@ from dsv3.parallel.dims import ParallelDims, build_meshes, init_distributed
 from dsv3.train import checkpoint
 from dsv3.train.loss import LinearCrossEntropy, attention_mask, compute_loss, masked_ce
 from dsv3.train.optim import build_optimizer
+from dsv3.train.replay import RoutingReplay, merge_agreement
 
 LOSS_PARTS = ("lm", "mtp", "aux", "indexer")
 
@@ -106,6 +107,7 @@ class Strategy:
         # DSA's dense warm-up: only the indexers learn (their KL loss is the whole objective)
         self.indexer_warmup = cfg.model.sparse_attention and cfg.train.indexer_stage == "dense_warmup"
         self.main_loss_weight = 0.0 if self.indexer_warmup else 1.0
+        self.routing_agreement: list[float | None] | None = None  # of the last step's replayed micro-batches
 
     # ---- roles
     @property
@@ -164,18 +166,26 @@ class Strategy:
     # ---- one step
     def forward_backward(self, batches: list[dict[str, torch.Tensor]], autocast) -> dict[str, float]:
         """Forward and backward of this rank's micro-batches (each loss / their number); gradients
-        reduced and clipped afterwards by `finish_grads`. Returns the global mean loss parts."""
+        reduced and clipped afterwards by `finish_grads`. Returns the global mean loss parts.
+        A batch's `routed_experts` [B,T,L,K] routes its forward and backward (`dsv3.train.replay`);
+        `routing_agreement` then holds the step's per-layer agreement."""
         M = len(batches)
+        replays: list[RoutingReplay] = []
         if self.pipeline is not None:
+            if any("routed_experts" in b for b in batches):
+                raise UserError("batch routed_experts: routing replay is not supported under pipeline parallelism")
             vec = self.pipeline.step(batches, autocast)
         else:
             model, sums = self.parts[0], torch.zeros(len(LOSS_PARTS), device=self.device)
             for b in batches:
-                with autocast():
-                    loss, p = compute_loss(model, b, self.cfg.train.mtp_loss_factor, self.fused_ce, self.main_loss_weight)
-                (loss / M).backward()
+                with RoutingReplay(model, b.get("routed_experts"), b["tokens"]) as replay:
+                    with autocast():
+                        loss, p = compute_loss(model, b, self.cfg.train.mtp_loss_factor, self.fused_ce, self.main_loss_weight)
+                    (loss / M).backward()
+                replays.append(replay)
                 sums += torch.stack([torch.as_tensor(p[k], dtype=torch.float32, device=self.device).detach() for k in LOSS_PARTS])
             vec = sums / M
+        self.routing_agreement = merge_agreement(replays)
         if self.dims.dp > 1:  # replica means -> global mean
             dist.all_reduce(vec, group=self.meshes.dense.get_group("dp"))
             vec /= self.dims.dp

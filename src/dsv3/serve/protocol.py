@@ -65,6 +65,7 @@ class _SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     cache_salt: str | None = None  # vLLM's: shares prefix-cache blocks only with requests of the same salt
+    return_routed_experts: bool = False  # vLLM's: each choice's routed_experts [tokens][MoE layers][k] (dsv3.infer.routing)
 
 
 class CompletionRequest(_SamplingFields):
@@ -124,6 +125,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    routed_experts: list[list[list[int]]] | None = None  # return_routed_experts: per generated token, per MoE layer, k ids
 
 
 class CompletionResponse(BaseModel):
@@ -173,6 +175,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    routed_experts: list[list[list[int]]] | None = None  # return_routed_experts (as CompletionChoice)
 
 
 class ChatCompletionResponse(BaseModel):

@@ -23,6 +23,8 @@ from dsv3.errors import UserError
 
 MAX_LINES = 100_000
 """Most input lines (pairs) one call scores."""
+MAX_LINE_BYTES = 16 << 20
+"""Longest input line read (a longer one is an error, never read whole into memory)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,10 +57,12 @@ def read_pairs(path: Path, encode, vocab: int, max_len: int, max_lines: int) -> 
         raise UserError(f"--input {path}: no such file")
     pairs = []
     with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            where = f"{path} line {n}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise UserError(f"{where}: longer than {MAX_LINE_BYTES} bytes")
             if not raw.strip():
                 continue
-            where = f"{path} line {n}"
             if len(pairs) >= max_lines:
                 raise UserError(f"{path}: more than --max-lines {max_lines} lines")
             try:

@@ -271,18 +271,21 @@ class Trainer:
             raise UserError(f"loss is {rec['loss']} at step {self.step}: training diverged (lower lr_schedule.learning_rate "
                             f"or check the data); the last checkpoint is intact")
         rec.update(step=self.step, lr=lr, grad_norm=float(grad_norm), counts=counts, precision=self.precision.runs)
+        if (agree := self.strategy.routing_agreement) is not None:  # replayed routes (`dsv3.train.replay`)
+            seen = [a for a in agree if a is not None]
+            rec.update(routing_agreement=sum(seen) / len(seen) if seen else None, routing_agreement_layers=agree)
         return rec
 
     def logprobs(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         """Teacher-forced logprobs of each sequence of batch["input_ids"] ([B,T] or B lists of ids): [T-1]
         per sequence, differentiable, equal (`==`) to a batch-invariant engine's logprobs of the same tokens
-        on the same weights (`dsv3.train.score`). Layouts: one process or data parallel."""
+        on the same weights (`dsv3.train.score`). Layouts: one process, or data parallel with replicated weights."""
         from dsv3.train.score import score_logprobs
 
         dims = self.strategy.dims
-        if self.model is None or dims.tp > 1 or dims.ep > 1:
-            raise UserError(f"Trainer.logprobs: exact scoring runs unsharded layers (tp 1, ep 1, pp 1); this run has "
-                            f"tp {dims.tp}, ep {dims.ep}, pp {dims.pp}")
+        if self.model is None or dims.tp > 1 or dims.ep > 1 or self.strategy.fsdp:
+            raise UserError(f"Trainer.logprobs: exact scoring runs whole, unsharded layers (tp 1, ep 1, pp 1, no FSDP); "
+                            f"this run has tp {dims.tp}, ep {dims.ep}, pp {dims.pp}, dp {dims.dp} ({dims.dp_shard})")
         return score_logprobs(self.model, batch["input_ids"])
 
     def evaluate(self) -> dict[str, float] | None:

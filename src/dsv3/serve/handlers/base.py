@@ -107,7 +107,8 @@ class OpenAIServing:
         kw: dict[str, Any] = dict(n=1, max_tokens=max_tokens, stop=stop or None, min_tokens=req.min_tokens,
                                   ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
                                   include_stop_str_in_output=req.include_stop_str_in_output,
-                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                  return_routed_experts=req.return_routed_experts)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", "stop_token_ids"):
             if getattr(req, name) is not None:
@@ -158,6 +159,12 @@ class OpenAIServing:
         """Check every (prompt, sample) request's parameters, then add them; on any failure abort the ones
         already added. Checking compiles a grammar (llguidance, seconds for a large schema): off the loop."""
         plans = await asyncio.to_thread(lambda: [make_params(p) for p in prompts])
+        routed = [s.max_tokens for samples in plans for s in samples if s.return_routed_experts]
+        if routed:  # the cap holds for the whole response (every prompt and sample), not each engine request
+            try:
+                self.engine.engine.routes.check(sum(routed), "the choices' max_tokens summed:")
+            except ValueError as e:
+                raise APIError(str(e), param="return_routed_experts") from None
         base = random_id("req")
         started: list[tuple[int, Prompt, RequestStream]] = []
         try:

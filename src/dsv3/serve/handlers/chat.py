@@ -87,7 +87,7 @@ class OpenAIServingChat(OpenAIServing):
             lps = self._chat_logprobs(list(co.token_ids), list(co.logprobs or []), k) if k is not None else None
             parser = parsers[index]
             message = ChatResponseMessage(**parser.full(co.text))
-            choices.append(ChatChoice(index=index, message=message, logprobs=lps,
+            choices.append(ChatChoice(index=index, message=message, logprobs=lps, routed_experts=co.routed_experts,
                                       finish_reason=parser.finish_reason(co.finish_reason), stop_reason=co.stop_reason))
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                       total_tokens=prompt_tokens + completion_tokens,
@@ -118,10 +118,10 @@ class OpenAIServingChat(OpenAIServing):
                 out_chunks.done[index] = len(co.token_ids)
                 if not delta and not out.finished:
                     continue
-                yield out_chunks.sse([{
+                yield out_chunks.sse([st.routes({
                     "index": index, "delta": delta,
                     "logprobs": lps.model_dump() if lps is not None else None,
-                    "finish_reason": parsers[index].finish_reason(co.finish_reason) if out.finished else None}])
+                    "finish_reason": parsers[index].finish_reason(co.finish_reason) if out.finished else None}, co)])
             if out_chunks.include_usage:
                 yield out_chunks.sse([], final=True)
         except Exception as e:

@@ -99,7 +99,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 else:
                     lps = gen
             choices.append(CompletionChoice(index=index, text=text, logprobs=lps, finish_reason=co.finish_reason,
-                                            stop_reason=co.stop_reason))
+                                            stop_reason=co.stop_reason, routed_experts=co.routed_experts))
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                       total_tokens=prompt_tokens + completion_tokens,
                       prompt_tokens_details=_prompt_cache(final, req.n))
@@ -136,10 +136,10 @@ class OpenAIServingCompletion(OpenAIServing):
                 out_chunks.done[index] = len(co.token_ids)
                 if not piece and not out.finished and not new_ids:
                     continue
-                yield out_chunks.sse([{
+                yield out_chunks.sse([st.routes({
                     "index": index, "text": piece, "logprobs": lps.model_dump() if lps is not None else None,
                     "finish_reason": co.finish_reason if out.finished else None,
-                    "stop_reason": co.stop_reason if out.finished else None}])
+                    "stop_reason": co.stop_reason if out.finished else None}, co)])
             if out_chunks.include_usage:
                 yield out_chunks.sse([], final=True)
         except Exception as e:  # the stream has started: report in-band, never crash the server

@@ -22,6 +22,7 @@ class TextState:
         self.holdback = holdback
         self.sent_text = ""
         self.sent_tokens = 0
+        self.sent_routes = 0
         self.started = False
 
     def delta(self, text: str, finished: bool) -> str:
@@ -36,6 +37,13 @@ class TextState:
         self.sent_text += piece
         return piece
 
+    def routes(self, choice: dict, co) -> dict:
+        """`choice` with the routed experts of the tokens not sent yet (return_routed_experts), marked sent."""
+        if co.routed_experts is None:
+            return choice
+        choice["routed_experts"] = co.routed_experts[self.sent_routes:]
+        self.sent_routes = len(co.routed_experts)
+        return choice
 
 
 class Chunks:
