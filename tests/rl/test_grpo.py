@@ -45,6 +45,19 @@ def test_metrics_every_step(run):
         assert (run / "plots" / "reward.png").stat().st_size > 0
 
 
+def test_batched_mode_replays_the_engine_routing(tmp_path):
+    """batch_invariant off, routing replay on: the trainer's forward routes through the engine's experts (R3),
+    its own router's agreement is recorded per MoE layer, the logprobs agree up to rounding."""
+    out = tmp_path / "replay"
+    assert _train(out, "--set", "train.steps=4", "--set", "grpo.batch_invariant=false", "--set", "grpo.routing_replay=true",
+                  "--set", "checkpoint.save_steps=0", "--set", "checkpoint.save_at_end=false", "--set", "logging.plots=false") == 0
+    recs = [r for r in read_metrics(out) if r["kind"] == "grpo"]
+    assert len(recs) == 2
+    for r in recs:
+        assert len(r["routing_agreement"]) == 1 and 0.0 <= r["routing_agreement"][0] <= 1.0, r
+        assert r["logprob_mismatch_max"] < 1e-4, r  # a stale engine differs by whole nats
+
+
 def test_resume_repeats_the_same_steps(run, tmp_path):
     """From step 4's checkpoint, steps 5 and 6 again: the same rollouts, rewards, losses and final weights."""
     from safetensors.torch import load_file
@@ -82,6 +95,7 @@ def test_clipped_loss_and_group_advantages():
     ("grpo.group_size=1", "grpo.group_size must be >= 2"),
     ("model.vocab_size=8", "model.vocab_size 8: the addition task needs 14 ids"),
     ("train.precision=bf16", "a GRPO run trains in fp32"),
+    ("grpo.routing_replay=true", "grpo.routing_replay needs grpo.batch_invariant false"),
     ("grpo.rewardd=1", "unknown key 'grpo.rewardd'"),
 ])
 def test_bad_config_is_one_line(setting, expect, tmp_path, capsys):

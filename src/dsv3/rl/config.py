@@ -47,6 +47,12 @@ class GRPOConfig:
     """The engine's batch-invariant mode and the trainer's exact scoring (`dsv3.infer.exact`,
     `dsv3.train.score`): the sampler's logprobs equal the trainer's bit for bit, the ratio is exactly 1 on
     fresh rollouts. False: the engine's batched kernels and the trainer's plain forward (they differ by rounding)."""
+    routing_replay: bool = False
+    """Route the trainer's forward through the experts the engine chose for each sampled token (R3,
+    `dsv3.train.replay`; `return_routed_experts`) and record per MoE layer the share of those tokens the
+    trainer's own router agreed on (metric routing_agreement). Not with batch_invariant yet (the engine's
+    expert capture counts one router call per layer and step, the batch-invariant runner makes one per token;
+    there the exact scorer routes as the engine did anyway). False: the trainer routes itself."""
     exact_backward: bool = False
     """With batch_invariant: backpropagate through the per-token exact path too (about 4x its scoring cost). False:
     the loss takes the exact scorer's values and the batched forward's gradient (the same function rounded in
@@ -92,6 +98,9 @@ class GRPORunConfig:
             raise UserError(f"grpo.clip_eps must be in (0, 1) and grpo.kl_coef >= 0, got {g.clip_eps} and {g.kl_coef}")
         if not 0 <= g.warmup_steps < t.steps:
             raise UserError(f"grpo.warmup_steps must be in [0, train.steps {t.steps}), got {g.warmup_steps}")
+        if g.routing_replay and g.batch_invariant:
+            raise UserError("grpo.routing_replay needs grpo.batch_invariant false: the engine's return_routed_experts "
+                            "does not capture the batch-invariant runner's per-token router calls yet")
         if t.fp8 or t.recompute != "none" or t.precision != "fp32":
             raise UserError("a GRPO run trains in fp32 without fp8 or recompute (the sampler's weights are the policy's): "
                             f"got train.precision {t.precision!r}, fp8 {t.fp8}, recompute {t.recompute!r}")

@@ -44,10 +44,12 @@ class RolloutBatch:
     """[N] per completion."""
     sequences: list[list[int]]
     """The N unpadded sequences (prompt + completion)."""
+    routed: torch.Tensor | None = None
+    """[N, T, MoE layers, K] the engine's experts of every sampled token's position (-1: route itself), or None."""
 
 
 def rollout_batch(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],
-                  advantages: torch.Tensor, pad_id: int) -> RolloutBatch:
+                  advantages: torch.Tensor, pad_id: int, routed: list | None = None, top_k: int = 0) -> RolloutBatch:
     rows = [p + c for p, c in zip(prompts, completions)]
     n, width = len(rows), max(len(r) for r in rows) - 1
     tokens = torch.full((n, width), pad_id, dtype=torch.long)
@@ -60,7 +62,13 @@ def rollout_batch(prompts: list[list[int]], completions: list[list[int]], logpro
         span = slice(len(p) - 1, len(row) - 1)
         mask[i, span] = 1.0
         old[i, span] = torch.tensor(lp, dtype=torch.float32)
-    return RolloutBatch(tokens, targets, mask, old, advantages.flatten().float(), rows)
+    replay = None
+    if routed is not None:  # `return_routed_experts` rows [n][L][K] -> positions P-1.. (`dsv3.train.replay`)
+        from dsv3.train.replay import replay_rows
+
+        layers = len(routed[0][0]) if routed[0] else 0
+        replay = torch.stack([replay_rows(r, len(p), width, layers, top_k) for r, p in zip(routed, prompts)])
+    return RolloutBatch(tokens, targets, mask, old, advantages.flatten().float(), rows, replay)
 
 
 def token_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -69,24 +77,39 @@ def token_logprobs(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.
     return torch.gather(logits.float().log_softmax(-1), -1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def policy_logprobs(model: torch.nn.Module, batch: RolloutBatch, exact: bool, exact_backward: bool = False) -> torch.Tensor:
-    """[N, T] the policy's logprob of every target (differentiable under grad mode).
+def batched_logprobs(model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, list[float | None] | None]:
+    """`token_logprobs` of the batch, routed through the engine's experts when it carries them (R3,
+    `dsv3.train.replay`); -> (logprobs [N, T], per MoE layer the share of tokens the trainer's router put on the
+    same experts, or None)."""
+    from dsv3.train.replay import RoutingReplay
+
+    device = next(model.parameters()).device
+    tokens = batch.tokens.to(device)
+    routed = batch.routed.to(device) if batch.routed is not None else None
+    with RoutingReplay(model, routed, tokens) as replay:  # no recompute: backward needs no hook
+        logp = token_logprobs(model, tokens, batch.targets.to(device)).cpu()
+    return logp, replay.agreement()
+
+
+def policy_logprobs(model: torch.nn.Module, batch: RolloutBatch, exact: bool,
+                    exact_backward: bool = False) -> tuple[torch.Tensor, list[float | None] | None]:
+    """[N, T] the policy's logprob of every target (differentiable under grad mode), and the routing agreement.
 
     exact False: one batched forward. exact True: the values are `dsv3.train.score`'s (each token alone through
     the batch-invariant ops: the same floats as a batch-invariant engine); the gradient flows through the batched
-    forward (`values + (batched - batched.detach())`, the same function, rounded in another order), unless
-    exact_backward, where it flows through the per-token path itself (about 4x the cost of scoring)."""
-    device = next(model.parameters()).device
+    forward (`values + (batched - batched.detach())`, the same function rounded in another order, routed as the
+    engine routed), unless exact_backward, where it flows through the per-token path itself (about 4x the cost)."""
     if not exact:
-        return token_logprobs(model, batch.tokens.to(device), batch.targets.to(device)).cpu()
+        return batched_logprobs(model, batch)
     from dsv3.train.score import score_logprobs
 
     if exact_backward or not torch.is_grad_enabled():
-        return torch.nn.utils.rnn.pad_sequence([r.cpu() for r in score_logprobs(model, batch.sequences)], batch_first=True)
+        rows = score_logprobs(model, batch.sequences)
+        return torch.nn.utils.rnn.pad_sequence([r.cpu() for r in rows], batch_first=True), None
     with torch.no_grad():
         values = torch.nn.utils.rnn.pad_sequence([r.cpu() for r in score_logprobs(model, batch.sequences)], batch_first=True)
-    batched = token_logprobs(model, batch.tokens.to(device), batch.targets.to(device)).cpu()
-    return values + (batched - batched.detach())  # adds exactly 0.0: the values stay the exact scorer's bits
+    batched, agreement = batched_logprobs(model, batch)
+    return values + (batched - batched.detach()), agreement  # adds exactly 0.0: the values stay the exact scorer's
 
 
 def mismatch(logp: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:

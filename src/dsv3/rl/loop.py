@@ -31,7 +31,7 @@ from dsv3 import threads
 from dsv3.config.load import dump_yaml
 from dsv3.errors import UserError
 from dsv3.rl.config import GRPORunConfig
-from dsv3.rl.grpo import group_advantages, mismatch, policy_logprobs, policy_loss, rollout_batch
+from dsv3.rl.grpo import RolloutBatch, group_advantages, mismatch, policy_logprobs, policy_loss, rollout_batch
 from dsv3.rl.task import AdditionTask
 from dsv3.train import balance, checkpoint, metrics
 from dsv3.train.loss import masked_ce
@@ -75,6 +75,7 @@ class GRPORun:
         self.optimizer = build_optimizer(self.policy, cfg.optimizer, cfg.lr_schedule)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, cfg.train.steps)
         self.moe_layers = self.policy.moe_layers()
+        self.replay = g.routing_replay and bool(self.moe_layers)
         self.step = 0
         if resume_from is not None:
             state = checkpoint.load_checkpoint(resume_from, self.policy, self.optimizer, self.scheduler)
@@ -129,20 +130,23 @@ class GRPORun:
     def _sample_seed(self, k: int) -> int:
         return ((self.cfg.train.seed * 1_000_003 + self.step) << 20) + k
 
-    def rollouts(self) -> tuple[list[list[int]], list[list[int]], list[list[float]], torch.Tensor]:
-        """Prompts, completions, the sampler's logprob of each sampled token, and rewards [P, G]."""
+    def rollouts(self) -> tuple[RolloutBatch, torch.Tensor]:
+        """The step's rollouts (with the sampler's logprob and, with replay, experts of each sampled token) and rewards."""
         from dsv3 import SamplingParams
 
         g = self.cfg.grpo
         problems = self.task.sample(g.prompts_per_step, self.rng)
         prompts = [p.prompt_ids for p in problems for _ in range(g.group_size)]
-        params = [SamplingParams(temperature=1.0, max_tokens=g.max_new_tokens, logprobs=0, seed=self._sample_seed(k))
-                  for k in range(len(prompts))]
+        params = [SamplingParams(temperature=1.0, max_tokens=g.max_new_tokens, logprobs=0, seed=self._sample_seed(k),
+                                 return_routed_experts=self.replay) for k in range(len(prompts))]
         outs = self.llm.generate(prompts, params)
         completions = [list(o.outputs[0].token_ids) for o in outs]
         logprobs = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, c)] for o, c in zip(outs, completions)]
         rewards = torch.tensor([self.task.reward(problems[k // g.group_size], c) for k, c in enumerate(completions)])
-        return prompts, completions, logprobs, rewards.view(g.prompts_per_step, g.group_size)
+        routed = [o.outputs[0].routed_experts for o in outs] if self.replay else None
+        return rollout_batch(prompts, completions, logprobs, group_advantages(rewards.view(g.prompts_per_step, g.group_size)),
+                             self.cfg.model.eos_token_id, routed, self.cfg.model.num_experts_per_tok), rewards.view(
+                                 g.prompts_per_step, g.group_size)
 
     def _update(self, loss: torch.Tensor) -> tuple[float, float]:
         """Backward (plus the balance loss when configured), clipped AdamW step, LR step, routing-bias update."""
@@ -159,16 +163,15 @@ class GRPORun:
 
     def grpo_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        prompts, completions, logprobs, rewards = self.rollouts()
-        batch = rollout_batch(prompts, completions, logprobs, group_advantages(rewards), pad_id=self.cfg.model.eos_token_id)
+        batch, rewards = self.rollouts()
         t1 = time.perf_counter()
         exact = self.cfg.grpo.batch_invariant
-        logp = policy_logprobs(self.policy, batch, exact, self.cfg.grpo.exact_backward)
+        logp, agreement = policy_logprobs(self.policy, batch, exact, self.cfg.grpo.exact_backward)
         mm_max, mm_count = mismatch(logp, batch.sampler_logprobs, batch.mask)
         ref_logp = None
         if self.ref is not None:
             with torch.no_grad():
-                ref_logp = policy_logprobs(self.ref, batch, exact)
+                ref_logp = policy_logprobs(self.ref, batch, exact)[0]
         loss, stats = policy_loss(logp, batch, self.cfg.grpo.clip_eps, ref_logp, self.cfg.grpo.kl_coef)
         lr, norm = self._update(loss)
         t2 = time.perf_counter()
@@ -178,7 +181,7 @@ class GRPORun:
         return {"kind": "grpo", "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "groups_all_equal": int((rewards.std(dim=1) == 0).sum()), "loss": float(loss.detach()), **stats,
                 "logprob_mismatch_max": mm_max, "logprob_mismatch_tokens": mm_count, "sampled_tokens": sampled,
-                "completion_len": sampled / len(completions), "lr": lr, "grad_norm": norm,
+                "completion_len": sampled / len(batch.sequences), "routing_agreement": agreement, "lr": lr, "grad_norm": norm,
                 "tokens_per_s": sampled / (t3 - t0), "rollout_s": t1 - t0, "train_s": t2 - t1, "sync_s": t3 - t2}
 
     def sft_step(self) -> dict[str, Any]:
@@ -252,8 +255,13 @@ def format_line(r: dict[str, Any]) -> str:
     if r["kind"] == "sft":
         return f"{head} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:.0f} tok/s"
     return (f"{head} | reward {r['reward_mean']:.3f} | kl {r['kl']:.2e} | logprob mismatch {r['logprob_mismatch_tokens']} "
-            f"tokens (max {r['logprob_mismatch_max']:.1e}) | clip {r['clip_frac']:.2f} | lr {r['lr']:.3e} | "
+            f"tokens (max {r['logprob_mismatch_max']:.1e}) | clip {r['clip_frac']:.2f} | {_agreement(r)}lr {r['lr']:.3e} | "
             f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:.0f} tok/s")
+
+
+def _agreement(r: dict[str, Any]) -> str:
+    a = r.get("routing_agreement")
+    return "routing agreement " + " ".join("-" if x is None else f"{x:.3f}" for x in a) + " | " if a else ""
 
 
 def _rng_to_state(state: tuple) -> dict[str, Any]:
