@@ -33,7 +33,7 @@ import torch
 from fastapi import FastAPI, Request
 
 from dsv3.errors import UserError
-from dsv3.infer import sync_group
+from dsv3 import sync_group
 from dsv3.infer.control import PAUSE_MODES
 from dsv3.infer.weights import MAX_TENSORS, check_tensors
 from dsv3.serve.async_engine import AsyncEngine

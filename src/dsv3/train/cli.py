@@ -2,7 +2,8 @@
 torchrun / `dsv3 launch`, WORLD_SIZE > 1) as one rank of the `parallel` layout (docs/distributed.md).
 
 FILE is our run YAML (`configs/pretrain_*.yaml`) or the seed's MindSpore YAML (translated by
-`dsv3.config.mindspore`; keys that only mean something on Ascend are listed once as ignored).
+`dsv3.config.mindspore`; keys that only mean something on Ascend are listed once as ignored). A YAML
+with a `grpo:` section (`configs/grpo_tiny.yaml`) runs the GRPO recipe instead (`dsv3.rl`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsv3.config.load import read_yaml
+    from dsv3.config.presets import resolve_preset
     from dsv3.config.train import load_run_config
+    from dsv3.rl.config import is_grpo_yaml
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -39,6 +43,13 @@ def run(args: argparse.Namespace) -> int:
         overrides.append("checkpoint.resume=true")
     if args.tokenizer:
         overrides.append(f"data.tokenizer={args.tokenizer}")
+    path = resolve_preset(args.config)
+    if is_grpo_yaml(read_yaml(path)):  # a GRPO run (`dsv3.rl`): its own loop, the same checkpoint and metrics formats
+        from dsv3.rl.loop import run_grpo
+
+        if args.report_memory:
+            raise UserError("--report-memory measures pretraining runs, not a GRPO run")
+        return run_grpo(path, overrides, args.dump_config)
     notes: list[str] = []
     cfg = load_run_config(args.config, overrides, notes)
     for line in notes:  # what reading a MindSpore YAML changed or skipped

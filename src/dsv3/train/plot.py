@@ -4,6 +4,8 @@
 * expert_load.png: max/mean expert load of every MoE layer over steps (1.0 = perfectly balanced),
   each named as the run logged it ("layer N", "MTP k").
 * lr.png: the learning rate.
+* a GRPO run (`dsv3.rl`): reward.png (mean reward, KL to the reference, sampler/trainer logprob
+  mismatch per step) and loss.png (its warm-up and policy losses) instead.
 """
 
 from __future__ import annotations
@@ -60,10 +62,15 @@ def write_plots(run_dir: str | Path, out: str | Path | None = None) -> list[Path
     last = {(r.get("kind", "train"), r.get("step")): r for r in recs}
     train = sorted((r for (k, _), r in last.items() if k == "train"), key=lambda r: r["step"])
     evals = sorted((r for (k, _), r in last.items() if k == "eval"), key=lambda r: r["step"])
-    if not train and not evals:
+    rl = sorted((r for (k, _), r in last.items() if k in ("grpo", "sft")), key=lambda r: r["step"])
+    if not train and not evals and not rl:
         raise UserError(f"{run_dir}/metrics.jsonl has no records yet")
     out_dir = Path(out) if out else run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if rl:  # a GRPO run (`dsv3.rl`)
+        from dsv3.rl.plot import grpo_plots
+
+        return grpo_plots(rl, out_dir, plt, _save)
     paths = []
 
     fig, ax = plt.subplots(figsize=(7, 4))

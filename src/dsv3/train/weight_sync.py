@@ -11,7 +11,7 @@ torch.distributed group (gloo on CPU, NCCL on CUDA), without a restart and witho
 Call it on the trainer's rank 0 with a model (or state dict) holding full tensors: DTensors are gathered
 with `full_tensor()`, which every rank of an FSDP / tensor-parallel trainer must then call too. The
 trainer is rank 0 of the group and hosts its rendezvous store; the server is rank 1 (the protocol:
-`dsv3.infer.sync_group`). A refused update raises `UserError` with the server's one line, and the
+`dsv3.sync_group`). A refused update raises `UserError` with the server's one line, and the
 server keeps its old weights.
 """
 
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from dsv3.errors import UserError
-from dsv3.infer.sync_group import DTYPES, SyncGroup, dtype_name, open_group
+from dsv3.sync_group import DTYPES, SyncGroup, dtype_name, open_group
 
 HTTP_TIMEOUT_S = 3600.0  # an update of a large model may take minutes; the group's timeout bounds the transfer
 
