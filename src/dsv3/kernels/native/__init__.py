@@ -31,8 +31,8 @@ import torch
 from dsv3.errors import UserError
 
 ISAS = ("none", "avx2", "avx512", "avx512_vnni", "amx")  # index = the .so's ISA code
-FORMATS = ("int8", "w8a8", "fp8", "int4", "bf16")  # index = the .so's format code
-BYTES_X2 = {"int8": 2, "w8a8": 2, "fp8": 2, "int4": 1, "bf16": 4}  # twice the bytes per weight
+FORMATS = ("int8", "w8a8", "fp8", "int4", "bf16", "int8_q8", "int4_q8")  # index = the .so's format code
+BYTES_X2 = {"int8": 2, "w8a8": 2, "fp8": 2, "int4": 1, "bf16": 4, "int8_q8": 2, "int4_q8": 1}  # twice the bytes per weight
 ERRORS = {-1: "no kernel for this CPU's ISA", -2: "bad argument", -3: "out of memory"}
 MAX_ROWS = 16
 """Most activation rows the quantised modules send to the native GEMV (decode batches); more rows
