@@ -147,6 +147,17 @@ static inline __attribute__((always_inline)) void FN(tile_i8q)(const float *x, c
     for (int b = 0; b < nb; b++) {
         __m256i wv[4];
         for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * K + b * QB));
+#ifdef W8A8_OFFSET /* activations stored as u = q + 128 (u8): dot(u, w) - 128 sum(w), the second term per row */
+        __m256i wneg[4];
+        for (int r = 0; r < R; r++)
+            wneg[r] = _mm256_sub_epi32(_mm256_setzero_si256(), DOT_US(_mm256_set1_epi8((char)0x80), wv[r]));
+        for (int m = 0; m < M; m++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)m * ldx + b * QB));
+            const __m256 sv = _mm256_set1_ps(xs[(size_t)m * nb + b]);
+            for (int r = 0; r < R; r++)
+                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(wneg[r], xv, wv[r])), sv, acc[m][r]);
+        }
+#else
         for (int m = 0; m < M; m++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)m * ldx + b * QB));
             const __m256i ax = _mm256_abs_epi8(xv); /* |x| (u8) x (w with x's sign): the u8 x s8 product */
@@ -154,6 +165,7 @@ static inline __attribute__((always_inline)) void FN(tile_i8q)(const float *x, c
             for (int r = 0; r < R; r++)
                 acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT_US(ax, _mm256_sign_epi8(wv[r], xv))), sv, acc[m][r]);
         }
+#endif
     }
     for (int m = 0; m < M; m++)
         for (int r = 0; r < R; r++) { /* the values past the last whole block: exact fp32 activations */

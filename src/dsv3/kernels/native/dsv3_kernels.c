@@ -278,8 +278,10 @@ static void quant_rows(const float *x, size_t ldx, int M, int K, int8_t *q, floa
 
 /* Q8 activations (I8Q / I4Q), as dsv3.quant.schemes.quantize_blocks_int8: per QB-value block of a row,
  * s = max(amax, 1e-12) / 127 and q = round-half-even(x / s) clamped to +-127 (values past the last whole
- * block are left to the kernels' exact fp32 tail); with `group`, xg [M, K / group] the group's sum of s * q. */
+ * block are left to the kernels' exact fp32 tail); with `group`, xg [M, K / group] the group's sum of s * q.
+ * I8Q (group 0) on VNNI stores q + 128 (u8, tile_i8q's W8A8_OFFSET form). */
 static void quant_blocks(const float *x, size_t ldx, int M, int K, int group, int8_t *q, float *qs, float *xg) {
+    const int offset = !group && isa_cap == ISA_AVX512_VNNI ? 128 : 0;
     const int nb = K / QB, ng = group ? K / group : 0;
     for (int m = 0; m < M; m++) {
         const float *xr = x + (size_t)m * ldx;
@@ -292,7 +294,7 @@ static void quant_blocks(const float *x, size_t ldx, int M, int K, int group, in
             for (int k = b * QB; k < (b + 1) * QB; k++) {
                 float v = nearbyintf(xr[k] / s);
                 int qi = (int)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
-                q[(size_t)m * K + k] = (int8_t)qi;
+                q[(size_t)m * K + k] = (int8_t)(uint8_t)(qi + offset);
                 sum += qi;
             }
             qs[(size_t)m * nb + b] = s;
