@@ -82,7 +82,7 @@ def test_gemv_rows_1_to_64(isa, rows):
     assert _rel(nk.gemv("bf16", x, wb, None, None, 75), F.linear(x, wb.float())) < 1e-5
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 33, 64])
+@pytest.mark.parametrize("rows", [1, 5, 64])
 def test_q8_activation_kernels_against_exact_activations(isa, rows):
     """int8 / int4 weights x Q8 activations (int8 per 32-value block, integer dot per block) equal the
     dequantised product on block-quantised activations to float rounding, and stay within the activation
