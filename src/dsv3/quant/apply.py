@@ -202,6 +202,8 @@ def quantize_model(model: nn.Module, qc: QuantConfig) -> QuantReport:
             continue
         new = QuantLinear.from_linear(scheme, mod) if isinstance(mod, nn.Linear) else QuantExperts.from_experts(scheme, mod)
         _set(model, name, new)
+        if isinstance(mod, nn.Linear):
+            mod.weight = None  # the module list above still holds the dense module: free its matrix now
         report.converted[method] = report.converted.get(method, 0) + 1
     use_dense_kernels(model)  # the linears kept dense (W8A8's lm_head, kv_b_proj): bf16 GEMV when bf16
     model.quantization = qc

@@ -70,10 +70,21 @@ class Scheme:
         return F.linear(x, self.dequantize(q, s, k).to(x.dtype))
 
 
+QUANT_CHUNK_ROWS = 4096
+"""Rows quantised at a time: the fp32 temporaries of quantising a matrix stay a chunk's (the 129k-row
+head would otherwise take several times its own fp32 size while loading)."""
+
+
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: w [N,K] -> (q int8 [N,K], s fp32 [N,1]) with w ≈ q·s."""
-    s = w.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / INT8_MAX
-    return (w.float() / s).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), s
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    s = torch.empty(*w.shape[:-1], 1, dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], QUANT_CHUNK_ROWS):
+        c = w[r : r + QUANT_CHUNK_ROWS].float()
+        sc = c.abs().amax(-1, keepdim=True).clamp(min=1e-12) / INT8_MAX
+        q[r : r + QUANT_CHUNK_ROWS] = (c / sc).round_().clamp_(-INT8_MAX, INT8_MAX)
+        s[r : r + QUANT_CHUNK_ROWS] = sc
+    return q, s
 
 
 ACT_BLOCK = 32
@@ -191,6 +202,14 @@ class Int4Weight(Scheme):
                 torch.empty(k // self.group, n, 2, dtype=dtype, device=device))
 
     def quantize(self, w):
+        """Row chunks of QUANT_CHUNK_ROWS (a multiple of the packer's 64-row blocks) when N is whole blocks."""
+        n = w.shape[0]
+        if n <= QUANT_CHUNK_ROWS or n % 64:
+            return self._quantize(w)
+        parts = [self._quantize(w[r : r + QUANT_CHUNK_ROWS]) for r in range(0, n, QUANT_CHUNK_ROWS)]
+        return torch.cat([p for p, _ in parts]), torch.cat([z for _, z in parts], dim=1)
+
+    def _quantize(self, w):
         n, k = w.shape
         g = w.float().reshape(n, k // self.group, self.group)
         lo, hi = g.amin(-1), g.amax(-1)  # [N, K/g]
