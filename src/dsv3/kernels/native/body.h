@@ -49,6 +49,14 @@ static inline __attribute__((always_inline)) void FN(tile_bf16)(const float *x, 
     TILE_BODY(BF_DEC, BF_SCALAR)
 }
 
+/* ---- fp32: w [N, K] fp32 (a dense model's decode GEMVs and experts) */
+#define F32_DEC(r, k) VLOADX(w + (size_t)(r) * K + (k))
+#define F32_SCALAR(r, kk) w[(size_t)(r) * K + (kk)]
+static inline __attribute__((always_inline)) void FN(tile_f32)(const float *x, size_t ldx, const float *w, int K,
+                                                              float *out, const int M, const int R) {
+    TILE_BODY(F32_DEC, F32_SCALAR)
+}
+
 /* ---- FP8 e4m3 with 128x128 block scales: sc points at this row block's scales (ceil(K/128) fp32),
  * pre-multiplied by 2^8 (the fp16 route's exponent offset); rows of one tile share a 128-row block */
 #define F8_DEC(r, k) VMUL(DEC_FP8(w + (size_t)(r) * K + (k)), VSET1(sc[(k) >> 7]))
@@ -259,6 +267,18 @@ static void FN(rows_bf16)(const gemv_args *a, int n0, int n1) {
 #undef ROWS_OK
 }
 
+static void FN(rows_f32)(const gemv_args *a, int n0, int n1) {
+    const float *w = (const float *)a->w;
+    const int K = a->K;
+#define ROWS_OK(n) 1
+#define CALL(MB, RB) FN(tile_f32)(XROW(m0), a->ldx, w + (size_t)n * K, K, out, MB, RB)
+#define EPI(m, nn, v) YSTORE(m, nn, v)
+    ROWS_LOOP(CALL, EPI)
+#undef CALL
+#undef EPI
+#undef ROWS_OK
+}
+
 static void FN(rows_fp8)(const gemv_args *a, int n0, int n1) {
     const uint8_t *w = (const uint8_t *)a->w;
     const int K = a->K, kb = (K + 127) / 128;
@@ -324,7 +344,7 @@ static void FN(rows_i4q)(const gemv_args *a, int n0, int n1) {
 }
 
 static const rows_fn FN(table)[N_FMT] = {FN(rows_i8), FN(rows_w8a8), FN(rows_fp8), FN(rows_i4), FN(rows_bf16),
-                                         FN(rows_i8q), FN(rows_i4q)};
+                                         FN(rows_i8q), FN(rows_i4q), FN(rows_f32)};
 
 #undef XROW
 #undef YSTORE

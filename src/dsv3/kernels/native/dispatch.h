@@ -46,7 +46,7 @@ int dsv3_gemv(int fmt, const float *x, int M, int K, const void *w, const void *
 /* ---------------------------------------------------------------------------------------- fused MoE */
 static size_t w_bytes(int fmt, int N, int K) {
     size_t nk = (size_t)N * K;
-    return fmt == FMT_I4 || fmt == FMT_I4Q ? nk / 2 : fmt == FMT_BF16 ? 2 * nk : nk;
+    return fmt == FMT_I4 || fmt == FMT_I4Q ? nk / 2 : fmt == FMT_BF16 ? 2 * nk : fmt == FMT_F32 ? 4 * nk : nk;
 }
 static size_t s_elems(int fmt, int N, int K, int group) { /* per expert, in the scale array's own elements */
     if (fmt == FMT_I8 || fmt == FMT_W8A8 || fmt == FMT_I8Q) return (size_t)N;

@@ -18,7 +18,7 @@
 #include <string.h>
 
 /* I8Q / I4Q: int8 / int4 weights with Q8 activations (int8 per QB-value block, quantised per call) */
-enum { FMT_I8, FMT_W8A8, FMT_FP8, FMT_I4, FMT_BF16, FMT_I8Q, FMT_I4Q, N_FMT };
+enum { FMT_I8, FMT_W8A8, FMT_FP8, FMT_I4, FMT_BF16, FMT_I8Q, FMT_I4Q, FMT_F32, N_FMT };
 #define QB 32 /* activation values per Q8 block */
 enum { ISA_NONE, ISA_AVX2, ISA_AVX512, ISA_AVX512_VNNI, ISA_AMX, N_ISA };
 
