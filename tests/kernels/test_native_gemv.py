@@ -12,7 +12,7 @@ from torch import nn
 from dsv3.kernels import native as nk
 from dsv3.quant import QuantLinear, make_scheme
 from dsv3.quant.native import KernelLinear, tinygemm_to_dsv3
-from dsv3.quant.schemes import dsv3_int4_pack, dsv3_int4_unpack, unpack_int4
+from dsv3.quant.schemes import dsv3_int4_pack, dsv3_int4_unpack, quantize_blocks_int8, unpack_int4
 
 pytestmark = pytest.mark.skipif(not nk.available(), reason="dsv3 native kernels not built or DSV3_ISA=none")
 
@@ -57,6 +57,8 @@ def test_quant_linear_native_equals_dequantised_linear(isa, method, rows, dtype)
         if method == "w8a8":  # the seed's semantics: per-token int8 activations
             s = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
             xf = (xf / s).round().clamp(-127, 127) * s
+        if method in ("int8", "int4"):  # the native weight-only kernels' Q8 activations (per 32-value block)
+            xf = quantize_blocks_int8(xf)
         with torch.no_grad():
             y = ql(x)
         ref = F.linear(xf, wk)
@@ -78,6 +80,28 @@ def test_gemv_rows_1_to_64(isa, rows):
     assert _rel(y, F.linear(x, q.float() * s[:, None])) < 1e-5
     wb = torch.randn(75, 161).bfloat16()
     assert _rel(nk.gemv("bf16", x, wb, None, None, 75), F.linear(x, wb.float())) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_q8_activation_kernels_against_exact_activations(isa, rows):
+    """int8 / int4 weights x Q8 activations (int8 per 32-value block, integer dot per block) equal the
+    dequantised product on block-quantised activations to float rounding, and stay within the activation
+    quantisation's error of the exact-activation kernels (their reference); K off the block (tail in fp32)."""
+    torch.manual_seed(rows)
+    for n, k in [(75, 161), (37, 20), (130, 1024)]:
+        q, s, x = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 100, torch.randn(rows, k)
+        w = q.float() * s[:, None]
+        y, exact = nk.gemv("int8_q8", x, q, s, None, n), nk.gemv("int8", x, q, s, None, n)
+        assert _rel(y, F.linear(quantize_blocks_int8(x), w)) < 1e-5 and _rel(exact, F.linear(x, w)) < 1e-5
+        assert _rel(y, exact) < 0.02, (isa, n, k, _rel(y, exact))
+    for n, k, g in [(16, 64, 32), (80, 96, 32), (64, 512, 128)]:
+        vals = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        sz = (torch.rand(n, k // g, 2) / 10).bfloat16()
+        w = (vals.float() - 8) * sz[..., 0].float().repeat_interleave(g, 1) + sz[..., 1].float().repeat_interleave(g, 1)
+        x = torch.randn(rows, k)
+        y, exact = (nk.gemv(f, x, dsv3_int4_pack(vals), sz, None, n, g) for f in ("int4_q8", "int4"))
+        assert _rel(y, F.linear(quantize_blocks_int8(x), w)) < 1e-5 and _rel(exact, F.linear(x, w)) < 1e-5
+        assert _rel(y, exact) < 0.02, (isa, n, k, _rel(y, exact))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

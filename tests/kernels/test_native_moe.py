@@ -100,3 +100,33 @@ def test_int4_after_repacking_runs_native_at_prefill_sizes(monkeypatch):
         head.reference = experts.reference = True
         ref_head, ref_moe = head(x), experts.forward_loop(x, w, idx)
     assert _rel(fast_head, ref_head) < 1e-2 and _rel(fast_moe, ref_moe) < 1e-2
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_fp32_experts_after_fast_paths_run_one_fused_call(isa, tokens, monkeypatch):
+    """A dense fp32 model after `apply_fast_paths` (what the engine runs): a decode batch's routed experts
+    are one native f32 MoE call equal to the expert loop; with autograd (training) they are not."""
+    from dsv3.kernels import apply_fast_paths
+
+    assert nk.set_isa(isa) == isa
+    try:
+        ex = Experts(6, 96, 64)
+        with torch.no_grad():
+            for p in (ex.gate_proj, ex.up_proj, ex.down_proj):
+                p.normal_(0, 0.1)
+        apply_fast_paths(ex)
+        g = torch.Generator().manual_seed(tokens)
+        x = torch.randn(tokens, 96, generator=g)
+        idx = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(tokens)])
+        w = torch.rand(tokens, 3, generator=g)
+        calls = []
+        real = nk.moe
+        monkeypatch.setattr(nk, "moe", lambda fmt, *a, **k: (calls.append(fmt), real(fmt, *a, **k))[1])
+        with torch.no_grad():
+            fused, ref = ex.forward_grouped(x, w, idx), ex.forward_loop(x, w, idx)
+        assert calls == ["f32"] and _rel(fused, ref) < 1e-5, (isa, _rel(fused, ref))
+        ex.forward_grouped(x, w, idx).sum().backward()  # training: the autograd path, not the kernel
+        assert calls == ["f32"] and ex.gate_proj.grad is not None
+    finally:
+        nk.set_isa(nk.load().isa)

@@ -104,3 +104,30 @@ def test_perplexity_close_to_fp32(trained, method):
     ppl = perplexity(q, windows)
     print(f"{method}: perplexity {ppl:.2f} vs fp32 {base:.2f} ({100 * (ppl / base - 1):+.2f}%); {report.summary()}")
     assert abs(ppl / base - 1) <= TOLERANCE[method], (method, ppl, base)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_perplexity_on_the_native_q8_kernels(trained, method, monkeypatch):
+    """The decode kernels' numerics (Q8 activations, int8 per 32-value block) within the same bounds: the
+    row limits are lifted so every linear and MoE layer of this whole-window forward runs the native
+    kernels (at decode sizes they would anyway), and the Q8 formats are the ones that ran."""
+    from dsv3.kernels import native as nk
+    from dsv3.quant import native
+
+    if not nk.available():
+        pytest.skip("dsv3 native kernels not built or DSV3_ISA=none")
+    model, windows = trained
+    windows = windows[: HELD_OUT // 2]  # half the held-out text: the kernels run at 32x decode's rows here
+    base = perplexity(model, windows)
+    q = copy.deepcopy(model)
+    quantize_model(q, QuantConfig.preset(method))
+    monkeypatch.setattr(native, "MAX_ROWS", 10**9)
+    monkeypatch.setattr(native, "MAX_MOE_TOKENS", 10**9)
+    ran = collections.Counter()
+    gemv, moe = nk.gemv, nk.moe
+    monkeypatch.setattr(nk, "gemv", lambda fmt, *a, **k: (ran.update([fmt]), gemv(fmt, *a, **k))[1])
+    monkeypatch.setattr(nk, "moe", lambda fmt, *a, **k: (ran.update([fmt]), moe(fmt, *a, **k))[1])
+    ppl = perplexity(q, windows)
+    print(f"{method} on the native Q8 kernels: perplexity {ppl:.2f} vs fp32 {base:.2f} ({100 * (ppl / base - 1):+.2f}%); {dict(ran)}")
+    assert set(ran) == {native.DECODE_FORMAT[method]} and ran.total() > 0
+    assert abs(ppl / base - 1) <= TOLERANCE[method], (method, ppl, base)

@@ -2,6 +2,8 @@
 slices sorted by expert), swapped in by `dsv3.kernels.apply_fast_paths`.
 
 * On CUDA (bf16) each projection is one `torch._grouped_mm` over all experts, with no host sync.
+* On CPU at decode sizes (fp32 weights, no autograd, at most `MAX_MOE_TOKENS` tokens) one fused call
+  of the native kernels (`dsv3.kernels.native.moe`, format f32) runs every token's routed experts.
 * Elsewhere `GroupedSwiGLU` loops over the slices with `mm_nt` (oneDNN on CPU fp32) and a
   hand-written backward that writes each expert's weight gradient into its row of the stacked
   gradients; on CPU it beat torch's own CPU grouped kernel (docs/performance.md), and a host sync
@@ -18,13 +20,27 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from dsv3.kernels import native as nk
 from dsv3.kernels.onednn import mm_nt, mm_tn_into
 from dsv3.model.moe import Experts
 
 
+MAX_MOE_TOKENS = 64
+"""Most tokens a fused native MoE call takes (decode batches), as `dsv3.quant.native.MAX_MOE_TOKENS`."""
+
+
 class GroupedExperts(Experts):
     """`Experts` (same parameters and names) whose sorted slices run in one grouped call per
-    projection (`torch._grouped_mm` where it runs) or through `grouped_swiglu`."""
+    projection (`torch._grouped_mm` where it runs) or through `grouped_swiglu`; decode batches on CPU
+    in one fused native call."""
+
+    def forward_grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ws = (self.gate_proj, self.up_proj, self.down_proj)
+        if (x.device.type == "cpu" and x.shape[0] <= MAX_MOE_TOKENS and nk.available()
+                and all(t.dtype == torch.float32 and t.is_contiguous() for t in ws)
+                and not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in ws)))):
+            return nk.moe("f32", x, idx, w, [t.detach() for t in ws], [None] * 3, [None] * 3, self.gate_proj.shape[1]).to(x.dtype)
+        return super().forward_grouped(x, w, idx)
 
     def run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [M,D] sorted by expert, counts [E] -> [M,D] (`Experts.run_sorted`)."""

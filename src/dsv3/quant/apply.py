@@ -180,6 +180,9 @@ def quantize_model(model: nn.Module, qc: QuantConfig) -> QuantReport:
     linears left dense become `KernelLinear` (same tensors; a native bf16 GEMV when they are bf16)."""
     report = QuantReport()
     schemes = {}
+    uses: dict[int, int] = {}  # a module reachable under several names keeps its dense weight (still used)
+    for _, mod in model.named_modules(remove_duplicate=False):
+        uses[id(mod)] = uses.get(id(mod), 0) + 1
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and name.endswith("indexer.weights_proj"):
             continue  # never a candidate (module docstring)
@@ -202,6 +205,8 @@ def quantize_model(model: nn.Module, qc: QuantConfig) -> QuantReport:
             continue
         new = QuantLinear.from_linear(scheme, mod) if isinstance(mod, nn.Linear) else QuantExperts.from_experts(scheme, mod)
         _set(model, name, new)
+        if isinstance(mod, nn.Linear) and uses[id(mod)] == 1:
+            mod.weight = None  # the module list above still holds the dense module: free its matrix now
         report.converted[method] = report.converted.get(method, 0) + 1
     use_dense_kernels(model)  # the linears kept dense (W8A8's lm_head, kv_b_proj): bf16 GEMV when bf16
     model.quantization = qc

@@ -117,9 +117,12 @@ class QuantExperts(Experts):
     def _lin(self, p: str, e: int, x: torch.Tensor) -> torch.Tensor:
         if not self.reference and native.any_rows(self._buffers[p], 3) and native.eligible(x, 0, 0):
             return native.expert_linear(self, p, e, x)
-        f = self.scheme.linear_reference if self.reference else self.scheme.linear
         k = self.inter_dim if p == "down_proj" else self.dim
-        return f(x, getattr(self, p)[e], getattr(self, p + "_scale_inv")[e], k)
+        q, s = getattr(self, p)[e], getattr(self, p + "_scale_inv")[e]
+        if self.reference:  # Q8 activations where the fused native MoE would have run (or int4's any-size GEMV)
+            q8 = native.eligible(x, 0 if native.any_rows(self._buffers[p], 3) else x.shape[0], native.MAX_MOE_TOKENS)
+            return self.scheme.linear_reference(x, q, s, k, q8=q8)
+        return self.scheme.linear(x, q, s, k)
 
     def forward_grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if not self.reference and native.eligible(x, x.shape[0], native.MAX_MOE_TOKENS):

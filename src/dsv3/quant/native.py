@@ -2,7 +2,9 @@
 kernels once, on its first native call after loading (and again only if a buffer is replaced or written
 in place: the cache is keyed by the buffers' storage pointers and version counters), never per call.
 
-* int8 / w8a8: the stored int8 matrix as is, the per-channel scale as fp32 [N];
+* int8 / w8a8: the stored int8 matrix as is, the per-channel scale as fp32 [N]; int8 and int4 run the
+  kernels that take Q8 activations (`DECODE_FORMAT`: the activations quantised per 32-value block to
+  int8 on each call, an integer dot per block), their exact-activation kernels stay as the reference;
 * fp8: the e4m3 bytes as is, the 128x128 block scales x 256 (the kernel's fp16 decoding offset);
 * int4: repacked IN PLACE from the CPU tinygemm layout to dsv3's, [N, K/32, 16] bytes (16 bytes hold 32
   consecutive values, low nibbles first) with the (scale, zero) pairs as [N, K/g, 2]; the 3-D shape
@@ -30,6 +32,8 @@ MAX_ROWS = nk.MAX_ROWS
 MAX_MOE_TOKENS = 64
 """Most tokens one fused MoE call takes (decode batches); more go through the expert loop."""
 INT4_ROW_BLOCK = 64  # rows per block of the tinygemm CPU layout
+DECODE_FORMAT = {"int8": "int8_q8", "int4": "int4_q8"}
+"""The native format each weight-only scheme runs (Q8 activations; `schemes.quantize_blocks_int8`)."""
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,13 @@ def pack(scheme, q: torch.Tensor, s: torch.Tensor, lead: tuple[int, ...], n: int
     for d in lead:
         m *= d
     if scheme.name in ("int8", "w8a8"):
-        p = Packed(scheme.name, q.contiguous(), s.float().reshape(*lead, -1).contiguous(), None)
+        p = Packed(DECODE_FORMAT.get(scheme.name, scheme.name), q.contiguous(), s.float().reshape(*lead, -1).contiguous(), None)
         sizes = ((p.w, m * n * k), (p.s, m * n))
     elif scheme.name == "fp8":
         p = Packed("fp8", q.contiguous().view(torch.uint8), None, (s.float() * 256).contiguous())
         sizes = ((p.w, m * n * k), (p.aux, m * -(-n // 128) * -(-k // 128)))
     elif scheme.name == "int4":
-        p = Packed("int4", q.contiguous(), s.to(torch.bfloat16).contiguous(), None, scheme.group)
+        p = Packed(DECODE_FORMAT["int4"], q.contiguous(), s.to(torch.bfloat16).contiguous(), None, scheme.group)
         sizes = ((p.w, m * n * k // 2), (p.s, m * n * (k // scheme.group) * 2))
     else:
         raise ValueError(f"no native kernel for the {scheme.name} scheme")

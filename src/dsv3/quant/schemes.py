@@ -17,7 +17,9 @@ Schemes:
   repack it once to dsv3's layout (q [N, K/32, 16], s [N, K/g, 2]), which `dequantize` reads too.
 
 The quantised modules send decode-sized calls to `dsv3.kernels.native` (`dsv3.quant.native` packs each
-weight once); `linear` here is the torch path they fall back to.
+weight once); `linear` here is the torch path they fall back to. The native int8 / int4 kernels take
+Q8 activations (`quantize_blocks_int8`: int8 per 32-value block, as llama.cpp's Q8_0), so where they run
+the references quantise the activations the same way (`linear_reference`).
 * `fp8`   DeepSeek's float8_e4m3fn with 128x128 block scales (s [ceil(N/128), ceil(K/128)]): on
   Hopper-class CUDA a block-scaled FP8 GEMM with per-token FP8 activations (`dsv3.quant.fp8_gemm`),
   elsewhere dequantising a chunk of 128-row blocks at a time (never the whole matrix).
@@ -63,14 +65,49 @@ class Scheme:
     def linear(self, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, k: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def linear_reference(self, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, k: int) -> torch.Tensor:
+    def linear_reference(self, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, k: int, q8: bool | None = None) -> torch.Tensor:
+        """q8: whether the fast path took Q8 activations (int8 / int4; None: decided from x as the modules do)."""
         return F.linear(x, self.dequantize(q, s, k).to(x.dtype))
+
+
+QUANT_CHUNK_ROWS = 4096
+"""Rows quantised at a time: the fp32 temporaries of quantising a matrix stay a chunk's (the 129k-row
+head would otherwise take several times its own fp32 size while loading)."""
 
 
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: w [N,K] -> (q int8 [N,K], s fp32 [N,1]) with w ≈ q·s."""
-    s = w.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / INT8_MAX
-    return (w.float() / s).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), s
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    s = torch.empty(*w.shape[:-1], 1, dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], QUANT_CHUNK_ROWS):
+        c = w[r : r + QUANT_CHUNK_ROWS].float()
+        sc = c.abs().amax(-1, keepdim=True).clamp(min=1e-12) / INT8_MAX
+        q[r : r + QUANT_CHUNK_ROWS] = (c / sc).round_().clamp_(-INT8_MAX, INT8_MAX)
+        s[r : r + QUANT_CHUNK_ROWS] = sc
+    return q, s
+
+
+ACT_BLOCK = 32
+"""Activation values per int8 block in the native int8 / int4 kernels (dsv3_kernels.c's QB)."""
+
+
+def quantize_blocks_int8(x: torch.Tensor) -> torch.Tensor:
+    """Q8 activations as the native int8 / int4 kernels take them, dequantised: x [..., K] (fp32) per block
+    of ACT_BLOCK values -> s·round(x / s), s = max(amax, 1e-12) / 127; values past the last whole block
+    stay exact (the kernels' fp32 tail)."""
+    k = x.shape[-1]
+    full = k - k % ACT_BLOCK
+    xb = x[..., :full].reshape(*x.shape[:-1], full // ACT_BLOCK, ACT_BLOCK)
+    s = xb.abs().amax(-1, keepdim=True).clamp(min=1e-12) / INT8_MAX
+    q = (xb / s).round().clamp(-INT8_MAX, INT8_MAX) * s
+    return torch.cat([q.reshape(*x.shape[:-1], full), x[..., full:]], dim=-1)
+
+
+def _native_q8(x: torch.Tensor, k: int, any_rows: bool = False) -> bool:
+    """Whether the quantised modules would send this call to the native Q8-activation kernels."""
+    from dsv3.quant import native
+
+    return native.eligible(x, 0 if any_rows else x.numel() // k, native.MAX_ROWS)
 
 
 class Int8Weight(Scheme):
@@ -95,8 +132,11 @@ class Int8Weight(Scheme):
             return y.to(x.dtype).view(*x.shape[:-1], -1)
         return F.linear(x, q.to(x.dtype)) * s.view(-1).to(x.dtype)
 
-    def linear_reference(self, x, q, s, k):
-        """Dequantise, then F.linear; activations rounded to bf16 where the fast path's kernel takes bf16."""
+    def linear_reference(self, x, q, s, k, q8=None):
+        """Dequantise, then F.linear; activations as the kernel that runs takes them: Q8 blocks (native
+        kernels), rounded to bf16 (torch's `_weight_int8pack_mm`, decode rows) or exact."""
+        if _native_q8(x, k) if q8 is None else q8:
+            return F.linear(quantize_blocks_int8(x.float()), self.dequantize(q, s, k)).to(x.dtype)
         if x.device.type == "cpu" and x.numel() // k <= KERNEL_ROWS:
             return F.linear(x.to(torch.bfloat16).float(), self.dequantize(q, s, k)).to(x.dtype)
         return F.linear(x, self.dequantize(q, s, k).to(x.dtype))
@@ -138,7 +178,7 @@ class W8A8(Int8Weight):
         y = acc.float() * xs * s.view(1, -1).float()
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
-    def linear_reference(self, x, q, s, k):
+    def linear_reference(self, x, q, s, k, q8=None):
         """Dequantise both operands (per-token activations, per-channel weights), then F.linear in fp32."""
         xq, xs = quantize_tokens_int8(x.reshape(-1, k))
         y = F.linear(xq.float() * xs, self.dequantize(q, s, k))
@@ -162,6 +202,14 @@ class Int4Weight(Scheme):
                 torch.empty(k // self.group, n, 2, dtype=dtype, device=device))
 
     def quantize(self, w):
+        """Row chunks of QUANT_CHUNK_ROWS (a multiple of the packer's 64-row blocks) when N is whole blocks."""
+        n = w.shape[0]
+        if n <= QUANT_CHUNK_ROWS or n % 64:
+            return self._quantize(w)
+        parts = [self._quantize(w[r : r + QUANT_CHUNK_ROWS]) for r in range(0, n, QUANT_CHUNK_ROWS)]
+        return torch.cat([p for p, _ in parts]), torch.cat([z for _, z in parts], dim=1)
+
+    def _quantize(self, w):
         n, k = w.shape
         g = w.float().reshape(n, k // self.group, self.group)
         lo, hi = g.amin(-1), g.amax(-1)  # [N, K/g]
@@ -189,12 +237,14 @@ class Int4Weight(Scheme):
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(torch.bfloat16), q, self.group, s.to(torch.bfloat16))
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
-    def linear_reference(self, x, q, s, k):
-        """Dequantise, then F.linear; on CPU the activations and scales are rounded to bf16 as the kernel's are."""
+    def linear_reference(self, x, q, s, k, q8=None):
+        """Dequantise, then F.linear; on CPU the scales are rounded to bf16 as the kernels' are, and the
+        activations as the kernel that runs takes them (Q8 blocks native, bf16 torch's)."""
         if x.device.type != "cpu":
             return F.linear(x, self.dequantize(q, s, k).to(x.dtype))
         w = self.dequantize(q, s.to(torch.bfloat16), k)
-        return F.linear(x.to(torch.bfloat16).float(), w).to(x.dtype)
+        xa = quantize_blocks_int8(x.float()) if (_native_q8(x, k, q.dim() == 3) if q8 is None else q8) else x.to(torch.bfloat16).float()
+        return F.linear(xa, w).to(x.dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -263,7 +313,7 @@ class Fp8Block(Scheme):
                 for r in range(0, n, FP8_CHUNK_ROWS)]
         return torch.cat(outs, dim=-1)
 
-    def linear_reference(self, x, q, s, k):
+    def linear_reference(self, x, q, s, k, q8=None):
         return F.linear(x, weight_dequant(q, s, dtype=torch.float32).to(x.dtype))
 
 

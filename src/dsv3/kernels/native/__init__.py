@@ -15,7 +15,8 @@ names another .so to load (tests point it at a missing file to check that fallba
 Formats (layouts are the quantisation schemes' packed forms, `dsv3.quant.schemes.*.pack`):
 int8 / w8a8: int8 [N, K] + fp32 scale [N]; fp8: e4m3 bytes [N, K] + fp32 block scales x 256;
 int4: [N, K/2] bytes, per 32 values 16 bytes (low nibbles first) + bf16 (scale, zero) [N, K/g, 2];
-bf16: the bf16 matrix itself.
+bf16 / f32: the matrix itself (f32: a dense fp32 model's routed experts, `dsv3.kernels.grouped`);
+int8_q8 / int4_q8: the int8 / int4 layouts on Q8 activations (quantised per 32-value block per call).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import torch
 from dsv3.errors import UserError
 
 ISAS = ("none", "avx2", "avx512", "avx512_vnni", "amx")  # index = the .so's ISA code
-FORMATS = ("int8", "w8a8", "fp8", "int4", "bf16")  # index = the .so's format code
-BYTES_X2 = {"int8": 2, "w8a8": 2, "fp8": 2, "int4": 1, "bf16": 4}  # twice the bytes per weight
+FORMATS = ("int8", "w8a8", "fp8", "int4", "bf16", "int8_q8", "int4_q8", "f32")  # index = the .so's format code
+BYTES_X2 = {"int8": 2, "w8a8": 2, "fp8": 2, "int4": 1, "bf16": 4, "int8_q8": 2, "int4_q8": 1, "f32": 8}  # twice the bytes per weight
 ERRORS = {-1: "no kernel for this CPU's ISA", -2: "bad argument", -3: "out of memory"}
 MAX_ROWS = 16
 """Most activation rows the quantised modules send to the native GEMV (decode batches); more rows
@@ -178,7 +179,8 @@ def describe() -> list[str]:
     return [f"kernels: dsv3 native, ISA {st.isa} (CPU best: {st.detected}), threads: {st.threads}",
             f"kernels per format: int8, w8a8 ({'vpdpbusd' if st.isa == 'avx512_vnni' else 'maddubs'}), fp8 (e4m3 read "
             f"at 1 byte), int4, bf16 dense: native GEMV up to {MAX_ROWS} rows, torch GEMMs above; "
-            "routed experts: one fused native call per MoE layer"]
+            "int8 / int4 on Q8 activations (int8 per 32-value block); "
+            "routed experts (quantised, or fp32 at decode): one fused native call per MoE layer"]
 
 
 def last_team() -> int:

@@ -49,6 +49,14 @@ static inline __attribute__((always_inline)) void FN(tile_bf16)(const float *x, 
     TILE_BODY(BF_DEC, BF_SCALAR)
 }
 
+/* ---- fp32: w [N, K] fp32 (a dense model's decode GEMVs and experts) */
+#define F32_DEC(r, k) VLOADX(w + (size_t)(r) * K + (k))
+#define F32_SCALAR(r, kk) w[(size_t)(r) * K + (kk)]
+static inline __attribute__((always_inline)) void FN(tile_f32)(const float *x, size_t ldx, const float *w, int K,
+                                                              float *out, const int M, const int R) {
+    TILE_BODY(F32_DEC, F32_SCALAR)
+}
+
 /* ---- FP8 e4m3 with 128x128 block scales: sc points at this row block's scales (ceil(K/128) fp32),
  * pre-multiplied by 2^8 (the fp16 route's exponent offset); rows of one tile share a 128-row block */
 #define F8_DEC(r, k) VMUL(DEC_FP8(w + (size_t)(r) * K + (k)), VSET1(sc[(k) >> 7]))
@@ -132,6 +140,86 @@ static inline __attribute__((always_inline)) void FN(tile_w8a8)(const int8_t *xq
 #endif
 }
 
+/* ---- activation-quantised int8 / int4 (Q8 activations, as llama.cpp's Q8_0 x Q8_0 dot): the caller
+ * quantises x per QB-value block to int8 with one fp32 scale per block (`quant_blocks`: xq [M, K] with row
+ * stride ldx, xs [M, K / QB]); each block is one integer dot (DOT_US: u8 x s8 -> 8 int32, vpdpbusd on
+ * VNNI, maddubs + madd otherwise) and one float FMA with its scale. 256-bit integer vectors on every ISA
+ * (512-bit ones are split in two on AMD's Zen 4 anyway). */
+static inline __attribute__((always_inline)) void FN(tile_i8q)(const float *x, const int8_t *xq, size_t ldx,
+                                                              const float *xs, const int8_t *w, int K, float *out,
+                                                              const int M, const int R) {
+    const int nb = K / QB;
+    __m256 acc[4][4];
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i wv[4];
+        for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * K + b * QB));
+#ifdef W8A8_OFFSET /* activations stored as u = q + 128 (u8): dot(u, w) - 128 sum(w), the second term per row */
+        __m256i wneg[4];
+        for (int r = 0; r < R; r++)
+            wneg[r] = _mm256_sub_epi32(_mm256_setzero_si256(), DOT_US(_mm256_set1_epi8((char)0x80), wv[r]));
+        for (int m = 0; m < M; m++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)m * ldx + b * QB));
+            const __m256 sv = _mm256_set1_ps(xs[(size_t)m * nb + b]);
+            for (int r = 0; r < R; r++)
+                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(wneg[r], xv, wv[r])), sv, acc[m][r]);
+        }
+#else
+        for (int m = 0; m < M; m++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)m * ldx + b * QB));
+            const __m256i ax = _mm256_abs_epi8(xv); /* |x| (u8) x (w with x's sign): the u8 x s8 product */
+            const __m256 sv = _mm256_set1_ps(xs[(size_t)m * nb + b]);
+            for (int r = 0; r < R; r++)
+                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT_US(ax, _mm256_sign_epi8(wv[r], xv))), sv, acc[m][r]);
+        }
+#endif
+    }
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) { /* the values past the last whole block: exact fp32 activations */
+            float t = hsum_avx2(acc[m][r]);
+            for (int kk = nb * QB; kk < K; kk++) t += x[(size_t)m * ldx + kk] * (float)w[(size_t)r * K + kk];
+            out[m * 4 + r] = t;
+        }
+}
+
+/* int4 (layout of tile_i4) x Q8 activations: w = q * scale + (zero - 8 * scale) per group, so a group's
+ * sum is scale * sum_b xs_b * dot(q, xq_b) + (zero - 8 * scale) * xg, with xg [M, K / group] the group's
+ * sum of the dequantised activations (quant_blocks). q (0..15) is the u8 operand, xq the s8 one. */
+static inline __attribute__((always_inline)) void FN(tile_i4q)(const int8_t *xq, size_t ldx, const float *xs,
+                                                              const float *xg, const uint8_t *w, const uint16_t *sz,
+                                                              int K, int group, float *out, const int M, const int R) {
+    const int ng = K / group, nb = K / QB, bpg = group / QB;
+    const __m128i lo4 = _mm_set1_epi8(15);
+    __m256 acc[4][4];
+    float zacc[4][4];
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps(), zacc[m][r] = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        float sc[4];
+        for (int r = 0; r < R; r++) {
+            sc[r] = bf16_to_f32(sz[((size_t)r * ng + g) * 2]);
+            const float zr = bf16_to_f32(sz[((size_t)r * ng + g) * 2 + 1]) - 8.0f * sc[r];
+            for (int m = 0; m < M; m++) zacc[m][r] += zr * xg[(size_t)m * ng + g];
+        }
+        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m256i wv[4];
+            for (int r = 0; r < R; r++) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(w + (size_t)r * (K / 2) + b * (QB / 2)));
+                wv[r] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), lo4), _mm_and_si128(v, lo4));
+            }
+            for (int m = 0; m < M; m++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)m * ldx + b * QB));
+                const float s = xs[(size_t)m * nb + b];
+                for (int r = 0; r < R; r++)
+                    acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT_US(wv[r], xv)), _mm256_set1_ps(s * sc[r]), acc[m][r]);
+            }
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) out[m * 4 + r] = hsum_avx2(acc[m][r]) + zacc[m][r];
+}
+
 /* The M rows of the tile in blocks of up to 4, R = 4 rows at a time then single rows. CALL(MB, RB) runs
  * one tile; EPI(m, n, v) stores output (m, n) from the tile's value v. */
 #define ROWS_LOOP(CALL, EPI)                                                                      \
@@ -179,6 +267,18 @@ static void FN(rows_bf16)(const gemv_args *a, int n0, int n1) {
 #undef ROWS_OK
 }
 
+static void FN(rows_f32)(const gemv_args *a, int n0, int n1) {
+    const float *w = (const float *)a->w;
+    const int K = a->K;
+#define ROWS_OK(n) 1
+#define CALL(MB, RB) FN(tile_f32)(XROW(m0), a->ldx, w + (size_t)n * K, K, out, MB, RB)
+#define EPI(m, nn, v) YSTORE(m, nn, v)
+    ROWS_LOOP(CALL, EPI)
+#undef CALL
+#undef EPI
+#undef ROWS_OK
+}
+
 static void FN(rows_fp8)(const gemv_args *a, int n0, int n1) {
     const uint8_t *w = (const uint8_t *)a->w;
     const int K = a->K, kb = (K + 127) / 128;
@@ -216,7 +316,35 @@ static void FN(rows_w8a8)(const gemv_args *a, int n0, int n1) {
 #undef ROWS_OK
 }
 
-static const rows_fn FN(table)[N_FMT] = {FN(rows_i8), FN(rows_w8a8), FN(rows_fp8), FN(rows_i4), FN(rows_bf16)};
+static void FN(rows_i8q)(const gemv_args *a, int n0, int n1) {
+    const int8_t *w = (const int8_t *)a->w;
+    const float *s = (const float *)a->s;
+    const int K = a->K;
+#define ROWS_OK(n) 1
+#define CALL(MB, RB) FN(tile_i8q)(XROW(m0), a->xq + (size_t)m0 * a->ldx, a->ldx, a->xs + (size_t)m0 * (K / QB), \
+                                  w + (size_t)n * K, K, out, MB, RB)
+#define EPI(m, nn, v) YSTORE(m, nn, (v) * s[nn])
+    ROWS_LOOP(CALL, EPI)
+#undef CALL
+#undef EPI
+}
+
+static void FN(rows_i4q)(const gemv_args *a, int n0, int n1) {
+    const uint8_t *w = (const uint8_t *)a->w;
+    const uint16_t *sz = (const uint16_t *)a->s;
+    const int K = a->K, g = a->group;
+#define CALL(MB, RB) FN(tile_i4q)(a->xq + (size_t)m0 * a->ldx, a->ldx, a->xs + (size_t)m0 * (K / QB), \
+                                  a->xg + (size_t)m0 * (K / g), w + (size_t)n * (K / 2), sz + (size_t)n * (K / g) * 2, \
+                                  K, g, out, MB, RB)
+#define EPI(m, nn, v) YSTORE(m, nn, v)
+    ROWS_LOOP(CALL, EPI)
+#undef CALL
+#undef EPI
+#undef ROWS_OK
+}
+
+static const rows_fn FN(table)[N_FMT] = {FN(rows_i8), FN(rows_w8a8), FN(rows_fp8), FN(rows_i4), FN(rows_bf16),
+                                         FN(rows_i8q), FN(rows_i4q), FN(rows_f32)};
 
 #undef XROW
 #undef YSTORE

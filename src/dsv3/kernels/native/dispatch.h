@@ -5,7 +5,7 @@
 
 static int check_fmt(int fmt, int K, int group) {
     if (fmt < 0 || fmt >= N_FMT || K <= 0) return -2;
-    if (fmt == FMT_I4 && (group < 32 || group % 32 || K % group)) return -2;
+    if ((fmt == FMT_I4 || fmt == FMT_I4Q) && (group < 32 || group % 32 || K % group)) return -2;
     return 0;
 }
 
@@ -23,31 +23,34 @@ int dsv3_gemv(int fmt, const float *x, int M, int K, const void *w, const void *
               int group, int nt) {
     if (isa_cap == ISA_NONE || TABLES[isa_cap] == NULL) return -1;
     if (check_fmt(fmt, K, group) || M <= 0 || N <= 0) return -2;
-    gemv_args a = {x, NULL, NULL, (size_t)K, M, K, group, w, s, aux, y, (size_t)N};
+    gemv_args a = {x, NULL, NULL, NULL, (size_t)K, M, K, group, w, s, aux, y, (size_t)N};
     int8_t *xq = NULL;
-    float *xs = NULL;
-    if (fmt == FMT_W8A8) {
+    float *xs = NULL, *xg = NULL;
+    if (fmt == FMT_W8A8 || fmt == FMT_I8Q || fmt == FMT_I4Q) {
         xq = (int8_t *)malloc((size_t)M * K);
-        xs = (float *)malloc(sizeof(float) * M);
-        if (!xq || !xs) { free(xq); free(xs); return -3; }
-        quant_rows(x, K, M, K, xq, xs);
-        a.xq = xq, a.xs = xs;
+        xs = (float *)malloc(sizeof(float) * (size_t)M * (K / QB + 1));
+        xg = (float *)malloc(sizeof(float) * (size_t)M * (K / QB + 1));
+        if (!xq || !xs || !xg) { free(xq); free(xs); free(xg); return -3; }
+        if (fmt == FMT_W8A8) quant_rows(x, K, M, K, xq, xs);
+        else quant_blocks(x, K, M, K, fmt == FMT_I4Q ? group : 0, xq, xs, xg);
+        a.xq = xq, a.xs = xs, a.xg = xg;
     }
     gemv_job j = {&a, TABLES[isa_cap][fmt], N};
     run_parallel(gemv_body, &j, nt);
     free(xq);
     free(xs);
+    free(xg);
     return 0;
 }
 
 /* ---------------------------------------------------------------------------------------- fused MoE */
 static size_t w_bytes(int fmt, int N, int K) {
     size_t nk = (size_t)N * K;
-    return fmt == FMT_I4 ? nk / 2 : fmt == FMT_BF16 ? 2 * nk : nk;
+    return fmt == FMT_I4 || fmt == FMT_I4Q ? nk / 2 : fmt == FMT_BF16 ? 2 * nk : fmt == FMT_F32 ? 4 * nk : nk;
 }
 static size_t s_elems(int fmt, int N, int K, int group) { /* per expert, in the scale array's own elements */
-    if (fmt == FMT_I8 || fmt == FMT_W8A8) return (size_t)N;
-    if (fmt == FMT_I4) return (size_t)N * (K / group) * 2;
+    if (fmt == FMT_I8 || fmt == FMT_W8A8 || fmt == FMT_I8Q) return (size_t)N;
+    if (fmt == FMT_I4 || fmt == FMT_I4Q) return (size_t)N * (K / group) * 2;
     if (fmt == FMT_FP8) return (size_t)((N + 127) / 128) * ((K + 127) / 128);
     return 0;
 }
@@ -59,8 +62,8 @@ typedef struct {
     const int *start, *count;        /* per expert: first slot, slots */
     const void *w[3], *s[3];         /* gate, up, down */
     const float *aux[3];
-    const float *xs; const int8_t *xsq; const float *xss;    /* gathered tokens [S, D] (+ quantised) */
-    float *g, *u; const int8_t *hq; const float *hs;         /* [S, I]: gate, up -> h = silu(gate) * up */
+    const float *xs; const int8_t *xsq; const float *xss, *xsg; /* gathered tokens [S, D] (+ quantised) */
+    float *g, *u; const int8_t *hq; const float *hs, *hg;     /* [S, I]: gate, up -> h = silu(gate) * up */
     float *ys;                                               /* [S, D] */
     int phase;
 } moe_job;
@@ -69,15 +72,20 @@ static gemv_args moe_args(const moe_job *j, int p, int e) {
     const int N = p == 2 ? j->D : j->I, K = p == 2 ? j->I : j->D;
     const size_t so = (size_t)e * s_elems(j->fmt, N, K, j->group);
     const size_t st = (size_t)j->start[e];
-    gemv_args a = {p == 2 ? j->g + st * K : j->xs + st * K, NULL, NULL, (size_t)K, j->count[e], K, j->group,
+    gemv_args a = {p == 2 ? j->g + st * K : j->xs + st * K, NULL, NULL, NULL, (size_t)K, j->count[e], K, j->group,
                    (const char *)j->w[p] + (size_t)e * w_bytes(j->fmt, N, K), NULL, NULL,
                    p == 2 ? j->ys + st * N : (p == 0 ? j->g : j->u) + st * N, (size_t)N};
-    if (j->fmt == FMT_I4) a.s = (const uint16_t *)j->s[p] + so;
+    if (j->fmt == FMT_I4 || j->fmt == FMT_I4Q) a.s = (const uint16_t *)j->s[p] + so;
     else if (j->fmt != FMT_BF16 && j->fmt != FMT_FP8) a.s = (const float *)j->s[p] + so;
     if (j->fmt == FMT_FP8) a.aux = j->aux[p] + so;
     if (j->fmt == FMT_W8A8) {
         a.xq = p == 2 ? j->hq + st * K : j->xsq + st * K;
         a.xs = p == 2 ? j->hs + st : j->xss + st;
+    } else if (j->fmt == FMT_I8Q || j->fmt == FMT_I4Q) { /* per-block scales, per-group sums: rows of K / QB */
+        const size_t per = (size_t)(K / QB);
+        a.xq = p == 2 ? j->hq + st * K : j->xsq + st * K;
+        a.xs = (p == 2 ? j->hs : j->xss) + st * per;
+        if (j->fmt == FMT_I4Q) a.xg = (p == 2 ? j->hg : j->xsg) + st * (size_t)(K / j->group);
     }
     return a;
 }
@@ -126,10 +134,12 @@ int dsv3_moe(int fmt, const float *x, int T, int D, int I, int topk, const int64
     moe_item *items = malloc(sizeof(moe_item) * nitems_max);
     float *xs = malloc(sizeof(float) * S * (size_t)D), *ys = malloc(sizeof(float) * S * (size_t)D);
     float *g = malloc(sizeof(float) * S * (size_t)I), *u = malloc(sizeof(float) * S * (size_t)I);
-    int8_t *q = fmt == FMT_W8A8 ? malloc((size_t)S * (D > I ? D : I)) : NULL;
-    float *qs = fmt == FMT_W8A8 ? malloc(sizeof(float) * S) : NULL;
+    const int aq = fmt == FMT_W8A8 || fmt == FMT_I8Q || fmt == FMT_I4Q; /* activations quantised */
+    const size_t dmax = (size_t)(D > I ? D : I);
+    int8_t *q = aq ? malloc(S * dmax) : NULL;
+    float *qs = aq ? malloc(sizeof(float) * S * (dmax / QB + 1)) : NULL, *qg = aq ? malloc(sizeof(float) * S * (dmax / QB + 1)) : NULL;
     int rc = 0;
-    if (!count || !start || !slot_of || !items || !xs || !ys || !g || !u || (fmt == FMT_W8A8 && (!q || !qs))) {
+    if (!count || !start || !slot_of || !items || !xs || !ys || !g || !u || (aq && (!q || !qs || !qg))) {
         rc = -3;
         goto done;
     }
@@ -146,11 +156,14 @@ int dsv3_moe(int fmt, const float *x, int T, int D, int I, int topk, const int64
         free(fill);
     }
     moe_job j = {fmt, D, I, group, 0, items, start, count, {w[0], w[1], w[2]}, {s[0], s[1], s[2]},
-                 {aux[0], aux[1], aux[2]}, xs, q, qs, g, u, q, qs, ys, 0};
+                 {aux[0], aux[1], aux[2]}, xs, q, qs, qg, g, u, q, qs, qg, ys, 0};
+    const int qgroup = fmt == FMT_I4Q ? group : 0;
     if (fmt == FMT_W8A8) quant_rows(xs, D, S, D, q, qs);
+    else if (aq) quant_blocks(xs, D, S, D, qgroup, q, qs, qg);
     j.nitems = moe_items(items, count, E, I);
     run_parallel(moe_body, &j, nt);
     if (fmt == FMT_W8A8) quant_rows(g, I, S, I, q, qs); /* h, quantised per token for the down projection */
+    else if (aq) quant_blocks(g, I, S, I, qgroup, q, qs, qg);
     j.phase = 1;
     j.nitems = moe_items(items, count, E, D);
     run_parallel(moe_body, &j, nt);
@@ -163,6 +176,6 @@ int dsv3_moe(int fmt, const float *x, int T, int D, int I, int topk, const int64
         }
     }
 done:
-    free(count), free(start), free(slot_of), free(items), free(xs), free(ys), free(g), free(u), free(q), free(qs);
+    free(count), free(start), free(slot_of), free(items), free(xs), free(ys), free(g), free(u), free(q), free(qs), free(qg);
     return rc;
 }

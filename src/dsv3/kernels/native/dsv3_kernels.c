@@ -17,13 +17,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { FMT_I8, FMT_W8A8, FMT_FP8, FMT_I4, FMT_BF16, N_FMT };
+/* I8Q / I4Q: int8 / int4 weights with Q8 activations (int8 per QB-value block, quantised per call) */
+enum { FMT_I8, FMT_W8A8, FMT_FP8, FMT_I4, FMT_BF16, FMT_I8Q, FMT_I4Q, FMT_F32, N_FMT };
+#define QB 32 /* activation values per Q8 block */
 enum { ISA_NONE, ISA_AVX2, ISA_AVX512, ISA_AVX512_VNNI, ISA_AMX, N_ISA };
 
 typedef struct {
     const float *x;    /* activations [M, K] fp32 (row stride ldx) */
-    const int8_t *xq;  /* W8A8: the activations quantised per row, and their scales */
-    const float *xs;
+    const int8_t *xq;  /* W8A8: the activations quantised per row, and their scales [M]; I8Q / I4Q: per */
+    const float *xs;   /* QB-block, scales [M, K / QB] (xq's row stride: ldx) */
+    const float *xg;   /* I4Q: per weight group, the sum of the dequantised activations [M, K / group] */
     size_t ldx;
     int M, K, group;
     const void *w;     /* weights [N, K] in the format's layout */
@@ -97,6 +100,7 @@ static inline __m256i w8a8_dot_avx2(__m256i acc, const int8_t *xq, const int8_t 
 #define DEC_FP8(p) fp8_avx2(p)
 #define W8A8_CHUNK 32
 #define W8A8_DOT(acc, xp, wp) w8a8_dot_avx2(acc, xp, wp)
+#define DOT_US(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 #include "body.h"
 #undef SFX
 #undef VLEN
@@ -184,6 +188,8 @@ AVX512_HELPERS(vnni, return _mm512_dpbusd_epi32(acc, ax, sw);)
 #define SFX avx512_vnni
 #define DEC_FP8(p) fp8_vnni(p)
 #define W8A8_DOT(acc, xp, wp) w8a8_dot_vnni(acc, xp, wp)
+#undef DOT_US
+#define DOT_US(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 #include "body.h"
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -267,6 +273,33 @@ static void quant_rows(const float *x, size_t ldx, int M, int K, int8_t *q, floa
             q[(size_t)m * K + k] = (int8_t)(uint8_t)((int)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v)) + offset);
         }
         qs[m] = s;
+    }
+}
+
+/* Q8 activations (I8Q / I4Q), as dsv3.quant.schemes.quantize_blocks_int8: per QB-value block of a row,
+ * s = max(amax, 1e-12) / 127 and q = round-half-even(x / s) clamped to +-127 (values past the last whole
+ * block are left to the kernels' exact fp32 tail); with `group`, xg [M, K / group] the group's sum of s * q.
+ * I8Q (group 0) on VNNI stores q + 128 (u8, tile_i8q's W8A8_OFFSET form). */
+static void quant_blocks(const float *x, size_t ldx, int M, int K, int group, int8_t *q, float *qs, float *xg) {
+    const int offset = !group && isa_cap == ISA_AVX512_VNNI ? 128 : 0;
+    const int nb = K / QB, ng = group ? K / group : 0;
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * ldx;
+        for (int g = 0; g < ng; g++) xg[(size_t)m * ng + g] = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            float amax = 0.0f;
+            for (int k = b * QB; k < (b + 1) * QB; k++) amax = fmaxf(amax, fabsf(xr[k]));
+            const float s = fmaxf(amax, 1e-12f) / 127.0f;
+            int sum = 0;
+            for (int k = b * QB; k < (b + 1) * QB; k++) {
+                float v = nearbyintf(xr[k] / s);
+                int qi = (int)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+                q[(size_t)m * K + k] = (int8_t)(uint8_t)(qi + offset);
+                sum += qi;
+            }
+            qs[(size_t)m * nb + b] = s;
+            if (ng) xg[(size_t)m * ng + b * QB / group] += s * (float)sum;
+        }
     }
 }
 
