@@ -29,6 +29,7 @@ from dsv3.kernels import native as nk
 from dsv3.quant.schemes import dsv3_int4_pack, unpack_int4
 
 MAX_ROWS = nk.MAX_ROWS
+eligible = nk.eligible  # CPU, no autograd, rows <= limit, the kernels loaded
 MAX_MOE_TOKENS = 64
 """Most tokens one fused MoE call takes (decode batches); more go through the expert loop."""
 INT4_ROW_BLOCK = 64  # rows per block of the tinygemm CPU layout
@@ -43,12 +44,6 @@ class Packed:
     s: torch.Tensor | None
     aux: torch.Tensor | None
     group: int = 0
-
-
-def eligible(x: torch.Tensor, rows: int, limit: int) -> bool:
-    """Whether a call goes native: CPU, no autograd, a decode-sized batch, the kernels loaded."""
-    return (x.device.type == "cpu" and rows <= limit and not (torch.is_grad_enabled() and x.requires_grad)
-            and nk.available())
 
 
 def _key(*ts: torch.Tensor) -> tuple:

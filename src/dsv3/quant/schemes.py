@@ -105,9 +105,9 @@ def quantize_blocks_int8(x: torch.Tensor) -> torch.Tensor:
 
 def _native_q8(x: torch.Tensor, k: int, any_rows: bool = False) -> bool:
     """Whether the quantised modules would send this call to the native Q8-activation kernels."""
-    from dsv3.quant import native
+    from dsv3.kernels import native as nk
 
-    return native.eligible(x, 0 if any_rows else x.numel() // k, native.MAX_ROWS)
+    return nk.eligible(x, 0 if any_rows else x.numel() // k, nk.MAX_ROWS)
 
 
 class Int8Weight(Scheme):

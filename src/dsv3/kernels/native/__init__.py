@@ -113,6 +113,12 @@ def available() -> bool:
     return load().lib is not None
 
 
+def eligible(x: torch.Tensor, rows: int, limit: int) -> bool:
+    """Whether a call goes native: CPU, no autograd, a decode-sized batch (rows <= limit), the kernels loaded."""
+    return (x.device.type == "cpu" and rows <= limit and not (torch.is_grad_enabled() and x.requires_grad)
+            and available())
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr() if t is not None and t.numel() else None
 
