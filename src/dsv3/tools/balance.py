@@ -39,7 +39,7 @@ class StageCosts:
     def __init__(self, cfg, imbalance: float = 1.5, log=None):
         from dsv3.parallel.dims import ParallelDims
         from dsv3.tools.info import layer_flops
-        from dsv3.tools.memory import DTYPE_BYTES, ActivationProfile, rank_states, representative_ranks
+        from dsv3.tools.memory import DTYPE_BYTES, ActivationProfile, moe_dispatch_bytes, rank_states, representative_ranks
 
         cfg = copy.deepcopy(cfg)
         if cfg.train.recompute == "none":
@@ -61,14 +61,15 @@ class StageCosts:
             self.layer.update(per)
             key = "first" if st["pp_stage"] == 0 else "last" if st["pp_stage"] == dims.pp - 1 else "middle"
             rest = st["params"] - sum(v[0] for v in per.values())
-            dense_rest = st["dense_param_bytes"] // 4 - sum(v[1] for v in per.values())
+            matmul_rest = st["matmul_weight_bytes"] - sum(v[5] for v in per.values())
             gathered_rest = st["fsdp_gathered_all"] - sum(v[2] for v in per.values())
-            self.edge[key] = (rest, dense_rest, gathered_rest, st["edge_largest_param_bytes"], st["edge_gathered_max"],
+            self.edge[key] = (rest, matmul_rest, gathered_rest, st["edge_largest_param_bytes"], st["edge_gathered_max"],
                               st["head_grad_bytes"], st["embed_grad_bytes"], st["embed_grad_extra_bytes"])
             if log:
                 log(f"built pipeline rank {st['pp_stage'] + 1} of {dims.pp} (rank {r})")
         self.state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
         self.profile = ActivationProfile(cfg, log=log)
+        self.dispatch = moe_dispatch_bytes(cfg, dims, imbalance)
         flops, self.head_flops = layer_flops(mc, cfg.data.seq_length)
         tokens = cfg.train.batch_size * cfg.data.seq_length / dims.tp
         self.fwd = [flops[i] * tokens for i in range(self.L + self.D)]
@@ -102,7 +103,7 @@ class StageCosts:
         first, last = s == 0, s == self.S - 1
         edge = self.edge["first" if first else "last" if last else "middle"]
         numel = edge[0] + sum(self.layer[i][0] for i in ids)
-        dense = edge[1] + sum(self.layer[i][1] for i in ids)
+        matmul = edge[1] + sum(self.layer[i][5] for i in ids)
         gathered = [self.layer[i][2] for i in ids]
         states = {"pp_stage": s, "stages": [s], "layers": list(range(a, b)), "mtp": last and self.D > 0, "params": numel,
                   "param_bytes": 4 * numel, "grad_bytes": 4 * numel, "optimizer_bytes": 2 * self.state_bytes * numel,
@@ -110,8 +111,8 @@ class StageCosts:
                   "fsdp_expert_gathered_max": max([0] + [self.layer[i][4] for i in ids]),
                   "fsdp_expert_gathered_all": sum(self.layer[i][4] for i in ids), "head_grad_bytes": edge[5],
                   "embed_grad_bytes": edge[6], "embed_grad_extra_bytes": edge[7],
-                  "largest_param_bytes": max([edge[3]] + [self.layer[i][3] for i in ids]), "dense_param_bytes": 4 * dense}
-        act = self.profile.stage(list(range(a, b)), first, last, set(ids[:r]))
+                  "largest_param_bytes": max([edge[3]] + [self.layer[i][3] for i in ids]), "matmul_weight_bytes": matmul}
+        act = self.profile.stage(list(range(a, b)), first, last, set(ids[:r]), self.dispatch)
         return assemble(self.cfg, self.dims, states, [act], self.imbalance)
 
 
