@@ -66,6 +66,30 @@ def test_impossible_layout_is_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "expert_parallel" in proc.stderr
 
 
+def test_reduce_every_microbatch_drops_the_unsharded_gradients(tmp_path, capsys):
+    """parallel.reduce_grads_every_microbatch (FSDP under PP): no stage holds its unsharded gradients
+    (no final reduce-scatter moment), every stage peaks lower, the JSON says which; the key on a layout
+    without a pipeline, or with a split-backward schedule, is one line."""
+    cfg_path = str(write_cfg(tmp_path, pipeline_stage=2, micro_batch_num=4))
+    on = ["--set", "parallel.reduce_grads_every_microbatch=true"]
+    reps = []
+    for extra in ([], on):
+        assert dryrun(capsys, "--config", cfg_path, "--json", str(tmp_path / "r.json"), *extra)[0] == 0
+        reps.append(json.loads((tmp_path / "r.json").read_text()))
+    nosync, sync = reps
+    assert nosync["fsdp_no_sync"] and not nosync["reduce_grads_every_microbatch"]
+    assert sync["reduce_grads_every_microbatch"] and not sync["fsdp_no_sync"]
+    for a, b in zip(nosync["ranks"], sync["ranks"]):
+        assert b["unsharded_grad_bytes"] == 0 < a["unsharded_grad_bytes"]
+        assert b["peak_bytes"] < a["peak_bytes"] and "unsharded_gradients" not in b["breakdown"]
+        assert sum(b["breakdown"].values()) == b["peak_bytes"]
+    for bad, word in ((["parallel.pipeline_stage=1", "parallel.micro_batch_num=1"], "pipeline_stage"),
+                      (["parallel.pipeline_schedule=ZBVZeroBubble"], "ZBVZeroBubble")):
+        rc, _, err = dryrun(capsys, "--config", cfg_path, *on, *[a for b in bad for a in ("--set", b)])
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "reduce_grads_every_microbatch" in err and word in err
+
+
 def test_stage_pieces_add_up_to_the_stage_run(tmp_path):
     """The per-piece profile (what balance sums) equals one forward/backward of the whole stage."""
     from dsv3.config.train import load_run_config

@@ -28,6 +28,8 @@ from dsv3.errors import UserError
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 MULTI_STAGE = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+FULL_BACKWARD = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS")
+"""Schedules whose backward is one action per micro-batch (the others split input and weight gradients)."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class ParallelDims:
     """Virtual pipeline stages per rank; 0 = 1 for single-stage schedules, 2 for multi-stage ones."""
     dualpipe_overlap: bool | None = None
     """DualPipeV compute / all-to-all overlap: None where the layout allows it, True required, False off."""
+    reduce_every_microbatch: bool = False
+    """reduce_grads_every_microbatch: FSDP reduce-scatters every micro-batch's gradients under PP."""
 
     @property
     def world_size(self) -> int:
@@ -101,7 +105,13 @@ class ParallelDims:
             seq_parallel=bool(get("use_seq_parallel", True)), dp_shard=str(get("dp_shard", "fsdp")),
             schedule=str(get("pipeline_schedule", "1F1B")), stages_per_rank=int(get("stages_per_rank", 0)),
             dp_replicate=int(get("dp_replicate", 1)), dualpipe_overlap=get("dualpipe_overlap", None),
+            reduce_every_microbatch=bool(get("reduce_grads_every_microbatch", False)),
         )
+
+    @property
+    def fsdp_no_sync(self) -> bool:
+        """FSDP under a pipeline keeping gradients unsharded until the step's final reduce-scatter."""
+        return self.dp_shard == "fsdp" and self.dp > 1 and self.pp > 1 and not self.reduce_every_microbatch
 
     def _world_fix(self, world_size: int) -> str:
         """What to change when the launcher started `world_size` processes for a layout of another size."""
@@ -144,6 +154,14 @@ class ParallelDims:
                                 f"stages ({self.pp} ranks x {self.v} stages each); use micro_batch_num >= {self.n_stages}")
             if self.schedule == "DualPipeV" and self.micro_batch_num < 2 * self.pp:
                 raise UserError(f"DualPipeV needs micro_batch_num >= 2 x pipeline_stage = {2 * self.pp}, got {self.micro_batch_num}")
+        if self.reduce_every_microbatch:
+            if not (self.pp > 1 and self.dp_shard == "fsdp" and self.dp > 1):
+                raise UserError("parallel.reduce_grads_every_microbatch = true needs pipeline_stage > 1 with dp_shard 'fsdp' "
+                                f"and data_parallel > 1 (got pipeline_stage {self.pp}, dp_shard {self.dp_shard!r}, data_parallel "
+                                f"{self.dp}); without a pipeline every backward already reduce-scatters")
+            if self.schedule not in FULL_BACKWARD:
+                raise UserError(f"parallel.reduce_grads_every_microbatch = true needs a schedule with a full backward "
+                                f"({', '.join(FULL_BACKWARD)}); {self.schedule} splits it into input and weight parts")
         if self.dualpipe_overlap:
             from dsv3.parallel.overlap import overlap_blocker
 

@@ -278,12 +278,14 @@ class ActivationProfile:
             return r.act_bytes, r.fwd_bwd_peak - r.act_bytes
         return vocab_bytes(run, self.cfg)
 
-    def stage(self, layer_ids: list[int], first: bool, last: bool, rc_ids: set[int], dispatch: int = 0) -> StageActivation:
+    def stage(self, layer_ids: list[int], first: bool, last: bool, rc_ids: set[int], dispatch: int = 0,
+              copies: int = 0) -> StageActivation:
         """Pieces in order; backward runs them last to first, so while piece j works (its transient)
         the pieces before it still hold their activations and the ones after it have freed theirs.
         `dispatch`: the all-to-all buffers an MoE layer holds while it runs (forward, or its recompute
         in backward) under expert parallelism, part of that layer's transient only (measured: a
-        recomputed stage peaks in its MoE layer's rerun, not its dense one's plus the buffers)."""
+        recomputed stage peaks in its MoE layer's rerun, not its dense one's plus the buffers). `copies`:
+        the bf16 copy of its routed-expert weights each MoE layer saves (kept, or while it reruns)."""
         mc = self.cfg.model
         mtp_rc = any(i in rc_ids for i in range(mc.num_hidden_layers, mc.num_hidden_layers + mc.num_nextn_predict_layers))
         kept, trans = self.edge(first, last, mtp_rc)
@@ -299,7 +301,13 @@ class ActivationProfile:
         # (kept, transient, bytes alive in the piece's forward beside its all-to-all buffers, or None: no MoE)
         moe_edge = last and mc.num_nextn_predict_layers > 0 and mc.is_moe_layer(mc.num_hidden_layers)
         pieces = [(k, t, None) for k, t in pieces]
-        pieces += [(*self.layer(i, i in rc_ids), self.forward_bytes(i) if mc.is_moe_layer(i) else None) for i in layer_ids]
+        for i in layer_ids:
+            k, t = self.layer(i, i in rc_ids)
+            moe = mc.is_moe_layer(i)
+            k, t = (k, t + copies) if moe and i in rc_ids else (k + copies, t) if moe else (k, t)
+            pieces.append((k, t, self.forward_bytes(i) + copies if moe else None))
+        if moe_edge:
+            tail = [(k, t + copies) if mtp_rc else (k + copies, t) for k, t in tail]
         pieces += [(k, t, k + t if moe_edge else None) for k, t in tail]  # the MTP block's MoE: at the edge's peak
         before, peak, at_peak = 0, 0, 0
         for k, t, fwd in pieces:
@@ -311,13 +319,16 @@ class ActivationProfile:
         return StageActivation(act_bytes=before, fwd_bwd_peak=max(peak, before), logits_bytes=logits,
                                dispatch_bytes=at_peak if peak > before else 0)
 
-    def whole(self, rc_ids: set[int], loss: str, dispatch: int = 0) -> StageActivation:
+    def whole(self, rc_ids: set[int], loss: str, dispatch: int = 0, copies: int = 0) -> StageActivation:
         """No pipeline: the whole model in one run (one rank of tp 1), else as one stage of pieces; the
         one run's peak adds the MoE `dispatch` buffers (`stage`) whatever layer it is in."""
         L = self.cfg.model.num_hidden_layers
         if self.tp > 1:
-            return self.stage(list(range(L)), True, True, rc_ids, dispatch)
+            return self.stage(list(range(L)), True, True, rc_ids, dispatch, copies)
         a = self._run(("whole", loss, tuple(sorted(rc_ids))), list(range(L)), True, True, rc_ids, loss)
         mtp_rc = any(i in rc_ids for i in range(L, L + self.cfg.model.num_nextn_predict_layers))
         logits = 0 if loss == "fused" else self.logits(True, mtp_rc)[0]  # the fused head keeps no logits
-        return StageActivation(a.act_bytes, a.fwd_bwd_peak + dispatch, logits, dispatch)
+        moe = [i for i in range(L + self.cfg.model.num_nextn_predict_layers) if self.cfg.model.is_moe_layer(i)]
+        kept = copies * sum(i not in rc_ids for i in moe)
+        rerun = copies if any(i in rc_ids for i in moe) else 0
+        return StageActivation(a.act_bytes + kept, a.fwd_bwd_peak + kept + rerun + dispatch, logits, dispatch)

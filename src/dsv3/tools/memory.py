@@ -31,8 +31,8 @@ gathered over edp (resharded after forward, also under PP); the gradient being f
 unit's unsharded fp32 gradient (without PP with FSDP's reduce-scatter copy of it), or the largest
 local gradient, the head's summed over the MTP heads, or, at the end of a micro-batch's backward, the
 embedding's (a DTensor's accumulating out of place outside FSDP); `autocast_cache` one bf16 copy of
-every weight a matmul takes (`matmul_bytes`: linears and routed experts, not the embedding) under
-`train.precision: bf16`, and `moe_dispatch` the all-to-all row buffers of one MoE layer at `imbalance`
+every linear's weight (`linear_bytes`; not the embedding's) under `train.precision: bf16`, whose
+routed-expert copies are activations of their layer (`expert_copy_bytes`), and `moe_dispatch` the all-to-all row buffers of one MoE layer at `imbalance`
 times the mean tokens per rank, alive only while that layer's forward (or its recompute) runs
 (`ActivationProfile.stage`). Every term is checked against measured runs (`tests/tools/memory_cases.py`).
 """
@@ -101,15 +101,14 @@ def _gathered_bytes(unit: nn.Module, dp: int) -> int:
     return sum(p.to_local().numel() * dp * p.element_size() for p in unit.parameters() if _is_dp_sharded(p))
 
 
-def matmul_bytes(mod: nn.Module, expert_ids: set[int], dims: ParallelDims) -> int:
-    """Bytes of the weights `mod`'s matmuls take, as the matmuls see them (gathered where FSDP shards
-    them): nn.Linear's and the routed experts' (`expert_ids`), not the embedding's (a lookup) or the
-    norms' (elementwise). Under bf16 autocast each is cast once per forward and saved for backward."""
+def linear_bytes(mod: nn.Module, dims: ParallelDims) -> int:
+    """Bytes of `mod`'s nn.Linear weights as their matmuls see them (gathered where FSDP shards them).
+    Under bf16 autocast each is cast once per step (autocast caches the cast of a leaf parameter until
+    the step's autocast region ends: recompute does not drop it); the embedding (a lookup) and the
+    norms (elementwise) are not cast."""
     fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
-    lin = sum(_local(m.weight).numel() * m.weight.element_size() * (dims.fsdp_size if fsdp and _is_dp_sharded(m.weight) else 1)
-              for m in mod.modules() if isinstance(m, nn.Linear))
-    return lin + (dims.edp if dims.shard_experts else 1) * sum(
-        _local(p).numel() * p.element_size() for p in mod.parameters() if id(p) in expert_ids)
+    return sum(_local(m.weight).numel() * m.weight.element_size() * (dims.fsdp_size if fsdp and _is_dp_sharded(m.weight) else 1)
+               for m in mod.modules() if isinstance(m, nn.Linear))
 
 
 def rank_states(cfg, rank: int) -> dict:
@@ -136,7 +135,7 @@ def rank_states(cfg, rank: int) -> dict:
         layer_mods = {id(mod) for part in dm.parts for _, mod in _layer_modules(part)}
         in_layers = {id(p) for part in dm.parts for _, mod in _layer_modules(part) for p in mod.parameters()}
         # decoder / MTP layer id -> (local parameters, of which dense, dense bytes all-gathered by FSDP,
-        # largest local tensor's bytes, routed-expert bytes all-gathered over edp, matmul weight bytes)
+        # largest local tensor's bytes, routed-expert bytes all-gathered over edp, linear weight bytes)
         per_layer = {}
         for part in dm.parts:
             for idx, mod in _layer_modules(part):
@@ -146,7 +145,7 @@ def rank_states(cfg, rank: int) -> dict:
                                   max(_local(p).numel() * p.element_size() for p in mod.parameters()),
                                   dims.edp * sum(_local(p).numel() * p.element_size() for p in mod.parameters()
                                                  if id(p) in expert_ids) if dims.shard_experts else 0,
-                                  matmul_bytes(mod, expert_ids, dims))
+                                  linear_bytes(mod, dims))
         heads = [part.lm_head for part in dm.parts if getattr(part, "lm_head", None) is not None]
         head_grad = max([_gathered_bytes(h, dims.fsdp_size) if fsdp else _storage_bytes(_local(p) for p in h.parameters())
                          for h in heads] or [0])
@@ -164,7 +163,10 @@ def rank_states(cfg, rank: int) -> dict:
                "fsdp_expert_gathered_max": max([v[4] for v in per_layer.values()] or [0]),
                "fsdp_expert_gathered_all": sum(v[4] for v in per_layer.values()), "head_grad_bytes": head_grad,
                "embed_grad_bytes": whole, "embed_grad_extra_bytes": max(0, whole - held),
-               "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "matmul_weight_bytes": sum(matmul_bytes(part, expert_ids, dims) for part in dm.parts),
+               "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "linear_weight_bytes": sum(linear_bytes(part, dims) for part in dm.parts),
+               "expert_weight_bytes": max([(dims.edp if dims.shard_experts else 1) * sum(_local(p).numel() * p.element_size()
+                                           for p in mod.parameters() if id(p) in expert_ids)
+                                           for part in dm.parts for _, mod in _layer_modules(part)] or [0]),
                "layer_params": per_layer,
                "edge_gathered_max": max([g for u, g in zip(units, gathered) if id(u) not in layer_mods] or [0]),
                "edge_largest_param_bytes": max([t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in in_layers] or [0])}
@@ -214,13 +216,20 @@ def rank_memory(cfg, states: dict, profile: ActivationProfile, imbalance: float 
     mc = cfg.model
     per_stage = stage_layers(mc, dims.n_stages, cfg.parallel.pp_layer_offset)
     rc_ids = recompute_layer_ids(mc, cfg.train.recompute, per_stage, cfg.parallel.recompute_layers)
-    dispatch = moe_dispatch_bytes(cfg, dims, imbalance)
+    dispatch, copies = moe_dispatch_bytes(cfg, dims, imbalance), expert_copy_bytes(cfg, states)
     if dims.pp == 1:
         loss = "fused" if dims.world_size == 1 and cfg.train.fused_ce else "logits"
-        acts = [profile.whole(rc_ids, loss, dispatch)]
+        acts = [profile.whole(rc_ids, loss, dispatch, copies)]
     else:
-        acts = [profile.stage(per_stage[s], s == 0, s == dims.n_stages - 1, rc_ids, dispatch) for s in states["stages"]]
+        acts = [profile.stage(per_stage[s], s == 0, s == dims.n_stages - 1, rc_ids, dispatch, copies) for s in states["stages"]]
     return assemble(cfg, dims, states, acts, imbalance)
+
+
+def expert_copy_bytes(cfg, states: dict) -> int:
+    """Under bf16 autocast the grouped experts cast one MoE layer's routed-expert weights (as gathered)
+    to bf16 on every call, explicitly (not autocast's cache) and save them for backward: activations of
+    that layer, per micro-batch, dropped by recompute until it reruns (`ActivationProfile.stage`)."""
+    return states["expert_weight_bytes"] // 2 if cfg.train.precision == "bf16" else 0
 
 
 def moe_dispatch_bytes(cfg, dims: ParallelDims, imbalance: float) -> int:
@@ -240,17 +249,19 @@ def assemble(cfg, dims: ParallelDims, states: dict, acts_of: list[StageActivatio
     act_mb = sum(a.act_bytes for a in acts_of)
     top = max(acts_of, key=lambda a: a.fwd_bwd_peak - a.act_bytes)  # the stage whose transient is the largest
     act_total = sum(n * a.act_bytes for a in acts_of) + top.fwd_bwd_peak - top.act_bytes
-    fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
+    fsdp, nosync = dims.dp_shard == "fsdp" and dims.dp > 1, dims.fsdp_no_sync
     fsdp_buffers = (states["fsdp_gathered_all"] if dims.pp > 1 else 2 * states["fsdp_gathered_max"]) if fsdp else 0
-    # one FSDP unit's unsharded fp32 gradient and, without a pipeline (every backward reduces), FSDP's
-    # reduce-scatter input, a copy of it (foreach_reduce); under PP the copy comes at the final reduce
-    grad_transient = (1 if dims.pp > 1 else 2) * states["fsdp_gathered_max"] if fsdp else states["largest_param_bytes"]
-    # bf16 autocast: one bf16 copy of every weight a matmul takes (the embedding's and norms' are not cast)
-    autocast = states["matmul_weight_bytes"] // 2 if cfg.train.precision == "bf16" else 0
+    # one FSDP unit's unsharded fp32 gradient and, where every backward reduces (no pipeline, or
+    # reduce_grads_every_microbatch), FSDP's reduce-scatter input, a copy of it (foreach_reduce); under
+    # PP's no-sync the copy comes at the final reduce
+    grad_transient = (1 if nosync else 2) * states["fsdp_gathered_max"] if fsdp else states["largest_param_bytes"]
+    # bf16 autocast: one bf16 copy of every linear's weight for the step (`linear_bytes`); the routed
+    # experts' copies are activations of their layer (`expert_copy_bytes`)
+    autocast = states["linear_weight_bytes"] // 2 if cfg.train.precision == "bf16" else 0
     experts = states["fsdp_expert_gathered_max"]  # one MoE's routed experts gathered over edp
     # resharded after forward also under PP: one layer's in use and the next one's prefetched
     fsdp_buffers += 2 * experts
-    grad_transient = max(grad_transient, (1 if dims.pp > 1 else 2) * experts)
+    grad_transient = max(grad_transient, (1 if nosync else 2) * experts)
     # The embedding's gradient is formed at the end of a micro-batch's backward, its activations gone
     # (the other micro-batches in flight keep theirs); a DTensor's gradient accumulates out of place
     # (the new one and the sum) where FSDP does not hold it (FSDP adds in place).
@@ -264,7 +275,7 @@ def assemble(cfg, dims: ParallelDims, states: dict, acts_of: list[StageActivatio
     # than in flight), else they add what exceeds the one micro-batch's activations they replace.
     held = states["grad_bytes"] + states["embed_grad_extra_bytes"]
     unsharded = reduce = 0
-    if fsdp and dims.pp > 1:
+    if nosync:
         # torch's pipeline schedules run every backward under FSDP's no-sync: each unit's gradient stays
         # unsharded (fp32, accumulated over the micro-batches) until the schedule's final reduce-scatter,
         # where the sharded gradients appear beside them and one unit's reduce-scatter input.
