@@ -253,15 +253,20 @@ def assemble(cfg, dims: ParallelDims, states: dict, acts_of: list[StageActivatio
     fsdp_buffers = (states["fsdp_gathered_all"] if dims.pp > 1 else 2 * states["fsdp_gathered_max"]) if fsdp else 0
     # one FSDP unit's unsharded fp32 gradient and, where every backward reduces (no pipeline, or
     # reduce_grads_every_microbatch), FSDP's reduce-scatter input, a copy of it (foreach_reduce); under
-    # PP's no-sync the copy comes at the final reduce
-    grad_transient = (1 if nosync else 2) * states["fsdp_gathered_max"] if fsdp else states["largest_param_bytes"]
+    # PP's no-sync the copy comes at the final reduce. Reducing every micro-batch under PP the peak is a
+    # unit's reduce-scatter (the activations of the micro-batches in flight beside it): its output shard
+    # too and, on CPU, gloo's own copy of the input (measured, `memory_cases`)
+    copies = 1 if nosync else 3 if dims.reduce_every_microbatch and cfg.train.device == "cpu" else 2
+    shard = dims.fsdp_size if dims.reduce_every_microbatch else 0
+    unit = states["fsdp_gathered_max"]
+    grad_transient = copies * unit + (unit // shard if shard else 0) if fsdp else states["largest_param_bytes"]
     # bf16 autocast: one bf16 copy of every linear's weight for the step (`linear_bytes`); the routed
     # experts' copies are activations of their layer (`expert_copy_bytes`)
     autocast = states["linear_weight_bytes"] // 2 if cfg.train.precision == "bf16" else 0
     experts = states["fsdp_expert_gathered_max"]  # one MoE's routed experts gathered over edp
     # resharded after forward also under PP: one layer's in use and the next one's prefetched
     fsdp_buffers += 2 * experts
-    grad_transient = max(grad_transient, (1 if nosync else 2) * experts)
+    grad_transient = max(grad_transient, copies * experts + (experts // dims.edp if shard else 0))
     # The embedding's gradient is formed at the end of a micro-batch's backward, its activations gone
     # (the other micro-batches in flight keep theirs); a DTensor's gradient accumulates out of place
     # (the new one and the sum) where FSDP does not hold it (FSDP adds in place).
