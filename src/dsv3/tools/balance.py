@@ -16,6 +16,8 @@ stage):
 The search is exact (`dsv3.tools.plan`): dynamic programming over contiguous cuts. Each stage's
 recompute count is its smallest that fits; one line per stage says why it is enough: the stage's peak
 with one layer fewer recomputed (over the usable memory) and with its count (within it, and by how much).
+When no plan fits with FSDP's no-sync gradients under the pipeline (torch's default), it plans with
+`parallel.reduce_grads_every_microbatch` on, says so and what the layout would need without it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Assembled per rank (`rank_memory`, `assemble`): the peak is the larger of two mo
     backward = params + optimizer + fsdp_buffers + grads + in-flight activations (moe_dispatch
                included when the peak is inside an MoE layer) + a gradient being formed + autocast_cache
     reduce   = params + optimizer + fsdp_buffers + unsharded grads + sharded grads + one unit's
-               reduce-scatter input                                  (FSDP under PP only)
+               reduce-scatter input                                  (FSDP no-sync under PP only)
 and `breakdown` names the parts of the larger one (they add up to `peak_bytes`). Activations are per
 tensor-parallel rank (`ActivationProfile`, `memory_tp`: 1/tp of what the TP plan splits, whole what
 it replicates: latents, gathered inputs, the gathered logits of every head); `in_flight` is the
