@@ -68,8 +68,11 @@ def test_impossible_layout_is_one_line(tmp_path):
 
 def test_reduce_every_microbatch_drops_the_unsharded_gradients(tmp_path, capsys):
     """parallel.reduce_grads_every_microbatch (FSDP under PP): no stage holds its unsharded gradients
-    (no final reduce-scatter moment), every stage peaks lower, the JSON says which; the key on a layout
-    without a pipeline, or with a split-backward schedule, is one line."""
+    (no final reduce-scatter moment) and the last stage, whose gradients are the most units (its
+    layers, MTP, head), peaks lower (131.3 -> 125.4 MiB; a stage of few units can peak higher: its
+    largest unit's reduce-scatter copies come at every micro-batch, as measured in `memory_cases`);
+    the JSON says which; the key on a layout without a pipeline, or with a split-backward schedule, is
+    one line."""
     cfg_path = str(write_cfg(tmp_path, pipeline_stage=2, micro_batch_num=4))
     on = ["--set", "parallel.reduce_grads_every_microbatch=true"]
     reps = []
@@ -80,9 +83,9 @@ def test_reduce_every_microbatch_drops_the_unsharded_gradients(tmp_path, capsys)
     assert nosync["fsdp_no_sync"] and not nosync["reduce_grads_every_microbatch"]
     assert sync["reduce_grads_every_microbatch"] and not sync["fsdp_no_sync"]
     for a, b in zip(nosync["ranks"], sync["ranks"]):
-        assert b["unsharded_grad_bytes"] == 0 < a["unsharded_grad_bytes"]
-        assert b["peak_bytes"] < a["peak_bytes"] and "unsharded_gradients" not in b["breakdown"]
+        assert b["unsharded_grad_bytes"] == 0 < a["unsharded_grad_bytes"] and "unsharded_gradients" not in b["breakdown"]
         assert sum(b["breakdown"].values()) == b["peak_bytes"]
+    assert sync["ranks"][-1]["peak_bytes"] < nosync["ranks"][-1]["peak_bytes"]
     for bad, word in ((["parallel.pipeline_stage=1", "parallel.micro_batch_num=1"], "pipeline_stage"),
                       (["parallel.pipeline_schedule=ZBVZeroBubble"], "ZBVZeroBubble")):
         rc, _, err = dryrun(capsys, "--config", cfg_path, *on, *[a for b in bad for a in ("--set", b)])
