@@ -40,6 +40,9 @@ FOUR = {  # 4 processes
     "dp4-hsdp2": {"data_parallel": 4, "dp_replicate": 2, "micro_batch_num": 1},  # FSDP over 2, replicated twice
     "tp2xep2xpp2-interleaved": {"model_parallel": 2, "expert_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 4,
                                 "pipeline_schedule": "Interleaved1F1B"},
+    # FSDP under PP reduce-scatters every micro-batch's gradients instead of holding them unsharded
+    "dp2xpp2-reduce-every-microbatch": {"data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2,
+                                        "reduce_grads_every_microbatch": True},
 }
 BF16 = {"ep2-bf16-state": {"data_parallel": 2, "micro_batch_num": 2, "expert_parallel": 2}}
 

@@ -81,6 +81,8 @@ CASES = {  # name -> Case; MoE + MTP in every case; pp cases run 1F1B over 2 mic
     "tp2_v129k": Case(2, {"model_parallel": 2}, "none", V129K, {0: 990915920, 1: 990915920}, 49),
     "tp2pp2_v129k_rc": Case(4, {"model_parallel": 2, **PP2}, "full", V129K, {0: 633009480, 1: 633009480, 2: 1220677260, 3: 1220677260}, 63),
     "dp2pp2ep2_v129k": Case(4, {"data_parallel": 2, **PP2, "expert_parallel": 2}, "none", V129K, {0: 691407432, 1: 691407432, 2: 1653731300, 3: 1653772340}, 51),
+    "dp2pp2ep2_v129k_reduce_every": Case(4, {"data_parallel": 2, **PP2, "expert_parallel": 2, "reduce_grads_every_microbatch": True},
+                                         "none", V129K, {0: 887283528, 1: 887283528, 2: 1715797860, 3: 1715838900}, 60),
     "dp2tp2pp2ep2_v129k": Case(8, {"data_parallel": 2, "model_parallel": 2, **PP2, "expert_parallel": 2}, "none", V129K, {0: 452577912, 1: 452577912, 2: 452577912, 3: 452577912, 4: 1108242508, 5: 1108488748, 6: 1108448052, 7: 1108324588}, 56),
     "dp2tp2pp2ep2_v129k_rc": Case(8, {"data_parallel": 2, "model_parallel": 2, **PP2, "expert_parallel": 2}, "full", V129K, {0: 452577912, 1: 452577912, 2: 452577912, 3: 452577912, 4: 1103810620, 5: 1103810620, 6: 1103810620, 7: 1103810620}, 83),
 }

@@ -9,9 +9,9 @@ recorded with `memory_cases.MEASURED_WITH`:
 * the cheap cases (`CI`) train again: the fresh peaks must equal the recorded ones (within 3%: MoE
   routing moves a little) and the dry-run must hold against them too; `-m extended` re-measures all.
 
-Tolerance: the dry-run never under-predicts a rank's peak by more than 10%; it over-predicts by at
-most 15% (the MoE all-to-all buffers are planned at `--imbalance 1.5` the mean load, these runs route
-near the mean). The errors of every case are printed (pytest -s).
+Tolerance: within +-10% of every rank's peak (the issue's acceptance), though the MoE all-to-all
+buffers are planned at `--imbalance 1.5` the mean load and these runs route near the mean. The errors
+of every case are printed (pytest -s); docs/distributed.md has the table.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pytest
 
 from memory_cases import CASES, case_cfg, write_data
 
-UNDER, OVER = 0.10, 0.15
+UNDER, OVER = 0.10, 0.10
 CI = ("1proc", "tp2", "dp2pp2ep2_rc", "tp2pp2_v129k_rc")
 
 

@@ -99,12 +99,14 @@ def recompute_layer_ids(model_cfg, mode: str, per_stage: list[list[int]], counts
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 MULTI_STAGE = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+FULL_BACKWARD = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS")
+"""Schedules whose backward is one action per micro-batch (the others split input and weight gradients)."""
 
 
 KEYS = {"dp": "data_parallel", "tp": "model_parallel", "pp": "pipeline_stage", "ep": "expert_parallel",
         "micro_batch_num": "micro_batch_num", "seq_parallel": "use_seq_parallel", "dp_shard": "dp_shard",
         "dp_replicate": "dp_replicate", "schedule": "pipeline_schedule", "stages_per_rank": "stages_per_rank",
-        "dualpipe_overlap": "dualpipe_overlap", "offset": "pp_layer_offset", "recompute_layers": "recompute_layers"}
+        "dualpipe_overlap": "dualpipe_overlap", "reduce_every_microbatch": "reduce_grads_every_microbatch", "offset": "pp_layer_offset", "recompute_layers": "recompute_layers"}
 """`ParallelDims` field -> `parallel` section key (the seed's `parallel_config` names, plus ours)."""
 
 
@@ -125,6 +127,8 @@ class ParallelDims:
     schedule: str = "1F1B"
     stages_per_rank: int = 0
     dualpipe_overlap: bool | None = None
+    reduce_every_microbatch: bool = False
+    """reduce_grads_every_microbatch: FSDP reduce-scatters every micro-batch's gradients under PP."""
     offset: list[int] | None = None
     recompute: str = "none"
     recompute_layers: list[int] | None = None
@@ -146,6 +150,11 @@ class ParallelDims:
     def shard_experts(self) -> bool:
         """Routed experts FSDP-sharded over edp (dense FSDP and edp > 1), else replicated over edp."""
         return self.dp_shard == "fsdp" and self.dp > 1 and self.edp > 1
+
+    @property
+    def fsdp_no_sync(self) -> bool:
+        """FSDP under a pipeline keeping gradients unsharded until the step's final reduce-scatter."""
+        return self.dp_shard == "fsdp" and self.dp > 1 and self.pp > 1 and not self.reduce_every_microbatch
 
     @property
     def n_stages(self) -> int:
@@ -233,6 +242,14 @@ class ParallelDims:
                                 f"stages ({self.pp} ranks x {self.v} stages each); use micro_batch_num >= {self.n_stages}")
             if self.schedule == "DualPipeV" and self.micro_batch_num < 2 * self.pp:
                 raise UserError(f"DualPipeV needs micro_batch_num >= 2 x pipeline_stage = {2 * self.pp}, got {self.micro_batch_num}")
+        if self.reduce_every_microbatch:
+            if not (self.pp > 1 and self.dp_shard == "fsdp" and self.dp > 1):
+                raise UserError("parallel.reduce_grads_every_microbatch = true needs pipeline_stage > 1 with dp_shard 'fsdp' "
+                                f"and data_parallel > 1 (got pipeline_stage {self.pp}, dp_shard {self.dp_shard!r}, data_parallel "
+                                f"{self.dp}); without a pipeline every backward already reduce-scatters")
+            if self.schedule not in FULL_BACKWARD:
+                raise UserError(f"parallel.reduce_grads_every_microbatch = true needs a schedule with a full backward "
+                                f"({', '.join(FULL_BACKWARD)}); {self.schedule} splits it into input and weight parts")
         if self.dualpipe_overlap:
             if blocker := self.overlap_blocker():  # recompute is checked when the stages are built
                 raise UserError(f"parallel.dualpipe_overlap = true: {blocker}; set it to false or null")

@@ -246,6 +246,13 @@ class ParallelConfig:
     where the layout allows it (no tensor parallelism, FSDP-sharded experts, DDP or recompute, whose
     collectives would share the chunks); True: required (a layout that does not allow it is an error);
     False: off."""
+    reduce_grads_every_microbatch: bool = False
+    """With pipeline_stage > 1 and dp_shard fsdp (data_parallel > 1): reduce-scatter every micro-batch's
+    gradients as its backward finishes (FSDP2 `set_requires_gradient_sync(True)` on each backward, as
+    MindSpore / Megatron reduce under a pipeline), so a rank holds its gradient shards and one FSDP unit's
+    unsharded gradient, not the stage's whole unsharded gradients until the step's last backward; the
+    reduce-scatter traffic is micro_batch_num times larger. False: torch's schedules (no-sync, one final
+    reduce-scatter). Schedules with a full backward only (GPipe, 1F1B, Interleaved1F1B, LoopedBFS)."""
     pp_layer_offset: Optional[list[int]] = None
     """Layers per pipeline stage as MindFormers' `model_config.offset`: one entry per stage, stage i holds
     num_hidden_layers // pipeline_stage + offset[i] layers; the counts add up to num_hidden_layers, or to it

@@ -25,7 +25,9 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._backward import stage_backward
 from torch.distributed.tensor import DTensor, Shard
 
 from dsv3.model.moe import MoE
@@ -142,3 +144,25 @@ def sync_grads(parts: list[nn.Module], meshes, fsdp: bool) -> None:
         ids = {id(p) for p in routers + exp}
         dense = [p for part in parts for p in part.parameters() if id(p) not in ids]
         _all_reduce_grads(dense, meshes.dense.get_group("dp"), dims.dp)
+
+
+class ReduceEveryMicrobatchStage(PipelineStage):
+    """A pipeline stage whose FSDP gradients are reduce-scattered after every micro-batch's backward
+    (`parallel.reduce_grads_every_microbatch`). torch's stage runs every backward but the step's last
+    under FSDP's no-sync (each unit's fp32 gradient kept unsharded, accumulated over the micro-batches,
+    until `perform_reduce_grad`); here each backward runs with gradient sync on, so FSDP's post-backward
+    reduce-scatters the unit's gradient as soon as it is formed and adds it to the sharded gradient.
+    Weights stay gathered between forward and backward (reshard_after_backward off, as torch's no-sync
+    path keeps them); `perform_reduce_grad` then finds nothing left to reduce and scales by the
+    micro-batch count as before, so the step's gradient is the same sum."""
+
+    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+        if not isinstance(self.submod, FSDPModule):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        if backward_type != "full":  # refused by ParallelDims.validate (FULL_BACKWARD schedules only)
+            raise RuntimeError(f"reduce_grads_every_microbatch runs full backwards only, got {backward_type!r}")
+        self.submod.set_is_last_backward(False)
+        self.submod.set_reshard_after_backward(False)
+        self.submod.set_requires_gradient_sync(True)
+        grads = stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"])
+        return grads, None

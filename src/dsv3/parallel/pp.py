@@ -135,7 +135,11 @@ def build_schedule(stages: list[nn.Module], meshes, loss_fn):
         cls = get_schedule_class(dims.schedule)
     except ValueError as e:
         raise UserError(f"pipeline schedule {dims.schedule!r} is not provided by this torch: {e}") from None
-    pstages = [PipelineStage(st, st.stage_index, dims.n_stages, meshes.device, group=meshes.pp_group) for st in stages]
+    if dims.reduce_every_microbatch:
+        from dsv3.parallel.fsdp import ReduceEveryMicrobatchStage as stage_cls
+    else:
+        stage_cls = PipelineStage
+    pstages = [stage_cls(st, st.stage_index, dims.n_stages, meshes.device, group=meshes.pp_group) for st in stages]
     if dims.v == 1:
         return cls(pstages[0], n_microbatches=dims.micro_batch_num, loss_fn=loss_fn)
     schedule = cls(pstages, n_microbatches=dims.micro_batch_num, loss_fn=loss_fn)

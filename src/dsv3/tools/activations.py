@@ -29,6 +29,11 @@ class StageActivation:
     """Most bytes alive at once during that micro-batch's forward and backward (act_bytes included)."""
     logits_bytes: int = 0
     """Of act_bytes: what the heads' logits and their loss keep (proportional to the vocabulary)."""
+    dispatch_bytes: int = 0
+    """Of fwd_bwd_peak: the expert-parallel all-to-all buffers of the MoE layer running at the peak."""
+    routed_live: int = 0
+    """Bytes alive when the first MoE's routed experts return in the forward (`stage_activation`'s
+    runs; 0 without an MoE): the moment an expert-parallel layer also holds its all-to-all buffers."""
 
 
 @contextlib.contextmanager
@@ -74,6 +79,25 @@ def expert_weight_grads_off():
         grouped.grouped_swiglu = real
 
 
+@contextlib.contextmanager
+def live_after_routed(mode, out: list[int]):
+    """Append `mode`'s live bytes to `out` each time an MoE's routed experts return (`MoE.routed`)."""
+    from dsv3.model.moe import MoE
+
+    real = MoE.routed
+
+    def routed(self, x):
+        y = real(self, x)
+        out.append(mode.live["meta"])
+        return y
+
+    MoE.routed = routed
+    try:
+        yield
+    finally:
+        MoE.routed = real
+
+
 def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompute_ids: set[int], loss: str,
                      gpu_attention: bool = True) -> StageActivation:
     """One micro-batch (train.batch_size x data.seq_length) through a stage of the single-device model
@@ -110,7 +134,9 @@ def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompu
         batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(b, T)}
     mode = TensorMemory(meta_routing=True)
     mode.ignore(list(part.parameters()), list(part.buffers()))
-    with fake, mode, expert_weight_grads_off(), (fused_attention() if gpu_attention else contextlib.nullcontext()):
+    routed: list[int] = []
+    with fake, mode, expert_weight_grads_off(), live_after_routed(mode, routed), \
+            (fused_attention() if gpu_attention else contextlib.nullcontext()):
         h = None if first else torch.empty(b, T, mc.hidden_size, dtype=dtype, requires_grad=True)
         mode.track(h)
         if whole:
@@ -130,7 +156,7 @@ def stage_activation(cfg, layer_ids: list[int], first: bool, last: bool, recompu
             del total
         else:  # the gradient the next stage sends back; `out` stays alive until then (the runtime keeps it)
             torch.autograd.grad(out, wrt, grad_outputs=torch.empty_like(out))
-    return StageActivation(act_bytes=act, fwd_bwd_peak=mode.peak["meta"])
+    return StageActivation(act_bytes=act, fwd_bwd_peak=mode.peak["meta"], routed_live=routed[0] if routed else 0)
 
 
 def _describe(key: tuple) -> str:
@@ -198,6 +224,12 @@ class ActivationProfile:
         kept, trans = (a.act_bytes - self.full_input_bytes) // self.tp, (a.fwd_bwd_peak - a.act_bytes) // self.tp
         return (kept, trans + self.replicated(i)) if recomputed else (kept + self.replicated(i), trans)
 
+    def forward_bytes(self, i: int) -> int:
+        """Bytes of MoE layer i alive when its routed experts return on one rank (its input excluded):
+        what it holds beside its all-to-all buffers, in its forward or its recompute's rerun."""
+        a = self._run(("layer", self.cfg.model.is_moe_layer(i), False), [i], False, False, set())
+        return (a.routed_live - self.full_input_bytes) // self.tp + self.replicated(i)
+
     def edge(self, first: bool, last: bool, mtp_recomputed: bool) -> tuple[int, int]:
         """(kept, transient) of a stage's ends on one rank: the embedding (first) or received input, and
         the head, MTP blocks and loss (last); a last stage's input is the last layer's output, not
@@ -231,9 +263,14 @@ class ActivationProfile:
             return r.act_bytes, r.fwd_bwd_peak - r.act_bytes
         return vocab_bytes(run, self.cfg)
 
-    def stage(self, layer_ids: list[int], first: bool, last: bool, rc_ids: set[int]) -> StageActivation:
+    def stage(self, layer_ids: list[int], first: bool, last: bool, rc_ids: set[int], dispatch: int = 0,
+              copies: int = 0) -> StageActivation:
         """Pieces in order; backward runs them last to first, so while piece j works (its transient)
-        the pieces before it still hold their activations and the ones after it have freed theirs."""
+        the pieces before it still hold their activations and the ones after it have freed theirs.
+        `dispatch`: the all-to-all buffers an MoE layer holds while it runs (forward, or its recompute
+        in backward) under expert parallelism, part of that layer's transient only (measured: a
+        recomputed stage peaks in its MoE layer's rerun, not its dense one's plus the buffers). `copies`:
+        the bf16 copy of its routed-expert weights each MoE layer saves (kept, or while it reruns)."""
         mc = self.cfg.model
         mtp_rc = any(i in rc_ids for i in range(mc.num_hidden_layers, mc.num_hidden_layers + mc.num_nextn_predict_layers))
         kept, trans = self.edge(first, last, mtp_rc)
@@ -246,19 +283,37 @@ class ActivationProfile:
             tail = [(kept, trans)]
         if first and last:  # one stage holds everything: the edge run covered the embedding and the head
             pieces, tail = [(kept, 0)], [(0, trans)]
-        pieces += [self.layer(i, i in rc_ids) for i in layer_ids] + tail
-        total, peak = 0, 0
-        for k, t in pieces:
-            total += k
-            peak = max(peak, total + t)
-        return StageActivation(act_bytes=total, fwd_bwd_peak=max(peak, total), logits_bytes=logits)
+        # (kept, transient, bytes alive in the piece's forward beside its all-to-all buffers, or None: no MoE)
+        moe_edge = last and mc.num_nextn_predict_layers > 0 and mc.is_moe_layer(mc.num_hidden_layers)
+        pieces = [(k, t, None) for k, t in pieces]
+        for i in layer_ids:
+            k, t = self.layer(i, i in rc_ids)
+            moe = mc.is_moe_layer(i)
+            k, t = (k, t + copies) if moe and i in rc_ids else (k + copies, t) if moe else (k, t)
+            pieces.append((k, t, self.forward_bytes(i) + copies if moe else None))
+        if moe_edge:
+            tail = [(k, t + copies) if mtp_rc else (k + copies, t) for k, t in tail]
+        pieces += [(k, t, k + t if moe_edge else None) for k, t in tail]  # the MTP block's MoE: at the edge's peak
+        before, peak, at_peak = 0, 0, 0
+        for k, t, fwd in pieces:
+            if before + k + t > peak:
+                peak, at_peak = before + k + t, 0
+            if fwd is not None and dispatch and before + fwd + dispatch > peak:
+                peak, at_peak = before + fwd + dispatch, dispatch
+            before += k
+        return StageActivation(act_bytes=before, fwd_bwd_peak=max(peak, before), logits_bytes=logits,
+                               dispatch_bytes=at_peak if peak > before else 0)
 
-    def whole(self, rc_ids: set[int], loss: str) -> StageActivation:
-        """No pipeline: the whole model in one run (one rank of tp 1), else as one stage of pieces."""
+    def whole(self, rc_ids: set[int], loss: str, dispatch: int = 0, copies: int = 0) -> StageActivation:
+        """No pipeline: the whole model in one run (one rank of tp 1), else as one stage of pieces; the
+        one run's peak adds the MoE `dispatch` buffers (`stage`) whatever layer it is in."""
         L = self.cfg.model.num_hidden_layers
         if self.tp > 1:
-            return self.stage(list(range(L)), True, True, rc_ids)
+            return self.stage(list(range(L)), True, True, rc_ids, dispatch, copies)
         a = self._run(("whole", loss, tuple(sorted(rc_ids))), list(range(L)), True, True, rc_ids, loss)
         mtp_rc = any(i in rc_ids for i in range(L, L + self.cfg.model.num_nextn_predict_layers))
         logits = 0 if loss == "fused" else self.logits(True, mtp_rc)[0]  # the fused head keeps no logits
-        return StageActivation(a.act_bytes, a.fwd_bwd_peak, logits)
+        moe = [i for i in range(L + self.cfg.model.num_nextn_predict_layers) if self.cfg.model.is_moe_layer(i)]
+        kept = copies * sum(i not in rc_ids for i in moe)
+        rerun = copies if any(i in rc_ids for i in moe) else 0
+        return StageActivation(a.act_bytes + kept, a.fwd_bwd_peak + kept + rerun + dispatch, logits, dispatch)

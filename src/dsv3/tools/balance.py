@@ -16,6 +16,8 @@ stage):
 The search is exact (`dsv3.tools.plan`): dynamic programming over contiguous cuts. Each stage's
 recompute count is its smallest that fits; one line per stage says why it is enough: the stage's peak
 with one layer fewer recomputed (over the usable memory) and with its count (within it, and by how much).
+When no plan fits with FSDP's no-sync gradients under the pipeline (torch's default), it plans with
+`parallel.reduce_grads_every_microbatch` on, says so and what the layout would need without it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class StageCosts:
 
     def __init__(self, cfg, imbalance: float = 1.5, log=None):
         from dsv3.tools.info import layer_flops
-        from dsv3.tools.memory import DTYPE_BYTES, ActivationProfile, rank_states, representative_ranks
+        from dsv3.tools.memory import DTYPE_BYTES, ActivationProfile, moe_dispatch_bytes, rank_states, representative_ranks
 
         cfg = copy.deepcopy(cfg)
         if cfg.train.recompute == "none":
@@ -54,26 +56,35 @@ class StageCosts:
         self.L, self.D, self.S = mc.num_hidden_layers, mc.num_nextn_predict_layers, dims.pp
         self.layer: dict[int, tuple] = {}
         self.edge: dict[str, tuple] = {}
+        self.expert_bytes = 0  # one MoE layer's routed-expert weights as the matmuls see them (`rank_states`)
         for r in representative_ranks(dims):
             st = rank_states(cfg, r)
             per = st["layer_params"]
             self.layer.update(per)
             key = "first" if st["pp_stage"] == 0 else "last" if st["pp_stage"] == dims.pp - 1 else "middle"
             rest = st["params"] - sum(v[0] for v in per.values())
-            dense_rest = st["dense_param_bytes"] // 4 - sum(v[1] for v in per.values())
+            linear_rest = st["linear_weight_bytes"] - sum(v[5] for v in per.values())
+            self.expert_bytes = max(self.expert_bytes, st["expert_weight_bytes"])
             gathered_rest = st["fsdp_gathered_all"] - sum(v[2] for v in per.values())
-            self.edge[key] = (rest, dense_rest, gathered_rest, st["edge_largest_param_bytes"], st["edge_gathered_max"],
+            self.edge[key] = (rest, linear_rest, gathered_rest, st["edge_largest_param_bytes"], st["edge_gathered_max"],
                               st["head_grad_bytes"], st["embed_grad_bytes"], st["embed_grad_extra_bytes"])
             if log:
                 log(f"built pipeline rank {st['pp_stage'] + 1} of {dims.pp} (rank {r})")
         self.state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
         self.profile = ActivationProfile(cfg, log=log)
+        self.dispatch = moe_dispatch_bytes(cfg, dims, imbalance)
         flops, self.head_flops = layer_flops(mc, cfg.data.seq_length)
         tokens = cfg.train.batch_size * cfg.data.seq_length / dims.tp
         self.fwd = [flops[i] * tokens for i in range(self.L + self.D)]
         self.head = self.head_flops * tokens
         self.rc_factor = 1.0 if cfg.train.recompute == "full" else 0.0  # selective reruns no matrix product
         self._mem: dict[tuple, float] = {}
+
+    def reduce_every_microbatch(self) -> None:
+        """Cost the layout with `parallel.reduce_grads_every_microbatch` on (the parameters and activations
+        are the same; FSDP no longer keeps the stage's gradients unsharded under the pipeline)."""
+        self.cfg.parallel.reduce_grads_every_microbatch = self.dims.reduce_every_microbatch = True
+        self._mem.clear()
 
     def ids(self, s: int, a: int, b: int) -> list[int]:
         """Layer ids of stage s on [a, b): decoder layers, then the MTP layers on the last stage."""
@@ -95,13 +106,13 @@ class StageCosts:
 
     def report(self, s: int, a: int, b: int, r: int) -> dict:
         """`dsv3 dryrun`'s rank report of stage s holding [a, b) with r recomputed layers."""
-        from dsv3.tools.memory import assemble
+        from dsv3.tools.memory import assemble, expert_copy_bytes
 
         ids = self.ids(s, a, b)
         first, last = s == 0, s == self.S - 1
         edge = self.edge["first" if first else "last" if last else "middle"]
         numel = edge[0] + sum(self.layer[i][0] for i in ids)
-        dense = edge[1] + sum(self.layer[i][1] for i in ids)
+        linear = edge[1] + sum(self.layer[i][5] for i in ids)
         gathered = [self.layer[i][2] for i in ids]
         states = {"pp_stage": s, "stages": [s], "layers": list(range(a, b)), "mtp": last and self.D > 0, "params": numel,
                   "param_bytes": 4 * numel, "grad_bytes": 4 * numel, "optimizer_bytes": 2 * self.state_bytes * numel,
@@ -109,8 +120,10 @@ class StageCosts:
                   "fsdp_expert_gathered_max": max([0] + [self.layer[i][4] for i in ids]),
                   "fsdp_expert_gathered_all": sum(self.layer[i][4] for i in ids), "head_grad_bytes": edge[5],
                   "embed_grad_bytes": edge[6], "embed_grad_extra_bytes": edge[7],
-                  "largest_param_bytes": max([edge[3]] + [self.layer[i][3] for i in ids]), "dense_param_bytes": 4 * dense}
-        act = self.profile.stage(list(range(a, b)), first, last, set(ids[:r]))
+                  "largest_param_bytes": max([edge[3]] + [self.layer[i][3] for i in ids]), "linear_weight_bytes": linear,
+                  "expert_weight_bytes": self.expert_bytes}
+        act = self.profile.stage(list(range(a, b)), first, last, set(ids[:r]), self.dispatch,
+                                 expert_copy_bytes(self.cfg, states))
         return assemble(self.cfg, self.dims, states, [act], self.imbalance)
 
 
@@ -155,8 +168,18 @@ def run(args: argparse.Namespace) -> int:
     log(f"searching cuts of {costs.L} layers into {costs.S} stages x recompute counts")
     best = plan(costs.L, costs.S, costs.time, costs.mem, budget, costs.max_r)
     limit = f"{gib(budget)} GiB usable = {gib(device_memory)} GiB ({source}) less {args.headroom:.0%} headroom"
+    synced = None
+    if best is None and costs.dims.fsdp_no_sync:
+        # FSDP's no-sync under the pipeline holds the stage's gradients unsharded: plan with them reduced every micro-batch
+        unsynced = min_budget(costs.L, costs.S, costs.mem, costs.max_r)
+        log("no plan fits with FSDP's no-sync gradients under the pipeline; searching with parallel.reduce_grads_every_microbatch")
+        costs.reduce_every_microbatch()
+        before = [(t, costs.mem(s, before_b[s], before_b[s + 1], before_r[s])) for s, (t, _) in enumerate(before)]
+        best = plan(costs.L, costs.S, costs.time, costs.mem, budget, costs.max_r)
+        synced = needed(unsynced, args.headroom) if best is not None else None
     out = {"device_memory_bytes": device_memory, "device_memory_source": source, "headroom": args.headroom,
-           "usable_bytes": int(budget), "stages": costs.S, "before": {
+           "usable_bytes": int(budget), "stages": costs.S, "reduce_grads_every_microbatch": costs.dims.reduce_every_microbatch,
+           "before": {
                "offset": to_lists(costs, before_b, before_r)[0], "recompute": before_r,
                "stage_tflop": [t / 1e12 for t, _ in before], "stage_peak_bytes": [m for _, m in before]}}
     if best is None:
@@ -167,6 +190,12 @@ def run(args: argparse.Namespace) -> int:
               f"every stage recomputing all its layers, cut to balance memory, plus the headroom); add devices "
               f"(pipeline_stage, expert_parallel, model_parallel), use optimizer.state_dtype bfloat16, or shorten data.seq_length")
     else:
+        if synced is not None:
+            out["min_device_memory_bytes_without_reduce_every_microbatch"] = synced
+            print(f"no plan fits {limit} with FSDP's no-sync gradients under the pipeline (torch's default: every stage's "
+                  f"gradients held unsharded until the step's last backward; that needs at least {gib(synced)} GiB per "
+                  f"device); this plan reduce-scatters every micro-batch's gradients (parallel.reduce_grads_every_microbatch: "
+                  f"true, micro_batch_num x the reduce-scatter traffic)")
         print_plan(costs, cfg, best, before_b, before_r, before, budget, limit, out)
     if args.json:
         write_json(args.json, out)
@@ -219,8 +248,9 @@ def print_plan(costs: StageCosts, cfg, best, before_b, before_r, before, budget:
     print(f"slowest stage {best.slowest / 1e12:.3f} TFLOP per micro-batch (before {slow_before / 1e12:.3f}, "
           f"{'fits' if fits_before else 'does NOT fit'}); every planned stage fits {limit}")
     print(f"MindSpore:  model.model_config.offset: {offset}    recompute_config.recompute: {rec}")
+    sync = costs.dims.reduce_every_microbatch and not (cfg.parallel.reduce_grads_every_microbatch is True)
     print(f"dsv3 YAML:  parallel.pp_layer_offset: {offset}    parallel.recompute_layers: {rec}    "
-          f"train.recompute: {out['train_recompute']}")
+          f"train.recompute: {out['train_recompute']}" + ("    parallel.reduce_grads_every_microbatch: true" if sync else ""))
     lst = lambda xs: "[" + ",".join(map(str, xs)) + "]"
     print(f"  --set 'parallel.pp_layer_offset={lst(offset)}' --set 'parallel.recompute_layers={lst(rec)}' "
-          f"--set train.recompute={out['train_recompute']}")
+          f"--set train.recompute={out['train_recompute']}" + (" --set parallel.reduce_grads_every_microbatch=true" if sync else ""))

@@ -133,6 +133,7 @@ def report(cfg, device_memory: int, imbalance: float = 1.5, gpu_attention: bool 
             "micro_batch_size": cfg.train.batch_size, "recompute": cfg.train.recompute,
             "recompute_layers": cfg.parallel.recompute_layers, "pp_layer_offset": cfg.parallel.pp_layer_offset,
             "optimizer_state_dtype": cfg.optimizer.state_dtype, "precision": cfg.train.precision,
+            "reduce_grads_every_microbatch": dims.reduce_every_microbatch, "fsdp_no_sync": dims.fsdp_no_sync,
             "model_params": sum(r["stage_params"] for r in ranks), "ranks": ranks, "max_peak_bytes": peak, "max_peak_rank": max(ranks, key=lambda r: r["peak_bytes"])["rank"],
             "headroom": headroom, "usable_bytes": int(usable(device_memory, headroom)),
             "fits": peak <= usable(device_memory, headroom)}
@@ -156,9 +157,10 @@ def print_table(rep: dict, out=None) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)), file=out)
     print(f"(GiB; 'ranks' = first rank + how many ranks of that pipeline rank it stands for; 'mb' = micro-batches in flight "
           f"({rep['schedule'] or 'no pipeline'}); 'act/mb' one micro-batch, seq {rep['seq_length']} x {rep['micro_batch_size']}, "
-          f"recompute {rep['recompute']} {rep['recompute_layers'] or ''}; 'dispatch' MoE all-to-all at {rep['ranks'][0]['moe_imbalance']}x "
-          f"the mean load; 'other' FSDP gathered weights, a gradient before its reduce, bf16 weight copies; the columns are "
-          f"not the whole peak: --verbose says what each peak is made of, e.g. FSDP's unsharded gradients under PP)", file=out)
+          f"recompute {rep['recompute']} {rep['recompute_layers'] or ''}; 'dispatch' MoE all-to-all buffers at "
+          f"{rep['ranks'][0]['moe_imbalance']}x the mean load when the peak is inside an MoE layer; 'other' FSDP gathered weights, "
+          f"a gradient before its reduce, bf16 weight copies; the columns are not the whole peak: --verbose says what each "
+          f"peak is made of{sync_note(rep)})", file=out)
     if rep["fits"]:
         verdict = "fits"
     elif rep["max_peak_bytes"] <= rep["device_memory_bytes"]:
@@ -168,6 +170,16 @@ def print_table(rep: dict, out=None) -> None:
     print(f"largest rank {rep['max_peak_rank']}: peak {gib(rep['max_peak_bytes'])} GiB of {gib(rep['usable_bytes'])} GiB usable "
           f"= {gib(rep['device_memory_bytes'])} GiB ({rep.get('device_memory_source', '--device-memory')}) less "
           f"{rep['headroom']:.0%} headroom -> {verdict} ({rep['world_size']} ranks; the stages hold {rep['model_params'] / 1e9:.1f}B parameters)", file=out)
+
+
+def sync_note(rep: dict) -> str:
+    """How FSDP reduces gradients under the pipeline, for the table's legend."""
+    if rep.get("fsdp_no_sync"):
+        return ("; FSDP keeps the stage's gradients unsharded until the step's last backward (torch's no-sync under PP; "
+                "parallel.reduce_grads_every_microbatch: true reduce-scatters every micro-batch instead)")
+    if rep.get("reduce_grads_every_microbatch"):
+        return "; FSDP reduce-scatters every micro-batch's gradients (parallel.reduce_grads_every_microbatch)"
+    return ""
 
 
 PARTS = {"weights": "fp32 weights", "optimizer": "AdamW moments", "fsdp_gathered_weights": "FSDP-gathered weights",

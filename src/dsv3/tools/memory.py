@@ -13,10 +13,10 @@ Two measurements, no devices:
   its storage's lifetime.
 
 Assembled per rank (`rank_memory`, `assemble`): the peak is the larger of two moments,
-    backward = params + optimizer + fsdp_buffers + grads + in-flight activations + a gradient being
-               formed + autocast_cache + moe_dispatch
+    backward = params + optimizer + fsdp_buffers + grads + in-flight activations (moe_dispatch
+               included when the peak is inside an MoE layer) + a gradient being formed + autocast_cache
     reduce   = params + optimizer + fsdp_buffers + unsharded grads + sharded grads + one unit's
-               reduce-scatter input                                  (FSDP under PP only)
+               reduce-scatter input                                  (FSDP no-sync under PP only)
 and `breakdown` names the parts of the larger one (they add up to `peak_bytes`). Activations are per
 tensor-parallel rank (`ActivationProfile`, `memory_tp`: 1/tp of what the TP plan splits, whole what
 it replicates: latents, gathered inputs, the gathered logits of every head); `in_flight` is the
@@ -30,10 +30,11 @@ routed experts are FSDP-sharded over edp (`ParallelDims.shard_experts`), two MoE
 gathered over edp (resharded after forward, also under PP); the gradient being formed is one FSDP
 unit's unsharded fp32 gradient (without PP with FSDP's reduce-scatter copy of it), or the largest
 local gradient, the head's summed over the MTP heads, or, at the end of a micro-batch's backward, the
-embedding's (a DTensor's accumulating out of place outside FSDP); `autocast_cache` bf16 copies of
-the dense weights under `train.precision: bf16`, and `moe_dispatch` the all-to-all send/receive rows
-of one MoE layer at `imbalance` times the mean tokens per rank. Every term is checked against
-measured runs (`tests/tools/memory_cases.py`).
+embedding's (a DTensor's accumulating out of place outside FSDP); `autocast_cache` one bf16 copy of
+every linear's weight (`linear_bytes`; not the embedding's) under `train.precision: bf16`, whose
+routed-expert copies are activations of their layer (`expert_copy_bytes`), and `moe_dispatch` the all-to-all row buffers of one MoE layer at `imbalance`
+times the mean tokens per rank, alive only while that layer's forward (or its recompute) runs
+(`ActivationProfile.stage`). Every term is checked against measured runs (`tests/tools/memory_cases.py`).
 """
 
 from __future__ import annotations
@@ -89,15 +90,25 @@ def _fsdp_units(part: nn.Module) -> list[nn.Module]:
     return units
 
 
-def _gathered_bytes(unit: nn.Module, dp: int) -> int:
-    """Bytes of `unit`'s FSDP-managed weights once all-gathered over its `dp` shards (fp32 masters)."""
+def _is_dp_sharded(p: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
-    n = 0
-    for p in unit.parameters():
-        if isinstance(p, DTensor) and {"dp", "dp_shard"} & set(p.device_mesh.mesh_dim_names or ()):
-            n += p.to_local().numel() * dp * p.element_size()
-    return n
+    return isinstance(p, DTensor) and bool({"dp", "dp_shard"} & set(p.device_mesh.mesh_dim_names or ()))
+
+
+def _gathered_bytes(unit: nn.Module, dp: int) -> int:
+    """Bytes of `unit`'s FSDP-managed weights once all-gathered over its `dp` shards (fp32 masters)."""
+    return sum(p.to_local().numel() * dp * p.element_size() for p in unit.parameters() if _is_dp_sharded(p))
+
+
+def linear_bytes(mod: nn.Module, dims: ParallelDims) -> int:
+    """Bytes of `mod`'s nn.Linear weights as their matmuls see them (gathered where FSDP shards them).
+    Under bf16 autocast each is cast once per step (autocast caches the cast of a leaf parameter until
+    the step's autocast region ends: recompute does not drop it); the embedding (a lookup) and the
+    norms (elementwise) are not cast."""
+    fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
+    return sum(_local(m.weight).numel() * m.weight.element_size() * (dims.fsdp_size if fsdp and _is_dp_sharded(m.weight) else 1)
+               for m in mod.modules() if isinstance(m, nn.Linear))
 
 
 def rank_states(cfg, rank: int) -> dict:
@@ -118,12 +129,11 @@ def rank_states(cfg, rank: int) -> dict:
         units = [u for part in dm.parts for u in _fsdp_units(part)]
         gathered = [_gathered_bytes(u, dims.fsdp_size) for u in units] if fsdp else [0]
         expert_ids = {id(p) for part in dm.parts for p in moe_params(part)[1]}
-        dense_bytes = sum(t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in expert_ids)
         layers = sorted({int(k) for part in dm.parts for k in _layer_keys(part)})
         layer_mods = {id(mod) for part in dm.parts for _, mod in _layer_modules(part)}
         in_layers = {id(p) for part in dm.parts for _, mod in _layer_modules(part) for p in mod.parameters()}
         # decoder / MTP layer id -> (local parameters, of which dense, dense bytes all-gathered by FSDP,
-        # largest local tensor's bytes, routed-expert bytes all-gathered over edp)
+        # largest local tensor's bytes, routed-expert bytes all-gathered over edp, linear weight bytes)
         per_layer = {}
         for part in dm.parts:
             for idx, mod in _layer_modules(part):
@@ -132,7 +142,8 @@ def rank_states(cfg, rank: int) -> dict:
                                   _gathered_bytes(mod, dims.fsdp_size) if fsdp else 0,
                                   max(_local(p).numel() * p.element_size() for p in mod.parameters()),
                                   dims.edp * sum(_local(p).numel() * p.element_size() for p in mod.parameters()
-                                                 if id(p) in expert_ids) if dims.shard_experts else 0)
+                                                 if id(p) in expert_ids) if dims.shard_experts else 0,
+                                  linear_bytes(mod, dims))
         heads = [part.lm_head for part in dm.parts if getattr(part, "lm_head", None) is not None]
         head_grad = max([_gathered_bytes(h, dims.fsdp_size) if fsdp else _storage_bytes(_local(p) for p in h.parameters())
                          for h in heads] or [0])
@@ -150,7 +161,10 @@ def rank_states(cfg, rank: int) -> dict:
                "fsdp_expert_gathered_max": max([v[4] for v in per_layer.values()] or [0]),
                "fsdp_expert_gathered_all": sum(v[4] for v in per_layer.values()), "head_grad_bytes": head_grad,
                "embed_grad_bytes": whole, "embed_grad_extra_bytes": max(0, whole - held),
-               "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "dense_param_bytes": dense_bytes,
+               "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "linear_weight_bytes": sum(linear_bytes(part, dims) for part in dm.parts),
+               "expert_weight_bytes": max([(dims.edp if dims.shard_experts else 1) * sum(_local(p).numel() * p.element_size()
+                                           for p in mod.parameters() if id(p) in expert_ids)
+                                           for part in dm.parts for _, mod in _layer_modules(part)] or [0]),
                "layer_params": per_layer,
                "edge_gathered_max": max([g for u, g in zip(units, gathered) if id(u) not in layer_mods] or [0]),
                "edge_largest_param_bytes": max([t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in in_layers] or [0])}
@@ -200,30 +214,57 @@ def rank_memory(cfg, states: dict, profile: ActivationProfile, imbalance: float 
     mc = cfg.model
     per_stage = stage_layers(mc, dims.n_stages, cfg.parallel.pp_layer_offset)
     rc_ids = recompute_layer_ids(mc, cfg.train.recompute, per_stage, cfg.parallel.recompute_layers)
+    dispatch, copies = moe_dispatch_bytes(cfg, dims, imbalance), expert_copy_bytes(cfg, states)
     if dims.pp == 1:
         loss = "fused" if dims.world_size == 1 and cfg.train.fused_ce else "logits"
-        acts = [profile.whole(rc_ids, loss)]
+        acts = [profile.whole(rc_ids, loss, dispatch, copies)]
     else:
-        acts = [profile.stage(per_stage[s], s == 0, s == dims.n_stages - 1, rc_ids) for s in states["stages"]]
+        acts = [profile.stage(per_stage[s], s == 0, s == dims.n_stages - 1, rc_ids, dispatch, copies) for s in states["stages"]]
     return assemble(cfg, dims, states, acts, imbalance)
+
+
+def expert_copy_bytes(cfg, states: dict) -> int:
+    """Under bf16 autocast the grouped experts cast one MoE layer's routed-expert weights (as gathered)
+    to bf16 on every call, explicitly (not autocast's cache) and save them for backward: activations of
+    that layer, per micro-batch, dropped by recompute until it reruns (`ActivationProfile.stage`)."""
+    return states["expert_weight_bytes"] // 2 if cfg.train.precision == "bf16" else 0
+
+
+def moe_dispatch_bytes(cfg, dims: ParallelDims, imbalance: float) -> int:
+    """The row buffers an MoE layer holds under expert parallelism beyond the single-device layer's
+    (`ParallelExperts.forward_grouped`, alive together when its routed experts return): the received
+    rows, their expert-sorted copy, the experts' output and its unsorted copy sent back, each at
+    `imbalance` x the mean load per rank (measured: 4 x 2.07 MiB at 1.035 x, `memory_cases`)."""
+    if dims.ep == 1:
+        return 0
+    rows = cfg.train.batch_size * cfg.data.seq_length // dims.tp * cfg.model.num_experts_per_tok
+    return int(4 * imbalance * rows * cfg.model.hidden_size * compute_dtype(cfg).itemsize)
 
 
 def assemble(cfg, dims: ParallelDims, states: dict, acts_of: list[StageActivation], imbalance: float) -> dict:
     """Model states + activations of the rank's stages (per tp rank: `ActivationProfile`) -> the peak."""
-    mc, tp = cfg.model, dims.tp
     n = in_flight(dims, states["pp_stage"])
     act_mb = sum(a.act_bytes for a in acts_of)
-    act_total = sum(n * a.act_bytes for a in acts_of) + max(a.fwd_bwd_peak - a.act_bytes for a in acts_of)
-    fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
+    top = max(acts_of, key=lambda a: a.fwd_bwd_peak - a.act_bytes)  # the stage whose transient is the largest
+    act_total = sum(n * a.act_bytes for a in acts_of) + top.fwd_bwd_peak - top.act_bytes
+    fsdp, nosync = dims.dp_shard == "fsdp" and dims.dp > 1, dims.fsdp_no_sync
     fsdp_buffers = (states["fsdp_gathered_all"] if dims.pp > 1 else 2 * states["fsdp_gathered_max"]) if fsdp else 0
-    # one FSDP unit's unsharded fp32 gradient and, without a pipeline (every backward reduces), FSDP's
-    # reduce-scatter input, a copy of it (foreach_reduce); under PP the copy comes at the final reduce
-    grad_transient = (1 if dims.pp > 1 else 2) * states["fsdp_gathered_max"] if fsdp else states["largest_param_bytes"]
-    autocast = (fsdp_buffers if fsdp else states["dense_param_bytes"]) // 2 if cfg.train.precision == "bf16" else 0
+    # one FSDP unit's unsharded fp32 gradient and, where every backward reduces (no pipeline, or
+    # reduce_grads_every_microbatch), FSDP's reduce-scatter input, a copy of it (foreach_reduce); under
+    # PP's no-sync the copy comes at the final reduce. Reducing every micro-batch under PP the peak is a
+    # unit's reduce-scatter (the activations of the micro-batches in flight beside it): its output shard
+    # too and, on CPU, gloo's own copy of the input (measured, `memory_cases`)
+    copies = 1 if nosync else 3 if dims.reduce_every_microbatch and cfg.train.device == "cpu" else 2
+    shard = dims.fsdp_size if dims.reduce_every_microbatch else 0
+    unit = states["fsdp_gathered_max"]
+    grad_transient = copies * unit + (unit // shard if shard else 0) if fsdp else states["largest_param_bytes"]
+    # bf16 autocast: one bf16 copy of every linear's weight for the step (`linear_bytes`); the routed
+    # experts' copies are activations of their layer (`expert_copy_bytes`)
+    autocast = states["linear_weight_bytes"] // 2 if cfg.train.precision == "bf16" else 0
     experts = states["fsdp_expert_gathered_max"]  # one MoE's routed experts gathered over edp
     # resharded after forward also under PP: one layer's in use and the next one's prefetched
     fsdp_buffers += 2 * experts
-    grad_transient = max(grad_transient, (1 if dims.pp > 1 else 2) * experts)
+    grad_transient = max(grad_transient, copies * experts + (experts // dims.edp if shard else 0))
     # The embedding's gradient is formed at the end of a micro-batch's backward, its activations gone
     # (the other micro-batches in flight keep theirs); a DTensor's gradient accumulates out of place
     # (the new one and the sum) where FSDP does not hold it (FSDP adds in place).
@@ -231,19 +272,13 @@ def assemble(cfg, dims: ParallelDims, states: dict, acts_of: list[StageActivatio
     embed_transient = (2 if accumulates else 1) * states["embed_grad_bytes"]
     if states["mtp"]:  # the head's weight gradient: the main and the MTP heads' parts formed apart, then summed
         grad_transient = max(grad_transient, 2 * states["head_grad_bytes"])
-    moe_here = any(mc.is_moe_layer(i) for i in states["layers"]) or states["mtp"]
-    dispatch = 0
-    if dims.ep > 1 and moe_here:
-        rows = cfg.train.batch_size * cfg.data.seq_length // tp * mc.num_experts_per_tok
-        # received rows, their expert-sorted copy, the outputs sent back: at `imbalance` x the mean load
-        dispatch = int(3 * imbalance * rows * mc.hidden_size * compute_dtype(cfg).itemsize)
     # Gradients of this step are absent while the first micro-batches run forward (zero_grad sets them
     # to None) and grow while the first backward frees its activations: all of them are alive at the
     # activation peak only when later micro-batches run forward after a backward (more micro-batches
     # than in flight), else they add what exceeds the one micro-batch's activations they replace.
     held = states["grad_bytes"] + states["embed_grad_extra_bytes"]
     unsharded = reduce = 0
-    if fsdp and dims.pp > 1:
+    if nosync:
         # torch's pipeline schedules run every backward under FSDP's no-sync: each unit's gradient stays
         # unsharded (fp32, accumulated over the micro-batches) until the schedule's final reduce-scatter,
         # where the sharded gradients appear beside them and one unit's reduce-scatter input.
@@ -255,12 +290,13 @@ def assemble(cfg, dims: ParallelDims, states: dict, acts_of: list[StageActivatio
     at_act_peak = act_total + grad_transient >= (n - 1) * act_mb + embed_transient
     acts, transient = (act_total, grad_transient) if at_act_peak else ((n - 1) * act_mb, embed_transient)
     logits = min(acts, sum(a.logits_bytes for a in acts_of) * (n if at_act_peak else n - 1))
-    backward = grads + acts + transient + autocast + dispatch
+    dispatch = top.dispatch_bytes if at_act_peak else 0  # the MoE layer running at the activation peak
+    backward = grads + acts + transient + autocast
     peak = base + max(backward, reduce)
     common = {"weights": states["param_bytes"], "optimizer": states["optimizer_bytes"], "fsdp_gathered_weights": fsdp_buffers}
     if backward >= reduce:
         phase = "backward" + ("" if at_act_peak else " (embedding gradient)")
-        parts = {**common, "gradients": grads, "activations": acts - logits, "logits": logits, "gradient_transient": transient,
+        parts = {**common, "gradients": grads, "activations": acts - logits - dispatch, "logits": logits, "gradient_transient": transient,
                  "autocast_cache": autocast, "moe_dispatch": dispatch}
     else:
         phase = "final gradient reduce-scatter"
