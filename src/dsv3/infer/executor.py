@@ -192,8 +192,8 @@ class DriverRunner:
                 self._closed = True
                 try:
                     dist.broadcast_object_list([("stop",)], src=0, group=self.group)
-                except Exception:
-                    pass
+                except Exception as e:  # followers already gone: the launcher's cleanup below still runs
+                    log.warning("shutdown: could not tell the follower ranks to stop (%s)", e)
         if self._on_shutdown is not None:
             cb, self._on_shutdown = self._on_shutdown, None
             cb()

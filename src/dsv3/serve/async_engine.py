@@ -188,8 +188,8 @@ class AsyncEngine:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
             try:
                 self.engine.abort_request(rid)
-            except Exception:
-                pass
+            except Exception:  # the request is failed already; an engine that cannot drop it is logged, not hidden
+                log.exception("engine.abort_request(%s) failed while failing the request", rid)
 
     def _step_failed(self, err: Exception) -> None:
         """step() raised: fail the requests whose own parameters explain it, recompute the others;
