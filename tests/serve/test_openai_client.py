@@ -126,6 +126,18 @@ def test_chat_logprobs(client):
     assert "".join(t.token for t in content) == r.choices[0].message.content
 
 
+def test_chat_stream_logprobs_cover_held_back_tokens(client):
+    """Streamed, a token whose text is held back (here by a long stop string) still gets its logprob in a
+    later chunk: every completion token has exactly one entry, as unstreamed."""
+    kw = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "Count"}], max_tokens=8, temperature=0,
+              logprobs=True, top_logprobs=1, stop=["a stop string longer than anything eight tokens spell"])
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == len(streamed)
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in whole.choices[0].logprobs.content], abs=1e-5)
+
+
 @torch.no_grad()
 def test_echo_logprobs_token_id_batch(client, oracle, tok):
     """lm-eval's loglikelihood request: a batch of token-id prompts, echo, logprobs=1, max_tokens=1."""

@@ -118,10 +118,10 @@ class OpenAIServingChat(OpenAIServing):
                 lps = None
                 if k is not None and new_ids:
                     lps = self._chat_logprobs(new_ids, list((co.logprobs or [])[st.sent_tokens:]), k)
-                st.sent_tokens = len(co.token_ids)
                 out_chunks.done[index] = len(co.token_ids)
                 if not delta and not out.finished:
-                    continue
+                    continue  # their logprobs go out with the next chunk that has text
+                st.sent_tokens = len(co.token_ids)
                 yield out_chunks.sse([st.routes({
                     "index": index, "delta": delta,
                     "logprobs": lps.model_dump() if lps is not None else None,
