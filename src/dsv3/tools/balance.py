@@ -56,7 +56,6 @@ class StageCosts:
         self.L, self.D, self.S = mc.num_hidden_layers, mc.num_nextn_predict_layers, dims.pp
         self.layer: dict[int, tuple] = {}
         self.edge: dict[str, tuple] = {}
-        self.expert_bytes = 0  # one MoE layer's routed-expert weights as the matmuls see them (`rank_states`)
         for r in representative_ranks(dims):
             st = rank_states(cfg, r)
             per = st["layer_params"]
@@ -64,10 +63,9 @@ class StageCosts:
             key = "first" if st["pp_stage"] == 0 else "last" if st["pp_stage"] == dims.pp - 1 else "middle"
             rest = st["params"] - sum(v[0] for v in per.values())
             linear_rest = st["linear_weight_bytes"] - sum(v[5] for v in per.values())
-            self.expert_bytes = max(self.expert_bytes, st["expert_weight_bytes"])
             gathered_rest = st["fsdp_gathered_all"] - sum(v[2] for v in per.values())
             self.edge[key] = (rest, linear_rest, gathered_rest, st["edge_largest_param_bytes"], st["edge_gathered_max"],
-                              st["head_grad_bytes"], st["embed_grad_bytes"], st["embed_grad_extra_bytes"])
+                              st["head_grad_bytes"], st["embed_grad_bytes"], st["embed_grad_extra_bytes"], st["edge_param_tensors"])
             if log:
                 log(f"built pipeline rank {st['pp_stage'] + 1} of {dims.pp} (rank {r})")
         self.state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
@@ -106,7 +104,7 @@ class StageCosts:
 
     def report(self, s: int, a: int, b: int, r: int) -> dict:
         """`dsv3 dryrun`'s rank report of stage s holding [a, b) with r recomputed layers."""
-        from dsv3.tools.memory import assemble, expert_copy_bytes
+        from dsv3.tools.memory import assemble, expert_copy_bytes, optimizer_bytes
 
         ids = self.ids(s, a, b)
         first, last = s == 0, s == self.S - 1
@@ -115,13 +113,14 @@ class StageCosts:
         linear = edge[1] + sum(self.layer[i][5] for i in ids)
         gathered = [self.layer[i][2] for i in ids]
         states = {"pp_stage": s, "stages": [s], "layers": list(range(a, b)), "mtp": last and self.D > 0, "params": numel,
-                  "param_bytes": 4 * numel, "grad_bytes": 4 * numel, "optimizer_bytes": 2 * self.state_bytes * numel,
+                  "param_bytes": 4 * numel, "grad_bytes": 4 * numel,
+                  "optimizer_bytes": optimizer_bytes(numel, edge[8] + sum(self.layer[i][7] for i in ids), self.state_bytes),
                   "fsdp_gathered_all": sum(gathered) + edge[2], "fsdp_gathered_max": max(gathered + [edge[4]]),
                   "fsdp_expert_gathered_max": max([0] + [self.layer[i][4] for i in ids]),
                   "fsdp_expert_gathered_all": sum(self.layer[i][4] for i in ids), "head_grad_bytes": edge[5],
                   "embed_grad_bytes": edge[6], "embed_grad_extra_bytes": edge[7],
                   "largest_param_bytes": max([edge[3]] + [self.layer[i][3] for i in ids]), "linear_weight_bytes": linear,
-                  "expert_weight_bytes": self.expert_bytes}
+                  "expert_weight_bytes": max([0] + [self.layer[i][6] for i in ids])}
         act = self.profile.stage(list(range(a, b)), first, last, set(ids[:r]), self.dispatch,
                                  expert_copy_bytes(self.cfg, states))
         return assemble(self.cfg, self.dims, states, [act], self.imbalance)

@@ -133,17 +133,19 @@ def rank_states(cfg, rank: int) -> dict:
         layer_mods = {id(mod) for part in dm.parts for _, mod in _layer_modules(part)}
         in_layers = {id(p) for part in dm.parts for _, mod in _layer_modules(part) for p in mod.parameters()}
         # decoder / MTP layer id -> (local parameters, of which dense, dense bytes all-gathered by FSDP,
-        # largest local tensor's bytes, routed-expert bytes all-gathered over edp, linear weight bytes)
+        # largest local tensor's bytes, routed-expert bytes all-gathered over edp, linear weight bytes,
+        # routed-expert weight bytes as the grouped matmuls see them, parameter tensors)
         per_layer = {}
         for part in dm.parts:
             for idx, mod in _layer_modules(part):
+                expert = sum(_local(p).numel() * p.element_size() for p in mod.parameters() if id(p) in expert_ids)
                 per_layer[idx] = (sum(_local(p).numel() for p in mod.parameters()),
                                   sum(_local(p).numel() for p in mod.parameters() if id(p) not in expert_ids),
                                   _gathered_bytes(mod, dims.fsdp_size) if fsdp else 0,
                                   max(_local(p).numel() * p.element_size() for p in mod.parameters()),
-                                  dims.edp * sum(_local(p).numel() * p.element_size() for p in mod.parameters()
-                                                 if id(p) in expert_ids) if dims.shard_experts else 0,
-                                  linear_bytes(mod, dims))
+                                  dims.edp * expert if dims.shard_experts else 0,
+                                  linear_bytes(mod, dims), (dims.edp if dims.shard_experts else 1) * expert,
+                                  sum(1 for _ in mod.parameters()))
         heads = [part.lm_head for part in dm.parts if getattr(part, "lm_head", None) is not None]
         head_grad = max([_gathered_bytes(h, dims.fsdp_size) if fsdp else _storage_bytes(_local(p) for p in h.parameters())
                          for h in heads] or [0])
@@ -162,15 +164,18 @@ def rank_states(cfg, rank: int) -> dict:
                "fsdp_expert_gathered_all": sum(v[4] for v in per_layer.values()), "head_grad_bytes": head_grad,
                "embed_grad_bytes": whole, "embed_grad_extra_bytes": max(0, whole - held),
                "largest_param_bytes": max(t.numel() * t.element_size() for t in local), "linear_weight_bytes": sum(linear_bytes(part, dims) for part in dm.parts),
-               "expert_weight_bytes": max([(dims.edp if dims.shard_experts else 1) * sum(_local(p).numel() * p.element_size()
-                                           for p in mod.parameters() if id(p) in expert_ids)
-                                           for part in dm.parts for _, mod in _layer_modules(part)] or [0]),
-               "layer_params": per_layer,
+               "expert_weight_bytes": max([v[6] for v in per_layer.values()] or [0]),
+               "layer_params": per_layer, "edge_param_tensors": len(params) - sum(v[7] for v in per_layer.values()),
                "edge_gathered_max": max([g for u, g in zip(units, gathered) if id(u) not in layer_mods] or [0]),
                "edge_largest_param_bytes": max([t.numel() * t.element_size() for p, t in zip(params, local) if id(p) not in in_layers] or [0])}
     state_bytes = DTYPE_BYTES[cfg.optimizer.state_dtype]
-    out["optimizer_bytes"] = 2 * numel * state_bytes + 4 * len(params)  # exp_avg, exp_avg_sq, a step scalar each
+    out["optimizer_bytes"] = optimizer_bytes(numel, len(params), state_bytes)
     return out
+
+
+def optimizer_bytes(numel: int, tensors: int, state_bytes: int) -> int:
+    """AdamW's state of `tensors` parameter tensors of `numel` elements: exp_avg, exp_avg_sq, a fp32 step scalar each."""
+    return 2 * numel * state_bytes + 4 * tensors
 
 
 def _layer_modules(part: nn.Module) -> list[tuple[int, nn.Module]]:
