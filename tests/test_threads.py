@@ -69,6 +69,7 @@ def _generate(model: Path, *pre: str, env_extra: dict | None = None) -> list[str
     return [ln for ln in r.stderr.splitlines() if "torch thread" in ln]
 
 
+@pytest.mark.extended  # ~30 s; test_auto_rule and test_busy_reading_* cover the rule and the load reading in the default run
 def test_cli_under_real_load_takes_one_thread_and_says_why(tmp_path):
     sys.path.insert(0, str(REPO / "tests" / "serve"))
     from serve_helpers import write_tiny_model

@@ -59,10 +59,13 @@ def test_tp_ep_layouts_equal_single_process_and_transformers(ckpt):
         quant_job = [(str(d), 2, 2, prompts[:1], 16, False, "int8")] if world == 2 else []
         results = tp_harness.spawn(world, [(str(d), tp, ep, prompts, N_NEW, spec) for tp, ep, spec in jobs] + quant_job)
         if quant_job:
-            # each rank quantises its own shard (row-parallel layers' per-channel scales over the shard): the
-            # same tokens as the single-process int8 engine on this prompt, not bit-equal weights in general
+            # each rank quantises its own shard (row-parallel layers' per-channel scales over the shard) and
+            # its activations per 32-value block of its shard (the Q8 kernels): another quantisation than the
+            # single-process int8 engine's, so on this random model (near-tied logits) only the first token
+            # is asserted equal; the whole sequence is asserted for the unquantised layouts below
             assert "ok" in results[-1], results[-1].get("trace")
-            assert results.pop()["ok"]["greedy"][0] == want_int8
+            got_int8 = results.pop()["ok"]["greedy"][0]
+            assert len(got_int8) == len(want_int8) and got_int8[0] == want_int8[0], (got_int8, want_int8)
         for (tp, ep, spec), res in zip(jobs, results):
             assert "ok" in res, res.get("trace")
             got = res["ok"]

@@ -33,7 +33,9 @@ def test_update_equals_fresh_engine(quantization):
         served.update_weights(bad, "2")
     with pytest.raises(UserError, match="not in the served model: model.nope"):
         served.update_weights({"model.nope": torch.zeros(1)})
-    assert engine_greedy(served, PROMPTS, 8) == want and served.weight_version == "1"
+    # the second run of each engine reads its prompts' prefix from the cache (fewer prefill rows, so the
+    # quantised engines' decode-sized kernels, whose activations are Q8: compare like with like)
+    assert engine_greedy(served, PROMPTS, 8) == engine_greedy(fresh, PROMPTS, 8) and served.weight_version == "1"
 
 
 def test_update_mid_request_and_pause_modes():

@@ -55,12 +55,12 @@ def runs(tmp_path_factory, request):
         t.close()
     (tmp / "held").mkdir()
     # only the layouts whose tests were selected (the extended ones run with -m extended)
-    wanted = {it.callspec.params["name"] for it in request.session.items
+    wanted = {(it.callspec.params["name"], it.callspec.params["stage"]) for it in request.session.items
               if it.module is request.module and "name" in getattr(getattr(it, "callspec", None), "params", {})}
     for n in (2, 4):
         configs = []
-        for name, stage in ((name, stage) for name, (procs, _) in LAYOUTS.items() if procs == n and name in wanted
-                            for stage in STAGES):
+        for name, stage in ((name, stage) for name, (procs, _) in LAYOUTS.items() if procs == n
+                            for stage in STAGES if (name, stage) in wanted):
             configs.append(tmp / f"{name}-{stage}.yaml")
             dump_yaml(_cfg(prefix, tmp / f"{name}-{stage}", LAYOUTS[name][1], stage), configs[-1])
         if configs:
@@ -72,12 +72,14 @@ def _records(out):
     return [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in s]
 
 
-EXTENDED = ("tp2-nosp", "dp2xtp2")  # sequence parallel off, and FSDP beside tp: -m extended
+# the default run: each indexer stage once, one under pp and one under tp (sequence parallel); the other
+# eight pairs (tp2 without SP, tp2 x ep2, dp2 x tp2 with FSDP, the other stages) run with -m extended
+DEFAULT = {("dp2pp2", "dense_warmup"), ("tp2-sp", "sparse")}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.extended] if n in EXTENDED else []) for n in LAYOUTS])
+@pytest.mark.parametrize("name,stage", [pytest.param(n, s, marks=[] if (n, s) in DEFAULT else [pytest.mark.extended])
+                                        for n in LAYOUTS for s in STAGES])
 def test_layout_equals_one_process(runs, name, stage):
     tmp, _ = runs
     for r in range(LAYOUTS[name][0]):

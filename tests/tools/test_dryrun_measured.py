@@ -27,7 +27,7 @@ import pytest
 from memory_cases import CASES, case_cfg, write_data
 
 UNDER, OVER = 0.10, 0.10
-CI = ("1proc", "tp2", "dp2pp2ep2_rc", "tp2pp2_v129k_rc")
+CI = ("1proc", "tp2")  # re-measured fresh in the default run; every case is checked against its recorded peak
 
 
 def free_port() -> int:
