@@ -167,6 +167,10 @@ def test_routes_need_the_key(served):
     assert post(served, "/flush_cache").status_code == 200
 
 
+# extended: on a fast quiet machine the 480-token stream can finish before the abort lands (seen in CI:
+# 'length', then the server left paused); the pause modes are asserted deterministically in process by
+# tests/infer/test_weight_update.py::test_update_mid_request_and_pause_modes
+@pytest.mark.extended
 def test_pause_abort_wait_keep(served, dirs):
     # abort: the running request ends with "abort"; one sent during the pause waits, then runs in full
     s = Stream(served, 480)  # long: the pause lands while it runs
