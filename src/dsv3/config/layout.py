@@ -149,12 +149,17 @@ class ParallelDims:
     @property
     def shard_experts(self) -> bool:
         """Routed experts FSDP-sharded over edp (dense FSDP and edp > 1), else replicated over edp."""
-        return self.dp_shard == "fsdp" and self.dp > 1 and self.edp > 1
+        return self.fsdp and self.edp > 1
+
+    @property
+    def fsdp(self) -> bool:
+        """Dense weights FSDP-sharded over dp (dp_shard fsdp with more than one data-parallel rank)."""
+        return self.dp_shard == "fsdp" and self.dp > 1
 
     @property
     def fsdp_no_sync(self) -> bool:
         """FSDP under a pipeline keeping gradients unsharded until the step's final reduce-scatter."""
-        return self.dp_shard == "fsdp" and self.dp > 1 and self.pp > 1 and not self.reduce_every_microbatch
+        return self.fsdp and self.pp > 1 and not self.reduce_every_microbatch
 
     @property
     def n_stages(self) -> int:
@@ -243,7 +248,7 @@ class ParallelDims:
             if self.schedule == "DualPipeV" and self.micro_batch_num < 2 * self.pp:
                 raise UserError(f"DualPipeV needs micro_batch_num >= 2 x pipeline_stage = {2 * self.pp}, got {self.micro_batch_num}")
         if self.reduce_every_microbatch:
-            if not (self.pp > 1 and self.dp_shard == "fsdp" and self.dp > 1):
+            if not (self.pp > 1 and self.fsdp):
                 raise UserError("parallel.reduce_grads_every_microbatch = true needs pipeline_stage > 1 with dp_shard 'fsdp' "
                                 f"and data_parallel > 1 (got pipeline_stage {self.pp}, dp_shard {self.dp_shard!r}, data_parallel "
                                 f"{self.dp}); without a pipeline every backward already reduce-scatters")

@@ -25,7 +25,7 @@ class DistributedModel:
     def __init__(self, parts: list[nn.Module], meshes: Meshes, embed_group: dist.ProcessGroup | None = None):
         self.parts, self.meshes, self.dims = parts, meshes, meshes.dims
         self._embed_group = embed_group  # stage 0's and the last stage's ranks, when both hold the embedding (MTP)
-        self.fsdp = self.dims.dp_shard == "fsdp" and self.dims.dp > 1
+        self.fsdp = self.dims.fsdp
 
     def finalize_grads(self) -> None:
         """Gradient all-reduces outside FSDP, and the tied-embedding sum across pipeline stages."""
@@ -93,7 +93,7 @@ def parallelize(model: Transformer, dims: ParallelDims, meshes: Meshes, param_dt
         if dims.tp > 1:
             apply_tp(part, meshes.tp_mesh, dims.seq_parallel)
         apply_recompute(part, dims.recompute, recompute_ids)
-        if dims.dp_shard == "fsdp" and dims.dp > 1:
+        if dims.fsdp:
             apply_fsdp(part, meshes.fsdp_mesh, param_dtype, reshard_after_forward=dims.pp == 1,
                        edp_mesh=meshes.edp_mesh if dims.shard_experts else None)
     embed_group = _embed_groups(meshes, dims.last_stage_rank) if dims.pp > 1 and cfg.num_nextn_predict_layers else None

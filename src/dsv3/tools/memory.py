@@ -106,7 +106,7 @@ def linear_bytes(mod: nn.Module, dims: ParallelDims) -> int:
     Under bf16 autocast each is cast once per step (autocast caches the cast of a leaf parameter until
     the step's autocast region ends: recompute does not drop it); the embedding (a lookup) and the
     norms (elementwise) are not cast."""
-    fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
+    fsdp = dims.fsdp
     return sum(_local(m.weight).numel() * m.weight.element_size() * (dims.fsdp_size if fsdp and _is_dp_sharded(m.weight) else 1)
                for m in mod.modules() if isinstance(m, nn.Linear))
 
@@ -125,7 +125,7 @@ def rank_states(cfg, rank: int) -> dict:
         local = [_local(p) for p in params]
         numel = sum(t.numel() for t in local)
         param_bytes = _storage_bytes(local)
-        fsdp = dims.dp_shard == "fsdp" and dims.dp > 1
+        fsdp = dims.fsdp
         units = [u for part in dm.parts for u in _fsdp_units(part)]
         gathered = [_gathered_bytes(u, dims.fsdp_size) for u in units] if fsdp else [0]
         expert_ids = {id(p) for part in dm.parts for p in moe_params(part)[1]}
@@ -252,7 +252,7 @@ def assemble(cfg, dims: ParallelDims, states: dict, acts_of: list[StageActivatio
     act_mb = sum(a.act_bytes for a in acts_of)
     top = max(acts_of, key=lambda a: a.fwd_bwd_peak - a.act_bytes)  # the stage whose transient is the largest
     act_total = sum(n * a.act_bytes for a in acts_of) + top.fwd_bwd_peak - top.act_bytes
-    fsdp, nosync = dims.dp_shard == "fsdp" and dims.dp > 1, dims.fsdp_no_sync
+    fsdp, nosync = dims.fsdp, dims.fsdp_no_sync
     fsdp_buffers = (states["fsdp_gathered_all"] if dims.pp > 1 else 2 * states["fsdp_gathered_max"]) if fsdp else 0
     # one FSDP unit's unsharded fp32 gradient and, where every backward reduces (no pipeline, or
     # reduce_grads_every_microbatch), FSDP's reduce-scatter input, a copy of it (foreach_reduce); under

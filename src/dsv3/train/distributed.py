@@ -48,7 +48,7 @@ class DistributedStrategy(Strategy):
         self.dims.validate(self.world, cfg.model, seq_len=cfg.data.seq_length)
         self.meshes = build_meshes(self.dims, device.type, cfg.model)
         self.dm, self.pipeline = None, None
-        self.fsdp = self.dims.dp_shard == "fsdp" and self.dims.dp > 1
+        self.fsdp = self.dims.fsdp
         # FSDP and TP act on module calls, which the fused head + cross-entropy bypasses
         self.fused_ce = cfg.train.fused_ce and not self.fsdp and self.dims.tp == 1
 

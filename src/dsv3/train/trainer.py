@@ -282,7 +282,7 @@ class Trainer:
         from dsv3.train.score import score_logprobs
 
         dims = self.strategy.dims
-        if self.model is None or dims.tp > 1 or dims.ep > 1 or (dims.dp_shard == "fsdp" and dims.dp > 1):
+        if self.model is None or dims.tp > 1 or dims.ep > 1 or dims.fsdp:
             raise UserError(f"Trainer.logprobs: exact scoring runs whole, unsharded layers (tp 1, ep 1, pp 1, no FSDP); "
                             f"this run has tp {dims.tp}, ep {dims.ep}, pp {dims.pp}, dp {dims.dp} ({dims.dp_shard})")
         if batch.get("routed_experts") is None:
